@@ -1,0 +1,423 @@
+//! [`QuicTransport`]: one quinn endpoint per node, mutual TLS, one stream per
+//! frame.
+//!
+//! Connections are cached per peer address and shared by both directions: a
+//! node answers streams on connections it opened as well as on those it
+//! accepted. A new inbound connection from an address replaces the cached one,
+//! so a peer that restarted on the same address is reachable at once instead
+//! of after the old connection's idle timeout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::tls::{NodeCredentials, CLUSTER_SERVER_NAME};
+use crate::{
+    encode_frame, Dispatch, Inbox, Responder, Service, Transport, TransportError, TransportStats,
+    FRAME_LEN_MAX,
+};
+
+/// Settings of the QUIC transport.
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    /// Longest wait for a handshake. Loopback and LAN handshakes take a few
+    /// milliseconds; a second leaves room for lost packets (QUIC's first
+    /// retransmission comes after 333 ms) without stalling a caller long.
+    pub connect_timeout: Duration,
+    /// A connection with no packet for this long is closed. Keep-alives flow
+    /// every `keep_alive_interval`, so only a dead or unreachable peer hits it;
+    /// short so that a peer restarted on the same address gets a fresh
+    /// connection soon even if it never dials us.
+    pub idle_timeout: Duration,
+    /// Keep-alive period; several fit in `idle_timeout` so that packet loss
+    /// does not close a healthy connection.
+    pub keep_alive_interval: Duration,
+    /// One-way sends in flight at once; beyond it sends are dropped and
+    /// counted (gossip and probes are periodic and tolerate loss).
+    pub sends_in_flight_max: usize,
+    /// Handshakes in progress at once; beyond it new connections are refused.
+    pub handshakes_in_flight_max: usize,
+    /// Concurrent streams a peer may open on one connection (each direction).
+    pub streams_per_connection_max: u32,
+    /// How long a request handler may take before the stream is reset.
+    pub serve_timeout: Duration,
+    /// Peers with a cached connection at most; beyond it new outbound
+    /// connections are refused.
+    pub peers_max: usize,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(1),
+            sends_in_flight_max: 4096,
+            handshakes_in_flight_max: 256,
+            streams_per_connection_max: 256,
+            serve_timeout: Duration::from_secs(30),
+            peers_max: 16 * 1024,
+        }
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    conns: Mutex<HashMap<SocketAddr, Slot>>,
+    dispatch: Dispatch,
+    stats: Arc<TransportStats>,
+    send_permits: Arc<Semaphore>,
+    handshake_permits: Arc<Semaphore>,
+    config: QuicConfig,
+}
+
+/// The QUIC transport of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct QuicTransport {
+    inner: Arc<Inner>,
+}
+
+fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, TransportError> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        config
+            .idle_timeout
+            .try_into()
+            .map_err(|e| TransportError::Credentials(format!("idle timeout: {e}")))?,
+    ));
+    t.keep_alive_interval(Some(config.keep_alive_interval));
+    t.max_concurrent_bidi_streams(config.streams_per_connection_max.into());
+    t.max_concurrent_uni_streams(config.streams_per_connection_max.into());
+    // Nodes exchange no unreliable datagrams.
+    t.datagram_receive_buffer_size(None);
+    Ok(t)
+}
+
+impl QuicTransport {
+    /// Binds the node's UDP port and starts accepting connections from peers
+    /// holding certificates of the same cluster CA. Returns the transport and
+    /// the inbound queues, one per service.
+    pub async fn bind(
+        addr: SocketAddr,
+        creds: &NodeCredentials,
+        config: QuicConfig,
+    ) -> Result<(QuicTransport, Inbox), TransportError> {
+        let tc = Arc::new(transport_config(&config)?);
+        let server_crypto = QuicServerConfig::try_from(creds.server_config()?)
+            .map_err(|e| TransportError::Credentials(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(tc.clone());
+        let client_crypto = QuicClientConfig::try_from(creds.client_config()?)
+            .map_err(|e| TransportError::Credentials(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(tc);
+
+        let mut endpoint =
+            quinn::Endpoint::server(server, addr).map_err(|e| TransportError::Bind {
+                addr,
+                reason: e.to_string(),
+            })?;
+        endpoint.set_default_client_config(client);
+        let local_addr = endpoint.local_addr().map_err(|e| TransportError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let stats = Arc::new(TransportStats::default());
+        let (dispatch, inbox) = Dispatch::new(stats.clone());
+        let inner = Arc::new(Inner {
+            endpoint,
+            local_addr,
+            conns: Mutex::new(HashMap::new()),
+            dispatch,
+            stats,
+            send_permits: Arc::new(Semaphore::new(config.sends_in_flight_max)),
+            handshake_permits: Arc::new(Semaphore::new(config.handshakes_in_flight_max)),
+            config,
+        });
+        tokio::spawn(accept_loop(inner.clone()));
+        Ok((QuicTransport { inner }, inbox))
+    }
+
+    async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        let inner = &self.inner;
+        let slot = {
+            let mut conns = inner.conns.lock().expect("lock poisoned");
+            if !conns.contains_key(&to) && conns.len() >= inner.config.peers_max {
+                return Err(TransportError::Connect {
+                    addr: to,
+                    reason: format!("more than {} peers", inner.config.peers_max),
+                });
+            }
+            conns.entry(to).or_default().clone()
+        };
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let connecting = inner
+            .endpoint
+            .connect(to, CLUSTER_SERVER_NAME)
+            .map_err(|e| TransportError::Connect {
+                addr: to,
+                reason: e.to_string(),
+            })?;
+        let conn = match tokio::time::timeout(inner.config.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                drop(guard);
+                forget_slot(inner, to, &slot);
+                if is_refusal(&e) {
+                    TransportStats::add(&inner.stats.handshakes_refused, 1);
+                    warn!(peer = %to, error = %e, "peer refused our handshake or presented a certificate not signed by this cluster's CA");
+                }
+                return Err(TransportError::Connect {
+                    addr: to,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                drop(guard);
+                forget_slot(inner, to, &slot);
+                return Err(TransportError::Timeout(to));
+            }
+        };
+        *guard = Some(conn.clone());
+        tokio::spawn(serve_connection(inner.clone(), conn.clone(), slot.clone()));
+        Ok(conn)
+    }
+
+    async fn request_inner(
+        &self,
+        to: SocketAddr,
+        frame: Vec<u8>,
+    ) -> Result<Vec<u8>, TransportError> {
+        let conn = self.connection(to).await?;
+        let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
+            addr: to,
+            reason: e.to_string(),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
+        send.write_all(&frame).await.map_err(|e| closed(&e))?;
+        send.finish().map_err(|e| closed(&e))?;
+        let resp = recv
+            .read_to_end(FRAME_LEN_MAX)
+            .await
+            .map_err(|e| closed(&e))?;
+        Ok(resp)
+    }
+
+    async fn send_inner(&self, to: SocketAddr, frame: Vec<u8>) -> Result<(), TransportError> {
+        let conn = self.connection(to).await?;
+        let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
+            addr: to,
+            reason: e.to_string(),
+        };
+        let mut send = conn.open_uni().await.map_err(|e| closed(&e))?;
+        send.write_all(&frame).await.map_err(|e| closed(&e))?;
+        send.finish().map_err(|e| closed(&e))?;
+        Ok(())
+    }
+}
+
+fn forget_slot(inner: &Inner, to: SocketAddr, slot: &Slot) {
+    let mut conns = inner.conns.lock().expect("lock poisoned");
+    if conns.get(&to).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        conns.remove(&to);
+    }
+}
+
+fn is_refusal(e: &quinn::ConnectionError) -> bool {
+    match e {
+        // A TLS alert from the peer, or our own verifier rejecting its
+        // certificate, ends the handshake with a transport error.
+        quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_) => {
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let Ok(permit) = inner.handshake_permits.clone().try_acquire_owned() else {
+            warn!(peer = %incoming.remote_address(), "too many handshakes in progress; refusing connection");
+            incoming.refuse();
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    TransportStats::add(&inner.stats.handshakes_refused, 1);
+                    warn!(peer = %remote, error = %e, "refused connection: the peer did not present a certificate signed by this cluster's CA (wrong or missing join token?)");
+                    return;
+                }
+            };
+            drop(permit);
+            let slot = {
+                let mut conns = inner.conns.lock().expect("lock poisoned");
+                conns.entry(remote).or_default().clone()
+            };
+            {
+                let mut guard = slot.lock().await;
+                // The newest connection from an address wins: the peer may
+                // have restarted, leaving the old one to time out.
+                if let Some(old) = guard.replace(conn.clone()) {
+                    if old.stable_id() != conn.stable_id() {
+                        debug!(peer = %remote, "replacing cached connection with a new inbound one");
+                    }
+                }
+            }
+            serve_connection(inner, conn, slot).await;
+        });
+    }
+}
+
+async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, slot: Slot) {
+    let remote = conn.remote_address();
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(mut recv) => {
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        match recv.read_to_end(FRAME_LEN_MAX).await {
+                            Ok(bytes) => { inner.dispatch.deliver_raw(remote, &bytes, None); }
+                            Err(quinn::ReadToEndError::TooLong) => {
+                                TransportStats::add(&inner.stats.frames_oversized, 1);
+                                warn!(peer = %remote, "dropped oversized frame");
+                                let _ = recv.stop(0u32.into());
+                            }
+                            Err(e) => debug!(peer = %remote, error = %e, "stream failed"),
+                        }
+                    });
+                }
+                Err(_) => break,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((mut send, mut recv)) => {
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        let bytes = match recv.read_to_end(FRAME_LEN_MAX).await {
+                            Ok(bytes) => bytes,
+                            Err(quinn::ReadToEndError::TooLong) => {
+                                TransportStats::add(&inner.stats.frames_oversized, 1);
+                                warn!(peer = %remote, "dropped oversized request");
+                                let _ = recv.stop(0u32.into());
+                                let _ = send.reset(0u32.into());
+                                return;
+                            }
+                            Err(e) => { debug!(peer = %remote, error = %e, "stream failed"); return; }
+                        };
+                        let (responder, rx) = Responder::channel();
+                        if !inner.dispatch.deliver_raw(remote, &bytes, Some(responder)) {
+                            let _ = send.reset(0u32.into());
+                            return;
+                        }
+                        match tokio::time::timeout(inner.config.serve_timeout, rx).await {
+                            Ok(Ok(resp)) => {
+                                if resp.len() > FRAME_LEN_MAX {
+                                    let _ = send.reset(0u32.into());
+                                    return;
+                                }
+                                TransportStats::add(&inner.stats.bytes_sent, resp.len() as u64);
+                                if send.write_all(&resp).await.is_ok() {
+                                    let _ = send.finish();
+                                }
+                            }
+                            _ => { let _ = send.reset(0u32.into()); }
+                        }
+                    });
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    // Forget the connection if it is still the cached one.
+    let mut guard = slot.lock().await;
+    if guard
+        .as_ref()
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        *guard = None;
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for QuicTransport {
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    async fn send(
+        &self,
+        to: SocketAddr,
+        service: Service,
+        body: Vec<u8>,
+    ) -> Result<(), TransportError> {
+        let len = body.len() as u64;
+        let frame = encode_frame(service, body)?;
+        let Ok(permit) = self.inner.send_permits.clone().try_acquire_owned() else {
+            TransportStats::add(&self.inner.stats.sends_failed, 1);
+            return Err(TransportError::Overloaded);
+        };
+        let this = self.clone();
+        // Sending may need a handshake; never hold the caller (the gossip
+        // loop) hostage to a slow or dead peer.
+        tokio::spawn(async move {
+            let timeout = this.inner.config.connect_timeout * 2;
+            match tokio::time::timeout(timeout, this.send_inner(to, frame)).await {
+                Ok(Ok(())) => {
+                    TransportStats::add(&this.inner.stats.frames_sent, 1);
+                    TransportStats::add(&this.inner.stats.bytes_sent, len);
+                }
+                Ok(Err(e)) => {
+                    TransportStats::add(&this.inner.stats.sends_failed, 1);
+                    debug!(peer = %to, error = %e, "send failed");
+                }
+                Err(_) => TransportStats::add(&this.inner.stats.sends_failed, 1),
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn request(
+        &self,
+        to: SocketAddr,
+        service: Service,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let len = body.len() as u64;
+        let frame = encode_frame(service, body)?;
+        let result = tokio::time::timeout(timeout, self.request_inner(to, frame))
+            .await
+            .map_err(|_| TransportError::Timeout(to))?;
+        if result.is_ok() {
+            TransportStats::add(&self.inner.stats.frames_sent, 1);
+            TransportStats::add(&self.inner.stats.bytes_sent, len);
+        }
+        result
+    }
+
+    fn stats(&self) -> Arc<TransportStats> {
+        self.inner.stats.clone()
+    }
+
+    fn close(&self) {
+        self.inner.endpoint.close(0u32.into(), b"shutdown");
+    }
+}

@@ -1,0 +1,416 @@
+//! One transport test suite, run against the QUIC transport and the in-memory
+//! transport; then the QUIC-only security and robustness cases.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_transport::tls::{ClusterCa, NodeCredentials, CLUSTER_SERVER_NAME};
+use shoal_transport::{
+    take_inbox, Inbox, MemNetwork, QuicConfig, QuicTransport, Service, Transport, TransportError,
+    TransportStats, FRAME_LEN_MAX,
+};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Makes `n` transports that can reach each other.
+#[async_trait::async_trait]
+trait Factory {
+    type T: Transport;
+    async fn make(&self, n: usize) -> Vec<(Self::T, Inbox)>;
+}
+
+struct Quic(ClusterCa);
+#[async_trait::async_trait]
+impl Factory for Quic {
+    type T = QuicTransport;
+    async fn make(&self, n: usize) -> Vec<(QuicTransport, Inbox)> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let creds = self.0.issue_node(&format!("n{i}")).unwrap();
+            out.push(
+                QuicTransport::bind(
+                    "127.0.0.1:0".parse().unwrap(),
+                    &creds,
+                    QuicConfig::default(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        out
+    }
+}
+
+struct Mem(MemNetwork);
+#[async_trait::async_trait]
+impl Factory for Mem {
+    type T = shoal_transport::MemTransport;
+    async fn make(&self, n: usize) -> Vec<(Self::T, Inbox)> {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        static PORT: AtomicU16 = AtomicU16::new(1000);
+        (0..n)
+            .map(|_| {
+                let port = PORT.fetch_add(1, Ordering::Relaxed);
+                self.0
+                    .bind(SocketAddr::from(([10, 0, 0, 1], port)))
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// Answers every Test request with the body reversed.
+fn spawn_echo(inbox: &mut Inbox) {
+    let mut rx = take_inbox(inbox, Service::Test).unwrap();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if let Some(reply) = msg.reply {
+                let mut body = msg.body;
+                body.reverse();
+                reply.respond(body);
+            }
+        }
+    });
+}
+
+async fn request_gets_response<F: Factory>(f: &F) {
+    let mut nodes = f.make(2).await;
+    spawn_echo(&mut nodes[1].1);
+    let b = nodes[1].0.local_addr();
+    let resp = nodes[0]
+        .0
+        .request(b, Service::Test, vec![1, 2, 3], DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(resp, vec![3, 2, 1]);
+    // Many concurrent requests share one connection.
+    let a = nodes[0].0.clone();
+    let mut handles = Vec::new();
+    for i in 0..50u8 {
+        let a = a.clone();
+        handles.push(tokio::spawn(async move {
+            a.request(b, Service::Test, vec![i, 0], DEADLINE).await
+        }));
+    }
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap().unwrap(), vec![0, i as u8]);
+    }
+}
+
+async fn one_way_arrives_with_sender_address<F: Factory>(f: &F) {
+    let mut nodes = f.make(2).await;
+    let mut rx = take_inbox(&mut nodes[1].1, Service::Probe).unwrap();
+    let a = nodes[0].0.local_addr();
+    nodes[0]
+        .0
+        .send(nodes[1].0.local_addr(), Service::Probe, b"hello".to_vec())
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.body, b"hello");
+    assert_eq!(msg.from, a);
+    assert!(msg.reply.is_none());
+    // Frames for one service never land in another's queue.
+    let mut other = take_inbox(&mut nodes[1].1, Service::Rpc).unwrap();
+    assert!(other.try_recv().is_err());
+}
+
+async fn oversized_frame_is_refused<F: Factory>(f: &F) {
+    let nodes = f.make(2).await;
+    let b = nodes[1].0.local_addr();
+    let err = nodes[0]
+        .0
+        .send(b, Service::Test, vec![0; FRAME_LEN_MAX])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
+    let err = nodes[0]
+        .0
+        .request(b, Service::Test, vec![0; FRAME_LEN_MAX], DEADLINE)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
+}
+
+async fn unanswered_request_fails_within_timeout<F: Factory>(f: &F) {
+    let mut nodes = f.make(2).await;
+    // Node 1 takes requests but never answers: the responder is dropped.
+    let mut rx = take_inbox(&mut nodes[1].1, Service::Test).unwrap();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            drop(msg);
+        }
+    });
+    let started = Instant::now();
+    let r = nodes[0]
+        .0
+        .request(
+            nodes[1].0.local_addr(),
+            Service::Test,
+            vec![1],
+            Duration::from_millis(500),
+        )
+        .await;
+    assert!(r.is_err());
+    assert!(started.elapsed() < DEADLINE);
+    // A closed peer: requests fail, they do not hang.
+    let gone = nodes[1].0.local_addr();
+    nodes[1].0.close();
+    let started = Instant::now();
+    let r = nodes[0]
+        .0
+        .request(gone, Service::Test, vec![1], Duration::from_millis(500))
+        .await;
+    assert!(r.is_err());
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+async fn chitchat_gossips_over_it<F: Factory>(f: &F) {
+    use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig};
+    use shoal_transport::gossip::GossipTransport;
+    let nodes = f.make(2).await;
+    let seed = nodes[0].0.local_addr();
+    let mut handles = Vec::new();
+    for (i, (t, mut inbox)) in nodes.into_iter().enumerate() {
+        let addr = t.local_addr();
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(format!("n{i}"), 1, addr),
+            cluster_id: "test".into(),
+            gossip_interval: Duration::from_millis(50),
+            listen_addr: addr,
+            seed_nodes: vec![seed.to_string()],
+            failure_detector_config: FailureDetectorConfig::default(),
+            marked_for_deletion_grace_period: Duration::from_secs(60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let gt = GossipTransport::new(t, take_inbox(&mut inbox, Service::Gossip).unwrap());
+        let h = spawn_chitchat(config, vec![("k".into(), format!("v{i}"))], &gt)
+            .await
+            .unwrap();
+        handles.push(h);
+    }
+    let started = Instant::now();
+    loop {
+        let mut seen = 0;
+        for h in &handles {
+            let c = h.chitchat();
+            let c = c.lock().await;
+            let values: Vec<String> = c
+                .node_states()
+                .values()
+                .filter_map(|s| s.get("k").map(str::to_string))
+                .collect();
+            if values.len() == 2 {
+                seen += 1;
+            }
+        }
+        if seen == 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "chitchat did not converge over the transport"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+macro_rules! suite {
+    ($modname:ident, $factory:expr) => {
+        mod $modname {
+            use super::*;
+            #[tokio::test]
+            async fn request_gets_response() {
+                super::request_gets_response(&$factory).await
+            }
+            #[tokio::test]
+            async fn one_way_arrives_with_sender_address() {
+                super::one_way_arrives_with_sender_address(&$factory).await
+            }
+            #[tokio::test]
+            async fn oversized_frame_is_refused() {
+                super::oversized_frame_is_refused(&$factory).await
+            }
+            #[tokio::test]
+            async fn unanswered_request_fails_within_timeout() {
+                super::unanswered_request_fails_within_timeout(&$factory).await
+            }
+            #[tokio::test]
+            async fn chitchat_gossips_over_it() {
+                super::chitchat_gossips_over_it(&$factory).await
+            }
+        }
+    };
+}
+
+suite!(quic, Quic(ClusterCa::generate("suite").unwrap()));
+suite!(mem, Mem(MemNetwork::new()));
+
+// ---- QUIC only: credentials, garbage, oversized frames on the wire ----
+
+async fn raw_client(creds: Option<&NodeCredentials>, trust: &NodeCredentials) -> quinn::Endpoint {
+    use quinn::crypto::rustls::QuicClientConfig;
+    let tls = match creds {
+        Some(c) => c.client_config().unwrap(),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(rustls::pki_types::CertificateDer::from(
+                    trust.ca_cert_der.clone(),
+                ))
+                .unwrap();
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            c.alpn_protocols = vec![shoal_transport::tls::ALPN.to_vec()];
+            c
+        }
+    };
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    ep
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn other_cluster_is_refused_both_ways() {
+    let ours = Quic(ClusterCa::generate("ours").unwrap());
+    let theirs = Quic(ClusterCa::generate("theirs").unwrap());
+    let mut a = ours.make(1).await;
+    let mut x = theirs.make(1).await;
+    spawn_echo(&mut a[0].1);
+    spawn_echo(&mut x[0].1);
+    let (a, x) = (&a[0].0, &x[0].0);
+    let r = x
+        .request(
+            a.local_addr(),
+            Service::Test,
+            vec![1],
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(r.is_err(), "a stranger's request was answered");
+    let r = a
+        .request(
+            x.local_addr(),
+            Service::Test,
+            vec![1],
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(r.is_err(), "we accepted a stranger as server");
+    let (sa, sx) = (a.stats(), x.stats());
+    wait_for("refusals to be counted", || {
+        TransportStats::get(&sa.handshakes_refused) >= 1
+            && TransportStats::get(&sx.handshakes_refused) >= 1
+    })
+    .await;
+    assert_eq!(TransportStats::get(&sa.frames_received), 0);
+}
+
+#[tokio::test]
+async fn peer_without_certificate_is_refused() {
+    let ca = ClusterCa::generate("c").unwrap();
+    let f = Quic(ca.clone());
+    let mut n = f.make(1).await;
+    spawn_echo(&mut n[0].1);
+    let node = &n[0].0;
+    let trust = ca.issue_node("x").unwrap();
+    let ep = raw_client(None, &trust).await;
+    // TLS 1.3 lets the client finish before the server checks its (absent)
+    // certificate, so the refusal shows on the first stream.
+    let outcome = async {
+        let conn = ep.connect(node.local_addr(), CLUSTER_SERVER_NAME)?.await?;
+        let (mut s, mut r) = conn.open_bi().await?;
+        s.write_all(&shoal_transport::encode_frame(Service::Test, vec![1])?)
+            .await?;
+        s.finish()?;
+        Ok::<_, anyhow::Error>(r.read_to_end(1024).await?)
+    };
+    let r = tokio::time::timeout(DEADLINE, outcome).await.unwrap();
+    assert!(r.is_err(), "a peer without a certificate got an answer");
+    let stats = node.stats();
+    wait_for("refusal to be counted", || {
+        TransportStats::get(&stats.handshakes_refused) >= 1
+    })
+    .await;
+    assert_eq!(TransportStats::get(&stats.frames_received), 0);
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_do_not_stall_the_node() {
+    let ca = ClusterCa::generate("c").unwrap();
+    let f = Quic(ca.clone());
+    let mut n = f.make(2).await;
+    spawn_echo(&mut n[0].1);
+    let node = n[0].0.clone();
+    let addr = node.local_addr();
+
+    // Raw UDP garbage at the QUIC port.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for len in [0usize, 1, 7, 40, 1200, 1500, 9000] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = udp.send_to(&bytes, addr);
+    }
+
+    // A credentialed peer sending an oversized frame and undecodable frames.
+    let creds = ca.issue_node("raw").unwrap();
+    let ep = raw_client(Some(&creds), &creds).await;
+    let conn = ep
+        .connect(addr, CLUSTER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    let big = vec![7u8; FRAME_LEN_MAX + 4096];
+    let _ = s.write_all(&big).await;
+    let _ = s.finish();
+    for junk in [vec![0xffu8; 3], vec![9u8; 100], vec![]] {
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&junk).await.unwrap();
+        s.finish().unwrap();
+    }
+    let stats = node.stats();
+    wait_for("oversized frame counted", || {
+        TransportStats::get(&stats.frames_oversized) >= 1
+    })
+    .await;
+    wait_for("undecodable frames counted", || {
+        TransportStats::get(&stats.frames_undecodable) >= 3
+    })
+    .await;
+
+    // Still serving.
+    let resp = n[1]
+        .0
+        .request(addr, Service::Test, vec![5, 6], DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(resp, vec![6, 5]);
+}
