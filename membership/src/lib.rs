@@ -1,1 +1,23 @@
+//! shoal's cluster membership.
+//!
+//! Every node publishes a [`NodeRecord`] (name, address, labels, capacity,
+//! drivers, version) and its [`Load`] through chitchat's scuttlebutt gossip,
+//! which runs over the node's QUIC endpoint. Liveness comes from a SWIM-style
+//! detector ([`swim`]) with direct and indirect probes over QUIC, suspicion
+//! with Lifeguard-style confirmations, and direct dissemination of changes.
+//! Other crates see a plain-data [`MembershipView`], never chitchat types.
+//!
+//! # Layout
+//! - [`record`]: node records, load, states, the view.
+//! - [`swim`]: the failure detector, a pure state machine.
+//! - [`node`]: [`Membership`], the task that wires chitchat, SWIM and the
+//!   transport together and publishes the view.
+#![deny(missing_docs)]
 
+pub mod node;
+pub mod record;
+pub mod swim;
+
+pub use node::{Membership, MembershipConfig, MembershipError};
+pub use record::{Capacity, Load, Member, MembershipView, NodeRecord, NodeState};
+pub use swim::SwimConfig;

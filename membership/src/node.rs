@@ -1,0 +1,543 @@
+//! [`Membership`]: the task that runs chitchat gossip and the SWIM detector
+//! over a node's transport and publishes a [`MembershipView`].
+//!
+//! chitchat carries each node's record, load and incarnation (eventually
+//! consistent, anti-entropy); SWIM decides liveness. chitchat's own phi
+//! detector only steers whom chitchat gossips with. The chitchat handle
+//! (an `Arc<Mutex<..>>`) never leaves this task: callers talk to it by
+//! [`Command`]s and read the view from a `watch` channel.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use shoal_transport::gossip::GossipTransport;
+use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::record::{Load, Member, MembershipView, NodeRecord, NodeState};
+use crate::swim::{Action, ProbeMsg, ProbeOutcome, ProbeReply, Swim, SwimConfig};
+
+const KEY_RECORD: &str = "record";
+const KEY_LOAD: &str = "load";
+const KEY_INCARNATION: &str = "inc";
+const KEY_STATUS: &str = "status";
+
+/// Longest record or load value decoded from gossip, bytes.
+const GOSSIP_VALUE_LEN_MAX: usize = 16 * 1024;
+
+/// Depth of the queues between the task and its probe workers and callers.
+const QUEUE_LEN: usize = 4096;
+
+/// Settings of the membership task.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// Failure detector settings.
+    pub swim: SwimConfig,
+    /// chitchat gossip period. Records and load change rarely and liveness
+    /// does not depend on it, so it can be slower than chitchat's own
+    /// failure detector would want; every digest lists every node, so this
+    /// interval sets gossip bandwidth.
+    pub gossip_interval: Duration,
+    /// Cluster id; chitchat drops gossip from other ids.
+    pub cluster_id: String,
+    /// Seed addresses to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// How often the view is refreshed from gossip state.
+    pub sync_interval: Duration,
+    /// Granularity of the detector's timers.
+    pub tick_interval: Duration,
+    /// How long a graceful leave waits for peers to acknowledge.
+    pub leave_timeout: Duration,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            swim: SwimConfig::lan(),
+            gossip_interval: Duration::from_millis(500),
+            cluster_id: "shoal".into(),
+            seeds: Vec::new(),
+            sync_interval: Duration::from_millis(100),
+            // Well below the smallest SWIM timeout (150 ms).
+            tick_interval: Duration::from_millis(10),
+            leave_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Errors of the membership layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// Gossip could not start.
+    #[error("gossip failed to start: {0}")]
+    Gossip(String),
+    /// The membership task has stopped.
+    #[error("membership task stopped")]
+    Stopped,
+}
+
+enum Command {
+    SetLoad(Load),
+    Leave(oneshot::Sender<()>),
+}
+
+/// Handle to a running membership task.
+pub struct Membership {
+    cmd: mpsc::Sender<Command>,
+    view: watch::Receiver<MembershipView>,
+}
+
+impl Membership {
+    /// Starts gossip and failure detection for this node on `transport`,
+    /// taking the gossip and probe queues out of `inbox`.
+    pub async fn start<T: Transport>(
+        transport: T,
+        inbox: &mut Inbox,
+        record: NodeRecord,
+        generation: u64,
+        config: MembershipConfig,
+    ) -> Result<Membership, MembershipError> {
+        let gossip_rx = take_inbox(inbox, Service::Gossip)
+            .ok_or_else(|| MembershipError::Gossip("gossip queue already taken".into()))?;
+        let probe_rx = take_inbox(inbox, Service::Probe)
+            .ok_or_else(|| MembershipError::Gossip("probe queue already taken".into()))?;
+        let addr = record.address;
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(record.name.clone(), generation, addr),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.gossip_interval,
+            listen_addr: transport.local_addr(),
+            seed_nodes: config.seeds.iter().map(|s| s.to_string()).collect(),
+            failure_detector_config: FailureDetectorConfig {
+                // Only steers gossip targets; prior equal to the gossip
+                // interval so that a new peer is not presumed dead for seconds.
+                initial_interval: config.gossip_interval,
+                dead_node_grace_period: config.swim.dead_retention,
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let record_json = serde_json::to_string(&record).expect("record encodes");
+        let initial = vec![
+            (KEY_RECORD.to_string(), record_json),
+            (
+                KEY_LOAD.to_string(),
+                serde_json::to_string(&Load::default()).expect("encodes"),
+            ),
+            (KEY_INCARNATION.to_string(), "0".to_string()),
+        ];
+        let gossip_transport = GossipTransport::new(transport.clone(), gossip_rx);
+        let chitchat = spawn_chitchat(chitchat_config, initial, &gossip_transport)
+            .await
+            .map_err(|e| MembershipError::Gossip(e.to_string()))?;
+        let seed = generation
+            ^ record
+                .name
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let swim = Swim::new(config.swim.clone(), &record.name, generation, addr, seed);
+        let (view_tx, view) = watch::channel(MembershipView::default());
+        let (cmd, cmd_rx) = mpsc::channel(64);
+        let (results_tx, results_rx) = mpsc::channel(QUEUE_LEN);
+        let actor = Actor {
+            transport,
+            swim,
+            chitchat,
+            record,
+            generation,
+            load: Load::default(),
+            left: false,
+            published_incarnation: 0,
+            peers: HashMap::new(),
+            view_tx,
+            results_tx,
+            config,
+        };
+        tokio::spawn(actor.run(probe_rx, results_rx, cmd_rx));
+        Ok(Membership { cmd, view })
+    }
+
+    /// The live view; `changed()` fires when it changes.
+    pub fn view(&self) -> watch::Receiver<MembershipView> {
+        self.view.clone()
+    }
+
+    /// Publishes this node's load.
+    pub async fn set_load(&self, load: Load) -> Result<(), MembershipError> {
+        self.cmd
+            .send(Command::SetLoad(load))
+            .await
+            .map_err(|_| MembershipError::Stopped)
+    }
+
+    /// Leaves the cluster: tells every peer directly (waiting at most the
+    /// configured leave timeout for their acknowledgements), marks the node
+    /// `left` in gossip, and stops answering probes.
+    pub async fn leave(&self) -> Result<(), MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Leave(tx))
+            .await
+            .map_err(|_| MembershipError::Stopped)?;
+        rx.await.map_err(|_| MembershipError::Stopped)
+    }
+}
+
+struct Peer {
+    generation: u64,
+    record: Option<(u64, NodeRecord)>,
+    load: Load,
+}
+
+struct Actor<T: Transport> {
+    transport: T,
+    swim: Swim,
+    chitchat: ChitchatHandle,
+    record: NodeRecord,
+    generation: u64,
+    load: Load,
+    left: bool,
+    published_incarnation: u64,
+    peers: HashMap<String, Peer>,
+    view_tx: watch::Sender<MembershipView>,
+    results_tx: mpsc::Sender<(u64, ProbeOutcome)>,
+    config: MembershipConfig,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
+    if s.len() > GOSSIP_VALUE_LEN_MAX {
+        return None;
+    }
+    serde_json::from_str(s).ok()
+}
+
+impl<T: Transport> Actor<T> {
+    async fn run(
+        mut self,
+        mut probe_rx: mpsc::Receiver<Incoming>,
+        mut results_rx: mpsc::Receiver<(u64, ProbeOutcome)>,
+        mut cmd_rx: mpsc::Receiver<Command>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.tick_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut sync = tokio::time::interval(self.config.sync_interval);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.sync_from_gossip().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let actions = self.swim.tick(Instant::now());
+                    self.execute(actions);
+                    self.publish_incarnation().await;
+                    self.publish_view();
+                }
+                _ = sync.tick() => {
+                    self.sync_from_gossip().await;
+                    self.publish_view();
+                }
+                Some(msg) = probe_rx.recv() => {
+                    self.on_probe_message(msg);
+                    self.publish_view();
+                }
+                Some((probe, outcome)) = results_rx.recv() => {
+                    let actions = self.swim.probe_outcome(probe, outcome, Instant::now());
+                    self.execute(actions);
+                    self.publish_view();
+                }
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(Command::SetLoad(load)) => {
+                        self.load = load;
+                        let json = serde_json::to_string(&load).expect("encodes");
+                        self.chitchat.with_chitchat(|c| c.self_node_state().set(KEY_LOAD, &json)).await;
+                        self.publish_view();
+                    }
+                    Some(Command::Leave(done)) => {
+                        self.leave().await;
+                        self.publish_view();
+                        let _ = done.send(());
+                    }
+                    None => break,
+                },
+            }
+        }
+        let _ = self.chitchat.shutdown().await;
+    }
+
+    async fn leave(&mut self) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        self.chitchat
+            .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
+            .await;
+        let (to, update) = self.swim.leave();
+        let body = postcard::to_stdvec(&ProbeMsg::Updates(vec![update])).expect("encodes");
+        let mut tasks = Vec::new();
+        for addr in to {
+            let t = self.transport.clone();
+            let body = body.clone();
+            let timeout = self.config.leave_timeout;
+            tasks.push(tokio::spawn(async move {
+                t.request(addr, Service::Probe, body, timeout).await
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        info!("left the cluster");
+    }
+
+    async fn publish_incarnation(&mut self) {
+        let inc = self.swim.incarnation();
+        if inc != self.published_incarnation {
+            self.published_incarnation = inc;
+            self.chitchat
+                .with_chitchat(|c| c.self_node_state().set(KEY_INCARNATION, inc))
+                .await;
+            warn!(incarnation = inc, "refuted a suspicion of this node");
+        }
+    }
+
+    fn execute(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Ping {
+                    probe,
+                    addr,
+                    msg,
+                    timeout,
+                }
+                | Action::PingReq {
+                    probe,
+                    via: addr,
+                    msg,
+                    timeout,
+                } => {
+                    let t = self.transport.clone();
+                    let results = self.results_tx.clone();
+                    let body = postcard::to_stdvec(&msg).expect("encodes");
+                    tokio::spawn(async move {
+                        let outcome = match t.request(addr, Service::Probe, body, timeout).await {
+                            Ok(bytes) => match postcard::from_bytes::<ProbeReply>(&bytes) {
+                                Ok(ProbeReply::Ack {
+                                    generation,
+                                    incarnation,
+                                }) => ProbeOutcome::Ack {
+                                    generation,
+                                    incarnation,
+                                },
+                                _ => ProbeOutcome::Failed,
+                            },
+                            Err(_) => ProbeOutcome::Failed,
+                        };
+                        // A lost outcome expires in the detector as a failure.
+                        let _ = results.try_send((probe, outcome));
+                    });
+                }
+                Action::Broadcast { to, updates } => {
+                    let body = postcard::to_stdvec(&ProbeMsg::Updates(updates)).expect("encodes");
+                    for addr in to {
+                        let t = self.transport.clone();
+                        let body = body.clone();
+                        tokio::spawn(async move { t.send(addr, Service::Probe, body).await });
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_probe_message(&mut self, msg: Incoming) {
+        let Ok(probe_msg) = postcard::from_bytes::<ProbeMsg>(&msg.body) else {
+            warn!(from = %msg.from, "dropped undecodable probe message");
+            return;
+        };
+        let now = Instant::now();
+        match probe_msg {
+            ProbeMsg::Ping {
+                from,
+                target,
+                view_of_you,
+            } => {
+                let (reply, actions) = if self.left {
+                    (ProbeReply::Nack, Vec::new())
+                } else {
+                    self.swim.on_ping(from, &target, view_of_you, now)
+                };
+                if let Some(r) = msg.reply {
+                    r.respond(postcard::to_stdvec(&reply).expect("encodes"));
+                }
+                self.execute(actions);
+            }
+            ProbeMsg::PingReq { target, addr } => {
+                let Some(reply) = msg.reply else { return };
+                let t = self.transport.clone();
+                let ping = ProbeMsg::Ping {
+                    from: (
+                        self.record.name.clone(),
+                        self.generation,
+                        self.record.address,
+                    ),
+                    target,
+                    view_of_you: None,
+                };
+                let body = postcard::to_stdvec(&ping).expect("encodes");
+                let timeout = self.config.swim.probe_timeout;
+                tokio::spawn(async move {
+                    let answer = match t.request(addr, Service::Probe, body, timeout).await {
+                        Ok(bytes) => match postcard::from_bytes::<ProbeReply>(&bytes) {
+                            Ok(ack @ ProbeReply::Ack { .. }) => ack,
+                            _ => ProbeReply::Nack,
+                        },
+                        Err(_) => ProbeReply::Nack,
+                    };
+                    reply.respond(postcard::to_stdvec(&answer).expect("encodes"));
+                });
+            }
+            ProbeMsg::Updates(updates) => {
+                let actions = if self.left {
+                    Vec::new()
+                } else {
+                    self.swim.on_updates(updates, now)
+                };
+                if let Some(r) = msg.reply {
+                    r.respond(postcard::to_stdvec(&ProbeReply::Ok).expect("encodes"));
+                }
+                self.execute(actions);
+            }
+        }
+    }
+
+    async fn sync_from_gossip(&mut self) {
+        struct Seen {
+            generation: u64,
+            addr: SocketAddr,
+            incarnation: u64,
+            left: bool,
+            record: Option<(u64, String)>,
+            load: Option<String>,
+        }
+        let me = self.record.name.clone();
+        let mut latest: HashMap<String, Seen> = HashMap::new();
+        self.chitchat
+            .with_chitchat(|c| {
+                for (id, state) in c.node_states() {
+                    if *id.node_id == *me {
+                        continue;
+                    }
+                    if latest
+                        .get(&*id.node_id)
+                        .is_some_and(|s| s.generation >= id.generation_id)
+                    {
+                        continue;
+                    }
+                    latest.insert(
+                        id.node_id.to_string(),
+                        Seen {
+                            generation: id.generation_id,
+                            addr: id.gossip_advertise_addr,
+                            incarnation: state
+                                .get(KEY_INCARNATION)
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0),
+                            left: state.get(KEY_STATUS) == Some("left"),
+                            record: state
+                                .get_versioned(KEY_RECORD)
+                                .map(|v| (v.version, v.value.clone())),
+                            load: state.get(KEY_LOAD).map(str::to_string),
+                        },
+                    );
+                }
+            })
+            .await;
+        let now = Instant::now();
+        for (name, seen) in latest {
+            self.swim.observe(
+                &name,
+                seen.generation,
+                seen.addr,
+                seen.incarnation,
+                seen.left,
+                now,
+            );
+            let peer = self.peers.entry(name).or_insert(Peer {
+                generation: seen.generation,
+                record: None,
+                load: Load::default(),
+            });
+            if seen.generation > peer.generation {
+                *peer = Peer {
+                    generation: seen.generation,
+                    record: None,
+                    load: Load::default(),
+                };
+            }
+            if seen.generation == peer.generation {
+                if let Some((version, json)) = seen.record {
+                    if peer.record.as_ref().is_none_or(|(v, _)| *v != version) {
+                        if let Some(rec) = decode::<NodeRecord>(&json) {
+                            peer.record = Some((version, rec));
+                        }
+                    }
+                }
+                if let Some(load) = seen.load.as_deref().and_then(decode::<Load>) {
+                    peer.load = load;
+                }
+            }
+        }
+    }
+
+    fn publish_view(&mut self) {
+        let mut members = vec![Member {
+            record: self.record.clone(),
+            generation: self.generation,
+            incarnation: self.swim.incarnation(),
+            state: if self.left {
+                NodeState::Left
+            } else {
+                NodeState::Alive
+            },
+            load: self.load,
+        }];
+        for m in self.swim.members() {
+            let peer = self
+                .peers
+                .get(&m.name)
+                .filter(|p| p.generation == m.generation);
+            let record = peer
+                .and_then(|p| p.record.as_ref().map(|(_, r)| r.clone()))
+                .unwrap_or_else(|| NodeRecord {
+                    name: m.name.clone(),
+                    address: m.addr,
+                    labels: Default::default(),
+                    capacity: Default::default(),
+                    drivers: Vec::new(),
+                    version: String::new(),
+                    http: None,
+                    notes: Vec::new(),
+                });
+            members.push(Member {
+                record,
+                generation: m.generation,
+                incarnation: m.incarnation,
+                state: m.state,
+                load: peer.map(|p| p.load).unwrap_or_default(),
+            });
+        }
+        members.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        let self_name = self.record.name.clone();
+        self.view_tx.send_if_modified(|v| {
+            if v.members == members && v.self_name == self_name {
+                return false;
+            }
+            v.members = members;
+            v.self_name = self_name;
+            true
+        });
+    }
+}

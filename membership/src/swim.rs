@@ -1,0 +1,887 @@
+//! A SWIM-style failure detector as a pure state machine (no IO, no clock, no
+//! global RNG): the host feeds it time, messages and probe outcomes and
+//! carries out the [`Action`]s it returns.
+//!
+//! Beyond SWIM (Das et al. 2002) it takes two ideas of Lifeguard (HashiCorp
+//! 2018) and one of its own:
+//! - a suspicion's timeout shrinks as independent confirmations arrive
+//!   (`max - (max - min) * ln(C + 1) / ln(K + 1)`), so a real death is declared
+//!   quickly while a lone false suspicion gets the whole `suspicion_max` to be
+//!   refuted;
+//! - a member hearing a suspicion probes the suspect itself at once
+//!   (confirmation probe) instead of waiting for its turn in the probe order;
+//! - membership changes are not piggybacked on later probes but sent straight
+//!   to every member (changes are rare, so this costs nothing in steady
+//!   state, and it removes the O(log N) rounds of dissemination delay).
+//!
+//! Probes run over QUIC streams, whose retransmissions absorb packet loss
+//! within the probe timeout; indirect probes through `indirect_probes` peers
+//! cover a broken link between two nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::record::NodeState;
+
+/// Timing and fan-out of the failure detector.
+#[derive(Debug, Clone)]
+pub struct SwimConfig {
+    /// A probe of the next member starts this often. Detection time is
+    /// dominated by how soon some node probes the dead one; with N nodes each
+    /// probing one peer per interval, the first probe of any given node comes
+    /// after about `probe_interval` on average whatever N is. Cost per node is
+    /// one small request per interval, flat in N.
+    pub probe_interval: Duration,
+    /// Wait for a direct probe's answer. Loopback/LAN round trips are below a
+    /// millisecond; QUIC retransmits a lost packet after about 30 ms, so 150 ms
+    /// absorbs several losses in a row (20% loss costs a probe ~1% of the time).
+    pub probe_timeout: Duration,
+    /// Wait for indirect probes (two hops each way).
+    pub indirect_timeout: Duration,
+    /// Peers asked to probe on our behalf after a failed direct probe.
+    pub indirect_probes: usize,
+    /// Suspicion timeout once `confirmations_expected` peers confirmed.
+    pub suspicion_min: Duration,
+    /// Suspicion timeout with no confirmation: the time a falsely suspected
+    /// node has to refute.
+    pub suspicion_max: Duration,
+    /// Confirmations (K) after which the timeout reaches `suspicion_min`.
+    pub confirmations_expected: usize,
+    /// A dead (not left) member is probed again this often, so that nodes
+    /// declared dead during a partition find each other after it heals.
+    pub dead_probe_interval: Duration,
+    /// Dead and left members are forgotten after this long.
+    pub dead_retention: Duration,
+    /// Most members tracked; beyond it new ones are ignored.
+    pub members_max: usize,
+}
+
+impl Default for SwimConfig {
+    fn default() -> Self {
+        Self::lan()
+    }
+}
+
+impl SwimConfig {
+    /// Defaults for a LAN or a single machine: sub-second detection.
+    pub fn lan() -> Self {
+        SwimConfig {
+            probe_interval: Duration::from_millis(100),
+            probe_timeout: Duration::from_millis(150),
+            indirect_timeout: Duration::from_millis(250),
+            indirect_probes: 3,
+            suspicion_min: Duration::from_millis(250),
+            suspicion_max: Duration::from_secs(3),
+            confirmations_expected: 3,
+            dead_probe_interval: Duration::from_secs(1),
+            dead_retention: Duration::from_secs(15 * 60),
+            members_max: 10_000,
+        }
+    }
+}
+
+/// A membership change, sent to every member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// Node name.
+    pub name: String,
+    /// Node generation.
+    pub generation: u64,
+    /// Node address.
+    pub addr: SocketAddr,
+    /// Incarnation the update is about.
+    pub incarnation: u64,
+    /// New state.
+    pub state: NodeState,
+    /// Who says so (distinct sayers of a suspicion are its confirmations).
+    pub by: String,
+}
+
+/// Messages of the probe protocol (postcard on [`shoal_transport::Service::Probe`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeMsg {
+    /// Are you alive? Answered with [`ProbeReply::Ack`].
+    Ping {
+        /// Prober's name, generation and address.
+        from: (String, u64, SocketAddr),
+        /// Target name, so a different node on the address says Nack.
+        target: String,
+        /// How the prober sees the target (state, incarnation): lets a node
+        /// that others think suspect or dead refute at once.
+        view_of_you: Option<(NodeState, u64)>,
+    },
+    /// Probe `target` for me and say whether it answered.
+    PingReq {
+        /// Target name.
+        target: String,
+        /// Target address.
+        addr: SocketAddr,
+    },
+    /// Membership changes. Sent as a request when the sender wants to know
+    /// they arrived (graceful leave).
+    Updates(Vec<Update>),
+}
+
+/// Answers to [`ProbeMsg`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeReply {
+    /// Alive: the answering node's generation and incarnation.
+    Ack {
+        /// Generation.
+        generation: u64,
+        /// Incarnation.
+        incarnation: u64,
+    },
+    /// The target did not answer (to a `PingReq`), or is not who was asked for.
+    Nack,
+    /// Updates received.
+    Ok,
+}
+
+/// What a probe request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The target answered (directly or through a relay) with this
+    /// generation and incarnation (a relay reports the target's own).
+    Ack {
+        /// Generation.
+        generation: u64,
+        /// Incarnation.
+        incarnation: u64,
+    },
+    /// No answer in time, or a Nack.
+    Failed,
+}
+
+/// Work for the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `ProbeMsg::Ping` to `addr` and report the outcome for `probe`.
+    Ping {
+        /// Probe id to report with.
+        probe: u64,
+        /// Where.
+        addr: SocketAddr,
+        /// The message.
+        msg: ProbeMsg,
+        /// How long to wait.
+        timeout: Duration,
+    },
+    /// Send `ProbeMsg::PingReq` to `via` and report the outcome for `probe`.
+    PingReq {
+        /// Probe id to report with.
+        probe: u64,
+        /// The relay.
+        via: SocketAddr,
+        /// The message.
+        msg: ProbeMsg,
+        /// How long to wait.
+        timeout: Duration,
+    },
+    /// Send these updates to each address (one-way).
+    Broadcast {
+        /// Recipients.
+        to: Vec<SocketAddr>,
+        /// Updates.
+        updates: Vec<Update>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Suspicion {
+    since: Instant,
+    confirmers: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    generation: u64,
+    addr: SocketAddr,
+    incarnation: u64,
+    state: NodeState,
+    suspicion: Option<Suspicion>,
+    changed_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Our turn-based direct probe.
+    Direct,
+    /// Direct failed; indirect probes plus a direct retry outstanding.
+    Indirect { outstanding: usize },
+    /// Someone else suspects the target; we check ourselves.
+    Confirm,
+    /// Probing a dead member to find out whether it is back.
+    Revive,
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    target: String,
+    generation: u64,
+    phase: Phase,
+    deadline: Instant,
+}
+
+/// One node's failure detector.
+pub struct Swim {
+    config: SwimConfig,
+    me: String,
+    generation: u64,
+    addr: SocketAddr,
+    incarnation: u64,
+    left: bool,
+    members: BTreeMap<String, Entry>,
+    order: Vec<String>,
+    order_pos: usize,
+    next_probe_at: Option<Instant>,
+    next_dead_probe_at: Option<Instant>,
+    probes: BTreeMap<u64, Probe>,
+    next_probe_id: u64,
+    rng: StdRng,
+}
+
+/// A member as the detector sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Name.
+    pub name: String,
+    /// Generation.
+    pub generation: u64,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Incarnation.
+    pub incarnation: u64,
+    /// State.
+    pub state: NodeState,
+}
+
+impl Swim {
+    /// A detector for node `me`; `seed` drives its probe order (derive it
+    /// from the node name and generation so runs can be replayed).
+    pub fn new(config: SwimConfig, me: &str, generation: u64, addr: SocketAddr, seed: u64) -> Swim {
+        Swim {
+            config,
+            me: me.to_string(),
+            generation,
+            addr,
+            incarnation: 0,
+            left: false,
+            members: BTreeMap::new(),
+            order: Vec::new(),
+            order_pos: 0,
+            next_probe_at: None,
+            next_dead_probe_at: None,
+            probes: BTreeMap::new(),
+            next_probe_id: 0,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// This node's current incarnation (published so that gossip carries
+    /// refutations to nodes that missed them).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Every member other than this node.
+    pub fn members(&self) -> impl Iterator<Item = MemberStatus> + '_ {
+        self.members.iter().map(|(name, e)| MemberStatus {
+            name: name.clone(),
+            generation: e.generation,
+            addr: e.addr,
+            incarnation: e.incarnation,
+            state: e.state,
+        })
+    }
+
+    /// State of one member.
+    pub fn state_of(&self, name: &str) -> Option<NodeState> {
+        self.members.get(name).map(|e| e.state)
+    }
+
+    fn live_addrs(&self, also: Option<&str>) -> Vec<SocketAddr> {
+        self.members
+            .iter()
+            .filter(|(n, e)| {
+                matches!(e.state, NodeState::Alive | NodeState::Suspect) || Some(n.as_str()) == also
+            })
+            .map(|(_, e)| e.addr)
+            .collect()
+    }
+
+    fn my_update(&self, state: NodeState) -> Update {
+        Update {
+            name: self.me.clone(),
+            generation: self.generation,
+            addr: self.addr,
+            incarnation: self.incarnation,
+            state,
+            by: self.me.clone(),
+        }
+    }
+
+    fn update_for(&self, name: &str, state: NodeState) -> Option<Update> {
+        let e = self.members.get(name)?;
+        Some(Update {
+            name: name.to_string(),
+            generation: e.generation,
+            addr: e.addr,
+            incarnation: e.incarnation,
+            state,
+            by: self.me.clone(),
+        })
+    }
+
+    fn insert(
+        &mut self,
+        name: &str,
+        generation: u64,
+        addr: SocketAddr,
+        incarnation: u64,
+        state: NodeState,
+        now: Instant,
+    ) -> bool {
+        if !self.members.contains_key(name) {
+            if self.members.len() >= self.config.members_max {
+                return false;
+            }
+            // A newcomer goes to a random place in the current probe order.
+            let pos = if self.order.is_empty() {
+                0
+            } else {
+                rand::Rng::random_range(&mut self.rng, 0..=self.order.len())
+            };
+            self.order.insert(pos, name.to_string());
+        }
+        self.members.insert(
+            name.to_string(),
+            Entry {
+                generation,
+                addr,
+                incarnation,
+                state,
+                suspicion: None,
+                changed_at: now,
+            },
+        );
+        true
+    }
+
+    /// A member seen in gossip: its generation, address, published
+    /// incarnation and whether it says it left.
+    pub fn observe(
+        &mut self,
+        name: &str,
+        generation: u64,
+        addr: SocketAddr,
+        incarnation: u64,
+        left: bool,
+        now: Instant,
+    ) {
+        if name == self.me {
+            return;
+        }
+        let state = if left {
+            NodeState::Left
+        } else {
+            NodeState::Alive
+        };
+        match self.members.get_mut(name) {
+            None => {
+                self.insert(name, generation, addr, incarnation, state, now);
+            }
+            Some(e) if generation > e.generation => {
+                self.insert(name, generation, addr, incarnation, state, now);
+            }
+            Some(e) if generation == e.generation => {
+                if left && e.state != NodeState::Left {
+                    e.state = NodeState::Left;
+                    e.suspicion = None;
+                    e.changed_at = now;
+                } else if incarnation > e.incarnation && e.state != NodeState::Left {
+                    // The node refuted a suspicion and gossip brought the news.
+                    e.incarnation = incarnation;
+                    e.state = NodeState::Alive;
+                    e.suspicion = None;
+                    e.changed_at = now;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn new_probe(&mut self, target: &str, generation: u64, phase: Phase, deadline: Instant) -> u64 {
+        let id = self.next_probe_id;
+        self.next_probe_id += 1;
+        self.probes.insert(
+            id,
+            Probe {
+                target: target.to_string(),
+                generation,
+                phase,
+                deadline,
+            },
+        );
+        id
+    }
+
+    fn ping_action(
+        &mut self,
+        name: &str,
+        phase: Phase,
+        timeout: Duration,
+        now: Instant,
+    ) -> Option<Action> {
+        let e = self.members.get(name)?.clone();
+        let probe = self.new_probe(name, e.generation, phase, now + timeout);
+        Some(Action::Ping {
+            probe,
+            addr: e.addr,
+            msg: ProbeMsg::Ping {
+                from: (self.me.clone(), self.generation, self.addr),
+                target: name.to_string(),
+                view_of_you: Some((e.state, e.incarnation)),
+            },
+            timeout,
+        })
+    }
+
+    fn next_target(&mut self) -> Option<String> {
+        for _ in 0..=self.order.len() {
+            if self.order_pos >= self.order.len() {
+                self.order.retain(|n| self.members.contains_key(n));
+                self.order.shuffle(&mut self.rng);
+                self.order_pos = 0;
+                if self.order.is_empty() {
+                    return None;
+                }
+            }
+            let name = self.order[self.order_pos].clone();
+            self.order_pos += 1;
+            if let Some(e) = self.members.get(&name) {
+                if matches!(e.state, NodeState::Alive | NodeState::Suspect) {
+                    return Some(name);
+                }
+            }
+        }
+        None
+    }
+
+    fn suspicion_timeout(&self, confirmations: usize) -> Duration {
+        let others = self
+            .members
+            .values()
+            .filter(|e| matches!(e.state, NodeState::Alive | NodeState::Suspect))
+            .count()
+            .saturating_sub(1);
+        let k = self.config.confirmations_expected.min(others);
+        if k == 0 {
+            return self.config.suspicion_min;
+        }
+        let c = confirmations.min(k) as f64;
+        let (min, max) = (
+            self.config.suspicion_min.as_secs_f64(),
+            self.config.suspicion_max.as_secs_f64(),
+        );
+        let t = max - (max - min) * (c + 1.0).ln() / (k as f64 + 1.0).ln();
+        Duration::from_secs_f64(t.max(min))
+    }
+
+    /// Advances time: starts due probes, expires suspicions and stale probes.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.left {
+            return actions;
+        }
+        // Probes whose outcome never came back count as failed.
+        let grace = self.config.indirect_timeout;
+        let expired: Vec<u64> = self
+            .probes
+            .iter()
+            .filter(|(_, p)| now > p.deadline + grace)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            actions.extend(self.probe_outcome(id, ProbeOutcome::Failed, now));
+        }
+
+        if self.next_probe_at.is_none_or(|t| now >= t) {
+            self.next_probe_at = Some(now + self.config.probe_interval);
+            if let Some(target) = self.next_target() {
+                let timeout = self.config.probe_timeout;
+                actions.extend(self.ping_action(&target, Phase::Direct, timeout, now));
+            }
+        }
+
+        if self.next_dead_probe_at.is_none_or(|t| now >= t) {
+            self.next_dead_probe_at = Some(now + self.config.dead_probe_interval);
+            let dead: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(_, e)| e.state == NodeState::Dead)
+                .map(|(n, _)| n.clone())
+                .collect();
+            if let Some(name) = dead.choose(&mut self.rng).cloned() {
+                let timeout = self.config.probe_timeout;
+                actions.extend(self.ping_action(&name, Phase::Revive, timeout, now));
+            }
+        }
+
+        // Suspicions that ran out.
+        let mut dead = Vec::new();
+        for (name, e) in &self.members {
+            if let (NodeState::Suspect, Some(s)) = (e.state, &e.suspicion) {
+                let timeout = self.suspicion_timeout(s.confirmers.len().saturating_sub(1));
+                if now.duration_since(s.since) >= timeout {
+                    dead.push(name.clone());
+                }
+            }
+        }
+        for name in dead {
+            if let Some(e) = self.members.get_mut(&name) {
+                e.state = NodeState::Dead;
+                e.suspicion = None;
+                e.changed_at = now;
+            }
+            if let Some(u) = self.update_for(&name, NodeState::Dead) {
+                actions.push(Action::Broadcast {
+                    to: self.live_addrs(None),
+                    updates: vec![u],
+                });
+            }
+        }
+
+        // Forget long-gone members.
+        let retention = self.config.dead_retention;
+        self.members.retain(|_, e| {
+            !(matches!(e.state, NodeState::Dead | NodeState::Left)
+                && now.duration_since(e.changed_at) > retention)
+        });
+        actions
+    }
+
+    fn suspect(&mut self, name: &str, by: &str, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(e) = self.members.get_mut(name) else {
+            return actions;
+        };
+        match e.state {
+            NodeState::Alive => {
+                e.state = NodeState::Suspect;
+                e.changed_at = now;
+                e.suspicion = Some(Suspicion {
+                    since: now,
+                    confirmers: BTreeSet::from([by.to_string()]),
+                });
+            }
+            NodeState::Suspect => {
+                if let Some(s) = e.suspicion.as_mut() {
+                    s.confirmers.insert(by.to_string());
+                }
+            }
+            NodeState::Dead | NodeState::Left => return actions,
+        }
+        if by == self.me {
+            if let Some(u) = self.update_for(name, NodeState::Suspect) {
+                // The suspect gets it too, so that it can refute.
+                actions.push(Action::Broadcast {
+                    to: self.live_addrs(Some(name)),
+                    updates: vec![u],
+                });
+            }
+        }
+        actions
+    }
+
+    fn refute(&mut self, incarnation: u64) -> Vec<Action> {
+        self.incarnation = self.incarnation.max(incarnation) + 1;
+        vec![Action::Broadcast {
+            to: self.live_addrs(None),
+            updates: vec![self.my_update(NodeState::Alive)],
+        }]
+    }
+
+    /// Reports how a probe went.
+    pub fn probe_outcome(
+        &mut self,
+        probe: u64,
+        outcome: ProbeOutcome,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(p) = self.probes.get(&probe).cloned() else {
+            return actions;
+        };
+        let current = self.members.get(&p.target).map(|e| e.generation);
+        if current != Some(p.generation) {
+            self.probes.remove(&probe);
+            return actions;
+        }
+        if let ProbeOutcome::Ack {
+            generation,
+            incarnation,
+        } = outcome
+        {
+            if generation > p.generation {
+                // A restarted node answers on the old one's address.
+                self.probes.remove(&probe);
+                let addr = self.members[&p.target].addr;
+                self.insert(
+                    &p.target,
+                    generation,
+                    addr,
+                    incarnation,
+                    NodeState::Alive,
+                    now,
+                );
+                return actions;
+            }
+        }
+        let ok = matches!(outcome, ProbeOutcome::Ack { .. });
+        match p.phase {
+            Phase::Direct if ok => {
+                self.probes.remove(&probe);
+                self.acked(&p.target, outcome, now);
+            }
+            Phase::Direct => {
+                // Ask k others, and try once more ourselves.
+                let relays: Vec<SocketAddr> = {
+                    let mut candidates: Vec<SocketAddr> = self
+                        .members
+                        .iter()
+                        .filter(|(n, e)| *n != &p.target && e.state == NodeState::Alive)
+                        .map(|(_, e)| e.addr)
+                        .collect();
+                    candidates.shuffle(&mut self.rng);
+                    candidates.truncate(self.config.indirect_probes);
+                    candidates
+                };
+                let timeout = self.config.indirect_timeout;
+                let e = &self.members[&p.target];
+                let target_addr = e.addr;
+                let state = e.state;
+                let inc = e.incarnation;
+                let entry = self.probes.get_mut(&probe).expect("present");
+                entry.phase = Phase::Indirect {
+                    outstanding: relays.len() + 1,
+                };
+                entry.deadline = now + timeout;
+                for via in relays {
+                    actions.push(Action::PingReq {
+                        probe,
+                        via,
+                        msg: ProbeMsg::PingReq {
+                            target: p.target.clone(),
+                            addr: target_addr,
+                        },
+                        timeout,
+                    });
+                }
+                actions.push(Action::Ping {
+                    probe,
+                    addr: target_addr,
+                    msg: ProbeMsg::Ping {
+                        from: (self.me.clone(), self.generation, self.addr),
+                        target: p.target.clone(),
+                        view_of_you: Some((state, inc)),
+                    },
+                    timeout,
+                });
+            }
+            Phase::Indirect { outstanding } => {
+                if ok {
+                    self.probes.remove(&probe);
+                    self.acked(&p.target, outcome, now);
+                } else if outstanding <= 1 {
+                    self.probes.remove(&probe);
+                    let me = self.me.clone();
+                    actions.extend(self.suspect(&p.target, &me, now));
+                } else if let Some(entry) = self.probes.get_mut(&probe) {
+                    entry.phase = Phase::Indirect {
+                        outstanding: outstanding - 1,
+                    };
+                }
+            }
+            Phase::Confirm => {
+                self.probes.remove(&probe);
+                if ok {
+                    self.acked(&p.target, outcome, now);
+                } else {
+                    let me = self.me.clone();
+                    actions.extend(self.suspect(&p.target, &me, now));
+                }
+            }
+            Phase::Revive => {
+                // An answer from a dead member: the ping told it how we see
+                // it, so it refutes with a higher incarnation and everyone
+                // takes it back. Nothing to do here.
+                self.probes.remove(&probe);
+            }
+        }
+        actions
+    }
+
+    fn acked(&mut self, name: &str, outcome: ProbeOutcome, now: Instant) {
+        let ProbeOutcome::Ack { incarnation, .. } = outcome else {
+            return;
+        };
+        if let Some(e) = self.members.get_mut(name) {
+            if incarnation > e.incarnation && e.state != NodeState::Left {
+                e.incarnation = incarnation;
+                e.state = NodeState::Alive;
+                e.suspicion = None;
+                e.changed_at = now;
+            }
+        }
+    }
+
+    /// A ping arrived; returns the reply and any actions (a refutation).
+    pub fn on_ping(
+        &mut self,
+        from: (String, u64, SocketAddr),
+        target: &str,
+        view_of_you: Option<(NodeState, u64)>,
+        now: Instant,
+    ) -> (ProbeReply, Vec<Action>) {
+        if target != self.me || self.left {
+            return (ProbeReply::Nack, Vec::new());
+        }
+        let (name, generation, addr) = from;
+        self.observe(&name, generation, addr, 0, false, now);
+        let mut actions = Vec::new();
+        if let Some((state, inc)) = view_of_you {
+            if matches!(state, NodeState::Suspect | NodeState::Dead) && inc >= self.incarnation {
+                actions = self.refute(inc);
+            }
+        }
+        (
+            ProbeReply::Ack {
+                generation: self.generation,
+                incarnation: self.incarnation,
+            },
+            actions,
+        )
+    }
+
+    /// Membership changes arrived.
+    pub fn on_updates(&mut self, updates: Vec<Update>, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for u in updates {
+            actions.extend(self.on_update(u, now));
+        }
+        actions
+    }
+
+    fn on_update(&mut self, u: Update, now: Instant) -> Vec<Action> {
+        if u.name == self.me {
+            if u.generation == self.generation
+                && matches!(u.state, NodeState::Suspect | NodeState::Dead)
+                && u.incarnation >= self.incarnation
+                && !self.left
+            {
+                return self.refute(u.incarnation);
+            }
+            return Vec::new();
+        }
+        let known = self
+            .members
+            .get(&u.name)
+            .map(|e| (e.generation, e.incarnation, e.state));
+        match known {
+            None => {
+                self.insert(
+                    &u.name,
+                    u.generation,
+                    u.addr,
+                    u.incarnation,
+                    NodeState::Alive,
+                    now,
+                );
+            }
+            Some((g, _, _)) if u.generation > g => {
+                self.insert(
+                    &u.name,
+                    u.generation,
+                    u.addr,
+                    u.incarnation,
+                    NodeState::Alive,
+                    now,
+                );
+            }
+            Some((g, _, _)) if u.generation < g => return Vec::new(),
+            Some(_) => {}
+        }
+        let e = self.members.get_mut(&u.name).expect("inserted above");
+        match u.state {
+            NodeState::Alive => {
+                if u.incarnation > e.incarnation && e.state != NodeState::Left {
+                    e.incarnation = u.incarnation;
+                    e.state = NodeState::Alive;
+                    e.suspicion = None;
+                    e.changed_at = now;
+                }
+                Vec::new()
+            }
+            NodeState::Suspect => {
+                if e.state == NodeState::Left || u.incarnation < e.incarnation {
+                    return Vec::new();
+                }
+                if matches!(e.state, NodeState::Dead) && u.incarnation <= e.incarnation {
+                    return Vec::new();
+                }
+                let fresh = e.state == NodeState::Alive || u.incarnation > e.incarnation;
+                if u.incarnation > e.incarnation {
+                    e.incarnation = u.incarnation;
+                    e.state = NodeState::Alive;
+                    e.suspicion = None;
+                }
+                let mut actions = self.suspect(&u.name, &u.by, now);
+                if fresh {
+                    // Check for ourselves right away; a failure is our
+                    // independent confirmation.
+                    let timeout = self.config.probe_timeout;
+                    actions.extend(self.ping_action(&u.name, Phase::Confirm, timeout, now));
+                }
+                actions
+            }
+            NodeState::Dead => {
+                if e.state != NodeState::Left
+                    && u.incarnation >= e.incarnation
+                    && e.state != NodeState::Dead
+                {
+                    e.incarnation = u.incarnation;
+                    e.state = NodeState::Dead;
+                    e.suspicion = None;
+                    e.changed_at = now;
+                }
+                Vec::new()
+            }
+            NodeState::Left => {
+                if e.state != NodeState::Left {
+                    e.state = NodeState::Left;
+                    e.suspicion = None;
+                    e.changed_at = now;
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Leaves gracefully: returns the update to deliver to every member
+    /// and their addresses; from now on the node answers no probe.
+    pub fn leave(&mut self) -> (Vec<SocketAddr>, Update) {
+        let to = self.live_addrs(None);
+        self.left = true;
+        (to, self.my_update(NodeState::Left))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,528 @@
+//! A deterministic simulator of many [`Swim`] nodes: virtual time, per-hop
+//! delay with QUIC-like retransmission on loss, crashed nodes.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use rand::Rng;
+
+use super::*;
+
+#[derive(Debug)]
+enum Ev {
+    Tick(usize),
+    /// A ping (direct, or the relay's) reaches `to`.
+    Ping {
+        owner: usize,
+        probe: u64,
+        to: usize,
+        msg: ProbeMsg,
+        deadline: Instant,
+        back_hops: u32,
+    },
+    /// A ping-req reaches the relay.
+    PingReq {
+        owner: usize,
+        probe: u64,
+        relay: usize,
+        target: usize,
+        deadline: Instant,
+    },
+    Outcome {
+        node: usize,
+        probe: u64,
+        outcome: ProbeOutcome,
+    },
+    Updates {
+        to: usize,
+        updates: Vec<Update>,
+    },
+}
+
+struct Sim {
+    start: Instant,
+    now: Instant,
+    nodes: Vec<Swim>,
+    up: Vec<bool>,
+    gen: Vec<u64>,
+    addrs: Vec<SocketAddr>,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: Vec<Option<Ev>>,
+    seq: u64,
+    rng: StdRng,
+    loss: f64,
+    /// Extra delay of a node's processing (a CPU-starved node).
+    slow: Vec<Duration>,
+}
+
+impl Sim {
+    fn new(n: usize, seed: u64, loss: f64) -> Sim {
+        let start = Instant::now();
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)))
+            .collect();
+        let nodes = (0..n)
+            .map(|i| {
+                Swim::new(
+                    SwimConfig::lan(),
+                    &format!("n{i}"),
+                    1,
+                    addrs[i],
+                    seed ^ i as u64,
+                )
+            })
+            .collect();
+        let mut sim = Sim {
+            start,
+            now: start,
+            nodes,
+            up: vec![true; n],
+            gen: vec![1; n],
+            addrs,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            seq: 0,
+            rng: StdRng::seed_from_u64(seed),
+            loss,
+            slow: vec![Duration::ZERO; n],
+        };
+        for i in 0..n {
+            sim.join_all(i);
+            let jitter = Duration::from_micros(sim.rng.random_range(0..20_000));
+            sim.at(jitter, Ev::Tick(i));
+        }
+        sim
+    }
+
+    fn join_all(&mut self, i: usize) {
+        for j in 0..self.nodes.len() {
+            if i != j {
+                let (gi, gj) = (self.gen[i], self.gen[j]);
+                let (ai, aj) = (self.addrs[i], self.addrs[j]);
+                let now = self.now;
+                self.nodes[i].observe(&format!("n{j}"), gj, aj, 0, false, now);
+                self.nodes[j].observe(&format!("n{i}"), gi, ai, 0, false, now);
+            }
+        }
+    }
+
+    fn at(&mut self, delay: Duration, ev: Ev) {
+        let when = self.now.duration_since(self.start) + delay;
+        self.events.push(Some(ev));
+        self.seq += 1;
+        self.queue
+            .push(Reverse((when, self.seq, self.events.len() - 1)));
+    }
+
+    /// One hop: 0.2 ms, plus a QUIC retransmission (~30 ms, doubling) per loss.
+    fn hop(&mut self) -> Duration {
+        let mut d = Duration::from_micros(200);
+        let mut rto = Duration::from_millis(30);
+        while self.rng.random_bool(self.loss) {
+            d += rto;
+            rto *= 2;
+        }
+        d
+    }
+
+    fn idx(&self, addr: SocketAddr) -> usize {
+        self.addrs.iter().position(|a| *a == addr).unwrap()
+    }
+
+    fn run_actions(&mut self, node: usize, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Ping {
+                    probe,
+                    addr,
+                    msg,
+                    timeout,
+                } => {
+                    let to = self.idx(addr);
+                    let d = self.hop();
+                    let deadline = self.now + timeout;
+                    self.at(
+                        d,
+                        Ev::Ping {
+                            owner: node,
+                            probe,
+                            to,
+                            msg,
+                            deadline,
+                            back_hops: 1,
+                        },
+                    );
+                }
+                Action::PingReq {
+                    probe,
+                    via,
+                    msg,
+                    timeout,
+                } => {
+                    let ProbeMsg::PingReq { addr, .. } = msg else {
+                        unreachable!()
+                    };
+                    let relay = self.idx(via);
+                    let target = self.idx(addr);
+                    let d = self.hop();
+                    let deadline = self.now + timeout;
+                    self.at(
+                        d,
+                        Ev::PingReq {
+                            owner: node,
+                            probe,
+                            relay,
+                            target,
+                            deadline,
+                        },
+                    );
+                }
+                Action::Broadcast { to, updates } => {
+                    for addr in to {
+                        let d = self.hop();
+                        let to = self.idx(addr);
+                        self.at(
+                            d,
+                            Ev::Updates {
+                                to,
+                                updates: updates.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail_at(&mut self, node: usize, probe: u64, deadline: Instant) {
+        let d = deadline.saturating_duration_since(self.now);
+        self.at(
+            d,
+            Ev::Outcome {
+                node,
+                probe,
+                outcome: ProbeOutcome::Failed,
+            },
+        );
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(Reverse((when, _, idx))) = self.queue.pop() else {
+            return false;
+        };
+        self.now = self.start + when;
+        let ev = self.events[idx].take().unwrap();
+        let now = self.now;
+        match ev {
+            Ev::Tick(i) => {
+                if self.up[i] {
+                    let actions = self.nodes[i].tick(now);
+                    self.run_actions(i, actions);
+                    self.at(Duration::from_millis(20), Ev::Tick(i));
+                }
+            }
+            Ev::Ping {
+                owner,
+                probe,
+                to,
+                msg,
+                deadline,
+                back_hops,
+            } => {
+                if !self.up[to] {
+                    self.fail_at(owner, probe, deadline);
+                    return true;
+                }
+                let ProbeMsg::Ping {
+                    from,
+                    target,
+                    view_of_you,
+                } = msg
+                else {
+                    unreachable!()
+                };
+                let (reply, actions) = self.nodes[to].on_ping(from, &target, view_of_you, now);
+                self.run_actions(to, actions);
+                let mut back = self.slow[to];
+                for _ in 0..back_hops {
+                    back += self.hop();
+                }
+                match reply {
+                    ProbeReply::Ack {
+                        generation,
+                        incarnation,
+                    } if now + back <= deadline => {
+                        self.at(
+                            back,
+                            Ev::Outcome {
+                                node: owner,
+                                probe,
+                                outcome: ProbeOutcome::Ack {
+                                    generation,
+                                    incarnation,
+                                },
+                            },
+                        );
+                    }
+                    _ => self.fail_at(owner, probe, deadline),
+                }
+            }
+            Ev::PingReq {
+                owner,
+                probe,
+                relay,
+                target,
+                deadline,
+            } => {
+                if !self.up[relay] {
+                    self.fail_at(owner, probe, deadline);
+                    return true;
+                }
+                let msg = ProbeMsg::Ping {
+                    from: (format!("n{relay}"), self.gen[relay], self.addrs[relay]),
+                    target: format!("n{target}"),
+                    view_of_you: None,
+                };
+                let d = self.hop();
+                self.at(
+                    d,
+                    Ev::Ping {
+                        owner,
+                        probe,
+                        to: target,
+                        msg,
+                        deadline,
+                        back_hops: 2,
+                    },
+                );
+            }
+            Ev::Outcome {
+                node,
+                probe,
+                outcome,
+            } => {
+                if self.up[node] {
+                    let actions = self.nodes[node].probe_outcome(probe, outcome, now);
+                    self.run_actions(node, actions);
+                }
+            }
+            Ev::Updates { to, updates } => {
+                if self.up[to] {
+                    let actions = self.nodes[to].on_updates(updates, now);
+                    self.run_actions(to, actions);
+                }
+            }
+        }
+        true
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end && self.step() {}
+    }
+
+    fn run_until(
+        &mut self,
+        limit: Duration,
+        mut cond: impl FnMut(&Sim) -> bool,
+    ) -> Option<Duration> {
+        let start = self.now;
+        while self.now - start < limit {
+            if cond(self) {
+                return Some(self.now - start);
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        None
+    }
+
+    fn everyone_sees(&self, victim: usize, state: NodeState) -> bool {
+        let name = format!("n{victim}");
+        (0..self.nodes.len())
+            .filter(|&i| i != victim && self.up[i])
+            .all(|i| self.nodes[i].state_of(&name) == Some(state))
+    }
+
+    fn any_false_death(&self) -> Option<(usize, String)> {
+        for i in 0..self.nodes.len() {
+            if !self.up[i] {
+                continue;
+            }
+            for m in self.nodes[i].members() {
+                let j = self.idx(m.addr);
+                if self.up[j] && m.state == NodeState::Dead && m.generation == self.gen[j] {
+                    return Some((i, m.name));
+                }
+            }
+        }
+        None
+    }
+}
+
+#[test]
+fn crashed_node_is_declared_dead_everywhere_quickly() {
+    let mut worst = Duration::ZERO;
+    let mut total = Duration::ZERO;
+    for seed in 0..20 {
+        let mut sim = Sim::new(10, seed, 0.0);
+        sim.run_for(Duration::from_secs(2));
+        assert!(sim.any_false_death().is_none());
+        let victim = (seed % 10) as usize;
+        sim.up[victim] = false;
+        let took = sim
+            .run_until(Duration::from_secs(10), |s| {
+                s.everyone_sees(victim, NodeState::Dead)
+            })
+            .unwrap_or_else(|| panic!("seed {seed}: not declared dead within 10 s"));
+        worst = worst.max(took);
+        total += took;
+    }
+    // Bounds from the configuration: one probe round, direct plus indirect
+    // timeouts, a confirmation probe and the minimum suspicion; generous
+    // margins (this asserts the protocol's logic, not a benchmark).
+    assert!(worst < Duration::from_secs(2), "worst {worst:?}");
+    assert!(
+        total / 20 < Duration::from_millis(1200),
+        "mean {:?}",
+        total / 20
+    );
+}
+
+#[test]
+fn no_false_death_under_heavy_loss() {
+    for seed in 0..3 {
+        let mut sim = Sim::new(10, 100 + seed, 0.2);
+        for _ in 0..120 {
+            sim.run_for(Duration::from_secs(1));
+            assert_eq!(sim.any_false_death(), None, "seed {}", 100 + seed);
+        }
+        // and a real death is still found
+        sim.up[3] = false;
+        assert!(sim
+            .run_until(Duration::from_secs(10), |s| s
+                .everyone_sees(3, NodeState::Dead))
+            .is_some());
+    }
+}
+
+#[test]
+fn slow_node_is_suspected_but_refutes() {
+    let mut sim = Sim::new(6, 7, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    // Node 2 answers too late for direct and indirect probes for a while.
+    sim.slow[2] = Duration::from_millis(400);
+    let mut suspected = false;
+    for _ in 0..200 {
+        sim.run_for(Duration::from_millis(10));
+        suspected |= (0..6).any(|i| sim.nodes[i].state_of("n2") == Some(NodeState::Suspect));
+    }
+    assert!(
+        suspected,
+        "a node answering after the timeouts was never suspected"
+    );
+    sim.slow[2] = Duration::ZERO;
+    let back = sim.run_until(Duration::from_secs(10), |s| {
+        s.everyone_sees(2, NodeState::Alive)
+    });
+    assert!(
+        back.is_some(),
+        "the slow node never got back to alive everywhere"
+    );
+    assert!(
+        sim.nodes[2].incarnation() > 0,
+        "it must have refuted with a higher incarnation"
+    );
+}
+
+#[test]
+fn restarted_node_with_new_generation_is_alive_again() {
+    let mut sim = Sim::new(5, 9, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    sim.up[4] = false;
+    assert!(sim
+        .run_until(Duration::from_secs(10), |s| s
+            .everyone_sees(4, NodeState::Dead))
+        .is_some());
+    sim.gen[4] = 2;
+    sim.nodes[4] = Swim::new(SwimConfig::lan(), "n4", 2, sim.addrs[4], 99);
+    sim.up[4] = true;
+    sim.join_all(4);
+    sim.at(Duration::ZERO, Ev::Tick(4));
+    assert!(sim
+        .run_until(Duration::from_secs(5), |s| s
+            .everyone_sees(4, NodeState::Alive))
+        .is_some());
+    sim.run_for(Duration::from_secs(5));
+    assert!(sim.everyone_sees(4, NodeState::Alive));
+}
+
+#[test]
+fn leave_is_seen_at_once_and_not_mistaken_for_death() {
+    let mut sim = Sim::new(5, 11, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    let (to, update) = sim.nodes[1].leave();
+    sim.run_actions(
+        1,
+        vec![Action::Broadcast {
+            to,
+            updates: vec![update],
+        }],
+    );
+    sim.up[1] = false;
+    let took = sim
+        .run_until(Duration::from_secs(5), |s| {
+            s.everyone_sees(1, NodeState::Left)
+        })
+        .unwrap();
+    assert!(took < Duration::from_millis(50), "{took:?}");
+    sim.run_for(Duration::from_secs(5));
+    assert!(sim.everyone_sees(1, NodeState::Left));
+}
+
+#[test]
+fn partition_heals_back_to_alive() {
+    // Nodes 0-2 crash from the others' view, then return with the same
+    // generation (a partition): revive probes and refutation bring them back.
+    let mut sim = Sim::new(6, 13, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    for i in 0..3 {
+        sim.up[i] = false;
+    }
+    assert!(sim
+        .run_until(Duration::from_secs(10), |s| s
+            .everyone_sees(0, NodeState::Dead))
+        .is_some());
+    for i in 0..3 {
+        sim.up[i] = true;
+        sim.at(Duration::ZERO, Ev::Tick(i));
+    }
+    let back = sim.run_until(Duration::from_secs(20), |s| {
+        (0..3).all(|v| s.everyone_sees(v, NodeState::Alive))
+    });
+    assert!(back.is_some(), "partitioned nodes never came back");
+}
+
+#[test]
+fn suspicion_timeout_shrinks_with_confirmations() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+    let mut s = Swim::new(SwimConfig::lan(), "me", 1, addr, 1);
+    let now = Instant::now();
+    for i in 0..10 {
+        s.observe(
+            &format!("p{i}"),
+            1,
+            SocketAddr::from(([127, 0, 0, 1], 10 + i)),
+            0,
+            false,
+            now,
+        );
+    }
+    let c = SwimConfig::lan();
+    assert_eq!(s.suspicion_timeout(0), c.suspicion_max);
+    assert!(s.suspicion_timeout(1) < s.suspicion_timeout(0));
+    assert!(s.suspicion_timeout(2) < s.suspicion_timeout(1));
+    assert_eq!(s.suspicion_timeout(3), c.suspicion_min);
+    assert_eq!(s.suspicion_timeout(30), c.suspicion_min);
+}
