@@ -1,0 +1,224 @@
+//! The agent: one per machine. It owns the node's event loop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use shoal_membership::{Capacity, Membership, MembershipConfig, NodeRecord};
+use shoal_transport::{QuicConfig, QuicTransport, Transport};
+use tracing::info;
+
+use crate::api::{self, ApiState};
+use crate::credentials::{self, Origin};
+use crate::host;
+
+/// Everything the agent is started with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Unique node name.
+    pub name: String,
+    /// Where the node keeps its state.
+    pub data_dir: PathBuf,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Address peers use; derived from `listen` when not given.
+    pub advertise: Option<SocketAddr>,
+    /// Seeds to join through; empty bootstraps a new cluster (or rejoins
+    /// with the data dir's token).
+    pub join: Vec<SocketAddr>,
+    /// Join token, if given.
+    pub token: Option<String>,
+    /// HTTP API listen address.
+    pub http: SocketAddr,
+    /// Token the HTTP API requires.
+    pub http_token: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// CPU capacity override, millicores.
+    pub cpu_millis: Option<u64>,
+    /// Memory capacity override, MiB.
+    pub memory_mib: Option<u64>,
+    /// Membership tuning.
+    pub membership: MembershipConfig,
+}
+
+/// What a running agent writes to `<data-dir>/agent.json` once it serves, so
+/// that scripts and tests can find ports chosen by the OS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Node name.
+    pub name: String,
+    /// QUIC address peers use.
+    pub quic: SocketAddr,
+    /// HTTP API URL.
+    pub http: String,
+    /// Generation of this run.
+    pub generation: u64,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// Next generation: the wall clock in ms, but always above the last run's.
+fn next_generation(data_dir: &std::path::Path) -> Result<u64> {
+    let path = data_dir.join("generation");
+    let last: u64 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let generation = now.max(last + 1);
+    std::fs::write(&path, generation.to_string())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(generation)
+}
+
+/// The local address used to reach `peer` (no packet is sent).
+fn route_to(peer: SocketAddr) -> Option<IpAddr> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
+}
+
+/// Runs an agent until `shutdown` completes, then leaves the cluster
+/// gracefully.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    api::check_exposure(config.http, config.http_token.as_deref())?;
+    let (ca, origin) = credentials::load_or_bootstrap(
+        &config.data_dir,
+        config.token.as_deref(),
+        !config.join.is_empty(),
+    )?;
+    let creds = ca.issue_node(&config.name)?;
+
+    let (transport, mut inbox) =
+        QuicTransport::bind(config.listen, &creds, QuicConfig::default()).await?;
+    let bound = transport.local_addr();
+    let advertise = match config.advertise {
+        Some(a) => a,
+        None if !bound.ip().is_unspecified() => bound,
+        None => {
+            let ip = config
+                .join
+                .first()
+                .and_then(|s| route_to(*s))
+                .unwrap_or(Ipv4Addr::LOCALHOST.into());
+            SocketAddr::new(ip, bound.port())
+        }
+    };
+    let generation = next_generation(&config.data_dir)?;
+
+    let http_listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
+    let http_addr = http_listener.local_addr()?;
+
+    let record = NodeRecord {
+        name: config.name.clone(),
+        address: advertise,
+        labels: config.labels.clone(),
+        capacity: Capacity {
+            cpu_millis: config.cpu_millis.unwrap_or_else(host::cpu_millis),
+            memory_mib: config.memory_mib.unwrap_or_else(host::memory_mib),
+        },
+        drivers: vec!["exec".into()],
+        version: env!("CARGO_PKG_VERSION").into(),
+        http: Some(format!("http://{http_addr}")),
+        notes: Vec::new(),
+    };
+    let membership_config = MembershipConfig {
+        cluster_id: ca.cluster_id.clone(),
+        seeds: config.join.clone(),
+        ..config.membership.clone()
+    };
+    let membership = Membership::start(
+        transport.clone(),
+        &mut inbox,
+        record,
+        generation,
+        membership_config,
+    )
+    .await?;
+    // Services nobody serves yet: closing their queues makes the transport
+    // refuse such frames at once instead of parking them.
+    drop(inbox);
+
+    let state = ApiState {
+        view: membership.view(),
+        token: config.http_token.clone().map(Arc::from),
+    };
+    let app = api::router(state);
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stop_rx.await;
+            })
+            .await
+    });
+
+    let info = AgentInfo {
+        name: config.name.clone(),
+        quic: advertise,
+        http: format!("http://{http_addr}"),
+        generation,
+        pid: std::process::id(),
+    };
+    credentials::write_private(
+        &config.data_dir.join("agent.json"),
+        &serde_json::to_string_pretty(&info)?,
+    )?;
+    info!(name = %config.name, quic = %advertise, http = %info.http, generation, "agent started");
+    if origin == Origin::Bootstrapped {
+        let token_path = config.data_dir.join(credentials::TOKEN_FILE);
+        let token_path = token_path.canonicalize().unwrap_or(token_path);
+        println!("Bootstrapped a new shoal cluster ({}).", ca.cluster_id);
+        println!(
+            "The join token is in {} (keep it secret: it admits nodes).",
+            token_path.display()
+        );
+        println!("On each other machine run:");
+        println!(
+            "  shoal agent --join {advertise} --token-file <copy of {}>",
+            token_path.display()
+        );
+        println!("or, with the token inline:");
+        println!("  shoal agent --join {advertise} --token {}", ca.to_token());
+    }
+
+    // The node's event loop. It will grow the reconciler's inputs (view
+    // changes, driver events, timers); for now it waits for shutdown.
+    let mut view = membership.view();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            changed = view.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("membership task stopped unexpectedly");
+                }
+            }
+        }
+    }
+
+    info!("shutting down: leaving the cluster");
+    membership.leave().await?;
+    let _ = http_stop_tx.send(());
+    let _ = http_task.await;
+    transport.close();
+    Ok(())
+}

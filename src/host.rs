@@ -1,0 +1,46 @@
+//! Facts about the machine the agent runs on.
+
+use std::fs;
+
+/// CPU capacity in millicores: the cores this process may use.
+pub fn cpu_millis() -> u64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u64 * 1000)
+        .unwrap_or(1000)
+}
+
+/// Memory capacity in MiB, from `/proc/meminfo` (MemTotal).
+pub fn memory_mib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| parse_meminfo_total_kib(&s))
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
+
+fn parse_meminfo_total_kib(s: &str) -> Option<u64> {
+    s.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The host name, for the default node name.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "shoal-node".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meminfo() {
+        let s = "MemTotal:       24576000 kB\nMemFree: 1 kB\n";
+        assert_eq!(super::parse_meminfo_total_kib(s), Some(24_576_000));
+        assert_eq!(super::parse_meminfo_total_kib("junk"), None);
+        assert!(super::cpu_millis() >= 1000);
+    }
+}

@@ -1,0 +1,14 @@
+//! The shoal node: agent, HTTP API, CLI.
+//!
+//! # Layout
+//! - `agent`: start-up, the node's event loop, shutdown.
+//! - `api`: the HTTP JSON API.
+//! - `cli`: command-line parsing and the client commands.
+//! - `credentials`: join tokens and the cluster CA on disk.
+//! - `host`: machine facts (capacity, host name).
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod credentials;
+pub mod host;

@@ -1,0 +1,222 @@
+//! Helpers for integration tests: real `shoal agent` processes on loopback.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// Upper bound for any wait in these tests; they normally take far less.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct AgentInfo {
+    pub name: String,
+    pub quic: String,
+    pub http: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct Node {
+    pub name: String,
+    pub state: String,
+    pub address: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub capacity: serde_json::Value,
+}
+
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub info: Option<AgentInfo>,
+}
+
+impl Agent {
+    /// Starts an agent; `join` is a seed QUIC address, `token_file` its token.
+    pub fn start(
+        root: &Path,
+        name: &str,
+        join: Option<&str>,
+        token_file: Option<&Path>,
+        extra: &[&str],
+    ) -> Agent {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("agent.json"));
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "agent",
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("stderr.log"))
+                .unwrap(),
+        );
+        if let Some(j) = join {
+            cmd.args(["--join", j]);
+        }
+        if let Some(t) = token_file {
+            cmd.arg("--token-file").arg(t);
+        }
+        let child = cmd.spawn().expect("spawn shoal agent");
+        let mut agent = Agent {
+            name: name.to_string(),
+            dir,
+            child: Some(child),
+            info: None,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let path = self.dir.join("agent.json");
+        let started = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&path) {
+                if let Ok(info) = serde_json::from_str::<AgentInfo>(&s) {
+                    self.info = Some(info);
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "agent {} exited with {status}: {}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "agent {} never became ready",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn quic(&self) -> String {
+        self.info.as_ref().unwrap().quic.clone()
+    }
+
+    pub fn http(&self) -> String {
+        self.info.as_ref().unwrap().http.clone()
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.join("join-token")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&mut self, sig: i32) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
+    }
+
+    /// Sends `sig` and reaps the process.
+    pub fn stop(&mut self, sig: i32) -> std::process::ExitStatus {
+        self.signal(sig);
+        let mut child = self.child.take().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "agent {} did not exit",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The agent's view through its HTTP API.
+    pub fn nodes(&self) -> Option<Vec<Node>> {
+        let resp = ureq::get(&format!("{}/v1/nodes", self.http()))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .ok()?;
+        resp.into_json().ok()
+    }
+
+    pub fn state_of(&self, name: &str) -> Option<String> {
+        self.nodes()?
+            .into_iter()
+            .find(|n| n.name == name)
+            .map(|n| n.state)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if cond() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Starts `n` agents: the first bootstraps, the others join it.
+pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
+    let first = Agent::start(root, "n0", None, None, &[]);
+    let seed = first.quic();
+    let token = first.token_file();
+    let mut agents = vec![first];
+    for i in 1..n {
+        agents.push(Agent::start(
+            root,
+            &format!("n{i}"),
+            Some(&seed),
+            Some(&token),
+            &[],
+        ));
+    }
+    agents
+}
+
+/// Every running agent sees `name` in `state`.
+pub fn all_see(agents: &[Agent], name: &str, state: &str) -> bool {
+    agents
+        .iter()
+        .filter(|a| a.child.is_some() && a.name != name)
+        .all(|a| a.state_of(name).as_deref() == Some(state))
+}
