@@ -154,6 +154,7 @@ impl Membership {
             left: false,
             published_incarnation: 0,
             peers: HashMap::new(),
+            logged: HashMap::new(),
             view_tx,
             results_tx,
             config,
@@ -204,6 +205,8 @@ struct Actor<T: Transport> {
     left: bool,
     published_incarnation: u64,
     peers: HashMap<String, Peer>,
+    /// Last logged (generation, state) of each member, to log transitions.
+    logged: HashMap<String, (u64, NodeState)>,
     view_tx: watch::Sender<MembershipView>,
     results_tx: mpsc::Sender<(u64, ProbeOutcome)>,
     config: MembershipConfig,
@@ -530,6 +533,20 @@ impl<T: Transport> Actor<T> {
             });
         }
         members.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        for m in &members {
+            let now = (m.generation, m.state);
+            if self.logged.get(&m.record.name) != Some(&now) {
+                self.logged.insert(m.record.name.clone(), now);
+                // at_unix_ms lets benchmarks time transitions from logs.
+                let at_unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                info!(node = %m.record.name, generation = m.generation, state = %m.state.as_str(), at_unix_ms, "member state");
+            }
+        }
+        self.logged
+            .retain(|name, _| members.iter().any(|m| &m.record.name == name));
         let self_name = self.record.name.clone();
         self.view_tx.send_if_modified(|v| {
             if v.members == members && v.self_name == self_name {

@@ -39,8 +39,9 @@ pub struct SwimConfig {
     /// one small request per interval, flat in N.
     pub probe_interval: Duration,
     /// Wait for a direct probe's answer. Loopback/LAN round trips are below a
-    /// millisecond; QUIC retransmits a lost packet after about 30 ms, so 150 ms
-    /// absorbs several losses in a row (20% loss costs a probe ~1% of the time).
+    /// millisecond; QUIC retransmits a lost packet after about 30 ms, so 120 ms
+    /// absorbs two or three losses in a row; the indirect probes and the
+    /// suspicion period absorb the rest.
     pub probe_timeout: Duration,
     /// Wait for indirect probes (two hops each way).
     pub indirect_timeout: Duration,
@@ -73,10 +74,10 @@ impl SwimConfig {
     pub fn lan() -> Self {
         SwimConfig {
             probe_interval: Duration::from_millis(100),
-            probe_timeout: Duration::from_millis(150),
-            indirect_timeout: Duration::from_millis(250),
+            probe_timeout: Duration::from_millis(120),
+            indirect_timeout: Duration::from_millis(200),
             indirect_probes: 3,
-            suspicion_min: Duration::from_millis(250),
+            suspicion_min: Duration::from_millis(200),
             suspicion_max: Duration::from_secs(3),
             confirmations_expected: 3,
             dead_probe_interval: Duration::from_secs(1),

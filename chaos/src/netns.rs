@@ -1,0 +1,252 @@
+//! Network namespaces joined by a private bridge, each a test host with its
+//! own address; netem on each host's interface. Everything is removed on
+//! drop, and leftovers of an interrupted run are removed on creation.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const IPTABLES: [&str; 2] = ["iptables", "iptables-legacy"];
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A set of namespaces `<prefix>-<i>` on bridge `<prefix>br`.
+pub struct Hosts {
+    prefix: String,
+    count: usize,
+    subnet: [u8; 3],
+}
+
+impl Hosts {
+    /// Creates `count` hosts with addresses `subnet.1`, `subnet.2`, ...
+    /// The bridge has no address: traffic stays among the namespaces.
+    pub fn create(prefix: &str, count: usize, subnet: [u8; 3]) -> Result<Hosts> {
+        let hosts = Hosts {
+            prefix: prefix.into(),
+            count,
+            subnet,
+        };
+        hosts.remove_all();
+        let br = hosts.bridge();
+        ip(&["link", "add", &br, "type", "bridge"])?;
+        ip(&["link", "set", &br, "up"])?;
+        // Docker sets the FORWARD policy to DROP and has bridged traffic
+        // filtered by iptables; let ours through.
+        for tool in IPTABLES {
+            let _ = Command::new(tool)
+                .args(["-I", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT"])
+                .output();
+        }
+        for i in 0..count {
+            let ns = hosts.ns(i);
+            let veth = format!("{}v{i}", hosts.prefix);
+            ip(&["netns", "add", &ns])?;
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            ip(&["link", "set", &veth, "master", &br, "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", hosts.addr(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(hosts)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}br", self.prefix)
+    }
+
+    /// Namespace name of host `i`.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
+    /// Address of host `i`.
+    pub fn addr(&self, i: usize) -> Ipv4Addr {
+        let [a, b, c] = self.subnet;
+        Ipv4Addr::new(a, b, c, i as u8 + 1)
+    }
+
+    /// A command that runs `program` inside host `i`.
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(i)]).arg(program);
+        cmd
+    }
+
+    /// Applies netem (e.g. `["loss", "20%"]`) to host `i`'s outgoing traffic.
+    pub fn netem(&self, i: usize, spec: &[&str]) -> Result<()> {
+        let ns = self.ns(i);
+        let mut args = vec![
+            "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem",
+        ];
+        args.extend_from_slice(spec);
+        let out = Command::new("ip").args(&args).output()?;
+        if !out.status.success() {
+            bail!(
+                "tc netem on {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops `percent`% of host `i`'s outgoing packets at random, with
+    /// nftables (works on kernels without the netem qdisc, such as this
+    /// project's CI machines).
+    pub fn loss(&self, i: usize, percent: u32) -> Result<()> {
+        self.clear_loss(i);
+        let ns = self.ns(i);
+        let pct = percent.to_string();
+        let steps: [&[&str]; 3] = [
+            &["add", "table", "inet", "shoal_chaos"],
+            &[
+                "add",
+                "chain",
+                "inet",
+                "shoal_chaos",
+                "out",
+                "{ type filter hook output priority 0; }",
+            ],
+            &[
+                "add",
+                "rule",
+                "inet",
+                "shoal_chaos",
+                "out",
+                "oifname",
+                "eth0",
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                &pct,
+                "counter",
+                "drop",
+            ],
+        ];
+        for step in steps {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "nft"])
+                .args(step)
+                .output()
+                .context("cannot run nft (install nftables)")?;
+            if !out.status.success() {
+                bail!(
+                    "nft {} on {ns}: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Packets the loss rule of host `i` dropped so far.
+    pub fn dropped(&self, i: usize) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "shoal_chaos",
+            ])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Removes the loss rule of host `i`.
+    pub fn clear_loss(&self, i: usize) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "shoal_chaos",
+            ])
+            .output();
+    }
+
+    /// Removes netem from host `i`.
+    pub fn clear_netem(&self, i: usize) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "root",
+            ])
+            .output();
+    }
+
+    fn remove_all(&self) {
+        for i in 0..self.count.max(64) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("{}v{i}", self.prefix)])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .output();
+        let br = self.bridge();
+        for tool in IPTABLES {
+            while Command::new(tool)
+                .args(["-D", "FORWARD", "-i", &br, "-o", &br, "-j", "ACCEPT"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {}
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}

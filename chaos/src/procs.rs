@@ -1,0 +1,168 @@
+//! Processes under test and what they log.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    /// Name for messages.
+    pub name: String,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            log: log.into(),
+            child: Some(child),
+        })
+    }
+
+    /// Process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    }
+
+    /// Sends `sig` and reaps the process.
+    pub fn stop(&mut self, sig: i32) {
+        self.signal(sig);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A membership transition a shoal agent logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// The member.
+    pub node: String,
+    /// Its generation.
+    pub generation: u64,
+    /// New state.
+    pub state: String,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    Some(
+        rest.split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_matches('"'),
+    )
+}
+
+/// Parses the `member state` lines of a shoal agent's log.
+pub fn transitions(log: &str) -> Vec<Transition> {
+    log.lines()
+        .filter(|l| l.contains("member state"))
+        .filter_map(|l| {
+            Some(Transition {
+                node: field(l, "node")?.to_string(),
+                generation: field(l, "generation")?.parse().ok()?,
+                state: field(l, "state")?.to_string(),
+                at_ms: field(l, "at_unix_ms")?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The latest state of each node in a shoal agent's log.
+pub fn latest_states(log_path: &Path) -> HashMap<String, String> {
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
+    let mut states = HashMap::new();
+    for t in transitions(&log) {
+        states.insert(t.node, t.state);
+    }
+    states
+}
+
+/// Polls `cond` every 10 ms until it holds; fails after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The `shoal` binary: `$SHOAL_BIN`, else the workspace's release build.
+pub fn shoal_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SHOAL_BIN") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/shoal")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_transition_lines() {
+        let log = "2026-11-21T20:11:36Z  INFO shoal_membership::node: member state node=n3 generation=17 state=dead at_unix_ms=1234\nother\n";
+        let t = super::transitions(log);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].node, "n3");
+        assert_eq!(t[0].state, "dead");
+        assert_eq!(t[0].at_ms, 1234);
+        assert_eq!(t[0].generation, 17);
+    }
+}
