@@ -43,6 +43,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// List the cluster's nodes as the agent sees them.
     Nodes(NodesArgs),
+    /// Start a local cluster of agents on loopback, kill one, watch it be detected.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Args)]

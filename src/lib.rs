@@ -5,10 +5,12 @@
 //! - `api`: the HTTP JSON API.
 //! - `cli`: command-line parsing and the client commands.
 //! - `credentials`: join tokens and the cluster CA on disk.
+//! - `demo`: `shoal demo`, a local cluster on loopback.
 //! - `host`: machine facts (capacity, host name).
 
 pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod credentials;
+pub mod demo;
 pub mod host;

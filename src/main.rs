@@ -37,6 +37,7 @@ fn main() -> std::process::ExitCode {
             }
         }
         Command::Nodes(args) => shoal::cli::nodes(args),
+        Command::Demo(args) => shoal::demo::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

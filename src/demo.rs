@@ -1,0 +1,245 @@
+//! `shoal demo`: a local cluster of real agent processes on loopback, to see
+//! shoal work on one machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::agent::AgentInfo;
+use crate::api::NodeInfo;
+use crate::cli::{Client, ClientArgs};
+
+/// Bound on every wait of the demo.
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Agents to start (at least 2).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long)]
+    pub exit_after: Option<u64>,
+    /// Where the agents keep their state and logs [default: a new temporary directory].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+struct DemoAgent {
+    name: String,
+    child: Option<Child>,
+    info: AgentInfo,
+}
+
+impl Drop for DemoAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(root: &Path, name: &str, seed: Option<&str>) -> Result<DemoAgent> {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_file(dir.join("agent.json"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "agent",
+        "--name",
+        name,
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&dir)
+    .stdin(Stdio::null())
+    .stdout(log.try_clone()?)
+    .stderr(log);
+    if let Some(seed) = seed {
+        cmd.args(["--join", seed])
+            .arg("--token-file")
+            .arg(root.join("n1").join("join-token"));
+    }
+    let mut child = cmd.spawn().context("cannot start an agent")?;
+    let started = Instant::now();
+    let info = loop {
+        if let Some(info) = std::fs::read_to_string(dir.join("agent.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+        {
+            break info;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "agent {name} exited ({status}); see {}",
+                root.join(format!("{name}.log")).display()
+            );
+        }
+        if started.elapsed() > WAIT {
+            bail!("agent {name} did not start within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(DemoAgent {
+        name: name.into(),
+        child: Some(child),
+        info,
+    })
+}
+
+fn client(a: &DemoAgent) -> Client {
+    Client::new(&ClientArgs {
+        addr: a.info.http.clone(),
+        http_token: None,
+    })
+}
+
+fn wait_view(
+    observer: &DemoAgent,
+    what: &str,
+    mut cond: impl FnMut(&[NodeInfo]) -> bool,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(nodes) = client(observer).get::<Vec<NodeInfo>>("/v1/nodes") {
+            if cond(&nodes) {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > WAIT {
+            bail!("timed out waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn show(observer: &DemoAgent) -> Result<()> {
+    crate::cli::nodes(crate::cli::NodesArgs {
+        client: ClientArgs {
+            addr: observer.info.http.clone(),
+            http_token: None,
+        },
+        json: false,
+    })
+}
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> Result<()> {
+    if args.nodes < 2 {
+        bail!("--nodes must be at least 2");
+    }
+    let tmp;
+    let root = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempdir()?;
+            tmp.0.clone()
+        }
+    };
+    println!(
+        "Starting {} shoal agents on 127.0.0.1 (state and logs in {}) ...",
+        args.nodes,
+        root.display()
+    );
+    let mut agents = vec![start(&root, "n1", None)?];
+    let seed = agents[0].info.quic.to_string();
+    for i in 2..=args.nodes {
+        agents.push(start(&root, &format!("n{i}"), Some(&seed))?);
+    }
+    let n = args.nodes;
+    let took = wait_view(&agents[0], "every node is alive", |ns| {
+        ns.len() == n && ns.iter().all(|x| x.state == "alive")
+    })?;
+    println!(
+        "\nThe cluster formed in {:.1} s (mutual-TLS QUIC, gossip membership):\n",
+        took.as_secs_f64()
+    );
+    show(&agents[0])?;
+
+    let victim = agents.len() - 1;
+    let name = agents[victim].name.clone();
+    println!("\nkill -9 {name} ...");
+    if let Some(mut c) = agents[victim].child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let took = wait_view(&agents[0], "the killed node is dead", |ns| {
+        ns.iter().any(|x| x.name == name && x.state == "dead")
+    })?;
+    println!("{name} declared dead after {:.2} s:\n", took.as_secs_f64());
+    show(&agents[0])?;
+
+    println!("\nRestarting {name} with the same data dir ...");
+    agents[victim] = start(&root, &name, Some(&seed))?;
+    wait_view(&agents[0], "the restarted node is alive", |ns| {
+        ns.iter().any(|x| x.name == name && x.state == "alive")
+    })?;
+    println!("{name} is alive again.\n");
+    show(&agents[0])?;
+
+    println!("\nTry next (in another terminal):");
+    println!("  export SHOAL_ADDR={}", agents[0].info.http);
+    println!("  shoal nodes            # or: cargo run --release -- nodes");
+    println!("  shoal nodes --json");
+    match args.exit_after {
+        Some(secs) => {
+            println!("\nStopping in {secs} s.");
+            std::thread::sleep(Duration::from_secs(secs));
+        }
+        None => {
+            println!("\nThe cluster keeps running until Ctrl-C.");
+            wait_for_interrupt();
+        }
+    }
+    println!("Stopping the agents (graceful leave) ...");
+    drop(agents);
+    Ok(())
+}
+
+fn wait_for_interrupt() {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<TempDir> {
+    let dir = std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(TempDir(dir))
+}
