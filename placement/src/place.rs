@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use crate::bid::{bid_order, cost, Bid};
 use crate::filter::{check_node, check_spread, Rejection};
-use crate::hrw::{node_hash, pair_hash, score_of, slot_hash, weight};
-use crate::model::{JobPlacements, Node, Resources, SlotRequest};
+use crate::hrw::{neg_ln, node_hash, pair_hash, slot_hash, surely_below, unit, weight};
+use crate::model::{JobPlacements, Node, SlotRequest};
 
 /// Placement settings.
 #[derive(Debug, Clone)]
@@ -105,14 +105,10 @@ fn eligible(
 
 /// What ranking needs of a node set beyond the nodes themselves, derived
 /// from ids and capacities only: build it when membership changes and reuse
-/// it while loads change. Holds each node's hash, and the nodes grouped by
-/// capacity class (one weight per class).
+/// it while loads change.
 #[derive(Debug, Clone)]
 pub struct NodeIndex {
     hashes: Vec<u64>,
-    /// Node indices grouped by class; class `c` is `order[starts[c]..starts[c + 1]]`.
-    order: Vec<u32>,
-    starts: Vec<usize>,
     weights: Vec<f64>,
 }
 
@@ -120,23 +116,9 @@ impl NodeIndex {
     /// Indexes `nodes` (the same slice, in the same order, must be passed
     /// to the `*_with` functions).
     pub fn new(nodes: &[Node]) -> NodeIndex {
-        let mut by_class: BTreeMap<Resources, Vec<u32>> = BTreeMap::new();
-        for (i, n) in nodes.iter().enumerate() {
-            by_class.entry(n.capacity).or_default().push(i as u32);
-        }
-        let mut order = Vec::with_capacity(nodes.len());
-        let mut starts = vec![0];
-        let mut weights = Vec::new();
-        for (cap, members) in by_class {
-            order.extend(members);
-            starts.push(order.len());
-            weights.push(weight(cap));
-        }
         NodeIndex {
             hashes: nodes.iter().map(|n| node_hash(&n.id)).collect(),
-            order,
-            starts,
-            weights,
+            weights: nodes.iter().map(|n| weight(n.capacity)).collect(),
         }
     }
 }
@@ -144,11 +126,10 @@ impl NodeIndex {
 /// The `k` best-ranked eligible nodes (indices into `nodes`) with their
 /// scores, best first; `None` if no node is eligible.
 ///
-/// Within one capacity class (one weight) the score grows with the pair
-/// hash. So each class is ordered by hash alone (only its best k, unless
-/// ineligible nodes force going deeper), and the classes are merged by
-/// score: a decision costs one hash per node plus about k + classes
-/// logarithms and k filter checks.
+/// One pass: a node costs a hash and a comparison with a cheap upper bound
+/// of its score against the current k-th best; only the few whose bound
+/// passes get the logarithm, and only a node that would enter the top k has
+/// its filters checked (about k ln(n/k) of them).
 fn top_k(
     req: &SlotRequest,
     nodes: &[Node],
@@ -170,71 +151,34 @@ fn top_k(
         }
         mask
     });
-    let is_eligible = |i: usize| match &spread_ok {
-        Some(mask) => mask[i],
-        None => check_node(&nodes[i], req, placements).is_ok(),
-    };
     let sh = slot_hash(&req.job, req.slot);
-    // (hash desc, id asc)
-    let desc = |a: &(u64, u32), b: &(u64, u32)| {
-        b.0.cmp(&a.0)
-            .then_with(|| nodes[a.1 as usize].id.cmp(&nodes[b.1 as usize].id))
+    // (score desc, id asc)
+    let beats = |a: (f64, usize), b: (f64, usize)| {
+        a.0 > b.0 || (a.0 == b.0 && nodes[a.1].id < nodes[b.1].id)
     };
-    let mut buf: Vec<(u64, u32)> = index
-        .order
-        .iter()
-        .map(|&i| (pair_hash(sh, index.hashes[i as usize]), i))
-        .collect();
-    let classes = index.weights.len();
-    // Per class: next position to take, and how far it is sorted.
-    let mut cursor: Vec<usize> = index.starts[..classes].to_vec();
-    let mut sorted_to: Vec<usize> = Vec::with_capacity(classes);
-    for c in 0..classes {
-        let (a, b) = (index.starts[c], index.starts[c + 1]);
-        let class = &mut buf[a..b];
-        if class.len() > k {
-            class.select_nth_unstable_by(k - 1, desc);
-            class[..k].sort_by(desc);
-            sorted_to.push(a + k);
-        } else {
-            class.sort_by(desc);
-            sorted_to.push(b);
+    let mut top: Vec<(f64, usize)> = Vec::with_capacity(k + 1);
+    for i in 0..nodes.len() {
+        let u = unit(pair_hash(sh, index.hashes[i]));
+        let w = index.weights[i];
+        if top.len() == k && surely_below(w, u, top[k - 1].0) {
+            continue;
         }
+        let e = (w / neg_ln(u), i);
+        if top.len() == k && !beats(e, top[k - 1]) {
+            continue;
+        }
+        let ok = match &spread_ok {
+            Some(mask) => mask[i],
+            None => check_node(&nodes[i], req, placements).is_ok(),
+        };
+        if !ok {
+            continue;
+        }
+        let pos = top.partition_point(|x| beats(*x, e));
+        top.insert(pos, e);
+        top.truncate(k);
     }
-    let head = |c: usize, cursor: &[usize], buf: &[(u64, u32)]| -> Option<(usize, f64)> {
-        let p = cursor[c];
-        (p < index.starts[c + 1]).then(|| (buf[p].1 as usize, score_of(buf[p].0, index.weights[c])))
-    };
-    let mut heads: Vec<Option<(usize, f64)>> =
-        (0..classes).map(|c| head(c, &cursor, &buf)).collect();
-    let mut out: Vec<(usize, f64)> = Vec::with_capacity(k);
-    let better = |a: &(usize, f64), b: &(usize, f64)| {
-        a.1 > b.1 || (a.1 == b.1 && nodes[a.0].id < nodes[b.0].id)
-    };
-    while out.len() < k {
-        let mut best: Option<usize> = None;
-        for c in 0..classes {
-            if let Some(h) = &heads[c] {
-                if best.is_none_or(|b| better(h, heads[b].as_ref().expect("set"))) {
-                    best = Some(c);
-                }
-            }
-        }
-        let Some(c) = best else { break };
-        let taken = heads[c].expect("set");
-        if is_eligible(taken.0) {
-            out.push(taken);
-        }
-        cursor[c] += 1;
-        if cursor[c] == sorted_to[c] && sorted_to[c] < index.starts[c + 1] {
-            // Ineligible nodes used up the class's best k: order the rest.
-            let end = index.starts[c + 1];
-            buf[sorted_to[c]..end].sort_by(desc);
-            sorted_to[c] = end;
-        }
-        heads[c] = head(c, &cursor, &buf);
-    }
-    (!out.is_empty()).then_some(out)
+    (!top.is_empty()).then(|| top.into_iter().map(|(s, i)| (i, s)).collect())
 }
 
 fn unplaceable(req: &SlotRequest, nodes: &[Node], placements: &JobPlacements) -> Unplaceable {
