@@ -106,7 +106,7 @@ proptest! {
         seed in any::<u64>(),
         k in 1usize..6,
     ) {
-        let config = PlacementConfig { candidates: k };
+        let config = PlacementConfig::with_candidates(k);
         let a = place(&req, &nodes, &placements, &config);
         let mut shuffled = nodes.clone();
         // deterministic shuffle from the seed
@@ -165,7 +165,7 @@ proptest! {
         nodes in arb_nodes(20),
         new_cpu in prop::sample::select(vec![1000u64, 4000, 16000]),
     ) {
-        let config = PlacementConfig { candidates: 1 };
+        let config = PlacementConfig::with_candidates(1);
         let mut grown = nodes.clone();
         grown.push(Node::new("newcomer", new_cpu, 4096));
         for slot in 0..200 {
@@ -178,7 +178,7 @@ proptest! {
 
     #[test]
     fn removing_a_node_moves_only_its_own_slots(nodes in arb_nodes(20), victim in any::<prop::sample::Index>()) {
-        let config = PlacementConfig { candidates: 1 };
+        let config = PlacementConfig::with_candidates(1);
         let gone = nodes[victim.index(nodes.len())].id.clone();
         let shrunk: Vec<Node> = nodes.iter().filter(|n| n.id != gone).cloned().collect();
         prop_assume!(!shrunk.is_empty());
@@ -387,7 +387,7 @@ proptest! {
             req.constraints.push(Constraint { label: "zone".into(), op: Op::Eq("a".into()) });
             req.resources = Resources { cpu_millis: 1500, memory_mib: 900 };
         }
-        let fast: Vec<String> = candidates(&req, &nodes, &BTreeMap::new(), &PlacementConfig { candidates: k })
+        let fast: Vec<String> = candidates(&req, &nodes, &BTreeMap::new(), &PlacementConfig::with_candidates(k))
             .map(|c| c.into_iter().map(|c| c.node).collect())
             .unwrap_or_default();
         prop_assert_eq!(fast, naive_top_k(&req, &nodes, k));

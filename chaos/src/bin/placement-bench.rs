@@ -30,9 +30,17 @@ struct Args {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Also sweep k (candidates that bid) from 1 to 8.
+    /// Values of k (candidates that bid, for every request) to run shoal
+    /// with; 0 is the default configuration (k for most requests, more for
+    /// large ones). E.g. `--ks 0,2,4,8,16` to sweep.
+    #[arg(long, value_delimiter = ',')]
+    ks: Vec<usize>,
+    /// Override the default configuration's candidates for large requests.
     #[arg(long)]
-    sweep_k: bool,
+    large_k: Option<usize>,
+    /// Override the default configuration's large-request threshold.
+    #[arg(long)]
+    large_share: Option<f64>,
 }
 
 fn requests(n: usize, rng: &mut StdRng) -> Vec<Resources> {
@@ -100,8 +108,15 @@ impl Strategy {
             Strategy::Random => "random".into(),
             Strategy::PowerOfTwo => "power-of-two".into(),
             Strategy::LeastLoaded => "least-loaded (omniscient)".into(),
+            Strategy::Shoal(0) => {
+                let d = default_config();
+                format!(
+                    "shoal (k={}/{} @{})",
+                    d.candidates, d.candidates_large, d.large_share
+                )
+            }
             Strategy::Shoal(1) => "HRW alone (k=1)".into(),
-            Strategy::Shoal(k) => format!("shoal HRW + bids (k={k})"),
+            Strategy::Shoal(k) => format!("HRW + bids (k={k})"),
         }
     }
 }
@@ -112,14 +127,27 @@ struct Outcome {
     decisions_per_s: f64,
 }
 
+fn default_config() -> PlacementConfig {
+    let mut c = PlacementConfig::default();
+    if let Some(k) = LARGE_K.get().copied().flatten() {
+        c.candidates_large = k;
+    }
+    if let Some(s) = LARGE_SHARE.get().copied().flatten() {
+        c.large_share = s;
+    }
+    c
+}
+
+static LARGE_K: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+static LARGE_SHARE: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+
 fn run(strategy: Strategy, reqs: &[Resources], base: &[Node], seed: u64) -> Outcome {
     let mut nodes = base.to_vec();
     let mut rng = StdRng::seed_from_u64(seed);
-    let config = PlacementConfig {
-        candidates: match strategy {
-            Strategy::Shoal(k) => k,
-            _ => 1,
-        },
+    let config = match strategy {
+        Strategy::Shoal(0) => default_config(),
+        Strategy::Shoal(k) => PlacementConfig::with_candidates(k),
+        _ => PlacementConfig::with_candidates(1),
     };
     let empty = BTreeMap::new();
     let mut unplaced = 0usize;
@@ -190,16 +218,18 @@ fn run(strategy: Strategy, reqs: &[Resources], base: &[Node], seed: u64) -> Outc
 
 fn main() {
     let args = Args::parse();
+    LARGE_K.set(args.large_k).expect("set once");
+    LARGE_SHARE.set(args.large_share).expect("set once");
     let mut strategies = vec![
         Strategy::Random,
         Strategy::Shoal(1),
         Strategy::PowerOfTwo,
         Strategy::LeastLoaded,
     ];
-    if args.sweep_k {
-        strategies.extend((2..=8).map(Strategy::Shoal));
+    if args.ks.is_empty() {
+        strategies.push(Strategy::Shoal(0));
     } else {
-        strategies.push(Strategy::Shoal(PlacementConfig::default().candidates));
+        strategies.extend(args.ks.iter().map(|&k| Strategy::Shoal(k)));
     }
     println!(
         "fill {:.0}% of capacity, heavy-tailed requests, mixed node sizes, seed {}",
