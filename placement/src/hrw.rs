@@ -72,12 +72,14 @@ pub fn score_of(pair_hash: u64, weight: f64) -> f64 {
 }
 
 /// Whether a node of weight `weight` whose draw is `u` surely scores below
-/// `threshold`, without a logarithm: `-ln u >= 1 - u`, so its score is at
-/// most `weight / (1 - u)`. The margin covers [`neg_ln`]'s error and
-/// rounding, so a node this rejects can never score at or above the
-/// threshold.
+/// `threshold`, without a logarithm: with `v = 1 - u`,
+/// `-ln u = v + v^2/2 + v^3/3 + ... >= v (1 + v/2 + v^2/3)`, so its score
+/// is at most `weight / (v (1 + v/2 + v^2/3))`. The margin covers
+/// [`neg_ln`]'s error and rounding, so a node this rejects can never score
+/// at or above the threshold.
 pub fn surely_below(weight: f64, u: f64, threshold: f64) -> bool {
-    weight < threshold * (1.0 - u) * (1.0 - 1e-6)
+    let v = 1.0 - u;
+    weight < threshold * v * (1.0 + v * (0.5 + v * (1.0 / 3.0))) * (1.0 - 1e-6)
 }
 
 /// The rendezvous score of a node for a slot; higher wins.
@@ -97,6 +99,16 @@ mod tests {
                 "u={u}: {ours} vs {libm}"
             );
             u *= 1.37;
+        }
+        // the cheap bound never rejects a node that scores at the threshold
+        let mut u = 1e-12;
+        while u < 1.0 {
+            for w in [0.5, 1.0, 7.0, 1e4] {
+                let s = w / super::neg_ln(u);
+                assert!(!super::surely_below(w, u, s), "u={u} w={w}");
+                assert!(!super::surely_below(w, u, s * 1.000_000_01), "u={u} w={w}");
+            }
+            u += (1.0 - u) * 0.01 + 1e-12;
         }
         for h in [0u64, 1, u64::MAX, 1 << 63, 12345678901234567] {
             let s = super::score_of(h, 1.0);
