@@ -210,6 +210,16 @@ struct Entry {
     changed_at: Instant,
 }
 
+impl Entry {
+    /// Moves to `state` at `incarnation`, dropping any suspicion.
+    fn set(&mut self, state: NodeState, incarnation: u64, now: Instant) {
+        self.incarnation = incarnation;
+        self.state = state;
+        self.suspicion = None;
+        self.changed_at = now;
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Our turn-based direct probe.
@@ -403,15 +413,10 @@ impl Swim {
             }
             Some(e) if generation == e.generation => {
                 if left && e.state != NodeState::Left {
-                    e.state = NodeState::Left;
-                    e.suspicion = None;
-                    e.changed_at = now;
+                    e.set(NodeState::Left, e.incarnation, now);
                 } else if incarnation > e.incarnation && e.state != NodeState::Left {
                     // The node refuted a suspicion and gossip brought the news.
-                    e.incarnation = incarnation;
-                    e.state = NodeState::Alive;
-                    e.suspicion = None;
-                    e.changed_at = now;
+                    e.set(NodeState::Alive, incarnation, now);
                 }
             }
             Some(_) => {}
@@ -547,9 +552,7 @@ impl Swim {
         }
         for name in dead {
             if let Some(e) = self.members.get_mut(&name) {
-                e.state = NodeState::Dead;
-                e.suspicion = None;
-                e.changed_at = now;
+                e.set(NodeState::Dead, e.incarnation, now);
             }
             if let Some(u) = self.update_for(&name, NodeState::Dead) {
                 actions.push(Action::Broadcast {
@@ -735,10 +738,7 @@ impl Swim {
         };
         if let Some(e) = self.members.get_mut(name) {
             if incarnation > e.incarnation && e.state != NodeState::Left {
-                e.incarnation = incarnation;
-                e.state = NodeState::Alive;
-                e.suspicion = None;
-                e.changed_at = now;
+                e.set(NodeState::Alive, incarnation, now);
             }
         }
     }
@@ -823,10 +823,7 @@ impl Swim {
         match u.state {
             NodeState::Alive => {
                 if u.incarnation > e.incarnation && e.state != NodeState::Left {
-                    e.incarnation = u.incarnation;
-                    e.state = NodeState::Alive;
-                    e.suspicion = None;
-                    e.changed_at = now;
+                    e.set(NodeState::Alive, u.incarnation, now);
                 }
                 Vec::new()
             }
@@ -857,18 +854,13 @@ impl Swim {
                     && u.incarnation >= e.incarnation
                     && e.state != NodeState::Dead
                 {
-                    e.incarnation = u.incarnation;
-                    e.state = NodeState::Dead;
-                    e.suspicion = None;
-                    e.changed_at = now;
+                    e.set(NodeState::Dead, u.incarnation, now);
                 }
                 Vec::new()
             }
             NodeState::Left => {
                 if e.state != NodeState::Left {
-                    e.state = NodeState::Left;
-                    e.suspicion = None;
-                    e.changed_at = now;
+                    e.set(NodeState::Left, e.incarnation, now);
                 }
                 Vec::new()
             }
