@@ -40,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent on this machine (bootstraps a cluster, or joins one with --join).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// List the cluster's nodes as the agent sees them.
     Nodes(NodesArgs),
     /// Start a local cluster of agents on loopback, kill one, watch it be detected.

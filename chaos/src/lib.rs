@@ -2,9 +2,9 @@
 //! shared by the benchmarks and the chaos suite.
 //!
 //! # Layout
-//! - [`procs`]: start, signal and reap agents; read what they log.
-//! - [`netns`]: network namespaces on a private bridge, with netem, removed on drop.
-//! - [`stats`]: percentiles.
+//! - [`procs`] — start, signal and reap agents; read what they log.
+//! - [`netns`] — network namespaces on a private bridge, with netem, removed on drop.
+//! - [`stats`] — percentiles.
 
 pub mod netns;
 pub mod procs;

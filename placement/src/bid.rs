@@ -33,13 +33,7 @@ pub fn cost(node: &Node, req: &SlotRequest) -> u64 {
     if !after.fits_in(node.capacity) {
         return u64::MAX;
     }
-    let share = |used: u64, cap: u64| {
-        if cap == 0 {
-            COST_SCALE
-        } else {
-            used * COST_SCALE / cap
-        }
-    };
+    let share = |used: u64, cap: u64| (used * COST_SCALE).checked_div(cap).unwrap_or(COST_SCALE);
     let dominant = share(after.cpu_millis, node.capacity.cpu_millis)
         .max(share(after.memory_mib, node.capacity.memory_mib));
     let affinity: i64 = req

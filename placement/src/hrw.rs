@@ -87,6 +87,17 @@ pub fn score(slot_hash: u64, node_hash: u64, weight: f64) -> f64 {
     score_of(pair_hash(slot_hash, node_hash), weight)
 }
 
+/// All nodes ranked for a slot: best first, ties broken by node id.
+pub fn rank<'a>(job: &str, slot: u32, nodes: &'a [Node]) -> Vec<(&'a Node, f64)> {
+    let sh = slot_hash(job, slot);
+    let mut ranked: Vec<(&Node, f64)> = nodes
+        .iter()
+        .map(|n| (n, score(sh, node_hash(&n.id), weight(n.capacity))))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.id.cmp(&b.0.id)));
+    ranked
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -115,15 +126,4 @@ mod tests {
             assert!(s.is_finite() && s > 0.0);
         }
     }
-}
-
-/// All nodes ranked for a slot: best first, ties broken by node id.
-pub fn rank<'a>(job: &str, slot: u32, nodes: &'a [Node]) -> Vec<(&'a Node, f64)> {
-    let sh = slot_hash(job, slot);
-    let mut ranked: Vec<(&Node, f64)> = nodes
-        .iter()
-        .map(|n| (n, score(sh, node_hash(&n.id), weight(n.capacity))))
-        .collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.id.cmp(&b.0.id)));
-    ranked
 }
