@@ -7,6 +7,7 @@
 //! - `credentials`: join tokens and the cluster CA on disk.
 //! - `demo`: `shoal demo`, a local cluster on loopback.
 //! - `host`: machine facts (capacity, host name).
+//! - `job`: job files: parsing, validation, slot requests.
 
 pub mod agent;
 pub mod api;
@@ -14,3 +15,4 @@ pub mod cli;
 pub mod credentials;
 pub mod demo;
 pub mod host;
+pub mod job;

@@ -1,0 +1,673 @@
+//! Job files: the TOML a user submits, parsed, validated and turned into
+//! the placement requests of its slots.
+//!
+//! Every error names the field and the line, and unknown fields are
+//! rejected (a typo must not silently drop a setting).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_placement::{Affinity, Constraint, Op, Resources, SlotRequest, Spread};
+
+/// Largest job file accepted, bytes.
+pub const JOB_FILE_LEN_MAX: usize = 1024 * 1024;
+/// Longest job name.
+pub const NAME_LEN_MAX: usize = 63;
+/// Most replicas of one job.
+pub const REPLICAS_MAX: u32 = 100_000;
+/// Most args, env entries, ports, constraints or affinities.
+pub const LIST_LEN_MAX: usize = 256;
+
+/// Kinds of job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobType {
+    /// `replicas` long-running instances, restarted when they exit.
+    Service,
+    /// `replicas` instances run to completion; a completed slot never runs again.
+    Batch,
+    /// One instance per eligible node (not yet supported).
+    System,
+    /// A batch run on a schedule (not yet supported).
+    Cron,
+}
+
+/// A job as submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique job name: lower-case letters, digits and '-'.
+    pub name: String,
+    /// `service` or `batch`.
+    #[serde(rename = "type")]
+    pub job_type: JobType,
+    /// Number of slots.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// What each slot runs.
+    pub task: TaskSpec,
+    /// Hard label rules on nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<ConstraintSpec>,
+    /// Soft label preferences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinities: Vec<AffinitySpec>,
+    /// Put each replica on a different node.
+    #[serde(default)]
+    pub distinct_hosts: bool,
+    /// Spread replicas evenly over the values of a node label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<SpreadSpec>,
+    /// What to do when an instance exits or fails.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// The task of every slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// `exec` (a process) or `docker` (a container).
+    #[serde(default = "default_driver")]
+    pub driver: String,
+    /// Program to run (exec), or the container command (docker).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub command: String,
+    /// Its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Resources each instance reserves.
+    #[serde(default)]
+    pub resources: ResourceSpec,
+    /// Named host ports (name -> port number) the instance binds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// Container image (docker driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+fn default_driver() -> String {
+    "exec".into()
+}
+
+/// Resources of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    /// CPU in millicores.
+    #[serde(default = "default_cpu")]
+    pub cpu: u64,
+    /// Memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory: u64,
+}
+
+fn default_cpu() -> u64 {
+    100
+}
+fn default_memory() -> u64 {
+    64
+}
+
+impl Default for ResourceSpec {
+    fn default() -> Self {
+        ResourceSpec {
+            cpu: default_cpu(),
+            memory: default_memory(),
+        }
+    }
+}
+
+/// A label rule: `{ label = "zone", op = "in", values = ["a", "b"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintSpec {
+    /// Node label key.
+    pub label: String,
+    /// `=`, `!=`, `in`, `not in` or `exists`.
+    #[serde(default = "default_op")]
+    pub op: String,
+    /// The value, for `=` and `!=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The values, for `in` and `not in`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+fn default_op() -> String {
+    "=".into()
+}
+
+/// A soft preference: a label rule and a weight from -100 to 100.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinitySpec {
+    /// Node label key.
+    pub label: String,
+    /// As for constraints.
+    #[serde(default = "default_op")]
+    pub op: String,
+    /// As for constraints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// As for constraints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// Positive attracts, negative repels.
+    pub weight: i32,
+}
+
+/// Spread over a label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpreadSpec {
+    /// Node label key, e.g. `zone`.
+    pub label: String,
+    /// Largest allowed difference in replicas between two label values.
+    #[serde(default = "default_skew")]
+    pub max_skew: u32,
+}
+
+fn default_skew() -> u32 {
+    1
+}
+
+/// Restarts with exponential backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// Restarts of one slot on one node before it is failed there (a
+    /// service slot failed on a node is placed elsewhere; a batch slot's
+    /// retries).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// First backoff, e.g. "1s".
+    #[serde(default = "default_delay", with = "humantime_serde_str")]
+    pub delay: Duration,
+    /// Backoff ceiling, e.g. "30s".
+    #[serde(default = "default_max_delay", with = "humantime_serde_str")]
+    pub max_delay: Duration,
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+fn default_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_delay() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            attempts: default_attempts(),
+            delay: default_delay(),
+            max_delay: default_max_delay(),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// Backoff before restart number `n` (0-based): `delay * 2^n`, capped.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = 1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX);
+        self.delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+mod humantime_serde_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration like \"500ms\" or \"30s\": {e}"
+            ))
+        })
+    }
+}
+
+/// A problem with a job file: what, where, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+pub struct JobError {
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted field path, when known (e.g. `task.resources.cpu`).
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn line_at(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line where the value of `path` is written, if it is.
+fn line_of(text: &str, path: &[&str]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut span = None;
+    for (i, key) in path.iter().enumerate() {
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *key)?;
+        span = Some(value.span());
+        if i + 1 < path.len() {
+            match value.get_ref() {
+                DeValue::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+    }
+    span.map(|s| line_at(text, s.start))
+}
+
+fn invalid(text: &str, path: &str, message: impl Into<String>) -> JobError {
+    let parts: Vec<&str> = path.split('.').collect();
+    // Fall back to the enclosing table when the field itself is absent.
+    let line = (1..=parts.len())
+        .rev()
+        .find_map(|n| line_of(text, &parts[..n]));
+    JobError {
+        line,
+        field: Some(path.to_string()),
+        message: format!("{path}: {}", message.into()),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= NAME_LEN_MAX
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+fn to_op(
+    text: &str,
+    path: &str,
+    op: &str,
+    value: &Option<String>,
+    values: &[String],
+) -> Result<Op, JobError> {
+    let need_value = |v: &Option<String>| {
+        v.clone()
+            .ok_or_else(|| invalid(text, path, format!("op \"{op}\" needs `value = \"...\"`")))
+    };
+    let need_values = || {
+        if values.is_empty() {
+            Err(invalid(
+                text,
+                path,
+                format!("op \"{op}\" needs `values = [\"...\"]`"),
+            ))
+        } else {
+            Ok(values.to_vec())
+        }
+    };
+    Ok(match op {
+        "=" | "==" => Op::Eq(need_value(value)?),
+        "!=" => Op::Ne(need_value(value)?),
+        "in" => Op::In(need_values()?),
+        "not in" | "not_in" => Op::NotIn(need_values()?),
+        "exists" => Op::Exists,
+        other => return Err(invalid(
+            text,
+            path,
+            format!(
+                "unknown op \"{other}\"; use one of \"=\", \"!=\", \"in\", \"not in\", \"exists\""
+            ),
+        )),
+    })
+}
+
+impl JobSpec {
+    /// Parses and validates a job file.
+    pub fn parse(text: &str) -> Result<JobSpec, JobError> {
+        if text.len() > JOB_FILE_LEN_MAX {
+            return Err(JobError {
+                line: None,
+                field: None,
+                message: format!(
+                    "job file is {} bytes; the limit is {JOB_FILE_LEN_MAX}",
+                    text.len()
+                ),
+            });
+        }
+        let spec: JobSpec = toml::from_str(text).map_err(|e| JobError {
+            line: e.span().map(|s| line_at(text, s.start)),
+            field: None,
+            message: e.message().trim().to_string(),
+        })?;
+        spec.validate(text)?;
+        Ok(spec)
+    }
+
+    /// Checks the limits and consistency rules; `text` locates errors.
+    pub fn validate(&self, text: &str) -> Result<(), JobError> {
+        if !valid_name(&self.name) {
+            return Err(invalid(text, "name", format!("`{}` must be 1 to {NAME_LEN_MAX} lower-case letters, digits or '-', not starting with '-'", self.name)));
+        }
+        match self.job_type {
+            JobType::Service | JobType::Batch => {}
+            other => {
+                return Err(invalid(
+                    text,
+                    "type",
+                    format!(
+                        "\"{}\" jobs are not supported yet; use \"service\" or \"batch\"",
+                        serde_json::to_value(other)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    ),
+                ))
+            }
+        }
+        if self.replicas == 0 || self.replicas > REPLICAS_MAX {
+            return Err(invalid(
+                text,
+                "replicas",
+                format!(
+                    "must be between 1 and {REPLICAS_MAX}, not {}",
+                    self.replicas
+                ),
+            ));
+        }
+        let t = &self.task;
+        match t.driver.as_str() {
+            "exec" => {
+                if t.command.is_empty() {
+                    return Err(invalid(
+                        text,
+                        "task.command",
+                        "the exec driver needs a command to run",
+                    ));
+                }
+                if t.image.is_some() {
+                    return Err(invalid(
+                        text,
+                        "task.image",
+                        "only the docker driver takes an image",
+                    ));
+                }
+            }
+            "docker" => {
+                if t.image.as_deref().is_none_or(str::is_empty) {
+                    return Err(invalid(
+                        text,
+                        "task.image",
+                        "the docker driver needs an image",
+                    ));
+                }
+            }
+            "hollow" => {}
+            other => {
+                return Err(invalid(
+                    text,
+                    "task.driver",
+                    format!("unknown driver \"{other}\"; use \"exec\" or \"docker\""),
+                ))
+            }
+        }
+        if t.args.len() > LIST_LEN_MAX || t.env.len() > LIST_LEN_MAX || t.ports.len() > LIST_LEN_MAX
+        {
+            return Err(invalid(
+                text,
+                "task",
+                format!("at most {LIST_LEN_MAX} args, env entries and ports"),
+            ));
+        }
+        if t.resources.cpu == 0 || t.resources.memory == 0 {
+            return Err(invalid(
+                text,
+                "task.resources",
+                "cpu (millicores) and memory (MiB) must be at least 1",
+            ));
+        }
+        if let Some((name, _)) = t.ports.iter().find(|(_, p)| **p == 0) {
+            return Err(invalid(
+                text,
+                &format!("task.ports.{name}"),
+                "port 0 is not a host port",
+            ));
+        }
+        if self.constraints.len() > LIST_LEN_MAX || self.affinities.len() > LIST_LEN_MAX {
+            return Err(invalid(
+                text,
+                "constraints",
+                format!("at most {LIST_LEN_MAX} constraints and affinities"),
+            ));
+        }
+        self.placement_rules(text)?;
+        if let Some(s) = &self.spread {
+            if s.max_skew == 0 {
+                return Err(invalid(text, "spread.max_skew", "must be at least 1"));
+            }
+        }
+        if self.restart.delay.is_zero() || self.restart.max_delay < self.restart.delay {
+            return Err(invalid(
+                text,
+                "restart",
+                "delay must be positive and max_delay at least delay",
+            ));
+        }
+        Ok(())
+    }
+
+    fn placement_rules(&self, text: &str) -> Result<(Vec<Constraint>, Vec<Affinity>), JobError> {
+        let mut constraints = Vec::new();
+        for c in &self.constraints {
+            let op = to_op(text, "constraints", &c.op, &c.value, &c.values)?;
+            constraints.push(Constraint {
+                label: c.label.clone(),
+                op,
+            });
+        }
+        let mut affinities = Vec::new();
+        for a in &self.affinities {
+            if !(-100..=100).contains(&a.weight) {
+                return Err(invalid(
+                    text,
+                    "affinities",
+                    format!("weight {} is outside -100..=100", a.weight),
+                ));
+            }
+            let op = to_op(text, "affinities", &a.op, &a.value, &a.values)?;
+            affinities.push(Affinity {
+                constraint: Constraint {
+                    label: a.label.clone(),
+                    op,
+                },
+                weight: a.weight,
+            });
+        }
+        Ok((constraints, affinities))
+    }
+
+    /// The placement request of slot `slot`.
+    pub fn slot_request(&self, slot: u32) -> SlotRequest {
+        let (constraints, affinities) = self.placement_rules("").unwrap_or_default();
+        SlotRequest {
+            job: self.name.clone(),
+            slot,
+            resources: Resources {
+                cpu_millis: self.task.resources.cpu,
+                memory_mib: self.task.resources.memory,
+            },
+            driver: self.task.driver.clone(),
+            constraints,
+            ports: self.task.ports.values().copied().collect(),
+            distinct_hosts: self.distinct_hosts,
+            spread: self.spread.as_ref().map(|s| Spread {
+                label: s.label.clone(),
+                max_skew: s.max_skew,
+            }),
+            affinities,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"name = "web"
+type = "service"
+replicas = 5
+
+[task]
+driver = "exec"
+command = "sleep"
+args = ["100000"]
+
+[task.resources]
+cpu = 100
+memory = 32
+"#;
+
+    #[test]
+    fn the_minimal_file_is_accepted_as_it_is() {
+        let j = JobSpec::parse(MINIMAL).unwrap();
+        assert_eq!(j.name, "web");
+        assert_eq!(j.job_type, JobType::Service);
+        assert_eq!(j.replicas, 5);
+        assert_eq!(j.task.command, "sleep");
+        assert_eq!(j.task.args, vec!["100000"]);
+        assert_eq!(
+            j.task.resources,
+            ResourceSpec {
+                cpu: 100,
+                memory: 32
+            }
+        );
+        let r = j.slot_request(3);
+        assert_eq!(
+            (r.slot, r.resources.cpu_millis, r.resources.memory_mib),
+            (3, 100, 32)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_line() {
+        let text = MINIMAL.replace(
+            "command = \"sleep\"",
+            "command = \"sleep\"\ncomand = \"typo\"",
+        );
+        let e = JobSpec::parse(&text).unwrap_err();
+        assert_eq!(e.line, Some(8), "{e}");
+        assert!(e.message.contains("comand"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_name_field_and_line() {
+        let e = JobSpec::parse(&MINIMAL.replace("replicas = 5", "replicas = 0")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(3), Some("replicas")),
+            "{e}"
+        );
+        let e = JobSpec::parse(&MINIMAL.replace("cpu = 100", "cpu = 0")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.resources"));
+        assert_eq!(e.line, Some(10), "{e}");
+        let e =
+            JobSpec::parse(&MINIMAL.replace("name = \"web\"", "name = \"Web App\"")).unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (Some(1), Some("name")), "{e}");
+        let e =
+            JobSpec::parse(&MINIMAL.replace("driver = \"exec\"", "driver = \"qemu\"")).unwrap_err();
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.to_string().starts_with("line 6: task.driver"), "{e}");
+        let e = JobSpec::parse(&MINIMAL.replace("type = \"service\"", "type = \"daemon\""))
+            .unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = JobSpec::parse(&MINIMAL.replace("type = \"service\"", "type = \"system\""))
+            .unwrap_err();
+        assert!(e.message.contains("not supported yet"), "{e}");
+        let e =
+            JobSpec::parse("name = \"x\"\ntype = \"batch\"\n[task]\ncommand = [1]\n").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        let e = JobSpec::parse("not toml at all {").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn constraints_affinities_spread_and_restart_parse() {
+        let text = format!(
+            "{MINIMAL}\ndistinct_hosts = true\n[[constraints]]\nlabel = \"zone\"\nop = \"in\"\nvalues = [\"a\", \"b\"]\n\n[[affinities]]\nlabel = \"ssd\"\nop = \"exists\"\nweight = 50\n\n[spread]\nlabel = \"zone\"\n\n[restart]\nattempts = 3\ndelay = \"500ms\"\nmax_delay = \"10s\"\n"
+        );
+        // distinct_hosts after a table header belongs to that table: move it up
+        let text = text.replace("\ndistinct_hosts = true\n", "\n").replacen(
+            "replicas = 5",
+            "replicas = 5\ndistinct_hosts = true",
+            1,
+        );
+        let j = JobSpec::parse(&text).unwrap();
+        let r = j.slot_request(0);
+        assert!(r.distinct_hosts);
+        assert_eq!(r.constraints[0].op, Op::In(vec!["a".into(), "b".into()]));
+        assert_eq!(r.affinities[0].weight, 50);
+        assert_eq!(r.spread.unwrap().max_skew, 1);
+        assert_eq!(j.restart.delay, Duration::from_millis(500));
+        assert_eq!(j.restart.backoff(0), Duration::from_millis(500));
+        assert_eq!(j.restart.backoff(3), Duration::from_secs(4));
+        assert_eq!(j.restart.backoff(30), Duration::from_secs(10));
+        let bad = text.replace("op = \"in\"", "op = \"like\"");
+        let e = JobSpec::parse(&bad).unwrap_err();
+        assert!(e.message.contains("unknown op"), "{e}");
+        let bad = text.replace("delay = \"500ms\"", "delay = \"soon\"");
+        assert!(JobSpec::parse(&bad)
+            .unwrap_err()
+            .message
+            .contains("not a duration"));
+    }
+
+    #[test]
+    fn spec_roundtrips_through_json_and_toml() {
+        let j = JobSpec::parse(MINIMAL).unwrap();
+        let json = serde_json::to_string(&j).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), j);
+        let toml_text = toml::to_string(&j).unwrap();
+        assert_eq!(JobSpec::parse(&toml_text).unwrap(), j);
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn every_example_job_file_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                super::JobSpec::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3);
+    }
+}
