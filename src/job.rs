@@ -334,13 +334,15 @@ fn to_op(
         "in" => Op::In(need_values()?),
         "not in" | "not_in" => Op::NotIn(need_values()?),
         "exists" => Op::Exists,
-        other => return Err(invalid(
-            text,
-            path,
-            format!(
+        other => {
+            return Err(invalid(
+                text,
+                path,
+                format!(
                 "unknown op \"{other}\"; use one of \"=\", \"!=\", \"in\", \"not in\", \"exists\""
             ),
-        )),
+            ))
+        }
     })
 }
 

@@ -6,13 +6,17 @@
 //! - `cli`: command-line parsing and the client commands.
 //! - `credentials`: join tokens and the cluster CA on disk.
 //! - `demo`: `shoal demo`, a local cluster on loopback.
+//! - `hlc`: hybrid logical clocks and versions.
 //! - `host`: machine facts (capacity, host name).
 //! - `job`: job files: parsing, validation, slot requests.
+//! - `store`: the node's durable copy of jobs and completions (redb).
 
 pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod credentials;
 pub mod demo;
+pub mod hlc;
 pub mod host;
 pub mod job;
+pub mod store;

@@ -1,0 +1,237 @@
+//! Each node's durable copy of the desired state: jobs (versioned,
+//! last-writer-wins, stops as tombstones) and batch completions, in an
+//! embedded redb database under the data dir.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Version;
+use crate::job::JobSpec;
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const COMPLETIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("completions");
+
+/// Longest stored record decoded, bytes (a job file is at most 1 MiB).
+const RECORD_LEN_MAX: usize = 2 * 1024 * 1024;
+
+/// One job's replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job name.
+    pub name: String,
+    /// Version of this write.
+    pub version: Version,
+    /// The spec, or `None` once the job is stopped (a tombstone, kept so
+    /// that an older write arriving late cannot resurrect it).
+    pub spec: Option<JobSpec>,
+}
+
+/// A batch slot that ran to completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Job name.
+    pub job: String,
+    /// Slot index.
+    pub slot: u32,
+    /// Version of the job the slot completed under.
+    pub job_version: Version,
+    /// Node that ran it.
+    pub node: String,
+    /// Exit code.
+    pub exit_code: i32,
+}
+
+/// The store. Cheap to share behind an `Arc`; redb serialises writers.
+pub struct Store {
+    db: Database,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() > RECORD_LEN_MAX {
+        return None;
+    }
+    serde_json::from_slice(bytes).ok()
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::create(path)
+            .with_context(|| format!("cannot open the state database {}", path.display()))?;
+        let w = db.begin_write()?;
+        w.open_table(JOBS)?;
+        w.open_table(COMPLETIONS)?;
+        w.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Stores `record` if it is newer than what the store holds for its job
+    /// (last writer wins). Returns whether it was stored; durable on return.
+    pub fn apply(&self, record: &JobRecord) -> Result<bool> {
+        let w = self.db.begin_write()?;
+        let stored = {
+            let mut t = w.open_table(JOBS)?;
+            let current: Option<JobRecord> =
+                t.get(record.name.as_str())?.and_then(|v| decode(v.value()));
+            if current.is_some_and(|c| c.version >= record.version) {
+                false
+            } else {
+                let bytes = serde_json::to_vec(record)?;
+                t.insert(record.name.as_str(), bytes.as_slice())?;
+                true
+            }
+        };
+        w.commit()?;
+        Ok(stored)
+    }
+
+    /// Applies many records in one transaction; returns those stored.
+    pub fn apply_all(&self, records: &[JobRecord]) -> Result<Vec<JobRecord>> {
+        let w = self.db.begin_write()?;
+        let mut stored = Vec::new();
+        {
+            let mut t = w.open_table(JOBS)?;
+            for record in records {
+                let current: Option<JobRecord> =
+                    t.get(record.name.as_str())?.and_then(|v| decode(v.value()));
+                if current.is_none_or(|c| c.version < record.version) {
+                    let bytes = serde_json::to_vec(record)?;
+                    t.insert(record.name.as_str(), bytes.as_slice())?;
+                    stored.push(record.clone());
+                }
+            }
+        }
+        w.commit()?;
+        Ok(stored)
+    }
+
+    /// One job's record (including tombstones).
+    pub fn get(&self, name: &str) -> Result<Option<JobRecord>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(JOBS)?;
+        Ok(t.get(name)?.and_then(|v| decode(v.value())))
+    }
+
+    /// Every job record (including tombstones), by name.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(JOBS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            if let Some(rec) = decode(v.value()) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a completion; returns false if the slot had one already.
+    pub fn complete(&self, c: &Completion) -> Result<bool> {
+        let w = self.db.begin_write()?;
+        let stored = {
+            let mut t = w.open_table(COMPLETIONS)?;
+            if t.get((c.job.as_str(), c.slot))?.is_some() {
+                false
+            } else {
+                let bytes = serde_json::to_vec(c)?;
+                t.insert((c.job.as_str(), c.slot), bytes.as_slice())?;
+                true
+            }
+        };
+        w.commit()?;
+        Ok(stored)
+    }
+
+    /// Every completion.
+    pub fn completions(&self) -> Result<Vec<Completion>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(COMPLETIONS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            if let Some(c) = decode(v.value()) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+
+    fn rec(name: &str, ms: u64, node: &str, replicas: Option<u32>) -> JobRecord {
+        let spec = replicas.map(|r| {
+            let mut s =
+                JobSpec::parse("name = \"x\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\n")
+                    .unwrap();
+            s.name = name.into();
+            s.replicas = r;
+            s
+        });
+        JobRecord {
+            name: name.into(),
+            version: Version {
+                hlc: Hlc {
+                    wall_ms: ms,
+                    logical: 0,
+                },
+                node: node.into(),
+            },
+            spec,
+        }
+    }
+
+    #[test]
+    fn last_writer_wins_and_tombstones_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.redb")).unwrap();
+        assert!(s.apply(&rec("web", 10, "a", Some(3))).unwrap());
+        assert!(
+            !s.apply(&rec("web", 9, "b", Some(5))).unwrap(),
+            "older write lost"
+        );
+        assert!(
+            s.apply(&rec("web", 10, "b", Some(4))).unwrap(),
+            "same time: higher node wins"
+        );
+        assert!(s.apply(&rec("web", 11, "a", None)).unwrap(), "stop");
+        assert!(
+            !s.apply(&rec("web", 10, "c", Some(9))).unwrap(),
+            "a late write does not resurrect it"
+        );
+        assert_eq!(s.get("web").unwrap().unwrap().spec, None);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            let stored = s
+                .apply_all(&[rec("a", 1, "n", Some(1)), rec("b", 1, "n", Some(2))])
+                .unwrap();
+            assert_eq!(stored.len(), 2);
+            let c = Completion {
+                job: "b".into(),
+                slot: 1,
+                job_version: rec("b", 1, "n", None).version,
+                node: "n".into(),
+                exit_code: 0,
+            };
+            assert!(s.complete(&c).unwrap());
+            assert!(!s.complete(&c).unwrap());
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.jobs().unwrap().len(), 2);
+        assert_eq!(s.get("b").unwrap().unwrap().spec.unwrap().replicas, 2);
+        assert_eq!(s.completions().unwrap().len(), 1);
+    }
+}
