@@ -45,6 +45,19 @@ pub enum Command {
     Nodes(NodesArgs),
     /// Start a local cluster of agents on loopback, kill one, watch it be detected.
     Demo(crate::demo::DemoArgs),
+    /// (internal) Run one exec instance; started by the agent.
+    #[command(hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    /// The instance directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

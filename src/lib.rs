@@ -6,6 +6,7 @@
 //! - `cli`: command-line parsing and the client commands.
 //! - `credentials`: join tokens and the cluster CA on disk.
 //! - `demo`: `shoal demo`, a local cluster on loopback.
+//! - `driver`: the `Driver` trait, the exec and hollow drivers, `shoal supervise`.
 //! - `hlc`: hybrid logical clocks and versions.
 //! - `host`: machine facts (capacity, host name).
 //! - `job`: job files: parsing, validation, slot requests.
@@ -16,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod credentials;
 pub mod demo;
+pub mod driver;
 pub mod hlc;
 pub mod host;
 pub mod job;

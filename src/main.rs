@@ -38,6 +38,17 @@ fn main() -> std::process::ExitCode {
         }
         Command::Nodes(args) => shoal::cli::nodes(args),
         Command::Demo(args) => shoal::demo::run(args),
+        Command::Supervise(args) => {
+            let code =
+                shoal::driver::supervise::run(&args.dir, &args.command[0], &args.command[1..]);
+            return match code {
+                Ok(c) => std::process::ExitCode::from(c.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

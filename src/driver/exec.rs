@@ -1,0 +1,253 @@
+//! The `exec` driver: each instance is a process tree under its own
+//! `shoal supervise` process, in its own session, with its own directory
+//! under `<data-dir>/instances/`.
+
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::supervise::{exit_of, rotated};
+use super::{Driver, DriverEvent, InstanceId, InstanceSpec, InstanceState, DRIVER_EVENTS_LEN};
+
+/// What the driver records in each instance directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    spec: InstanceSpec,
+    /// Supervisor pid (its process group and session id too).
+    pid: u32,
+    /// The supervisor's start time in clock ticks since boot, from
+    /// /proc/<pid>/stat: tells the supervisor from a later process that
+    /// reused its pid.
+    start_ticks: u64,
+}
+
+/// The exec driver.
+pub struct ExecDriver {
+    root: PathBuf,
+    exe: PathBuf,
+    /// Running instances: id -> supervisor pid.
+    running: Mutex<HashMap<InstanceId, u32>>,
+    events_tx: mpsc::Sender<DriverEvent>,
+    events_rx: Mutex<Option<mpsc::Receiver<DriverEvent>>>,
+}
+
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, counted after the parenthesised command name.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn pidfd(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the fd was just opened by pidfd_open and is owned here only.
+    unsafe { AsyncFd::register(OwnedFd::from_raw_fd(fd as i32)) }.ok()
+}
+
+impl ExecDriver {
+    /// A driver keeping instances under `root`; `exe` is the shoal binary
+    /// (for `shoal supervise`).
+    pub fn new(root: PathBuf, exe: PathBuf) -> Result<ExecDriver> {
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create {}", root.display()))?;
+        let (events_tx, events_rx) = mpsc::channel(super::DRIVER_EVENTS_LEN);
+        let _ = DRIVER_EVENTS_LEN;
+        Ok(ExecDriver {
+            root,
+            exe,
+            running: Mutex::new(HashMap::new()),
+            events_tx,
+            events_rx: Mutex::new(Some(events_rx)),
+        })
+    }
+
+    fn dir(&self, id: &InstanceId) -> PathBuf {
+        self.root.join(id.to_string())
+    }
+
+    fn ended(dir: &Path) -> InstanceState {
+        match exit_of(dir) {
+            Some(status) => InstanceState::Exited(status),
+            None => InstanceState::Lost,
+        }
+    }
+
+    /// Watches a supervisor that is not our child (adopted after a restart).
+    fn watch_adopted(&self, id: InstanceId, pid: u32) {
+        let tx = self.events_tx.clone();
+        let dir = self.dir(&id);
+        let Some(fd) = pidfd(pid) else {
+            let state = Self::ended(&dir);
+            tokio::spawn(async move {
+                let _ = tx.send(DriverEvent::Ended { id, state }).await;
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = fd.readable().await;
+            let state = Self::ended(&dir);
+            let _ = tx.send(DriverEvent::Ended { id, state }).await;
+        });
+    }
+
+    fn signal_group(pid: u32, sig: i32) {
+        // The supervisor leads its own session and process group.
+        unsafe { libc::kill(-(pid as i32), sig) };
+    }
+}
+
+#[async_trait::async_trait]
+impl Driver for ExecDriver {
+    fn name(&self) -> &'static str {
+        "exec"
+    }
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<()> {
+        let dir = self.dir(&spec.id);
+        if dir.exists() {
+            bail!("instance {} already exists", spec.id);
+        }
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("supervise")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--")
+            .arg(&spec.task.command)
+            .args(&spec.task.args)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .envs(&spec.task.env)
+            .envs(&spec.env)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false);
+        unsafe {
+            // A session of its own: survives the agent, and one signal to
+            // the group reaches the whole task tree.
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start the supervisor of {}", spec.id))?;
+        let pid = child.id().context("supervisor exited at once")?;
+        let record = Record {
+            spec: spec.clone(),
+            pid,
+            start_ticks: start_ticks(pid).unwrap_or(0),
+        };
+        let tmp = dir.join("instance.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
+        std::fs::rename(&tmp, dir.join("instance.json"))?;
+        self.running
+            .lock()
+            .expect("lock")
+            .insert(spec.id.clone(), pid);
+        let tx = self.events_tx.clone();
+        let id = spec.id.clone();
+        tokio::spawn(async move {
+            // Our child: waiting also reaps it.
+            let _ = child.wait().await;
+            let state = ExecDriver::ended(&dir);
+            let _ = tx.send(DriverEvent::Ended { id, state }).await;
+        });
+        debug!(instance = %spec.id, pid, "started");
+        Ok(())
+    }
+
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<()> {
+        let pid = self.running.lock().expect("lock").remove(id);
+        let Some(pid) = pid else { return Ok(()) };
+        ExecDriver::signal_group(pid, libc::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        // Bounded wait for the group to go; then kill what is left.
+        while tokio::time::Instant::now() < deadline {
+            if unsafe { libc::kill(-(pid as i32), 0) } != 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ExecDriver::signal_group(pid, libc::SIGKILL);
+        Ok(())
+    }
+
+    async fn recover(&self) -> Result<Vec<(InstanceSpec, InstanceState)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let dir = entry?.path();
+            let Some(record) = std::fs::read(dir.join("instance.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            else {
+                // A start that never got as far as recording itself.
+                warn!(dir = %dir.display(), "removing an instance directory without a record");
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            };
+            let alive = start_ticks(record.pid).is_some_and(|t| t == record.start_ticks)
+                && exit_of(&dir).is_none();
+            let state = if alive {
+                self.running
+                    .lock()
+                    .expect("lock")
+                    .insert(record.spec.id.clone(), record.pid);
+                self.watch_adopted(record.spec.id.clone(), record.pid);
+                InstanceState::Running
+            } else {
+                ExecDriver::ended(&dir)
+            };
+            out.push((record.spec, state));
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, id: &InstanceId) -> Result<()> {
+        self.running.lock().expect("lock").remove(id);
+        let dir = self.dir(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        Ok(())
+    }
+
+    async fn logs(&self, id: &InstanceId, stream: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        if stream != "stdout" && stream != "stderr" {
+            bail!("unknown stream `{stream}`; use stdout or stderr");
+        }
+        let path = self.dir(id).join(format!("{stream}.log"));
+        let mut bytes = Vec::new();
+        // Oldest rotated file first.
+        for i in (1..=super::supervise::LOG_FILES_KEPT).rev() {
+            if let Ok(b) = std::fs::read(rotated(&path, i)) {
+                bytes.extend(b);
+            }
+        }
+        bytes.extend(std::fs::read(&path).unwrap_or_default());
+        let skip = bytes.len().saturating_sub(max_bytes as usize);
+        Ok(bytes.split_off(skip))
+    }
+
+    fn events(&self) -> Option<mpsc::Receiver<DriverEvent>> {
+        self.events_rx.lock().expect("lock").take()
+    }
+}

@@ -1,0 +1,193 @@
+//! `shoal supervise`: the small process that runs one exec instance.
+//!
+//! The agent starts it in a new session; it starts the task, copies the
+//! task's stdout and stderr into size-capped rotated files, and writes the
+//! exit status to `exit.json` when the task ends. Because it outlives an
+//! agent crash, a restarted agent finds every instance it started and
+//! learns how each one ended: no orphan, no double start, no lost exit code
+//! (a batch completion depends on it).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Size of one log file before it rotates.
+pub const LOG_FILE_LEN_MAX: u64 = 4 * 1024 * 1024;
+/// Rotated files kept per stream (besides the live one).
+pub const LOG_FILES_KEPT: usize = 2;
+
+/// How the task ended, as `exit.json` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal, if it was killed.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// A log file that rotates at [`LOG_FILE_LEN_MAX`].
+struct RotatingLog {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl RotatingLog {
+    fn open(path: PathBuf) -> Result<RotatingLog> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let len = file.metadata()?.len();
+        Ok(RotatingLog { path, file, len })
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Result<()> {
+        if self.len + buf.len() as u64 > LOG_FILE_LEN_MAX {
+            for i in (1..LOG_FILES_KEPT).rev() {
+                let _ = fs::rename(rotated(&self.path, i), rotated(&self.path, i + 1));
+            }
+            fs::rename(&self.path, rotated(&self.path, 1))?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.len = 0;
+        }
+        self.file.write_all(buf)?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// `stdout.log` -> `stdout.log.1`.
+pub fn rotated(path: &Path, i: usize) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{i}"));
+    PathBuf::from(s)
+}
+
+fn pump(mut from: impl Read + Send + 'static, to: PathBuf) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut log) = RotatingLog::open(to) else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || log.write(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Runs `command args` in `dir/work`, logging to `dir/{stdout,stderr}.log`,
+/// and records the exit in `dir/exit.json`. Returns the task's exit code.
+pub fn run(dir: &Path, command: &str, args: &[String]) -> Result<i32> {
+    let work = dir.join("work");
+    fs::create_dir_all(&work)?;
+    let mut child = Command::new(command)
+        .args(args)
+        .current_dir(&work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let status = match &mut child {
+        Ok(child) => {
+            let out = pump(child.stdout.take().expect("piped"), dir.join("stdout.log"));
+            let err = pump(child.stderr.take().expect("piped"), dir.join("stderr.log"));
+            let status = child.wait()?;
+            let _ = out.join();
+            let _ = err.join();
+            use std::os::unix::process::ExitStatusExt;
+            ExitStatus {
+                code: status.code(),
+                signal: status.signal(),
+            }
+        }
+        Err(e) => {
+            let mut log = RotatingLog::open(dir.join("stderr.log"))?;
+            log.write(format!("shoal: cannot start `{command}`: {e}\n").as_bytes())?;
+            // 127: the shell's "command not found".
+            ExitStatus {
+                code: Some(127),
+                signal: None,
+            }
+        }
+    };
+    let tmp = dir.join("exit.json.tmp");
+    fs::write(&tmp, serde_json::to_vec(&status)?)?;
+    fs::rename(&tmp, dir.join("exit.json")).context("cannot record the exit status")?;
+    Ok(status.code.unwrap_or(128 + status.signal.unwrap_or(0)))
+}
+
+/// The recorded exit of the instance in `dir`, if it ended.
+pub fn exit_of(dir: &Path) -> Option<ExitStatus> {
+    let bytes = fs::read(dir.join("exit.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_exit_and_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = run(
+            dir.path(),
+            "sh",
+            &["-c".into(), "echo out; echo err >&2; exit 3".into()],
+        )
+        .unwrap();
+        assert_eq!(code, 3);
+        assert_eq!(
+            exit_of(dir.path()),
+            Some(ExitStatus {
+                code: Some(3),
+                signal: None
+            })
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("stdout.log")).unwrap(),
+            "out\n"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("stderr.log")).unwrap(),
+            "err\n"
+        );
+    }
+
+    #[test]
+    fn a_missing_program_is_an_exit_with_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(run(dir.path(), "/no/such/program", &[]).unwrap(), 127);
+        assert!(fs::read_to_string(dir.path().join("stderr.log"))
+            .unwrap()
+            .contains("cannot start"));
+    }
+
+    #[test]
+    fn logs_rotate_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        let mut log = RotatingLog::open(path.clone()).unwrap();
+        let chunk = vec![b'x'; 1024 * 1024];
+        for _ in 0..10 {
+            log.write(&chunk).unwrap();
+        }
+        assert!(fs::metadata(&path).unwrap().len() <= LOG_FILE_LEN_MAX);
+        assert!(rotated(&path, 1).exists());
+        assert!(rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists(), "older files are dropped");
+    }
+}
