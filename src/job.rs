@@ -673,3 +673,14 @@ mod example_tests {
         assert!(seen >= 3);
     }
 }
+
+impl TaskSpec {
+    /// A stable fingerprint of the task (FNV-1a over its JSON): instances
+    /// running another fingerprint run an outdated task.
+    pub fn fingerprint(&self) -> u64 {
+        let json = serde_json::to_vec(self).expect("a task encodes");
+        json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}

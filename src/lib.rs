@@ -10,6 +10,7 @@
 //! - `hlc`: hybrid logical clocks and versions.
 //! - `host`: machine facts (capacity, host name).
 //! - `job`: job files: parsing, validation, slot requests.
+//! - `reconcile`: the pure reconciler.
 //! - `store`: the node's durable copy of jobs and completions (redb).
 
 pub mod agent;
@@ -21,4 +22,5 @@ pub mod driver;
 pub mod hlc;
 pub mod host;
 pub mod job;
+pub mod reconcile;
 pub mod store;

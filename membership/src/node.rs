@@ -24,6 +24,12 @@ const KEY_RECORD: &str = "record";
 const KEY_LOAD: &str = "load";
 const KEY_INCARNATION: &str = "inc";
 const KEY_STATUS: &str = "status";
+/// Prefix of application keys in gossip.
+const APP_PREFIX: &str = "app/";
+
+/// Longest application value, bytes: chitchat sends a key-value pair whole,
+/// so it must fit in one gossip message (64 KiB) with room to spare.
+pub const APP_VALUE_LEN_MAX: usize = 48 * 1024;
 
 /// Longest record or load value decoded from gossip, bytes.
 const GOSSIP_VALUE_LEN_MAX: usize = 16 * 1024;
@@ -81,6 +87,7 @@ pub enum MembershipError {
 
 enum Command {
     SetLoad(Load),
+    SetApp(String, Option<String>),
     Leave(oneshot::Sender<()>),
 }
 
@@ -151,6 +158,7 @@ impl Membership {
             record,
             generation,
             load: Load::default(),
+            app: Default::default(),
             left: false,
             published_incarnation: 0,
             peers: HashMap::new(),
@@ -176,6 +184,21 @@ impl Membership {
             .map_err(|_| MembershipError::Stopped)
     }
 
+    /// Publishes (or, with `None`, deletes) an application key, gossiped
+    /// with this node's record and visible in every view as
+    /// [`crate::Member::app`]. Values over [`APP_VALUE_LEN_MAX`] are refused.
+    pub async fn set_app(&self, key: &str, value: Option<String>) -> Result<(), MembershipError> {
+        if value.as_ref().is_some_and(|v| v.len() > APP_VALUE_LEN_MAX) {
+            return Err(MembershipError::Gossip(format!(
+                "value of `{key}` exceeds {APP_VALUE_LEN_MAX} bytes"
+            )));
+        }
+        self.cmd
+            .send(Command::SetApp(key.to_string(), value))
+            .await
+            .map_err(|_| MembershipError::Stopped)
+    }
+
     /// Leaves the cluster: tells every peer directly (waiting at most the
     /// configured leave timeout for their acknowledgements), marks the node
     /// `left` in gossip, and stops answering probes.
@@ -193,6 +216,7 @@ struct Peer {
     generation: u64,
     record: Option<(u64, NodeRecord)>,
     load: Load,
+    app: std::collections::BTreeMap<String, String>,
 }
 
 struct Actor<T: Transport> {
@@ -202,6 +226,7 @@ struct Actor<T: Transport> {
     record: NodeRecord,
     generation: u64,
     load: Load,
+    app: std::collections::BTreeMap<String, String>,
     left: bool,
     published_incarnation: u64,
     peers: HashMap<String, Peer>,
@@ -257,6 +282,21 @@ impl<T: Transport> Actor<T> {
                         self.load = load;
                         let json = serde_json::to_string(&load).expect("encodes");
                         self.chitchat.with_chitchat(|c| c.self_node_state().set(KEY_LOAD, &json)).await;
+                        self.publish_view();
+                    }
+                    Some(Command::SetApp(key, value)) => {
+                        let key = format!("{APP_PREFIX}{key}");
+                        self.chitchat
+                            .with_chitchat(|c| match &value {
+                                Some(v) => c.self_node_state().set(&key, v),
+                                None => c.self_node_state().delete(&key),
+                            })
+                            .await;
+                        let short = key[APP_PREFIX.len()..].to_string();
+                        match value {
+                            Some(v) => self.app.insert(short, v),
+                            None => self.app.remove(&short),
+                        };
                         self.publish_view();
                     }
                     Some(Command::Leave(done)) => {
@@ -424,6 +464,7 @@ impl<T: Transport> Actor<T> {
             left: bool,
             record: Option<(u64, String)>,
             load: Option<String>,
+            app: std::collections::BTreeMap<String, String>,
         }
         let me = self.record.name.clone();
         let mut latest: HashMap<String, Seen> = HashMap::new();
@@ -453,6 +494,14 @@ impl<T: Transport> Actor<T> {
                                 .get_versioned(KEY_RECORD)
                                 .map(|v| (v.version, v.value.clone())),
                             load: state.get(KEY_LOAD).map(str::to_string),
+                            app: state
+                                .key_values()
+                                .filter_map(|(k, v)| {
+                                    let short = k.strip_prefix(APP_PREFIX)?;
+                                    (v.len() <= APP_VALUE_LEN_MAX)
+                                        .then(|| (short.to_string(), v.to_string()))
+                                })
+                                .collect(),
                         },
                     );
                 }
@@ -468,17 +517,15 @@ impl<T: Transport> Actor<T> {
                 seen.left,
                 now,
             );
-            let peer = self.peers.entry(name).or_insert(Peer {
+            let fresh = || Peer {
                 generation: seen.generation,
                 record: None,
                 load: Load::default(),
-            });
+                app: Default::default(),
+            };
+            let peer = self.peers.entry(name).or_insert_with(fresh);
             if seen.generation > peer.generation {
-                *peer = Peer {
-                    generation: seen.generation,
-                    record: None,
-                    load: Load::default(),
-                };
+                *peer = fresh();
             }
             if seen.generation == peer.generation {
                 if let Some((version, json)) = seen.record {
@@ -490,6 +537,9 @@ impl<T: Transport> Actor<T> {
                 }
                 if let Some(load) = seen.load.as_deref().and_then(decode::<Load>) {
                     peer.load = load;
+                }
+                if peer.app != seen.app {
+                    peer.app = seen.app;
                 }
             }
         }
@@ -506,6 +556,7 @@ impl<T: Transport> Actor<T> {
                 NodeState::Alive
             },
             load: self.load,
+            app: self.app.clone(),
         }];
         for m in self.swim.members() {
             let peer = self
@@ -530,6 +581,7 @@ impl<T: Transport> Actor<T> {
                 incarnation: m.incarnation,
                 state: m.state,
                 load: peer.map(|p| p.load).unwrap_or_default(),
+                app: peer.map(|p| p.app.clone()).unwrap_or_default(),
             });
         }
         members.sort_by(|a, b| a.record.name.cmp(&b.record.name));

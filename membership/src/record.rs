@@ -87,6 +87,9 @@ pub struct Member {
     pub state: NodeState,
     /// The node's last published load.
     pub load: Load,
+    /// Application state the node publishes (see
+    /// [`crate::Membership::set_app`]), by key.
+    pub app: BTreeMap<String, String>,
 }
 
 /// A snapshot of the cluster as one node sees it: plain data, no chitchat

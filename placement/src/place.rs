@@ -397,3 +397,28 @@ pub fn explain(
         unplaceable: decision.err().map(|e| e.to_string()),
     }
 }
+
+/// The node that coordinates the placement of a slot: the best-ranked of
+/// all `nodes` by rendezvous hashing alone, ignoring filters and load, so
+/// that every node agrees on it while membership is stable, however loads
+/// change. It gathers the candidates' bids and tells the winner to start.
+pub fn coordinator_with(job: &str, slot: u32, nodes: &[Node], index: &NodeIndex) -> Option<usize> {
+    let sh = slot_hash(job, slot);
+    let mut best: Option<(f64, usize)> = None;
+    for i in 0..nodes.len() {
+        let u = unit(pair_hash(sh, index.hashes[i]));
+        let w = index.weights[i];
+        if let Some((b, bi)) = best {
+            if surely_below(w, u, b) {
+                continue;
+            }
+            let s = w / neg_ln(u);
+            if s > b || (s == b && nodes[i].id < nodes[bi].id) {
+                best = Some((s, i));
+            }
+        } else {
+            best = Some((w / neg_ln(u), i));
+        }
+    }
+    best.map(|(_, i)| i)
+}

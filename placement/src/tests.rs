@@ -393,3 +393,13 @@ proptest! {
         prop_assert_eq!(fast, naive_top_k(&req, &nodes, k));
     }
 }
+
+proptest! {
+    #[test]
+    fn coordinator_is_the_unfiltered_rendezvous_favourite(nodes in arb_nodes(30), slot in 0u32..500) {
+        let index = NodeIndex::new(&nodes);
+        let c = coordinator_with("job", slot, &nodes, &index).unwrap();
+        let ranked = hrw::rank("job", slot, &nodes);
+        prop_assert_eq!(&nodes[c].id, &ranked[0].0.id);
+    }
+}

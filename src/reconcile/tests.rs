@@ -1,0 +1,218 @@
+//! Properties of the reconciler over generated cluster states, checked
+//! across every node's output together (as Nomad's reconciler property
+//! tests do): the nodes must split the work exactly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use shoal_placement::{Node, NodeIndex};
+
+use super::*;
+use crate::hlc::{Hlc, Version};
+use crate::job::JobSpec;
+use crate::store::JobRecord;
+
+fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
+    let text = format!(
+        "name = \"{name}\"\ntype = \"{}\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\n",
+        if batch { "batch" } else { "service" }
+    );
+    JobRecord {
+        name: name.into(),
+        version: Version {
+            hlc: Hlc {
+                wall_ms: 1,
+                logical: 0,
+            },
+            node: "n0".into(),
+        },
+        spec: Some(JobSpec::parse(&text).unwrap()),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct World {
+    nodes: Vec<Node>,
+    jobs: Vec<JobRecord>,
+    observed: Vec<Observed>,
+    completed: BTreeSet<(String, u32)>,
+}
+
+fn arb_world() -> impl Strategy<Value = World> {
+    (
+        2usize..8,
+        prop::collection::vec((1u32..6, prop::bool::ANY, prop::bool::ANY), 1..4),
+        prop::collection::vec((0usize..4, 0u32..8, 0usize..8, 0u64..5, 0u8..10), 0..30),
+        prop::collection::vec((0usize..4, 0u32..8), 0..4),
+    )
+        .prop_map(|(n, jobs, copies, done)| {
+            let nodes: Vec<Node> = (0..n)
+                .map(|i| Node::new(format!("n{i}"), 4000, 4096))
+                .collect();
+            let mut records: Vec<JobRecord> = jobs
+                .iter()
+                .enumerate()
+                .map(|(i, (r, batch, _))| job(&format!("j{i}"), *r, *batch))
+                .collect();
+            // some jobs stopped
+            for (i, (_, _, stopped)) in jobs.iter().enumerate() {
+                if *stopped && i % 2 == 1 {
+                    records[i].spec = None;
+                }
+            }
+            let fp = |j: &JobRecord| j.spec.as_ref().map(|s| s.task.fingerprint()).unwrap_or(0);
+            let observed = copies
+                .into_iter()
+                .filter(|(j, ..)| *j < records.len())
+                .map(|(j, slot, node, run, kind)| Observed {
+                    node: format!("n{}", node % n),
+                    job: records[j].name.clone(),
+                    copy: Published {
+                        slot,
+                        run,
+                        state: match kind {
+                            0 => SlotState::Completed,
+                            1 => SlotState::Starting,
+                            _ => SlotState::Running,
+                        },
+                        task: if kind == 9 { 12345 } else { fp(&records[j]) },
+                    },
+                })
+                .collect::<Vec<_>>();
+            // one copy per (node, job, slot, run)
+            let mut seen = BTreeSet::new();
+            let observed = observed
+                .into_iter()
+                .filter(|o| seen.insert((o.node.clone(), o.job.clone(), o.copy.slot, o.copy.run)))
+                .collect();
+            let completed = done
+                .into_iter()
+                .filter(|(j, _)| *j < records.len())
+                .map(|(j, s)| (records[j].name.clone(), s))
+                .collect();
+            World {
+                nodes,
+                jobs: records,
+                observed,
+                completed,
+            }
+        })
+}
+
+fn run_all(w: &World) -> BTreeMap<String, Actions> {
+    let index = NodeIndex::new(&w.nodes);
+    let pending = BTreeSet::new();
+    w.nodes
+        .iter()
+        .map(|n| {
+            let inp = Inputs {
+                me: &n.id,
+                jobs: &w.jobs,
+                completed: &w.completed,
+                observed: &w.observed,
+                nodes: &w.nodes,
+                index: &index,
+                pending: &pending,
+            };
+            (n.id.clone(), reconcile(&inp))
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_empty_slot_is_placed_by_exactly_one_node(w in arb_world()) {
+        let all = run_all(&w);
+        let mut placed: BTreeMap<(String, u32), usize> = BTreeMap::new();
+        for a in all.values() {
+            for k in &a.place {
+                *placed.entry(k.clone()).or_default() += 1;
+            }
+        }
+        for (k, n) in &placed {
+            prop_assert_eq!(*n, 1, "slot {:?} placed by {} nodes", k, n);
+        }
+        for j in w.jobs.iter().filter_map(|j| j.spec.as_ref()) {
+            let fp = j.task.fingerprint();
+            for slot in 0..j.replicas {
+                let key = (j.name.clone(), slot);
+                let copies: Vec<&Observed> = w.observed.iter().filter(|o| o.job == j.name && o.copy.slot == slot).collect();
+                let live = copies.iter().any(|o| o.copy.state.is_live() && o.copy.task == fp);
+                let finished = j.job_type == crate::job::JobType::Batch
+                    && (w.completed.contains(&key) || copies.iter().any(|o| o.copy.state == SlotState::Completed));
+                let should = !live && !finished;
+                prop_assert_eq!(placed.contains_key(&key), should, "slot {:?}: live {} finished {}", key, live, finished);
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_stop_only_their_own_copies_and_one_copy_survives(w in arb_world()) {
+        let all = run_all(&w);
+        let mut stopped: BTreeSet<(String, String, u32, u64)> = BTreeSet::new();
+        for (node, a) in &all {
+            for (job, slot, run, _) in &a.stop {
+                prop_assert!(
+                    w.observed.iter().any(|o| &o.node == node && &o.job == job && o.copy.slot == *slot && o.copy.run == *run),
+                    "{} stops a copy it does not hold", node
+                );
+                stopped.insert((node.clone(), job.clone(), *slot, *run));
+            }
+        }
+        for j in w.jobs.iter() {
+            let live_after: Vec<&Observed> = w
+                .observed
+                .iter()
+                .filter(|o| o.job == j.name && o.copy.state.is_live())
+                .filter(|o| !stopped.contains(&(o.node.clone(), o.job.clone(), o.copy.slot, o.copy.run)))
+                .collect();
+            match &j.spec {
+                None => prop_assert!(live_after.is_empty(), "a stopped job keeps running"),
+                Some(spec) => {
+                    for slot in 0..spec.replicas + 8 {
+                        let n = live_after.iter().filter(|o| o.copy.slot == slot).count();
+                        if slot >= spec.replicas {
+                            prop_assert_eq!(n, 0, "slot {} beyond replicas still runs", slot);
+                        } else {
+                            prop_assert!(n <= 1, "slot {} keeps {} copies", slot, n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_older_copy_survives_a_conflict() {
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::new(format!("n{i}"), 1000, 1000))
+        .collect();
+    let jobs = vec![job("web", 1, false)];
+    let fp = jobs[0].spec.as_ref().unwrap().task.fingerprint();
+    let copy = |node: &str, run| Observed {
+        node: node.into(),
+        job: "web".into(),
+        copy: Published {
+            slot: 0,
+            run,
+            state: SlotState::Running,
+            task: fp,
+        },
+    };
+    let w = World {
+        nodes,
+        jobs,
+        observed: vec![copy("n1", 5), copy("n2", 3)],
+        completed: BTreeSet::new(),
+    };
+    let all = run_all(&w);
+    assert_eq!(
+        all["n1"].stop,
+        vec![("web".to_string(), 0, 5, StopReason::Duplicate)]
+    );
+    assert!(all["n2"].stop.is_empty());
+    assert!(all.values().all(|a| a.place.is_empty()));
+}
