@@ -10,8 +10,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use shoal_membership::{Capacity, Membership, MembershipConfig, NodeRecord};
-use shoal_transport::{QuicConfig, QuicTransport, Transport};
+use shoal_transport::{take_inbox, QuicConfig, QuicTransport, Service, Transport};
+use tokio::sync::{mpsc, watch};
 use tracing::info;
+
+use crate::driver::exec::ExecDriver;
+use crate::driver::hollow::HollowDriver;
+use crate::driver::Driver;
+use crate::scheduler::{Scheduler, Snapshot};
+use crate::store::Store;
 
 use crate::api::{self, ApiState};
 use crate::credentials::{self, Origin};
@@ -45,6 +52,8 @@ pub struct AgentConfig {
     pub memory_mib: Option<u64>,
     /// Membership tuning.
     pub membership: MembershipConfig,
+    /// Offer the `hollow` driver (scale benchmarks only).
+    pub hollow: bool,
 }
 
 /// What a running agent writes to `<data-dir>/agent.json` once it serves, so
@@ -62,6 +71,9 @@ pub struct AgentInfo {
     /// Process id.
     pub pid: u32,
 }
+
+/// Period of the scheduler's timer (restarts, reconcile of changes).
+const TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Next generation: the wall clock in ms, but always above the last run's.
 fn next_generation(data_dir: &std::path::Path) -> Result<u64> {
@@ -127,6 +139,29 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
     let http_addr = http_listener.local_addr()?;
 
+    let store = std::sync::Arc::new(Store::open(&config.data_dir.join("state.redb"))?);
+    let mut drivers: std::collections::BTreeMap<String, std::sync::Arc<dyn Driver>> =
+        Default::default();
+    let exe =
+        std::env::current_exe().context("cannot find the shoal binary for `shoal supervise`")?;
+    drivers.insert(
+        "exec".into(),
+        std::sync::Arc::new(ExecDriver::new(config.data_dir.join("instances"), exe)?),
+    );
+    if config.hollow {
+        drivers.insert(
+            "hollow".into(),
+            std::sync::Arc::new(HollowDriver::default()),
+        );
+    }
+    let mut notes = Vec::new();
+    if !host::cgroup_v2_writable() {
+        notes.push(
+            "no writable cgroup v2: CPU and memory limits of exec instances are not enforced"
+                .to_string(),
+        );
+    }
+
     let record = NodeRecord {
         name: config.name.clone(),
         address: advertise,
@@ -135,31 +170,63 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             cpu_millis: config.cpu_millis.unwrap_or_else(host::cpu_millis),
             memory_mib: config.memory_mib.unwrap_or_else(host::memory_mib),
         },
-        drivers: vec!["exec".into()],
+        drivers: drivers.keys().cloned().collect(),
         version: env!("CARGO_PKG_VERSION").into(),
         http: Some(format!("http://{http_addr}")),
-        notes: Vec::new(),
+        notes,
     };
     let membership_config = MembershipConfig {
         cluster_id: ca.cluster_id.clone(),
         seeds: config.join.clone(),
         ..config.membership.clone()
     };
-    let membership = Membership::start(
-        transport.clone(),
-        &mut inbox,
-        record,
-        generation,
-        membership_config,
-    )
-    .await?;
-    // Services nobody serves yet: closing their queues makes the transport
+    let membership = std::sync::Arc::new(
+        Membership::start(
+            transport.clone(),
+            &mut inbox,
+            record,
+            generation,
+            membership_config,
+        )
+        .await?,
+    );
+    let mut rpc_rx = take_inbox(&mut inbox, Service::Rpc).expect("rpc queue");
+    // Services nobody serves: closing their queues makes the transport
     // refuse such frames at once instead of parking them.
     drop(inbox);
+
+    let (internal_tx, mut internal_rx) = mpsc::channel(1024);
+    let (snapshot_tx, snapshot_rx) = watch::channel(std::sync::Arc::new(Snapshot::default()));
+    let (api_tx, mut api_rx) = mpsc::channel(256);
+    let (driver_tx, mut driver_rx) = mpsc::channel(crate::driver::DRIVER_EVENTS_LEN);
+    for d in drivers.values() {
+        if let Some(mut rx) = d.events() {
+            let tx = driver_tx.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    if tx.send(ev).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    let mut scheduler = Scheduler::new(
+        config.name.clone(),
+        store,
+        transport.clone(),
+        membership.clone(),
+        drivers,
+        internal_tx,
+        snapshot_tx,
+    );
+    scheduler.recover().await?;
 
     let state = ApiState {
         view: membership.view(),
         token: config.http_token.clone().map(Arc::from),
+        snapshot: snapshot_rx,
+        commands: api_tx,
     };
     let app = api::router(state);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -200,9 +267,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         println!("  shoal agent --join {advertise} --token {}", ca.to_token());
     }
 
-    // The node's event loop. It will grow the reconciler's inputs (view
-    // changes, driver events, timers); for now it waits for shutdown.
+    // The node's event loop: every input of the scheduler goes through it.
     let mut view = membership.view();
+    scheduler.on_view(view.borrow_and_update().clone());
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -211,12 +280,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 if changed.is_err() {
                     anyhow::bail!("membership task stopped unexpectedly");
                 }
+                scheduler.on_view(view.borrow_and_update().clone());
             }
+            Some(ev) = driver_rx.recv() => scheduler.on_driver_event(ev).await,
+            Some(msg) = rpc_rx.recv() => scheduler.on_rpc(msg),
+            Some(cmd) = api_rx.recv() => scheduler.on_api(cmd),
+            Some(ev) = internal_rx.recv() => scheduler.on_internal(ev).await,
+            _ = tick.tick() => scheduler.tick().await,
         }
     }
 
-    info!("shutting down: leaving the cluster");
+    info!("shutting down: stopping local instances and leaving the cluster");
     membership.leave().await?;
+    scheduler.shutdown().await;
     let _ = http_stop_tx.send(());
     let _ = http_task.await;
     transport.close();

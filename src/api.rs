@@ -6,15 +6,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shoal_membership::{Capacity, Load, MembershipView};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::reconcile::SlotState;
+use crate::scheduler::{ApiCommand, ApiFailure, Snapshot};
+use crate::store::JobRecord;
 
 /// What the API handlers read.
 #[derive(Clone)]
@@ -23,6 +27,271 @@ pub struct ApiState {
     pub view: watch::Receiver<MembershipView>,
     /// Bearer token required on every request, if set.
     pub token: Option<Arc<str>>,
+    /// The scheduler's state.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Commands to the scheduler.
+    pub commands: mpsc::Sender<ApiCommand>,
+}
+
+/// Longest job file accepted in a request body.
+const BODY_LEN_MAX: usize = crate::job::JOB_FILE_LEN_MAX;
+
+/// One slot in `/v1/jobs/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SlotView {
+    /// Slot index.
+    pub slot: u32,
+    /// Holder node, if placed.
+    pub node: Option<String>,
+    /// `pending`, `starting`, `running`, `completed` or `failed`.
+    pub state: SlotState,
+    /// Why it is pending, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A job as `/v1/jobs/{name}` and `shoal status JOB --json` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStatus {
+    /// Name.
+    pub name: String,
+    /// Version (`<hlc>@<node>`).
+    pub version: String,
+    /// `service` or `batch`.
+    #[serde(rename = "type")]
+    pub job_type: String,
+    /// Desired replicas (0 once stopped).
+    pub replicas: u32,
+    /// Whether the job was stopped.
+    pub stopped: bool,
+    /// Every slot, and copies beyond the replica count still stopping.
+    pub instances: Vec<SlotView>,
+}
+
+/// A submitted job's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Name.
+    pub name: String,
+    /// The version written.
+    pub version: String,
+}
+
+/// Body of `POST /v1/jobs/{name}/scale`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    /// New replica count.
+    pub replicas: u32,
+}
+
+fn status_of(snap: &Snapshot, record: &JobRecord) -> JobStatus {
+    let replicas = record.spec.as_ref().map(|s| s.replicas).unwrap_or(0);
+    let job_type = record
+        .spec
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s.job_type).ok())
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "stopped".into());
+    let mut instances = Vec::new();
+    let copies: Vec<_> = snap
+        .instances
+        .iter()
+        .filter(|i| i.job == record.name)
+        .collect();
+    for slot in 0..replicas {
+        let mine: Vec<_> = copies.iter().filter(|c| c.slot == slot).collect();
+        // The copy that matters: a live one, else a finished one.
+        let best = mine
+            .iter()
+            .max_by_key(|c| (c.state.is_live(), c.state == SlotState::Running, c.run));
+        let done = snap.completed.contains(&(record.name.clone(), slot));
+        instances.push(match best {
+            Some(c) if !(done && c.state.is_live()) => SlotView {
+                slot,
+                node: Some(c.node.clone()),
+                state: c.state,
+                reason: None,
+            },
+            _ if done => SlotView {
+                slot,
+                node: None,
+                state: SlotState::Completed,
+                reason: None,
+            },
+            _ => SlotView {
+                slot,
+                node: None,
+                state: SlotState::Pending,
+                reason: snap.unplaceable.get(&(record.name.clone(), slot)).cloned(),
+            },
+        });
+    }
+    for c in copies
+        .iter()
+        .filter(|c| c.slot >= replicas && c.state.is_live())
+    {
+        instances.push(SlotView {
+            slot: c.slot,
+            node: Some(c.node.clone()),
+            state: c.state,
+            reason: Some("stopping".into()),
+        });
+    }
+    JobStatus {
+        name: record.name.clone(),
+        version: record.version.to_string(),
+        job_type,
+        replicas,
+        stopped: record.spec.is_none(),
+        instances,
+    }
+}
+
+fn failure(f: ApiFailure) -> Response {
+    error(
+        StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        f.message,
+    )
+}
+
+async fn ask<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiFailure>>) -> ApiCommand,
+) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    if state.commands.send(make(tx)).await.is_err() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        ));
+    }
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(f)) => Err(failure(f)),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        )),
+    }
+}
+
+async fn submit(State(state): State<ApiState>, body: String) -> Response {
+    if body.len() > BODY_LEN_MAX {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("job files are limited to {BODY_LEN_MAX} bytes"),
+        );
+    }
+    match ask(&state, |tx| ApiCommand::Submit(body, tx)).await {
+        Ok(r) => Json(Accepted {
+            name: r.name,
+            version: r.version.to_string(),
+        })
+        .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+async fn list_jobs(State(state): State<ApiState>) -> Json<Vec<JobStatus>> {
+    let snap = state.snapshot.borrow().clone();
+    Json(
+        snap.jobs
+            .iter()
+            .filter(|r| r.spec.is_some())
+            .map(|r| status_of(&snap, r))
+            .collect(),
+    )
+}
+
+async fn get_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    let snap = state.snapshot.borrow().clone();
+    match snap.jobs.iter().find(|r| r.name == name) {
+        Some(r) => Json(status_of(&snap, r)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no job named `{name}`; `shoal status` lists the jobs"),
+        ),
+    }
+}
+
+async fn stop_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    match ask(&state, |tx| ApiCommand::Stop(name, tx)).await {
+        Ok(r) => Json(Accepted {
+            name: r.name,
+            version: r.version.to_string(),
+        })
+        .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+async fn scale_job(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: String,
+) -> Response {
+    let req: ScaleRequest = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"replicas\": N}}: {e}"),
+            )
+        }
+    };
+    match ask(&state, |tx| ApiCommand::Scale(name, req.replicas, tx)).await {
+        Ok(r) => Json(Accepted {
+            name: r.name,
+            version: r.version.to_string(),
+        })
+        .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+async fn instances(State(state): State<ApiState>) -> Response {
+    Json(state.snapshot.borrow().instances.clone()).into_response()
+}
+
+/// Query of the logs endpoint.
+#[derive(Debug, Deserialize)]
+pub struct LogsQuery {
+    /// Slot (default 0).
+    #[serde(default)]
+    pub slot: u32,
+    /// `stdout` (default) or `stderr`.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Bytes from the end (default 64 KiB, at most 1 MiB).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_stream() -> String {
+    "stdout".into()
+}
+fn default_max_bytes() -> u64 {
+    64 * 1024
+}
+
+async fn logs(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let max_bytes = q.max_bytes.min(1024 * 1024);
+    match ask(&state, |reply| ApiCommand::Logs {
+        job: name,
+        slot: q.slot,
+        stream: q.stream,
+        max_bytes,
+        reply,
+    })
+    .await
+    {
+        Ok(bytes) => bytes.into_response(),
+        Err(resp) => resp,
+    }
 }
 
 /// One node as `/v1/nodes` and `shoal nodes --json` show it.
@@ -117,6 +386,11 @@ async fn not_found() -> Response {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/nodes", get(nodes))
+        .route("/v1/jobs", post(submit).get(list_jobs))
+        .route("/v1/jobs/{name}", get(get_job).delete(stop_job))
+        .route("/v1/jobs/{name}/scale", post(scale_job))
+        .route("/v1/jobs/{name}/logs", get(logs))
+        .route("/v1/instances", get(instances))
         .route("/v1/health", get(health))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))

@@ -43,6 +43,16 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// List the cluster's nodes as the agent sees them.
     Nodes(NodesArgs),
+    /// Submit a job file (or a new version of it) and wait until it runs.
+    Run(RunArgs),
+    /// Show the jobs, or one job's slots.
+    Status(StatusArgs),
+    /// Stop a job (its instances stop on every node).
+    Stop(JobArgs),
+    /// Change a job's replica count.
+    Scale(ScaleArgs),
+    /// Print a slot's output, fetched from whichever node runs it.
+    Logs(LogsArgs),
     /// Start a local cluster of agents on loopback, kill one, watch it be detected.
     Demo(crate::demo::DemoArgs),
     /// (internal) Run one exec instance; started by the agent.
@@ -105,6 +115,10 @@ pub struct AgentArgs {
     /// Memory capacity offered, in MiB [default: the machine's memory].
     #[arg(long)]
     pub memory: Option<u64>,
+    /// Also offer the `hollow` driver (instances that start no process; for
+    /// scale benchmarks only).
+    #[arg(long, hide = true)]
+    pub hollow: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -124,6 +138,69 @@ pub struct NodesArgs {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job file (TOML; see examples/).
+    pub file: PathBuf,
+    /// Return once the job is accepted, without waiting for it to run.
+    #[arg(long)]
+    pub detach: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// A job name; without it, every job.
+    pub job: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// The new replica count.
+    pub replicas: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// The slot.
+    #[arg(long, default_value_t = 0)]
+    pub slot: u32,
+    /// Show stderr instead of stdout.
+    #[arg(long)]
+    pub stderr: bool,
+    /// Keep printing new output until Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Print at most this many bytes from the end.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_bytes: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -190,6 +267,7 @@ impl AgentArgs {
             cpu_millis: self.cpu,
             memory_mib: self.memory,
             membership: Default::default(),
+            hollow: self.hollow,
         })
     }
 }
@@ -221,14 +299,28 @@ impl Client {
 
     /// GET a JSON resource.
     pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let mut req = self.agent.get(&format!("{}{path}", self.base));
+        let resp = self.call("GET", path, None)?;
+        resp.into_json()
+            .with_context(|| format!("the agent at {} sent an unreadable answer", self.base))
+    }
+
+    /// Sends a request with an optional body; the error says what failed.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<ureq::Response> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
-        match req.call() {
-            Ok(resp) => resp.into_json().with_context(|| format!("the agent at {} sent an unreadable answer", self.base)),
+        let result = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        match result {
+            Ok(resp) => Ok(resp),
             Err(ureq::Error::Status(code, resp)) => {
                 let msg = resp.into_json::<ApiError>().map(|e| e.error).unwrap_or_default();
+                if (400..500).contains(&code) && !msg.is_empty() {
+                    bail!("{msg}")
+                }
                 bail!("the agent at {} answered {code}: {msg}", self.base)
             }
             Err(e) => bail!(
@@ -288,7 +380,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -25,6 +25,22 @@ fn parse_meminfo_total_kib(s: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// Whether this process can create cgroup v2 groups with CPU and memory
+/// controllers (to enforce instance limits).
+pub fn cgroup_v2_writable() -> bool {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let Ok(controllers) = fs::read_to_string(root.join("cgroup.controllers")) else {
+        return false;
+    };
+    if !(controllers.contains("cpu") && controllers.contains("memory")) {
+        return false;
+    }
+    let probe = root.join(format!("shoal-probe-{}", std::process::id()));
+    let ok = fs::create_dir(&probe).is_ok();
+    let _ = fs::remove_dir(&probe);
+    ok
+}
+
 /// The host name, for the default node name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")

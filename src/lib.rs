@@ -4,6 +4,7 @@
 //! - `agent`: start-up, the node's event loop, shutdown.
 //! - `api`: the HTTP JSON API.
 //! - `cli`: command-line parsing and the client commands.
+//! - `commands`: run, status, stop, scale, logs.
 //! - `credentials`: join tokens and the cluster CA on disk.
 //! - `demo`: `shoal demo`, a local cluster on loopback.
 //! - `driver`: the `Driver` trait, the exec and hollow drivers, `shoal supervise`.
@@ -11,11 +12,14 @@
 //! - `host`: machine facts (capacity, host name).
 //! - `job`: job files: parsing, validation, slot requests.
 //! - `reconcile`: the pure reconciler.
+//! - `rpc`: node-to-node calls of the scheduler.
+//! - `scheduler`: the node's scheduler (store, instances, placements).
 //! - `store`: the node's durable copy of jobs and completions (redb).
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod commands;
 pub mod credentials;
 pub mod demo;
 pub mod driver;
@@ -23,4 +27,6 @@ pub mod hlc;
 pub mod host;
 pub mod job;
 pub mod reconcile;
+pub mod rpc;
+pub mod scheduler;
 pub mod store;

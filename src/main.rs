@@ -37,6 +37,11 @@ fn main() -> std::process::ExitCode {
             }
         }
         Command::Nodes(args) => shoal::cli::nodes(args),
+        Command::Run(args) => shoal::commands::run(args),
+        Command::Status(args) => shoal::commands::status(args),
+        Command::Stop(args) => shoal::commands::stop(args),
+        Command::Scale(args) => shoal::commands::scale(args),
+        Command::Logs(args) => shoal::commands::logs(args),
         Command::Demo(args) => shoal::demo::run(args),
         Command::Supervise(args) => {
             let code =

@@ -1,0 +1,271 @@
+//! The client commands that work with jobs: run, status, stop, scale, logs.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::api::{Accepted, JobStatus, ScaleRequest};
+use crate::cli::{print_table, Client, JobArgs, LogsArgs, RunArgs, ScaleArgs, StatusArgs};
+use crate::job::JOB_FILE_LEN_MAX;
+use crate::reconcile::SlotState;
+
+fn path_segment(name: &str) -> Result<&str> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        bail!("`{name}` is not a job name (lower-case letters, digits and '-')");
+    }
+    Ok(name)
+}
+
+/// Counts of a job's slots by state: (running, completed, failed, total).
+fn progress(s: &JobStatus) -> (usize, usize, usize, usize) {
+    let count = |st: SlotState| {
+        s.instances
+            .iter()
+            .filter(|i| i.slot < s.replicas && i.state == st)
+            .count()
+    };
+    (
+        count(SlotState::Running),
+        count(SlotState::Completed),
+        count(SlotState::Failed),
+        s.replicas as usize,
+    )
+}
+
+fn settled(s: &JobStatus) -> bool {
+    let (running, completed, failed, total) = progress(s);
+    let extra = s.instances.iter().any(|i| i.slot >= s.replicas);
+    !extra
+        && if s.job_type == "batch" {
+            completed + failed == total
+        } else {
+            running == total
+        }
+}
+
+/// `shoal run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let meta = std::fs::metadata(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    if meta.len() > JOB_FILE_LEN_MAX as u64 {
+        bail!(
+            "{} is larger than the {JOB_FILE_LEN_MAX}-byte limit of job files",
+            args.file.display()
+        );
+    }
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let client = Client::new(&args.client);
+    let accepted: Accepted = client
+        .call("POST", "/v1/jobs", Some(&text))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?
+        .into_json()?;
+    println!(
+        "accepted job {} version {}",
+        accepted.name, accepted.version
+    );
+    if args.detach {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.timeout);
+    let path = format!("/v1/jobs/{}", path_segment(&accepted.name)?);
+    loop {
+        let status: JobStatus = client.get(&path)?;
+        let (running, completed, failed, total) = progress(&status);
+        bar.set_length(total as u64);
+        bar.set_position((running + completed + failed) as u64);
+        bar.set_message(if status.job_type == "batch" {
+            format!("{}: {completed} completed, {failed} failed", status.name)
+        } else {
+            format!("{}: {running} running", status.name)
+        });
+        if settled(&status) && status.version == accepted.version {
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            if status.job_type == "batch" {
+                println!(
+                    "{}: {completed} of {total} slots completed, {failed} failed ({secs:.1} s)",
+                    status.name
+                );
+                if failed > 0 {
+                    bail!(
+                        "{failed} slot(s) of {} failed; see `shoal logs {} --slot N --stderr`",
+                        status.name,
+                        status.name
+                    );
+                }
+            } else {
+                println!("{}: all {total} slots running ({secs:.1} s)", status.name);
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bar.finish_and_clear();
+            let reasons: Vec<String> = status
+                .instances
+                .iter()
+                .filter(|i| i.state == SlotState::Pending)
+                .filter_map(|i| i.reason.as_ref().map(|r| format!("slot {}: {r}", i.slot)))
+                .take(5)
+                .collect();
+            bail!(
+                "{}: {running} of {total} running after {} s{}\n(the job stays submitted; `shoal status {}` shows its slots)",
+                status.name,
+                args.timeout,
+                if reasons.is_empty() { String::new() } else { format!("\n{}", reasons.join("\n")) },
+                status.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `shoal status`.
+pub fn status(args: StatusArgs) -> Result<()> {
+    let client = Client::new(&args.client);
+    match &args.job {
+        None => {
+            let jobs: Vec<JobStatus> = client.get("/v1/jobs")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(());
+            }
+            let rows: Vec<[String; 5]> = jobs
+                .iter()
+                .map(|j| {
+                    let (running, completed, failed, total) = progress(j);
+                    let state = if j.job_type == "batch" {
+                        format!("{completed}/{total} completed, {failed} failed")
+                    } else {
+                        format!("{running}/{total} running")
+                    };
+                    [
+                        j.name.clone(),
+                        j.job_type.clone(),
+                        j.replicas.to_string(),
+                        state,
+                        j.version.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "TYPE", "REPLICAS", "STATUS", "VERSION"], &rows);
+        }
+        Some(job) => {
+            let s: JobStatus = client.get(&format!("/v1/jobs/{}", path_segment(job)?))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            println!(
+                "{} ({}), version {}, {} replicas{}",
+                s.name,
+                s.job_type,
+                s.version,
+                s.replicas,
+                if s.stopped { ", stopped" } else { "" }
+            );
+            let rows: Vec<[String; 4]> = s
+                .instances
+                .iter()
+                .map(|i| {
+                    [
+                        i.slot.to_string(),
+                        i.node.clone().unwrap_or_else(|| "-".into()),
+                        serde_json::to_value(i.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        i.reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print_table(&["SLOT", "NODE", "STATE", "REASON"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// `shoal stop`.
+pub fn stop(args: JobArgs) -> Result<()> {
+    let accepted: Accepted = Client::new(&args.client)
+        .call(
+            "DELETE",
+            &format!("/v1/jobs/{}", path_segment(&args.job)?),
+            None,
+        )?
+        .into_json()?;
+    println!(
+        "stopped job {} (version {})",
+        accepted.name, accepted.version
+    );
+    Ok(())
+}
+
+/// `shoal scale`.
+pub fn scale(args: ScaleArgs) -> Result<()> {
+    let body = serde_json::to_string(&ScaleRequest {
+        replicas: args.replicas,
+    })?;
+    let accepted: Accepted = Client::new(&args.client)
+        .call(
+            "POST",
+            &format!("/v1/jobs/{}/scale", path_segment(&args.job)?),
+            Some(&body),
+        )?
+        .into_json()?;
+    println!(
+        "scaled job {} to {} replicas (version {})",
+        accepted.name, args.replicas, accepted.version
+    );
+    Ok(())
+}
+
+/// `shoal logs`.
+pub fn logs(args: LogsArgs) -> Result<()> {
+    let client = Client::new(&args.client);
+    let stream = if args.stderr { "stderr" } else { "stdout" };
+    let path = format!(
+        "/v1/jobs/{}/logs?slot={}&stream={stream}&max_bytes={}",
+        path_segment(&args.job)?,
+        args.slot,
+        args.max_bytes
+    );
+    let fetch = || -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut client.call("GET", &path, None)?.into_reader(),
+            &mut bytes,
+        )?;
+        Ok(bytes)
+    };
+    let mut shown = fetch()?;
+    std::io::stdout().write_all(&shown)?;
+    std::io::stdout().flush()?;
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(now) = fetch() else { continue };
+        // Print what follows the part already shown (the tail window slides).
+        let new = match (0..=shown.len()).find(|&k| now.starts_with(&shown[k..])) {
+            Some(k) => &now[shown.len() - k..],
+            None => &now[..],
+        };
+        std::io::stdout().write_all(new)?;
+        std::io::stdout().flush()?;
+        shown = now;
+    }
+    Ok(())
+}
