@@ -267,5 +267,4 @@ pub fn logs(args: LogsArgs) -> Result<()> {
         std::io::stdout().flush()?;
         shown = now;
     }
-    Ok(())
 }
