@@ -14,7 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use shoal_placement::{conflict_order, coordinator_with, Node, NodeIndex, RunningCopy};
+use shoal_placement::hrw::node_hash;
+use shoal_placement::{conflict_order, coordinator, RunningCopy};
 
 use crate::job::{JobSpec, JobType};
 use crate::store::JobRecord;
@@ -80,10 +81,10 @@ pub struct Inputs<'a> {
     pub completed: &'a BTreeSet<(String, u32)>,
     /// Instances on live nodes (this node's own from its local table).
     pub observed: &'a [Observed],
-    /// Live nodes, with their loads, for placement.
-    pub nodes: &'a [Node],
-    /// Index of `nodes`.
-    pub index: &'a NodeIndex,
+    /// Names of the alive members (this node included): who coordinates a
+    /// slot depends on these alone, so every node agrees while membership
+    /// agrees, whatever else it knows of the others yet.
+    pub members: &'a [String],
     /// Slots whose placement this node has in flight.
     pub pending: &'a BTreeSet<(String, u32)>,
 }
@@ -153,7 +154,11 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         }
     }
 
-    let me_index = inp.nodes.iter().position(|n| n.id == inp.me);
+    let member_hashes: Vec<(u64, &str)> = inp
+        .members
+        .iter()
+        .map(|m| (node_hash(m), m.as_str()))
+        .collect();
     for (name, spec) in &live_jobs {
         let fp = fingerprints[name];
         for slot in 0..spec.replicas {
@@ -203,11 +208,11 @@ pub fn reconcile(inp: &Inputs) -> Actions {
                     }
                 }
             }
-            if live.is_empty() && !inp.pending.contains(&key) {
-                let coordinator = coordinator_with(name, slot, inp.nodes, inp.index);
-                if coordinator.is_some() && coordinator == me_index {
-                    actions.place.push(key);
-                }
+            if live.is_empty()
+                && !inp.pending.contains(&key)
+                && coordinator(name, slot, &member_hashes) == Some(inp.me)
+            {
+                actions.place.push(key);
             }
         }
     }

@@ -470,6 +470,7 @@ impl Scheduler {
 
     /// A call from a peer.
     pub fn on_rpc(&mut self, msg: Incoming) {
+        let from = msg.from;
         let Some(reply) = msg.reply else { return };
         let req: Request = match serde_json::from_slice(&msg.body) {
             Ok(r) => r,
@@ -533,6 +534,7 @@ impl Scheduler {
             }
             Request::Bid => Response::Bid(self.fresh_node()),
             Request::Start { job, slots } => {
+                info!(job = %job.name, ?slots, %from, "start requested");
                 self.apply_jobs(std::slice::from_ref(&job));
                 Response::Started {
                     refused: self.start_slots(&job, &slots),
@@ -859,11 +861,16 @@ impl Scheduler {
         }
     }
 
+    /// Alive nodes whose record has arrived (a node known only from a
+    /// probe has no capacity yet and cannot be a candidate).
     fn live_nodes_for_placement(&self) -> Vec<Node> {
         self.view
             .members
             .iter()
-            .filter(|m| m.state == NodeState::Alive)
+            .filter(|m| {
+                m.state == NodeState::Alive
+                    && (m.record.name == self.me || !m.record.version.is_empty())
+            })
             .map(|m| {
                 if m.record.name == self.me {
                     return self.fresh_node();
@@ -925,16 +932,20 @@ impl Scheduler {
             return;
         }
         let observed = self.observed();
-        let nodes = self.live_nodes_for_placement();
-        let index = NodeIndex::new(&nodes);
+        let members: Vec<String> = self
+            .view
+            .members
+            .iter()
+            .filter(|m| m.state == NodeState::Alive)
+            .map(|m| m.record.name.clone())
+            .collect();
         let pending: BTreeSet<(String, u32)> = self.pending.keys().cloned().collect();
         let actions = reconcile(&Inputs {
             me: &self.me,
             jobs: &self.jobs,
             completed: &self.completed,
             observed: &observed,
-            nodes: &nodes,
-            index: &index,
+            members: &members,
             pending: &pending,
         });
         for (job, slot, run, reason) in actions.stop {
@@ -968,6 +979,7 @@ impl Scheduler {
                 .insert(key.clone(), Instant::now() + PENDING_TTL);
             self.unplaceable.remove(key);
         }
+        let nodes = self.live_nodes_for_placement();
         self.spawn_placement(actions.place, nodes, &observed);
     }
 
@@ -1265,6 +1277,7 @@ async fn place_round(
     let mut starts = Vec::new();
     for ((winner, wi), slots) in assigned {
         let record = work[wi].0.clone();
+        info!(job = %record.name, ?slots, %winner, "placed");
         if winner == me {
             local.push((record, slots));
             continue;

@@ -28,7 +28,7 @@ pub use bid::{conflict_order, cost, survivor, winner, Bid, RunningCopy};
 pub use filter::Rejection;
 pub use model::{Affinity, Constraint, JobPlacements, Node, Op, Resources, SlotRequest, Spread};
 pub use place::{
-    candidates, candidates_with, coordinator_with, explain, place, place_with, Candidate, Decision,
+    candidates, candidates_with, coordinator, explain, place, place_with, Candidate, Decision,
     Explanation, NodeIndex, PlacementConfig, Unplaceable,
 };
 

@@ -398,27 +398,20 @@ pub fn explain(
     }
 }
 
-/// The node that coordinates the placement of a slot: the best-ranked of
-/// all `nodes` by rendezvous hashing alone, ignoring filters and load, so
-/// that every node agrees on it while membership is stable, however loads
-/// change. It gathers the candidates' bids and tells the winner to start.
-pub fn coordinator_with(job: &str, slot: u32, nodes: &[Node], index: &NodeIndex) -> Option<usize> {
+/// The member that coordinates a slot's placement: the highest rendezvous
+/// draw for the slot among the alive members, given as `(node_hash(name),
+/// name)`. Unweighted and blind to load and records, so that every node
+/// agrees on it from membership alone (capacities may not have reached
+/// every node yet). It gathers the candidates' bids and tells the winner to
+/// start. Ties by name.
+pub fn coordinator<'m>(job: &str, slot: u32, members: &[(u64, &'m str)]) -> Option<&'m str> {
     let sh = slot_hash(job, slot);
-    let mut best: Option<(f64, usize)> = None;
-    for i in 0..nodes.len() {
-        let u = unit(pair_hash(sh, index.hashes[i]));
-        let w = index.weights[i];
-        if let Some((b, bi)) = best {
-            if surely_below(w, u, b) {
-                continue;
-            }
-            let s = w / neg_ln(u);
-            if s > b || (s == b && nodes[i].id < nodes[bi].id) {
-                best = Some((s, i));
-            }
-        } else {
-            best = Some((w / neg_ln(u), i));
-        }
-    }
-    best.map(|(_, i)| i)
+    members
+        .iter()
+        .max_by(|a, b| {
+            pair_hash(sh, a.0)
+                .cmp(&pair_hash(sh, b.0))
+                .then_with(|| b.1.cmp(a.1))
+        })
+        .map(|m| m.1)
 }

@@ -396,10 +396,14 @@ proptest! {
 
 proptest! {
     #[test]
-    fn coordinator_is_the_unfiltered_rendezvous_favourite(nodes in arb_nodes(30), slot in 0u32..500) {
-        let index = NodeIndex::new(&nodes);
-        let c = coordinator_with("job", slot, &nodes, &index).unwrap();
-        let ranked = hrw::rank("job", slot, &nodes);
-        prop_assert_eq!(&nodes[c].id, &ranked[0].0.id);
+    fn coordinator_depends_on_membership_only(nodes in arb_nodes(30), slot in 0u32..500) {
+        let members: Vec<(u64, &str)> = nodes.iter().map(|n| (hrw::node_hash(&n.id), n.id.as_str())).collect();
+        let c = coordinator("job", slot, &members).unwrap();
+        let mut reversed = members.clone();
+        reversed.reverse();
+        prop_assert_eq!(coordinator("job", slot, &reversed), Some(c));
+        // It is the unweighted rendezvous favourite.
+        let equal: Vec<Node> = nodes.iter().map(|n| Node::new(n.id.clone(), 1000, 1000)).collect();
+        prop_assert_eq!(c, hrw::rank("job", slot, &equal)[0].0.id.as_str());
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use shoal_placement::{Node, NodeIndex};
+use shoal_placement::Node;
 
 use super::*;
 use crate::hlc::{Hlc, Version};
@@ -100,7 +100,7 @@ fn arb_world() -> impl Strategy<Value = World> {
 }
 
 fn run_all(w: &World) -> BTreeMap<String, Actions> {
-    let index = NodeIndex::new(&w.nodes);
+    let members: Vec<String> = w.nodes.iter().map(|n| n.id.clone()).collect();
     let pending = BTreeSet::new();
     w.nodes
         .iter()
@@ -110,8 +110,7 @@ fn run_all(w: &World) -> BTreeMap<String, Actions> {
                 jobs: &w.jobs,
                 completed: &w.completed,
                 observed: &w.observed,
-                nodes: &w.nodes,
-                index: &index,
+                members: &members,
                 pending: &pending,
             };
             (n.id.clone(), reconcile(&inp))

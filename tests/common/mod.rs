@@ -177,7 +177,90 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+        kill_instances(&self.dir);
     }
+}
+
+/// Kills every instance (supervisor process group) started under `dir`:
+/// exec instances outlive their agent by design.
+pub fn kill_instances(dir: &Path) {
+    let needle = dir.join("instances").to_string_lossy().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" supervise ") && cmd.contains(&needle) {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `shoal <args>` against an agent; returns (success, stdout, stderr).
+pub fn cli(agent: &Agent, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("SHOAL_ADDR", agent.http())
+        .output()
+        .expect("run shoal");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct SlotView {
+    pub slot: u32,
+    pub node: Option<String>,
+    pub state: String,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct JobStatus {
+    pub name: String,
+    pub version: String,
+    pub replicas: u32,
+    pub instances: Vec<SlotView>,
+}
+
+impl Agent {
+    /// `GET /v1/jobs/{name}`.
+    pub fn job(&self, name: &str) -> Option<JobStatus> {
+        let resp = ureq::get(&format!("{}/v1/jobs/{name}", self.http()))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .ok()?;
+        resp.into_json().ok()
+    }
+
+    /// Slots of `name` in `state` on nodes other than `not_on`, per this agent.
+    pub fn count(&self, name: &str, state: &str, not_on: Option<&str>) -> usize {
+        self.job(name).map_or(0, |j| {
+            j.instances
+                .iter()
+                .filter(|i| {
+                    i.slot < j.replicas
+                        && i.state == state
+                        && (not_on.is_none() || i.node.as_deref() != not_on)
+                })
+                .count()
+        })
+    }
+}
+
+/// Writes a job file into `dir` and returns its path.
+pub fn job_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
 }
 
 /// Polls `cond` until it holds or the deadline passes.

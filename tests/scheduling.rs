@@ -1,0 +1,274 @@
+//! The scheduling core with real agent processes on 127.0.0.1.
+
+mod common;
+
+use common::*;
+
+const WEB: &str = r#"name = "web"
+type = "service"
+replicas = 5
+
+[task]
+driver = "exec"
+command = "sleep"
+args = ["100000"]
+
+[task.resources]
+cpu = 100
+memory = 32
+"#;
+
+fn running_everywhere(agents: &[Agent], job: &str, n: usize, not_on: Option<&str>) -> bool {
+    agents
+        .iter()
+        .filter(|a| a.child.is_some())
+        .all(|a| a.count(job, "running", not_on) == n)
+}
+
+#[test]
+fn service_runs_survives_a_node_kill_scales_and_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agents = cluster(root.path(), 5);
+    wait_until("5 alive", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 5)
+        })
+    });
+
+    // Submitted at A, every replica runs (and `shoal run` waits for it).
+    let file = job_file(root.path(), "web", WEB);
+    let (ok, out, err) = cli(
+        &agents[0],
+        &["run", file.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("all 5 slots running"), "{out}");
+    wait_until("every node sees 5 running", || {
+        running_everywhere(&agents, "web", 5, None)
+    });
+
+    // SIGKILL a node holding replicas (not the seed): they run elsewhere.
+    let job = agents[0].job("web").unwrap();
+    let victim = job
+        .instances
+        .iter()
+        .filter_map(|i| i.node.clone())
+        .find(|n| n != "n0")
+        .unwrap();
+    let vi = agents.iter().position(|a| a.name == victim).unwrap();
+    agents[vi].stop(libc::SIGKILL);
+    kill_instances(&agents[vi].dir); // the machine went with it
+    wait_until("the lost slots run elsewhere", || {
+        running_everywhere(&agents, "web", 5, Some(&victim))
+    });
+
+    // Submit at another node while the first is dead.
+    agents[0].stop(libc::SIGKILL);
+    kill_instances(&agents[0].dir);
+    let other = agents.iter().position(|a| a.child.is_some()).unwrap();
+    let batchy = WEB
+        .replace("name = \"web\"", "name = \"web2\"")
+        .replace("replicas = 5", "replicas = 3");
+    let file2 = job_file(root.path(), "web2", &batchy);
+    let (ok, out, err) = cli(
+        &agents[other],
+        &["run", file2.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    wait_until("web2 runs, web recovered again", || {
+        running_everywhere(&agents, "web2", 3, None)
+            && running_everywhere(&agents, "web", 5, Some("n0"))
+    });
+
+    // Scale up and down.
+    let (ok, out, err) = cli(&agents[other], &["scale", "web", "8"]);
+    assert!(ok, "{out}{err}");
+    wait_until("8 running", || running_everywhere(&agents, "web", 8, None));
+    let (ok, out, err) = cli(&agents[other], &["scale", "web", "2"]);
+    assert!(ok, "{out}{err}");
+    wait_until("2 running, the rest stopped", || {
+        agents.iter().filter(|a| a.child.is_some()).all(|a| {
+            a.job("web").is_some_and(|j| {
+                j.replicas == 2
+                    && j.instances.len() == 2
+                    && j.instances.iter().all(|i| i.state == "running")
+            })
+        })
+    });
+
+    // Stop: no copy anywhere.
+    let (ok, out, err) = cli(&agents[other], &["stop", "web"]);
+    assert!(ok, "{out}{err}");
+    wait_until("web stopped everywhere", || {
+        agents.iter().filter(|a| a.child.is_some()).all(|a| {
+            a.job("web")
+                .is_some_and(|j| j.replicas == 0 && j.instances.is_empty())
+        })
+    });
+    let (ok, _, err) = cli(&agents[other], &["stop", "web"]);
+    assert!(!ok && err.contains("no job named"), "{err}");
+}
+
+#[test]
+fn batch_runs_each_slot_once_and_state_survives_a_full_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
+        })
+    });
+    let runs = root.path().join("runs.log");
+    let batch = format!(
+        "name = \"crunch\"\ntype = \"batch\"\nreplicas = 6\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo $SHOAL_SLOT >> {}; sleep 0.2\"]\n",
+        runs.display()
+    );
+    let file = job_file(root.path(), "crunch", &batch);
+    let (ok, out, err) = cli(
+        &agents[1],
+        &["run", file.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("6 of 6 slots completed"), "{out}");
+    let web = job_file(
+        root.path(),
+        "web",
+        &WEB.replace("replicas = 5", "replicas = 3"),
+    );
+    let (ok, out, err) = cli(
+        &agents[2],
+        &["run", web.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    wait_until("every node knows the completions", || {
+        agents
+            .iter()
+            .all(|a| a.count("crunch", "completed", None) == 6)
+    });
+
+    // Each slot ran exactly once.
+    let mut slots: Vec<u32> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    slots.sort();
+    if slots != (0..6).collect::<Vec<_>>() {
+        for a in &agents {
+            eprintln!(
+                "---- {}\n{}",
+                a.name,
+                a.stderr()
+                    .lines()
+                    .filter(|l| !l.contains("member state"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    assert_eq!(slots, (0..6).collect::<Vec<_>>());
+
+    // Restart every node (graceful stop, same data dirs): jobs and
+    // completions are still there, the service runs again, and no batch
+    // slot runs again.
+    for a in agents.iter_mut() {
+        a.stop(libc::SIGTERM);
+    }
+    let seed_dir_token = root.path().join("n0").join("join-token");
+    let mut restarted = vec![Agent::start(root.path(), "n0", None, None, &[])];
+    let seed = restarted[0].quic();
+    for i in 1..3 {
+        restarted.push(Agent::start(
+            root.path(),
+            &format!("n{i}"),
+            Some(&seed),
+            Some(&seed_dir_token),
+            &[],
+        ));
+    }
+    wait_until("the service runs again after the restart", || {
+        running_everywhere(&restarted, "web", 3, None)
+    });
+    wait_until("completions survived", || {
+        restarted
+            .iter()
+            .all(|a| a.count("crunch", "completed", None) == 6)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap().lines().count(),
+        6,
+        "a completed batch slot ran again"
+    );
+}
+
+#[test]
+fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
+        })
+    });
+
+    let bad = job_file(
+        root.path(),
+        "bad",
+        &WEB.replace("replicas = 5", "replicas = 0"),
+    );
+    let (ok, _, err) = cli(&agents[0], &["run", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("line 3") && err.contains("replicas"), "{err}");
+    let typo = job_file(root.path(), "typo", &WEB.replace("command =", "comand ="));
+    let (ok, _, err) = cli(&agents[0], &["run", typo.to_str().unwrap()]);
+    assert!(!ok && err.contains("comand"), "{err}");
+    let (ok, out, _) = cli(&agents[0], &["status", "--json"]);
+    assert!(ok);
+    assert_eq!(out.trim(), "[]", "a refused file changed nothing");
+
+    // The same job submitted at two nodes at once, with different replica
+    // counts: every node ends on one version.
+    let a = job_file(
+        root.path(),
+        "a",
+        &WEB.replace("replicas = 5", "replicas = 2"),
+    );
+    let b = job_file(
+        root.path(),
+        "b",
+        &WEB.replace("replicas = 5", "replicas = 4"),
+    );
+    let (pa, pb) = (
+        a.to_str().unwrap().to_string(),
+        b.to_str().unwrap().to_string(),
+    );
+    let (h0, h1) = (agents[0].http(), agents[1].http());
+    let t1 = std::thread::spawn(move || {
+        std::process::Command::new(BIN)
+            .args(["run", "--detach", &pa])
+            .env("SHOAL_ADDR", h0)
+            .output()
+            .unwrap()
+    });
+    let t2 = std::thread::spawn(move || {
+        std::process::Command::new(BIN)
+            .args(["run", "--detach", &pb])
+            .env("SHOAL_ADDR", h1)
+            .output()
+            .unwrap()
+    });
+    assert!(t1.join().unwrap().status.success());
+    assert!(t2.join().unwrap().status.success());
+    wait_until("one version everywhere, and it runs", || {
+        let jobs: Vec<JobStatus> = agents.iter().filter_map(|a| a.job("web")).collect();
+        jobs.len() == 3
+            && jobs
+                .iter()
+                .all(|j| j.version == jobs[0].version && j.replicas == jobs[0].replicas)
+            && running_everywhere(&agents, "web", jobs[0].replicas as usize, None)
+    });
+}
