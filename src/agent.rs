@@ -220,6 +220,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         internal_tx,
         snapshot_tx,
     );
+    if !config.join.is_empty() {
+        scheduler.joining();
+    }
     scheduler.recover().await?;
 
     let state = ApiState {

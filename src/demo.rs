@@ -9,15 +9,16 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::agent::AgentInfo;
-use crate::api::NodeInfo;
+use crate::api::{JobStatus, NodeInfo};
 use crate::cli::{Client, ClientArgs};
+use crate::reconcile::SlotState;
 
 /// Bound on every wait of the demo.
 const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Agents to start (at least 2).
+    /// Agents to start (at least 3).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Stop after this many seconds instead of waiting for Ctrl-C.
@@ -132,6 +133,46 @@ fn wait_view(
     }
 }
 
+const DEMO_SERVICE: &str = "name = \"web\"\ntype = \"service\"\nreplicas = 6\n[task]\ncommand = \"sleep\"\nargs = [\"100000\"]\n[task.resources]\ncpu = 100\nmemory = 32\n";
+const DEMO_BATCH: &str = "name = \"crunch\"\ntype = \"batch\"\nreplicas = 3\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo crunching slot $SHOAL_SLOT on $SHOAL_NODE\"]\n";
+
+fn count(s: &JobStatus, state: SlotState) -> usize {
+    s.instances
+        .iter()
+        .filter(|i| i.slot < s.replicas && i.state == state)
+        .count()
+}
+
+fn wait_job(
+    observer: &DemoAgent,
+    job: &str,
+    mut cond: impl FnMut(&JobStatus) -> bool,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(s) = client(observer).get::<JobStatus>(&format!("/v1/jobs/{job}")) {
+            if cond(&s) {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > WAIT {
+            bail!("timed out waiting for job {job}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn show_job(observer: &DemoAgent, job: &str) -> Result<()> {
+    crate::commands::status(crate::cli::StatusArgs {
+        client: ClientArgs {
+            addr: observer.info.http.clone(),
+            http_token: None,
+        },
+        job: Some(job.to_string()),
+        json: false,
+    })
+}
+
 fn show(observer: &DemoAgent) -> Result<()> {
     crate::cli::nodes(crate::cli::NodesArgs {
         client: ClientArgs {
@@ -144,8 +185,8 @@ fn show(observer: &DemoAgent) -> Result<()> {
 
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> Result<()> {
-    if args.nodes < 2 {
-        bail!("--nodes must be at least 2");
+    if args.nodes < 3 {
+        bail!("--nodes must be at least 3");
     }
     let tmp;
     let root = match &args.data_dir {
@@ -175,17 +216,64 @@ pub fn run(args: DemoArgs) -> Result<()> {
     );
     show(&agents[0])?;
 
-    let victim = agents.len() - 1;
-    let name = agents[victim].name.clone();
-    println!("\nkill -9 {name} ...");
+    // A service and a batch job, submitted at the first node.
+    let api = client(&agents[0]);
+    for (name, text) in [("web", DEMO_SERVICE), ("crunch", DEMO_BATCH)] {
+        api.call("POST", "/v1/jobs", Some(text))
+            .with_context(|| format!("submitting {name}"))?;
+    }
+    println!("\nSubmitted a service (web, 6 replicas of `sleep`) and a batch job (crunch, 3 slots) at n1.");
+    let took = wait_job(&agents[0], "web", |s| count(s, SlotState::Running) == 6)?;
+    wait_job(&agents[0], "crunch", |s| {
+        count(s, SlotState::Completed) == 3
+    })?;
+    println!(
+        "All 6 web slots running after {:.2} s, and crunch completed:\n",
+        took.as_secs_f64()
+    );
+    show_job(&agents[0], "web")?;
+
+    // Pull the plug on a node holding web slots: its agent and its processes.
+    let status: JobStatus = client(&agents[0]).get("/v1/jobs/web")?;
+    let name = status
+        .instances
+        .iter()
+        .filter_map(|i| i.node.clone())
+        .find(|n| n != &agents[0].name)
+        .context("no web slot on another node")?;
+    let victim = agents
+        .iter()
+        .position(|a| a.name == name)
+        .expect("a demo node");
+    let lost = status
+        .instances
+        .iter()
+        .filter(|i| i.node.as_deref() == Some(name.as_str()))
+        .count();
+    println!("\nkill -9 {name} and every process it started ({lost} web slots) ...");
     if let Some(mut c) = agents[victim].child.take() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let took = wait_view(&agents[0], "the killed node is dead", |ns| {
+    crate::driver::exec::kill_instances_under(&root.join(&name).join("instances"));
+    let killed_at = Instant::now();
+    let dead = wait_view(&agents[0], "the killed node is dead", |ns| {
         ns.iter().any(|x| x.name == name && x.state == "dead")
     })?;
-    println!("{name} declared dead after {:.2} s:\n", took.as_secs_f64());
+    wait_job(&agents[0], "web", |s| {
+        s.instances
+            .iter()
+            .filter(|i| i.state == SlotState::Running && i.node.as_deref() != Some(name.as_str()))
+            .count()
+            == 6
+    })?;
+    println!(
+        "{name} declared dead after {:.2} s; its {lost} slots run elsewhere after {:.2} s:\n",
+        dead.as_secs_f64(),
+        killed_at.elapsed().as_secs_f64()
+    );
+    show_job(&agents[0], "web")?;
+    println!();
     show(&agents[0])?;
 
     println!("\nRestarting {name} with the same data dir ...");
@@ -196,10 +284,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("{name} is alive again.\n");
     show(&agents[0])?;
 
-    println!("\nTry next (in another terminal):");
+    println!("\nTry next (in another terminal; `shoal` is target/release/shoal):");
     println!("  export SHOAL_ADDR={}", agents[0].info.http);
-    println!("  shoal nodes            # or: cargo run --release -- nodes");
-    println!("  shoal nodes --json");
+    println!("  shoal nodes");
+    println!("  shoal status web");
+    println!("  shoal scale web 9");
+    println!("  shoal logs crunch --slot 1");
+    println!("  shoal run examples/web.toml   # another version of web");
+    println!("  shoal stop web");
     match args.exit_after {
         Some(secs) => {
             println!("\nStopping in {secs} s.");

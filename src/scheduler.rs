@@ -36,6 +36,10 @@ const RETRY_UNPLACEABLE: Duration = Duration::from_secs(2);
 const BID_TIMEOUT: Duration = Duration::from_millis(500);
 /// Wait for a winner to accept a start, and for pushes of writes.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// A node that joined through seeds coordinates no placement for this long
+/// after start: until gossip has brought it the whole membership, its view
+/// would make it coordinator of slots others coordinate.
+pub const JOIN_GRACE: Duration = Duration::from_secs(2);
 /// Reconcile at least this often even if nothing changed.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Anti-entropy with one random peer this often.
@@ -158,6 +162,8 @@ pub struct Scheduler {
     last_sync: Instant,
     internal_tx: mpsc::Sender<Internal>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    /// No coordination before this instant (see [`JOIN_GRACE`]).
+    coordinate_after: Instant,
 }
 
 fn api_err(status: u16, message: impl Into<String>) -> ApiFailure {
@@ -204,7 +210,14 @@ impl Scheduler {
             last_sync: Instant::now(),
             internal_tx,
             snapshot_tx,
+            coordinate_after: Instant::now(),
         }
+    }
+
+    /// Holds coordination back for [`JOIN_GRACE`] (for a node that joined
+    /// through seeds).
+    pub fn joining(&mut self) {
+        self.coordinate_after = Instant::now() + JOIN_GRACE;
     }
 
     /// Loads the stored state and adopts the instances the drivers still
@@ -243,7 +256,7 @@ impl Scheduler {
                 }
                 info!(instance = %spec.id, ?state, "adopted an instance from before the restart");
                 self.local.insert(
-                    key,
+                    key.clone(),
                     Local {
                         id: spec.id.clone(),
                         driver: driver.name().to_string(),
@@ -257,7 +270,21 @@ impl Scheduler {
                     },
                 );
                 if state != InstanceState::Running {
-                    self.on_ended(spec.id, state).await;
+                    // It ended while the agent was down. A batch success
+                    // still counts; anything else is forgotten rather than
+                    // restarted: its slot may run elsewhere by now, and the
+                    // reconciler places it again if not.
+                    let success = matches!(state, InstanceState::Exited(s) if s.success());
+                    let batch = self
+                        .local
+                        .get(&key)
+                        .is_some_and(|l| l.spec.job_type == JobType::Batch);
+                    if success && batch {
+                        self.on_ended(spec.id, state).await;
+                    } else {
+                        self.local.remove(&key);
+                        let _ = driver.remove(&spec.id).await;
+                    }
                 }
             }
         }
@@ -932,13 +959,25 @@ impl Scheduler {
             return;
         }
         let observed = self.observed();
-        let members: Vec<String> = self
-            .view
-            .members
+        // A placement that shows up in gossip is done: forget it, so that a
+        // later loss of the copy is replaced at once.
+        let placed: BTreeSet<(&str, u32)> = observed
             .iter()
-            .filter(|m| m.state == NodeState::Alive)
-            .map(|m| m.record.name.clone())
+            .filter(|o| o.copy.state.is_live())
+            .map(|o| (o.job.as_str(), o.copy.slot))
             .collect();
+        self.pending
+            .retain(|(j, s), _| !placed.contains(&(j.as_str(), *s)));
+        let members: Vec<String> = if Instant::now() < self.coordinate_after {
+            Vec::new()
+        } else {
+            self.view
+                .members
+                .iter()
+                .filter(|m| m.state == NodeState::Alive)
+                .map(|m| m.record.name.clone())
+                .collect()
+        };
         let pending: BTreeSet<(String, u32)> = self.pending.keys().cloned().collect();
         let actions = reconcile(&Inputs {
             me: &self.me,

@@ -39,11 +39,17 @@ pub struct ExecDriver {
     events_rx: Mutex<Option<mpsc::Receiver<DriverEvent>>>,
 }
 
+/// The start time of a live (not zombie) process, in clock ticks since boot.
 fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, counted after the parenthesised command name.
+    // Fields after the parenthesised command name: state is field 3, start
+    // time field 22.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z") | Some("X") | None) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 fn pidfd(pid: u32) -> Option<AsyncFd<OwnedFd>> {
@@ -249,5 +255,28 @@ impl Driver for ExecDriver {
 
     fn events(&self) -> Option<mpsc::Receiver<DriverEvent>> {
         self.events_rx.lock().expect("lock").take()
+    }
+}
+
+/// Kills every exec instance (supervisor process group) whose directory is
+/// under `dir`, as if the machine had gone down with its agent. For the
+/// demo, tests and fault injection: exec instances outlive their agent by
+/// design.
+pub fn kill_instances_under(dir: &Path) {
+    let needle = dir.to_string_lossy().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" supervise ") && cmd.contains(&needle) {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
     }
 }

@@ -181,25 +181,9 @@ impl Drop for Agent {
     }
 }
 
-/// Kills every instance (supervisor process group) started under `dir`:
-/// exec instances outlive their agent by design.
+/// Kills every instance started under `dir` (they outlive their agent).
 pub fn kill_instances(dir: &Path) {
-    let needle = dir.join("instances").to_string_lossy().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" supervise ") && cmd.contains(&needle) {
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-        }
-    }
+    shoal::driver::exec::kill_instances_under(&dir.join("instances"));
 }
 
 /// `shoal <args>` against an agent; returns (success, stdout, stderr).
