@@ -230,6 +230,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         token: config.http_token.clone().map(Arc::from),
         snapshot: snapshot_rx,
         commands: api_tx,
+        transport_stats: transport.stats(),
     };
     let app = api::router(state);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -31,6 +31,8 @@ pub struct ApiState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Commands to the scheduler.
     pub commands: mpsc::Sender<ApiCommand>,
+    /// Counters of the node-to-node transport.
+    pub transport_stats: Arc<shoal_transport::TransportStats>,
 }
 
 /// Longest job file accepted in a request body.
@@ -353,6 +355,25 @@ async fn nodes(State(state): State<ApiState>) -> Json<Vec<NodeInfo>> {
     Json(nodes_of(&state.view.borrow()))
 }
 
+async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    use shoal_transport::TransportStats as S;
+    let t = &state.transport_stats;
+    Json(serde_json::json!({
+        "transport": {
+            "frames_sent": S::get(&t.frames_sent),
+            "frames_received": S::get(&t.frames_received),
+            "bytes_sent": S::get(&t.bytes_sent),
+            "bytes_received": S::get(&t.bytes_received),
+            "frames_undecodable": S::get(&t.frames_undecodable),
+            "frames_oversized": S::get(&t.frames_oversized),
+            "frames_dropped_queue_full": S::get(&t.frames_dropped_queue_full),
+            "sends_failed": S::get(&t.sends_failed),
+            "handshakes_refused": S::get(&t.handshakes_refused),
+        },
+        "rss_kib": crate::host::rss_kib(),
+    }))
+}
+
 async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let name = state.view.borrow().self_name.clone();
     Json(serde_json::json!({ "status": "ok", "name": name }))
@@ -392,6 +413,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{name}/logs", get(logs))
         .route("/v1/instances", get(instances))
         .route("/v1/health", get(health))
+        .route("/v1/stats", get(stats))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)

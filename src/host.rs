@@ -41,6 +41,14 @@ pub fn cgroup_v2_writable() -> bool {
     ok
 }
 
+/// This process's resident memory, KiB (VmRSS).
+pub fn rss_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// The host name, for the default node name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")

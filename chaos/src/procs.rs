@@ -145,6 +145,109 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> 
     }
 }
 
+/// A running shoal agent of a benchmark or chaos run.
+pub struct Agent {
+    /// Node name.
+    pub name: String,
+    /// Its data dir.
+    pub dir: PathBuf,
+    /// The process.
+    pub proc: Proc,
+    /// Its QUIC address.
+    pub quic: String,
+    /// Its HTTP API URL.
+    pub http: String,
+    /// Its pid.
+    pub pid: u32,
+}
+
+impl Agent {
+    /// Starts `shoal agent` with its data dir under `root`, listening on
+    /// 127.0.0.1 ports the OS picks; waits until it serves.
+    pub fn start(root: &Path, name: &str, seed: Option<&str>, extra: &[&str]) -> Result<Agent> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::fs::remove_file(dir.join("agent.json"));
+        let mut cmd = Command::new(shoal_bin());
+        cmd.args(["agent", "--name", name, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .args(extra)
+            .env("RUST_LOG", "info");
+        if let Some(seed) = seed {
+            cmd.args(["--join", seed]).arg("--token-file").arg(root.join("n0").join("join-token"));
+        }
+        let proc = Proc::spawn(name, cmd, &root.join(format!("{name}.log")))?;
+        let info = dir.join("agent.json");
+        wait_for(&format!("{name} to serve"), Duration::from_secs(30), || info.exists())?;
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&info)?)?;
+        Ok(Agent {
+            name: name.into(),
+            dir,
+            pid: proc.pid().unwrap_or(0),
+            proc,
+            quic: v["quic"].as_str().unwrap_or_default().into(),
+            http: v["http"].as_str().unwrap_or_default().into(),
+        })
+    }
+
+    /// GET a JSON resource of its API.
+    pub fn get(&self, path: &str) -> Option<serde_json::Value> {
+        ureq::get(&format!("{}{path}", self.http)).timeout(Duration::from_secs(10)).call().ok()?.into_json().ok()
+    }
+
+    /// POST a body to its API.
+    pub fn post(&self, path: &str, body: &str) -> Result<serde_json::Value> {
+        Ok(ureq::post(&format!("{}{path}", self.http)).timeout(Duration::from_secs(30)).send_string(body)?.into_json()?)
+    }
+
+    /// Kills the agent and every instance it started, like a machine
+    /// losing power.
+    pub fn crash(&mut self) {
+        self.proc.stop(libc::SIGKILL);
+        kill_supervisors_under(&self.dir);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// Kills every `shoal supervise` process group whose directory is under
+/// `dir`.
+pub fn kill_supervisors_under(dir: &Path) {
+    let needle = dir.to_string_lossy().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" supervise ") && cmd.contains(&needle) {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Starts `n` agents on loopback: `n0` bootstraps, the others join it.
+pub fn start_cluster(root: &Path, n: usize, extra: &[&str]) -> Result<Vec<Agent>> {
+    let first = Agent::start(root, "n0", None, extra)?;
+    let seed = first.quic.clone();
+    let mut agents = vec![first];
+    for i in 1..n {
+        agents.push(Agent::start(root, &format!("n{i}"), Some(&seed), extra)?);
+    }
+    Ok(agents)
+}
+
+/// Resident memory of a process, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// The `shoal` binary: `$SHOAL_BIN`, else the workspace's release build.
 pub fn shoal_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SHOAL_BIN") {
