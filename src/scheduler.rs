@@ -44,6 +44,12 @@ pub const JOIN_GRACE: Duration = Duration::from_secs(2);
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Anti-entropy with one random peer this often.
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Job records per anti-entropy answer or push (each answer is one frame,
+/// bounded at 4 MiB; a job record is well under 4 KiB). A peer far behind
+/// catches up over several rounds, back to back.
+const SYNC_RECORDS_MAX: usize = 500;
+/// Completions per anti-entropy answer.
+const SYNC_COMPLETIONS_MAX: usize = 10_000;
 /// Grace between the stop signal and the kill.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Instances per published gossip key (each key must fit one gossip
@@ -164,6 +170,10 @@ pub struct Scheduler {
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     /// No coordination before this instant (see [`JOIN_GRACE`]).
     coordinate_after: Instant,
+    /// Instances other nodes publish: (node, key) -> (raw value, parsed).
+    remote: BTreeMap<(String, String), (String, Arc<Vec<Published>>)>,
+    /// The API snapshot is out of date.
+    snapshot_dirty: bool,
 }
 
 fn api_err(status: u16, message: impl Into<String>) -> ApiFailure {
@@ -211,6 +221,8 @@ impl Scheduler {
             internal_tx,
             snapshot_tx,
             coordinate_after: Instant::now(),
+            remote: BTreeMap::new(),
+            snapshot_dirty: true,
         }
     }
 
@@ -294,6 +306,22 @@ impl Scheduler {
 
     /// A new membership view.
     pub fn on_view(&mut self, view: MembershipView) {
+        // Parse the instances others publish only when their value changed.
+        let mut remote: BTreeMap<(String, String), (String, Arc<Vec<Published>>)> = BTreeMap::new();
+        for m in &view.members {
+            if m.record.name == self.me {
+                continue;
+            }
+            for (key, value) in m.app.iter().filter(|(k, _)| k.starts_with("i/")) {
+                let k = (m.record.name.clone(), key.clone());
+                let parsed = match self.remote.get(&k) {
+                    Some((old, parsed)) if old == value => parsed.clone(),
+                    _ => Arc::new(serde_json::from_str::<Vec<Published>>(value).unwrap_or_default()),
+                };
+                remote.insert(k, (value.clone(), parsed));
+            }
+        }
+        self.remote = remote;
         self.view = view;
         self.dirty = true;
     }
@@ -533,6 +561,7 @@ impl Scheduler {
                     .jobs
                     .iter()
                     .filter(|r| theirs.get(&r.name).is_none_or(|v| *v < r.version))
+                    .take(SYNC_RECORDS_MAX)
                     .cloned()
                     .collect();
                 let want: Vec<String> = theirs
@@ -552,6 +581,7 @@ impl Scheduler {
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|c| !theirs_done.contains(&(c.job.clone(), c.slot)))
+                    .take(SYNC_COMPLETIONS_MAX)
                     .collect();
                 Response::Synced {
                     newer,
@@ -745,6 +775,10 @@ impl Scheduler {
                 self.dirty = true;
             }
             Internal::Synced(records, completions) => {
+                if records.len() >= SYNC_RECORDS_MAX || completions.len() >= SYNC_COMPLETIONS_MAX {
+                    // More to fetch: sync again on the next tick.
+                    self.last_sync = Instant::now() - SYNC_INTERVAL;
+                }
                 self.apply_jobs(&records);
                 for c in completions {
                     self.record_completion(c);
@@ -882,6 +916,9 @@ impl Scheduler {
             self.publish().await;
             self.publish_snapshot();
         }
+        if self.snapshot_dirty {
+            self.build_snapshot();
+        }
         if now.duration_since(self.last_sync) >= SYNC_INTERVAL {
             self.last_sync = now;
             self.anti_entropy();
@@ -921,25 +958,20 @@ impl Scheduler {
     /// Instances on live (alive or suspect) nodes; this node's own from its table.
     fn observed(&self) -> Vec<Observed> {
         let mut out = Vec::new();
-        for m in &self.view.members {
-            if m.record.name == self.me || !matches!(m.state, NodeState::Alive | NodeState::Suspect)
-            {
+        let live: BTreeSet<&str> = self
+            .view
+            .members
+            .iter()
+            .filter(|m| matches!(m.state, NodeState::Alive | NodeState::Suspect))
+            .map(|m| m.record.name.as_str())
+            .collect();
+        for ((node, key), (_, copies)) in &self.remote {
+            if !live.contains(node.as_str()) {
                 continue;
             }
-            for (key, value) in &m.app {
-                let Some(rest) = key.strip_prefix("i/") else {
-                    continue;
-                };
-                let job = rest.rsplit_once('/').map(|(j, _)| j).unwrap_or(rest);
-                let Ok(copies) = serde_json::from_str::<Vec<Published>>(value) else {
-                    continue;
-                };
-                out.extend(copies.into_iter().map(|copy| Observed {
-                    node: m.record.name.clone(),
-                    job: job.to_string(),
-                    copy,
-                }));
-            }
+            let rest = &key[2..];
+            let job = rest.rsplit_once('/').map(|(j, _)| j).unwrap_or(rest);
+            out.extend(copies.iter().map(|copy| Observed { node: node.clone(), job: job.to_string(), copy: copy.clone() }));
         }
         out.extend(self.local.iter().map(|((job, _), l)| Observed {
             node: self.me.clone(),
@@ -1188,13 +1220,20 @@ impl Scheduler {
                 let _ = tx.send(Internal::Synced(newer, completions)).await;
             }
             let back: Vec<JobRecord> = want.iter().filter_map(|n| mine.get(n).cloned()).collect();
-            if !back.is_empty() {
-                let _ = call(&Request::PutJobs(back)).await;
+            for chunk in back.chunks(SYNC_RECORDS_MAX) {
+                let _ = call(&Request::PutJobs(chunk.to_vec())).await;
             }
         });
     }
 
-    fn publish_snapshot(&self) {
+    /// Marks the API snapshot out of date; [`Scheduler::tick`] rebuilds it
+    /// at most once per tick.
+    fn publish_snapshot(&mut self) {
+        self.snapshot_dirty = true;
+    }
+
+    fn build_snapshot(&mut self) {
+        self.snapshot_dirty = false;
         let mut instances: Vec<InstanceView> = self
             .observed()
             .into_iter()
