@@ -64,9 +64,9 @@ pub struct Published {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     /// The node holding it.
-    pub node: String,
+    pub node: std::sync::Arc<str>,
     /// Job name.
-    pub job: String,
+    pub job: std::sync::Arc<str>,
     /// What the node published.
     pub copy: Published,
 }
@@ -127,22 +127,19 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         .collect();
     let mut by_slot: BTreeMap<(&str, u32), Vec<&Observed>> = BTreeMap::new();
     for o in inp.observed {
-        by_slot
-            .entry((o.job.as_str(), o.copy.slot))
-            .or_default()
-            .push(o);
+        by_slot.entry((&*o.job, o.copy.slot)).or_default().push(o);
     }
 
     // Copies this node holds that must go.
     for o in inp
         .observed
         .iter()
-        .filter(|o| o.node == inp.me && o.copy.state.is_live())
+        .filter(|o| &*o.node == inp.me && o.copy.state.is_live())
     {
-        let reason = match live_jobs.get(o.job.as_str()) {
+        let reason = match live_jobs.get(&*o.job) {
             None => Some(StopReason::JobStopped),
             Some(spec) if o.copy.slot >= spec.replicas => Some(StopReason::ScaledDown),
-            Some(_) if fingerprints.get(o.job.as_str()) != Some(&o.copy.task) => {
+            Some(_) if fingerprints.get(&*o.job) != Some(&o.copy.task) => {
                 Some(StopReason::Outdated)
             }
             Some(_) => None,
@@ -150,7 +147,7 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         if let Some(r) = reason {
             actions
                 .stop
-                .push((o.job.clone(), o.copy.slot, o.copy.run, r));
+                .push((o.job.to_string(), o.copy.slot, o.copy.run, r));
         }
     }
 
@@ -176,7 +173,7 @@ pub fn reconcile(inp: &Inputs) -> Actions {
                 // A finished batch slot never runs again.
                 for o in copies
                     .iter()
-                    .filter(|o| o.node == inp.me && o.copy.state.is_live())
+                    .filter(|o| &*o.node == inp.me && o.copy.state.is_live())
                 {
                     actions
                         .stop
@@ -192,13 +189,14 @@ pub fn reconcile(inp: &Inputs) -> Actions {
                 let keep = live
                     .iter()
                     .map(|o| RunningCopy {
-                        node: o.node.clone(),
+                        node: o.node.to_string(),
                         started: o.copy.run,
                     })
                     .min_by(conflict_order)
                     .expect("two or more");
                 for o in &live {
-                    if o.node == inp.me && !(o.node == keep.node && o.copy.run == keep.started) {
+                    if &*o.node == inp.me && !(*o.node == *keep.node && o.copy.run == keep.started)
+                    {
                         actions.stop.push((
                             name.to_string(),
                             slot,

@@ -40,6 +40,13 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// after start: until gossip has brought it the whole membership, its view
 /// would make it coordinator of slots others coordinate.
 pub const JOIN_GRACE: Duration = Duration::from_secs(2);
+/// Reconcile at most this often, however often things change: during a
+/// large submission views and instances change every few milliseconds, and
+/// each pass looks at every slot.
+const RECONCILE_MIN: Duration = Duration::from_millis(100);
+/// The API's snapshot is rebuilt at most this often (it copies every job
+/// and instance).
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 /// Reconcile at least this often even if nothing changed.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Anti-entropy with one random peer this often.
@@ -146,6 +153,15 @@ struct Local {
     stopping: bool,
 }
 
+/// One gossip key of instances another node publishes, parsed once.
+#[derive(Clone)]
+struct RemoteKey {
+    value: String,
+    node: Arc<str>,
+    job: Arc<str>,
+    copies: Arc<Vec<Published>>,
+}
+
 /// The scheduler of one node.
 pub struct Scheduler {
     me: String,
@@ -171,9 +187,10 @@ pub struct Scheduler {
     /// No coordination before this instant (see [`JOIN_GRACE`]).
     coordinate_after: Instant,
     /// Instances other nodes publish: (node, key) -> (raw value, parsed).
-    remote: BTreeMap<(String, String), (String, Arc<Vec<Published>>)>,
+    remote: BTreeMap<(String, String), RemoteKey>,
     /// The API snapshot is out of date.
     snapshot_dirty: bool,
+    last_snapshot: Instant,
 }
 
 fn api_err(status: u16, message: impl Into<String>) -> ApiFailure {
@@ -223,6 +240,7 @@ impl Scheduler {
             coordinate_after: Instant::now(),
             remote: BTreeMap::new(),
             snapshot_dirty: true,
+            last_snapshot: Instant::now() - SNAPSHOT_INTERVAL,
         }
     }
 
@@ -307,18 +325,29 @@ impl Scheduler {
     /// A new membership view.
     pub fn on_view(&mut self, view: MembershipView) {
         // Parse the instances others publish only when their value changed.
-        let mut remote: BTreeMap<(String, String), (String, Arc<Vec<Published>>)> = BTreeMap::new();
+        let mut remote: BTreeMap<(String, String), RemoteKey> = BTreeMap::new();
         for m in &view.members {
             if m.record.name == self.me {
                 continue;
             }
             for (key, value) in m.app.iter().filter(|(k, _)| k.starts_with("i/")) {
                 let k = (m.record.name.clone(), key.clone());
-                let parsed = match self.remote.get(&k) {
-                    Some((old, parsed)) if old == value => parsed.clone(),
-                    _ => Arc::new(serde_json::from_str::<Vec<Published>>(value).unwrap_or_default()),
+                let entry = match self.remote.get(&k) {
+                    Some(old) if old.value == *value => old.clone(),
+                    _ => {
+                        let rest = &key[2..];
+                        let job = rest.rsplit_once('/').map(|(j, _)| j).unwrap_or(rest);
+                        RemoteKey {
+                            value: value.clone(),
+                            node: Arc::from(m.record.name.as_str()),
+                            job: Arc::from(job),
+                            copies: Arc::new(
+                                serde_json::from_str::<Vec<Published>>(value).unwrap_or_default(),
+                            ),
+                        }
+                    }
                 };
-                remote.insert(k, (value.clone(), parsed));
+                remote.insert(k, entry);
             }
         }
         self.remote = remote;
@@ -460,9 +489,9 @@ impl Scheduler {
         let observed = self.observed();
         let holder = observed
             .iter()
-            .filter(|o| o.job == job && o.copy.slot == slot)
+            .filter(|o| *o.job == *job && o.copy.slot == slot)
             .max_by_key(|o| (o.copy.state.is_live(), o.copy.run))
-            .map(|o| o.node.clone());
+            .map(|o| o.node.to_string());
         let Some(addr) = holder.as_deref().and_then(|h| self.addr_of(h)) else {
             let _ = reply.send(Err(api_err(
                 404,
@@ -909,14 +938,16 @@ impl Scheduler {
             self.dirty = true;
         }
         self.pending.retain(|_, deadline| *deadline > now);
-        if self.dirty || now.duration_since(self.last_reconcile) >= RECONCILE_INTERVAL {
+        let since = now.duration_since(self.last_reconcile);
+        if (self.dirty && since >= RECONCILE_MIN) || since >= RECONCILE_INTERVAL {
             self.dirty = false;
             self.last_reconcile = now;
             self.reconcile_now().await;
             self.publish().await;
             self.publish_snapshot();
         }
-        if self.snapshot_dirty {
+        if self.snapshot_dirty && now.duration_since(self.last_snapshot) >= SNAPSHOT_INTERVAL {
+            self.last_snapshot = now;
             self.build_snapshot();
         }
         if now.duration_since(self.last_sync) >= SYNC_INTERVAL {
@@ -965,17 +996,20 @@ impl Scheduler {
             .filter(|m| matches!(m.state, NodeState::Alive | NodeState::Suspect))
             .map(|m| m.record.name.as_str())
             .collect();
-        for ((node, key), (_, copies)) in &self.remote {
+        for ((node, _), r) in &self.remote {
             if !live.contains(node.as_str()) {
                 continue;
             }
-            let rest = &key[2..];
-            let job = rest.rsplit_once('/').map(|(j, _)| j).unwrap_or(rest);
-            out.extend(copies.iter().map(|copy| Observed { node: node.clone(), job: job.to_string(), copy: copy.clone() }));
+            out.extend(r.copies.iter().map(|copy| Observed {
+                node: r.node.clone(),
+                job: r.job.clone(),
+                copy: copy.clone(),
+            }));
         }
+        let me: Arc<str> = Arc::from(self.me.as_str());
         out.extend(self.local.iter().map(|((job, _), l)| Observed {
-            node: self.me.clone(),
-            job: job.clone(),
+            node: me.clone(),
+            job: Arc::from(job.as_str()),
             copy: Published {
                 slot: l.id.slot,
                 run: l.id.run,
@@ -996,7 +1030,7 @@ impl Scheduler {
         let placed: BTreeSet<(&str, u32)> = observed
             .iter()
             .filter(|o| o.copy.state.is_live())
-            .map(|o| (o.job.as_str(), o.copy.slot))
+            .map(|o| (&*o.job, o.copy.slot))
             .collect();
         self.pending
             .retain(|(j, s), _| !placed.contains(&(j.as_str(), *s)));
@@ -1102,9 +1136,9 @@ impl Scheduler {
             let mut placements: JobPlacements = BTreeMap::new();
             for o in observed
                 .iter()
-                .filter(|o| o.job == name && o.copy.state.is_live())
+                .filter(|o| *o.job == *name && o.copy.state.is_live())
             {
-                *placements.entry(o.node.clone()).or_default() += 1;
+                *placements.entry(o.node.to_string()).or_default() += 1;
             }
             work.push((record, slots, placements));
         }
@@ -1238,9 +1272,9 @@ impl Scheduler {
             .observed()
             .into_iter()
             .map(|o| InstanceView {
-                job: o.job,
+                job: o.job.to_string(),
                 slot: o.copy.slot,
-                node: o.node,
+                node: o.node.to_string(),
                 state: o.copy.state,
                 run: o.copy.run,
             })

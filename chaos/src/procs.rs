@@ -169,16 +169,29 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let _ = std::fs::remove_file(dir.join("agent.json"));
         let mut cmd = Command::new(shoal_bin());
-        cmd.args(["agent", "--name", name, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir)
-            .args(extra)
-            .env("RUST_LOG", "info");
+        cmd.args([
+            "agent",
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args(extra)
+        .env("RUST_LOG", "info");
         if let Some(seed) = seed {
-            cmd.args(["--join", seed]).arg("--token-file").arg(root.join("n0").join("join-token"));
+            cmd.args(["--join", seed])
+                .arg("--token-file")
+                .arg(root.join("n0").join("join-token"));
         }
         let proc = Proc::spawn(name, cmd, &root.join(format!("{name}.log")))?;
         let info = dir.join("agent.json");
-        wait_for(&format!("{name} to serve"), Duration::from_secs(30), || info.exists())?;
+        wait_for(&format!("{name} to serve"), Duration::from_secs(30), || {
+            info.exists()
+        })?;
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&info)?)?;
         Ok(Agent {
             name: name.into(),
@@ -192,12 +205,20 @@ impl Agent {
 
     /// GET a JSON resource of its API.
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
-        ureq::get(&format!("{}{path}", self.http)).timeout(Duration::from_secs(10)).call().ok()?.into_json().ok()
+        ureq::get(&format!("{}{path}", self.http))
+            .timeout(Duration::from_secs(10))
+            .call()
+            .ok()?
+            .into_json()
+            .ok()
     }
 
     /// POST a body to its API.
     pub fn post(&self, path: &str, body: &str) -> Result<serde_json::Value> {
-        Ok(ureq::post(&format!("{}{path}", self.http)).timeout(Duration::from_secs(30)).send_string(body)?.into_json()?)
+        Ok(ureq::post(&format!("{}{path}", self.http))
+            .timeout(Duration::from_secs(30))
+            .send_string(body)?
+            .into_json()?)
     }
 
     /// Kills the agent and every instance it started, like a machine
@@ -218,10 +239,16 @@ impl Drop for Agent {
 /// `dir`.
 pub fn kill_supervisors_under(dir: &Path) {
     let needle = dir.to_string_lossy().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" supervise ") && cmd.contains(&needle) {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
@@ -244,7 +271,11 @@ pub fn start_cluster(root: &Path, n: usize, extra: &[&str]) -> Result<Vec<Agent>
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -258,8 +258,11 @@ impl<T: Transport> Actor<T> {
         self.sync_from_gossip().await;
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    let actions = self.swim.tick(Instant::now());
+                t = tick.tick() => {
+                    let now = Instant::now();
+                    // How late this tick fired: our own starvation.
+                    self.swim.note_lag(now.saturating_duration_since(t.into_std()), now);
+                    let actions = self.swim.tick(now);
                     self.execute(actions);
                     self.publish_incarnation().await;
                     self.publish_view();

@@ -256,7 +256,17 @@ pub struct Swim {
     probes: BTreeMap<u64, Probe>,
     next_probe_id: u64,
     rng: StdRng,
+    /// Local health (Lifeguard's "local health awareness"): 0 when this
+    /// node keeps its own timing, up to [`HEALTH_MAX`] when it runs late
+    /// (CPU starvation, a paused process). Every timeout is stretched by
+    /// `1 + health`, so a starved node neither suspects healthy peers on
+    /// its own late timers nor confirms others' suspicions too eagerly.
+    health: u32,
+    health_decay_at: Option<Instant>,
 }
+
+/// Largest local-health score: timeouts stretch at most 9-fold.
+pub const HEALTH_MAX: u32 = 8;
 
 /// A member as the detector sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,6 +302,30 @@ impl Swim {
             probes: BTreeMap::new(),
             next_probe_id: 0,
             rng: StdRng::seed_from_u64(seed),
+            health: 0,
+            health_decay_at: None,
+        }
+    }
+
+    fn scaled(&self, d: Duration) -> Duration {
+        d * (1 + self.health)
+    }
+
+    /// Current local-health score (0 = healthy).
+    pub fn health(&self) -> u32 {
+        self.health
+    }
+
+    /// Reports how late this node's own timer fired. Lateness beyond a
+    /// quarter of the probe timeout means the node is starved: its health
+    /// score rises; a second without such lateness lowers it by one.
+    pub fn note_lag(&mut self, lag: Duration, now: Instant) {
+        if lag > self.config.probe_timeout / 4 {
+            self.health = (self.health + 1).min(HEALTH_MAX);
+            self.health_decay_at = Some(now + Duration::from_secs(1));
+        } else if self.health > 0 && self.health_decay_at.is_some_and(|t| now >= t) {
+            self.health -= 1;
+            self.health_decay_at = Some(now + Duration::from_secs(1));
         }
     }
 
@@ -489,12 +523,12 @@ impl Swim {
             .saturating_sub(1);
         let k = self.config.confirmations_expected.min(others);
         if k == 0 {
-            return self.config.suspicion_min;
+            return self.scaled(self.config.suspicion_min);
         }
         let c = confirmations.min(k) as f64;
         let (min, max) = (
-            self.config.suspicion_min.as_secs_f64(),
-            self.config.suspicion_max.as_secs_f64(),
+            self.scaled(self.config.suspicion_min).as_secs_f64(),
+            self.scaled(self.config.suspicion_max).as_secs_f64(),
         );
         let t = max - (max - min) * (c + 1.0).ln() / (k as f64 + 1.0).ln();
         Duration::from_secs_f64(t.max(min))
@@ -507,7 +541,7 @@ impl Swim {
             return actions;
         }
         // Probes whose outcome never came back count as failed.
-        let grace = self.config.indirect_timeout;
+        let grace = self.scaled(self.config.indirect_timeout);
         let expired: Vec<u64> = self
             .probes
             .iter()
@@ -521,7 +555,7 @@ impl Swim {
         if self.next_probe_at.is_none_or(|t| now >= t) {
             self.next_probe_at = Some(now + self.config.probe_interval);
             if let Some(target) = self.next_target() {
-                let timeout = self.config.probe_timeout;
+                let timeout = self.scaled(self.config.probe_timeout);
                 actions.extend(self.ping_action(&target, Phase::Direct, timeout, now));
             }
         }
@@ -535,7 +569,7 @@ impl Swim {
                 .map(|(n, _)| n.clone())
                 .collect();
             if let Some(name) = dead.choose(&mut self.rng).cloned() {
-                let timeout = self.config.probe_timeout;
+                let timeout = self.scaled(self.config.probe_timeout);
                 actions.extend(self.ping_action(&name, Phase::Revive, timeout, now));
             }
         }
@@ -605,6 +639,8 @@ impl Swim {
     }
 
     fn refute(&mut self, incarnation: u64) -> Vec<Action> {
+        // Being suspected is a sign of our own slowness too.
+        self.health = (self.health + 1).min(HEALTH_MAX);
         self.incarnation = self.incarnation.max(incarnation) + 1;
         vec![Action::Broadcast {
             to: self.live_addrs(None),
@@ -667,7 +703,7 @@ impl Swim {
                     candidates.truncate(self.config.indirect_probes);
                     candidates
                 };
-                let timeout = self.config.indirect_timeout;
+                let timeout = self.scaled(self.config.indirect_timeout);
                 let e = &self.members[&p.target];
                 let target_addr = e.addr;
                 let state = e.state;
@@ -844,7 +880,7 @@ impl Swim {
                 if fresh {
                     // Check for ourselves right away; a failure is our
                     // independent confirmation.
-                    let timeout = self.config.probe_timeout;
+                    let timeout = self.scaled(self.config.probe_timeout);
                     actions.extend(self.ping_action(&u.name, Phase::Confirm, timeout, now));
                 }
                 actions

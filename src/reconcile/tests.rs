@@ -65,8 +65,8 @@ fn arb_world() -> impl Strategy<Value = World> {
                 .into_iter()
                 .filter(|(j, ..)| *j < records.len())
                 .map(|(j, slot, node, run, kind)| Observed {
-                    node: format!("n{}", node % n),
-                    job: records[j].name.clone(),
+                    node: format!("n{}", node % n).into(),
+                    job: records[j].name.as_str().into(),
                     copy: Published {
                         slot,
                         run,
@@ -83,7 +83,14 @@ fn arb_world() -> impl Strategy<Value = World> {
             let mut seen = BTreeSet::new();
             let observed = observed
                 .into_iter()
-                .filter(|o| seen.insert((o.node.clone(), o.job.clone(), o.copy.slot, o.copy.run)))
+                .filter(|o| {
+                    seen.insert((
+                        o.node.to_string(),
+                        o.job.to_string(),
+                        o.copy.slot,
+                        o.copy.run,
+                    ))
+                })
                 .collect();
             let completed = done
                 .into_iter()
@@ -137,7 +144,7 @@ proptest! {
             let fp = j.task.fingerprint();
             for slot in 0..j.replicas {
                 let key = (j.name.clone(), slot);
-                let copies: Vec<&Observed> = w.observed.iter().filter(|o| o.job == j.name && o.copy.slot == slot).collect();
+                let copies: Vec<&Observed> = w.observed.iter().filter(|o| *o.job == *j.name && o.copy.slot == slot).collect();
                 let live = copies.iter().any(|o| o.copy.state.is_live() && o.copy.task == fp);
                 let finished = j.job_type == crate::job::JobType::Batch
                     && (w.completed.contains(&key) || copies.iter().any(|o| o.copy.state == SlotState::Completed));
@@ -154,7 +161,7 @@ proptest! {
         for (node, a) in &all {
             for (job, slot, run, _) in &a.stop {
                 prop_assert!(
-                    w.observed.iter().any(|o| &o.node == node && &o.job == job && o.copy.slot == *slot && o.copy.run == *run),
+                    w.observed.iter().any(|o| *o.node == **node && *o.job == **job && o.copy.slot == *slot && o.copy.run == *run),
                     "{} stops a copy it does not hold", node
                 );
                 stopped.insert((node.clone(), job.clone(), *slot, *run));
@@ -164,8 +171,8 @@ proptest! {
             let live_after: Vec<&Observed> = w
                 .observed
                 .iter()
-                .filter(|o| o.job == j.name && o.copy.state.is_live())
-                .filter(|o| !stopped.contains(&(o.node.clone(), o.job.clone(), o.copy.slot, o.copy.run)))
+                .filter(|o| *o.job == *j.name && o.copy.state.is_live())
+                .filter(|o| !stopped.contains(&(o.node.to_string(), o.job.to_string(), o.copy.slot, o.copy.run)))
                 .collect();
             match &j.spec {
                 None => prop_assert!(live_after.is_empty(), "a stopped job keeps running"),

@@ -53,25 +53,40 @@ fn service(name: &str, replicas: u32, driver: &str) -> String {
 
 /// (slot -> node) of running slots of `job`, per `observer`.
 fn running(observer: &Agent, job: &str) -> Vec<(u64, String)> {
-    let Some(v) = observer.get(&format!("/v1/jobs/{job}")) else { return Vec::new() };
+    let Some(v) = observer.get(&format!("/v1/jobs/{job}")) else {
+        return Vec::new();
+    };
     let replicas = v["replicas"].as_u64().unwrap_or(0);
     v["instances"]
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|i| i["state"] == "running" && i["slot"].as_u64().unwrap_or(u64::MAX) < replicas)
-                .map(|i| (i["slot"].as_u64().unwrap_or(0), i["node"].as_str().unwrap_or("").to_string()))
+                .filter(|i| {
+                    i["state"] == "running" && i["slot"].as_u64().unwrap_or(u64::MAX) < replicas
+                })
+                .map(|i| {
+                    (
+                        i["slot"].as_u64().unwrap_or(0),
+                        i["node"].as_str().unwrap_or("").to_string(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
 }
 
 fn bytes_sent(a: &Agent) -> u64 {
-    a.get("/v1/stats").and_then(|v| v["transport"]["bytes_sent"].as_u64()).unwrap_or(0)
+    a.get("/v1/stats")
+        .and_then(|v| v["transport"]["bytes_sent"].as_u64())
+        .unwrap_or(0)
 }
 
 fn total_bytes(agents: &[Agent]) -> u64 {
-    agents.iter().filter(|a| a.proc_running()).map(bytes_sent).sum()
+    agents
+        .iter()
+        .filter(|a| a.proc_running())
+        .map(bytes_sent)
+        .sum()
 }
 
 trait Running {
@@ -89,7 +104,10 @@ fn converge(agents: &[Agent]) -> Result<()> {
     wait_for("every agent to see every node alive", WAIT, || {
         agents.iter().all(|a| {
             a.get("/v1/nodes")
-                .and_then(|v| v.as_array().map(|ns| ns.iter().filter(|x| x["state"] == "alive").count() == n))
+                .and_then(|v| {
+                    v.as_array()
+                        .map(|ns| ns.iter().filter(|x| x["state"] == "alive").count() == n)
+                })
                 .unwrap_or(false)
         })
     })?;
@@ -103,19 +121,31 @@ fn failure_trials(args: &Args, root: &Path) -> Result<Vec<f64>> {
     converge(&agents)?;
     agents[0].post("/v1/jobs", &service("web", args.slots, "exec"))?;
     let n = args.slots as usize;
-    wait_for("all slots running", WAIT, || running(&agents[0], "web").len() == n)?;
+    wait_for("all slots running", WAIT, || {
+        running(&agents[0], "web").len() == n
+    })?;
     let mut samples = Vec::new();
     for trial in 0..args.trials {
         let placed = running(&agents[0], "web");
         let victim_name = {
             // a node holding slots, other than the observer (n0)
-            let mut holders: Vec<&String> = placed.iter().map(|(_, n)| n).filter(|n| *n != "n0").collect();
+            let mut holders: Vec<&String> = placed
+                .iter()
+                .map(|(_, n)| n)
+                .filter(|n| *n != "n0")
+                .collect();
             holders.sort();
             holders.dedup();
-            holders.get(trial % holders.len().max(1)).map(|s| s.to_string()).context("no holder")?
+            holders
+                .get(trial % holders.len().max(1))
+                .map(|s| s.to_string())
+                .context("no holder")?
         };
         let lost = placed.iter().filter(|(_, n)| *n == victim_name).count();
-        let vi = agents.iter().position(|a| a.name == victim_name).expect("an agent");
+        let vi = agents
+            .iter()
+            .position(|a| a.name == victim_name)
+            .expect("an agent");
         let started = Instant::now();
         agents[vi].crash();
         wait_for("the lost slots to run elsewhere", WAIT, || {
@@ -141,8 +171,18 @@ struct Submission {
     rss_loaded_kib: u64,
 }
 
-fn submission(args: &Args, root: &Path, driver: &str, slots: u32, measure_idle: bool) -> Result<Submission> {
-    let extra: &[&str] = if driver == "hollow" { &["--hollow"] } else { &[] };
+fn submission(
+    args: &Args,
+    root: &Path,
+    driver: &str,
+    slots: u32,
+    measure_idle: bool,
+) -> Result<Submission> {
+    let extra: &[&str] = if driver == "hollow" {
+        &["--hollow"]
+    } else {
+        &[]
+    };
     let agents = start_cluster(root, args.nodes, extra)?;
     converge(&agents)?;
     let (mut idle_rate, mut rss_idle) = (0.0, 0);
@@ -150,13 +190,16 @@ fn submission(args: &Args, root: &Path, driver: &str, slots: u32, measure_idle: 
         let b0 = total_bytes(&agents);
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(10));
-        idle_rate = (total_bytes(&agents) - b0) as f64 / t0.elapsed().as_secs_f64() / agents.len() as f64;
+        idle_rate =
+            (total_bytes(&agents) - b0) as f64 / t0.elapsed().as_secs_f64() / agents.len() as f64;
         rss_idle = agents.iter().map(|a| rss_kib(a.pid)).max().unwrap_or(0);
     }
     let b0 = total_bytes(&agents);
     let started = Instant::now();
     agents[0].post("/v1/jobs", &service("bulk", slots, driver))?;
-    wait_for("every slot running", WAIT, || running(&agents[0], "bulk").len() == slots as usize)?;
+    wait_for("every slot running", WAIT, || {
+        running(&agents[0], "bulk").len() == slots as usize
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     let busy_rate = (total_bytes(&agents) - b0) as f64 / seconds / agents.len() as f64;
     let rss_loaded = agents.iter().map(|a| rss_kib(a.pid)).max().unwrap_or(0);
@@ -197,7 +240,10 @@ fn main() -> Result<()> {
         percentile(&failure, 100.0),
         failure.len()
     );
-    println!("submission -> running: {} hollow slots in {:.2} s; {} process slots in {:.2} s", args.hollow_slots, hollow.seconds, args.process_slots, procs.seconds);
+    println!(
+        "submission -> running: {} hollow slots in {:.2} s; {} process slots in {:.2} s",
+        args.hollow_slots, hollow.seconds, args.process_slots, procs.seconds
+    );
     println!(
         "node-to-node payload per node: idle {:.0} B/s; during the {}-slot submission {:.0} B/s",
         hollow.bytes_per_node_per_s_idle, args.hollow_slots, hollow.bytes_per_node_per_s_busy

@@ -526,3 +526,39 @@ fn suspicion_timeout_shrinks_with_confirmations() {
     assert_eq!(s.suspicion_timeout(3), c.suspicion_min);
     assert_eq!(s.suspicion_timeout(30), c.suspicion_min);
 }
+
+#[test]
+fn a_starved_node_stretches_its_timeouts_and_recovers() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+    let mut s = Swim::new(SwimConfig::lan(), "me", 1, addr, 1);
+    for i in 0..5 {
+        s.observe(
+            &format!("p{i}"),
+            1,
+            SocketAddr::from(([127, 0, 0, 1], 10 + i)),
+            0,
+            false,
+            Instant::now(),
+        );
+    }
+    let t0 = Instant::now();
+    let base = s.suspicion_timeout(0);
+    s.note_lag(Duration::from_millis(500), t0);
+    s.note_lag(Duration::from_millis(500), t0);
+    assert_eq!(s.health(), 2);
+    assert_eq!(s.suspicion_timeout(0), base * 3);
+    // its probes wait longer too
+    let actions = s.tick(t0);
+    let timeout = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Ping { timeout, .. } => Some(*timeout),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(timeout, SwimConfig::lan().probe_timeout * 3);
+    // back to normal after good seconds
+    s.note_lag(Duration::ZERO, t0 + Duration::from_secs(1));
+    s.note_lag(Duration::ZERO, t0 + Duration::from_secs(2));
+    assert_eq!(s.health(), 0);
+}
