@@ -43,7 +43,12 @@ pub fn cgroup_v2_writable() -> bool {
 
 /// This process's resident memory, KiB (VmRSS).
 pub fn rss_kib() -> u64 {
-    fs::read_to_string("/proc/self/status")
+    rss_kib_of("self")
+}
+
+/// A process's resident memory, KiB (VmRSS); `pid` is a number or "self".
+pub fn rss_kib_of(pid: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()

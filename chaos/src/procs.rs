@@ -225,34 +225,13 @@ impl Agent {
     /// losing power.
     pub fn crash(&mut self) {
         self.proc.stop(libc::SIGKILL);
-        kill_supervisors_under(&self.dir);
+        shoal::driver::exec::kill_instances_under(&self.dir);
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.crash();
-    }
-}
-
-/// Kills every `shoal supervise` process group whose directory is under
-/// `dir`.
-pub fn kill_supervisors_under(dir: &Path) {
-    let needle = dir.to_string_lossy().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" supervise ") && cmd.contains(&needle) {
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-        }
     }
 }
 
@@ -269,14 +248,7 @@ pub fn start_cluster(root: &Path, n: usize, extra: &[&str]) -> Result<Vec<Agent>
 
 /// Resident memory of a process, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    shoal::host::rss_kib_of(&pid.to_string())
 }
 
 /// The `shoal` binary: `$SHOAL_BIN`, else the workspace's release build.
