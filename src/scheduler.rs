@@ -419,7 +419,7 @@ impl Scheduler {
                     Err(e) => Err(api_err(400, e.to_string())),
                     Ok(spec) => Ok(self.write(spec.name.clone(), Some(spec))),
                 };
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             ApiCommand::Stop(name, reply) => {
                 let result = match self
@@ -430,7 +430,7 @@ impl Scheduler {
                     None => Err(api_err(404, format!("no job named `{name}` is running"))),
                     Some(_) => Ok(self.write(name, None)),
                 };
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             ApiCommand::Scale(name, replicas, reply) => {
                 let current = self
@@ -449,7 +449,7 @@ impl Scheduler {
                         Ok(self.write(name, Some(spec)))
                     }
                 };
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             ApiCommand::Logs {
                 job,
@@ -459,7 +459,20 @@ impl Scheduler {
                 reply,
             } => self.logs(job, slot, stream, max_bytes, reply),
         }
-        self.publish_snapshot();
+    }
+
+    /// Answers a write only once the API's snapshot shows it, so that a
+    /// client reading right after its write sees it.
+    fn answer(
+        &mut self,
+        reply: oneshot::Sender<Result<JobRecord, ApiFailure>>,
+        result: Result<JobRecord, ApiFailure>,
+    ) {
+        if result.is_ok() {
+            self.last_snapshot = Instant::now();
+            self.build_snapshot();
+        }
+        let _ = reply.send(result);
     }
 
     fn logs(
