@@ -65,6 +65,12 @@ pub struct SuperviseArgs {
     /// The instance directory.
     #[arg(long)]
     pub dir: PathBuf,
+    /// CPU limit, millicores (needs a writable cgroup v2).
+    #[arg(long, requires = "memory_mib")]
+    pub cpu_millis: Option<u64>,
+    /// Memory limit, MiB (needs a writable cgroup v2).
+    #[arg(long, requires = "cpu_millis")]
+    pub memory_mib: Option<u64>,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

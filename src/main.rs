@@ -44,8 +44,21 @@ fn main() -> std::process::ExitCode {
         Command::Logs(args) => shoal::commands::logs(args),
         Command::Demo(args) => shoal::demo::run(args),
         Command::Supervise(args) => {
-            let code =
-                shoal::driver::supervise::run(&args.dir, &args.command[0], &args.command[1..]);
+            let limits = args
+                .cpu_millis
+                .zip(args.memory_mib)
+                .map(
+                    |(cpu_millis, memory_mib)| shoal::driver::supervise::Limits {
+                        cpu_millis,
+                        memory_mib,
+                    },
+                );
+            let code = shoal::driver::supervise::run(
+                &args.dir,
+                &args.command[0],
+                &args.command[1..],
+                limits,
+            );
             return match code {
                 Ok(c) => std::process::ExitCode::from(c.clamp(0, 255) as u8),
                 Err(e) => {

@@ -150,3 +150,36 @@ async fn a_restarted_agent_adopts_running_instances_and_learns_their_exit() {
     again.remove(&s.id).await.unwrap();
     assert!(again.recover().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn limits_are_enforced_where_cgroup_v2_is_writable() {
+    if !shoal::host::cgroup_v2_writable() {
+        eprintln!("skipped: this machine has no writable cgroup v2 (the node reports it in `shoal nodes`)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    let mut s = spec(9, "sleep", &["1000"]);
+    s.task.resources = ResourceSpec {
+        cpu: 250,
+        memory: 48,
+    };
+    d.start(&s).await.unwrap();
+    let group = std::path::Path::new(shoal::driver::supervise::CGROUP_ROOT).join(s.id.to_string());
+    common::wait_until("the instance's cgroup has its task", || {
+        std::fs::read_to_string(group.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+    });
+    assert_eq!(
+        std::fs::read_to_string(group.join("cpu.max"))
+            .unwrap()
+            .trim(),
+        "25000 100000"
+    );
+    assert_eq!(
+        std::fs::read_to_string(group.join("memory.max"))
+            .unwrap()
+            .trim(),
+        (48u64 << 20).to_string()
+    );
+    d.stop(&s.id, Duration::from_millis(200)).await.unwrap();
+}

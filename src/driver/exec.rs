@@ -37,6 +37,8 @@ pub struct ExecDriver {
     running: Mutex<HashMap<InstanceId, u32>>,
     events_tx: mpsc::Sender<DriverEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<DriverEvent>>>,
+    /// Put each instance in a cgroup v2 with its CPU and memory limits.
+    enforce_limits: bool,
 }
 
 /// The start time of a live (not zombie) process, in clock ticks since boot.
@@ -75,6 +77,7 @@ impl ExecDriver {
             running: Mutex::new(HashMap::new()),
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
+            enforce_limits: crate::host::cgroup_v2_writable(),
         })
     }
 
@@ -126,10 +129,14 @@ impl Driver for ExecDriver {
         }
         std::fs::create_dir_all(&dir)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.arg("supervise")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--")
+        cmd.arg("supervise").arg("--dir").arg(&dir);
+        if self.enforce_limits {
+            cmd.arg("--cpu-millis")
+                .arg(spec.task.resources.cpu.to_string())
+                .arg("--memory-mib")
+                .arg(spec.task.resources.memory.to_string());
+        }
+        cmd.arg("--")
             .arg(&spec.task.command)
             .args(&spec.task.args)
             .env_clear()

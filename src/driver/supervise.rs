@@ -91,9 +91,18 @@ fn pump(mut from: impl Read + Send + 'static, to: PathBuf) -> std::thread::JoinH
 
 /// Runs `command args` in `dir/work`, logging to `dir/{stdout,stderr}.log`,
 /// and records the exit in `dir/exit.json`. Returns the task's exit code.
-pub fn run(dir: &Path, command: &str, args: &[String]) -> Result<i32> {
+pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -> Result<i32> {
     let work = dir.join("work");
     fs::create_dir_all(&work)?;
+    if let Some(l) = limits {
+        // Enter the instance's cgroup before starting the task, which
+        // inherits it; a failure is recorded, not fatal (the node said in
+        // its record whether it can enforce limits).
+        if let Err(e) = enter_cgroup(dir, l) {
+            let mut log = RotatingLog::open(dir.join("stderr.log"))?;
+            log.write(format!("shoal: limits not enforced: {e:#}\n").as_bytes())?;
+        }
+    }
     let mut child = Command::new(command)
         .args(args)
         .current_dir(&work)
@@ -130,6 +139,58 @@ pub fn run(dir: &Path, command: &str, args: &[String]) -> Result<i32> {
     Ok(status.code.unwrap_or(128 + status.signal.unwrap_or(0)))
 }
 
+/// CPU and memory limits of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU, millicores (enforced as a CFS quota per 100 ms period).
+    pub cpu_millis: u64,
+    /// Memory, MiB (enforced as `memory.max`).
+    pub memory_mib: u64,
+}
+
+/// Root of the cgroups shoal creates.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/shoal";
+
+/// cgroup v2 files for `limits`: (`cpu.max`, `memory.max`) contents.
+pub fn cgroup_values(limits: Limits) -> (String, String) {
+    // cpu.max: "<quota> <period>" in microseconds; 1000 millicores = one
+    // full period.
+    let period = 100_000u64;
+    let quota = (limits.cpu_millis * period / 1000).max(1000);
+    (
+        format!("{quota} {period}"),
+        (limits.memory_mib * 1024 * 1024).to_string(),
+    )
+}
+
+/// Creates `<CGROUP_ROOT>/<instance>` with the limits and moves this
+/// process into it.
+fn enter_cgroup(dir: &Path, limits: Limits) -> Result<()> {
+    let name = dir.file_name().context("instance dir has no name")?;
+    let root = Path::new(CGROUP_ROOT);
+    if !root.exists() {
+        fs::create_dir_all(root).context("cannot create the shoal cgroup")?;
+        // Let children of the shoal group use the controllers.
+        fs::write(
+            root.parent()
+                .expect("has a parent")
+                .join("cgroup.subtree_control"),
+            "+cpu +memory",
+        )
+        .ok();
+        fs::write(root.join("cgroup.subtree_control"), "+cpu +memory")
+            .context("cannot enable cpu and memory controllers")?;
+    }
+    let group = root.join(name);
+    fs::create_dir_all(&group)?;
+    let (cpu, mem) = cgroup_values(limits);
+    fs::write(group.join("cpu.max"), cpu).context("cannot set cpu.max")?;
+    fs::write(group.join("memory.max"), mem).context("cannot set memory.max")?;
+    fs::write(group.join("cgroup.procs"), std::process::id().to_string())
+        .context("cannot join the cgroup")?;
+    Ok(())
+}
+
 /// The recorded exit of the instance in `dir`, if it ended.
 pub fn exit_of(dir: &Path) -> Option<ExitStatus> {
     let bytes = fs::read(dir.join("exit.json")).ok()?;
@@ -141,12 +202,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cgroup_values_follow_the_request() {
+        assert_eq!(
+            cgroup_values(Limits {
+                cpu_millis: 500,
+                memory_mib: 64
+            }),
+            ("50000 100000".into(), "67108864".into())
+        );
+        assert_eq!(
+            cgroup_values(Limits {
+                cpu_millis: 2000,
+                memory_mib: 1
+            })
+            .0,
+            "200000 100000"
+        );
+        // a tiny request still gets a usable quota
+        assert_eq!(
+            cgroup_values(Limits {
+                cpu_millis: 1,
+                memory_mib: 1
+            })
+            .0,
+            "1000 100000"
+        );
+    }
+
+    #[test]
     fn records_exit_and_output() {
         let dir = tempfile::tempdir().unwrap();
         let code = run(
             dir.path(),
             "sh",
             &["-c".into(), "echo out; echo err >&2; exit 3".into()],
+            None,
         )
         .unwrap();
         assert_eq!(code, 3);
@@ -170,7 +260,7 @@ mod tests {
     #[test]
     fn a_missing_program_is_an_exit_with_a_message() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(run(dir.path(), "/no/such/program", &[]).unwrap(), 127);
+        assert_eq!(run(dir.path(), "/no/such/program", &[], None).unwrap(), 127);
         assert!(fs::read_to_string(dir.path().join("stderr.log"))
             .unwrap()
             .contains("cannot start"));
