@@ -196,22 +196,56 @@ async fn submit(State(state): State<ApiState>, body: String) -> Response {
 
 async fn list_jobs(State(state): State<ApiState>) -> Json<Vec<JobStatus>> {
     let snap = state.snapshot.borrow().clone();
+    // Split the instances by job once, not once per job.
+    let mut by_job: std::collections::HashMap<&str, Vec<crate::scheduler::InstanceView>> =
+        Default::default();
+    for i in &snap.instances {
+        by_job.entry(i.job.as_str()).or_default().push(i.clone());
+    }
+    let mut done: std::collections::HashMap<&str, std::collections::BTreeSet<(String, u32)>> =
+        Default::default();
+    for (j, s) in &snap.completed {
+        done.entry(j.as_str()).or_default().insert((j.clone(), *s));
+    }
     Json(
         snap.jobs
             .iter()
             .filter(|r| r.spec.is_some())
-            .map(|r| status_of(&snap, r))
+            .map(|r| {
+                let one = Snapshot {
+                    jobs: Vec::new(),
+                    instances: by_job.remove(r.name.as_str()).unwrap_or_default(),
+                    completed: done.remove(r.name.as_str()).unwrap_or_default(),
+                    unplaceable: Default::default(),
+                };
+                status_of(&one, r)
+            })
             .collect(),
     )
 }
 
 async fn get_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
-    let snap = state.snapshot.borrow().clone();
-    match snap.jobs.iter().find(|r| r.name == name) {
-        Some(r) => Json(status_of(&snap, r)).into_response(),
-        None => error(
+    let (tx, rx) = oneshot::channel();
+    if state
+        .commands
+        .send(ApiCommand::Job(name.clone(), tx))
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Some(snap)) => Json(status_of(&snap, &snap.jobs[0])).into_response(),
+        Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("no job named `{name}`; `shoal status` lists the jobs"),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
         ),
     }
 }

@@ -80,6 +80,8 @@ pub enum ApiCommand {
     Stop(String, oneshot::Sender<Result<JobRecord, ApiFailure>>),
     /// Change a job's replica count.
     Scale(String, u32, oneshot::Sender<Result<JobRecord, ApiFailure>>),
+    /// One job's current state.
+    Job(String, oneshot::Sender<Option<Snapshot>>),
     /// The tail of a slot's output, from whichever node holds it.
     Logs {
         /// Job.
@@ -458,21 +460,54 @@ impl Scheduler {
                 max_bytes,
                 reply,
             } => self.logs(job, slot, stream, max_bytes, reply),
+            ApiCommand::Job(name, reply) => {
+                let _ = reply.send(self.job_snapshot(&name));
+            }
         }
     }
 
-    /// Answers a write only once the API's snapshot shows it, so that a
-    /// client reading right after its write sees it.
     fn answer(
         &mut self,
         reply: oneshot::Sender<Result<JobRecord, ApiFailure>>,
         result: Result<JobRecord, ApiFailure>,
     ) {
-        if result.is_ok() {
-            self.last_snapshot = Instant::now();
-            self.build_snapshot();
-        }
+        self.publish_snapshot();
         let _ = reply.send(result);
+    }
+
+    /// One job's state as the API shows it, from the live state (so a
+    /// client reading right after its write sees it): a snapshot holding
+    /// just that job.
+    fn job_snapshot(&self, name: &str) -> Option<Snapshot> {
+        let record = self.jobs.iter().find(|r| r.name == name)?.clone();
+        let instances = self
+            .observed()
+            .into_iter()
+            .filter(|o| &*o.job == name)
+            .map(|o| InstanceView {
+                job: o.job.to_string(),
+                slot: o.copy.slot,
+                node: o.node.to_string(),
+                state: o.copy.state,
+                run: o.copy.run,
+            })
+            .collect();
+        Some(Snapshot {
+            jobs: vec![record],
+            instances,
+            completed: self
+                .completed
+                .iter()
+                .filter(|(j, _)| j == name)
+                .cloned()
+                .collect(),
+            unplaceable: self
+                .unplaceable
+                .iter()
+                .filter(|((j, _), _)| j == name)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
     }
 
     fn logs(

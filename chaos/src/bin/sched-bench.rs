@@ -38,9 +38,51 @@ struct Args {
     /// Slots of the real-process submission.
     #[arg(long, default_value_t = 1_000)]
     process_slots: u32,
+    /// Jobs a new node must catch up on (0 skips the measurement).
+    #[arg(long, default_value_t = 10_000)]
+    catchup_jobs: u32,
+    /// Skip the failure and submission phases (catch-up only).
+    #[arg(long)]
+    catchup_only: bool,
     /// Write the figures as JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+}
+
+/// Submits `jobs` one-slot hollow jobs to a 3-node cluster, then starts a
+/// fourth node and times until its store holds them all. Returns (seconds
+/// to submit, seconds to catch up, store bytes per job on the new node).
+fn catchup(root: &Path, jobs: u32) -> Result<(f64, f64, f64)> {
+    let mut agents = start_cluster(root, 3, &["--hollow"])?;
+    converge(&agents)?;
+    let started = Instant::now();
+    for i in 0..jobs {
+        let text = format!(
+            "name = \"job-{i}\"\ntype = \"service\"\nreplicas = 1\n[task]\ndriver = \"hollow\"\ncommand = \"sleep\"\n[task.resources]\ncpu = 1\nmemory = 1\n"
+        );
+        agents[(i % 3) as usize].post("/v1/jobs", &text)?;
+    }
+    let submit = started.elapsed().as_secs_f64();
+    let count = |a: &Agent| {
+        a.get("/v1/jobs")
+            .and_then(|v| v.as_array().map(|a| a.len()))
+            .unwrap_or(0)
+    };
+    wait_for("the three nodes to agree", WAIT, || {
+        agents.iter().all(|a| count(a) == jobs as usize)
+    })?;
+    let seed = agents[0].quic.clone();
+    let started = Instant::now();
+    let fresh = Agent::start(root, "late", Some(&seed), &["--hollow"])?;
+    wait_for("the new node to catch up", WAIT, || {
+        count(&fresh) == jobs as usize
+    })?;
+    let took = started.elapsed().as_secs_f64();
+    let store = std::fs::metadata(fresh.dir.join("state.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    agents.push(fresh);
+    Ok((submit, took, store as f64 / jobs as f64))
 }
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -216,6 +258,17 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if args.nodes < 3 {
         bail!("--nodes must be at least 3");
+    }
+    if args.catchup_jobs > 0 {
+        let tmp = tempfile::tempdir()?;
+        let (submit, took, per_job) = catchup(tmp.path(), args.catchup_jobs)?;
+        println!(
+            "catch-up: {} jobs submitted in {submit:.1} s; a new node held all of them {took:.2} s after it started; its store: {per_job:.0} bytes per job",
+            args.catchup_jobs
+        );
+    }
+    if args.catchup_only {
+        return Ok(());
     }
     println!("{} agents on 127.0.0.1", args.nodes);
     let failure = {
