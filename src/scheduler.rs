@@ -750,6 +750,8 @@ impl Scheduler {
                 .map(|s| (*s, format!("no {} driver here", spec.task.driver)))
                 .collect();
         };
+        // This node's load, raised by each slot it takes below.
+        let mut fresh = self.fresh_node();
         for &slot in slots {
             let key = (job.name.clone(), slot);
             if slot >= spec.replicas {
@@ -767,7 +769,6 @@ impl Scheduler {
                 refused.push((slot, "already completed".into()));
                 continue;
             }
-            let fresh = self.fresh_node();
             let req = spec.slot_request(slot);
             if cost(&fresh, &req) == u64::MAX
                 || req.ports.iter().any(|p| fresh.ports_used.contains(p))
@@ -775,6 +776,8 @@ impl Scheduler {
                 refused.push((slot, "no longer fits".into()));
                 continue;
             }
+            fresh.used = fresh.used.plus(req.resources);
+            fresh.ports_used.extend(req.ports.iter().copied());
             let id = InstanceId {
                 job: job.name.clone(),
                 slot,
@@ -1260,19 +1263,9 @@ impl Scheduler {
             jobs: self.jobs_fingerprint(),
             completions: self.completions_fingerprint(),
         };
-        let full = Request::Sync {
-            jobs: self
-                .jobs
-                .iter()
-                .map(|r| (r.name.clone(), r.version.clone()))
-                .collect(),
-            completions: self.completed.iter().cloned().collect(),
-        };
-        let mine: HashMap<String, JobRecord> = self
-            .jobs
-            .iter()
-            .map(|r| (r.name.clone(), r.clone()))
-            .collect();
+        // The digest is built only if the fingerprints differ, from the
+        // API snapshot (shared, at most a tick old).
+        let snap = self.snapshot_tx.borrow().clone();
         let t = self.transport.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -1290,6 +1283,14 @@ impl Scheduler {
             if !matches!(call(&hash).await, Some(Response::Differs)) {
                 return;
             }
+            let full = Request::Sync {
+                jobs: snap
+                    .jobs
+                    .iter()
+                    .map(|r| (r.name.clone(), r.version.clone()))
+                    .collect(),
+                completions: snap.completed.iter().cloned().collect(),
+            };
             let Some(Response::Synced {
                 newer,
                 want,
@@ -1301,7 +1302,12 @@ impl Scheduler {
             if !newer.is_empty() || !completions.is_empty() {
                 let _ = tx.send(Internal::Synced(newer, completions)).await;
             }
-            let back: Vec<JobRecord> = want.iter().filter_map(|n| mine.get(n).cloned()).collect();
+            let back: Vec<JobRecord> = snap
+                .jobs
+                .iter()
+                .filter(|r| want.contains(&r.name))
+                .cloned()
+                .collect();
             for chunk in back.chunks(SYNC_RECORDS_MAX) {
                 let _ = call(&Request::PutJobs(chunk.to_vec())).await;
             }

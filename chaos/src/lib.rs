@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`procs`] — start, signal and reap agents; read what they log.
-//! - [`netns`] — network namespaces on a private bridge, with netem, removed on drop.
+//! - [`netns`] — network namespaces on a private bridge, with packet loss, removed on drop.
 //! - [`stats`] — percentiles.
 
 pub mod netns;

@@ -1,6 +1,7 @@
 //! Network namespaces joined by a private bridge, each a test host with its
-//! own address; netem on each host's interface. Everything is removed on
-//! drop, and leftovers of an interrupted run are removed on creation.
+//! own address; random packet loss on each host's interface (nftables).
+//! Everything is removed on drop, and leftovers of an interrupted run are
+//! removed on creation.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -96,23 +97,6 @@ impl Hosts {
         cmd
     }
 
-    /// Applies netem (e.g. `["loss", "20%"]`) to host `i`'s outgoing traffic.
-    pub fn netem(&self, i: usize, spec: &[&str]) -> Result<()> {
-        let ns = self.ns(i);
-        let mut args = vec![
-            "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem",
-        ];
-        args.extend_from_slice(spec);
-        let out = Command::new("ip").args(&args).output()?;
-        if !out.status.success() {
-            bail!(
-                "tc netem on {ns}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
     /// Drops `percent`% of host `i`'s outgoing packets at random, with
     /// nftables (works on kernels without the netem qdisc, such as this
     /// project's CI machines).
@@ -201,23 +185,6 @@ impl Hosts {
                 "table",
                 "inet",
                 "shoal_chaos",
-            ])
-            .output();
-    }
-
-    /// Removes netem from host `i`.
-    pub fn clear_netem(&self, i: usize) {
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                "tc",
-                "qdisc",
-                "del",
-                "dev",
-                "eth0",
-                "root",
             ])
             .output();
     }

@@ -832,28 +832,19 @@ impl Swim {
             .get(&u.name)
             .map(|e| (e.generation, e.incarnation, e.state));
         match known {
-            None => {
-                self.insert(
-                    &u.name,
-                    u.generation,
-                    u.addr,
-                    u.incarnation,
-                    NodeState::Alive,
-                    now,
-                );
-            }
-            Some((g, _, _)) if u.generation > g => {
-                self.insert(
-                    &u.name,
-                    u.generation,
-                    u.addr,
-                    u.incarnation,
-                    NodeState::Alive,
-                    now,
-                );
-            }
             Some((g, _, _)) if u.generation < g => return Vec::new(),
-            Some(_) => {}
+            // Unknown, or a newer generation (a restart): a fresh entry.
+            Some((g, _, _)) if u.generation == g => {}
+            _ => {
+                self.insert(
+                    &u.name,
+                    u.generation,
+                    u.addr,
+                    u.incarnation,
+                    NodeState::Alive,
+                    now,
+                );
+            }
         }
         let e = self.members.get_mut(&u.name).expect("inserted above");
         match u.state {

@@ -6,7 +6,7 @@
 //!    from `member-failed` event handlers for Serf). Repeated `--trials`
 //!    times (the victim is restarted between trials).
 //! 2. False deaths: N hosts in network namespaces on a private bridge, each
-//!    running a shoal agent and a Serf agent, with netem loss on every
+//!    running a shoal agent and a Serf agent, with packet loss on every
 //!    host's interface for `--loss-seconds`; every death reported is false.
 //!    (Loss is injected with nftables `numgen random` on each host's egress:
 //!    the kernels this runs on lack the netem qdisc.)
