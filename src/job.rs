@@ -678,9 +678,13 @@ impl TaskSpec {
     /// A stable fingerprint of the task (FNV-1a over its JSON): instances
     /// running another fingerprint run an outdated task.
     pub fn fingerprint(&self) -> u64 {
-        let json = serde_json::to_vec(self).expect("a task encodes");
-        json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        })
+        fnv1a(&serde_json::to_vec(self).expect("a task encodes"))
     }
+}
+
+/// FNV-1a: a small stable hash (the same on every node and release).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

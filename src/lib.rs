@@ -8,6 +8,7 @@
 //! - `credentials`: join tokens and the cluster CA on disk.
 //! - `demo`: `shoal demo`, a local cluster on loopback.
 //! - `driver`: the `Driver` trait, the exec and hollow drivers, `shoal supervise`.
+//! - `gossip_keys`: how a node's instances are laid out in gossip keys.
 //! - `hlc`: hybrid logical clocks and versions.
 //! - `host`: machine facts (capacity, host name).
 //! - `job`: job files: parsing, validation, slot requests.
@@ -23,6 +24,7 @@ pub mod commands;
 pub mod credentials;
 pub mod demo;
 pub mod driver;
+pub mod gossip_keys;
 pub mod hlc;
 pub mod host;
 pub mod job;

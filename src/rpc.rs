@@ -88,12 +88,7 @@ pub enum Response {
 /// Fingerprint of a set of items (order-independent).
 pub fn fingerprint<T: Serialize>(items: impl Iterator<Item = T>) -> u64 {
     items
-        .map(|i| {
-            let bytes = serde_json::to_vec(&i).expect("encodes");
-            bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-            })
-        })
+        .map(|i| crate::job::fnv1a(&serde_json::to_vec(&i).expect("encodes")))
         .fold(0u64, |acc, h| {
             acc.wrapping_add(h.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
         })

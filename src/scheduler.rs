@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::driver::{Driver, DriverEvent, InstanceId, InstanceSpec, InstanceState};
+use crate::gossip_keys;
 use crate::hlc::{wall_ms, Clock, Version};
 use crate::job::{JobSpec, JobType};
 use crate::reconcile::{reconcile, Inputs, Observed, Published, SlotState, StopReason};
@@ -59,9 +60,6 @@ const SYNC_RECORDS_MAX: usize = 500;
 const SYNC_COMPLETIONS_MAX: usize = 10_000;
 /// Grace between the stop signal and the kill.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Instances per published gossip key (each key must fit one gossip
-/// message).
-const SLOTS_PER_KEY: u32 = 500;
 
 /// A failed API call: HTTP status and message.
 #[derive(Debug, Clone)]
@@ -158,10 +156,9 @@ struct Local {
 /// One gossip key of instances another node publishes, parsed once.
 #[derive(Clone)]
 struct RemoteKey {
-    value: String,
+    value: Arc<str>,
     node: Arc<str>,
-    job: Arc<str>,
-    copies: Arc<Vec<Published>>,
+    copies: Arc<Vec<(Arc<str>, Published)>>,
 }
 
 /// The scheduler of one node.
@@ -180,6 +177,8 @@ pub struct Scheduler {
     pending: BTreeMap<(String, u32), Instant>,
     unplaceable: BTreeMap<(String, u32), String>,
     published: BTreeMap<String, String>,
+    /// What each bucket of instance keys last published held.
+    published_buckets: BTreeMap<u64, BTreeMap<String, Vec<Published>>>,
     published_load: Option<Load>,
     dirty: bool,
     last_reconcile: Instant,
@@ -233,6 +232,7 @@ impl Scheduler {
             pending: BTreeMap::new(),
             unplaceable: BTreeMap::new(),
             published: BTreeMap::new(),
+            published_buckets: BTreeMap::new(),
             published_load: None,
             dirty: true,
             last_reconcile: Instant::now(),
@@ -332,22 +332,22 @@ impl Scheduler {
             if m.record.name == self.me {
                 continue;
             }
-            for (key, value) in m.app.iter().filter(|(k, _)| k.starts_with("i/")) {
+            let prefix = gossip_keys::PREFIX;
+            for (key, value) in m
+                .app
+                .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix))
+            {
                 let k = (m.record.name.clone(), key.clone());
                 let entry = match self.remote.get(&k) {
-                    Some(old) if old.value == *value => old.clone(),
-                    _ => {
-                        let rest = &key[2..];
-                        let job = rest.rsplit_once('/').map(|(j, _)| j).unwrap_or(rest);
-                        RemoteKey {
-                            value: value.clone(),
-                            node: Arc::from(m.record.name.as_str()),
-                            job: Arc::from(job),
-                            copies: Arc::new(
-                                serde_json::from_str::<Vec<Published>>(value).unwrap_or_default(),
-                            ),
-                        }
+                    Some(old) if Arc::ptr_eq(&old.value, value) || old.value == *value => {
+                        old.clone()
                     }
+                    _ => RemoteKey {
+                        value: value.clone(),
+                        node: Arc::from(m.record.name.as_str()),
+                        copies: Arc::new(gossip_keys::decode_part(value)),
+                    },
                 };
                 remote.insert(k, entry);
             }
@@ -1051,9 +1051,9 @@ impl Scheduler {
             if !live.contains(node.as_str()) {
                 continue;
             }
-            out.extend(r.copies.iter().map(|copy| Observed {
+            out.extend(r.copies.iter().map(|(job, copy)| Observed {
                 node: r.node.clone(),
-                job: r.job.clone(),
+                job: job.clone(),
                 copy: copy.clone(),
             }));
         }
@@ -1210,9 +1210,12 @@ impl Scheduler {
 
     /// Publishes this node's instances and load in gossip.
     async fn publish(&mut self) {
-        let mut want: BTreeMap<String, Vec<Published>> = BTreeMap::new();
+        let mut buckets: BTreeMap<u64, BTreeMap<String, Vec<Published>>> = BTreeMap::new();
         for ((job, slot), l) in &self.local {
-            want.entry(format!("i/{job}/{}", slot / SLOTS_PER_KEY))
+            buckets
+                .entry(gossip_keys::bucket_of(job))
+                .or_default()
+                .entry(job.clone())
                 .or_default()
                 .push(Published {
                     slot: *slot,
@@ -1221,27 +1224,46 @@ impl Scheduler {
                     task: l.task,
                 });
         }
-        let want: BTreeMap<String, String> = want
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::to_string(&v).expect("encodes")))
+        // Re-encode only the buckets whose instances changed; a bucket
+        // that emptied publishes no part.
+        let changed: BTreeSet<u64> = buckets
+            .iter()
+            .filter(|(b, jobs)| self.published_buckets.get(b) != Some(jobs))
+            .map(|(b, _)| *b)
+            .chain(
+                self.published_buckets
+                    .keys()
+                    .filter(|b| !buckets.contains_key(b))
+                    .copied(),
+            )
             .collect();
-        for (k, v) in &want {
-            if self.published.get(k) != Some(v) {
-                if let Err(e) = self.membership.set_app(k, Some(v.clone())).await {
-                    warn!(error = %e, "cannot publish instances");
+        for bucket in changed {
+            let parts = buckets
+                .get(&bucket)
+                .map(|jobs| gossip_keys::encode_bucket(bucket, jobs))
+                .unwrap_or_default();
+            let prefix = format!("{}{bucket}/", gossip_keys::PREFIX);
+            let stale: Vec<String> = self
+                .published
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .filter(|k| !parts.iter().any(|(p, _)| p == k))
+                .collect();
+            for k in stale {
+                let _ = self.membership.set_app(&k, None).await;
+                self.published.remove(&k);
+            }
+            for (k, v) in parts {
+                if self.published.get(&k) != Some(&v) {
+                    if let Err(e) = self.membership.set_app(&k, Some(v.clone())).await {
+                        warn!(error = %e, "cannot publish instances");
+                    }
+                    self.published.insert(k, v);
                 }
             }
         }
-        for k in self
-            .published
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            let _ = self.membership.set_app(&k, None).await;
-        }
-        self.published = want;
+        self.published_buckets = buckets;
         let fresh = self.fresh_node();
         let load = Load {
             cpu_millis: fresh.used.cpu_millis,

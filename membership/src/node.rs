@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
@@ -17,7 +18,7 @@ use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::record::{Load, Member, MembershipView, NodeRecord, NodeState};
+use crate::record::{AppState, Load, Member, MembershipView, NodeRecord, NodeState};
 use crate::swim::{Action, ProbeMsg, ProbeOutcome, ProbeReply, Swim, SwimConfig};
 
 const KEY_RECORD: &str = "record";
@@ -214,9 +215,14 @@ impl Membership {
 
 struct Peer {
     generation: u64,
+    /// chitchat's max version of the node when last read: unchanged means
+    /// nothing to read again.
+    seen_version: u64,
     record: Option<(u64, NodeRecord)>,
     load: Load,
-    app: std::collections::BTreeMap<String, String>,
+    app: AppState,
+    /// chitchat version of each application value in `app`.
+    app_versions: std::collections::BTreeMap<String, u64>,
 }
 
 struct Actor<T: Transport> {
@@ -226,7 +232,7 @@ struct Actor<T: Transport> {
     record: NodeRecord,
     generation: u64,
     load: Load,
-    app: std::collections::BTreeMap<String, String>,
+    app: AppState,
     left: bool,
     published_incarnation: u64,
     peers: HashMap<String, Peer>,
@@ -296,9 +302,10 @@ impl<T: Transport> Actor<T> {
                             })
                             .await;
                         let short = key[APP_PREFIX.len()..].to_string();
+                        let app = Arc::make_mut(&mut self.app);
                         match value {
-                            Some(v) => self.app.insert(short, v),
-                            None => self.app.remove(&short),
+                            Some(v) => app.insert(short, Arc::from(v)),
+                            None => app.remove(&short),
                         };
                         self.publish_view();
                     }
@@ -460,16 +467,28 @@ impl<T: Transport> Actor<T> {
     }
 
     async fn sync_from_gossip(&mut self) {
+        /// What changed on one node since the last read.
         struct Seen {
             generation: u64,
+            max_version: u64,
             addr: SocketAddr,
             incarnation: u64,
             left: bool,
             record: Option<(u64, String)>,
             load: Option<String>,
-            app: std::collections::BTreeMap<String, String>,
+            /// Application keys with their versions; the value only where
+            /// the version differs from the one already held.
+            app: Vec<(String, u64, Option<Arc<str>>)>,
+            /// Nothing but liveness fields are read: the node is unchanged.
+            unchanged: bool,
         }
         let me = self.record.name.clone();
+        let held: HashMap<String, (u64, u64)> = self
+            .peers
+            .iter()
+            .map(|(n, p)| (n.clone(), (p.generation, p.seen_version)))
+            .collect();
+        let peers = &self.peers;
         let mut latest: HashMap<String, Seen> = HashMap::new();
         self.chitchat
             .with_chitchat(|c| {
@@ -483,10 +502,31 @@ impl<T: Transport> Actor<T> {
                     {
                         continue;
                     }
+                    let unchanged =
+                        held.get(&*id.node_id) == Some(&(id.generation_id, state.max_version()));
+                    let old = peers
+                        .get(&*id.node_id)
+                        .filter(|p| p.generation == id.generation_id);
+                    let app = if unchanged {
+                        Vec::new()
+                    } else {
+                        state
+                            .iter_prefix(APP_PREFIX)
+                            .filter(|(_, v)| v.value.len() <= APP_VALUE_LEN_MAX)
+                            .map(|(k, v)| {
+                                let short = &k[APP_PREFIX.len()..];
+                                let same =
+                                    old.and_then(|p| p.app_versions.get(short)) == Some(&v.version);
+                                let value = (!same).then(|| Arc::from(v.value.as_str()));
+                                (short.to_string(), v.version, value)
+                            })
+                            .collect()
+                    };
                     latest.insert(
                         id.node_id.to_string(),
                         Seen {
                             generation: id.generation_id,
+                            max_version: state.max_version(),
                             addr: id.gossip_advertise_addr,
                             incarnation: state
                                 .get(KEY_INCARNATION)
@@ -495,16 +535,14 @@ impl<T: Transport> Actor<T> {
                             left: state.get(KEY_STATUS) == Some("left"),
                             record: state
                                 .get_versioned(KEY_RECORD)
+                                .filter(|_| !unchanged)
                                 .map(|v| (v.version, v.value.clone())),
-                            load: state.get(KEY_LOAD).map(str::to_string),
-                            app: state
-                                .key_values()
-                                .filter_map(|(k, v)| {
-                                    let short = k.strip_prefix(APP_PREFIX)?;
-                                    (v.len() <= APP_VALUE_LEN_MAX)
-                                        .then(|| (short.to_string(), v.to_string()))
-                                })
-                                .collect(),
+                            load: state
+                                .get(KEY_LOAD)
+                                .filter(|_| !unchanged)
+                                .map(str::to_string),
+                            app,
+                            unchanged,
                         },
                     );
                 }
@@ -520,17 +558,23 @@ impl<T: Transport> Actor<T> {
                 seen.left,
                 now,
             );
+            if seen.unchanged {
+                continue;
+            }
             let fresh = || Peer {
                 generation: seen.generation,
+                seen_version: 0,
                 record: None,
                 load: Load::default(),
                 app: Default::default(),
+                app_versions: Default::default(),
             };
             let peer = self.peers.entry(name).or_insert_with(fresh);
             if seen.generation > peer.generation {
                 *peer = fresh();
             }
             if seen.generation == peer.generation {
+                peer.seen_version = seen.max_version;
                 if let Some((version, json)) = seen.record {
                     if peer.record.as_ref().is_none_or(|(v, _)| *v != version) {
                         if let Some(rec) = decode::<NodeRecord>(&json) {
@@ -541,8 +585,24 @@ impl<T: Transport> Actor<T> {
                 if let Some(load) = seen.load.as_deref().and_then(decode::<Load>) {
                     peer.load = load;
                 }
-                if peer.app != seen.app {
-                    peer.app = seen.app;
+                let changed = seen.app.len() != peer.app_versions.len()
+                    || seen.app.iter().any(|(_, _, v)| v.is_some());
+                if changed {
+                    let mut app = std::collections::BTreeMap::new();
+                    let mut versions = std::collections::BTreeMap::new();
+                    for (key, version, value) in seen.app {
+                        let value = match value {
+                            Some(v) => v,
+                            None => match peer.app.get(&key) {
+                                Some(v) => v.clone(),
+                                None => continue,
+                            },
+                        };
+                        versions.insert(key.clone(), version);
+                        app.insert(key, value);
+                    }
+                    peer.app = Arc::new(app);
+                    peer.app_versions = versions;
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,9 +89,14 @@ pub struct Member {
     /// The node's last published load.
     pub load: Load,
     /// Application state the node publishes (see
-    /// [`crate::Membership::set_app`]), by key.
-    pub app: BTreeMap<String, String>,
+    /// [`crate::Membership::set_app`]), by key. Shared, not copied, between
+    /// views: a view is published many times a second and only a changed
+    /// node's map is rebuilt (values unchanged since are shared too).
+    pub app: AppState,
 }
+
+/// The application keys of one node, shared between views.
+pub type AppState = Arc<BTreeMap<String, Arc<str>>>;
 
 /// A snapshot of the cluster as one node sees it: plain data, no chitchat
 /// types, so placement and the API can use it and tests can build one.
