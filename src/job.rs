@@ -93,6 +93,19 @@ pub struct TaskSpec {
     /// Container image (docker driver).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Container port of each named port (docker driver): `http = 80` maps
+    /// the slot's host port `ports.http` to port 80 inside the container.
+    /// A named port without one maps to the same number inside.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub container_ports: BTreeMap<String, u16>,
+    /// When to pull the image (docker driver): `missing` (default),
+    /// `always` or `never`.
+    #[serde(default, skip_serializing_if = "is_default_pull")]
+    pub pull: crate::driver::docker::PullPolicy,
+}
+
+fn is_default_pull(p: &crate::driver::docker::PullPolicy) -> bool {
+    *p == crate::driver::docker::PullPolicy::default()
 }
 
 fn default_driver() -> String {
@@ -416,6 +429,13 @@ impl JobSpec {
                         "only the docker driver takes an image",
                     ));
                 }
+                if !t.container_ports.is_empty() {
+                    return Err(invalid(
+                        text,
+                        "task.container_ports",
+                        "only the docker driver takes container ports",
+                    ));
+                }
             }
             "docker" => {
                 if t.image.as_deref().is_none_or(str::is_empty) {
@@ -423,6 +443,20 @@ impl JobSpec {
                         text,
                         "task.image",
                         "the docker driver needs an image",
+                    ));
+                }
+                if let Some(name) = t.container_ports.keys().find(|n| !t.ports.contains_key(*n)) {
+                    return Err(invalid(
+                        text,
+                        &format!("task.container_ports.{name}"),
+                        format!("names no port of task.ports; add `{name} = <host port>` there"),
+                    ));
+                }
+                if let Some((name, _)) = t.container_ports.iter().find(|(_, p)| **p == 0) {
+                    return Err(invalid(
+                        text,
+                        &format!("task.container_ports.{name}"),
+                        "port 0 is not a container port",
                     ));
                 }
             }

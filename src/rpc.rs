@@ -87,11 +87,16 @@ pub enum Response {
 
 /// Fingerprint of a set of items (order-independent).
 pub fn fingerprint<T: Serialize>(items: impl Iterator<Item = T>) -> u64 {
-    items
-        .map(|i| crate::job::fnv1a(&serde_json::to_vec(&i).expect("encodes")))
-        .fold(0u64, |acc, h| {
-            acc.wrapping_add(h.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-        })
+    items.fold(0u64, |acc, i| acc.wrapping_add(fingerprint_item(&i)))
+}
+
+/// One item's share of [`fingerprint`]: a set's fingerprint is the
+/// wrapping sum of its items', so it can be kept up to date item by item
+/// (subtract the old, add the new).
+pub fn fingerprint_item<T: Serialize>(item: &T) -> u64 {
+    crate::job::fnv1a(&serde_json::to_vec(item).expect("encodes"))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        | 1
 }
 
 #[cfg(test)]

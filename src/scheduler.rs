@@ -25,7 +25,7 @@ use crate::gossip_keys;
 use crate::hlc::{wall_ms, Clock, Version};
 use crate::job::{JobSpec, JobType};
 use crate::reconcile::{reconcile, Inputs, Observed, Published, SlotState, StopReason};
-use crate::rpc::{fingerprint, Request, Response};
+use crate::rpc::{fingerprint, fingerprint_item, Request, Response};
 use crate::store::{Completion, JobRecord, Store};
 
 /// How long a placement this node coordinates stays "in flight" (no new
@@ -172,6 +172,13 @@ pub struct Scheduler {
     placement: PlacementConfig,
     view: MembershipView,
     jobs: Vec<JobRecord>,
+    /// Position of each job in `jobs` (records are never removed: a stop
+    /// is a tombstone).
+    job_pos: HashMap<String, usize>,
+    /// Fingerprints of `jobs` (name, version) and `completed`, kept up to
+    /// date as they change (anti-entropy compares them every round).
+    jobs_fp: u64,
+    completed_fp: u64,
     completed: BTreeSet<(String, u32)>,
     local: BTreeMap<(String, u32), Local>,
     pending: BTreeMap<(String, u32), Instant>,
@@ -227,6 +234,9 @@ impl Scheduler {
             placement: PlacementConfig::default(),
             view: MembershipView::default(),
             jobs: Vec::new(),
+            job_pos: HashMap::new(),
+            jobs_fp: fingerprint(std::iter::empty::<()>()),
+            completed_fp: fingerprint(std::iter::empty::<()>()),
             completed: BTreeSet::new(),
             local: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -256,6 +266,13 @@ impl Scheduler {
     /// have from before a restart.
     pub async fn recover(&mut self) -> Result<()> {
         self.jobs = self.store.jobs()?;
+        self.job_pos = self
+            .jobs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+        self.jobs_fp = fingerprint(self.jobs.iter().map(|r| (&r.name, &r.version)));
         for r in &self.jobs {
             self.clock.observe(r.version.hlc);
         }
@@ -265,14 +282,11 @@ impl Scheduler {
             .into_iter()
             .map(|c| (c.job, c.slot))
             .collect();
+        self.completed_fp = fingerprint(self.completed.iter());
         let drivers: Vec<Arc<dyn Driver>> = self.drivers.values().cloned().collect();
         for driver in drivers {
             for (spec, state) in driver.recover().await? {
-                let job = self
-                    .jobs
-                    .iter()
-                    .find(|r| r.name == spec.id.job)
-                    .and_then(|r| r.spec.clone());
+                let job = self.job(&spec.id.job).and_then(|r| r.spec.clone());
                 let Some(job_spec) = job else {
                     // Its job is gone: make sure it is too.
                     let _ = driver.stop(&spec.id, STOP_GRACE).await;
@@ -335,7 +349,10 @@ impl Scheduler {
             let prefix = gossip_keys::PREFIX;
             for (key, value) in m
                 .app
-                .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+                .range::<str, _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
                 .take_while(|(k, _)| k.starts_with(prefix))
             {
                 let k = (m.record.name.clone(), key.clone());
@@ -386,10 +403,21 @@ impl Scheduler {
             Ok(stored) => {
                 if !stored.is_empty() {
                     for r in &stored {
-                        match self.jobs.iter_mut().find(|j| j.name == r.name) {
-                            Some(j) => *j = r.clone(),
-                            None => self.jobs.push(r.clone()),
+                        let item = fingerprint_item(&(&r.name, &r.version));
+                        match self.job_pos.get(&r.name) {
+                            Some(&i) => {
+                                let old = &self.jobs[i];
+                                self.jobs_fp = self
+                                    .jobs_fp
+                                    .wrapping_sub(fingerprint_item(&(&old.name, &old.version)));
+                                self.jobs[i] = r.clone();
+                            }
+                            None => {
+                                self.job_pos.insert(r.name.clone(), self.jobs.len());
+                                self.jobs.push(r.clone());
+                            }
                         }
+                        self.jobs_fp = self.jobs_fp.wrapping_add(item);
                     }
                     self.dirty = true;
                 }
@@ -479,7 +507,7 @@ impl Scheduler {
     /// client reading right after its write sees it): a snapshot holding
     /// just that job.
     fn job_snapshot(&self, name: &str) -> Option<Snapshot> {
-        let record = self.jobs.iter().find(|r| r.name == name)?.clone();
+        let record = self.job(name)?.clone();
         let instances = self
             .observed()
             .into_iter()
@@ -643,12 +671,7 @@ impl Scheduler {
                     .collect();
                 let want: Vec<String> = theirs
                     .iter()
-                    .filter(|(n, v)| {
-                        self.jobs
-                            .iter()
-                            .find(|r| &r.name == *n)
-                            .is_none_or(|r| r.version < **v)
-                    })
+                    .filter(|(n, v)| self.job(n).is_none_or(|r| r.version < **v))
                     .map(|(n, _)| n.clone())
                     .collect();
                 let theirs_done: BTreeSet<(String, u32)> = completions.into_iter().collect();
@@ -705,11 +728,16 @@ impl Scheduler {
     }
 
     fn jobs_fingerprint(&self) -> u64 {
-        fingerprint(self.jobs.iter().map(|r| (&r.name, &r.version)))
+        self.jobs_fp
     }
 
     fn completions_fingerprint(&self) -> u64 {
-        fingerprint(self.completed.iter())
+        self.completed_fp
+    }
+
+    /// A job record by name.
+    fn job(&self, name: &str) -> Option<&JobRecord> {
+        self.job_pos.get(name).map(|&i| &self.jobs[i])
     }
 
     /// This node as placement sees it, with its own fresh load.
@@ -737,7 +765,7 @@ impl Scheduler {
     /// Starts slots this node won; returns the ones it refused.
     fn start_slots(&mut self, job: &JobRecord, slots: &[u32]) -> Vec<(u32, String)> {
         let mut refused = Vec::new();
-        let current = self.jobs.iter().find(|r| r.name == job.name).cloned();
+        let current = self.job(&job.name).cloned();
         let Some(spec) = current.and_then(|r| r.spec) else {
             return slots
                 .iter()
@@ -901,6 +929,7 @@ impl Scheduler {
             warn!(error = %e, "cannot record a completion");
             return;
         }
+        self.completed_fp = self.completed_fp.wrapping_add(fingerprint_item(&key));
         self.completed.insert(key);
         self.dirty = true;
     }
@@ -1179,19 +1208,24 @@ impl Scheduler {
         for (j, s) in slots {
             by_job.entry(j).or_default().push(s);
         }
+        // Live copies per node of each job being placed, in one pass.
+        let mut placements_of: HashMap<&str, JobPlacements> = HashMap::new();
+        for o in observed.iter().filter(|o| o.copy.state.is_live()) {
+            if by_job.contains_key(&*o.job) {
+                *placements_of
+                    .entry(&o.job)
+                    .or_default()
+                    .entry(o.node.to_string())
+                    .or_default() += 1;
+            }
+        }
         let mut work: Vec<(JobRecord, Vec<u32>, JobPlacements)> = Vec::new();
-        for (name, slots) in by_job {
-            let Some(record) = self.jobs.iter().find(|r| r.name == name).cloned() else {
+        for (name, slots) in &by_job {
+            let Some(record) = self.job(name).cloned() else {
                 continue;
             };
-            let mut placements: JobPlacements = BTreeMap::new();
-            for o in observed
-                .iter()
-                .filter(|o| *o.job == *name && o.copy.state.is_live())
-            {
-                *placements.entry(o.node.to_string()).or_default() += 1;
-            }
-            work.push((record, slots, placements));
+            let placements = placements_of.remove(name.as_str()).unwrap_or_default();
+            work.push((record, slots.clone(), placements));
         }
         let addrs: HashMap<String, SocketAddr> = nodes
             .iter()

@@ -26,6 +26,8 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             resources: ResourceSpec::default(),
             ports: BTreeMap::new(),
             image: None,
+            container_ports: BTreeMap::new(),
+            pull: Default::default(),
         },
         env: BTreeMap::from([("SHOAL_SLOT".to_string(), slot.to_string())]),
     }

@@ -1,7 +1,8 @@
 //! Drivers run instances: `exec` (processes, under `shoal supervise`) and
-//! `hollow` (scale benchmarks only: everything but the process). The
-//! `docker` driver joins them behind the same [`Driver`] trait.
+//! `docker` (containers through the Docker Engine API) and `hollow` (scale
+//! benchmarks only: everything but the process), behind one [`Driver`] trait.
 
+pub mod docker;
 pub mod exec;
 pub mod hollow;
 pub mod supervise;
