@@ -14,6 +14,7 @@ use shoal_transport::{take_inbox, QuicConfig, QuicTransport, Service, Transport}
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
+use crate::driver::docker::DockerDriver;
 use crate::driver::exec::ExecDriver;
 use crate::driver::hollow::HollowDriver;
 use crate::driver::Driver;
@@ -155,6 +156,20 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         );
     }
     let mut notes = Vec::new();
+    match DockerDriver::detect(&ca.cluster_id, &config.name).await {
+        Ok((driver, engine)) => {
+            info!(engine = %engine.version, api = %engine.api, "docker driver available");
+            notes.push(format!(
+                "docker: Engine {} (API {})",
+                engine.version, engine.api
+            ));
+            drivers.insert("docker".into(), std::sync::Arc::new(driver));
+        }
+        Err(e) => {
+            info!(reason = %format!("{e:#}"), "docker driver unavailable");
+            notes.push(format!("docker driver unavailable: {e:#}"));
+        }
+    }
     if !host::cgroup_v2_writable() {
         notes.push(
             "no writable cgroup v2: CPU and memory limits of exec instances are not enforced"

@@ -47,9 +47,12 @@ pub struct SlotView {
     pub node: Option<String>,
     /// `pending`, `starting`, `running`, `completed` or `failed`.
     pub state: SlotState,
-    /// Why it is pending, if known.
+    /// Why it is pending or failed, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Restarts of the current holder's copy.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// A job as `/v1/jobs/{name}` and `shoal status JOB --json` show it.
@@ -108,23 +111,35 @@ fn status_of(snap: &Snapshot, record: &JobRecord) -> JobStatus {
             .max_by_key(|c| (c.state.is_live(), c.state == SlotState::Running, c.run));
         let done = snap.completed.contains(&(record.name.clone(), slot));
         instances.push(match best {
+            // A copy whose last start failed shows as failed, with why,
+            // while its holder waits to retry.
+            Some(c) if c.error.is_some() && c.state == SlotState::Starting => SlotView {
+                slot,
+                node: Some(c.node.clone()),
+                state: SlotState::Failed,
+                reason: c.error.clone(),
+                restarts: c.restarts,
+            },
             Some(c) if !(done && c.state.is_live()) => SlotView {
                 slot,
                 node: Some(c.node.clone()),
                 state: c.state,
-                reason: None,
+                reason: c.error.clone(),
+                restarts: c.restarts,
             },
             _ if done => SlotView {
                 slot,
                 node: None,
                 state: SlotState::Completed,
                 reason: None,
+                restarts: 0,
             },
             _ => SlotView {
                 slot,
                 node: None,
                 state: SlotState::Pending,
                 reason: snap.unplaceable.get(&(record.name.clone(), slot)).cloned(),
+                restarts: 0,
             },
         });
     }
@@ -137,6 +152,7 @@ fn status_of(snap: &Snapshot, record: &JobRecord) -> JobStatus {
             node: Some(c.node.clone()),
             state: c.state,
             reason: Some("stopping".into()),
+            restarts: c.restarts,
         });
     }
     JobStatus {

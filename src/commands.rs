@@ -175,7 +175,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 s.replicas,
                 if s.stopped { ", stopped" } else { "" }
             );
-            let rows: Vec<[String; 4]> = s
+            let rows: Vec<[String; 5]> = s
                 .instances
                 .iter()
                 .map(|i| {
@@ -186,11 +186,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
                             .ok()
                             .and_then(|v| v.as_str().map(str::to_string))
                             .unwrap_or_default(),
+                        i.restarts.to_string(),
                         i.reason.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
-            print_table(&["SLOT", "NODE", "STATE", "REASON"], &rows);
+            print_table(&["SLOT", "NODE", "STATE", "RESTARTS", "REASON"], &rows);
         }
     }
     Ok(())

@@ -106,6 +106,8 @@ mod tests {
                 run: 1_000_000_000_000 + u64::from(slot),
                 state: SlotState::Running,
                 task: 0xdead_beef_dead_beef,
+                restarts: 0,
+                error: None,
             })
             .collect()
     }

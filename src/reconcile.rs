@@ -58,6 +58,16 @@ pub struct Published {
     /// Fingerprint of the task it runs.
     #[serde(rename = "f")]
     pub task: u64,
+    /// Restarts of the slot on this node so far.
+    #[serde(rename = "n", default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// Why the last start failed (cleared by a start that succeeds).
+    #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An instance seen on some node.
@@ -87,6 +97,9 @@ pub struct Inputs<'a> {
     pub members: &'a [String],
     /// Slots whose placement this node has in flight.
     pub pending: &'a BTreeSet<(String, u32)>,
+    /// Task fingerprints of the live jobs, if the caller keeps them (else
+    /// computed here).
+    pub task_fingerprints: Option<&'a std::collections::HashMap<String, u64>>,
 }
 
 /// Why a copy stops.
@@ -102,6 +115,9 @@ pub enum StopReason {
     Duplicate,
     /// The batch slot already completed (or failed for good).
     Finished,
+    /// Found again after an agent restart or a stall while another node
+    /// runs the slot by now: the cluster moved on without this copy.
+    Superseded,
 }
 
 /// What this node must do.
@@ -123,7 +139,10 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         .collect();
     let fingerprints: BTreeMap<&str, u64> = live_jobs
         .iter()
-        .map(|(n, s)| (*n, s.task.fingerprint()))
+        .map(|(n, s)| {
+            let cached = inp.task_fingerprints.and_then(|f| f.get(*n).copied());
+            (*n, cached.unwrap_or_else(|| s.task.fingerprint()))
+        })
         .collect();
     let mut by_slot: BTreeMap<(&str, u32), Vec<&Observed>> = BTreeMap::new();
     for o in inp.observed {

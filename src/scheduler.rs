@@ -41,6 +41,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// after start: until gossip has brought it the whole membership, its view
 /// would make it coordinator of slots others coordinate.
 pub const JOIN_GRACE: Duration = Duration::from_secs(2);
+/// A gap between ticks longer than this means the process was stopped
+/// (above the failure detector's worst-case time to declare a node dead).
+const STALL: Duration = Duration::from_secs(3);
 /// Reconcile at most this often, however often things change: during a
 /// large submission views and instances change every few milliseconds, and
 /// each pass looks at every slot.
@@ -48,6 +51,9 @@ const RECONCILE_MIN: Duration = Duration::from_millis(100);
 /// The API's snapshot is rebuilt at most this often (it copies every job
 /// and instance).
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
+/// A whole-state pass (reconcile, API snapshot) waits this many times its
+/// own last duration before the next one.
+const PACE: u32 = 5;
 /// Reconcile at least this often even if nothing changed.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Anti-entropy with one random peer this often.
@@ -108,6 +114,24 @@ pub struct InstanceView {
     pub state: SlotState,
     /// Run id.
     pub run: u64,
+    /// Restarts on its node so far.
+    pub restarts: u32,
+    /// Why its last start failed, if it did.
+    pub error: Option<String>,
+}
+
+impl InstanceView {
+    fn of(o: Observed) -> InstanceView {
+        InstanceView {
+            job: o.job.to_string(),
+            slot: o.copy.slot,
+            node: o.node.to_string(),
+            state: o.copy.state,
+            run: o.copy.run,
+            restarts: o.copy.restarts,
+            error: o.copy.error,
+        }
+    }
 }
 
 /// What the API reads: the scheduler's state after its last change.
@@ -151,6 +175,26 @@ struct Local {
     restart_at: Option<Instant>,
     /// Stop requested by the reconciler: do not restart.
     stopping: bool,
+    /// Why the last start failed, until a start succeeds.
+    error: Option<String>,
+    /// Found running after an agent restart (or a long stall) and not yet
+    /// checked against the cluster: if another node runs the slot by now,
+    /// this copy is the stale one and goes (see `ADOPT_CHECK`).
+    unconfirmed: bool,
+}
+
+impl Local {
+    /// This instance as published in gossip.
+    fn published(&self) -> Published {
+        Published {
+            slot: self.id.slot,
+            run: self.id.run,
+            state: self.state,
+            task: self.task,
+            restarts: self.restarts,
+            error: self.error.clone(),
+        }
+    }
 }
 
 /// One gossip key of instances another node publishes, parsed once.
@@ -189,6 +233,14 @@ pub struct Scheduler {
     published_load: Option<Load>,
     dirty: bool,
     last_reconcile: Instant,
+    /// When the last tick ran: a long gap means this process was stopped
+    /// (SIGSTOP, a frozen VM), long enough for others to replace its work.
+    last_tick: Instant,
+    /// How long the last reconcile (with publication) and snapshot took.
+    reconcile_cost: Duration,
+    snapshot_cost: Duration,
+    /// Task fingerprint of each live job (computed once per record).
+    task_fps: HashMap<String, u64>,
     last_sync: Instant,
     internal_tx: mpsc::Sender<Internal>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
@@ -246,6 +298,10 @@ impl Scheduler {
             published_load: None,
             dirty: true,
             last_reconcile: Instant::now(),
+            last_tick: Instant::now(),
+            reconcile_cost: Duration::ZERO,
+            snapshot_cost: Duration::ZERO,
+            task_fps: HashMap::new(),
             last_sync: Instant::now(),
             internal_tx,
             snapshot_tx,
@@ -273,6 +329,11 @@ impl Scheduler {
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
         self.jobs_fp = fingerprint(self.jobs.iter().map(|r| (&r.name, &r.version)));
+        self.task_fps = self
+            .jobs
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), r.spec.as_ref()?.task.fingerprint())))
+            .collect();
         for r in &self.jobs {
             self.clock.observe(r.version.hlc);
         }
@@ -313,6 +374,8 @@ impl Scheduler {
                         restarts: 0,
                         restart_at: None,
                         stopping: false,
+                        error: None,
+                        unconfirmed: state == InstanceState::Running,
                     },
                 );
                 if state != InstanceState::Running {
@@ -418,6 +481,10 @@ impl Scheduler {
                             }
                         }
                         self.jobs_fp = self.jobs_fp.wrapping_add(item);
+                        match &r.spec {
+                            Some(s) => self.task_fps.insert(r.name.clone(), s.task.fingerprint()),
+                            None => self.task_fps.remove(&r.name),
+                        };
                     }
                     self.dirty = true;
                 }
@@ -512,13 +579,7 @@ impl Scheduler {
             .observed()
             .into_iter()
             .filter(|o| &*o.job == name)
-            .map(|o| InstanceView {
-                job: o.job.to_string(),
-                slot: o.copy.slot,
-                node: o.node.to_string(),
-                state: o.copy.state,
-                run: o.copy.run,
-            })
+            .map(InstanceView::of)
             .collect();
         Some(Snapshot {
             jobs: vec![record],
@@ -823,6 +884,8 @@ impl Scheduler {
                     restarts: 0,
                     restart_at: None,
                     stopping: false,
+                    error: None,
+                    unconfirmed: false,
                 },
             );
             self.launch(id, driver.clone(), &spec, job.version.clone());
@@ -897,12 +960,14 @@ impl Scheduler {
                 if let Some(l) = self.local.get_mut(&key).filter(|l| l.id == id) {
                     match result {
                         Ok(()) => {
+                            l.error = None;
                             if l.state == SlotState::Starting {
                                 l.state = SlotState::Running;
                             }
                         }
                         Err(e) => {
                             warn!(instance = %id, error = %e, "start failed");
+                            l.error = Some(format!("start failed: {e}"));
                             self.on_ended(
                                 id,
                                 InstanceState::Exited(crate::driver::ExitStatus {
@@ -989,6 +1054,17 @@ impl Scheduler {
     /// Periodic work: restarts, placements, stops, publication, sync.
     pub async fn tick(&mut self) {
         let now = Instant::now();
+        if now.duration_since(self.last_tick) > STALL {
+            // We were frozen: peers have probably declared us dead and
+            // re-placed our slots. Hold our copies back until gossip shows
+            // whether they did (as after a restart).
+            warn!(stalled_for = ?now.duration_since(self.last_tick), "this node was stalled; re-checking its instances against the cluster");
+            for l in self.local.values_mut().filter(|l| l.state.is_live()) {
+                l.unconfirmed = true;
+            }
+            self.coordinate_after = now + JOIN_GRACE;
+        }
+        self.last_tick = now;
         // Due restarts: a new run of the same slot.
         let due: Vec<(String, u32)> = self
             .local
@@ -1019,16 +1095,26 @@ impl Scheduler {
         }
         self.pending.retain(|_, deadline| *deadline > now);
         let since = now.duration_since(self.last_reconcile);
-        if (self.dirty && since >= RECONCILE_MIN) || since >= RECONCILE_INTERVAL {
+        // Whole-state passes are paced by their own cost: the next waits
+        // PACE times as long as the last took (at least the minimum), so
+        // with many jobs they cost a bounded share of a core instead of
+        // crowding out the work they serve.
+        let reconcile_gap = RECONCILE_MIN.max(self.reconcile_cost * PACE);
+        if (self.dirty && since >= reconcile_gap) || since >= RECONCILE_INTERVAL.max(reconcile_gap)
+        {
             self.dirty = false;
             self.last_reconcile = now;
             self.reconcile_now().await;
             self.publish().await;
             self.publish_snapshot();
+            self.reconcile_cost = now.elapsed();
         }
-        if self.snapshot_dirty && now.duration_since(self.last_snapshot) >= SNAPSHOT_INTERVAL {
-            self.last_snapshot = now;
+        let snapshot_gap = SNAPSHOT_INTERVAL.max(self.snapshot_cost * PACE);
+        if self.snapshot_dirty && now.duration_since(self.last_snapshot) >= snapshot_gap {
+            let started = Instant::now();
+            self.last_snapshot = started;
             self.build_snapshot();
+            self.snapshot_cost = started.elapsed();
         }
         if now.duration_since(self.last_sync) >= SYNC_INTERVAL {
             self.last_sync = now;
@@ -1087,16 +1173,16 @@ impl Scheduler {
             }));
         }
         let me: Arc<str> = Arc::from(self.me.as_str());
-        out.extend(self.local.iter().map(|((job, _), l)| Observed {
-            node: me.clone(),
-            job: Arc::from(job.as_str()),
-            copy: Published {
-                slot: l.id.slot,
-                run: l.id.run,
-                state: l.state,
-                task: l.task,
-            },
-        }));
+        out.extend(
+            self.local
+                .iter()
+                .filter(|(_, l)| !l.unconfirmed)
+                .map(|((job, _), l)| Observed {
+                    node: me.clone(),
+                    job: Arc::from(job.as_str()),
+                    copy: l.published(),
+                }),
+        );
         out
     }
 
@@ -1124,6 +1210,9 @@ impl Scheduler {
                 .map(|m| m.record.name.clone())
                 .collect()
         };
+        if Instant::now() >= self.coordinate_after {
+            self.confirm_adopted(&observed);
+        }
         let pending: BTreeSet<(String, u32)> = self.pending.keys().cloned().collect();
         let actions = reconcile(&Inputs {
             me: &self.me,
@@ -1132,6 +1221,7 @@ impl Scheduler {
             observed: &observed,
             members: &members,
             pending: &pending,
+            task_fingerprints: Some(&self.task_fps),
         });
         for (job, slot, run, reason) in actions.stop {
             self.stop_local(&job, slot, run, reason);
@@ -1166,6 +1256,34 @@ impl Scheduler {
         }
         let nodes = self.live_nodes_for_placement();
         self.spawn_placement(actions.place, nodes, &observed);
+    }
+
+    /// Settles the copies found after a restart or a stall, once gossip has
+    /// had [`JOIN_GRACE`] to show the cluster's state: a copy whose slot
+    /// another node runs now is stopped; the others are ours again.
+    fn confirm_adopted(&mut self, observed: &[Observed]) {
+        let unconfirmed: Vec<((String, u32), u64)> = self
+            .local
+            .iter()
+            .filter(|(_, l)| l.unconfirmed)
+            .map(|(k, l)| (k.clone(), l.id.run))
+            .collect();
+        for ((job, slot), run) in unconfirmed {
+            let elsewhere = observed.iter().any(|o| {
+                *o.job == *job
+                    && o.copy.slot == slot
+                    && *o.node != *self.me
+                    && o.copy.state.is_live()
+            });
+            if let Some(l) = self.local.get_mut(&(job.clone(), slot)) {
+                l.unconfirmed = false;
+            }
+            if elsewhere {
+                self.stop_local(&job, slot, run, StopReason::Superseded);
+            } else {
+                info!(job = %job, slot, "adopted instance confirmed");
+            }
+        }
     }
 
     fn stop_local(&mut self, job: &str, slot: u32, run: u64, reason: StopReason) {
@@ -1245,18 +1363,13 @@ impl Scheduler {
     /// Publishes this node's instances and load in gossip.
     async fn publish(&mut self) {
         let mut buckets: BTreeMap<u64, BTreeMap<String, Vec<Published>>> = BTreeMap::new();
-        for ((job, slot), l) in &self.local {
+        for ((job, _), l) in self.local.iter().filter(|(_, l)| !l.unconfirmed) {
             buckets
                 .entry(gossip_keys::bucket_of(job))
                 .or_default()
                 .entry(job.clone())
                 .or_default()
-                .push(Published {
-                    slot: *slot,
-                    run: l.id.run,
-                    state: l.state,
-                    task: l.task,
-                });
+                .push(l.published());
         }
         // Re-encode only the buckets whose instances changed; a bucket
         // that emptied publishes no part.
@@ -1378,17 +1491,8 @@ impl Scheduler {
 
     fn build_snapshot(&mut self) {
         self.snapshot_dirty = false;
-        let mut instances: Vec<InstanceView> = self
-            .observed()
-            .into_iter()
-            .map(|o| InstanceView {
-                job: o.job.to_string(),
-                slot: o.copy.slot,
-                node: o.node.to_string(),
-                state: o.copy.state,
-                run: o.copy.run,
-            })
-            .collect();
+        let mut instances: Vec<InstanceView> =
+            self.observed().into_iter().map(InstanceView::of).collect();
         instances.sort_by(|a, b| (&a.job, a.slot, &a.node).cmp(&(&b.job, b.slot, &b.node)));
         let snap = Snapshot {
             jobs: self.jobs.clone(),

@@ -85,8 +85,9 @@ pub struct EngineInfo {
     pub api: String,
 }
 
-/// A container name: Docker allows `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
-fn container_name(node: &str, id: &InstanceId) -> String {
+/// A container name, unique per cluster, node and run (several clusters
+/// and nodes may share an Engine); Docker allows `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn container_name(cluster: &str, node: &str, id: &InstanceId) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -98,8 +99,10 @@ fn container_name(node: &str, id: &InstanceId) -> String {
             })
             .collect()
     };
+    let cluster: String = cluster.chars().take(8).collect();
     format!(
-        "shoal-{}-{}-{}-{}",
+        "shoal-{}-{}-{}-{}-{}",
+        clean(&cluster),
         clean(node),
         clean(&id.job),
         id.slot,
@@ -227,7 +230,7 @@ impl DockerDriver {
     }
 
     fn name_of(&self, id: &InstanceId) -> String {
-        container_name(&self.node, id)
+        container_name(&self.cluster, &self.node, id)
     }
 
     /// Makes sure the image is present, pulling it by policy.
@@ -600,9 +603,11 @@ mod tests {
     #[test]
     fn container_names_are_valid_and_distinct_per_node() {
         let id = spec().id;
-        let a = container_name("node/1", &id);
-        let b = container_name("node-2", &id);
+        let a = container_name("c1", "node/1", &id);
+        let b = container_name("c1", "node-2", &id);
+        let c = container_name("c2", "node/1", &id);
         assert_ne!(a, b);
+        assert_ne!(a, c);
         assert!(a
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)));

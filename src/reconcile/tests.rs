@@ -76,6 +76,8 @@ fn arb_world() -> impl Strategy<Value = World> {
                             _ => SlotState::Running,
                         },
                         task: if kind == 9 { 12345 } else { fp(&records[j]) },
+                        restarts: 0,
+                        error: None,
                     },
                 })
                 .collect::<Vec<_>>();
@@ -119,6 +121,7 @@ fn run_all(w: &World) -> BTreeMap<String, Actions> {
                 observed: &w.observed,
                 members: &members,
                 pending: &pending,
+                task_fingerprints: None,
             };
             (n.id.clone(), reconcile(&inp))
         })
@@ -206,6 +209,8 @@ fn the_older_copy_survives_a_conflict() {
             run,
             state: SlotState::Running,
             task: fp,
+            restarts: 0,
+            error: None,
         },
     };
     let w = World {

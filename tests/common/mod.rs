@@ -205,6 +205,10 @@ pub struct SlotView {
     pub slot: u32,
     pub node: Option<String>,
     pub state: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -223,6 +227,18 @@ impl Agent {
             .call()
             .ok()?;
         resp.into_json().ok()
+    }
+
+    /// Restarts of slot `slot` of `name`, per this agent.
+    pub fn restarts(&self, name: &str, slot: u32) -> u32 {
+        self.job(name).map_or(0, |j| {
+            j.instances
+                .iter()
+                .filter(|i| i.slot == slot)
+                .map(|i| i.restarts)
+                .max()
+                .unwrap_or(0)
+        })
     }
 
     /// Slots of `name` in `state` on nodes other than `not_on`, per this agent.

@@ -1,0 +1,337 @@
+//! The `docker` driver against the real Docker Engine of this machine, with
+//! real agent processes on 127.0.0.1. No registry is reachable: the test
+//! image is made locally by `docker import` of a tarball holding Debian's
+//! static busybox (`apt-get install busybox-static`; `.ci/run` does it).
+//!
+//! Skips, saying why, only where no Docker Engine answers.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Once;
+
+use common::*;
+
+const IMAGE: &str = "shoal-test/busybox:1";
+
+/// `docker <args>`: (success, stdout).
+fn docker(args: &[&str]) -> (bool, String) {
+    match Command::new("docker").args(args).output() {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Whether an Engine answers; prints why not.
+fn engine() -> bool {
+    let (ok, out) = docker(&["version", "--format", "{{.Server.Version}}"]);
+    if !ok {
+        eprintln!("SKIPPED: no Docker Engine answers here: {}", out.trim());
+    }
+    ok
+}
+
+/// Imports the test image once per test binary if it is missing.
+fn ensure_image() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if docker(&["image", "inspect", IMAGE]).0 {
+            return;
+        }
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "the docker tests need /bin/busybox (apt-get install busybox-static) to make their image"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(busybox, bin.join("busybox")).unwrap();
+        for tool in ["sh", "sleep", "echo", "cat", "true", "false"] {
+            std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
+        }
+        let tar = dir.path().join("image.tar");
+        let ok = Command::new("tar")
+            .arg("-C")
+            .arg(dir.path())
+            .arg("-cf")
+            .arg(&tar)
+            .arg("bin")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tar failed");
+        let (ok, out) = docker(&["import", tar.to_str().unwrap(), IMAGE]);
+        assert!(ok || docker(&["image", "inspect", IMAGE]).0, "docker import failed: {out}");
+    });
+}
+
+/// Containers of `job` (label filter) as (slot, node, run, running).
+fn containers(job: &str) -> Vec<(u32, String, String, bool)> {
+    let (ok, out) = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=shoal.job={job}"),
+        "--format",
+        "{{.Label \"shoal.slot\"}} {{.Label \"shoal.node\"}} {{.Label \"shoal.run\"}} {{.State}}",
+    ]);
+    assert!(ok, "docker ps: {out}");
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.to_string(),
+                f.get(2)?.to_string(),
+                *f.get(3)? == "running",
+            ))
+        })
+        .collect()
+}
+
+fn running_containers(job: &str) -> Vec<(u32, String, String)> {
+    containers(job)
+        .into_iter()
+        .filter(|c| c.3)
+        .map(|(s, n, r, _)| (s, n, r))
+        .collect()
+}
+
+/// Removes every container of these jobs (also when a test fails).
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for job in &self.0 {
+            let (_, ids) = docker(&["ps", "-aq", "--filter", &format!("label=shoal.job={job}")]);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids);
+                docker(&args);
+            }
+        }
+    }
+}
+
+/// Every slot of `job` runs as exactly one container, the API of `agent`
+/// agrees, and no slot runs on `not_on`.
+fn one_container_per_slot(agent: &Agent, job: &str, replicas: u32, not_on: Option<&str>) -> bool {
+    let running = running_containers(job);
+    let mut per_slot: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for (slot, node, _) in &running {
+        per_slot.entry(*slot).or_default().push(node);
+    }
+    per_slot.len() == replicas as usize
+        && per_slot.values().all(|nodes| nodes.len() == 1)
+        && per_slot
+            .values()
+            .all(|nodes| not_on.is_none_or(|n| nodes[0] != n))
+        && agent.count(job, "running", not_on) == replicas as usize
+}
+
+/// The issue's minimal file, as it is.
+const CWEB: &str = r#"name = "cweb"
+type = "service"
+replicas = 3
+
+[task]
+driver = "docker"
+image = "shoal-test/busybox:1"
+command = "sleep"
+args = ["100000"]
+"#;
+
+/// A job only node n1 may run (so it waits for n1 while n1 is down).
+const PINNED: &str = r#"name = "cpinned"
+type = "service"
+replicas = 1
+
+[task]
+driver = "docker"
+image = "shoal-test/busybox:1"
+command = "sh"
+args = ["-c", "echo hello from slot $SHOAL_SLOT; sleep 100000"]
+
+[[constraints]]
+label = "pin"
+op = "="
+value = "yes"
+"#;
+
+fn docker_cluster(root: &Path) -> Vec<Agent> {
+    let first = Agent::start(root, "n0", None, None, &[]);
+    let seed = first.quic();
+    let token = first.token_file();
+    let n1 = Agent::start(
+        root,
+        "n1",
+        Some(&seed),
+        Some(&token),
+        &["--label", "pin=yes"],
+    );
+    let n2 = Agent::start(root, "n2", Some(&seed), Some(&token), &[]);
+    let agents = vec![first, n1, n2];
+    wait_until("3 alive with docker", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
+        })
+    });
+    agents
+}
+
+#[test]
+fn containers_run_move_on_agent_kill_and_are_adopted_or_removed_on_restart() {
+    if !engine() {
+        return;
+    }
+    ensure_image();
+    let _cleanup = Cleanup(vec!["cweb".into(), "cpinned".into()]);
+    let root = tempfile::tempdir().unwrap();
+    let mut agents = docker_cluster(root.path());
+
+    // The minimal file runs as 3 containers, one per slot.
+    let file = job_file(root.path(), "cweb", CWEB);
+    let (ok, out, err) = cli(
+        &agents[0],
+        &["run", file.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    let pinned = job_file(root.path(), "cpinned", PINNED);
+    let (ok, out, err) = cli(
+        &agents[0],
+        &["run", pinned.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    wait_until("3 cweb containers and 1 cpinned on n1", || {
+        one_container_per_slot(&agents[0], "cweb", 3, None)
+            && one_container_per_slot(&agents[0], "cpinned", 1, None)
+    });
+    assert!(running_containers("cpinned").iter().all(|c| c.1 == "n1"));
+
+    // Logs come through the Engine API, from any node.
+    let (ok, out, err) = cli(&agents[2], &["logs", "cpinned", "--slot", "0"]);
+    assert!(ok && out.contains("hello from slot 0"), "{out}{err}");
+
+    // SIGKILL n1's agent alone: its containers keep running, its cweb
+    // slots start as containers elsewhere.
+    let victim = "n1";
+    let pinned_before = running_containers("cpinned");
+    let had_cweb = running_containers("cweb").iter().any(|c| c.1 == victim);
+    agents[1].stop(libc::SIGKILL);
+    wait_until("n1 dead and its cweb slots running elsewhere", || {
+        all_see(&agents, victim, "dead")
+            && agents[0].count("cweb", "running", Some(victim)) == 3
+            && running_containers("cweb")
+                .iter()
+                .filter(|c| c.1 != victim)
+                .count()
+                == 3
+    });
+    // The pinned job has nowhere else to go.
+    assert_eq!(agents[0].count("cpinned", "running", Some(victim)), 0);
+
+    // Restart n1 with the same data dir: its stale cweb containers are
+    // removed, the still-desired cpinned container is adopted (the same
+    // container, not a new one), and nothing is duplicated.
+    let seed = agents[0].quic();
+    let token = agents[0].token_file();
+    agents[1] = Agent::start(
+        root.path(),
+        "n1",
+        Some(&seed),
+        Some(&token),
+        &["--label", "pin=yes"],
+    );
+    wait_until("n1 back, one container per slot, pinned adopted", || {
+        one_container_per_slot(&agents[0], "cweb", 3, None)
+            && running_containers("cweb").len() == 3
+            && one_container_per_slot(&agents[0], "cpinned", 1, None)
+    });
+    if had_cweb {
+        assert!(
+            running_containers("cweb").iter().all(|c| c.1 != victim),
+            "n1's stale containers must go: {:?}",
+            running_containers("cweb")
+        );
+    }
+    assert_eq!(
+        running_containers("cpinned"),
+        pinned_before,
+        "the pinned container is adopted, not replaced"
+    );
+
+    // Stopping the job removes its containers.
+    let (ok, out, err) = cli(&agents[0], &["stop", "cweb"]);
+    assert!(ok, "{out}{err}");
+    wait_until("no cweb container left", || containers("cweb").is_empty());
+}
+
+#[test]
+fn a_failing_container_restarts_by_policy_and_a_missing_image_fails_clearly() {
+    if !engine() {
+        return;
+    }
+    ensure_image();
+    let _cleanup = Cleanup(vec!["cfail".into(), "cmissing".into()]);
+    let root = tempfile::tempdir().unwrap();
+    let agents = [Agent::start(root.path(), "n0", None, None, &[])];
+
+    let failing = r#"name = "cfail"
+type = "service"
+replicas = 1
+
+[task]
+driver = "docker"
+image = "shoal-test/busybox:1"
+command = "sh"
+args = ["-c", "sleep 0.2; exit 3"]
+
+[restart]
+delay = "100ms"
+max_delay = "200ms"
+"#;
+    let file = job_file(root.path(), "cfail", failing);
+    let (ok, out, err) = cli(&agents[0], &["run", file.to_str().unwrap(), "--detach"]);
+    assert!(ok, "{out}{err}");
+    wait_until("the failing container restarted at least twice", || {
+        agents[0].restarts("cfail", 0) >= 2
+    });
+    // Restarts are new containers; the ended ones are removed, so at most
+    // the current run and the one being replaced exist.
+    assert!(containers("cfail").len() <= 2, "{:?}", containers("cfail"));
+
+    let missing = r#"name = "cmissing"
+type = "service"
+replicas = 1
+
+[task]
+driver = "docker"
+image = "shoal-test/not-here:1"
+command = "true"
+"#;
+    let file = job_file(root.path(), "cmissing", missing);
+    let (ok, out, err) = cli(&agents[0], &["run", file.to_str().unwrap(), "--detach"]);
+    assert!(ok, "{out}{err}");
+    wait_until("the slot fails with a message about the image", || {
+        agents[0].job("cmissing").is_some_and(|j| {
+            j.instances.iter().any(|i| {
+                i.state == "failed"
+                    && i.reason.as_deref().is_some_and(|m| {
+                        m.contains("shoal-test/not-here:1") && m.contains("cannot be pulled")
+                    })
+            })
+        })
+    });
+    let (ok, out, err) = cli(&agents[0], &["status", "cmissing"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("cannot be pulled"), "status shows why: {out}");
+    assert!(containers("cmissing").is_empty());
+}
