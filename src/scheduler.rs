@@ -519,22 +519,14 @@ impl Scheduler {
                 self.answer(reply, result);
             }
             ApiCommand::Stop(name, reply) => {
-                let result = match self
-                    .jobs
-                    .iter()
-                    .find(|j| j.name == name && j.spec.is_some())
-                {
+                let result = match self.job(&name).filter(|j| j.spec.is_some()) {
                     None => Err(api_err(404, format!("no job named `{name}` is running"))),
                     Some(_) => Ok(self.write(name, None)),
                 };
                 self.answer(reply, result);
             }
             ApiCommand::Scale(name, replicas, reply) => {
-                let current = self
-                    .jobs
-                    .iter()
-                    .find(|j| j.name == name)
-                    .and_then(|j| j.spec.clone());
+                let current = self.job(&name).and_then(|j| j.spec.clone());
                 let result = match current {
                     None => Err(api_err(404, format!("no job named `{name}` is running"))),
                     Some(_) if replicas == 0 || replicas > crate::job::REPLICAS_MAX => Err(api_err(

@@ -1,7 +1,8 @@
 //! The `docker` driver against the real Docker Engine of this machine, with
 //! real agent processes on 127.0.0.1. No registry is reachable: the test
-//! image is made locally by `docker import` of a tarball holding Debian's
-//! static busybox (`apt-get install busybox-static`; `.ci/run` does it).
+//! image is made locally by `scripts/test-image.sh` (`docker import` of a
+//! tarball holding Debian's static busybox; `.ci/run` installs
+//! busybox-static).
 //!
 //! Skips, saying why, only where no Docker Engine answers.
 
@@ -36,38 +37,21 @@ fn engine() -> bool {
     ok
 }
 
-/// Imports the test image once per test binary if it is missing.
+/// Makes the test image once per test binary if it is missing
+/// (`scripts/test-image.sh`).
 fn ensure_image() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if docker(&["image", "inspect", IMAGE]).0 {
-            return;
-        }
-        let busybox = Path::new("/bin/busybox");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-image.sh");
+        let out = Command::new(&script)
+            .arg(IMAGE)
+            .output()
+            .expect("run test-image.sh");
         assert!(
-            busybox.exists(),
-            "the docker tests need /bin/busybox (apt-get install busybox-static) to make their image"
+            out.status.success(),
+            "cannot make {IMAGE}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::copy(busybox, bin.join("busybox")).unwrap();
-        for tool in ["sh", "sleep", "echo", "cat", "true", "false"] {
-            std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
-        }
-        let tar = dir.path().join("image.tar");
-        let ok = Command::new("tar")
-            .arg("-C")
-            .arg(dir.path())
-            .arg("-cf")
-            .arg(&tar)
-            .arg("bin")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "tar failed");
-        let (ok, out) = docker(&["import", tar.to_str().unwrap(), IMAGE]);
-        assert!(ok || docker(&["image", "inspect", IMAGE]).0, "docker import failed: {out}");
     });
 }
 
