@@ -1228,7 +1228,12 @@ impl Scheduler {
         let gone: Vec<(String, u32)> = self
             .local
             .iter()
-            .filter(|((j, _), l)| !live_jobs.contains(j.as_str()) && !l.state.is_live())
+            // Not those being stopped: they go when their end is reported
+            // (removing one now would forget its process before the stop
+            // reached it — found by the chaos suite).
+            .filter(|((j, _), l)| {
+                !live_jobs.contains(j.as_str()) && !l.state.is_live() && !l.stopping
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {

@@ -96,6 +96,9 @@ fn service_runs_survives_a_node_kill_scales_and_stops() {
             })
         })
     });
+    wait_until("2 processes of web left", || {
+        processes_of(root.path(), "web") == 2
+    });
 
     // Stop: no copy anywhere.
     let (ok, out, err) = cli(&agents[other], &["stop", "web"]);
@@ -105,6 +108,10 @@ fn service_runs_survives_a_node_kill_scales_and_stops() {
             a.job("web")
                 .is_some_and(|j| j.replicas == 0 && j.instances.is_empty())
         })
+    });
+    // ... and no process left behind.
+    wait_until("no process of web left", || {
+        processes_of(root.path(), "web") == 0
     });
     let (ok, _, err) = cli(&agents[other], &["stop", "web"]);
     assert!(!ok && err.contains("no job named"), "{err}");

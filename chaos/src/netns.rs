@@ -101,41 +101,83 @@ impl Hosts {
     /// nftables (works on kernels without the netem qdisc, such as this
     /// project's CI machines).
     pub fn loss(&self, i: usize, percent: u32) -> Result<()> {
+        self.faults(i, percent, &[])
+    }
+
+    /// Sets host `i`'s network faults, replacing earlier ones: `percent`%
+    /// of its outgoing packets dropped at random, and every packet to the
+    /// `blocked` addresses dropped (a partition, one-way unless the other
+    /// side blocks too). Nothing at all clears them.
+    pub fn faults(&self, i: usize, percent: u32, blocked: &[Ipv4Addr]) -> Result<()> {
         self.clear_loss(i);
+        if percent == 0 && blocked.is_empty() {
+            return Ok(());
+        }
         let ns = self.ns(i);
         let pct = percent.to_string();
-        let steps: [&[&str]; 3] = [
-            &["add", "table", "inet", "shoal_chaos"],
-            &[
+        let mut steps: Vec<Vec<String>> = vec![
+            vec![
+                "add".into(),
+                "table".into(),
+                "inet".into(),
+                "shoal_chaos".into(),
+            ],
+            [
                 "add",
                 "chain",
                 "inet",
                 "shoal_chaos",
                 "out",
                 "{ type filter hook output priority 0; }",
-            ],
-            &[
-                "add",
-                "rule",
-                "inet",
-                "shoal_chaos",
-                "out",
-                "oifname",
-                "eth0",
-                "numgen",
-                "random",
-                "mod",
-                "100",
-                "<",
-                &pct,
-                "counter",
-                "drop",
-            ],
+            ]
+            .map(String::from)
+            .to_vec(),
         ];
+        for addr in blocked {
+            steps.push(
+                [
+                    "add",
+                    "rule",
+                    "inet",
+                    "shoal_chaos",
+                    "out",
+                    "ip",
+                    "daddr",
+                    &addr.to_string(),
+                    "counter",
+                    "drop",
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+        }
+        if percent > 0 {
+            steps.push(
+                [
+                    "add",
+                    "rule",
+                    "inet",
+                    "shoal_chaos",
+                    "out",
+                    "oifname",
+                    "eth0",
+                    "numgen",
+                    "random",
+                    "mod",
+                    "100",
+                    "<",
+                    &pct,
+                    "counter",
+                    "drop",
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+        }
         for step in steps {
             let out = Command::new("ip")
                 .args(["netns", "exec", &ns, "nft"])
-                .args(step)
+                .args(&step)
                 .output()
                 .context("cannot run nft (install nftables)")?;
             if !out.status.success() {
@@ -147,6 +189,16 @@ impl Hosts {
             }
         }
         Ok(())
+    }
+
+    /// Gives the bridge the address `subnet.254`, so that this (the root)
+    /// namespace reaches every host — for a harness reading their APIs.
+    /// Faults between hosts are unaffected.
+    pub fn reach_from_root(&self) -> Result<Ipv4Addr> {
+        let [a, b, c] = self.subnet;
+        let addr = Ipv4Addr::new(a, b, c, 254);
+        ip(&["addr", "add", &format!("{addr}/24"), "dev", &self.bridge()])?;
+        Ok(addr)
     }
 
     /// Packets the loss rule of host `i` dropped so far.

@@ -303,3 +303,23 @@ pub fn all_see(agents: &[Agent], name: &str, state: &str) -> bool {
         .filter(|a| a.child.is_some() && a.name != name)
         .all(|a| a.state_of(name).as_deref() == Some(state))
 }
+
+/// Processes of `job` really running (the `sleep` of each instance) whose
+/// working directory is under `root` (this test's agents, not another
+/// test's).
+pub fn processes_of(root: &Path, job: &str) -> usize {
+    let want = format!("SHOAL_JOB={job}");
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let pid = e.path();
+            std::fs::read_to_string(pid.join("comm")).is_ok_and(|c| c.trim() == "sleep")
+                && std::fs::read_link(pid.join("cwd")).is_ok_and(|cwd| cwd.starts_with(&root))
+                && std::fs::read(pid.join("environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
+        })
+        .count()
+}
