@@ -431,7 +431,7 @@ impl Checker {
     /// Samples for `hold` (while a fault lasts).
     pub fn watch_for(&mut self, cluster: &mut Cluster, model: &Model, hold: Duration) {
         let end = Instant::now() + hold;
-        while Instant::now() < end {
+        while Instant::now() < end && !crate::interrupted() {
             self.sample(cluster, model);
             std::thread::sleep(SAMPLE);
         }
@@ -462,6 +462,9 @@ impl Checker {
                 self.max_reconverge_s = self.max_reconverge_s.max(took);
                 self.reconverges.push((after.to_string(), took));
                 return Ok(());
+            }
+            if crate::interrupted() {
+                anyhow::bail!("interrupted");
             }
             if started.elapsed() > self.bound {
                 let wrong: Vec<String> = model

@@ -51,7 +51,24 @@ struct Args {
     keep: bool,
 }
 
+/// Set by SIGINT/SIGTERM: the run stops at the next step and removes what
+/// it made (agents, workloads, namespaces, bridge, firewall rules).
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether the run was interrupted.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 fn main() {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(rand::random);
     match run(&args, seed) {
@@ -112,6 +129,9 @@ fn run(args: &Args, seed: u64) -> Result<Vec<String>> {
     let mut next_job = 3;
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     while started.elapsed() < Duration::from_secs(args.duration) {
+        if interrupted() {
+            anyhow::bail!("interrupted; everything the run started is removed");
+        }
         // Workload changes between faults, at random live nodes.
         for _ in 0..rng.random_range(1..=3) {
             match rng.random_range(0..10) {
