@@ -236,6 +236,13 @@ pub struct Scheduler {
     /// When the last tick ran: a long gap means this process was stopped
     /// (SIGSTOP, a frozen VM), long enough for others to replace its work.
     last_tick: Instant,
+    /// Fewer than half of the members were alive in the last view.
+    minority: bool,
+    /// Each member's (generation, state) in the last view.
+    member_states: HashMap<String, (u64, NodeState)>,
+    /// Members back from the dead whose published instances are held in
+    /// doubt until then (see `on_view`).
+    distrust: HashMap<String, Instant>,
     /// How long the last reconcile (with publication) and snapshot took.
     reconcile_cost: Duration,
     snapshot_cost: Duration,
@@ -299,6 +306,9 @@ impl Scheduler {
             dirty: true,
             last_reconcile: Instant::now(),
             last_tick: Instant::now(),
+            minority: false,
+            member_states: HashMap::new(),
+            distrust: HashMap::new(),
             reconcile_cost: Duration::ZERO,
             snapshot_cost: Duration::ZERO,
             task_fps: HashMap::new(),
@@ -403,6 +413,54 @@ impl Scheduler {
 
     /// A new membership view.
     pub fn on_view(&mut self, view: MembershipView) {
+        // Cut off with a minority (fewer than half of the members alive),
+        // this node was most likely declared dead by the rest, who re-placed
+        // its slots. When the majority is back, its copies are re-checked
+        // against theirs like after a restart, so that the cluster's
+        // replacements stay and this side's copies go (the conflict rule
+        // alone would keep the older copy, this side's).
+        let counted = view
+            .members
+            .iter()
+            .filter(|m| m.state != NodeState::Left)
+            .count();
+        let alive = view
+            .members
+            .iter()
+            .filter(|m| m.state == NodeState::Alive)
+            .count();
+        let minority = alive * 2 < counted;
+        if self.minority && !minority {
+            info!(
+                alive,
+                members = counted,
+                "rejoined the majority; re-checking this node's instances against the cluster"
+            );
+            for l in self.local.values_mut().filter(|l| l.state.is_live()) {
+                l.unconfirmed = true;
+            }
+            self.coordinate_after = Instant::now() + JOIN_GRACE;
+        }
+        self.minority = minority;
+        // A member back from the dead (it refuted with the same generation)
+        // still gossips the instances it held before: until it has had the
+        // join grace to re-check them, they neither count nor get replaced.
+        let now = Instant::now();
+        for m in view.members.iter().filter(|m| m.record.name != self.me) {
+            let was = self
+                .member_states
+                .insert(m.record.name.clone(), (m.generation, m.state));
+            if let Some((generation, NodeState::Dead)) = was {
+                if generation == m.generation
+                    && matches!(m.state, NodeState::Alive | NodeState::Suspect)
+                {
+                    info!(node = %m.record.name, "back from the dead; its instances wait for its re-check");
+                    self.distrust
+                        .insert(m.record.name.clone(), now + JOIN_GRACE);
+                }
+            }
+        }
+        self.distrust.retain(|_, until| *until > now);
         // Parse the instances others publish only when their value changed.
         let mut remote: BTreeMap<(String, String), RemoteKey> = BTreeMap::new();
         for m in &view.members {
@@ -1154,8 +1212,11 @@ impl Scheduler {
             .filter(|m| matches!(m.state, NodeState::Alive | NodeState::Suspect))
             .map(|m| m.record.name.as_str())
             .collect();
+        let now = Instant::now();
         for ((node, _), r) in &self.remote {
-            if !live.contains(node.as_str()) {
+            if !live.contains(node.as_str())
+                || self.distrust.get(node).is_some_and(|until| *until > now)
+            {
                 continue;
             }
             out.extend(r.copies.iter().map(|(job, copy)| Observed {
@@ -1205,7 +1266,14 @@ impl Scheduler {
         if Instant::now() >= self.coordinate_after {
             self.confirm_adopted(&observed);
         }
-        let pending: BTreeSet<(String, u32)> = self.pending.keys().cloned().collect();
+        let mut pending: BTreeSet<(String, u32)> = self.pending.keys().cloned().collect();
+        // Slots a member back from the dead held wait for its re-check.
+        let now = Instant::now();
+        for ((node, _), r) in &self.remote {
+            if self.distrust.get(node).is_some_and(|until| *until > now) {
+                pending.extend(r.copies.iter().map(|(job, c)| (job.to_string(), c.slot)));
+            }
+        }
         let actions = reconcile(&Inputs {
             me: &self.me,
             jobs: &self.jobs,

@@ -279,3 +279,50 @@ fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
             && running_everywhere(&agents, "web", jobs[0].replicas as usize, None)
     });
 }
+
+#[test]
+fn a_node_frozen_until_declared_dead_gives_up_its_replaced_copies() {
+    let root = tempfile::tempdir().unwrap();
+
+    let mut agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        all_see(&agents, "n1", "alive") && all_see(&agents, "n2", "alive")
+    });
+    let text = WEB
+        .replace("name = \"web\"", "name = \"frozen\"")
+        .replace("replicas = 5", "replicas = 6");
+    let file = job_file(root.path(), "frozen", &text);
+    let (ok, out, err) = cli(
+        &agents[0],
+        &["run", file.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    let victim = agents[0]
+        .job("frozen")
+        .unwrap()
+        .instances
+        .iter()
+        .filter_map(|i| i.node.clone())
+        .find(|n| n != "n0")
+        .unwrap();
+    let vi = agents.iter().position(|a| a.name == victim).unwrap();
+
+    // Freeze it (agent only: its processes keep running) until the others
+    // declare it dead and run its slots themselves.
+    agents[vi].signal(libc::SIGSTOP);
+    wait_until("the frozen node's slots run elsewhere", || {
+        all_see(&agents, &victim, "dead")
+            && agents[0].count("frozen", "running", Some(&victim)) == 6
+    });
+    // Long enough for the node to notice it was stalled.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    agents[vi].signal(libc::SIGCONT);
+
+    // Back: its old copies go, the replacements stay, one process a slot.
+    wait_until("one copy a slot, none on the frozen node", || {
+        processes_of(root.path(), "frozen") == 6
+            && agents
+                .iter()
+                .all(|a| a.count("frozen", "running", Some(&victim)) == 6)
+    });
+}
