@@ -55,9 +55,7 @@ impl Model {
         cluster: &Cluster,
         checker: &mut Checker,
         node: usize,
-        method: &str,
-        path: &str,
-        body: &str,
+        (method, path, body): (&str, &str, &str),
         name: &str,
         change: JobModel,
     ) {
@@ -104,7 +102,7 @@ impl Model {
             stopped: false,
             version: None,
         };
-        self.write(cluster, checker, node, "POST", "/v1/jobs", &text, name, m);
+        self.write(cluster, checker, node, ("POST", "/v1/jobs", &text), name, m);
     }
 
     /// Submits a batch job of 3 slots; each run appends a line to `runs`.
@@ -129,7 +127,7 @@ impl Model {
             stopped: false,
             version: None,
         };
-        self.write(cluster, checker, node, "POST", "/v1/jobs", &text, name, m);
+        self.write(cluster, checker, node, ("POST", "/v1/jobs", &text), name, m);
     }
 
     fn live_services(&self) -> Vec<String> {
@@ -160,9 +158,7 @@ impl Model {
             cluster,
             checker,
             node,
-            "POST",
-            &format!("/v1/jobs/{name}/scale"),
-            &body,
+            ("POST", &format!("/v1/jobs/{name}/scale"), &body),
             &name,
             m,
         );
@@ -189,9 +185,7 @@ impl Model {
             cluster,
             checker,
             node,
-            "DELETE",
-            &format!("/v1/jobs/{name}"),
-            "",
+            ("DELETE", &format!("/v1/jobs/{name}"), ""),
             &name,
             m,
         );
