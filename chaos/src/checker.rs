@@ -192,8 +192,9 @@ impl Model {
     }
 }
 
-/// Instances really running: (job, slot) -> holders' node names.
-fn running_processes() -> BTreeMap<(String, u32), Vec<String>> {
+/// Instances really running under `root` (this run's data dirs, not
+/// another cluster's on the machine): (job, slot) -> holders' node names.
+fn running_processes(root: &Path) -> BTreeMap<(String, u32), Vec<String>> {
     let mut out: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -217,6 +218,9 @@ fn running_processes() -> BTreeMap<(String, u32), Vec<String>> {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
         {
+            continue;
+        }
+        if !std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(root)) {
             continue;
         }
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
@@ -251,6 +255,8 @@ fn unix_ns() -> u128 {
 
 /// The checker.
 pub struct Checker {
+    /// The run's directory: instances run under it.
+    root: PathBuf,
     runs: PathBuf,
     bound: Duration,
     in_fault: bool,
@@ -281,11 +287,12 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// A checker; batch runs are appended to `runs`; `bound` is the
-    /// liveness bound.
-    pub fn new(runs: PathBuf, bound: Duration) -> Checker {
+    /// A checker of the run in `root` (batch runs are appended to
+    /// `root/runs.log`); `bound` is the liveness bound.
+    pub fn new(root: PathBuf, bound: Duration) -> Checker {
         Checker {
-            runs,
+            runs: root.join("runs.log"),
+            root,
             bound,
             in_fault: false,
             fault_ended_at: None,
@@ -355,7 +362,7 @@ impl Checker {
     ) -> BTreeMap<(String, u32), Vec<String>> {
         let dt = self.last_sample.elapsed().as_secs_f64().min(1.0);
         self.last_sample = Instant::now();
-        let procs = running_processes();
+        let procs = running_processes(&self.root);
         let faulty = self.faulty();
         let mut dup_now = BTreeSet::new();
         for ((job, slot), holders) in &procs {

@@ -113,7 +113,7 @@ fn run(args: &Args, seed: u64) -> Result<Vec<String>> {
     let mut cluster = Cluster::start(&root, args.nodes)?;
     let mut model = Model::default();
     let mut checker = Checker::new(
-        root.join("runs.log"),
+        root.canonicalize()?,
         Duration::from_secs(args.reconverge_bound),
     );
 
