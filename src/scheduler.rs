@@ -1011,7 +1011,20 @@ impl Scheduler {
                     match result {
                         Ok(()) => {
                             l.error = None;
-                            if l.state == SlotState::Starting {
+                            if l.stopping {
+                                // Stopped while it was starting: that stop
+                                // found nothing to signal yet (found by the
+                                // chaos suite as an orphan process), so stop
+                                // it now that it runs.
+                                if let Some(driver) = self.drivers.get(&l.driver).cloned() {
+                                    let id = l.id.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(e) = driver.stop(&id, STOP_GRACE).await {
+                                            warn!(instance = %id, error = %e, "stop failed");
+                                        }
+                                    });
+                                }
+                            } else if l.state == SlotState::Starting {
                                 l.state = SlotState::Running;
                             }
                         }

@@ -321,6 +321,12 @@ impl Checker {
         &self.runs
     }
 
+    /// Records a violation (and says it at once, for long runs).
+    fn violate(&mut self, v: String) {
+        eprintln!("VIOLATION: {v}");
+        self.violations.push(v);
+    }
+
     /// Violations so far.
     pub fn violations(&self) -> &[String] {
         &self.violations
@@ -401,7 +407,7 @@ impl Checker {
                             .iter()
                             .any(|x| x.starts_with(&format!("{}.{} ran twice", key.0, key.1)))
                     {
-                        self.violations.push(v);
+                        self.violate(v);
                     }
                 }
             }
@@ -487,7 +493,7 @@ impl Checker {
                         })
                     })
                     .collect();
-                self.violations.push(format!(
+                self.violate(format!(
                     "liveness: not reconverged {:?} after {after}: {}",
                     self.bound,
                     wrong.join(", ")
@@ -529,7 +535,7 @@ impl Checker {
             .collect();
         self.jobs_lost = lost.len() as u64;
         for m in missing.iter().take(10) {
-            self.violations.push(format!("job lost or stale: {m}"));
+            self.violate(format!("job lost or stale: {m}"));
         }
         // Batch reruns: a run that started after its slot was seen completed.
         let runs = std::fs::read_to_string(&self.runs).unwrap_or_default();
@@ -548,7 +554,7 @@ impl Checker {
                         self.batch_reruns_in_faults += 1;
                     } else {
                         self.batch_reruns += 1;
-                        self.violations.push(format!(
+                        self.violate(format!(
                             "batch rerun: {job}.{slot} started again on {} after it completed",
                             f.get(2).unwrap_or(&"?")
                         ));

@@ -190,6 +190,14 @@ impl Driver for ExecDriver {
 
     async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<()> {
         let pid = self.running.lock().expect("lock").remove(id);
+        // Not watched (yet, or any more): the record on disk still names
+        // the supervisor, if it is the same process.
+        let pid = pid.or_else(|| {
+            let record: Record =
+                serde_json::from_slice(&std::fs::read(self.dir(id).join("instance.json")).ok()?)
+                    .ok()?;
+            (start_ticks(record.pid) == Some(record.start_ticks)).then_some(record.pid)
+        });
         let Some(pid) = pid else { return Ok(()) };
         ExecDriver::signal_group(pid, libc::SIGTERM);
         let deadline = tokio::time::Instant::now() + grace;
