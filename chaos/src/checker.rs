@@ -261,9 +261,12 @@ pub struct Checker {
     bound: Duration,
     in_fault: bool,
     fault_ended_at: Option<Instant>,
-    /// (start, end) of fault windows in Unix ns (end includes AFTER_FAULT).
+    /// (start, end) of partition windows in Unix ns (end includes
+    /// AFTER_FAULT): a batch slot may run again only inside one.
     windows: Vec<(u128, u128)>,
     fault_started_ns: u128,
+    /// The current fault splits the network.
+    partition: bool,
     dup_outside_s: f64,
     dup_during_faults_s: f64,
     /// Open duplicate episodes outside faults: slot -> since.
@@ -276,7 +279,7 @@ pub struct Checker {
     violations: Vec<String>,
     jobs_lost: u64,
     batch_reruns: u64,
-    batch_reruns_in_faults: u64,
+    batch_reruns_in_partitions: u64,
     /// Writes the API accepted, refused, and whose outcome is unknown.
     pub writes: u64,
     /// Refused writes.
@@ -298,6 +301,7 @@ impl Checker {
             fault_ended_at: None,
             windows: Vec::new(),
             fault_started_ns: 0,
+            partition: false,
             dup_outside_s: 0.0,
             dup_during_faults_s: 0.0,
             dup_open: BTreeMap::new(),
@@ -308,7 +312,7 @@ impl Checker {
             violations: Vec::new(),
             jobs_lost: 0,
             batch_reruns: 0,
-            batch_reruns_in_faults: 0,
+            batch_reruns_in_partitions: 0,
             writes: 0,
             refused: 0,
             unknown_writes: 0,
@@ -333,7 +337,8 @@ impl Checker {
     }
 
     /// A fault starts now.
-    pub fn fault_began(&mut self) {
+    pub fn fault_began(&mut self, partition: bool) {
+        self.partition = partition;
         self.in_fault = true;
         self.fault_started_ns = unix_ns();
         // Episodes open now belong to the fault from here on.
@@ -343,8 +348,10 @@ impl Checker {
     /// The fault was healed.
     pub fn fault_ended(&mut self, cluster: &mut Cluster, model: &Model) {
         self.fault_ended_at = Some(Instant::now());
-        self.windows
-            .push((self.fault_started_ns, unix_ns() + AFTER_FAULT.as_nanos()));
+        if self.partition {
+            self.windows
+                .push((self.fault_started_ns, unix_ns() + AFTER_FAULT.as_nanos()));
+        }
         self.sample(cluster, model);
     }
 
@@ -551,7 +558,7 @@ impl Checker {
             if let Some(done) = self.completed_at.get(&(job.to_string(), slot)) {
                 if at > *done {
                     if self.windows.iter().any(|(a, b)| at >= *a && at <= *b) {
-                        self.batch_reruns_in_faults += 1;
+                        self.batch_reruns_in_partitions += 1;
                     } else {
                         self.batch_reruns += 1;
                         self.violate(format!(
@@ -587,7 +594,7 @@ impl Checker {
             "conflict_window_s": CONFLICT_WINDOW.as_secs(),
             "jobs_lost": self.jobs_lost,
             "batch_reruns": self.batch_reruns,
-            "batch_reruns_during_faults": self.batch_reruns_in_faults,
+            "batch_reruns_during_partitions": self.batch_reruns_in_partitions,
             "writes_accepted": self.writes,
             "writes_refused": self.refused,
             "writes_unknown": self.unknown_writes,

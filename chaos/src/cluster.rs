@@ -56,6 +56,13 @@ impl Fault {
         }
     }
 
+    /// Whether it splits the network (a completed batch slot may then run
+    /// again on the side that did not hear of it; anywhere else that is a
+    /// violation).
+    pub fn partitions(&self) -> bool {
+        matches!(self, Fault::Partition(_) | Fault::OneWay(_))
+    }
+
     /// The kind, for counting.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -166,7 +166,7 @@ fn run(args: &Args, seed: u64) -> Result<Vec<String>> {
             hold.as_secs_f64()
         );
         cluster.inject(&fault)?;
-        checker.fault_began();
+        checker.fault_began(fault.partitions());
         // A submission during the fault, at a node that is up.
         if rng.random_bool(0.5) {
             model.scale_random(&mut cluster, &mut checker, &mut rng);
