@@ -45,22 +45,19 @@ pub fn encode_bucket(
         let job_cost = job.len() + 6;
         for copy in copies {
             let entry = serde_json::to_string(copy).expect("encodes").len() + 1;
-            let extra = entry
-                + if current.contains_key(job.as_str()) {
-                    0
-                } else {
-                    job_cost
-                };
-            if size + extra > PART_BYTES && !current.is_empty() {
+            let cost = |current: &BTreeMap<&str, Vec<&Published>>| {
+                entry
+                    + if current.contains_key(job.as_str()) {
+                        0
+                    } else {
+                        job_cost
+                    }
+            };
+            if size + cost(&current) > PART_BYTES && !current.is_empty() {
                 parts.push(std::mem::take(&mut current));
                 size = 2;
             }
-            size += entry
-                + if current.contains_key(job.as_str()) {
-                    0
-                } else {
-                    job_cost
-                };
+            size += cost(&current);
             current.entry(job.as_str()).or_default().push(copy);
         }
     }

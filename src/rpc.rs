@@ -113,6 +113,16 @@ mod tests {
     }
 
     #[test]
+    fn a_fingerprint_kept_item_by_item_equals_the_whole_one() {
+        let mut kept = fingerprint(std::iter::empty::<&str>());
+        for item in ["a", "b", "c"] {
+            kept = kept.wrapping_add(fingerprint_item(&item));
+        }
+        kept = kept.wrapping_sub(fingerprint_item(&"b"));
+        assert_eq!(kept, fingerprint(["c", "a"].iter()));
+    }
+
+    #[test]
     fn fingerprint_ignores_order() {
         assert_eq!(
             fingerprint(["a", "b"].iter()),

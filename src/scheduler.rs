@@ -179,7 +179,7 @@ struct Local {
     error: Option<String>,
     /// Found running after an agent restart (or a long stall) and not yet
     /// checked against the cluster: if another node runs the slot by now,
-    /// this copy is the stale one and goes (see `ADOPT_CHECK`).
+    /// this copy is the stale one and goes (see `Scheduler::confirm_adopted`).
     unconfirmed: bool,
 }
 
@@ -436,10 +436,7 @@ impl Scheduler {
                 members = counted,
                 "rejoined the majority; re-checking this node's instances against the cluster"
             );
-            for l in self.local.values_mut().filter(|l| l.state.is_live()) {
-                l.unconfirmed = true;
-            }
-            self.coordinate_after = Instant::now() + JOIN_GRACE;
+            self.recheck_local();
         }
         self.minority = minority;
         // A member back from the dead (it refuted with the same generation)
@@ -478,9 +475,8 @@ impl Scheduler {
             {
                 let k = (m.record.name.clone(), key.clone());
                 let entry = match self.remote.get(&k) {
-                    Some(old) if Arc::ptr_eq(&old.value, value) || old.value == *value => {
-                        old.clone()
-                    }
+                    // Arc<str> equality compares pointers first.
+                    Some(old) if old.value == *value => old.clone(),
                     _ => RemoteKey {
                         value: value.clone(),
                         node: Arc::from(m.record.name.as_str()),
@@ -846,6 +842,12 @@ impl Scheduler {
         self.completed_fp
     }
 
+    /// Whether `node` came back from the dead less than the join grace ago
+    /// (its published instances are held in doubt).
+    fn distrusted(&self, node: &str, now: Instant) -> bool {
+        self.distrust.get(node).is_some_and(|until| *until > now)
+    }
+
     /// A job record by name.
     fn job(&self, name: &str) -> Option<&JobRecord> {
         self.job_pos.get(name).map(|&i| &self.jobs[i])
@@ -1017,12 +1019,7 @@ impl Scheduler {
                                 // chaos suite as an orphan process), so stop
                                 // it now that it runs.
                                 if let Some(driver) = self.drivers.get(&l.driver).cloned() {
-                                    let id = l.id.clone();
-                                    tokio::spawn(async move {
-                                        if let Err(e) = driver.stop(&id, STOP_GRACE).await {
-                                            warn!(instance = %id, error = %e, "stop failed");
-                                        }
-                                    });
+                                    spawn_stop(driver, l.id.clone());
                                 }
                             } else if l.state == SlotState::Starting {
                                 l.state = SlotState::Running;
@@ -1122,10 +1119,7 @@ impl Scheduler {
             // re-placed our slots. Hold our copies back until gossip shows
             // whether they did (as after a restart).
             warn!(stalled_for = ?now.duration_since(self.last_tick), "this node was stalled; re-checking its instances against the cluster");
-            for l in self.local.values_mut().filter(|l| l.state.is_live()) {
-                l.unconfirmed = true;
-            }
-            self.coordinate_after = now + JOIN_GRACE;
+            self.recheck_local();
         }
         self.last_tick = now;
         // Due restarts: a new run of the same slot.
@@ -1227,9 +1221,7 @@ impl Scheduler {
             .collect();
         let now = Instant::now();
         for ((node, _), r) in &self.remote {
-            if !live.contains(node.as_str())
-                || self.distrust.get(node).is_some_and(|until| *until > now)
-            {
+            if !live.contains(node.as_str()) || self.distrusted(node, now) {
                 continue;
             }
             out.extend(r.copies.iter().map(|(job, copy)| Observed {
@@ -1283,7 +1275,7 @@ impl Scheduler {
         // Slots a member back from the dead held wait for its re-check.
         let now = Instant::now();
         for ((node, _), r) in &self.remote {
-            if self.distrust.get(node).is_some_and(|until| *until > now) {
+            if self.distrusted(node, now) {
                 pending.extend(r.copies.iter().map(|(job, c)| (job.to_string(), c.slot)));
             }
         }
@@ -1336,6 +1328,16 @@ impl Scheduler {
         self.spawn_placement(actions.place, nodes, &observed);
     }
 
+    /// Holds this node's live copies back from gossip and from its own
+    /// reconciler, and coordinates nothing, for [`JOIN_GRACE`]; then
+    /// [`Self::confirm_adopted`] keeps those the cluster did not replace.
+    fn recheck_local(&mut self) {
+        for l in self.local.values_mut().filter(|l| l.state.is_live()) {
+            l.unconfirmed = true;
+        }
+        self.coordinate_after = Instant::now() + JOIN_GRACE;
+    }
+
     /// Settles the copies found after a restart or a stall, once gossip has
     /// had [`JOIN_GRACE`] to show the cluster's state: a copy whose slot
     /// another node runs now is stopped; the others are ours again.
@@ -1346,13 +1348,16 @@ impl Scheduler {
             .filter(|(_, l)| l.unconfirmed)
             .map(|(k, l)| (k.clone(), l.id.run))
             .collect();
+        if unconfirmed.is_empty() {
+            return;
+        }
+        let live_elsewhere: BTreeSet<(&str, u32)> = observed
+            .iter()
+            .filter(|o| *o.node != *self.me && o.copy.state.is_live())
+            .map(|o| (&*o.job, o.copy.slot))
+            .collect();
         for ((job, slot), run) in unconfirmed {
-            let elsewhere = observed.iter().any(|o| {
-                *o.job == *job
-                    && o.copy.slot == slot
-                    && *o.node != *self.me
-                    && o.copy.state.is_live()
-            });
+            let elsewhere = live_elsewhere.contains(&(job.as_str(), slot));
             if let Some(l) = self.local.get_mut(&(job.clone(), slot)) {
                 l.unconfirmed = false;
             }
@@ -1392,11 +1397,7 @@ impl Scheduler {
             });
             return;
         }
-        tokio::spawn(async move {
-            if let Err(e) = driver.stop(&id, STOP_GRACE).await {
-                warn!(instance = %id, error = %e, "stop failed");
-            }
-        });
+        spawn_stop(driver, id);
     }
 
     fn spawn_placement(&self, slots: Vec<(String, u32)>, nodes: Vec<Node>, observed: &[Observed]) {
@@ -1549,6 +1550,7 @@ impl Scheduler {
             if !newer.is_empty() || !completions.is_empty() {
                 let _ = tx.send(Internal::Synced(newer, completions)).await;
             }
+            let want: std::collections::HashSet<String> = want.into_iter().collect();
             let back: Vec<JobRecord> = snap
                 .jobs
                 .iter()
@@ -1580,6 +1582,16 @@ impl Scheduler {
         };
         self.snapshot_tx.send_replace(Arc::new(snap));
     }
+}
+
+/// Stops an instance in the background (the stop signal, then a kill after
+/// [`STOP_GRACE`]); its end arrives as a driver event.
+fn spawn_stop(driver: Arc<dyn Driver>, id: InstanceId) {
+    tokio::spawn(async move {
+        if let Err(e) = driver.stop(&id, STOP_GRACE).await {
+            warn!(instance = %id, error = %e, "stop failed");
+        }
+    });
 }
 
 /// One placement round, coordinated by this node: the candidates of each

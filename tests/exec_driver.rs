@@ -104,6 +104,23 @@ async fn stop_ends_the_whole_process_tree() {
 }
 
 #[tokio::test]
+async fn stop_reaches_an_instance_the_driver_does_not_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    let s = spec(4, "sleep", &["1000"]);
+    first.start(&s).await.unwrap();
+    let idir = dir.path().join(s.id.to_string());
+    common::wait_until("the instance runs", || {
+        idir.join("instance.json").exists() && alive(&idir)
+    });
+    // Another driver over the same directory (no recover, so it watches
+    // nothing) stops it from the record on disk.
+    let other = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    other.stop(&s.id, Duration::from_millis(300)).await.unwrap();
+    common::wait_until("the process group is gone", || !alive(&idir));
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_running_instances_and_learns_their_exit() {
     let dir = tempfile::tempdir().unwrap();
     let s = spec(2, "sleep", &["1000"]);

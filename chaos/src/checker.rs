@@ -408,12 +408,9 @@ impl Checker {
                         len.as_secs_f64(),
                         CONFLICT_WINDOW
                     );
-                    if !self.violations.contains(&v)
-                        && !self
-                            .violations
-                            .iter()
-                            .any(|x| x.starts_with(&format!("{}.{} ran twice", key.0, key.1)))
-                    {
+                    // One violation per slot, not one per sample.
+                    let said = format!("{}.{} ran twice", key.0, key.1);
+                    if !self.violations.iter().any(|x| x.starts_with(&said)) {
                         self.violate(v);
                     }
                 }
@@ -451,18 +448,27 @@ impl Checker {
         }
     }
 
-    fn converged(model: &Model, procs: &BTreeMap<(String, u32), Vec<String>>) -> bool {
+    /// Service slots not running exactly as desired (one copy of each
+    /// slot below the replica count, none above or of a stopped job).
+    fn mismatches(model: &Model, procs: &BTreeMap<(String, u32), Vec<String>>) -> Vec<String> {
+        let mut out = Vec::new();
         for (name, m) in model.jobs.iter().filter(|(_, m)| !m.batch) {
             let want = if m.stopped { 0 } else { m.replicas };
             for slot in 0..want.max(8) {
-                let have = procs.get(&(name.clone(), slot)).map_or(0, Vec::len);
+                let on = procs
+                    .get(&(name.clone(), slot))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
                 let expected = usize::from(slot < want);
-                if have != expected {
-                    return false;
+                if on.len() != expected {
+                    out.push(format!(
+                        "{name}.{slot}: {} running (on {on:?}), want {expected}",
+                        on.len()
+                    ));
                 }
             }
         }
-        true
+        out
     }
 
     /// Waits until every desired service slot runs exactly once (and
@@ -471,7 +477,7 @@ impl Checker {
         let started = Instant::now();
         loop {
             let procs = self.sample(cluster, model);
-            if Self::converged(model, &procs) {
+            if Self::mismatches(model, &procs).is_empty() {
                 let took = started.elapsed().as_secs_f64();
                 self.max_reconverge_s = self.max_reconverge_s.max(took);
                 self.reconverges.push((after.to_string(), took));
@@ -481,25 +487,7 @@ impl Checker {
                 anyhow::bail!("interrupted");
             }
             if started.elapsed() > self.bound {
-                let wrong: Vec<String> = model
-                    .jobs
-                    .iter()
-                    .filter(|(_, m)| !m.batch)
-                    .flat_map(|(n, m)| {
-                        let procs = &procs;
-                        let want = if m.stopped { 0 } else { m.replicas };
-                        (0..want.max(8)).filter_map(move |s| {
-                            let on = procs.get(&(n.clone(), s)).cloned().unwrap_or_default();
-                            (on.len() != usize::from(s < want)).then(|| {
-                                format!(
-                                    "{n}.{s}: {} running (on {on:?}), want {}",
-                                    on.len(),
-                                    usize::from(s < want)
-                                )
-                            })
-                        })
-                    })
-                    .collect();
+                let wrong = Self::mismatches(model, &procs);
                 self.violate(format!(
                     "liveness: not reconverged {:?} after {after}: {}",
                     self.bound,

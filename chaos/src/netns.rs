@@ -3,12 +3,16 @@
 //! Everything is removed on drop, and leftovers of an interrupted run are
 //! removed on creation.
 
+use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
 const IPTABLES: [&str; 2] = ["iptables", "iptables-legacy"];
+
+/// The nftables table holding a host's fault rules.
+const TABLE: &str = "shoal_chaos";
 
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
@@ -107,86 +111,45 @@ impl Hosts {
     /// Sets host `i`'s network faults, replacing earlier ones: `percent`%
     /// of its outgoing packets dropped at random, and every packet to the
     /// `blocked` addresses dropped (a partition, one-way unless the other
-    /// side blocks too). Nothing at all clears them.
+    /// side blocks too). Nothing at all clears them. One nftables table,
+    /// loaded in one transaction.
     pub fn faults(&self, i: usize, percent: u32, blocked: &[Ipv4Addr]) -> Result<()> {
         self.clear_loss(i);
         if percent == 0 && blocked.is_empty() {
             return Ok(());
         }
-        let ns = self.ns(i);
-        let pct = percent.to_string();
-        let mut steps: Vec<Vec<String>> = vec![
-            vec![
-                "add".into(),
-                "table".into(),
-                "inet".into(),
-                "shoal_chaos".into(),
-            ],
-            [
-                "add",
-                "chain",
-                "inet",
-                "shoal_chaos",
-                "out",
-                "{ type filter hook output priority 0; }",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
+        let mut rules = String::new();
         for addr in blocked {
-            steps.push(
-                [
-                    "add",
-                    "rule",
-                    "inet",
-                    "shoal_chaos",
-                    "out",
-                    "ip",
-                    "daddr",
-                    &addr.to_string(),
-                    "counter",
-                    "drop",
-                ]
-                .map(String::from)
-                .to_vec(),
-            );
+            rules.push_str(&format!("    ip daddr {addr} counter drop\n"));
         }
         if percent > 0 {
-            steps.push(
-                [
-                    "add",
-                    "rule",
-                    "inet",
-                    "shoal_chaos",
-                    "out",
-                    "oifname",
-                    "eth0",
-                    "numgen",
-                    "random",
-                    "mod",
-                    "100",
-                    "<",
-                    &pct,
-                    "counter",
-                    "drop",
-                ]
-                .map(String::from)
-                .to_vec(),
-            );
+            rules.push_str(&format!(
+                "    oifname \"eth0\" numgen random mod 100 < {percent} counter drop\n"
+            ));
         }
-        for step in steps {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "nft"])
-                .args(&step)
-                .output()
-                .context("cannot run nft (install nftables)")?;
-            if !out.status.success() {
-                bail!(
-                    "nft {} on {ns}: {}",
-                    step.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+        let script = format!(
+            "table inet {TABLE} {{\n  chain out {{\n    type filter hook output priority 0;\n{rules}  }}\n}}\n"
+        );
+        let mut child = self
+            .command(i, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run nft (install nftables)")?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft on {}: {}",
+                self.ns(i),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -201,43 +164,27 @@ impl Hosts {
         Ok(addr)
     }
 
-    /// Packets the loss rule of host `i` dropped so far.
+    /// Packets host `i`'s fault rules dropped so far.
     pub fn dropped(&self, i: usize) -> u64 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                "nft",
-                "list",
-                "table",
-                "inet",
-                "shoal_chaos",
-            ])
-            .output();
-        let text = out
+        let text = self
+            .command(i, "nft")
+            .args(["list", "table", "inet", TABLE])
+            .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default();
-        text.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        let words: Vec<&str> = text.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
     }
 
-    /// Removes the loss rule of host `i`.
+    /// Removes host `i`'s fault rules.
     pub fn clear_loss(&self, i: usize) {
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "shoal_chaos",
-            ])
+        let _ = self
+            .command(i, "nft")
+            .args(["delete", "table", "inet", TABLE])
             .output();
     }
 

@@ -483,11 +483,6 @@ impl<T: Transport> Actor<T> {
             unchanged: bool,
         }
         let me = self.record.name.clone();
-        let held: HashMap<String, (u64, u64)> = self
-            .peers
-            .iter()
-            .map(|(n, p)| (n.clone(), (p.generation, p.seen_version)))
-            .collect();
         let peers = &self.peers;
         let mut latest: HashMap<String, Seen> = HashMap::new();
         self.chitchat
@@ -502,11 +497,10 @@ impl<T: Transport> Actor<T> {
                     {
                         continue;
                     }
-                    let unchanged =
-                        held.get(&*id.node_id) == Some(&(id.generation_id, state.max_version()));
                     let old = peers
                         .get(&*id.node_id)
                         .filter(|p| p.generation == id.generation_id);
+                    let unchanged = old.is_some_and(|p| p.seen_version == state.max_version());
                     let app = if unchanged {
                         Vec::new()
                     } else {

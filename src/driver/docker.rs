@@ -9,7 +9,7 @@
 //! Engine (tests run three on one machine): each only ever lists, adopts or
 //! removes containers labelled with its own cluster and node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -70,8 +70,6 @@ pub struct DockerDriver {
     docker: Docker,
     cluster: String,
     node: String,
-    /// Running containers this driver watches: id -> container name.
-    running: Mutex<HashMap<InstanceId, String>>,
     events_tx: mpsc::Sender<DriverEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<DriverEvent>>>,
 }
@@ -111,7 +109,7 @@ fn container_name(cluster: &str, node: &str, id: &InstanceId) -> String {
 }
 
 /// `cpu` millicores as Docker's NanoCPUs; `memory` MiB as bytes.
-pub fn container_limits(cpu_millis: u64, memory_mib: u64) -> (i64, i64) {
+fn container_limits(cpu_millis: u64, memory_mib: u64) -> (i64, i64) {
     (
         (cpu_millis as i64).saturating_mul(1_000_000),
         (memory_mib as i64).saturating_mul(1024 * 1024),
@@ -121,7 +119,7 @@ pub fn container_limits(cpu_millis: u64, memory_mib: u64) -> (i64, i64) {
 /// The Engine API body for an instance.
 pub fn create_body(cluster: &str, node: &str, spec: &InstanceSpec) -> ContainerCreateBody {
     let task = &spec.task;
-    let mut labels = HashMap::from([
+    let labels = HashMap::from([
         (LABEL_CLUSTER.to_string(), cluster.to_string()),
         (LABEL_NODE.to_string(), node.to_string()),
         (LABEL_JOB.to_string(), spec.id.job.clone()),
@@ -131,11 +129,11 @@ pub fn create_body(cluster: &str, node: &str, spec: &InstanceSpec) -> ContainerC
             LABEL_VERSION.to_string(),
             format!("{}.{}", spec.job_version.hlc, spec.job_version.node),
         ),
+        (
+            LABEL_SPEC.to_string(),
+            serde_json::to_string(spec).expect("a spec encodes"),
+        ),
     ]);
-    labels.insert(
-        LABEL_SPEC.to_string(),
-        serde_json::to_string(spec).expect("a spec encodes"),
-    );
     let env: Vec<String> = task
         .env
         .iter()
@@ -221,7 +219,6 @@ impl DockerDriver {
                 docker,
                 cluster: cluster.to_string(),
                 node: node.to_string(),
-                running: Mutex::new(HashMap::new()),
                 events_tx,
                 events_rx: Mutex::new(Some(events_rx)),
             },
@@ -278,12 +275,14 @@ impl DockerDriver {
         }
     }
 
+    /// Removes a container, running or not.
+    async fn force_remove(&self, name: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        self.docker.remove_container(name, Some(options)).await
+    }
+
     /// Reports the container's exit once it stops.
     fn watch(&self, id: InstanceId, name: String) {
-        self.running
-            .lock()
-            .expect("lock")
-            .insert(id.clone(), name.clone());
         let docker = self.docker.clone();
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
@@ -357,13 +356,7 @@ impl Driver for DockerDriver {
                 status_code: 409, ..
             }) => {
                 // Left over from an attempt cut short: start afresh.
-                let _ = self
-                    .docker
-                    .remove_container(
-                        &name,
-                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                    )
-                    .await;
+                let _ = self.force_remove(&name).await;
                 let options = CreateContainerOptionsBuilder::default().name(&name).build();
                 self.docker
                     .create_container(Some(options), body)
@@ -373,13 +366,7 @@ impl Driver for DockerDriver {
             Err(e) => return Err(e).context("cannot create the container"),
         }
         if let Err(e) = self.docker.start_container(&name, None).await {
-            let _ = self
-                .docker
-                .remove_container(
-                    &name,
-                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                )
-                .await;
+            let _ = self.force_remove(&name).await;
             return Err(e).context("cannot start the container");
         }
         debug!(container = %name, "started");
@@ -435,13 +422,7 @@ impl Driver for DockerDriver {
                 .and_then(|s| serde_json::from_str::<InstanceSpec>(s).ok())
             else {
                 warn!(container = %name, "a shoal container without a readable spec: removing it");
-                let _ = self
-                    .docker
-                    .remove_container(
-                        &name,
-                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                    )
-                    .await;
+                let _ = self.force_remove(&name).await;
                 continue;
             };
             let running = matches!(
@@ -461,16 +442,7 @@ impl Driver for DockerDriver {
     }
 
     async fn remove(&self, id: &InstanceId) -> Result<()> {
-        let name = self.name_of(id);
-        self.running.lock().expect("lock").remove(id);
-        match self
-            .docker
-            .remove_container(
-                &name,
-                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-            )
-            .await
-        {
+        match self.force_remove(&self.name_of(id)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(e).context("cannot remove the container"),
@@ -514,17 +486,10 @@ impl Driver for DockerDriver {
     }
 }
 
-/// The labels of a container as a map (for tests and diagnostics).
-pub fn labels_of(body: &ContainerCreateBody) -> BTreeMap<String, String> {
-    body.labels
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::hlc::{Hlc, Version};
     use crate::job::TaskSpec;
@@ -565,7 +530,7 @@ mod tests {
     fn the_body_carries_labels_limits_ports_and_the_command() {
         let s = spec();
         let body = create_body("c1", "node/1", &s);
-        let labels = labels_of(&body);
+        let labels = body.labels.clone().unwrap_or_default();
         assert_eq!(labels[LABEL_CLUSTER], "c1");
         assert_eq!(labels[LABEL_NODE], "node/1");
         assert_eq!(labels[LABEL_JOB], "web");
