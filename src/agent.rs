@@ -14,12 +14,13 @@ use shoal_transport::{take_inbox, QuicConfig, QuicTransport, Service, Transport}
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
+use crate::api::Snapshot;
 use crate::driver::docker::DockerDriver;
 use crate::driver::exec::ExecDriver;
 use crate::driver::hollow::HollowDriver;
 use crate::driver::Driver;
-use crate::scheduler::{Scheduler, Snapshot};
 use crate::store::Store;
+use shoal_core::{Recovered, Scheduler, SchedulerConfig};
 
 use crate::api::{self, ApiState};
 use crate::credentials::{self, Origin};
@@ -55,6 +56,8 @@ pub struct AgentConfig {
     pub membership: MembershipConfig,
     /// Offer the `hollow` driver (scale benchmarks only).
     pub hollow: bool,
+    /// Scheduler timings and bounds.
+    pub scheduler: SchedulerConfig,
 }
 
 /// What a running agent writes to `<data-dir>/agent.json` once it serves, so
@@ -72,9 +75,6 @@ pub struct AgentInfo {
     /// Process id.
     pub pid: u32,
 }
-
-/// Period of the scheduler's timer (restarts, reconcile of changes).
-const TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Next generation: the wall clock in ms, but always above the last run's.
 fn next_generation(data_dir: &std::path::Path) -> Result<u64> {
@@ -205,15 +205,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         )
         .await?,
     );
-    let mut rpc_rx = take_inbox(&mut inbox, Service::Rpc).expect("rpc queue");
+    let rpc_rx = take_inbox(&mut inbox, Service::Rpc).expect("rpc queue");
     // Services nobody serves: closing their queues makes the transport
     // refuse such frames at once instead of parking them.
     drop(inbox);
 
-    let (internal_tx, mut internal_rx) = mpsc::channel(1024);
-    let (snapshot_tx, snapshot_rx) = watch::channel(std::sync::Arc::new(Snapshot::default()));
-    let (api_tx, mut api_rx) = mpsc::channel(256);
-    let (driver_tx, mut driver_rx) = mpsc::channel(crate::driver::DRIVER_EVENTS_LEN);
+    let (driver_tx, driver_rx) = mpsc::channel(crate::driver::DRIVER_EVENTS_LEN);
     for d in drivers.values() {
         if let Some(mut rx) = d.events() {
             let tx = driver_tx.clone();
@@ -226,20 +223,36 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             });
         }
     }
-    let mut scheduler = Scheduler::new(
-        config.name.clone(),
-        store,
-        transport.clone(),
-        membership.clone(),
-        drivers,
-        internal_tx,
-        snapshot_tx,
+    let seed = generation ^ shoal_core::job::fnv1a(config.name.as_bytes());
+    let mut core = Scheduler::new(
+        config.scheduler.clone(),
+        &config.name,
+        drivers.keys().cloned().collect(),
+        seed,
+        store.jobs()?,
+        store.completions()?,
+        !config.join.is_empty(),
+        crate::node::now(),
     );
-    if !config.join.is_empty() {
-        scheduler.joining();
+    let mut recovered = Vec::new();
+    for (name, driver) in &drivers {
+        for (spec, state) in driver.recover().await? {
+            recovered.push(Recovered {
+                driver: name.clone(),
+                spec,
+                state,
+            });
+        }
     }
-    scheduler.recover().await?;
+    // What recovery decided (stop copies of jobs that are gone, record a
+    // batch success that ended while the agent was down) is carried out by
+    // the loop like any other effect.
+    let recovered = core.handle_recovered(recovered, crate::node::now());
 
+    let (snapshot_tx, snapshot_rx) = watch::channel(std::sync::Arc::new(Snapshot::default()));
+    let (api_tx, api_rx) = mpsc::channel(256);
+    let (persisted_tx, persisted_rx) = mpsc::channel(crate::store::WRITES_QUEUED_MAX);
+    let store_tx = crate::store::spawn_writer(store, persisted_tx);
     let state = ApiState {
         view: membership.view(),
         token: config.http_token.clone().map(Arc::from),
@@ -286,32 +299,18 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         println!("  shoal agent --join {advertise} --token {}", ca.to_token());
     }
 
-    // The node's event loop: every input of the scheduler goes through it.
-    let mut view = membership.view();
-    scheduler.on_view(view.borrow_and_update().clone());
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            changed = view.changed() => {
-                if changed.is_err() {
-                    anyhow::bail!("membership task stopped unexpectedly");
-                }
-                scheduler.on_view(view.borrow_and_update().clone());
-            }
-            Some(ev) = driver_rx.recv() => scheduler.on_driver_event(ev).await,
-            Some(msg) = rpc_rx.recv() => scheduler.on_rpc(msg),
-            Some(cmd) = api_rx.recv() => scheduler.on_api(cmd),
-            Some(ev) = internal_rx.recv() => scheduler.on_internal(ev).await,
-            _ = tick.tick() => scheduler.tick().await,
-        }
-    }
-
-    info!("shutting down: stopping local instances and leaving the cluster");
-    membership.leave().await?;
-    scheduler.shutdown().await;
+    let io = crate::node::Io {
+        transport: transport.clone(),
+        membership: membership.clone(),
+        drivers,
+        store: store_tx,
+        persisted: persisted_rx,
+        rpc: rpc_rx,
+        driver_events: driver_rx,
+        api: api_rx,
+        snapshot: snapshot_tx,
+    };
+    crate::node::run(core, io, recovered, shutdown).await?;
     let _ = http_stop_tx.send(());
     let _ = http_task.await;
     transport.close();

@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 use shoal_membership::{Capacity, Load, MembershipView};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::reconcile::SlotState;
-use crate::scheduler::{ApiCommand, ApiFailure, Snapshot};
-use crate::store::JobRecord;
+use shoal_core::instance::SlotState;
+use shoal_core::scheduler::{ApiError as CoreError, ApiRequest};
+use shoal_core::status;
+
+use crate::node::{ApiCommand, ApiReply};
 
 /// What the API handlers read.
 #[derive(Clone)]
@@ -53,6 +55,14 @@ pub struct SlotView {
     /// Restarts of the current holder's copy.
     #[serde(default)]
     pub restarts: u32,
+    /// Placement attempts of a pending slot so far (it backs off between
+    /// them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A job as `/v1/jobs/{name}` and `shoal status JOB --json` show it.
@@ -89,107 +99,163 @@ pub struct ScaleRequest {
     pub replicas: u32,
 }
 
-fn status_of(snap: &Snapshot, record: &JobRecord) -> JobStatus {
-    let replicas = record.spec.as_ref().map(|s| s.replicas).unwrap_or(0);
-    let job_type = record
-        .spec
-        .as_ref()
-        .and_then(|s| serde_json::to_value(s.job_type).ok())
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "stopped".into());
-    let mut instances = Vec::new();
-    let copies: Vec<_> = snap
-        .instances
-        .iter()
-        .filter(|i| i.job == record.name)
-        .collect();
-    for slot in 0..replicas {
-        let mine: Vec<_> = copies.iter().filter(|c| c.slot == slot).collect();
-        // The copy that matters: a live one, else a finished one.
-        let best = mine
-            .iter()
-            .max_by_key(|c| (c.state.is_live(), c.state == SlotState::Running, c.run));
-        let done = snap.completed.contains(&(record.name.clone(), slot));
-        instances.push(match best {
-            // A copy whose last start failed shows as failed, with why,
-            // while its holder waits to retry.
-            Some(c) if c.error.is_some() && c.state == SlotState::Starting => SlotView {
-                slot,
-                node: Some(c.node.clone()),
-                state: SlotState::Failed,
-                reason: c.error.clone(),
-                restarts: c.restarts,
-            },
-            Some(c) if !(done && c.state.is_live()) => SlotView {
-                slot,
-                node: Some(c.node.clone()),
-                state: c.state,
-                reason: c.error.clone(),
-                restarts: c.restarts,
-            },
-            _ if done => SlotView {
-                slot,
-                node: None,
-                state: SlotState::Completed,
-                reason: None,
-                restarts: 0,
-            },
-            _ => SlotView {
-                slot,
-                node: None,
-                state: SlotState::Pending,
-                reason: snap.unplaceable.get(&(record.name.clone(), slot)).cloned(),
-                restarts: 0,
-            },
-        });
-    }
-    for c in copies
-        .iter()
-        .filter(|c| c.slot >= replicas && c.state.is_live())
-    {
-        instances.push(SlotView {
-            slot: c.slot,
-            node: Some(c.node.clone()),
-            state: c.state,
-            reason: Some("stopping".into()),
-            restarts: c.restarts,
-        });
-    }
-    JobStatus {
-        name: record.name.clone(),
-        version: record.version.to_string(),
-        job_type,
-        replicas,
-        stopped: record.spec.is_none(),
-        instances,
+/// An instance as `/v1/instances` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceView {
+    /// Job.
+    pub job: String,
+    /// Slot.
+    pub slot: u32,
+    /// Holder node.
+    pub node: String,
+    /// State.
+    pub state: SlotState,
+    /// Run id.
+    pub run: u64,
+    /// Restarts on its node so far.
+    pub restarts: u32,
+    /// Why its last start failed, if it did.
+    pub error: Option<String>,
+}
+
+impl From<&status::InstanceRow> for InstanceView {
+    fn from(r: &status::InstanceRow) -> Self {
+        InstanceView {
+            job: r.job.clone(),
+            slot: r.copy.slot,
+            node: r.node.clone(),
+            state: r.copy.state,
+            run: r.copy.run,
+            restarts: r.copy.restarts,
+            error: r.copy.error.clone(),
+        }
     }
 }
 
-fn failure(f: ApiFailure) -> Response {
-    error(
-        StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        f.message,
-    )
+impl From<&status::JobStatus> for JobStatus {
+    fn from(s: &status::JobStatus) -> Self {
+        let record = &s.record;
+        let job_type = record
+            .spec
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s.job_type).ok())
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "stopped".into());
+        JobStatus {
+            name: record.name.clone(),
+            version: record.version.to_string(),
+            job_type,
+            replicas: record.spec.as_ref().map(|s| s.replicas).unwrap_or(0),
+            stopped: record.spec.is_none(),
+            instances: s
+                .slots
+                .iter()
+                .map(|v| SlotView {
+                    slot: v.slot,
+                    node: v.node.clone(),
+                    state: v.state,
+                    reason: v.reason.clone(),
+                    restarts: v.restarts,
+                    attempts: v.attempts,
+                })
+                .collect(),
+        }
+    }
 }
 
-async fn ask<T>(
-    state: &ApiState,
-    make: impl FnOnce(oneshot::Sender<Result<T, ApiFailure>>) -> ApiCommand,
-) -> Result<T, Response> {
+/// What the list endpoints read: the scheduler's state after its last
+/// change, rebuilt by the event loop at a paced rate.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every live job.
+    pub jobs: Vec<JobStatus>,
+    /// Every instance on a live node.
+    pub instances: Vec<InstanceView>,
+    /// The scheduler's own state, for `/v1/stats`.
+    pub scheduler: serde_json::Value,
+}
+
+impl Snapshot {
+    /// The snapshot of a scheduler's state.
+    pub fn of(core: &shoal_core::Scheduler, now: std::time::Instant) -> Snapshot {
+        Snapshot {
+            jobs: status::job_statuses(core, now)
+                .iter()
+                .map(JobStatus::from)
+                .collect(),
+            instances: status::instances(core, now)
+                .iter()
+                .map(InstanceView::from)
+                .collect(),
+            scheduler: {
+                let c = core.counters();
+                serde_json::json!({
+                    "caught_up": core.caught_up(),
+                    "jobs": core.desired().len(),
+                    "local_instances": core.local().len(),
+                    "placement_rounds_in_flight": core.placing().rounds_len(),
+                    "writes_in_flight": core.writes_in_flight(),
+                    "anti_entropy_exchange": core.exchange_peer(),
+                    "passes": c.passes,
+                    "rounds": c.rounds,
+                    "slots_placed": c.placed,
+                    "placements_failed": c.unplaceable,
+                    "instance_starts": c.starts,
+                    "instance_stops": c.stops,
+                    "anti_entropy_exchanges": c.syncs,
+                    "anti_entropy_items": c.synced_items,
+                })
+            },
+        }
+    }
+}
+
+fn failure(e: CoreError) -> Response {
+    match e {
+        CoreError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
+        CoreError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        CoreError::Storage(m) => error(StatusCode::INSUFFICIENT_STORAGE, m),
+        CoreError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+    }
+}
+
+async fn ask(state: &ApiState, req: ApiRequest) -> Result<ApiReply, Response> {
     let (tx, rx) = oneshot::channel();
-    if state.commands.send(make(tx)).await.is_err() {
+    if state.commands.send(ApiCommand::Do(req, tx)).await.is_err() {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is shutting down",
         ));
     }
-    match rx.await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(f)) => Err(failure(f)),
-        Err(_) => Err(error(
+    // The core answers every command (a write within the replication and
+    // catch-up bounds, seconds); the bound is for a node whose store or loop
+    // is stuck, so that a client is told instead of waiting forever.
+    match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(ApiReply::Failed(e))) => Err(failure(e)),
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(_)) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is shutting down",
         )),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent did not answer within {ANSWER_TIMEOUT:?}; see its log"),
+        )),
+    }
+}
+
+/// How long the API waits for the scheduler's answer to a command.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn written(r: Result<ApiReply, Response>) -> Response {
+    match r {
+        Ok(ApiReply::Written(r)) => Json(Accepted {
+            name: r.name.clone(),
+            version: r.version.to_string(),
+        })
+        .into_response(),
+        Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
+        Err(resp) => resp,
     }
 }
 
@@ -200,44 +266,11 @@ async fn submit(State(state): State<ApiState>, body: String) -> Response {
             format!("job files are limited to {BODY_LEN_MAX} bytes"),
         );
     }
-    match ask(&state, |tx| ApiCommand::Submit(body, tx)).await {
-        Ok(r) => Json(Accepted {
-            name: r.name,
-            version: r.version.to_string(),
-        })
-        .into_response(),
-        Err(resp) => resp,
-    }
+    written(ask(&state, ApiRequest::Submit { text: body }).await)
 }
 
 async fn list_jobs(State(state): State<ApiState>) -> Json<Vec<JobStatus>> {
-    let snap = state.snapshot.borrow().clone();
-    // Split the instances by job once, not once per job.
-    let mut by_job: std::collections::HashMap<&str, Vec<crate::scheduler::InstanceView>> =
-        Default::default();
-    for i in &snap.instances {
-        by_job.entry(i.job.as_str()).or_default().push(i.clone());
-    }
-    let mut done: std::collections::HashMap<&str, std::collections::BTreeSet<(String, u32)>> =
-        Default::default();
-    for (j, s) in &snap.completed {
-        done.entry(j.as_str()).or_default().insert((j.clone(), *s));
-    }
-    Json(
-        snap.jobs
-            .iter()
-            .filter(|r| r.spec.is_some())
-            .map(|r| {
-                let one = Snapshot {
-                    jobs: Vec::new(),
-                    instances: by_job.remove(r.name.as_str()).unwrap_or_default(),
-                    completed: done.remove(r.name.as_str()).unwrap_or_default(),
-                    unplaceable: Default::default(),
-                };
-                status_of(&one, r)
-            })
-            .collect(),
-    )
+    Json(state.snapshot.borrow().jobs.clone())
 }
 
 async fn get_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
@@ -254,7 +287,7 @@ async fn get_job(State(state): State<ApiState>, Path(name): Path<String>) -> Res
         );
     }
     match rx.await {
-        Ok(Some(snap)) => Json(status_of(&snap, &snap.jobs[0])).into_response(),
+        Ok(Some(status)) => Json(status).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("no job named `{name}`; `shoal status` lists the jobs"),
@@ -267,14 +300,7 @@ async fn get_job(State(state): State<ApiState>, Path(name): Path<String>) -> Res
 }
 
 async fn stop_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
-    match ask(&state, |tx| ApiCommand::Stop(name, tx)).await {
-        Ok(r) => Json(Accepted {
-            name: r.name,
-            version: r.version.to_string(),
-        })
-        .into_response(),
-        Err(resp) => resp,
-    }
+    written(ask(&state, ApiRequest::Stop { name }).await)
 }
 
 async fn scale_job(
@@ -291,14 +317,16 @@ async fn scale_job(
             )
         }
     };
-    match ask(&state, |tx| ApiCommand::Scale(name, req.replicas, tx)).await {
-        Ok(r) => Json(Accepted {
-            name: r.name,
-            version: r.version.to_string(),
-        })
-        .into_response(),
-        Err(resp) => resp,
-    }
+    written(
+        ask(
+            &state,
+            ApiRequest::Scale {
+                name,
+                replicas: req.replicas,
+            },
+        )
+        .await,
+    )
 }
 
 async fn instances(State(state): State<ApiState>) -> Response {
@@ -332,16 +360,15 @@ async fn logs(
     Query(q): Query<LogsQuery>,
 ) -> Response {
     let max_bytes = q.max_bytes.min(1024 * 1024);
-    match ask(&state, |reply| ApiCommand::Logs {
+    let req = ApiRequest::Logs {
         job: name,
         slot: q.slot,
         stream: q.stream,
         max_bytes,
-        reply,
-    })
-    .await
-    {
-        Ok(bytes) => bytes.into_response(),
+    };
+    match ask(&state, req).await {
+        Ok(ApiReply::Logs(bytes)) => bytes.into_response(),
+        Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
         Err(resp) => resp,
     }
 }
@@ -421,6 +448,7 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
             "handshakes_refused": S::get(&t.handshakes_refused),
         },
         "rss_kib": crate::host::rss_kib(),
+        "scheduler": state.snapshot.borrow().scheduler.clone(),
     }))
 }
 

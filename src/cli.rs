@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::agent::AgentConfig;
-use crate::api::{ApiError, NodeInfo};
+use crate::commands::{JobArgs, LogsArgs, NodesArgs, RunArgs, ScaleArgs, StatusArgs};
 
 /// Default HTTP API address of the local agent.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:4701";
@@ -125,88 +124,10 @@ pub struct AgentArgs {
     /// scale benchmarks only).
     #[arg(long, hide = true)]
     pub hollow: bool,
-}
-
-#[derive(Debug, Args, Clone)]
-pub struct ClientArgs {
-    /// URL of the agent to ask.
-    #[arg(long, env = "SHOAL_ADDR", default_value = "http://127.0.0.1:4701")]
-    pub addr: String,
-    /// Token the agent's API requires, if any.
-    #[arg(long, env = "SHOAL_HTTP_TOKEN", hide_env_values = true)]
-    pub http_token: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct NodesArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// Print a JSON array instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// The job file (TOML; see examples/).
-    pub file: PathBuf,
-    /// Return once the job is accepted, without waiting for it to run.
-    #[arg(long)]
-    pub detach: bool,
-    /// Give up waiting after this many seconds.
-    #[arg(long, default_value_t = 120)]
-    pub timeout: u64,
-}
-
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// A job name; without it, every job.
-    pub job: Option<String>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct JobArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// The job name.
-    pub job: String,
-}
-
-#[derive(Debug, Args)]
-pub struct ScaleArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// The job name.
-    pub job: String,
-    /// The new replica count.
-    pub replicas: u32,
-}
-
-#[derive(Debug, Args)]
-pub struct LogsArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// The job name.
-    pub job: String,
-    /// The slot.
-    #[arg(long, default_value_t = 0)]
-    pub slot: u32,
-    /// Show stderr instead of stdout.
-    #[arg(long)]
-    pub stderr: bool,
-    /// Keep printing new output until Ctrl-C.
-    #[arg(long, short)]
-    pub follow: bool,
-    /// Print at most this many bytes from the end.
-    #[arg(long, default_value_t = 64 * 1024)]
-    pub max_bytes: u64,
+    /// Scheduler timings: `lan` (the default) or `local-test` (short join
+    /// grace and retries, for tests on one machine).
+    #[arg(long, hide = true, default_value = "lan", value_parser = ["lan", "local-test"])]
+    pub preset: String,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -274,139 +195,15 @@ impl AgentArgs {
             memory_mib: self.memory,
             membership: Default::default(),
             hollow: self.hollow,
+            scheduler: match self.preset.as_str() {
+                "local-test" => shoal_core::SchedulerConfig::local_test(),
+                _ => shoal_core::SchedulerConfig::lan(),
+            },
         })
     }
 }
 
 /// A small blocking client of the agent API.
-pub struct Client {
-    base: String,
-    token: Option<String>,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    /// A client for `args.addr`.
-    pub fn new(args: &ClientArgs) -> Client {
-        let base = args.addr.trim_end_matches('/').to_string();
-        let base = if base.contains("://") {
-            base
-        } else {
-            format!("http://{base}")
-        };
-        Client {
-            base,
-            token: args.http_token.clone(),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(30))
-                .build(),
-        }
-    }
-
-    /// GET a JSON resource.
-    pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self.call("GET", path, None)?;
-        resp.into_json()
-            .with_context(|| format!("the agent at {} sent an unreadable answer", self.base))
-    }
-
-    /// Sends a request with an optional body; the error says what failed.
-    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<ureq::Response> {
-        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let result = match body {
-            Some(b) => req.send_string(b),
-            None => req.call(),
-        };
-        match result {
-            Ok(resp) => Ok(resp),
-            Err(ureq::Error::Status(code, resp)) => {
-                let msg = resp.into_json::<ApiError>().map(|e| e.error).unwrap_or_default();
-                if (400..500).contains(&code) && !msg.is_empty() {
-                    bail!("{msg}")
-                }
-                bail!("the agent at {} answered {code}: {msg}", self.base)
-            }
-            Err(e) => bail!(
-                "cannot reach the shoal agent at {}: {e}\nIs `shoal agent` running there? Point to another with --addr or SHOAL_ADDR.",
-                self.base
-            ),
-        }
-    }
-}
-
-/// `shoal nodes`.
-pub fn nodes(args: NodesArgs) -> Result<()> {
-    let nodes: Vec<NodeInfo> = Client::new(&args.client).get("/v1/nodes")?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&nodes)?);
-        return Ok(());
-    }
-    let rows: Vec<[String; 7]> = nodes
-        .iter()
-        .map(|n| {
-            let labels = n
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            [
-                n.name.clone(),
-                n.address.clone(),
-                n.state.clone(),
-                if labels.is_empty() {
-                    "-".into()
-                } else {
-                    labels
-                },
-                format!("{}m/{}Mi", n.capacity.cpu_millis, n.capacity.memory_mib),
-                format!("{}m/{}Mi", n.load.cpu_millis, n.load.memory_mib),
-                n.load.instances.to_string(),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "NAME",
-            "ADDRESS",
-            "STATE",
-            "LABELS",
-            "CAPACITY",
-            "RESERVED",
-            "INSTANCES",
-        ],
-        &rows,
-    );
-    for n in nodes.iter().filter(|n| !n.notes.is_empty()) {
-        println!("note: {}: {}", n.name, n.notes.join("; "));
-    }
-    Ok(())
-}
-
-pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

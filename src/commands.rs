@@ -5,10 +5,135 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::api::{Accepted, JobStatus, ScaleRequest};
-use crate::cli::{print_table, Client, JobArgs, LogsArgs, RunArgs, ScaleArgs, StatusArgs};
-use crate::job::JOB_FILE_LEN_MAX;
-use crate::reconcile::SlotState;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::api::{Accepted, JobStatus, NodeInfo, ScaleRequest};
+use crate::client::{print_table, Client, ClientArgs};
+use shoal_core::instance::SlotState;
+use shoal_core::job::JOB_FILE_LEN_MAX;
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job file (TOML; see examples/).
+    pub file: PathBuf,
+    /// Return once the job is accepted, without waiting for it to run.
+    #[arg(long)]
+    pub detach: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// A job name; without it, every job.
+    pub job: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// The new replica count.
+    pub replicas: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// The slot.
+    #[arg(long, default_value_t = 0)]
+    pub slot: u32,
+    /// Show stderr instead of stdout.
+    #[arg(long)]
+    pub stderr: bool,
+    /// Keep printing new output until Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Print at most this many bytes from the end.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_bytes: u64,
+}
+
+/// `shoal nodes`.
+pub fn nodes(args: NodesArgs) -> Result<()> {
+    let nodes: Vec<NodeInfo> = Client::new(&args.client).get("/v1/nodes")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 7]> = nodes
+        .iter()
+        .map(|n| {
+            let labels = n
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            [
+                n.name.clone(),
+                n.address.clone(),
+                n.state.clone(),
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels
+                },
+                format!("{}m/{}Mi", n.capacity.cpu_millis, n.capacity.memory_mib),
+                format!("{}m/{}Mi", n.load.cpu_millis, n.load.memory_mib),
+                n.load.instances.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME",
+            "ADDRESS",
+            "STATE",
+            "LABELS",
+            "CAPACITY",
+            "RESERVED",
+            "INSTANCES",
+        ],
+        &rows,
+    );
+    for n in nodes.iter().filter(|n| !n.notes.is_empty()) {
+        println!("note: {}: {}", n.name, n.notes.join("; "));
+    }
+    Ok(())
+}
 
 fn path_segment(name: &str) -> Result<&str> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
@@ -187,7 +312,11 @@ pub fn status(args: StatusArgs) -> Result<()> {
                             .and_then(|v| v.as_str().map(str::to_string))
                             .unwrap_or_default(),
                         i.restarts.to_string(),
-                        i.reason.clone().unwrap_or_default(),
+                        match (&i.reason, i.attempts) {
+                            (Some(r), 0) => r.clone(),
+                            (Some(r), n) => format!("{r} (tried {n} times; backing off)"),
+                            (None, _) => String::new(),
+                        },
                     ]
                 })
                 .collect();

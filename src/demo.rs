@@ -2,16 +2,16 @@
 //! shoal work on one machine.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::agent::AgentInfo;
 use crate::api::{JobStatus, NodeInfo};
-use crate::cli::{Client, ClientArgs};
-use crate::reconcile::SlotState;
+use crate::client::{Client, ClientArgs};
+use crate::launch::{Launch, Launched};
+use shoal_core::instance::SlotState;
 
 /// Bound on every wait of the demo.
 const WAIT: Duration = Duration::from_secs(30);
@@ -29,82 +29,39 @@ pub struct DemoArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-struct DemoAgent {
-    name: String,
-    child: Option<Child>,
-    info: AgentInfo,
+/// A demo agent: stopped gracefully (SIGTERM, then a kill) when dropped,
+/// so that the demo leaves nothing behind however it ends.
+struct DemoAgent(Launched);
+
+impl std::ops::Deref for DemoAgent {
+    type Target = Launched;
+    fn deref(&self) -> &Launched {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DemoAgent {
+    fn deref_mut(&mut self) -> &mut Launched {
+        &mut self.0
+    }
 }
 
 impl Drop for DemoAgent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.0.terminate(Duration::from_secs(3));
+        // Anything the agent left (it was killed, or stopped too slowly).
+        crate::driver::exec::kill_instances_under(&self.0.dir.join("instances"));
     }
 }
 
 fn start(root: &Path, name: &str, seed: Option<&str>) -> Result<DemoAgent> {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir)?;
-    let _ = std::fs::remove_file(dir.join("agent.json"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(root.join(format!("{name}.log")))?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args([
-        "agent",
-        "--name",
-        name,
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(&dir)
-    .stdin(Stdio::null())
-    .stdout(log.try_clone()?)
-    .stderr(log);
+    let log = root.join(format!("{name}.log"));
+    let mut launch = Launch::new(std::env::current_exe()?, name, root.join(name)).logs(&log, &log);
     if let Some(seed) = seed {
-        cmd.args(["--join", seed])
-            .arg("--token-file")
-            .arg(root.join("n1").join("join-token"));
+        launch = launch.join(&[seed.to_string()], &root.join("n1").join("join-token"));
     }
-    let mut child = cmd.spawn().context("cannot start an agent")?;
-    let started = Instant::now();
-    let info = loop {
-        if let Some(info) = std::fs::read_to_string(dir.join("agent.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-        {
-            break info;
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "agent {name} exited ({status}); see {}",
-                root.join(format!("{name}.log")).display()
-            );
-        }
-        if started.elapsed() > WAIT {
-            bail!("agent {name} did not start within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(DemoAgent {
-        name: name.into(),
-        child: Some(child),
-        info,
-    })
+    interrupted()?;
+    Ok(DemoAgent(launch.spawn()?))
 }
 
 fn client(a: &DemoAgent) -> Client {
@@ -129,6 +86,7 @@ fn wait_view(
         if started.elapsed() > WAIT {
             bail!("timed out waiting until {what}");
         }
+        interrupted()?;
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -158,12 +116,13 @@ fn wait_job(
         if started.elapsed() > WAIT {
             bail!("timed out waiting for job {job}");
         }
+        interrupted()?;
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn show_job(observer: &DemoAgent, job: &str) -> Result<()> {
-    crate::commands::status(crate::cli::StatusArgs {
+    crate::commands::status(crate::commands::StatusArgs {
         client: ClientArgs {
             addr: observer.info.http.clone(),
             http_token: None,
@@ -174,7 +133,7 @@ fn show_job(observer: &DemoAgent, job: &str) -> Result<()> {
 }
 
 fn show(observer: &DemoAgent) -> Result<()> {
-    crate::cli::nodes(crate::cli::NodesArgs {
+    crate::commands::nodes(crate::commands::NodesArgs {
         client: ClientArgs {
             addr: observer.info.http.clone(),
             http_token: None,
@@ -188,6 +147,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if args.nodes < 3 {
         bail!("--nodes must be at least 3");
     }
+    // Ctrl-C or SIGTERM at any point stops the demo: its agents (stopped
+    // gracefully) and its directory go as `run` returns.
+    catch_signals();
     let tmp;
     let root = match &args.data_dir {
         Some(d) => d.clone(),
@@ -251,10 +213,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .filter(|i| i.node.as_deref() == Some(name.as_str()))
         .count();
     println!("\nkill -9 {name} and every process it started ({lost} web slots) ...");
-    if let Some(mut c) = agents[victim].child.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    agents[victim].stop(libc::SIGKILL);
     crate::driver::exec::kill_instances_under(&root.join(&name).join("instances"));
     let killed_at = Instant::now();
     let dead = wait_view(&agents[0], "the killed node is dead", |ns| {
@@ -292,33 +251,41 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  shoal logs crunch --slot 1");
     println!("  shoal run examples/web.toml   # another version of web");
     println!("  shoal stop web");
-    match args.exit_after {
-        Some(secs) => {
-            println!("\nStopping in {secs} s.");
-            std::thread::sleep(Duration::from_secs(secs));
-        }
-        None => {
-            println!("\nThe cluster keeps running until Ctrl-C.");
-            wait_for_interrupt();
-        }
+    let until = args.exit_after.map(|secs| {
+        println!("\nStopping in {secs} s.");
+        Instant::now() + Duration::from_secs(secs)
+    });
+    if until.is_none() {
+        println!("\nThe cluster keeps running until Ctrl-C (or SIGTERM).");
+    }
+    while until.is_none_or(|u| Instant::now() < u) && !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
     }
     println!("Stopping the agents (graceful leave) ...");
     drop(agents);
     Ok(())
 }
 
-fn wait_for_interrupt() {
-    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    extern "C" fn on_signal(_: libc::c_int) {
-        STOP.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
+/// Set by SIGINT or SIGTERM.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn catch_signals() {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
+}
+
+/// Fails once a stop signal arrived, so the demo unwinds and cleans up.
+fn interrupted() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted; the demo's agents and directory are removed");
     }
+    Ok(())
 }
 
 /// A temporary directory removed on drop.

@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Nodes(args) => shoal::cli::nodes(args),
+        Command::Nodes(args) => shoal::commands::nodes(args),
         Command::Run(args) => shoal::commands::run(args),
         Command::Status(args) => shoal::commands::status(args),
         Command::Stop(args) => shoal::commands::stop(args),

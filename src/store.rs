@@ -6,10 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
-
-use crate::hlc::Version;
-use crate::job::JobSpec;
+use serde::Deserialize;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const COMPLETIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("completions");
@@ -17,32 +14,7 @@ const COMPLETIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("c
 /// Longest stored record decoded, bytes (a job file is at most 1 MiB).
 const RECORD_LEN_MAX: usize = 2 * 1024 * 1024;
 
-/// One job's replicated state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobRecord {
-    /// Job name.
-    pub name: String,
-    /// Version of this write.
-    pub version: Version,
-    /// The spec, or `None` once the job is stopped (a tombstone, kept so
-    /// that an older write arriving late cannot resurrect it).
-    pub spec: Option<JobSpec>,
-}
-
-/// A batch slot that ran to completion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Completion {
-    /// Job name.
-    pub job: String,
-    /// Slot index.
-    pub slot: u32,
-    /// Version of the job the slot completed under.
-    pub job_version: Version,
-    /// Node that ran it.
-    pub node: String,
-    /// Exit code.
-    pub exit_code: i32,
-}
+pub use shoal_core::records::{Completion, JobRecord};
 
 /// The store. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
@@ -86,6 +58,39 @@ impl Store {
         };
         w.commit()?;
         Ok(stored)
+    }
+
+    /// Applies many records and completions in one transaction (one
+    /// fsync): each record if newer than the stored one, each completion if
+    /// the slot has none. Durable when it returns `Ok`.
+    pub fn write(
+        &self,
+        records: &[std::sync::Arc<JobRecord>],
+        completions: &[Completion],
+    ) -> Result<()> {
+        let w = self.db.begin_write()?;
+        {
+            let mut t = w.open_table(JOBS)?;
+            for record in records {
+                let current: Option<JobRecord> =
+                    t.get(record.name.as_str())?.and_then(|v| decode(v.value()));
+                if current.is_none_or(|c| c.version < record.version) {
+                    let bytes = serde_json::to_vec(&**record)?;
+                    t.insert(record.name.as_str(), bytes.as_slice())?;
+                }
+            }
+        }
+        {
+            let mut t = w.open_table(COMPLETIONS)?;
+            for c in completions {
+                if t.get((c.job.as_str(), c.slot))?.is_none() {
+                    let bytes = serde_json::to_vec(c)?;
+                    t.insert((c.job.as_str(), c.slot), bytes.as_slice())?;
+                }
+            }
+        }
+        w.commit()?;
+        Ok(())
     }
 
     /// Applies many records in one transaction; returns those stored.
@@ -161,10 +166,49 @@ impl Store {
     }
 }
 
+/// Depth of the queue in front of the store's writer.
+pub const WRITES_QUEUED_MAX: usize = 1024;
+
+/// A write for the store's writer thread.
+pub struct WriteJob {
+    /// Reported back with the result.
+    pub id: u64,
+    /// Records.
+    pub jobs: Vec<std::sync::Arc<JobRecord>>,
+    /// Completions.
+    pub completions: Vec<Completion>,
+}
+
+/// Starts the store's writer: one blocking thread that commits writes in
+/// the order they come (so the last write of a job is the last committed)
+/// and reports each result on `done`. Writes never run on the event loop: a
+/// slow disk delays answers, not the node.
+pub fn spawn_writer(
+    store: std::sync::Arc<Store>,
+    done: tokio::sync::mpsc::Sender<(u64, Result<(), String>)>,
+) -> std::sync::mpsc::SyncSender<WriteJob> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(WRITES_QUEUED_MAX);
+    std::thread::Builder::new()
+        .name("shoal-store".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                let result = store
+                    .write(&job.jobs, &job.completions)
+                    .map_err(|e| format!("{e:#}"));
+                if done.blocking_send((job.id, result)).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn the store writer");
+    tx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hlc::Hlc;
+    use shoal_core::hlc::{Hlc, Version};
+    use shoal_core::job::JobSpec;
 
     fn rec(name: &str, ms: u64, node: &str, replicas: Option<u32>) -> JobRecord {
         let spec = replicas.map(|r| {

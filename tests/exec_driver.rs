@@ -159,7 +159,7 @@ async fn a_restarted_agent_adopts_running_instances_and_learns_their_exit() {
     let (id, state) = next_end(&mut events).await;
     assert_eq!(id, s.id);
     assert!(
-        matches!(state, InstanceState::Exited(st) if st.signal == Some(libc::SIGKILL)),
+        matches!(&state, InstanceState::Exited(st) if st.signal == Some(libc::SIGKILL)),
         "{state:?}"
     );
     // Ended instances are reported as such by the next recovery, and can be removed.

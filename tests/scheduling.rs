@@ -230,6 +230,17 @@ fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
     let (ok, _, err) = cli(&agents[0], &["run", bad.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("line 3") && err.contains("replicas"), "{err}");
+    let typed = job_file(
+        root.path(),
+        "typed",
+        &WEB.replace("replicas = 5", "replicas = \"three\""),
+    );
+    let (ok, _, err) = cli(&agents[0], &["run", typed.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("line 3: replicas: expected an integer, found the string \"three\""),
+        "a type error names the line and the field: {err}"
+    );
     let typo = job_file(root.path(), "typo", &WEB.replace("command =", "comand ="));
     let (ok, _, err) = cli(&agents[0], &["run", typo.to_str().unwrap()]);
     assert!(!ok && err.contains("comand"), "{err}");
@@ -325,4 +336,159 @@ fn a_node_frozen_until_declared_dead_gives_up_its_replaced_copies() {
                 .iter()
                 .all(|a| a.count("frozen", "running", Some(&victim)) == 6)
     });
+}
+
+/// The slot views of `job` at every agent, if every agent has it.
+fn views_everywhere(agents: &[Agent], job: &str) -> Option<Vec<JobStatus>> {
+    let v: Vec<JobStatus> = agents.iter().filter_map(|a| a.job(job)).collect();
+    (v.len() == agents.len()).then_some(v)
+}
+
+#[test]
+fn job_rules_hold_and_a_slot_that_cannot_be_placed_says_why_at_every_node() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
+        })
+    });
+
+    // A write is answered once a second node has it on its disk: with
+    // every peer up that takes a round trip, not the 2 s after which a
+    // write is answered without a peer's confirmation.
+    let started = std::time::Instant::now();
+    agents[2]
+        .post(
+            "/v1/jobs",
+            &WEB.replace("name = \"web\"", "name = \"quick\"")
+                .replace("replicas = 5", "replicas = 1"),
+        )
+        .expect("accepted");
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(1500),
+        "a write waited {took:?}: its second copy was never confirmed"
+    );
+
+    // Distinct hosts, 4 replicas, 3 nodes: three run on three nodes, the
+    // fourth waits and every node says why.
+    let distinct = WEB
+        .replace("name = \"web\"", "name = \"spread\"")
+        .replace("replicas = 5", "replicas = 4\ndistinct_hosts = true");
+    let file = job_file(root.path(), "spread", &distinct);
+    let (ok, out, err) = cli(&agents[1], &["run", "--detach", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    wait_until(
+        "3 of 4 running on 3 nodes, the last pending with its reason everywhere",
+        || {
+            views_everywhere(&agents, "spread").is_some_and(|views| {
+                views.iter().all(|v| {
+                    let running: Vec<&SlotView> = v
+                        .instances
+                        .iter()
+                        .filter(|i| i.state == "running")
+                        .collect();
+                    let nodes: std::collections::BTreeSet<_> =
+                        running.iter().filter_map(|i| i.node.clone()).collect();
+                    let pending: Vec<&SlotView> = v
+                        .instances
+                        .iter()
+                        .filter(|i| i.state == "pending")
+                        .collect();
+                    running.len() == 3
+                        && nodes.len() == 3
+                        && pending.len() == 1
+                        && pending[0]
+                            .reason
+                            .as_deref()
+                            .is_some_and(|r| r.contains("distinct_hosts"))
+                })
+            })
+        },
+    );
+    // It backs off: attempts grow slowly, not several times a second.
+    let attempts = |a: &Agent| {
+        a.job("spread")
+            .and_then(|j| {
+                j.instances
+                    .iter()
+                    .find(|i| i.state == "pending")
+                    .map(|i| i.attempts)
+            })
+            .unwrap_or(0)
+    };
+    let before = agents.iter().map(attempts).max().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let after = agents.iter().map(attempts).max().unwrap();
+    assert!(before >= 1, "the pending slot shows its attempts");
+    assert!(
+        after - before <= 3,
+        "a slot that cannot be placed is retried with backoff: {before} then {after} attempts in 4 s"
+    );
+    assert_eq!(
+        processes_of(root.path(), "spread"),
+        3,
+        "three copies, one per node"
+    );
+
+    // A host port taken on every node by another job: the new job waits
+    // with the port named, at every node.
+    let holder = WEB
+        .replace("name = \"web\"", "name = \"porter\"")
+        .replace("replicas = 5", "replicas = 3")
+        .replace(
+            "args = [\"100000\"]",
+            "args = [\"100000\"]\nports = { http = 18080 }",
+        );
+    let file = job_file(root.path(), "porter", &holder);
+    let (ok, out, err) = cli(
+        &agents[0],
+        &["run", file.to_str().unwrap(), "--timeout", "30"],
+    );
+    assert!(ok, "{out}{err}");
+    let late = holder
+        .replace("name = \"porter\"", "name = \"late\"")
+        .replace("replicas = 3", "replicas = 1");
+    let file = job_file(root.path(), "late", &late);
+    let (ok, out, err) = cli(&agents[2], &["run", "--detach", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    wait_until("the late job waits for port 18080, everywhere", || {
+        views_everywhere(&agents, "late").is_some_and(|views| {
+            views.iter().all(|v| {
+                v.instances.len() == 1
+                    && v.instances[0].state == "pending"
+                    && v.instances[0]
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("port 18080"))
+            })
+        })
+    });
+    assert_eq!(processes_of(root.path(), "late"), 0);
+
+    // A program that cannot start: failed, with why, at every node.
+    let broken = WEB
+        .replace("name = \"web\"", "name = \"broken\"")
+        .replace("replicas = 5", "replicas = 1")
+        .replace("command = \"sleep\"", "command = \"/no/such/program\"");
+    let file = job_file(root.path(), "broken", &broken);
+    let (ok, out, err) = cli(&agents[0], &["run", "--detach", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    wait_until(
+        "the broken job shows failed with its reason everywhere",
+        || {
+            views_everywhere(&agents, "broken").is_some_and(|views| {
+                views.iter().all(|v| {
+                    v.instances.len() == 1
+                        && v.instances[0].state == "failed"
+                        && v.instances[0]
+                            .reason
+                            .as_deref()
+                            .is_some_and(|r| r.contains("/no/such/program"))
+                })
+            })
+        },
+    );
 }

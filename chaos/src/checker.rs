@@ -20,6 +20,24 @@ const CONFLICT_WINDOW: Duration = Duration::from_secs(10);
 /// (the returning node re-checks its copies within the join grace).
 const AFTER_FAULT: Duration = Duration::from_secs(10);
 
+/// A duplicate episode still going: since when, on which nodes.
+type OpenEpisode = (Instant, Vec<String>);
+
+/// Two copies of one slot outside faults, from first to last sample.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Episode {
+    /// `job.slot`.
+    pub slot: String,
+    /// Nodes that ran a copy.
+    pub holders: Vec<String>,
+    /// Seconds into the run.
+    pub start_s: f64,
+    /// Length, seconds.
+    pub length_s: f64,
+    /// Seconds since the last fault healed, if one had.
+    pub after_fault_s: Option<f64>,
+}
+
 /// Read-only view of the command line for the report.
 pub trait ArgsView {
     /// Agents.
@@ -270,7 +288,12 @@ pub struct Checker {
     dup_outside_s: f64,
     dup_during_faults_s: f64,
     /// Open duplicate episodes outside faults: slot -> since.
-    dup_open: BTreeMap<(String, u32), Instant>,
+    dup_open: BTreeMap<(String, u32), OpenEpisode>,
+    /// When the run began and the last fault ended (to explain episodes).
+    began: Instant,
+    last_fault_end: Option<Instant>,
+    /// Duplicate episodes outside faults.
+    pub episodes: Vec<Episode>,
     longest_dup_outside_s: f64,
     /// First time each batch slot was seen completed (Unix ns).
     completed_at: BTreeMap<(String, u32), u128>,
@@ -305,6 +328,9 @@ impl Checker {
             dup_outside_s: 0.0,
             dup_during_faults_s: 0.0,
             dup_open: BTreeMap::new(),
+            began: Instant::now(),
+            last_fault_end: None,
+            episodes: Vec::new(),
             longest_dup_outside_s: 0.0,
             completed_at: BTreeMap::new(),
             max_reconverge_s: 0.0,
@@ -340,6 +366,12 @@ impl Checker {
     pub fn fault_began(&mut self, partition: bool) {
         self.partition = partition;
         self.in_fault = true;
+        // The previous fault's end no longer matters: without this, a fault
+        // that began more than AFTER_FAULT after the previous one healed
+        // counted as over the moment that time passed (its duplicates were
+        // counted as outside faults: the 1,704 slot-seconds of the earlier
+        // strict 15-minute run were mostly these).
+        self.fault_ended_at = None;
         self.fault_started_ns = unix_ns();
         // Episodes open now belong to the fault from here on.
         self.dup_open.clear();
@@ -348,6 +380,7 @@ impl Checker {
     /// The fault was healed.
     pub fn fault_ended(&mut self, cluster: &mut Cluster, model: &Model) {
         self.fault_ended_at = Some(Instant::now());
+        self.last_fault_end = Some(Instant::now());
         if self.partition {
             self.windows
                 .push((self.fault_started_ns, unix_ns() + AFTER_FAULT.as_nanos()));
@@ -394,10 +427,12 @@ impl Checker {
         }
         if !faulty {
             for key in &dup_now {
-                let since = *self
+                let holders = procs.get(key).cloned().unwrap_or_default();
+                let since = self
                     .dup_open
                     .entry(key.clone())
-                    .or_insert_with(Instant::now);
+                    .or_insert_with(|| (Instant::now(), holders))
+                    .0;
                 let len = since.elapsed();
                 self.longest_dup_outside_s = self.longest_dup_outside_s.max(len.as_secs_f64());
                 if len > CONFLICT_WINDOW {
@@ -415,6 +450,30 @@ impl Checker {
                     }
                 }
             }
+        }
+        let closed: Vec<((String, u32), OpenEpisode)> = self
+            .dup_open
+            .iter()
+            .filter(|(k, _)| !dup_now.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((job, slot), (since, holders)) in closed {
+            let start = since.duration_since(self.began).as_secs_f64();
+            let len = since.elapsed().as_secs_f64();
+            let after_fault = self
+                .last_fault_end
+                .map(|e| since.saturating_duration_since(e).as_secs_f64());
+            println!(
+                "  duplicate {job}.{slot} on {holders:?} for {len:.2} s from {start:.1} s (last fault ended {:.1} s before)",
+                after_fault.unwrap_or(f64::NAN)
+            );
+            self.episodes.push(Episode {
+                slot: format!("{job}.{slot}"),
+                holders,
+                start_s: start,
+                length_s: len,
+                after_fault_s: after_fault,
+            });
         }
         self.dup_open.retain(|k, _| dup_now.contains(k));
         // Batch completions, from any up node's API.
@@ -487,6 +546,12 @@ impl Checker {
                 anyhow::bail!("interrupted");
             }
             if started.elapsed() > self.bound {
+                // What each agent's scheduler says of itself, to explain it.
+                for i in cluster.up() {
+                    if let Some(v) = cluster.get(i, "/v1/stats") {
+                        eprintln!("  n{i} scheduler: {}", v["scheduler"]);
+                    }
+                }
                 let wrong = Self::mismatches(model, &procs);
                 self.violate(format!(
                     "liveness: not reconverged {:?} after {after}: {}",
@@ -579,6 +644,7 @@ impl Checker {
             "duplicate_slot_seconds": (self.dup_outside_s * 100.0).round() / 100.0,
             "duplicate_slot_seconds_during_faults": (self.dup_during_faults_s * 100.0).round() / 100.0,
             "longest_duplicate_outside_faults_s": (self.longest_dup_outside_s * 100.0).round() / 100.0,
+            "duplicate_episodes_outside_faults": self.episodes,
             "conflict_window_s": CONFLICT_WINDOW.as_secs(),
             "jobs_lost": self.jobs_lost,
             "batch_reruns": self.batch_reruns,

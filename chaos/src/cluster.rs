@@ -155,14 +155,13 @@ impl Cluster {
 
     fn launch(&mut self, i: usize, join: bool) -> Result<()> {
         let node = &self.nodes[i];
-        std::fs::create_dir_all(&node.dir)?;
-        let _ = std::fs::remove_file(node.dir.join("agent.json"));
-        let mut cmd = self.hosts.command(i, shoal_bin());
-        cmd.args(["agent", "--name", &node.name])
-            .arg("--listen")
-            .arg(format!("{}:{QUIC_PORT}", self.addr(i)))
-            .arg("--http")
-            .arg(format!("{}:{HTTP_PORT}", self.addr(i)))
+        let log = self.root.join(format!("{}.log", node.name));
+        let mut launch = shoal::launch::Launch::new(shoal_bin(), &node.name, &node.dir)
+            .wrapper(["ip", "netns", "exec", &self.hosts.ns(i)])
+            .listen(
+                &format!("{}:{QUIC_PORT}", self.addr(i)),
+                &format!("{}:{HTTP_PORT}", self.addr(i)),
+            )
             .args([
                 "--http-token",
                 HTTP_TOKEN,
@@ -171,25 +170,17 @@ impl Cluster {
                 "--memory",
                 "4096",
             ])
-            .arg("--data-dir")
-            .arg(&node.dir)
-            .env("RUST_LOG", "info");
+            .logs(&log, &log);
         if join {
-            for j in (0..self.nodes.len()).filter(|j| *j != i) {
-                cmd.arg("--join")
-                    .arg(format!("{}:{QUIC_PORT}", self.addr(j)));
-            }
-            cmd.arg("--token-file").arg(self.root.join("join-token"));
+            let seeds: Vec<String> = (0..self.nodes.len())
+                .filter(|j| *j != i)
+                .map(|j| format!("{}:{QUIC_PORT}", self.addr(j)))
+                .collect();
+            launch = launch.join(&seeds, &self.root.join("join-token"));
         }
-        let log = self.root.join(format!("{}.log", node.name));
-        let proc = Proc::spawn(&node.name, cmd, &log)?;
-        let info = node.dir.join("agent.json");
-        wait_for(
-            &format!("{} to serve", node.name),
-            Duration::from_secs(30),
-            || info.exists(),
-        )?;
-        self.nodes[i].proc = Some(proc);
+        let mut launched = launch.spawn()?;
+        let child = launched.child.take().context("the agent exited")?;
+        self.nodes[i].proc = Some(Proc::adopt(&self.nodes[i].name, child, &log));
         self.nodes[i].hung = false;
         Ok(())
     }

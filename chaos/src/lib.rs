@@ -1,5 +1,6 @@
 //! shoal's fault-injection tools: process and network-namespace helpers
-//! shared by the benchmarks and the chaos suite.
+//! shared by the benchmarks and the chaos suite. The simulator is its own
+//! package, `shoal-sim` (in `chaos/sim`), built on the pure crates only.
 //!
 //! # Layout
 //! - [`procs`] — start, signal and reap agents; read what they log.

@@ -83,9 +83,16 @@ fn main() {
             for v in &violations {
                 eprintln!("  - {v}");
             }
+            // The binaries this run used, so that the line reproduces it
+            // exactly (CI runs the debug build).
+            let me = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "chaos".into());
             eprintln!(
-                "reproduce: cargo run -p chaos --release -- --seed {seed} --duration {} --nodes {}",
-                args.duration, args.nodes
+                "reproduce: SHOAL_BIN={} {me} --seed {seed} --duration {} --nodes {}",
+                chaos::procs::shoal_bin().display(),
+                args.duration,
+                args.nodes
             );
             std::process::exit(1);
         }

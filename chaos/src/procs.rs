@@ -44,6 +44,15 @@ impl Proc {
         })
     }
 
+    /// Wraps a process started elsewhere (by the shared launcher).
+    pub fn adopt(name: &str, child: Child, log: &Path) -> Proc {
+        Proc {
+            name: name.into(),
+            log: log.into(),
+            child: Some(child),
+        }
+    }
+
     /// Process id, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -166,40 +175,22 @@ impl Agent {
     /// 127.0.0.1 ports the OS picks; waits until it serves.
     pub fn start(root: &Path, name: &str, seed: Option<&str>, extra: &[&str]) -> Result<Agent> {
         let dir = root.join(name);
-        std::fs::create_dir_all(&dir)?;
-        let _ = std::fs::remove_file(dir.join("agent.json"));
-        let mut cmd = Command::new(shoal_bin());
-        cmd.args([
-            "agent",
-            "--name",
-            name,
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .args(extra)
-        .env("RUST_LOG", "info");
+        let log = root.join(format!("{name}.log"));
+        let mut launch = shoal::launch::Launch::new(shoal_bin(), name, &dir)
+            .logs(&log, &log)
+            .args(extra.iter().copied());
         if let Some(seed) = seed {
-            cmd.args(["--join", seed])
-                .arg("--token-file")
-                .arg(root.join("n0").join("join-token"));
+            launch = launch.join(&[seed.to_string()], &root.join("n0").join("join-token"));
         }
-        let proc = Proc::spawn(name, cmd, &root.join(format!("{name}.log")))?;
-        let info = dir.join("agent.json");
-        wait_for(&format!("{name} to serve"), Duration::from_secs(30), || {
-            info.exists()
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&info)?)?;
+        let mut launched = launch.spawn()?;
+        let child = launched.child.take().context("the agent exited")?;
         Ok(Agent {
             name: name.into(),
             dir,
-            pid: proc.pid().unwrap_or(0),
-            proc,
-            quic: v["quic"].as_str().unwrap_or_default().into(),
-            http: v["http"].as_str().unwrap_or_default().into(),
+            pid: child.id(),
+            proc: Proc::adopt(name, child, &log),
+            quic: launched.info.quic.to_string(),
+            http: launched.info.http.clone(),
         })
     }
 

@@ -11,13 +11,16 @@
 //! - [`record`]: node records, load, states, the view.
 //! - [`swim`]: the failure detector, a pure state machine.
 //! - [`node`]: [`Membership`], the task that wires chitchat, SWIM and the
-//!   transport together and publishes the view.
+//!   transport together and publishes the view (feature `runtime`, on by
+//!   default; without it the crate is pure: records and SWIM only).
 #![deny(missing_docs)]
 
+#[cfg(feature = "runtime")]
 pub mod node;
 pub mod record;
 pub mod swim;
 
-pub use node::{Membership, MembershipConfig, MembershipError};
+#[cfg(feature = "runtime")]
+pub use node::{AppValues, Membership, MembershipConfig, MembershipError};
 pub use record::{Capacity, Load, Member, MembershipView, NodeRecord, NodeState};
 pub use swim::SwimConfig;

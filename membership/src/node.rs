@@ -87,15 +87,21 @@ pub enum MembershipError {
 }
 
 enum Command {
-    SetLoad(Load),
-    SetApp(String, Option<String>),
     Leave(oneshot::Sender<()>),
 }
+
+/// The application keys a node publishes (without the `app/` prefix).
+pub type AppValues = Arc<std::collections::BTreeMap<String, String>>;
 
 /// Handle to a running membership task.
 pub struct Membership {
     cmd: mpsc::Sender<Command>,
     view: watch::Receiver<MembershipView>,
+    /// The latest load and application keys to publish: a watch, so that
+    /// the caller never waits for the membership task (it takes the
+    /// newest value whenever it gets to it).
+    load: watch::Sender<Load>,
+    app: watch::Sender<AppValues>,
 }
 
 impl Membership {
@@ -151,6 +157,8 @@ impl Membership {
         let swim = Swim::new(config.swim.clone(), &record.name, generation, addr, seed);
         let (view_tx, view) = watch::channel(MembershipView::default());
         let (cmd, cmd_rx) = mpsc::channel(64);
+        let (load_tx, load_rx) = watch::channel(Load::default());
+        let (app_tx, app_rx) = watch::channel(AppValues::default());
         let (results_tx, results_rx) = mpsc::channel(QUEUE_LEN);
         let actor = Actor {
             transport,
@@ -160,6 +168,7 @@ impl Membership {
             generation,
             load: Load::default(),
             app: Default::default(),
+            app_published: Default::default(),
             left: false,
             published_incarnation: 0,
             peers: HashMap::new(),
@@ -168,8 +177,13 @@ impl Membership {
             results_tx,
             config,
         };
-        tokio::spawn(actor.run(probe_rx, results_rx, cmd_rx));
-        Ok(Membership { cmd, view })
+        tokio::spawn(actor.run(probe_rx, results_rx, cmd_rx, load_rx, app_rx));
+        Ok(Membership {
+            cmd,
+            view,
+            load: load_tx,
+            app: app_tx,
+        })
     }
 
     /// The live view; `changed()` fires when it changes.
@@ -177,27 +191,22 @@ impl Membership {
         self.view.clone()
     }
 
-    /// Publishes this node's load.
-    pub async fn set_load(&self, load: Load) -> Result<(), MembershipError> {
-        self.cmd
-            .send(Command::SetLoad(load))
-            .await
-            .map_err(|_| MembershipError::Stopped)
+    /// Publishes this node's load (never waits: the task takes the newest).
+    pub fn publish_load(&self, load: Load) {
+        self.load.send_if_modified(|l| {
+            let changed = *l != load;
+            *l = load;
+            changed
+        });
     }
 
-    /// Publishes (or, with `None`, deletes) an application key, gossiped
-    /// with this node's record and visible in every view as
-    /// [`crate::Member::app`]. Values over [`APP_VALUE_LEN_MAX`] are refused.
-    pub async fn set_app(&self, key: &str, value: Option<String>) -> Result<(), MembershipError> {
-        if value.as_ref().is_some_and(|v| v.len() > APP_VALUE_LEN_MAX) {
-            return Err(MembershipError::Gossip(format!(
-                "value of `{key}` exceeds {APP_VALUE_LEN_MAX} bytes"
-            )));
-        }
-        self.cmd
-            .send(Command::SetApp(key.to_string(), value))
-            .await
-            .map_err(|_| MembershipError::Stopped)
+    /// Publishes this node's application keys, the whole set (keys absent
+    /// from it are deleted), gossiped with its record and visible in every
+    /// view as [`crate::Member::app`]. Never waits: the task takes the
+    /// newest set and publishes what changed. Values over
+    /// [`APP_VALUE_LEN_MAX`] are not published.
+    pub fn publish_app(&self, app: AppValues) {
+        self.app.send_replace(app);
     }
 
     /// Leaves the cluster: tells every peer directly (waiting at most the
@@ -233,6 +242,8 @@ struct Actor<T: Transport> {
     generation: u64,
     load: Load,
     app: AppState,
+    /// The application keys as set in chitchat.
+    app_published: std::collections::BTreeMap<String, String>,
     left: bool,
     published_incarnation: u64,
     peers: HashMap<String, Peer>,
@@ -256,6 +267,8 @@ impl<T: Transport> Actor<T> {
         mut probe_rx: mpsc::Receiver<Incoming>,
         mut results_rx: mpsc::Receiver<(u64, ProbeOutcome)>,
         mut cmd_rx: mpsc::Receiver<Command>,
+        mut load_rx: watch::Receiver<Load>,
+        mut app_rx: watch::Receiver<AppValues>,
     ) {
         let mut tick = tokio::time::interval(self.config.tick_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -286,29 +299,19 @@ impl<T: Transport> Actor<T> {
                     self.execute(actions);
                     self.publish_view();
                 }
+                Ok(()) = load_rx.changed() => {
+                    let load = *load_rx.borrow_and_update();
+                    self.load = load;
+                    let json = serde_json::to_string(&load).unwrap_or_default();
+                    self.chitchat.with_chitchat(|c| c.self_node_state().set(KEY_LOAD, &json)).await;
+                    self.publish_view();
+                }
+                Ok(()) = app_rx.changed() => {
+                    let wanted = app_rx.borrow_and_update().clone();
+                    self.set_app(&wanted).await;
+                    self.publish_view();
+                }
                 cmd = cmd_rx.recv() => match cmd {
-                    Some(Command::SetLoad(load)) => {
-                        self.load = load;
-                        let json = serde_json::to_string(&load).expect("encodes");
-                        self.chitchat.with_chitchat(|c| c.self_node_state().set(KEY_LOAD, &json)).await;
-                        self.publish_view();
-                    }
-                    Some(Command::SetApp(key, value)) => {
-                        let key = format!("{APP_PREFIX}{key}");
-                        self.chitchat
-                            .with_chitchat(|c| match &value {
-                                Some(v) => c.self_node_state().set(&key, v),
-                                None => c.self_node_state().delete(&key),
-                            })
-                            .await;
-                        let short = key[APP_PREFIX.len()..].to_string();
-                        let app = Arc::make_mut(&mut self.app);
-                        match value {
-                            Some(v) => app.insert(short, Arc::from(v)),
-                            None => app.remove(&short),
-                        };
-                        self.publish_view();
-                    }
                     Some(Command::Leave(done)) => {
                         self.leave().await;
                         self.publish_view();
@@ -319,6 +322,45 @@ impl<T: Transport> Actor<T> {
             }
         }
         let _ = self.chitchat.shutdown().await;
+    }
+
+    /// Makes chitchat's application keys equal `wanted`: deletes the keys
+    /// it lacks, sets those that differ.
+    async fn set_app(&mut self, wanted: &std::collections::BTreeMap<String, String>) {
+        let stale: Vec<String> = self
+            .app_published
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        let changed: Vec<(String, String)> = wanted
+            .iter()
+            .filter(|(k, v)| v.len() <= APP_VALUE_LEN_MAX && self.app_published.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if stale.is_empty() && changed.is_empty() {
+            return;
+        }
+        self.chitchat
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for k in &stale {
+                    state.delete(&format!("{APP_PREFIX}{k}"));
+                }
+                for (k, v) in &changed {
+                    state.set(format!("{APP_PREFIX}{k}"), v);
+                }
+            })
+            .await;
+        let app = Arc::make_mut(&mut self.app);
+        for k in stale {
+            app.remove(&k);
+            self.app_published.remove(&k);
+        }
+        for (k, v) in changed {
+            app.insert(k.clone(), Arc::from(v.as_str()));
+            self.app_published.insert(k, v);
+        }
     }
 
     async fn leave(&mut self) {

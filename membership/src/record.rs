@@ -89,7 +89,7 @@ pub struct Member {
     /// The node's last published load.
     pub load: Load,
     /// Application state the node publishes (see
-    /// [`crate::Membership::set_app`]), by key. Shared, not copied, between
+    /// `Membership::publish_app`), by key. Shared, not copied, between
     /// views: a view is published many times a second and only a changed
     /// node's map is rebuilt (values unchanged since are shared too).
     pub app: AppState,

@@ -33,7 +33,13 @@ pub fn cost(node: &Node, req: &SlotRequest) -> u64 {
     if !after.fits_in(node.capacity) {
         return u64::MAX;
     }
-    let share = |used: u64, cap: u64| (used * COST_SCALE).checked_div(cap).unwrap_or(COST_SCALE);
+    // In u128: `used` comes from peers' loads and can be anything.
+    let share = |used: u64, cap: u64| {
+        (u128::from(used) * u128::from(COST_SCALE))
+            .checked_div(u128::from(cap))
+            .map(|s| s.min(u128::from(u64::MAX)) as u64)
+            .unwrap_or(COST_SCALE)
+    };
     let dominant = share(after.cpu_millis, node.capacity.cpu_millis)
         .max(share(after.memory_mib, node.capacity.memory_mib));
     let affinity: i64 = req
@@ -42,8 +48,8 @@ pub fn cost(node: &Node, req: &SlotRequest) -> u64 {
         .filter(|a| a.constraint.holds(node))
         .map(|a| a.weight.clamp(-100, 100) as i64)
         .sum();
-    let factor = (1000 - affinity).max(0) as u64;
-    dominant * factor / 1000
+    let factor = (1000 - affinity).max(0) as u128;
+    (u128::from(dominant) * factor / 1000).min(u128::from(u64::MAX)) as u64
 }
 
 /// Orders bids: lower cost, then better rank, then node id.

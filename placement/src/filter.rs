@@ -85,6 +85,13 @@ pub fn check_node(
     if let Some(p) = req.ports.iter().find(|p| node.ports_used.contains(p)) {
         return Err(Rejection::Port(*p));
     }
+    // Every copy of a job binds the same host ports: a node that holds one
+    // cannot take another, whatever the caller knows of its ports.
+    if let Some(p) = req.ports.first() {
+        if placements.get(&node.id).is_some_and(|n| *n > 0) {
+            return Err(Rejection::Port(*p));
+        }
+    }
     if req.distinct_hosts && placements.get(&node.id).is_some_and(|n| *n > 0) {
         return Err(Rejection::DistinctHosts);
     }

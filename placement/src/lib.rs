@@ -28,8 +28,8 @@ pub use bid::{conflict_order, cost, survivor, winner, Bid, RunningCopy};
 pub use filter::Rejection;
 pub use model::{Affinity, Constraint, JobPlacements, Node, Op, Resources, SlotRequest, Spread};
 pub use place::{
-    candidates, candidates_with, coordinator, explain, place, place_with, Candidate, Decision,
-    Explanation, NodeIndex, PlacementConfig, Unplaceable,
+    assign, candidates, candidates_with, coordinator, explain, place, place_with, Candidate,
+    Decision, Explanation, NodeIndex, PlacementConfig, Unplaceable,
 };
 
 #[cfg(test)]

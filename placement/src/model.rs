@@ -16,11 +16,12 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// Component-wise sum.
+    /// Component-wise sum, saturating: loads and capacities come from
+    /// peers, and a sum must not wrap into a small number.
     pub fn plus(self, o: Resources) -> Resources {
         Resources {
-            cpu_millis: self.cpu_millis + o.cpu_millis,
-            memory_mib: self.memory_mib + o.memory_mib,
+            cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
+            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
         }
     }
 

@@ -95,6 +95,16 @@ pub struct Candidate {
     pub score: f64,
 }
 
+/// [`eligible`] for the crate's tests.
+#[cfg(test)]
+pub(crate) fn eligible_for_tests(
+    req: &SlotRequest,
+    nodes: &[Node],
+    placements: &JobPlacements,
+) -> (Vec<usize>, BTreeMap<Rejection, usize>) {
+    eligible(req, nodes, placements)
+}
+
 /// Indices of the nodes passing every filter, and how many each filter
 /// removed.
 fn eligible(
@@ -414,4 +424,56 @@ pub fn coordinator<'m>(job: &str, slot: u32, members: &[(u64, &'m str)]) -> Opti
                 .then_with(|| b.1.cmp(a.1))
         })
         .map(|m| m.1)
+}
+
+/// Assigns the slots of one job, in order, the way a coordinator does once
+/// the candidates' bids are in: for each slot, the `k` best-ranked eligible
+/// nodes (weighted rendezvous over `nodes` as they stand, so every filter —
+/// resources, ports, distinct hosts, spread — sees the slots assigned
+/// before it) bid their cost, the lowest bid wins ([`bid_order`]), and the
+/// winner's reservation, ports and the job's placements are raised before
+/// the next slot. The node runs this with its candidates' fresh bids in
+/// `nodes`; `placement-bench` and the simulator run the very same function.
+///
+/// Returns, per request, the index of the winning node or why no node fits.
+pub fn assign(
+    requests: &[SlotRequest],
+    nodes: &mut [Node],
+    index: &NodeIndex,
+    placements: &mut JobPlacements,
+    config: &PlacementConfig,
+) -> Vec<Result<usize, Unplaceable>> {
+    let mut out = Vec::with_capacity(requests.len());
+    for req in requests {
+        let Some(top) = top_k(req, nodes, index, placements, config) else {
+            out.push(Err(unplaceable(req, nodes, placements)));
+            continue;
+        };
+        let best = top
+            .iter()
+            .enumerate()
+            .map(|(rank, (i, _))| {
+                (
+                    Bid {
+                        node: nodes[*i].id.clone(),
+                        cost: cost(&nodes[*i], req),
+                        rank: rank as u32,
+                    },
+                    *i,
+                )
+            })
+            .filter(|(b, _)| b.cost != u64::MAX)
+            .min_by(|a, b| bid_order(&a.0, &b.0));
+        match best {
+            Some((_, i)) => {
+                let n = &mut nodes[i];
+                n.reserved = n.reserved.plus(req.resources);
+                n.ports_used.extend(req.ports.iter().copied());
+                *placements.entry(n.id.clone()).or_insert(0) += 1;
+                out.push(Ok(i));
+            }
+            None => out.push(Err(unplaceable(req, nodes, placements))),
+        }
+    }
+    out
 }

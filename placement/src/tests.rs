@@ -407,3 +407,140 @@ proptest! {
         prop_assert_eq!(c, hrw::rank("job", slot, &equal)[0].0.id.as_str());
     }
 }
+
+/// The job's copies per spread value, over the values the eligible nodes
+/// carry, as `check_spread` counts them.
+fn spread_counts(nodes: &[Node], placements: &JobPlacements, label: &str) -> BTreeMap<String, u32> {
+    let mut counts = BTreeMap::new();
+    for n in nodes {
+        if let Some(v) = n.labels.get(label) {
+            let c = counts.entry(v.clone()).or_insert(0u32);
+            *c += placements.get(&n.id).copied().unwrap_or(0);
+        }
+    }
+    counts
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// A job's slots assigned together keep every rule against the state as
+    /// each slot is assigned (the slots before it included): resources fit,
+    /// host ports are free, one copy per node with distinct hosts or host
+    /// ports, the constraints hold, the spread stays within its skew; and a
+    /// slot is unplaceable only when no node at all passes the filters.
+    #[test]
+    fn assigned_slots_keep_every_rule_and_fail_only_when_nothing_fits(
+        nodes in arb_nodes(25),
+        base in arb_request(),
+        slots in 1u32..12,
+        spread in prop::bool::weighted(0.3),
+    ) {
+        let mut base = base;
+        if spread {
+            base.spread = Some(Spread { label: "zone".into(), max_skew: 1 });
+        }
+        let requests: Vec<SlotRequest> = (0..slots)
+            .map(|s| SlotRequest { slot: s, ..base.clone() })
+            .collect();
+        let config = PlacementConfig::default();
+        let index = NodeIndex::new(&nodes);
+        let mut state = nodes.clone();
+        let mut placements = JobPlacements::new();
+        let mut check_state = nodes.clone();
+        let mut check_placements = JobPlacements::new();
+        let results = assign(&requests, &mut state, &index, &mut placements, &config);
+        prop_assert_eq!(results.len(), requests.len());
+        for (req, r) in requests.iter().zip(&results) {
+            match r {
+                Ok(i) => {
+                    let n = &check_state[*i];
+                    prop_assert!(n.drivers.contains(&req.driver));
+                    prop_assert!(req.constraints.iter().all(|c| c.holds(n)), "constraint broken on {}", n.id);
+                    prop_assert!(n.used.plus(n.reserved).plus(req.resources).fits_in(n.capacity), "{} overcommitted", n.id);
+                    prop_assert!(req.ports.iter().all(|p| !n.ports_used.contains(p)), "port taken on {}", n.id);
+                    let here = check_placements.get(&n.id).copied().unwrap_or(0);
+                    if req.distinct_hosts || !req.ports.is_empty() {
+                        prop_assert_eq!(here, 0, "two copies on {}", n.id);
+                    }
+                    if let Some(sp) = &req.spread {
+                        // The value it goes to was within the skew before.
+                        let eligible: Vec<Node> = check_state
+                            .iter()
+                            .filter(|m| crate::filter::check_node(m, req, &check_placements).is_ok())
+                            .cloned()
+                            .collect();
+                        let counts = spread_counts(&eligible, &check_placements, &sp.label);
+                        let min = counts.values().copied().min().unwrap_or(0);
+                        let v = n.labels.get(&sp.label).cloned().unwrap_or_default();
+                        prop_assert!(counts.get(&v).copied().unwrap_or(0) + 1 - min <= sp.max_skew, "spread skew exceeded on {}", n.id);
+                    }
+                    let id = n.id.clone();
+                    let m = &mut check_state[*i];
+                    m.reserved = m.reserved.plus(req.resources);
+                    m.ports_used.extend(req.ports.iter().copied());
+                    *check_placements.entry(id).or_insert(0) += 1;
+                }
+                Err(_) => {
+                    // Nothing passes: no node takes the slot as things stand.
+                    let (eligible, _) = crate::place::eligible_for_tests(req, &check_state, &check_placements);
+                    prop_assert!(eligible.is_empty(), "slot {} unplaceable although {} node(s) pass", req.slot, eligible.len());
+                }
+            }
+        }
+        prop_assert_eq!(&state, &check_state, "assign's view of the nodes after the round");
+        prop_assert_eq!(&placements, &check_placements);
+    }
+
+    /// The same nodes in another order give the same assignment.
+    #[test]
+    fn assignment_does_not_depend_on_node_order(
+        nodes in arb_nodes(20),
+        base in arb_request(),
+        slots in 1u32..8,
+        seed in any::<u64>(),
+    ) {
+        let requests: Vec<SlotRequest> = (0..slots).map(|s| SlotRequest { slot: s, ..base.clone() }).collect();
+        let config = PlacementConfig::default();
+        let run = |nodes: &[Node]| {
+            let mut state = nodes.to_vec();
+            let index = NodeIndex::new(&state);
+            let mut p = JobPlacements::new();
+            let r = assign(&requests, &mut state, &index, &mut p, &config);
+            r.into_iter()
+                .map(|x| x.map(|i| state[i].id.clone()).map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let mut shuffled = nodes.clone();
+        let mut s = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        // Unplaceable reasons count nodes, which does not depend on order
+        // either.
+        prop_assert_eq!(run(&nodes), run(&shuffled));
+    }
+}
+
+#[test]
+fn a_round_spreads_a_job_evenly_over_equal_nodes() {
+    // Bids see each pick: 12 slots on 4 equal nodes land 3 per node.
+    let mut nodes: Vec<Node> = (0..4)
+        .map(|i| Node::new(format!("n{i}"), 4000, 4096))
+        .collect();
+    let index = NodeIndex::new(&nodes);
+    let requests: Vec<SlotRequest> = (0..12)
+        .map(|s| SlotRequest::simple("web", s, 100, 64))
+        .collect();
+    let mut p = JobPlacements::new();
+    let r = assign(
+        &requests,
+        &mut nodes,
+        &index,
+        &mut p,
+        &PlacementConfig::default(),
+    );
+    assert!(r.iter().all(Result::is_ok));
+    assert!(p.values().all(|n| *n == 3), "{p:?}");
+}

@@ -23,7 +23,6 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -52,18 +51,7 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Log lines fetched to cut the last `max_bytes` from.
 const LOG_TAIL_LINES: &str = "10000";
 
-/// When to pull a task's image.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PullPolicy {
-    /// Pull only if the image is not present (the default).
-    #[default]
-    Missing,
-    /// Pull before every start.
-    Always,
-    /// Never pull: a missing image fails the slot.
-    Never,
-}
+pub use shoal_core::job::PullPolicy;
 
 /// The docker driver.
 pub struct DockerDriver {
@@ -318,12 +306,10 @@ async fn exit_state(docker: &Docker, name: &str) -> InstanceState {
                 ExitStatus {
                     code: None,
                     signal: Some(libc::SIGKILL),
+                    error: Some("the container ran out of memory (OOM-killed)".into()),
                 }
             } else {
-                ExitStatus {
-                    code: Some(code as i32),
-                    signal: None,
-                }
+                ExitStatus::code(code as i32)
             })
         }
         Err(_) => InstanceState::Lost,
@@ -491,8 +477,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::hlc::{Hlc, Version};
-    use crate::job::TaskSpec;
+    use shoal_core::hlc::{Hlc, Version};
+    use shoal_core::job::TaskSpec;
 
     fn spec() -> InstanceSpec {
         let task: TaskSpec = toml::from_str(

@@ -48,6 +48,7 @@ impl Driver for HollowDriver {
             let status = super::ExitStatus {
                 code: None,
                 signal: Some(libc::SIGTERM),
+                error: None,
             };
             let _ = self.events_tx.try_send(DriverEvent::Ended {
                 id: id.clone(),

@@ -13,28 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
 /// Size of one log file before it rotates.
 pub const LOG_FILE_LEN_MAX: u64 = 4 * 1024 * 1024;
 /// Rotated files kept per stream (besides the live one).
 pub const LOG_FILES_KEPT: usize = 2;
 
-/// How the task ended, as `exit.json` records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitStatus {
-    /// Exit code, if it exited.
-    pub code: Option<i32>,
-    /// Signal, if it was killed.
-    pub signal: Option<i32>,
-}
-
-impl ExitStatus {
-    /// Exited with code 0.
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-}
+pub use shoal_core::instance::ExitStatus;
 
 /// A log file that rotates at [`LOG_FILE_LEN_MAX`].
 struct RotatingLog {
@@ -121,15 +106,19 @@ pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -
             ExitStatus {
                 code: status.code(),
                 signal: status.signal(),
+                error: None,
             }
         }
         Err(e) => {
+            let why = format!("cannot start `{command}`: {e}");
             let mut log = RotatingLog::open(dir.join("stderr.log"))?;
-            log.write(format!("shoal: cannot start `{command}`: {e}\n").as_bytes())?;
-            // 127: the shell's "command not found".
+            log.write(format!("shoal: {why}\n").as_bytes())?;
+            // 127: the shell's "command not found"; the reason travels with
+            // the exit so the slot shows why it failed.
             ExitStatus {
                 code: Some(127),
                 signal: None,
+                error: Some(why),
             }
         }
     };
@@ -244,7 +233,8 @@ mod tests {
             exit_of(dir.path()),
             Some(ExitStatus {
                 code: Some(3),
-                signal: None
+                signal: None,
+                error: None,
             })
         );
         assert_eq!(
@@ -261,6 +251,13 @@ mod tests {
     fn a_missing_program_is_an_exit_with_a_message() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(run(dir.path(), "/no/such/program", &[], None).unwrap(), 127);
+        let exit = exit_of(dir.path()).unwrap();
+        assert!(
+            exit.error
+                .as_deref()
+                .is_some_and(|e| e.contains("/no/such/program")),
+            "{exit:?}"
+        );
         assert!(fs::read_to_string(dir.path().join("stderr.log"))
             .unwrap()
             .contains("cannot start"));

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -29,6 +29,8 @@ pub struct Node {
     pub capacity: serde_json::Value,
 }
 
+/// An agent of a test, started with the shared launcher; it writes its
+/// log to `<dir>/stderr.log` and what it prints to `<dir>/stdout.log`.
 pub struct Agent {
     pub name: String,
     pub dir: PathBuf,
@@ -38,6 +40,8 @@ pub struct Agent {
 
 impl Agent {
     /// Starts an agent; `join` is a seed QUIC address, `token_file` its token.
+    /// Tests use the `local-test` scheduler preset (short join grace and
+    /// retries).
     pub fn start(
         root: &Path,
         name: &str,
@@ -47,70 +51,33 @@ impl Agent {
     ) -> Agent {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let _ = std::fs::remove_file(dir.join("agent.json"));
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "agent",
-            "--name",
-            name,
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("stderr.log"))
-                .unwrap(),
-        );
+        let mut launch = shoal::launch::Launch::new(BIN, name, &dir)
+            .logs(&dir.join("stdout.log"), &dir.join("stderr.log"))
+            .args(["--preset", "local-test"])
+            .args(extra.iter().copied());
         if let Some(j) = join {
-            cmd.args(["--join", j]);
+            launch = launch.args(["--join", j]);
         }
         if let Some(t) = token_file {
-            cmd.arg("--token-file").arg(t);
+            launch = launch.args([std::ffi::OsStr::new("--token-file"), t.as_os_str()]);
         }
-        let child = cmd.spawn().expect("spawn shoal agent");
-        let mut agent = Agent {
+        let mut launched = launch.spawn().unwrap_or_else(|e| {
+            panic!(
+                "agent {name}: {e:#}: {}",
+                std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+            )
+        });
+        let info = AgentInfo {
+            name: launched.info.name.clone(),
+            quic: launched.info.quic.to_string(),
+            http: launched.info.http.clone(),
+            pid: launched.info.pid,
+        };
+        Agent {
             name: name.to_string(),
             dir,
-            child: Some(child),
-            info: None,
-        };
-        agent.wait_ready();
-        agent
-    }
-
-    fn wait_ready(&mut self) {
-        let path = self.dir.join("agent.json");
-        let started = Instant::now();
-        loop {
-            if let Ok(s) = std::fs::read_to_string(&path) {
-                if let Ok(info) = serde_json::from_str::<AgentInfo>(&s) {
-                    self.info = Some(info);
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "agent {} exited with {status}: {}",
-                    self.name,
-                    self.stderr()
-                );
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "agent {} never became ready",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            child: launched.child.take(),
+            info: Some(info),
         }
     }
 
@@ -209,6 +176,8 @@ pub struct SlotView {
     pub reason: Option<String>,
     #[serde(default)]
     pub restarts: u32,
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -220,6 +189,16 @@ pub struct JobStatus {
 }
 
 impl Agent {
+    /// POSTs a body to its API; the JSON answer.
+    pub fn post(&self, path: &str, body: &str) -> Result<serde_json::Value, String> {
+        ureq::post(&format!("{}{path}", self.http()))
+            .timeout(Duration::from_secs(30))
+            .send_string(body)
+            .map_err(|e| e.to_string())?
+            .into_json()
+            .map_err(|e| e.to_string())
+    }
+
     /// `GET /v1/jobs/{name}`.
     pub fn job(&self, name: &str) -> Option<JobStatus> {
         let resp = ureq::get(&format!("{}/v1/jobs/{name}", self.http()))

@@ -49,55 +49,35 @@ struct Args {
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Starts a shoal agent (optionally in a network namespace) with the
+/// shared launcher and waits until it serves.
 fn shoal_agent(
-    bin: &Path,
     dir: &Path,
     name: &str,
     listen: &str,
     join: Option<&str>,
     token: Option<&Path>,
-) -> Command {
-    let mut cmd = Command::new(bin);
-    shoal_args(&mut cmd, dir, name, listen, join, token);
-    cmd
-}
-
-fn shoal_args(
-    cmd: &mut Command,
-    dir: &Path,
-    name: &str,
-    listen: &str,
-    join: Option<&str>,
-    token: Option<&Path>,
-) {
-    cmd.args([
-        "agent",
-        "--name",
-        name,
-        "--listen",
-        listen,
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-    ])
-    .arg(dir.join(name))
-    .env("RUST_LOG", "info");
+    netns: Option<String>,
+) -> Result<(Proc, String)> {
+    let log = log_of(dir, name);
+    let mut launch = shoal::launch::Launch::new(shoal_bin(), name, dir.join(name))
+        .listen(listen, "127.0.0.1:0")
+        .logs(&log, &log);
+    if let Some(ns) = netns {
+        launch = launch.wrapper(["ip".to_string(), "netns".into(), "exec".into(), ns]);
+    }
     if let Some(j) = join {
-        cmd.args(["--join", j]);
+        launch = launch.args(["--join", j]);
     }
     if let Some(t) = token {
-        cmd.arg("--token-file").arg(t);
+        launch = launch.args([std::ffi::OsStr::new("--token-file"), t.as_os_str()]);
     }
-}
-
-fn agent_quic(dir: &Path, name: &str) -> Result<String> {
-    let path = dir.join(name).join("agent.json");
-    wait_for(&format!("{name} ready"), WAIT, || path.exists())?;
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    Ok(v["quic"]
-        .as_str()
-        .context("agent.json has no quic")?
-        .to_string())
+    let mut launched = launch.spawn()?;
+    let child = launched.child.take().context("the agent exited")?;
+    Ok((
+        Proc::adopt(name, child, &log),
+        launched.info.quic.to_string(),
+    ))
 }
 
 fn log_of(dir: &Path, name: &str) -> PathBuf {
@@ -139,19 +119,11 @@ fn shoal_detection(args: &Args) -> Result<Vec<f64>> {
     let dir = tmp.path();
     let names: Vec<String> = (0..args.nodes).map(|i| format!("n{i}")).collect();
     let mut procs: Vec<Proc> = Vec::new();
-    procs.push(Proc::spawn(
-        "n0",
-        shoal_agent(&bin, dir, "n0", "127.0.0.1:0", None, None),
-        &log_of(dir, "n0"),
-    )?);
-    let seed = agent_quic(dir, "n0")?;
+    let (first, seed) = shoal_agent(dir, "n0", "127.0.0.1:0", None, None, None)?;
+    procs.push(first);
     let token = dir.join("n0").join("join-token");
     for name in &names[1..] {
-        procs.push(Proc::spawn(
-            name,
-            shoal_agent(&bin, dir, name, "127.0.0.1:0", Some(&seed), Some(&token)),
-            &log_of(dir, name),
-        )?);
+        procs.push(shoal_agent(dir, name, "127.0.0.1:0", Some(&seed), Some(&token), None)?.0);
     }
     wait_for("shoal cluster to converge", WAIT, || {
         names.iter().all(|n| {
@@ -185,11 +157,7 @@ fn shoal_detection(args: &Args) -> Result<Vec<f64>> {
         );
         samples.push(secs);
         let t_restart = now_ms();
-        procs[v] = Proc::spawn(
-            &victim,
-            shoal_agent(&bin, dir, &victim, "127.0.0.1:0", Some(&seed), None),
-            &log_of(dir, &victim),
-        )?;
+        procs[v] = shoal_agent(dir, &victim, "127.0.0.1:0", Some(&seed), None, None)?.0;
         wait_for(&format!("{victim} alive again"), WAIT, || {
             shoal_all_report(dir, &names, &victim, "alive", t_restart).is_some()
         })?;
@@ -333,7 +301,6 @@ struct LossResult {
 }
 
 fn loss_phase(args: &Args) -> Result<LossResult> {
-    let bin = shoal_bin();
     let hosts = Hosts::create("shfd", args.nodes, [10, 213, 0])?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -342,18 +309,13 @@ fn loss_phase(args: &Args) -> Result<LossResult> {
     let quic = |i: usize| format!("{}:4700", hosts.addr(i));
     let mut procs = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let mut cmd = hosts.command(i, &bin);
         let token = dir.join("n0").join("join-token");
         let (join, tok) = if i == 0 {
             (None, None)
         } else {
             (Some(quic(0)), Some(token.as_path()))
         };
-        shoal_args(&mut cmd, dir, name, &quic(i), join.as_deref(), tok);
-        procs.push(Proc::spawn(name, cmd, &log_of(dir, name))?);
-        if i == 0 {
-            agent_quic(dir, "n0")?;
-        }
+        procs.push(shoal_agent(dir, name, &quic(i), join.as_deref(), tok, Some(hosts.ns(i)))?.0);
         if !args.no_serf {
             let mut cmd = hosts.command(i, "serf");
             let serf = serf_agent(

@@ -7,13 +7,14 @@
 //!
 //! Usage: cargo run -p chaos --release --bin placement-bench -- [--help]
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shoal_placement::{cost, place_with, Node, NodeIndex, PlacementConfig, Resources, SlotRequest};
+use shoal_placement::{
+    assign, cost, JobPlacements, Node, NodeIndex, PlacementConfig, Resources, SlotRequest,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Placement balance and speed: random, HRW, power-of-two, least-loaded, shoal")]
@@ -41,6 +42,10 @@ struct Args {
     /// Override the default configuration's large-request threshold.
     #[arg(long)]
     large_share: Option<f64>,
+    /// Slots per job: shoal assigns a job's slots together, as its
+    /// coordinator does (`placement::assign`, the function the node runs).
+    #[arg(long, default_value_t = 50)]
+    job_size: usize,
 }
 
 fn requests(n: usize, rng: &mut StdRng) -> Vec<Resources> {
@@ -140,6 +145,7 @@ fn default_config() -> PlacementConfig {
 
 static LARGE_K: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
 static LARGE_SHARE: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+static JOB_SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 fn run(strategy: Strategy, reqs: &[Resources], base: &[Node], seed: u64) -> Outcome {
     let mut nodes = base.to_vec();
@@ -149,16 +155,40 @@ fn run(strategy: Strategy, reqs: &[Resources], base: &[Node], seed: u64) -> Outc
         Strategy::Shoal(k) => PlacementConfig::with_candidates(k),
         _ => PlacementConfig::with_candidates(1),
     };
-    let empty = BTreeMap::new();
     let mut unplaced = 0usize;
     let index = NodeIndex::new(&nodes);
-    let position: std::collections::HashMap<String, usize> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.id.clone(), i))
-        .collect();
     let started = Instant::now();
-    for (i, r) in reqs.iter().enumerate() {
+    if let Strategy::Shoal(_) = strategy {
+        // Every candidate bids with its true load (as when every bid comes
+        // back), and a job's slots are assigned together with the winner's
+        // reservation raised after each pick: the node's own code.
+        let job_size = JOB_SIZE.get().copied().unwrap_or(50).max(1);
+        for (k, chunk) in reqs.chunks(job_size).enumerate() {
+            let job = format!("job-{k}");
+            let requests: Vec<SlotRequest> = chunk
+                .iter()
+                .enumerate()
+                .map(|(s, r)| {
+                    SlotRequest::simple(job.clone(), s as u32, r.cpu_millis, r.memory_mib)
+                })
+                .collect();
+            let mut placements = JobPlacements::new();
+            for result in assign(&requests, &mut nodes, &index, &mut placements, &config) {
+                if result.is_err() {
+                    unplaced += 1;
+                }
+            }
+        }
+        // `assign` reserves; count reservations as use.
+        for n in nodes.iter_mut() {
+            n.used = n.used.plus(n.reserved);
+            n.reserved = Resources::default();
+        }
+    }
+    for r in reqs
+        .iter()
+        .filter(|_| !matches!(strategy, Strategy::Shoal(_)))
+    {
         let chosen: Option<usize> = match strategy {
             Strategy::Random => {
                 let feasible: Vec<usize> =
@@ -187,12 +217,7 @@ fn run(strategy: Strategy, reqs: &[Resources], base: &[Node], seed: u64) -> Outc
                     .filter(|&j| fits(&nodes[j], *r))
                     .min_by_key(|&j| cost(&nodes[j], &req))
             }
-            Strategy::Shoal(_) => {
-                let req = SlotRequest::simple("job", i as u32, r.cpu_millis, r.memory_mib);
-                place_with(&req, &nodes, &index, &empty, &config)
-                    .ok()
-                    .map(|d| position[&d.winner])
-            }
+            Strategy::Shoal(_) => unreachable!("assigned per job above"),
         };
         match chosen {
             Some(j) => nodes[j].used = nodes[j].used.plus(*r),
@@ -220,6 +245,7 @@ fn main() {
     let args = Args::parse();
     LARGE_K.set(args.large_k).expect("set once");
     LARGE_SHARE.set(args.large_share).expect("set once");
+    JOB_SIZE.set(args.job_size).expect("set once");
     let mut strategies = vec![
         Strategy::Random,
         Strategy::Shoal(1),

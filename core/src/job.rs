@@ -16,6 +16,10 @@ pub const JOB_FILE_LEN_MAX: usize = 1024 * 1024;
 pub const NAME_LEN_MAX: usize = 63;
 /// Most replicas of one job.
 pub const REPLICAS_MAX: u32 = 100_000;
+/// Most CPU one instance may reserve, millicores (a thousand cores).
+pub const CPU_MILLIS_MAX: u64 = 1_000_000;
+/// Most memory one instance may reserve, MiB (64 TiB).
+pub const MEMORY_MIB_MAX: u64 = 64 * 1024 * 1024;
 /// Most args, env entries, ports, constraints or affinities.
 pub const LIST_LEN_MAX: usize = 256;
 
@@ -101,11 +105,24 @@ pub struct TaskSpec {
     /// When to pull the image (docker driver): `missing` (default),
     /// `always` or `never`.
     #[serde(default, skip_serializing_if = "is_default_pull")]
-    pub pull: crate::driver::docker::PullPolicy,
+    pub pull: PullPolicy,
 }
 
-fn is_default_pull(p: &crate::driver::docker::PullPolicy) -> bool {
-    *p == crate::driver::docker::PullPolicy::default()
+/// When to pull a task's image (docker driver).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Pull only if the image is not present (the default).
+    #[default]
+    Missing,
+    /// Pull before every start.
+    Always,
+    /// Never pull: a missing image fails the slot.
+    Never,
+}
+
+fn is_default_pull(p: &PullPolicy) -> bool {
+    *p == PullPolicy::default()
 }
 
 fn default_driver() -> String {
@@ -279,6 +296,77 @@ fn line_at(text: &str, byte: usize) -> usize {
         + 1
 }
 
+/// The dotted path of the innermost key whose value is written at byte
+/// `at` (`task.resources.cpu`, `constraints.0.op`), if any.
+fn path_at(text: &str, at: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    fn walk(value: &DeValue<'_>, at: usize, path: &mut Vec<String>) {
+        match value {
+            DeValue::Table(t) => {
+                for (k, v) in t.iter() {
+                    let span = v.span();
+                    if span.start <= at && at < span.end.max(span.start + 1) {
+                        path.push(k.get_ref().to_string());
+                        walk(v.get_ref(), at, path);
+                        return;
+                    }
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    let span = v.span();
+                    if span.start <= at && at < span.end.max(span.start + 1) {
+                        if matches!(v.get_ref(), DeValue::Table(_)) {
+                            path.push(i.to_string());
+                        }
+                        walk(v.get_ref(), at, path);
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let doc = DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    walk(&DeValue::Table(doc.get_ref().clone()), at, &mut path);
+    (!path.is_empty()).then(|| path.join("."))
+}
+
+/// serde's "invalid type: string \"three\", expected u32" in words a user
+/// of a job file knows: "expected an integer, found the string \"three\"".
+fn plain_type_error(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("invalid type: ") else {
+        return message.to_string();
+    };
+    let Some((found, expected)) = rest.split_once(", expected ") else {
+        return message.to_string();
+    };
+    let expected = match expected.trim() {
+        "u8" | "u16" | "u32" | "u64" | "i8" | "i16" | "i32" | "i64" | "usize" => "an integer",
+        "a sequence" => "an array",
+        "a map" => "a table",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    let found = if let Some(s) = found.strip_prefix("string ") {
+        format!("the string {s}")
+    } else if let Some(i) = found.strip_prefix("integer ") {
+        format!("the integer {}", i.trim_matches('`'))
+    } else if let Some(b) = found.strip_prefix("boolean ") {
+        format!("the boolean {}", b.trim_matches('`'))
+    } else if let Some(f) = found.strip_prefix("floating point ") {
+        format!("the number {}", f.trim_matches('`'))
+    } else {
+        match found {
+            "sequence" => "an array".to_string(),
+            "map" => "a table".to_string(),
+            other => other.to_string(),
+        }
+    };
+    format!("expected {expected}, found {found}")
+}
+
 /// The line where the value of `path` is written, if it is.
 fn line_of(text: &str, path: &[&str]) -> Option<usize> {
     use toml::de::{DeTable, DeValue};
@@ -311,7 +399,7 @@ fn invalid(text: &str, path: &str, message: impl Into<String>) -> JobError {
     }
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= NAME_LEN_MAX
         && s.bytes()
@@ -372,10 +460,17 @@ impl JobSpec {
                 ),
             });
         }
-        let spec: JobSpec = toml::from_str(text).map_err(|e| JobError {
-            line: e.span().map(|s| line_at(text, s.start)),
-            field: None,
-            message: e.message().trim().to_string(),
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            let field = e.span().and_then(|s| path_at(text, s.start));
+            let message = plain_type_error(e.message().trim());
+            JobError {
+                line: e.span().map(|s| line_at(text, s.start)),
+                message: match &field {
+                    Some(f) if !message.contains(f.as_str()) => format!("{f}: {message}"),
+                    _ => message,
+                },
+                field,
+            }
         })?;
         spec.validate(text)?;
         Ok(spec)
@@ -482,6 +577,15 @@ impl JobSpec {
                 text,
                 "task.resources",
                 "cpu (millicores) and memory (MiB) must be at least 1",
+            ));
+        }
+        if t.resources.cpu > CPU_MILLIS_MAX || t.resources.memory > MEMORY_MIB_MAX {
+            return Err(invalid(
+                text,
+                "task.resources",
+                format!(
+                    "at most {CPU_MILLIS_MAX} millicores and {MEMORY_MIB_MAX} MiB per instance"
+                ),
             ));
         }
         if let Some((name, _)) = t.ports.iter().find(|(_, p)| **p == 0) {
@@ -692,9 +796,11 @@ memory = 32
 
 #[cfg(test)]
 mod example_tests {
+    // Reading the repository's examples is the point of this test.
+    #[allow(clippy::disallowed_methods)]
     #[test]
     fn every_example_job_file_is_valid() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut seen = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

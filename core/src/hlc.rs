@@ -18,8 +18,13 @@ pub struct Hlc {
 
 impl Hlc {
     /// Packs into one ordered u64 (44 bits of ms, good until year 2527; 20
-    /// bits of counter), for compact start times.
+    /// bits of counter), for compact start times. Saturates instead of
+    /// overflowing: a timestamp beyond 2527 packs as the largest value.
     pub fn packed(self) -> u64 {
+        const MS_MAX: u64 = (1 << 44) - 1;
+        if self.wall_ms > MS_MAX {
+            return u64::MAX;
+        }
         (self.wall_ms << 20) | u64::from(self.logical.min((1 << 20) - 1))
     }
 }
@@ -60,14 +65,6 @@ impl Clock {
             self.last = remote;
         }
     }
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The version of a replicated write: ordered by time, ties by the writing

@@ -9,8 +9,9 @@ use shoal_placement::Node;
 
 use super::*;
 use crate::hlc::{Hlc, Version};
+use crate::instance::{Published, SlotState};
 use crate::job::JobSpec;
-use crate::store::JobRecord;
+use crate::records::JobRecord;
 
 fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
     let text = format!(
@@ -81,18 +82,11 @@ fn arb_world() -> impl Strategy<Value = World> {
                     },
                 })
                 .collect::<Vec<_>>();
-            // one copy per (node, job, slot, run)
+            // one copy per (node, job, slot): a node holds one run of a slot
             let mut seen = BTreeSet::new();
             let observed = observed
                 .into_iter()
-                .filter(|o| {
-                    seen.insert((
-                        o.node.to_string(),
-                        o.job.to_string(),
-                        o.copy.slot,
-                        o.copy.run,
-                    ))
-                })
+                .filter(|o| seen.insert((o.node.to_string(), o.job.to_string(), o.copy.slot)))
                 .collect();
             let completed = done
                 .into_iter()
@@ -121,7 +115,6 @@ fn run_all(w: &World) -> BTreeMap<String, Actions> {
                 observed: &w.observed,
                 members: &members,
                 pending: &pending,
-                task_fingerprints: None,
             };
             (n.id.clone(), reconcile(&inp))
         })
@@ -150,7 +143,7 @@ proptest! {
                 let copies: Vec<&Observed> = w.observed.iter().filter(|o| *o.job == *j.name && o.copy.slot == slot).collect();
                 let live = copies.iter().any(|o| o.copy.state.is_live() && o.copy.task == fp);
                 let finished = j.job_type == crate::job::JobType::Batch
-                    && (w.completed.contains(&key) || copies.iter().any(|o| o.copy.state == SlotState::Completed));
+                    && (w.completed.contains(&key) || copies.iter().any(|o| matches!(o.copy.state, SlotState::Completed | SlotState::Failed)));
                 let should = !live && !finished;
                 prop_assert_eq!(placed.contains_key(&key), should, "slot {:?}: live {} finished {}", key, live, finished);
             }

@@ -1,0 +1,2373 @@
+//! A deterministic simulator of a whole shoal cluster in one process: N
+//! nodes of the real scheduler core (`shoal-core`) and, by default, the
+//! real SWIM state machine, on virtual time, over a seeded network with
+//! loss, latency and reordering, partitions (two-sided and one-way),
+//! crashes, restarts, wiped restarts, pauses and clock skew, under a
+//! workload of services and batch jobs submitted, scaled, updated and
+//! stopped at random nodes. The checker holds shoal's invariants against
+//! the ground truth of what every simulated machine runs.
+//!
+//! The same seed gives the same run: every choice comes from one seeded
+//! RNG, events are ordered by (time, sequence), and nothing iterates a
+//! randomly seeded hash map. The report's `trace_digest` hashes every
+//! event processed.
+//!
+//! # Layout
+//! - [`options`]: every knob in one struct.
+//! - [`host`]: a machine's store and processes.
+//! - [`gossip`]: gossip modelled as shared epochs per network component.
+//! - [`checker`]: the invariants.
+
+pub mod checker;
+pub mod gossip;
+pub mod host;
+pub mod options;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use shoal_core::instance::{DriverEvent, InstanceId, InstanceState};
+use shoal_core::job::JobSpec;
+use shoal_core::scheduler::{ApiAnswer, ApiRequest, Effect, LogsTo, Now, Recovered};
+use shoal_core::view::{ClusterView, MemberView, Members};
+use shoal_core::wire::{Request, Response};
+use shoal_core::Scheduler;
+use shoal_membership::swim::{
+    Action, ProbeMsg, ProbeOutcome, ProbeReply, Swim, SwimConfig, Update,
+};
+use shoal_membership::{Capacity, NodeRecord, NodeState};
+
+use checker::{Checker, Running};
+use gossip::Gossip;
+use host::{behaviour, Behaviour, SimDriver, SimStore};
+pub use options::{MembershipMode, Options, Workload};
+
+/// Wall-clock milliseconds at the simulated time zero (2026-01-01).
+const EPOCH_MS: u64 = 1_767_225_600_000;
+/// A driver start takes this long.
+const START_DELAY: Duration = Duration::from_millis(2);
+/// A stopped process is gone after this long.
+const STOP_DELAY: Duration = Duration::from_millis(1);
+/// A store write is durable after this long.
+const FSYNC_DELAY: Duration = Duration::from_millis(2);
+/// SWIM's timer granularity in the simulation.
+const SWIM_TICK: Duration = Duration::from_millis(20);
+/// The checker samples this often.
+const SAMPLE: Duration = Duration::from_millis(100);
+/// The benchmark workload is submitted once the cluster has formed.
+const BULK_AT: Duration = Duration::from_secs(5);
+/// Oracle membership: a failure is suspected this long after it happens.
+const ORACLE_SUSPECT: Duration = Duration::from_millis(200);
+/// Oracle membership: and declared dead this long after (fd-bench measured
+/// SWIM's kill-to-dead-everywhere at p50 0.6 s, p99 0.76 s on 10 nodes).
+const ORACLE_DEAD: Duration = Duration::from_millis(700);
+
+/// Where a probe's answer goes.
+#[derive(Debug, Clone)]
+enum ProbeReplyTo {
+    /// The prober, directly.
+    Owner { node: usize, gen: u64, probe: u64 },
+    /// A relay probing on behalf of `owner`.
+    Relay {
+        relay: usize,
+        relay_gen: u64,
+        owner: usize,
+        owner_gen: u64,
+        probe: u64,
+    },
+}
+
+#[derive(Debug)]
+enum Ev {
+    Timer(usize, u64),
+    SwimTick(usize, u64),
+    Refresh(usize, u64),
+    QuickRefresh(usize, u64),
+    Request {
+        from: usize,
+        to: usize,
+        req: Request,
+        call: Option<(u64, u64)>,
+    },
+    Response {
+        to: usize,
+        gen: u64,
+        call: u64,
+        resp: Response,
+    },
+    CallTimeout {
+        node: usize,
+        gen: u64,
+        call: u64,
+    },
+    Probe {
+        to: usize,
+        msg: ProbeMsg,
+        reply: Option<ProbeReplyTo>,
+    },
+    ProbeAnswer {
+        to: ProbeReplyTo,
+        outcome: ProbeOutcome,
+    },
+    ProbeTimeout {
+        node: usize,
+        gen: u64,
+        probe: u64,
+    },
+    Started {
+        node: usize,
+        gen: u64,
+        id: InstanceId,
+        result: Result<(), String>,
+    },
+    Ended {
+        node: usize,
+        mgen: u64,
+        id: InstanceId,
+        state: InstanceState,
+    },
+    DriverNews {
+        node: usize,
+        gen: u64,
+        event: DriverEvent,
+    },
+    Persisted {
+        node: usize,
+        gen: u64,
+        write: u64,
+        jobs: Vec<Arc<shoal_core::records::JobRecord>>,
+        completions: Vec<shoal_core::records::Completion>,
+    },
+    Commit,
+    Submit,
+    OracleRebuild,
+    Sample,
+    Step,
+    Restart(usize),
+    Resume(usize),
+    Kill,
+}
+
+impl Ev {
+    fn kind(&self) -> &'static str {
+        match self {
+            Ev::Timer { .. } => "Timer",
+            Ev::SwimTick { .. } => "SwimTick",
+            Ev::Refresh { .. } => "Refresh",
+            Ev::QuickRefresh { .. } => "QuickRefresh",
+            Ev::Request { .. } => "Request",
+            Ev::Response { .. } => "Response",
+            Ev::CallTimeout { .. } => "CallTimeout",
+            Ev::Probe { .. } => "Probe",
+            Ev::ProbeAnswer { .. } => "ProbeAnswer",
+            Ev::ProbeTimeout { .. } => "ProbeTimeout",
+            Ev::Started { .. } => "Started",
+            Ev::Ended { .. } => "Ended",
+            Ev::DriverNews { .. } => "DriverNews",
+            Ev::Persisted { .. } => "Persisted",
+            Ev::Commit => "Commit",
+            Ev::Submit => "Submit",
+            Ev::OracleRebuild => "OracleRebuild",
+            Ev::Sample => "Sample",
+            Ev::Step => "Step",
+            Ev::Restart { .. } => "Restart",
+            Ev::Resume { .. } => "Resume",
+            Ev::Kill => "Kill",
+        }
+    }
+}
+
+/// A scheduled event; ordered by (time, sequence) only.
+struct Queued {
+    when: Duration,
+    seq: u64,
+    ev: Box<Ev>,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.when, self.seq) == (other.when, other.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.when, self.seq).cmp(&(other.when, other.seq))
+    }
+}
+
+struct SimNode {
+    name: Arc<str>,
+    addr: SocketAddr,
+    labels: BTreeMap<String, String>,
+    gen: u64,
+    /// Machine generation: bumped when the machine (and its processes) dies.
+    mgen: u64,
+    agent_up: bool,
+    machine_up: bool,
+    paused_until: Option<Duration>,
+    skew_ms: i64,
+    core: Option<Scheduler>,
+    swim: Option<Swim>,
+    record: Arc<NodeRecord>,
+    store: SimStore,
+    driver: SimDriver,
+    /// The gossip epoch the node's view holds (views never go back).
+    held: Option<gossip::Epoch>,
+    view_swim: u64,
+    refresh_phase: Duration,
+    /// What this node's SWIM took in from gossip of each node.
+    observed: Vec<gossip::Peer>,
+    /// A refresh for a SWIM change is scheduled.
+    refresh_soon: bool,
+    /// The members as last built from SWIM (rebuilt when SWIM changed).
+    members: Arc<Members>,
+    /// Wall time spent in this node's scheduler core.
+    cpu: Duration,
+}
+
+/// Where a peer's request's answer goes.
+#[derive(Debug, Clone, Copy)]
+struct ReplyTo {
+    caller: usize,
+    caller_gen: u64,
+    call: u64,
+    callee: usize,
+}
+
+/// A fault.
+#[derive(Debug, Clone)]
+enum Fault {
+    MachineCrash(usize),
+    AgentCrash(usize),
+    Pause(usize),
+    Restart(usize),
+    Wipe(usize),
+    Partition(Vec<usize>),
+    OneWay(Vec<usize>),
+    Loss(f64),
+    Delay(Duration),
+    Skew(usize, i64),
+}
+
+impl Fault {
+    fn partitions(&self) -> bool {
+        matches!(self, Fault::Partition(_) | Fault::OneWay(_))
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::MachineCrash(_) => "machine_crash",
+            Fault::AgentCrash(_) => "agent_crash",
+            Fault::Pause(_) => "pause",
+            Fault::Restart(_) => "restart",
+            Fault::Wipe(_) => "wipe_restart",
+            Fault::Partition(_) => "partition",
+            Fault::OneWay(_) => "one_way_partition",
+            Fault::Loss(_) => "packet_loss",
+            Fault::Delay(_) => "delay",
+            Fault::Skew(..) => "clock_skew",
+        }
+    }
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// The initial workload settles.
+    Warmup,
+    /// A fault is on until `until`.
+    Fault { until: Duration },
+    /// Waiting for the cluster to reconverge since `since`.
+    Converge { since: Duration },
+    /// Faults over; the liveness bound runs from `since`.
+    Final { since: Duration },
+    /// Done.
+    Done,
+}
+
+/// FNV-1a, incrementally: the trace digest.
+struct Digest(u64);
+
+impl Digest {
+    fn add(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn add_u64(&mut self, v: u64) {
+        self.add(&v.to_le_bytes());
+    }
+}
+
+/// The simulator.
+pub struct Sim {
+    opts: Options,
+    rng: StdRng,
+    base: Instant,
+    t: Duration,
+    /// Events by (time, sequence): the sequence breaks ties in the order
+    /// they were scheduled, so a run replays exactly.
+    queue: BinaryHeap<Reverse<Queued>>,
+    seq: u64,
+    nodes: Vec<SimNode>,
+    by_addr: BTreeMap<SocketAddr, usize>,
+    component_of: Vec<u32>,
+    /// Gossip's components: a one-way cut stops scuttlebutt both ways (an
+    /// exchange needs both directions), so it splits gossip like a
+    /// partition even though one direction still carries probes.
+    gossip_of: Vec<u32>,
+    blocked: BTreeSet<(usize, usize)>,
+    loss: f64,
+    extra_latency: Duration,
+    gossip: Gossip,
+    pending_calls: BTreeSet<(usize, u64, u64)>,
+    pending_probes: BTreeSet<(usize, u64, u64)>,
+    tokens: BTreeMap<u64, ReplyTo>,
+    next_token: u64,
+    /// API calls waiting for their answer.
+    api: BTreeSet<u64>,
+    next_api: u64,
+    /// The run's checker.
+    pub checker: Checker,
+    digest: Digest,
+    phase: Phase,
+    fault: Option<Fault>,
+    faults: BTreeMap<&'static str, u64>,
+    fault_phase_end: Duration,
+    next_job: u64,
+    events_processed: u64,
+    /// Events handled, by kind (the report's `events_by_kind`).
+    by_kind: BTreeMap<&'static str, u64>,
+    /// The most events ever waiting (the report's `queue_max`).
+    queue_max: usize,
+    messages: u64,
+    /// The batch of effects being carried out comes from a winner taking
+    /// a start (not from a coordinator's round).
+    handling_start_request: bool,
+    /// Oracle membership: the members each network component sees.
+    oracle: BTreeMap<u32, Arc<Members>>,
+    /// Since when each node's agent has been down or paused.
+    down_since: Vec<Option<Duration>>,
+    /// When the network last split or healed.
+    split_since: Duration,
+    /// Times at which an oracle rebuild is scheduled.
+    oracle_pending: BTreeSet<Duration>,
+    /// (bench) when the workload was submitted, when every slot first
+    /// ran, and when the kill happened.
+    submitted_at: Option<Duration>,
+    all_running_at: Option<Duration>,
+    killed_at: Option<Duration>,
+    recovered_at: Option<Duration>,
+    max_reconverge: Duration,
+}
+
+/// What a run found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The JSON report.
+    pub json: serde_json::Value,
+    /// Violations.
+    pub violations: Vec<String>,
+}
+
+fn node_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7000))
+}
+
+impl Sim {
+    /// A cluster per `opts`, every node up and joined.
+    pub fn new(opts: Options) -> Sim {
+        let mut rng = StdRng::seed_from_u64(opts.seed);
+        let base = Instant::now();
+        let n = opts.nodes;
+        let zones = ["a", "b", "c"];
+        let mut nodes = Vec::with_capacity(n);
+        let mut by_addr = BTreeMap::new();
+        for i in 0..n {
+            let name: Arc<str> = Arc::from(format!("n{i}"));
+            let addr = node_addr(i);
+            by_addr.insert(addr, i);
+            let mut labels = BTreeMap::new();
+            labels.insert("zone".to_string(), zones[i % 3].to_string());
+            if i % 4 == 0 {
+                labels.insert("ssd".to_string(), "true".to_string());
+            }
+            let size = [2u64, 4, 8][rng.random_range(0..3)];
+            let capacity = Capacity {
+                cpu_millis: 1000 * size,
+                memory_mib: 2048 * size,
+            };
+            let skew_ms = if opts.skew_max_ms > 0 {
+                rng.random_range(-opts.skew_max_ms..=opts.skew_max_ms)
+            } else {
+                0
+            };
+            nodes.push(SimNode {
+                record: Arc::new(NodeRecord {
+                    name: name.to_string(),
+                    address: addr,
+                    labels: labels.clone(),
+                    capacity,
+                    drivers: vec!["exec".into()],
+                    version: "sim".into(),
+                    http: None,
+                    notes: Vec::new(),
+                }),
+                name,
+                addr,
+                labels,
+                gen: 0,
+                mgen: 0,
+                agent_up: false,
+                machine_up: true,
+                paused_until: None,
+                skew_ms,
+                core: None,
+                swim: None,
+                store: SimStore::default(),
+                driver: SimDriver::default(),
+                held: None,
+                view_swim: u64::MAX,
+                refresh_phase: Duration::from_micros(rng.random_range(0..100_000)),
+                observed: vec![gossip::Peer::default(); n],
+                refresh_soon: false,
+                members: Arc::new(Members::default()),
+                cpu: Duration::ZERO,
+            });
+        }
+        let names = nodes.iter().map(|n| n.name.clone()).collect();
+        let duration = opts.duration;
+        let mut sim = Sim {
+            loss: opts.loss,
+            opts,
+            rng,
+            base,
+            t: Duration::ZERO,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            nodes,
+            by_addr,
+            component_of: vec![0; n],
+            gossip_of: vec![0; n],
+            blocked: BTreeSet::new(),
+            extra_latency: Duration::ZERO,
+            gossip: Gossip::new(names),
+            pending_calls: BTreeSet::new(),
+            pending_probes: BTreeSet::new(),
+            tokens: BTreeMap::new(),
+            next_token: 0,
+            api: BTreeSet::new(),
+            next_api: 0,
+            checker: Checker::default(),
+            digest: Digest(0xcbf2_9ce4_8422_2325),
+            phase: Phase::Warmup,
+            fault: None,
+            faults: BTreeMap::new(),
+            fault_phase_end: duration,
+            next_job: 0,
+            events_processed: 0,
+            by_kind: BTreeMap::new(),
+            queue_max: 0,
+            messages: 0,
+            handling_start_request: false,
+            oracle: BTreeMap::new(),
+            down_since: vec![None; n],
+            split_since: Duration::ZERO,
+            oracle_pending: BTreeSet::new(),
+            submitted_at: None,
+            all_running_at: None,
+            killed_at: None,
+            recovered_at: None,
+            max_reconverge: Duration::ZERO,
+        };
+        sim.checker = Checker::new(
+            sim.opts.conflict_window,
+            sim.opts.after_fault,
+            sim.opts.verbose,
+        );
+        for i in 0..n {
+            // The first node bootstraps; the others join through it.
+            sim.start_agent(i, i != 0);
+        }
+        if sim.opts.membership == MembershipMode::Oracle {
+            sim.oracle_rebuild();
+        }
+        sim.at(sim.opts.gossip_epoch, Ev::Commit);
+        sim.at(SAMPLE, Ev::Sample);
+        sim.at(Duration::from_secs(1), Ev::Step);
+        if sim.opts.kill_fraction > 0.0 {
+            sim.at(sim.opts.kill_at, Ev::Kill);
+        }
+        sim
+    }
+
+    fn at(&mut self, delay: Duration, ev: Ev) {
+        self.seq += 1;
+        let when = self.t + delay;
+        self.queue.push(Reverse(Queued {
+            when,
+            seq: self.seq,
+            ev: Box::new(ev),
+        }));
+    }
+
+    fn now(&self, node: usize) -> Now {
+        let wall = (EPOCH_MS as i64 + self.t.as_millis() as i64 + self.nodes[node].skew_ms).max(0);
+        Now {
+            mono: self.base + self.t,
+            wall_ms: wall as u64,
+        }
+    }
+
+    fn mono(&self) -> Instant {
+        self.base + self.t
+    }
+
+    // ---- nodes ----
+
+    fn start_agent(&mut self, i: usize, joining: bool) {
+        let node = &mut self.nodes[i];
+        node.gen += 1;
+        node.agent_up = true;
+        node.machine_up = true;
+        node.paused_until = None;
+        node.held = None;
+        node.view_swim = u64::MAX;
+        let gen = node.gen;
+        let seed = self.opts.seed ^ (i as u64).wrapping_mul(0x9e37_79b9) ^ gen;
+        let drivers = BTreeSet::from(["exec".to_string()]);
+        let store = node.store.clone();
+        let now = self.now(i);
+        let mut core = Scheduler::new(
+            self.opts.scheduler.clone(),
+            &self.nodes[i].name,
+            drivers,
+            seed,
+            store.jobs.into_values().map(|r| (*r).clone()).collect(),
+            store.completions.into_values().collect(),
+            joining,
+            now,
+        );
+        let recovered: Vec<Recovered> = self.nodes[i]
+            .driver
+            .instances
+            .values()
+            .map(|inst| Recovered {
+                driver: inst.driver.clone(),
+                spec: inst.spec.clone(),
+                state: inst.ended.clone().unwrap_or(InstanceState::Running),
+            })
+            .collect();
+        let effects = core.handle_recovered(recovered, now);
+        self.nodes[i].core = Some(core);
+        if self.opts.membership == MembershipMode::Swim {
+            let swim = Swim::new(
+                SwimConfig::lan(),
+                &self.nodes[i].name,
+                gen,
+                self.nodes[i].addr,
+                seed,
+            );
+            self.nodes[i].swim = Some(swim);
+            self.nodes[i].observed = vec![gossip::Peer::default(); self.nodes.len()];
+            self.at(SWIM_TICK, Ev::SwimTick(i, gen));
+        }
+        self.gossip.restart(i, gen);
+        self.effects(i, effects);
+        let tick = self.opts.scheduler.tick;
+        let jitter = Duration::from_micros(self.rng.random_range(0..tick.as_micros() as u64));
+        self.at(jitter, Ev::Timer(i, gen));
+        let phase = self.nodes[i].refresh_phase;
+        self.at(phase, Ev::Refresh(i, gen));
+        self.down_since[i] = None;
+        self.oracle_changed();
+    }
+
+    /// Runs `f` on node `i`'s core if its process `gen` is up, and carries
+    /// out the effects.
+    fn with_core(&mut self, i: usize, gen: u64, f: impl FnOnce(&mut Scheduler) -> Vec<Effect>) {
+        // The wall time each node's decisions take is measured (it is not
+        // simulated: a node's compute is instantaneous in virtual time) and
+        // reported, so the busiest node's work can be set beside the
+        // simulated time. It never feeds back into the run.
+        let started = Instant::now();
+        let effects = match self.core_mut(i, gen) {
+            Some(core) => f(core),
+            None => return,
+        };
+        self.nodes[i].cpu += started.elapsed();
+        self.effects(i, effects);
+    }
+
+    /// Runs `f` on node `i`'s SWIM state machine and carries out its actions.
+    fn with_swim(&mut self, i: usize, f: impl FnOnce(&mut Swim) -> Vec<Action>) {
+        let actions = match self.nodes[i].swim.as_mut() {
+            Some(swim) => f(swim),
+            None => return,
+        };
+        self.swim_actions(i, actions);
+    }
+
+    fn core_mut(&mut self, i: usize, gen: u64) -> Option<&mut Scheduler> {
+        let n = &mut self.nodes[i];
+        if !n.agent_up || n.gen != gen {
+            return None;
+        }
+        n.core.as_mut()
+    }
+
+    /// The agent process dies (its instances keep running unless the
+    /// machine dies too).
+    fn kill_agent(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.agent_up = false;
+        n.core = None;
+        n.swim = None;
+        n.paused_until = None;
+        self.down_since[i] = Some(self.t);
+        self.oracle_changed();
+    }
+
+    fn kill_machine(&mut self, i: usize) {
+        self.kill_agent(i);
+        let n = &mut self.nodes[i];
+        n.mgen += 1;
+        // Every process dies with the machine; the records the driver
+        // keeps on disk remain (and say they were lost).
+        for inst in n.driver.instances.values_mut() {
+            if inst.ended.is_none() {
+                inst.ended = Some(InstanceState::Lost);
+            }
+        }
+        n.machine_up = false;
+    }
+
+    fn wipe(&mut self, i: usize) {
+        self.kill_machine(i);
+        let n = &mut self.nodes[i];
+        n.store = SimStore::default();
+        n.driver = SimDriver::default();
+    }
+
+    /// A graceful stop: SWIM leave, the core stops its instances.
+    fn stop_agent(&mut self, i: usize) {
+        let gen = self.nodes[i].gen;
+        if let Some(swim) = self.nodes[i].swim.as_mut() {
+            let (to, update) = swim.leave();
+            let inc = swim.incarnation();
+            self.gossip.set_liveness(i, inc, true);
+            self.broadcast(i, to, vec![update]);
+        }
+        let effects = self
+            .core_mut(i, gen)
+            .map(|c| c.shutdown())
+            .unwrap_or_default();
+        for e in effects {
+            if let Effect::Discard { id, .. } = e {
+                if self.nodes[i].driver.end(&id, SimDriver::stopped()) {
+                    self.on_instance_ended(i, &id, &SimDriver::stopped());
+                }
+                node_remove(&mut self.nodes[i], &id);
+            }
+        }
+        self.kill_agent(i);
+    }
+
+    fn paused(&self, i: usize) -> bool {
+        self.nodes[i].paused_until.is_some_and(|u| u > self.t)
+    }
+
+    // ---- the network ----
+
+    fn link_up(&self, a: usize, b: usize) -> bool {
+        self.component_of[a] == self.component_of[b] && !self.blocked.contains(&(a, b))
+    }
+
+    /// One hop's delay, or `None` if the link is cut.
+    fn hop(&mut self, from: usize, to: usize) -> Option<Duration> {
+        if !self.link_up(from, to) {
+            return None;
+        }
+        self.messages += 1;
+        let mut d = self.opts.latency
+            + self.extra_latency
+            + Duration::from_micros(
+                self.rng
+                    .random_range(0..=self.opts.jitter.as_micros() as u64),
+            );
+        let mut rto = Duration::from_millis(30);
+        let mut tries = 0;
+        while self.loss > 0.0 && self.rng.random_bool(self.loss.min(0.95)) && tries < 8 {
+            d += rto;
+            rto *= 2;
+            tries += 1;
+        }
+        Some(d)
+    }
+
+    fn broadcast(&mut self, from: usize, to: Vec<SocketAddr>, updates: Vec<Update>) {
+        for addr in to {
+            let Some(&j) = self.by_addr.get(&addr) else {
+                continue;
+            };
+            if let Some(d) = self.hop(from, j) {
+                self.at(
+                    d,
+                    Ev::Probe {
+                        to: j,
+                        msg: ProbeMsg::Updates(updates.clone()),
+                        reply: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn swim_actions(&mut self, i: usize, actions: Vec<Action>) {
+        let gen = self.nodes[i].gen;
+        if let Some(swim) = &self.nodes[i].swim {
+            let inc = swim.incarnation();
+            let changed = swim.changes() != self.nodes[i].view_swim;
+            self.gossip.set_liveness(i, inc, false);
+            // The membership task publishes a changed view at once.
+            if changed && !self.nodes[i].refresh_soon {
+                self.nodes[i].refresh_soon = true;
+                self.at(Duration::from_micros(100), Ev::QuickRefresh(i, gen));
+            }
+        }
+        for a in actions {
+            match a {
+                // A direct probe, or a request that a relay probe for us:
+                // either way one message out and an answer (or a timeout)
+                // back to the prober.
+                Action::Ping {
+                    probe,
+                    addr,
+                    msg,
+                    timeout,
+                }
+                | Action::PingReq {
+                    probe,
+                    via: addr,
+                    msg,
+                    timeout,
+                } => {
+                    self.pending_probes.insert((i, gen, probe));
+                    self.at(
+                        timeout,
+                        Ev::ProbeTimeout {
+                            node: i,
+                            gen,
+                            probe,
+                        },
+                    );
+                    let Some(&j) = self.by_addr.get(&addr) else {
+                        continue;
+                    };
+                    if let Some(d) = self.hop(i, j) {
+                        self.at(
+                            d,
+                            Ev::Probe {
+                                to: j,
+                                msg,
+                                reply: Some(ProbeReplyTo::Owner {
+                                    node: i,
+                                    gen,
+                                    probe,
+                                }),
+                            },
+                        );
+                    }
+                }
+                Action::Broadcast { to, updates } => self.broadcast(i, to, updates),
+            }
+        }
+    }
+
+    fn probe_answer(&mut self, from: usize, to: ProbeReplyTo, outcome: ProbeOutcome) {
+        let dest = match &to {
+            ProbeReplyTo::Owner { node, .. } => *node,
+            ProbeReplyTo::Relay { relay, .. } => *relay,
+        };
+        if let Some(d) = self.hop(from, dest) {
+            self.at(d, Ev::ProbeAnswer { to, outcome });
+        }
+    }
+
+    // ---- effects ----
+
+    fn trace(&self, i: usize, what: &str) {
+        if let Ok(filter) = std::env::var("SIM_TRACE") {
+            if filter.is_empty() || what.contains(&filter) {
+                eprintln!("{:>9.3}s n{i}: {what}", self.t.as_secs_f64());
+            }
+        }
+    }
+
+    fn effects(&mut self, i: usize, effects: Vec<Effect>) {
+        let gen = self.nodes[i].gen;
+        // The starts a coordinator decided in this batch (a placement
+        // round): checked together against the job's spread.
+        let mut round: BTreeMap<String, Vec<(usize, u32)>> = BTreeMap::new();
+        for e in &effects {
+            match e {
+                Effect::Send {
+                    request: Request::Start { job, slots, .. },
+                    addr,
+                    ..
+                } => {
+                    if let Some(&j) = self.by_addr.get(addr) {
+                        let r = round.entry(job.name.clone()).or_default();
+                        r.extend(slots.iter().map(|s| (j, *s)));
+                    }
+                }
+                Effect::StartInstance { spec, .. } if !self.handling_start_request => {
+                    round
+                        .entry(spec.id.job.clone())
+                        .or_default()
+                        .push((i, spec.id.slot));
+                }
+                _ => {}
+            }
+        }
+        for (job, starts) in round {
+            self.check_spread(&job, &starts);
+        }
+        for e in effects {
+            if std::env::var_os("SIM_TRACE").is_some() {
+                let text = match &e {
+                    Effect::StartInstance { spec, .. } => format!("start {}", spec.id),
+                    Effect::StopInstance { id, .. } => format!("stop {id}"),
+                    Effect::Send {
+                        request: Request::Start { job, slots, .. },
+                        to,
+                        ..
+                    } => {
+                        format!("send start {} {slots:?} to {to}", job.name)
+                    }
+                    Effect::Send {
+                        request: Request::PutCompletions(cs),
+                        to,
+                        ..
+                    } => {
+                        format!(
+                            "send completions {:?} to {to}",
+                            cs.iter()
+                                .map(|c| (c.job.clone(), c.slot))
+                                .collect::<Vec<_>>()
+                        )
+                    }
+                    Effect::Persist {
+                        completions, jobs, ..
+                    } => format!(
+                        "persist jobs {:?} completions {:?}",
+                        jobs.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                        completions
+                            .iter()
+                            .map(|c| (c.job.clone(), c.slot))
+                            .collect::<Vec<_>>()
+                    ),
+                    Effect::Publish { key, value } => format!("publish {key} = {value:?}"),
+                    _ => String::new(),
+                };
+                if !text.is_empty() {
+                    self.trace(i, &text);
+                }
+            }
+            match e {
+                Effect::StartInstance { driver, spec } => {
+                    if self.nodes[i]
+                        .store
+                        .completions
+                        .contains_key(&(spec.id.job.clone(), spec.id.slot))
+                    {
+                        let name = self.nodes[i].name.clone();
+                        self.checker.rerun_known_locally(
+                            &name,
+                            &spec.id.job,
+                            spec.id.slot,
+                            "its holder",
+                        );
+                    }
+                    let result = if self.nodes[i].machine_up {
+                        self.nodes[i].driver.start(&driver, &spec)
+                    } else {
+                        Err("the machine is down".into())
+                    };
+                    match &result {
+                        Ok(()) => self.on_instance_started(i, &spec),
+                        Err(why) if why.contains("port") => {
+                            let name = self.nodes[i].name.clone();
+                            self.checker.port_clash(&name, &spec, why);
+                        }
+                        Err(_) => {}
+                    }
+                    let id = spec.id.clone();
+                    self.at(
+                        START_DELAY,
+                        Ev::Started {
+                            node: i,
+                            gen,
+                            id,
+                            result,
+                        },
+                    );
+                }
+                Effect::StopInstance { id, .. } => {
+                    let node = &mut self.nodes[i];
+                    if let Some(inst) = node.driver.instances.get_mut(&id) {
+                        if inst.ended.is_none() {
+                            inst.stopping = true;
+                            let mgen = node.mgen;
+                            self.at(
+                                STOP_DELAY,
+                                Ev::Ended {
+                                    node: i,
+                                    mgen,
+                                    id,
+                                    state: SimDriver::stopped(),
+                                },
+                            );
+                        }
+                    }
+                }
+                Effect::RemoveInstance { id, .. } => node_remove(&mut self.nodes[i], &id),
+                Effect::Discard { id, .. } => {
+                    if self.nodes[i].driver.end(&id, SimDriver::stopped()) {
+                        self.on_instance_ended(i, &id, &SimDriver::stopped());
+                    }
+                    node_remove(&mut self.nodes[i], &id);
+                }
+                Effect::Send {
+                    to,
+                    addr,
+                    request,
+                    call,
+                    timeout,
+                } => {
+                    let _ = to;
+                    if let Request::Start { job, slots, .. } = &request {
+                        for s in slots {
+                            if self.nodes[i]
+                                .store
+                                .completions
+                                .contains_key(&(job.name.clone(), *s))
+                            {
+                                let name = self.nodes[i].name.clone();
+                                self.checker.rerun_known_locally(
+                                    &name,
+                                    &job.name,
+                                    *s,
+                                    "its coordinator",
+                                );
+                            }
+                        }
+                    }
+                    if let Some(c) = call {
+                        self.pending_calls.insert((i, gen, c));
+                        self.at(
+                            timeout,
+                            Ev::CallTimeout {
+                                node: i,
+                                gen,
+                                call: c,
+                            },
+                        );
+                    }
+                    let Some(&j) = self.by_addr.get(&addr) else {
+                        continue;
+                    };
+                    if let Some(d) = self.hop(i, j) {
+                        self.at(
+                            d,
+                            Ev::Request {
+                                from: i,
+                                to: j,
+                                req: request,
+                                call: call.map(|c| (gen, c)),
+                            },
+                        );
+                    }
+                }
+                Effect::Reply { token, response } => self.reply(token, response),
+                Effect::Persist {
+                    write,
+                    jobs,
+                    completions,
+                } => self.at(
+                    FSYNC_DELAY,
+                    Ev::Persisted {
+                        node: i,
+                        gen,
+                        write,
+                        jobs,
+                        completions,
+                    },
+                ),
+                Effect::Publish { key, value } => self.gossip.set_key(i, key, value),
+                Effect::PublishLoad(load) => self.gossip.set_load(i, load),
+                Effect::Answer { token, answer } => {
+                    if self.api.remove(&token) {
+                        match answer {
+                            ApiAnswer::Written(r) => self.checker.accepted(r),
+                            ApiAnswer::Failed(_) => self.checker.writes_refused += 1,
+                        }
+                    }
+                }
+                Effect::ReadLogs { to, .. } => match to {
+                    LogsTo::Api(token) => {
+                        self.api.remove(&token);
+                    }
+                    LogsTo::Peer(token) => self.reply(token, Response::Logs(Vec::new())),
+                },
+                Effect::FetchLogs { token, .. } => {
+                    self.api.remove(&token);
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, token: u64, response: Response) {
+        let Some(r) = self.tokens.remove(&token) else {
+            return;
+        };
+        if let Some(d) = self.hop(r.callee, r.caller) {
+            self.at(
+                d,
+                Ev::Response {
+                    to: r.caller,
+                    gen: r.caller_gen,
+                    call: r.call,
+                    resp: response,
+                },
+            );
+        }
+    }
+
+    fn on_instance_started(&mut self, i: usize, spec: &shoal_core::instance::InstanceSpec) {
+        let job = self.job_spec_of(spec);
+        let running: Vec<Running> = self.nodes[i]
+            .driver
+            .running()
+            .filter(|r| r.spec.id != spec.id)
+            .map(|r| Running {
+                node: i,
+                spec: &r.spec,
+                stopping: r.stopping,
+            })
+            .collect();
+        let (t, name, labels) = (
+            self.t,
+            self.nodes[i].name.clone(),
+            self.nodes[i].labels.clone(),
+        );
+        self.checker
+            .started(t, i, &name, &labels, spec, job.as_ref(), &running);
+        // A batch task's run, modelled.
+        let mgen = self.nodes[i].mgen;
+        let end = match behaviour(spec) {
+            Behaviour::Succeed(d) => Some((
+                d,
+                InstanceState::Exited(shoal_core::instance::ExitStatus::code(0)),
+            )),
+            Behaviour::Fail(d) => Some((
+                d,
+                InstanceState::Exited(shoal_core::instance::ExitStatus::code(1)),
+            )),
+            _ => None,
+        };
+        if let Some((d, state)) = end {
+            self.at(
+                d,
+                Ev::Ended {
+                    node: i,
+                    mgen,
+                    id: spec.id.clone(),
+                    state,
+                },
+            );
+        }
+    }
+
+    /// A coordinator's round placed `starts` ((node, slot)) of `job`: with
+    /// the job's copies running now (not stopping), the copies per value of
+    /// its spread label, over the values of up nodes that satisfy its
+    /// constraints, must stay within the skew.
+    fn check_spread(&mut self, job: &str, starts: &[(usize, u32)]) {
+        let Some(spec) = self.checker.accepted.get(job).and_then(|r| r.spec.clone()) else {
+            return;
+        };
+        let Some(spread) = spec.spread.clone() else {
+            return;
+        };
+        let req = spec.slot_request(0);
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        for n in self.nodes.iter().filter(|n| n.agent_up && n.machine_up) {
+            let mut probe = shoal_placement::Node::new(n.name.to_string(), 0, 0);
+            probe.labels = n.labels.clone();
+            if req.constraints.iter().all(|c| c.holds(&probe)) {
+                if let Some(v) = n.labels.get(&spread.label) {
+                    counts.entry(v.clone()).or_insert(0);
+                }
+            }
+        }
+        let placed: BTreeSet<u32> = starts.iter().map(|(_, s)| *s).collect();
+        let add = |n: &SimNode, counts: &mut BTreeMap<String, u32>| {
+            if let Some(c) = n.labels.get(&spread.label).and_then(|v| counts.get_mut(v)) {
+                *c += 1;
+            }
+        };
+        for n in &self.nodes {
+            for inst in n.driver.running() {
+                if inst.spec.id.job == job
+                    && !inst.stopping
+                    && inst.spec.id.slot < spec.replicas
+                    && !placed.contains(&inst.spec.id.slot)
+                {
+                    add(n, &mut counts);
+                }
+            }
+        }
+        for (node, _) in starts {
+            add(&self.nodes[*node], &mut counts);
+        }
+        let (Some(min), Some(max)) = (counts.values().min(), counts.values().max()) else {
+            return;
+        };
+        let raised = starts.iter().any(|(node, _)| {
+            self.nodes[*node]
+                .labels
+                .get(&spread.label)
+                .and_then(|v| counts.get(v))
+                .is_some_and(|c| c - min > spread.max_skew)
+        });
+        if max - min > spread.max_skew && raised {
+            let t = self.t;
+            let msg = format!(
+                "{job}: a round placed slots {:?} leaving the copies per `{}` at {counts:?} (max skew {})",
+                placed, spread.label, spread.max_skew
+            );
+            self.checker.spread_exceeded(t, msg);
+        }
+    }
+
+    fn on_instance_ended(&mut self, _i: usize, id: &InstanceId, state: &InstanceState) {
+        if matches!(state, InstanceState::Exited(s) if s.success()) {
+            let t = self.t;
+            self.checker.exited_ok(t, &id.job, id.slot);
+        }
+    }
+
+    /// The spec of the job version an instance runs.
+    fn job_spec_of(&self, spec: &shoal_core::instance::InstanceSpec) -> Option<JobSpec> {
+        // The instance carries its task; the job-level rules come from the
+        // record of that version, which the accepting API answered.
+        let rec = self.checker.accepted.get(&spec.id.job)?;
+        let mut job = rec.spec.clone()?;
+        job.task = spec.task.clone();
+        Some(job)
+    }
+
+    // ---- views ----
+
+    fn refresh(&mut self, i: usize) {
+        let comp = self.gossip_of[i];
+        let lag = Duration::from_micros(
+            self.rng
+                .random_range(0..=self.opts.gossip_lag_max.as_micros() as u64),
+        );
+        let want = self.t.saturating_sub(lag);
+        let epoch = self
+            .gossip
+            .lineages
+            .get(&comp)
+            .and_then(|l| l.at_or_before(want).or_else(|| l.epochs.front()))
+            .cloned();
+        let Some(mut epoch) = epoch else { return };
+        let newer_epoch = self.nodes[i].held.as_ref().is_none_or(|h| epoch.at > h.at);
+        if !newer_epoch {
+            if let Some(h) = &self.nodes[i].held {
+                epoch = h.clone();
+            }
+        }
+        let members = match self.opts.membership {
+            MembershipMode::Swim => {
+                if newer_epoch {
+                    self.swim_observe(i, &epoch.peers);
+                }
+                let changes = self.nodes[i]
+                    .swim
+                    .as_ref()
+                    .map(|s| s.changes())
+                    .unwrap_or(0);
+                if !newer_epoch && changes == self.nodes[i].view_swim {
+                    return;
+                }
+                if changes != self.nodes[i].view_swim {
+                    self.nodes[i].view_swim = changes;
+                    self.nodes[i].members = self.swim_members(i);
+                }
+                self.nodes[i].members.clone()
+            }
+            MembershipMode::Oracle => {
+                if !newer_epoch {
+                    return;
+                }
+                self.oracle
+                    .get(&self.component_of[i])
+                    .cloned()
+                    .unwrap_or_default()
+            }
+        };
+        if newer_epoch {
+            self.nodes[i].held = Some(epoch.clone());
+        }
+        let view = ClusterView {
+            members,
+            loads: epoch.loads.clone(),
+            index: epoch.index.clone(),
+        };
+        let gen = self.nodes[i].gen;
+        let now = self.now(i);
+        self.with_core(i, gen, |core| core.handle_view(view, now));
+    }
+
+    fn member_view(&self, j: usize, state: NodeState, generation: u64) -> MemberView {
+        MemberView {
+            name: self.nodes[j].name.clone(),
+            generation,
+            state,
+            record: self.nodes[j].record.clone(),
+        }
+    }
+
+    /// SWIM takes in what gossip says of each node (generation,
+    /// incarnation, leave), as the agent does from chitchat.
+    fn swim_observe(&mut self, i: usize, peers: &[gossip::Peer]) {
+        let mono = self.mono();
+        for (j, p) in peers.iter().enumerate() {
+            if j == i || p.generation == 0 || self.nodes[i].observed[j] == *p {
+                continue;
+            }
+            let seen = self.nodes[i].observed[j];
+            self.nodes[i].observed[j] = *p;
+            if (seen.generation, seen.incarnation, seen.left)
+                == (p.generation, p.incarnation, p.left)
+            {
+                continue;
+            }
+            let (name, addr) = (self.nodes[j].name.clone(), self.nodes[j].addr);
+            if let Some(swim) = self.nodes[i].swim.as_mut() {
+                swim.observe(&name, p.generation, addr, p.incarnation, p.left, mono);
+            }
+        }
+    }
+
+    fn swim_members(&self, i: usize) -> Arc<Members> {
+        let mut list = vec![self.member_view(i, NodeState::Alive, self.nodes[i].gen)];
+        if let Some(swim) = &self.nodes[i].swim {
+            for m in swim.members() {
+                let Some(&j) = self.by_addr.get(&m.addr) else {
+                    continue;
+                };
+                list.push(self.member_view(j, m.state, m.generation));
+            }
+        }
+        Arc::new(Members::new(list))
+    }
+
+    /// A node's liveness changed (oracle membership): its new state shows
+    /// after SWIM's measured delays.
+    fn oracle_changed(&mut self) {
+        if self.opts.membership != MembershipMode::Oracle {
+            return;
+        }
+        // One rebuild per instant however many nodes changed at it (a
+        // tenth of 10,000 nodes killed at once is one rebuild, not 1,000).
+        for d in [Duration::ZERO, ORACLE_SUSPECT, ORACLE_DEAD] {
+            if self.oracle_pending.insert(self.t + d) {
+                self.at(d, Ev::OracleRebuild);
+            }
+        }
+    }
+
+    /// Oracle membership: members as each network component sees them, a
+    /// failure showing as suspect after ~0.2 s and dead after ~0.7 s (the
+    /// SWIM detector's measured timings), shared by the component's nodes.
+    fn oracle_rebuild(&mut self) {
+        let comps: BTreeSet<u32> = self.component_of.iter().copied().collect();
+        let mut out = BTreeMap::new();
+        for c in comps {
+            let list: Vec<MemberView> = (0..self.nodes.len())
+                .map(|j| {
+                    let unreachable_since = match self.down_since[j] {
+                        Some(d) => Some(d),
+                        None if self.component_of[j] != c => Some(self.split_since),
+                        None => None,
+                    };
+                    let state = match unreachable_since {
+                        None => NodeState::Alive,
+                        Some(u) => {
+                            let d = self.t.saturating_sub(u);
+                            if d < ORACLE_SUSPECT {
+                                NodeState::Alive
+                            } else if d < ORACLE_DEAD {
+                                NodeState::Suspect
+                            } else {
+                                NodeState::Dead
+                            }
+                        }
+                    };
+                    self.member_view(j, state, self.nodes[j].gen)
+                })
+                .collect();
+            out.insert(c, Arc::new(Members::new(list)));
+        }
+        self.oracle = out;
+    }
+
+    // ---- the checker's view of the ground truth ----
+
+    fn running(&self) -> Vec<Running<'_>> {
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.machine_up {
+                continue;
+            }
+            for inst in n.driver.running() {
+                out.push(Running {
+                    node: i,
+                    spec: &inst.spec,
+                    stopping: inst.stopping,
+                });
+            }
+        }
+        out
+    }
+
+    fn sample(&mut self) {
+        let mut holders: BTreeMap<(String, u32), Vec<usize>> = BTreeMap::new();
+        for r in self.running() {
+            holders
+                .entry((r.spec.id.job.clone(), r.spec.id.slot))
+                .or_default()
+                .push(r.node);
+        }
+        let t = self.t;
+        self.checker.sample(t, &holders);
+    }
+
+    fn converged(&self) -> bool {
+        self.checker.mismatches(&self.running(), 1).is_empty()
+    }
+
+    // ---- workload ----
+
+    fn up_nodes(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].agent_up && !self.paused(*i))
+            .collect()
+    }
+
+    fn api_call(&mut self, req: ApiRequest) {
+        let up = self.up_nodes();
+        if up.is_empty() {
+            return;
+        }
+        let i = up[self.rng.random_range(0..up.len())];
+        self.next_api += 1;
+        let token = self.next_api;
+        let gen = self.nodes[i].gen;
+        self.api.insert(token);
+        let now = self.now(i);
+        self.with_core(i, gen, |core| core.handle_api(token, req, now));
+    }
+
+    fn service_text(&mut self, name: &str) -> String {
+        let n = self.nodes.len() as u32;
+        let kind = self.rng.random_range(0..10);
+        let replicas = self.rng.random_range(1..=6u32).min(n.max(1));
+        let mut extra = String::new();
+        let mut task_extra = String::new();
+        let replicas = match kind {
+            // One replica per node.
+            0 => {
+                extra.push_str("distinct_hosts = true\n");
+                replicas.min(n.saturating_sub(2).max(1))
+            }
+            // A static host port: at most one per node.
+            1 => {
+                task_extra.push_str(&format!(
+                    "ports = {{ http = {} }}\n",
+                    8000 + self.next_job % 1000
+                ));
+                replicas.min(n.saturating_sub(2).max(1))
+            }
+            // Only on zones a and b.
+            2 => {
+                extra.push_str(
+                    "[[constraints]]\nlabel = \"zone\"\nop = \"in\"\nvalues = [\"a\", \"b\"]\n",
+                );
+                replicas
+            }
+            // Spread over zones.
+            3 => {
+                extra.push_str("[spread]\nlabel = \"zone\"\nmax_skew = 1\n");
+                replicas
+            }
+            _ => replicas,
+        };
+        let (head, tables) = match extra.find('[') {
+            Some(p) => (extra[..p].to_string(), extra[p..].to_string()),
+            None => (extra.clone(), String::new()),
+        };
+        format!(
+            "name = \"{name}\"\ntype = \"service\"\nreplicas = {replicas}\n{head}[task]\ncommand = \"sleep\"\nargs = [\"v{}\"]\n{task_extra}[task.resources]\ncpu = 50\nmemory = 32\n{tables}",
+            self.rng.random_range(0..3)
+        )
+    }
+
+    fn batch_text(&mut self, name: &str) -> String {
+        let replicas = self.rng.random_range(1..=4u32);
+        let secs = self.rng.random_range(1..=4u32);
+        format!(
+            "name = \"{name}\"\ntype = \"batch\"\nreplicas = {replicas}\n[task]\ncommand = \"sim-batch\"\nargs = [\"{secs}s\"]\n[task.resources]\ncpu = 50\nmemory = 32\n"
+        )
+    }
+
+    fn new_name(&mut self, prefix: &str) -> String {
+        self.next_job += 1;
+        format!("{prefix}{}", self.next_job)
+    }
+
+    fn initial_workload(&mut self) {
+        match self.opts.workload.clone() {
+            Workload::Mixed => {
+                let services = (self.nodes.len() / 10).clamp(4, 30);
+                for _ in 0..services {
+                    let name = self.new_name("svc");
+                    let text = self.service_text(&name);
+                    self.api_call(ApiRequest::Submit { text });
+                }
+                for _ in 0..2 {
+                    let name = self.new_name("batch");
+                    let text = self.batch_text(&name);
+                    self.api_call(ApiRequest::Submit { text });
+                }
+            }
+            Workload::Bulk { .. } => self.at(BULK_AT, Ev::Submit),
+        }
+    }
+
+    /// The benchmark's submission: every job at once, at random nodes.
+    fn bulk_submit(&mut self) {
+        if let Workload::Bulk { jobs, replicas } = self.opts.workload.clone() {
+            self.submitted_at = Some(self.t);
+            {
+                for _ in 0..jobs {
+                    let name = self.new_name("bulk");
+                    let text = format!(
+                        "name = \"{name}\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\n[task.resources]\ncpu = 10\nmemory = 8\n"
+                    );
+                    self.api_call(ApiRequest::Submit { text });
+                }
+            }
+        }
+    }
+
+    fn live_services(&self) -> Vec<(String, JobSpec)> {
+        self.checker
+            .accepted
+            .values()
+            .filter_map(|r| {
+                let s = r.spec.as_ref()?;
+                (s.job_type == shoal_core::job::JobType::Service)
+                    .then(|| (r.name.clone(), s.clone()))
+            })
+            .collect()
+    }
+
+    fn workload_step(&mut self) {
+        let live = self.live_services();
+        match self.rng.random_range(0..10) {
+            0..=2 => {
+                let name = self.new_name("svc");
+                let text = self.service_text(&name);
+                self.api_call(ApiRequest::Submit { text });
+            }
+            3..=4 => {
+                let name = self.new_name("batch");
+                let text = self.batch_text(&name);
+                self.api_call(ApiRequest::Submit { text });
+            }
+            5..=6 if !live.is_empty() => {
+                let (name, spec) = live[self.rng.random_range(0..live.len())].clone();
+                let limited = spec.distinct_hosts || !spec.task.ports.is_empty();
+                let max = if limited {
+                    (self.nodes.len() as u32).saturating_sub(2).max(1)
+                } else {
+                    6
+                };
+                let replicas = self.rng.random_range(1..=max);
+                self.api_call(ApiRequest::Scale { name, replicas });
+            }
+            7 if !live.is_empty() => {
+                // An update: a new task (outdated copies are replaced).
+                let (_, mut spec) = live[self.rng.random_range(0..live.len())].clone();
+                spec.task.args = vec![format!("v{}", self.rng.random_range(3..1000))];
+                if let Ok(text) = toml::to_string(&spec) {
+                    self.api_call(ApiRequest::Submit { text });
+                }
+            }
+            _ if live.len() > 3 => {
+                let (name, _) = live[self.rng.random_range(0..live.len())].clone();
+                self.api_call(ApiRequest::Stop { name });
+            }
+            _ => {}
+        }
+    }
+
+    // ---- faults ----
+
+    fn draw_fault(&mut self) -> Fault {
+        let n = self.nodes.len();
+        let node = self.rng.random_range(0..n);
+        let side = |rng: &mut StdRng| {
+            let size = rng.random_range(1..=(n / 2).max(1));
+            let start = rng.random_range(0..n);
+            (0..size).map(|k| (start + k) % n).collect::<Vec<_>>()
+        };
+        match self.rng.random_range(0..10) {
+            0 => Fault::MachineCrash(node),
+            1 => Fault::AgentCrash(node),
+            2 => Fault::Pause(node),
+            3 => Fault::Restart(node),
+            4 => Fault::Wipe(node),
+            5 => Fault::Partition(side(&mut self.rng)),
+            6 => Fault::OneWay(side(&mut self.rng)),
+            7 => Fault::Loss(self.rng.random_range(0.05..0.3)),
+            8 => Fault::Delay(Duration::from_millis(self.rng.random_range(5..100))),
+            _ => Fault::Skew(node, self.rng.random_range(-500..=500)),
+        }
+    }
+
+    fn inject(&mut self, f: &Fault, hold: Duration) {
+        match f {
+            Fault::MachineCrash(i) => self.kill_machine(*i),
+            Fault::AgentCrash(i) => self.kill_agent(*i),
+            Fault::Pause(i) => {
+                if self.nodes[*i].agent_up {
+                    self.nodes[*i].paused_until = Some(self.t + hold);
+                    self.at(hold, Ev::Resume(*i));
+                    self.down_since[*i] = Some(self.t);
+                    self.oracle_changed();
+                }
+            }
+            Fault::Restart(i) => {
+                if self.nodes[*i].agent_up {
+                    self.stop_agent(*i);
+                }
+                self.at(Duration::from_millis(500), Ev::Restart(*i));
+            }
+            Fault::Wipe(i) => self.wipe(*i),
+            Fault::Partition(side) => {
+                let before = self.gossip_of.clone();
+                for (j, c) in self.component_of.iter_mut().enumerate() {
+                    *c = u32::from(side.contains(&j));
+                }
+                self.gossip_of = self.component_of.clone();
+                let after = self.gossip_of.clone();
+                self.gossip.split(&before, &after);
+                self.split_since = self.t;
+                self.oracle_changed();
+            }
+            Fault::OneWay(side) => {
+                let n = self.nodes.len();
+                for &a in side {
+                    for b in (0..n).filter(|b| !side.contains(b)) {
+                        self.blocked.insert((a, b));
+                    }
+                }
+                let before = self.gossip_of.clone();
+                for (j, c) in self.gossip_of.iter_mut().enumerate() {
+                    *c = u32::from(side.contains(&j));
+                }
+                let after = self.gossip_of.clone();
+                self.gossip.split(&before, &after);
+            }
+            Fault::Loss(p) => self.loss = *p,
+            Fault::Delay(d) => self.extra_latency = *d,
+            Fault::Skew(i, ms) => self.nodes[*i].skew_ms = *ms,
+        }
+    }
+
+    fn heal(&mut self, f: &Fault) {
+        match f {
+            Fault::Partition(_) | Fault::OneWay(_) => {
+                self.component_of = vec![0; self.nodes.len()];
+                self.gossip_of = vec![0; self.nodes.len()];
+                self.blocked.clear();
+                let t = self.t;
+                self.gossip.heal(t);
+                self.split_since = self.t;
+                self.oracle_changed();
+            }
+            Fault::Loss(_) => self.loss = self.opts.loss,
+            Fault::Delay(_) => self.extra_latency = Duration::ZERO,
+            Fault::Skew(..) => {}
+            Fault::Pause(i) => {
+                self.nodes[*i].paused_until = None;
+                if self.nodes[*i].agent_up {
+                    self.down_since[*i] = None;
+                    self.oracle_changed();
+                }
+            }
+            _ => {}
+        }
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].agent_up {
+                self.start_agent(i, true);
+            }
+        }
+    }
+
+    // ---- the loop ----
+
+    /// Runs to the end; returns the report.
+    pub fn run(mut self) -> Report {
+        let wall = Instant::now();
+        self.initial_workload();
+        let hard_end = self.opts.duration + self.opts.liveness_bound * 3 + Duration::from_secs(60);
+        while let Some(Reverse(Queued { when, ev, .. })) = self.queue.pop() {
+            let ev = *ev;
+            self.t = when;
+            if self.phase == Phase::Done || self.t > hard_end {
+                break;
+            }
+            self.events_processed += 1;
+            *self.by_kind.entry(ev.kind()).or_insert(0) += 1;
+            self.queue_max = self.queue_max.max(self.queue.len());
+            self.digest.add_u64(when.as_nanos() as u64);
+            self.handle(ev);
+        }
+        self.finish(wall.elapsed())
+    }
+
+    fn defer_if_paused(&mut self, i: usize, ev: Ev) -> Option<Ev> {
+        match self.nodes[i].paused_until {
+            Some(u) if u > self.t => {
+                let d = u - self.t;
+                self.at(d, ev);
+                None
+            }
+            _ => Some(ev),
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Timer(i, gen) => {
+                self.digest.add(b"T");
+                self.digest.add_u64(i as u64);
+                if self.nodes[i].gen != gen || !self.nodes[i].agent_up {
+                    return;
+                }
+                let Some(Ev::Timer(i, gen)) = self.defer_if_paused(i, Ev::Timer(i, gen)) else {
+                    return;
+                };
+                let now = self.now(i);
+                self.with_core(i, gen, |core| core.handle_timer(now));
+                let tick = self.opts.scheduler.tick;
+                self.at(tick, Ev::Timer(i, gen));
+            }
+            Ev::SwimTick(i, gen) => {
+                if self.nodes[i].gen != gen || !self.nodes[i].agent_up {
+                    return;
+                }
+                let Some(Ev::SwimTick(i, gen)) = self.defer_if_paused(i, Ev::SwimTick(i, gen))
+                else {
+                    return;
+                };
+                let mono = self.mono();
+                self.with_swim(i, |swim| swim.tick(mono));
+                self.at(SWIM_TICK, Ev::SwimTick(i, gen));
+            }
+            Ev::Refresh(i, gen) => {
+                if self.nodes[i].gen != gen || !self.nodes[i].agent_up {
+                    return;
+                }
+                let Some(Ev::Refresh(i, gen)) = self.defer_if_paused(i, Ev::Refresh(i, gen)) else {
+                    return;
+                };
+                self.refresh(i);
+                let every = self.opts.view_refresh;
+                self.at(every, Ev::Refresh(i, gen));
+            }
+            Ev::QuickRefresh(i, gen) => {
+                self.nodes[i].refresh_soon = false;
+                if self.nodes[i].gen != gen || !self.nodes[i].agent_up || self.paused(i) {
+                    return;
+                }
+                self.refresh(i);
+            }
+            Ev::Request {
+                from,
+                to,
+                req,
+                call,
+            } => {
+                self.digest.add(b"R");
+                self.digest.add_u64(((from as u64) << 32) | to as u64);
+                if !self.nodes[to].agent_up {
+                    return;
+                }
+                let Some(Ev::Request {
+                    from,
+                    to,
+                    req,
+                    call,
+                }) = self.defer_if_paused(
+                    to,
+                    Ev::Request {
+                        from,
+                        to,
+                        req,
+                        call,
+                    },
+                )
+                else {
+                    return;
+                };
+                self.next_token += 1;
+                let token = self.next_token;
+                if let Some((caller_gen, c)) = call {
+                    self.tokens.insert(
+                        token,
+                        ReplyTo {
+                            caller: from,
+                            caller_gen,
+                            call: c,
+                            callee: to,
+                        },
+                    );
+                }
+                let gen = self.nodes[to].gen;
+                let now = self.now(to);
+                self.handling_start_request = matches!(req, Request::Start { .. });
+                self.with_core(to, gen, |core| core.handle_request(token, req, now));
+                self.handling_start_request = false;
+                self.tokens.remove(&token);
+            }
+            Ev::Response {
+                to,
+                gen,
+                call,
+                resp,
+            } => {
+                self.digest.add(b"r");
+                if !self.pending_calls.contains(&(to, gen, call)) {
+                    return;
+                }
+                let Some(Ev::Response {
+                    to,
+                    gen,
+                    call,
+                    resp,
+                }) = self.defer_if_paused(
+                    to,
+                    Ev::Response {
+                        to,
+                        gen,
+                        call,
+                        resp,
+                    },
+                )
+                else {
+                    return;
+                };
+                if !self.pending_calls.remove(&(to, gen, call)) {
+                    return;
+                }
+                let now = self.now(to);
+                self.with_core(to, gen, |core| core.handle_reply(call, Ok(resp), now));
+            }
+            Ev::CallTimeout { node, gen, call } => {
+                if !self.pending_calls.contains(&(node, gen, call)) {
+                    return;
+                }
+                let Some(Ev::CallTimeout { node, gen, call }) =
+                    self.defer_if_paused(node, Ev::CallTimeout { node, gen, call })
+                else {
+                    return;
+                };
+                if !self.pending_calls.remove(&(node, gen, call)) {
+                    return;
+                }
+                let now = self.now(node);
+                self.with_core(node, gen, |core| {
+                    core.handle_reply(call, Err("timed out".into()), now)
+                });
+            }
+            Ev::Probe { to, msg, reply } => {
+                self.digest.add(b"P");
+                self.digest.add_u64(to as u64);
+                if !self.nodes[to].agent_up {
+                    return;
+                }
+                let Some(Ev::Probe { to, msg, reply }) =
+                    self.defer_if_paused(to, Ev::Probe { to, msg, reply })
+                else {
+                    return;
+                };
+                self.on_probe(to, msg, reply);
+            }
+            Ev::ProbeAnswer { to, outcome } => self.on_probe_answer(to, outcome),
+            Ev::ProbeTimeout { node, gen, probe } => {
+                if !self.pending_probes.remove(&(node, gen, probe)) {
+                    return;
+                }
+                let mono = self.mono();
+                if self.nodes[node].gen == gen {
+                    self.with_swim(node, |swim| {
+                        swim.probe_outcome(probe, ProbeOutcome::Failed, mono)
+                    });
+                }
+            }
+            Ev::Started {
+                node,
+                gen,
+                id,
+                result,
+            } => {
+                self.digest.add(b"S");
+                let Some(Ev::Started {
+                    node,
+                    gen,
+                    id,
+                    result,
+                }) = self.defer_if_paused(
+                    node,
+                    Ev::Started {
+                        node,
+                        gen,
+                        id,
+                        result,
+                    },
+                )
+                else {
+                    return;
+                };
+                let now = self.now(node);
+                self.with_core(node, gen, |core| core.handle_started(id, result, now));
+            }
+            Ev::Ended {
+                node,
+                mgen,
+                id,
+                state,
+            } => {
+                self.digest.add(b"E");
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    self.trace(
+                        node,
+                        &format!(
+                            "ended event {id} {state:?} mgen {mgen}/{} up {}",
+                            self.nodes[node].mgen, self.nodes[node].agent_up
+                        ),
+                    );
+                }
+                if self.nodes[node].mgen != mgen {
+                    return;
+                }
+                if !self.nodes[node].driver.end(&id, state.clone()) {
+                    return;
+                }
+                self.on_instance_ended(node, &id, &state);
+                let gen = self.nodes[node].gen;
+                if self.nodes[node].agent_up {
+                    let event = DriverEvent::Ended { id, state };
+                    self.at(Duration::ZERO, Ev::DriverNews { node, gen, event });
+                }
+            }
+            Ev::DriverNews { node, gen, event } => {
+                let Some(Ev::DriverNews { node, gen, event }) =
+                    self.defer_if_paused(node, Ev::DriverNews { node, gen, event })
+                else {
+                    return;
+                };
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    let DriverEvent::Ended { id, state } = &event;
+                    self.trace(
+                        node,
+                        &format!(
+                            "driver: {id} ended {state:?} (gen {gen}, now {})",
+                            self.nodes[node].gen
+                        ),
+                    );
+                }
+                let now = self.now(node);
+                self.with_core(node, gen, |core| core.handle_driver(event, now));
+            }
+            Ev::Persisted {
+                node,
+                gen,
+                write,
+                jobs,
+                completions,
+            } => {
+                self.digest.add(b"W");
+                if self.nodes[node].gen != gen || !self.nodes[node].agent_up {
+                    return;
+                }
+                let Some(Ev::Persisted {
+                    node,
+                    gen,
+                    write,
+                    jobs,
+                    completions,
+                }) = self.defer_if_paused(
+                    node,
+                    Ev::Persisted {
+                        node,
+                        gen,
+                        write,
+                        jobs,
+                        completions,
+                    },
+                )
+                else {
+                    return;
+                };
+                self.nodes[node].store.write(&jobs, &completions);
+                let t = self.t;
+                for c in &completions {
+                    self.checker.completed(t, &c.job, c.slot);
+                }
+                let now = self.now(node);
+                self.with_core(node, gen, |core| core.handle_persisted(write, Ok(()), now));
+            }
+            Ev::Commit => {
+                let t = self.t;
+                let comps = self.gossip_of.clone();
+                self.gossip.commit(t, &comps);
+                let every = self.opts.gossip_epoch;
+                self.at(every, Ev::Commit);
+            }
+            Ev::Submit => self.bulk_submit(),
+            Ev::OracleRebuild => {
+                self.oracle_pending.remove(&self.t);
+                self.oracle_rebuild();
+            }
+            Ev::Sample => {
+                self.sample();
+                self.at(SAMPLE, Ev::Sample);
+            }
+            Ev::Step => self.step(),
+            Ev::Restart(i) => {
+                if !self.nodes[i].agent_up {
+                    self.start_agent(i, true);
+                }
+            }
+            Ev::Resume(i) => {
+                if self.nodes[i].paused_until.is_some_and(|u| u <= self.t) {
+                    self.nodes[i].paused_until = None;
+                    if self.nodes[i].agent_up {
+                        self.down_since[i] = None;
+                        self.oracle_changed();
+                    }
+                }
+            }
+            Ev::Kill => {
+                let n = self.nodes.len();
+                let k = ((n as f64) * self.opts.kill_fraction).round() as usize;
+                let mut victims: Vec<usize> = (1..n).collect();
+                for v in 0..k.min(victims.len()) {
+                    let j = self.rng.random_range(v..victims.len());
+                    victims.swap(v, j);
+                }
+                for &v in victims.iter().take(k) {
+                    self.kill_machine(v);
+                }
+                self.killed_at = Some(self.t);
+            }
+        }
+    }
+
+    fn on_probe(&mut self, to: usize, msg: ProbeMsg, reply: Option<ProbeReplyTo>) {
+        let mono = self.mono();
+        match msg {
+            ProbeMsg::Ping {
+                from,
+                target,
+                view_of_you,
+            } => {
+                let Some(swim) = self.nodes[to].swim.as_mut() else {
+                    return;
+                };
+                let (answer, actions) = swim.on_ping(from, &target, view_of_you, mono);
+                self.swim_actions(to, actions);
+                let outcome = match answer {
+                    ProbeReply::Ack {
+                        generation,
+                        incarnation,
+                    } => ProbeOutcome::Ack {
+                        generation,
+                        incarnation,
+                    },
+                    _ => ProbeOutcome::Failed,
+                };
+                if let Some(r) = reply {
+                    self.probe_answer(to, r, outcome);
+                }
+            }
+            ProbeMsg::PingReq { target, addr } => {
+                // Probe the target for the asker, and answer it.
+                let Some(ProbeReplyTo::Owner { node, gen, probe }) = reply else {
+                    return;
+                };
+                let Some(&j) = self.by_addr.get(&addr) else {
+                    return;
+                };
+                let relay_gen = self.nodes[to].gen;
+                let ping = ProbeMsg::Ping {
+                    from: (
+                        self.nodes[to].name.to_string(),
+                        relay_gen,
+                        self.nodes[to].addr,
+                    ),
+                    target,
+                    view_of_you: None,
+                };
+                let relay_to = ProbeReplyTo::Relay {
+                    relay: to,
+                    relay_gen,
+                    owner: node,
+                    owner_gen: gen,
+                    probe,
+                };
+                match self.hop(to, j) {
+                    Some(d) => self.at(
+                        d,
+                        Ev::Probe {
+                            to: j,
+                            msg: ping,
+                            reply: Some(relay_to),
+                        },
+                    ),
+                    None => {
+                        // The relay's own probe times out: it says Nack.
+                        let timeout = SwimConfig::lan().probe_timeout;
+                        self.at(
+                            timeout,
+                            Ev::ProbeAnswer {
+                                to: relay_to,
+                                outcome: ProbeOutcome::Failed,
+                            },
+                        );
+                    }
+                }
+            }
+            ProbeMsg::Updates(updates) => {
+                let Some(swim) = self.nodes[to].swim.as_mut() else {
+                    return;
+                };
+                let actions = swim.on_updates(updates, mono);
+                self.swim_actions(to, actions);
+            }
+        }
+    }
+
+    fn on_probe_answer(&mut self, to: ProbeReplyTo, outcome: ProbeOutcome) {
+        match to {
+            ProbeReplyTo::Owner { node, gen, probe } => {
+                if self.paused(node) {
+                    let d = self.nodes[node].paused_until.unwrap_or(self.t) - self.t;
+                    self.at(
+                        d,
+                        Ev::ProbeAnswer {
+                            to: ProbeReplyTo::Owner { node, gen, probe },
+                            outcome,
+                        },
+                    );
+                    return;
+                }
+                if !self.pending_probes.remove(&(node, gen, probe)) {
+                    return;
+                }
+                let mono = self.mono();
+                if self.nodes[node].gen == gen {
+                    self.with_swim(node, |swim| swim.probe_outcome(probe, outcome, mono));
+                }
+            }
+            ProbeReplyTo::Relay {
+                relay,
+                relay_gen,
+                owner,
+                owner_gen,
+                probe,
+            } => {
+                if self.nodes[relay].gen != relay_gen || !self.nodes[relay].agent_up {
+                    return;
+                }
+                self.probe_answer(
+                    relay,
+                    ProbeReplyTo::Owner {
+                        node: owner,
+                        gen: owner_gen,
+                        probe,
+                    },
+                    outcome,
+                );
+            }
+        }
+    }
+
+    /// The run's schedule: warm-up, then faults one at a time, each
+    /// followed by a wait for reconvergence, then the final liveness phase.
+    fn step(&mut self) {
+        let poll = Duration::from_millis(250);
+        match self.phase.clone() {
+            Phase::Warmup => {
+                let converged = self.converged();
+                if let Workload::Bulk { .. } = self.opts.workload {
+                    if converged
+                        && self.all_running_at.is_none()
+                        && self.submitted_at.is_some()
+                        && !self.checker.accepted.is_empty()
+                    {
+                        self.all_running_at = Some(self.t);
+                    }
+                    if let Some(k) = self.killed_at {
+                        if converged && self.recovered_at.is_none() {
+                            self.recovered_at = Some(self.t);
+                            self.phase = Phase::Done;
+                            return;
+                        }
+                        let _ = k;
+                    } else if self.all_running_at.is_some() && self.opts.kill_fraction == 0.0 {
+                        self.phase = Phase::Done;
+                        return;
+                    }
+                    if self.t > self.opts.duration + self.opts.liveness_bound * 4 {
+                        self.phase = Phase::Done;
+                        return;
+                    }
+                    // Finer polls: this is what the benchmark measures.
+                    self.at(Duration::from_millis(50), Ev::Step);
+                    return;
+                }
+                if converged || self.t > Duration::from_secs(30) {
+                    self.fault_phase_end = self.t + self.opts.duration;
+                    if !self.opts.faults {
+                        self.phase = Phase::Final { since: self.t };
+                    } else {
+                        self.begin_fault();
+                    }
+                }
+                self.at(poll, Ev::Step);
+            }
+            Phase::Fault { until } => {
+                if self.t >= until {
+                    let f = self.fault.take().expect("a fault is on");
+                    self.heal(&f);
+                    let t = self.t;
+                    self.checker.fault_ended(t);
+                    self.phase = Phase::Converge { since: self.t };
+                }
+                self.at(poll, Ev::Step);
+            }
+            Phase::Converge { since } => {
+                let took = self.t.saturating_sub(since);
+                if self.converged() || took > self.opts.liveness_bound {
+                    if took > self.opts.liveness_bound {
+                        let wrong = self.checker.mismatches(&self.running(), 8);
+                        self.checker.violate(
+                            &format!("liveness at {:.1}s", since.as_secs_f64()),
+                            format!(
+                                "liveness at {:.1}s: not reconverged {:?} after a fault: {}",
+                                since.as_secs_f64(),
+                                self.opts.liveness_bound,
+                                wrong.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                            ),
+                        );
+                    }
+                    self.checker.reconverge_s.push(took.as_secs_f64());
+                    self.max_reconverge = self.max_reconverge.max(took);
+                    for _ in 0..self.rng.random_range(1..=3) {
+                        self.workload_step();
+                    }
+                    if self.t >= self.fault_phase_end {
+                        self.phase = Phase::Final { since: self.t };
+                    } else {
+                        self.begin_fault();
+                    }
+                }
+                self.at(poll, Ev::Step);
+            }
+            Phase::Final { since } => {
+                let took = self.t.saturating_sub(since);
+                // Let writes settle before judging: the workload is quiet.
+                if took >= Duration::from_secs(2) && (self.converged() && self.stores_agree()) {
+                    self.max_reconverge = self.max_reconverge.max(took);
+                    self.checker.reconverge_s.push(took.as_secs_f64());
+                    self.phase = Phase::Done;
+                    return;
+                }
+                if took > self.opts.liveness_bound {
+                    let wrong = self.checker.mismatches(&self.running(), 8);
+                    self.checker.violate(
+                        "liveness at the end",
+                        format!(
+                            "liveness at the end: not converged {:?} after faults stopped: {}",
+                            self.opts.liveness_bound,
+                            wrong.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                    self.max_reconverge = self.max_reconverge.max(took);
+                    self.phase = Phase::Done;
+                    return;
+                }
+                self.at(poll, Ev::Step);
+            }
+            Phase::Done => {}
+        }
+    }
+
+    fn begin_fault(&mut self) {
+        let f = self.draw_fault();
+        let hold = Duration::from_millis(self.rng.random_range(1_000..8_000));
+        *self.faults.entry(f.kind()).or_default() += 1;
+        if self.opts.verbose {
+            eprintln!(
+                "[{:>7.2}s] {f:?} for {:.1}s",
+                self.t.as_secs_f64(),
+                hold.as_secs_f64()
+            );
+        }
+        self.inject(&f, hold);
+        let t = self.t;
+        self.checker.fault_began(t, f.partitions());
+        // A write during the fault.
+        if self.rng.random_bool(0.5) {
+            self.workload_step();
+        }
+        self.fault = Some(f);
+        self.phase = Phase::Fault {
+            until: self.t + hold,
+        };
+    }
+
+    /// Every up node holds the newest accepted version of every job.
+    fn stores_agree(&self) -> bool {
+        self.lagging().is_empty()
+    }
+
+    fn lagging(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(core) = n.core.as_ref().filter(|_| n.agent_up) else {
+                continue;
+            };
+            for (job, rec) in &self.checker.accepted {
+                let have = core.desired().get(job).map(|r| &r.version);
+                if have.is_none_or(|v| *v < rec.version) {
+                    out.push(format!("n{i} lacks {job} at {}", rec.version));
+                }
+            }
+        }
+        out
+    }
+
+    fn finish(mut self, wall: Duration) -> Report {
+        let lagging = self.lagging();
+        let jobs_lost: BTreeSet<String> = lagging
+            .iter()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .collect();
+        for l in lagging.iter().take(5) {
+            self.checker.violate(
+                &format!("job lost: {l}"),
+                format!("job lost or stale at the end: {l}"),
+            );
+        }
+        let sim_seconds = self.t.as_secs_f64();
+        let c = &self.checker;
+        let counters = self.nodes.iter().filter_map(|n| n.core.as_ref()).fold(
+            (0u64, 0u64, 0u64, 0u64),
+            |a, core| {
+                let k = core.counters();
+                (
+                    a.0 + k.placed,
+                    a.1 + k.unplaceable,
+                    a.2 + k.starts,
+                    a.3 + k.syncs,
+                )
+            },
+        );
+        let json = json!({
+            "seed": self.opts.seed,
+            "nodes": self.opts.nodes,
+            "membership": format!("{:?}", self.opts.membership).to_lowercase(),
+            "sim_seconds": (sim_seconds * 1000.0).round() / 1000.0,
+            "wall_seconds": (wall.as_secs_f64() * 1000.0).round() / 1000.0,
+            "wall_per_sim_second": (wall.as_secs_f64() / sim_seconds.max(1e-9) * 1000.0).round() / 1000.0,
+            "events": self.events_processed,
+            "events_by_kind": self.by_kind,
+            "queue_max": self.queue_max,
+            "messages": self.messages,
+            "faults": self.faults,
+            "faults_total": self.faults.values().sum::<u64>(),
+            "violations": c.violations,
+            "max_reconverge_s": (self.max_reconverge.as_secs_f64() * 1000.0).round() / 1000.0,
+            "reconverge_s": c.reconverge_s.iter().map(|s| (s * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+            "duplicate_slot_seconds": (c.duplicate_slot_seconds * 100.0).round() / 100.0,
+            "duplicate_slot_seconds_during_faults": (c.duplicate_slot_seconds_during_faults * 100.0).round() / 100.0,
+            "longest_duplicate_outside_faults_s": (c.longest_duplicate_s * 100.0).round() / 100.0,
+            "batch_reruns": c.batch_reruns,
+            "batch_reruns_during_partitions": c.batch_reruns_in_partitions,
+            "batch_reruns_of_unreported_completions": c.batch_reruns_unreported,
+            "spread_violations_outside_faults": c.spread_violations,
+            "jobs_lost": jobs_lost.len(),
+            "writes_accepted": c.writes_accepted,
+            "writes_refused": c.writes_refused,
+            "instance_starts": c.starts,
+            "slots_placed": counters.0,
+            "placements_failed": counters.1,
+            "anti_entropy_exchanges": counters.3,
+            "gossip_bytes_published": self.gossip.bytes_published,
+            "core_cpu_s_total": (self.nodes.iter().map(|n| n.cpu.as_secs_f64()).sum::<f64>() * 1000.0).round() / 1000.0,
+            "core_cpu_s_busiest_node": (self.nodes.iter().map(|n| n.cpu.as_secs_f64()).fold(0.0, f64::max) * 1000.0).round() / 1000.0,
+            "submitted_at_s": self.submitted_at.map(|t| t.as_secs_f64()),
+            "submission_to_all_running_s": self.all_running_at.zip(self.submitted_at).map(|(a, s)| (a - s).as_secs_f64()),
+            "killed_at_s": self.killed_at.map(|t| t.as_secs_f64()),
+            "recovered_after_kill_s": self.recovered_at.zip(self.killed_at).map(|(r, k)| (r - k).as_secs_f64()),
+            "trace_digest": format!("{:016x}", self.digest.0),
+        });
+        Report {
+            violations: self.checker.violations.clone(),
+            json,
+        }
+    }
+}
+
+fn node_remove(n: &mut SimNode, id: &InstanceId) {
+    if n.driver
+        .instances
+        .get(id)
+        .is_some_and(|i| i.ended.is_some())
+    {
+        n.driver.instances.remove(id);
+    }
+}

@@ -1,0 +1,140 @@
+//! Instances: what a driver runs, what a node publishes about its copies.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Version;
+use crate::job::TaskSpec;
+
+/// One run of one slot.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct InstanceId {
+    /// Job name.
+    pub job: String,
+    /// Slot index.
+    pub slot: u32,
+    /// Unique run id: the packed HLC of its start.
+    pub run: u64,
+}
+
+impl std::fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.job, self.slot, self.run)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Identity.
+    pub id: InstanceId,
+    /// Version of the job it runs.
+    pub job_version: Version,
+    /// The task.
+    pub task: TaskSpec,
+    /// Variables added to the task's environment (SHOAL_JOB, SHOAL_SLOT, ...).
+    pub env: BTreeMap<String, String>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal, if it was killed.
+    pub signal: Option<i32>,
+    /// Why the task could not be started at all (a missing program, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ExitStatus {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// An exit with a code.
+    pub fn code(code: i32) -> ExitStatus {
+        ExitStatus {
+            code: Some(code),
+            signal: None,
+            error: None,
+        }
+    }
+}
+
+/// Where an instance is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Running.
+    Running,
+    /// Ended.
+    Exited(ExitStatus),
+    /// Its supervisor vanished without recording an exit (killed with the
+    /// machine, say).
+    Lost,
+}
+
+/// News from a driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverEvent {
+    /// An instance ended.
+    Ended {
+        /// Which.
+        id: InstanceId,
+        /// How.
+        state: InstanceState,
+    },
+}
+
+/// A slot copy's state as shown to users and published in gossip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// Not placed yet.
+    Pending,
+    /// Placed, starting (or restarting after an exit).
+    Starting,
+    /// Running.
+    Running,
+    /// Ran to completion (batch).
+    Completed,
+    /// Gave up (batch slot out of retries).
+    Failed,
+}
+
+impl SlotState {
+    /// Counts as a live copy of its slot.
+    pub fn is_live(self) -> bool {
+        matches!(self, SlotState::Starting | SlotState::Running)
+    }
+}
+
+/// An instance as its node publishes it in gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// Slot index.
+    #[serde(rename = "s")]
+    pub slot: u32,
+    /// Run id (packed HLC of its start: older runs sort first).
+    #[serde(rename = "r")]
+    pub run: u64,
+    /// State.
+    #[serde(rename = "t")]
+    pub state: SlotState,
+    /// Fingerprint of the task it runs.
+    #[serde(rename = "f")]
+    pub task: u64,
+    /// Restarts of the slot on this node so far.
+    #[serde(rename = "n", default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// Why the last start failed (cleared by a start that succeeds).
+    #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}

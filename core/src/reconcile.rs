@@ -1,0 +1,243 @@
+//! The reconciler's rules: pure functions from what should run (a job's
+//! record and completions), what runs (the copies live nodes publish) and
+//! the membership to what one node must do. Every node applies them on
+//! every pass; each acts only on its own share, so together they converge
+//! without a leader.
+//!
+//! - A job's empty slots are placed by its coordinator (the owner of the
+//!   job's point on the ring of live members, see
+//!   [`crate::view::Members::coordinator`]). One coordinator per job, not
+//!   per slot, so that the job's rules (distinct hosts, spread, ports, even
+//!   counts per node) are applied by one node that sees all of its own
+//!   choices.
+//! - Two copies of one slot: the conflict rule keeps the older; the holder
+//!   of the other stops it.
+//! - A holder stops copies of stopped jobs, of slots beyond the replica
+//!   count, of an outdated task, and of finished batch slots.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use shoal_placement::{conflict_order, RunningCopy};
+
+use crate::instance::{Published, SlotState};
+use crate::job::{JobSpec, JobType};
+use crate::records::JobRecord;
+use crate::view::{MemberView, Members};
+
+/// Why a copy stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StopReason {
+    /// The job was stopped.
+    JobStopped,
+    /// The slot is beyond the replica count.
+    ScaledDown,
+    /// The task changed.
+    Outdated,
+    /// Another copy of the slot wins the conflict rule.
+    Duplicate,
+    /// The batch slot already completed (or failed for good).
+    Finished,
+    /// Found again after an agent restart or a stall while another node
+    /// runs the slot by now: the cluster moved on without this copy.
+    Superseded,
+}
+
+/// Whether a batch slot is finished: completed (recorded, or a copy says
+/// so) or failed for good somewhere.
+pub fn finished<'a>(
+    spec: &JobSpec,
+    completed: bool,
+    copies: impl IntoIterator<Item = &'a Published>,
+) -> bool {
+    spec.job_type == JobType::Batch
+        && (completed
+            || copies
+                .into_iter()
+                .any(|c| matches!(c.state, SlotState::Completed | SlotState::Failed)))
+}
+
+/// What this node must do about its own live copy `mine` of a slot, given
+/// the job's spec and task fingerprint (`None`: stopped or unknown), whether
+/// the slot is finished, and the other live copies of the slot on live
+/// nodes: `(node, copy)`.
+pub fn own_copy_stop<'a>(
+    me: &str,
+    job: Option<(&JobSpec, u64)>,
+    finished: bool,
+    mine: &Published,
+    others: impl IntoIterator<Item = (&'a str, &'a Published)>,
+) -> Option<StopReason> {
+    let Some((spec, fp)) = job else {
+        return Some(StopReason::JobStopped);
+    };
+    if mine.slot >= spec.replicas {
+        return Some(StopReason::ScaledDown);
+    }
+    if mine.task != fp {
+        return Some(StopReason::Outdated);
+    }
+    if finished {
+        return Some(StopReason::Finished);
+    }
+    // Of the live copies of the current task, the older stays.
+    let me_copy = RunningCopy {
+        node: me.to_string(),
+        started: mine.run,
+    };
+    let beaten = others
+        .into_iter()
+        .filter(|(n, c)| *n != me && c.state.is_live() && c.task == fp)
+        .any(|(n, c)| {
+            conflict_order(
+                &RunningCopy {
+                    node: n.to_string(),
+                    started: c.run,
+                },
+                &me_copy,
+            )
+            .is_lt()
+        });
+    beaten.then_some(StopReason::Duplicate)
+}
+
+/// Whether a slot needs placing: below the replica count, not finished,
+/// and no live copy of the current task anywhere.
+pub fn needs_placing<'a>(
+    spec: &JobSpec,
+    fp: u64,
+    slot: u32,
+    finished: bool,
+    copies: impl IntoIterator<Item = &'a Published>,
+) -> bool {
+    slot < spec.replicas
+        && !finished
+        && !copies
+            .into_iter()
+            .any(|c| c.state.is_live() && c.task == fp)
+}
+
+/// A copy seen on some node (for whole-cluster checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The node holding it.
+    pub node: Arc<str>,
+    /// Job name.
+    pub job: Arc<str>,
+    /// What the node published.
+    pub copy: Published,
+}
+
+/// Everything one node looks at, as plain lists (tests and tools; the
+/// scheduler applies the same rules to its indexed state).
+pub struct Inputs<'a> {
+    /// This node's name.
+    pub me: &'a str,
+    /// Every job record (tombstones included).
+    pub jobs: &'a [JobRecord],
+    /// Completed batch slots.
+    pub completed: &'a BTreeSet<(String, u32)>,
+    /// Copies on live nodes (this node's own included).
+    pub observed: &'a [Observed],
+    /// The live members (this node included).
+    pub members: &'a [String],
+    /// Slots whose placement this node has in flight.
+    pub pending: &'a BTreeSet<(String, u32)>,
+}
+
+/// What this node must do.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Actions {
+    /// Slots to place (this node coordinates them).
+    pub place: Vec<(String, u32)>,
+    /// This node's copies to stop: (job, slot, run, why).
+    pub stop: Vec<(String, u32, u64, StopReason)>,
+}
+
+/// Applies the rules for one node to a whole cluster given as lists.
+pub fn reconcile(inp: &Inputs) -> Actions {
+    let mut actions = Actions::default();
+    let members = Members::new(inp.members.iter().map(|m| MemberView {
+        name: Arc::from(m.as_str()),
+        generation: 1,
+        state: shoal_membership::NodeState::Alive,
+        record: Arc::new(shoal_membership::NodeRecord {
+            name: m.clone(),
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            labels: Default::default(),
+            capacity: Default::default(),
+            drivers: Vec::new(),
+            version: String::new(),
+            http: None,
+            notes: Vec::new(),
+        }),
+    }));
+    let live_jobs: BTreeMap<&str, (&JobSpec, u64)> = inp
+        .jobs
+        .iter()
+        .filter_map(|r| {
+            r.spec
+                .as_ref()
+                .map(|s| (r.name.as_str(), (s, s.task.fingerprint())))
+        })
+        .collect();
+    let mut by_slot: BTreeMap<(&str, u32), Vec<&Observed>> = BTreeMap::new();
+    for o in inp.observed {
+        by_slot.entry((&*o.job, o.copy.slot)).or_default().push(o);
+    }
+    let is_finished = |job: &str, slot: u32, spec: &JobSpec| {
+        let copies = by_slot.get(&(job, slot)).map(Vec::as_slice).unwrap_or(&[]);
+        finished(
+            spec,
+            inp.completed.contains(&(job.to_string(), slot)),
+            copies.iter().map(|o| &o.copy),
+        )
+    };
+    for o in inp
+        .observed
+        .iter()
+        .filter(|o| &*o.node == inp.me && o.copy.state.is_live())
+    {
+        let job = live_jobs.get(&*o.job).copied();
+        let fin = job.is_some_and(|(spec, _)| is_finished(&o.job, o.copy.slot, spec));
+        let others = by_slot
+            .get(&(&*o.job, o.copy.slot))
+            .into_iter()
+            .flatten()
+            .map(|x| (&*x.node, &x.copy));
+        if let Some(r) = own_copy_stop(inp.me, job, fin, &o.copy, others) {
+            actions
+                .stop
+                .push((o.job.to_string(), o.copy.slot, o.copy.run, r));
+        }
+    }
+    for (name, (spec, fp)) in &live_jobs {
+        if members.coordinator(name).map(|c| &**c) != Some(inp.me) {
+            continue;
+        }
+        for slot in 0..spec.replicas {
+            let copies = by_slot
+                .get(&(*name, slot))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let key = (name.to_string(), slot);
+            if needs_placing(
+                spec,
+                *fp,
+                slot,
+                is_finished(name, slot, spec),
+                copies.iter().map(|o| &o.copy),
+            ) && !inp.pending.contains(&key)
+            {
+                actions.place.push(key);
+            }
+        }
+    }
+    actions
+        .stop
+        .sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+    actions
+}
+
+#[cfg(test)]
+mod tests;

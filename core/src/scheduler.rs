@@ -1,0 +1,2216 @@
+//! [`Scheduler`]: one node's scheduling decisions as a state machine.
+//!
+//! Every input comes with the time ([`Now`]): a membership view, a peer's
+//! request or the reply to one of ours, an API command, a driver's news, a
+//! durable write, a timer. Each returns [`Effect`]s for the shell to carry
+//! out (start or stop an instance, send a message, persist records, publish
+//! gossip values, answer an API call). Nothing here reads a clock, draws
+//! from the thread RNG or does IO, so a run is a pure function of its
+//! inputs: the simulator drives thousands of these with a seed and replays
+//! any run.
+//!
+//! State is split by owner: [`DesiredState`] (jobs and completions, as
+//! durable on this node), [`Seen`] (the cluster as seen), [`LocalInstances`]
+//! (this node's copies), [`Placing`] (what it coordinates) and
+//! [`AntiEntropy`]; this file holds the glue and the handlers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::SeedableRng;
+use shoal_membership::{Load, NodeState};
+use shoal_placement::{assign, candidates_with, cost, JobPlacements, Node, NodeIndex};
+
+use crate::config::SchedulerConfig;
+use crate::desired::DesiredState;
+use crate::hlc::{Clock, Version};
+use crate::instance::{
+    DriverEvent, ExitStatus, InstanceId, InstanceSpec, InstanceState, SlotState,
+};
+use crate::job::{JobSpec, JobType, REPLICAS_MAX};
+use crate::local::{Local, LocalInstances};
+use crate::placing::{Placing, Round};
+use crate::reconcile::{finished, needs_placing, own_copy_stop, StopReason};
+use crate::records::{Completion, JobRecord};
+use crate::seen::Seen;
+use crate::sync::{AntiEntropy, Exchange, Step};
+use crate::view::ClusterView;
+use crate::wire::{Request, Response};
+
+/// The time of an input: monotonic for timers, wall-clock milliseconds for
+/// versions and run ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub mono: Instant,
+    /// Milliseconds since the Unix epoch on this node's clock.
+    pub wall_ms: u64,
+}
+
+/// Id of a call this node made, reported back with its reply.
+pub type CallId = u64;
+/// Id the shell gives a peer's request, used to answer it.
+pub type ReplyToken = u64;
+/// Id the shell gives an API command, used to answer it.
+pub type ApiToken = u64;
+/// Id of a write the shell persists.
+pub type WriteId = u64;
+
+/// A command from the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// Submit (or update) a job from its file.
+    Submit {
+        /// The TOML.
+        text: String,
+    },
+    /// Stop a job.
+    Stop {
+        /// Job name.
+        name: String,
+    },
+    /// Change a job's replica count.
+    Scale {
+        /// Job name.
+        name: String,
+        /// New count.
+        replicas: u32,
+    },
+    /// The tail of a slot's output, from whichever node holds it.
+    Logs {
+        /// Job.
+        job: String,
+        /// Slot.
+        slot: u32,
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// At most this many bytes.
+        max_bytes: u64,
+    },
+}
+
+/// Why an API command failed (the API maps each to an HTTP status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// The request was wrong; the message says how.
+    BadRequest(String),
+    /// No such job or instance.
+    NotFound(String),
+    /// The write could not be stored; nothing was accepted.
+    Storage(String),
+    /// The node cannot serve it now.
+    Unavailable(String),
+}
+
+/// The answer to an API command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiAnswer {
+    /// The write is durable on this node and on its way to every node.
+    Written(Arc<JobRecord>),
+    /// Failed.
+    Failed(ApiError),
+}
+
+/// Where output read by the shell goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogsTo {
+    /// An API command.
+    Api(ApiToken),
+    /// A peer's request.
+    Peer(ReplyToken),
+}
+
+/// Work for the shell.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Start an instance; report with [`Scheduler::handle_started`].
+    StartInstance {
+        /// Driver.
+        driver: String,
+        /// What to run.
+        spec: Box<InstanceSpec>,
+    },
+    /// Stop an instance (its end comes as a driver event).
+    StopInstance {
+        /// Driver.
+        driver: String,
+        /// Which.
+        id: InstanceId,
+        /// Time between the stop signal and the kill.
+        grace: Duration,
+    },
+    /// Stop an instance if it runs (the signal, a kill after `grace`), then
+    /// forget it, in that order: for copies this node does not keep (after
+    /// a restart, or at shutdown), whose end it will not wait for.
+    Discard {
+        /// Driver.
+        driver: String,
+        /// Which.
+        id: InstanceId,
+        /// Time between the stop signal and the kill.
+        grace: Duration,
+    },
+    /// Forget an ended instance (its files).
+    RemoveInstance {
+        /// Driver.
+        driver: String,
+        /// Which.
+        id: InstanceId,
+    },
+    /// Send a request; with a call id, report the reply (or the failure)
+    /// with [`Scheduler::handle_reply`].
+    Send {
+        /// Peer name.
+        to: Arc<str>,
+        /// Peer address.
+        addr: SocketAddr,
+        /// The request.
+        request: Request,
+        /// Report the reply for this call.
+        call: Option<CallId>,
+        /// Give up after this long.
+        timeout: Duration,
+    },
+    /// Answer a peer's request.
+    Reply {
+        /// Which request.
+        token: ReplyToken,
+        /// The answer.
+        response: Response,
+    },
+    /// Make records durable; report with [`Scheduler::handle_persisted`].
+    Persist {
+        /// Report with this id.
+        write: WriteId,
+        /// Job records (the store keeps the newer per job).
+        jobs: Vec<Arc<JobRecord>>,
+        /// Completions.
+        completions: Vec<Completion>,
+    },
+    /// Set (or delete) a gossip key of this node.
+    Publish {
+        /// Key.
+        key: String,
+        /// Value, or `None` to delete.
+        value: Option<String>,
+    },
+    /// Publish this node's load.
+    PublishLoad(Load),
+    /// Answer an API command.
+    Answer {
+        /// Which command.
+        token: ApiToken,
+        /// The answer.
+        answer: ApiAnswer,
+    },
+    /// Read an instance's output from its driver and send it (to the API,
+    /// or as the reply to a peer's request).
+    ReadLogs {
+        /// Driver.
+        driver: String,
+        /// Which instance.
+        id: InstanceId,
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// At most this many bytes.
+        max_bytes: u64,
+        /// Where the bytes go.
+        to: LogsTo,
+    },
+    /// Ask the holder of an instance for its output and answer the API
+    /// command with it.
+    FetchLogs {
+        /// Holder address.
+        addr: SocketAddr,
+        /// The request.
+        request: Request,
+        /// The API command.
+        token: ApiToken,
+        /// Give up after this long.
+        timeout: Duration,
+    },
+}
+
+/// An instance a driver still has after an agent restart.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// Its driver.
+    pub driver: String,
+    /// What it runs.
+    pub spec: InstanceSpec,
+    /// Its state.
+    pub state: InstanceState,
+}
+
+enum Call {
+    Bid {
+        round: u64,
+        bidder: Arc<str>,
+    },
+    /// A push of an API write whose answer waits for a peer's copy.
+    Replicate {
+        write: WriteId,
+    },
+    Start {
+        job: String,
+        slots: Vec<u32>,
+        winner: Arc<str>,
+    },
+    Sync,
+}
+
+enum Origin {
+    Api(ApiToken),
+    /// A peer's push: answered once durable, when it asked (`Some`).
+    Peer(Option<ReplyToken>),
+    Sync,
+    Completion,
+}
+
+/// API writes held while the node catches up, at most.
+const HELD_API_MAX: usize = 256;
+
+/// Peers asked to confirm an API write's second copy (the others get the
+/// push without an answer).
+const REPLICAS_ASKED: usize = 3;
+
+/// What became of records or completions offered to this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Nothing was newer.
+    Nothing,
+    /// The newer ones are being written.
+    Writing,
+    /// Too many writes in flight: dropped (they come again).
+    Dropped,
+}
+
+/// An API write durable here, waiting for a peer to have it too.
+struct Replicating {
+    token: ApiToken,
+    record: Arc<JobRecord>,
+    deadline: Instant,
+}
+
+struct Write {
+    jobs: Vec<Arc<JobRecord>>,
+    completions: Vec<Completion>,
+    origin: Origin,
+}
+
+/// Counters of what this node did (for `/v1/stats` and the simulator).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Reconcile passes.
+    pub passes: u64,
+    /// Placement rounds begun.
+    pub rounds: u64,
+    /// Slots assigned to a winner.
+    pub placed: u64,
+    /// Slot placements that failed (no node fits, or refused).
+    pub unplaceable: u64,
+    /// Instance starts issued.
+    pub starts: u64,
+    /// Stops issued.
+    pub stops: u64,
+    /// Anti-entropy exchanges begun.
+    pub syncs: u64,
+    /// Records and completions learned by anti-entropy.
+    pub synced_items: u64,
+}
+
+/// One node's scheduler.
+pub struct Scheduler {
+    config: SchedulerConfig,
+    me: Arc<str>,
+    drivers: BTreeSet<String>,
+    rng: StdRng,
+    clock: Clock,
+    desired: DesiredState,
+    seen: Seen,
+    local: LocalInstances,
+    placing: Placing,
+    sync: AntiEntropy,
+    next_id: u64,
+    calls: BTreeMap<CallId, Call>,
+    writes: BTreeMap<WriteId, Write>,
+    /// Completions whose write failed, tried again on the timer.
+    unsaved: Vec<Completion>,
+    /// API writes durable here whose answer waits for a peer's copy.
+    replicating: BTreeMap<WriteId, Replicating>,
+    /// API writes that came before the node caught up, with when.
+    held_api: Vec<(ApiToken, ApiRequest, Instant)>,
+    out: Vec<Effect>,
+    last_timer: Option<Instant>,
+    last_pass: Option<Instant>,
+    pass_cost: Duration,
+    dirty: bool,
+    /// No coordination before this instant (see `join_grace`).
+    coordinate_after: Instant,
+    /// The node's disk held jobs or completions when it started (a restart,
+    /// not a new or wiped node): it may answer anti-entropy before it has
+    /// caught up, so that a whole cluster restarted with seeds recovers.
+    started_with_state: bool,
+    counters: Counters,
+}
+
+impl Scheduler {
+    /// A scheduler for node `me` with the state its disk holds. `joining`:
+    /// the node was started with seeds, so it catches up with a peer before
+    /// it places or starts anything, and holds coordination for the join
+    /// grace. `seed` drives its random choices (derive it from the node's
+    /// name and generation so that a run can be replayed).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: SchedulerConfig,
+        me: &str,
+        drivers: BTreeSet<String>,
+        seed: u64,
+        stored_jobs: Vec<JobRecord>,
+        stored_completions: Vec<Completion>,
+        joining: bool,
+        now: Now,
+    ) -> Scheduler {
+        let mut clock = Clock::default();
+        let stored_jobs: Vec<JobRecord> = stored_jobs
+            .into_iter()
+            .filter(|r| r.validate().is_ok())
+            .collect();
+        for r in &stored_jobs {
+            clock.observe(r.version.hlc);
+        }
+        let coordinate_after = if joining {
+            now.mono + config.join_grace
+        } else {
+            now.mono
+        };
+        let started_with_state = !stored_jobs.is_empty() || !stored_completions.is_empty();
+        Scheduler {
+            started_with_state,
+            desired: DesiredState::from_stored(stored_jobs, stored_completions),
+            me: Arc::from(me),
+            drivers,
+            rng: StdRng::seed_from_u64(seed),
+            clock,
+            seen: Seen::default(),
+            local: LocalInstances::default(),
+            placing: Placing::default(),
+            sync: AntiEntropy::new(!joining || config.act_before_catch_up),
+            next_id: 0,
+            calls: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            unsaved: Vec::new(),
+            replicating: BTreeMap::new(),
+            held_api: Vec::new(),
+            out: Vec::new(),
+            last_timer: None,
+            last_pass: None,
+            pass_cost: Duration::ZERO,
+            dirty: true,
+            coordinate_after,
+            counters: Counters::default(),
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// What this node did so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Whether this node has caught up with a peer since it started.
+    pub fn caught_up(&self) -> bool {
+        self.sync.caught_up
+    }
+
+    /// The desired state this node holds.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// The cluster as this node sees it.
+    pub fn seen(&self) -> &Seen {
+        &self.seen
+    }
+
+    /// This node's copies.
+    pub fn local(&self) -> &LocalInstances {
+        &self.local
+    }
+
+    /// The coordinator's state.
+    pub fn placing(&self) -> &Placing {
+        &self.placing
+    }
+
+    /// Writes handed to the store and not yet reported.
+    pub fn writes_in_flight(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// The peer of the anti-entropy exchange in flight, if any.
+    pub fn exchange_peer(&self) -> Option<&str> {
+        self.sync.exchange.as_ref().map(|e| &*e.peer)
+    }
+
+    /// The shell reports how long the last whole pass took: the next one
+    /// waits `pace` times as long.
+    pub fn set_pass_cost(&mut self, cost: Duration) {
+        self.pass_cost = cost;
+    }
+
+    fn take(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn next_version(&mut self, now: Now) -> Version {
+        Version {
+            hlc: self.clock.tick(now.wall_ms),
+            node: self.me.to_string(),
+        }
+    }
+
+    fn run_id(&mut self, now: Now) -> u64 {
+        self.clock.tick(now.wall_ms).packed()
+    }
+
+    fn send(&mut self, to: &Arc<str>, request: Request, call: Option<Call>, timeout: Duration) {
+        let Some(addr) = self.seen.view.members.get(to).map(|m| m.record.address) else {
+            if let Some(c) = call {
+                // Nowhere to send it: the call fails at once.
+                let id = self.id();
+                self.calls.insert(id, c);
+                self.out.push(Effect::Send {
+                    to: to.clone(),
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    request,
+                    call: Some(id),
+                    timeout: Duration::ZERO,
+                });
+            }
+            return;
+        };
+        let call = call.map(|c| {
+            let id = self.id();
+            self.calls.insert(id, c);
+            id
+        });
+        self.out.push(Effect::Send {
+            to: to.clone(),
+            addr,
+            request,
+            call,
+            timeout,
+        });
+    }
+
+    /// Alive peers (name, address).
+    fn alive_peers(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        self.seen
+            .view
+            .members
+            .iter()
+            .filter(|m| m.name != self.me && m.state == NodeState::Alive)
+            .map(|m| (m.name.clone(), m.record.address))
+            .collect()
+    }
+
+    fn push_to_all(&mut self, request: Request) {
+        for (to, addr) in self.alive_peers() {
+            self.out.push(Effect::Send {
+                to,
+                addr,
+                request: request.clone(),
+                call: None,
+                timeout: self.config.call_timeout,
+            });
+        }
+    }
+
+    fn persist(&mut self, jobs: Vec<Arc<JobRecord>>, completions: Vec<Completion>, origin: Origin) {
+        let id = self.id();
+        self.out.push(Effect::Persist {
+            write: id,
+            jobs: jobs.clone(),
+            completions: completions.clone(),
+        });
+        self.writes.insert(
+            id,
+            Write {
+                jobs,
+                completions,
+                origin,
+            },
+        );
+    }
+
+    /// This node as placement sees it, with its own fresh load.
+    pub fn fresh_node(&self) -> Node {
+        let record = self.seen.view.members.get(&self.me).map(|m| &*m.record);
+        self.local.fresh_node(&self.me, record, &self.drivers)
+    }
+
+    // ---- inputs ----
+
+    /// Instances the drivers still have from before an agent restart.
+    pub fn handle_recovered(&mut self, recovered: Vec<Recovered>, now: Now) -> Vec<Effect> {
+        for r in recovered {
+            let id = r.spec.id.clone();
+            let record = self.desired.get(&id.job).filter(|r| r.is_live()).cloned();
+            let Some(record) = record else {
+                // Its job is gone: make sure it is too (stop, then forget:
+                // in parallel the forget could lose the process before the
+                // stop found it — found in review).
+                self.out.push(Effect::Discard {
+                    driver: r.driver,
+                    id,
+                    grace: self.config.stop_grace,
+                });
+                continue;
+            };
+            if self.local.get(&id.job, id.slot).is_some() {
+                // Two runs of one slot on this node: keep the first.
+                self.out.push(Effect::Discard {
+                    driver: r.driver,
+                    id,
+                    grace: self.config.stop_grace,
+                });
+                continue;
+            }
+            let running = r.state == InstanceState::Running;
+            let batch = record
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.job_type == JobType::Batch);
+            let success = matches!(&r.state, InstanceState::Exited(s) if s.success());
+            if !(running || batch && success) {
+                // It ended while the agent was down. Anything but a batch
+                // success is forgotten rather than restarted: its slot may
+                // run elsewhere by now, and is placed again if not.
+                self.out.push(Effect::RemoveInstance {
+                    driver: r.driver,
+                    id,
+                });
+                continue;
+            }
+            self.local.insert(Local {
+                id: id.clone(),
+                driver: r.driver,
+                task: r.spec.task.fingerprint(),
+                record,
+                state: SlotState::Running,
+                restarts: 0,
+                restart_at: None,
+                stopping: false,
+                stop_sent: None,
+                start_in_flight: false,
+                error: None,
+                unconfirmed: running,
+            });
+            if !running {
+                self.ended(id, r.state, now);
+            }
+        }
+        // Copies found running wait for gossip to show whether the cluster
+        // replaced them, also on a node started without seeds (found in
+        // review: a restarted bootstrap node kept them at its first pass).
+        if self.local.iter().any(|l| l.unconfirmed) {
+            self.coordinate_after = self.coordinate_after.max(now.mono + self.config.join_grace);
+        }
+        self.dirty = true;
+        self.take()
+    }
+
+    /// A new view of the cluster.
+    pub fn handle_view(&mut self, view: ClusterView, now: Now) -> Vec<Effect> {
+        let news = self
+            .seen
+            .update(&self.me, view, self.config.join_grace, now.mono);
+        if news.rejoined_majority {
+            self.recheck_local(now);
+        }
+        if news.member_added {
+            self.placing.retry_now(None, now.mono);
+        }
+        self.dirty = true;
+        self.take()
+    }
+
+    /// A peer's request (always answered with an [`Effect::Reply`] for
+    /// `token`, or by the shell for [`Effect::ReadLogs`]).
+    pub fn handle_request(&mut self, token: ReplyToken, request: Request, now: Now) -> Vec<Effect> {
+        let response = match request {
+            Request::PutJobs(records) => {
+                // Answered once the records are on this node's disk: the
+                // pusher counts that as a second copy.
+                match self.take_records(records, Origin::Peer(Some(token))) {
+                    Taken::Writing => return self.take(),
+                    Taken::Nothing => Response::Ok,
+                    // Not stored: the pusher must not count this node as a
+                    // copy (found in review).
+                    Taken::Dropped => {
+                        Response::Error("too many writes in flight here; not stored".into())
+                    }
+                }
+            }
+            Request::PutCompletions(cs) => {
+                let _ = self.take_completions(cs, Origin::Peer(None));
+                Response::Ok
+            }
+            // A node that has not caught up and started with nothing (new,
+            // or wiped) has nothing to teach: two such nodes comparing their
+            // empty states would each count as caught up (found in review).
+            Request::SyncHash { .. }
+            | Request::SyncJobs { .. }
+            | Request::SyncCompletions { .. }
+                if !self.sync.caught_up && !self.started_with_state =>
+            {
+                Response::Error("this node is still catching up".into())
+            }
+            Request::SyncHash { jobs, completions } => {
+                if (jobs, completions) == self.desired.fingerprints() {
+                    Response::InSync
+                } else {
+                    Response::Differs
+                }
+            }
+            Request::SyncJobs {
+                after,
+                until,
+                digest,
+            } => {
+                if digest.len() > self.config.sync_digest_page.saturating_mul(2) {
+                    Response::Error(format!("digest page of {} names refused", digest.len()))
+                } else {
+                    let (newer, want, more) = self.desired.compare_page(
+                        after.as_deref(),
+                        until.as_deref(),
+                        &digest,
+                        self.config.sync_records_max,
+                    );
+                    Response::SyncedJobs { newer, want, more }
+                }
+            }
+            Request::SyncCompletions {
+                after,
+                until,
+                digest,
+            } => {
+                if digest.len() > self.config.sync_completions_page.saturating_mul(2) {
+                    Response::Error(format!("digest page of {} slots refused", digest.len()))
+                } else {
+                    let (missing, more) = self.desired.missing_completions(
+                        after.as_ref(),
+                        until.as_ref(),
+                        &digest,
+                        self.config.sync_completions_page,
+                    );
+                    Response::SyncedCompletions { missing, more }
+                }
+            }
+            Request::Bid => Response::Bid(self.fresh_node()),
+            Request::Start {
+                job,
+                slots,
+                sent_ms,
+            } => {
+                let age_ms = now.wall_ms.saturating_sub(sent_ms);
+                let refused = if age_ms > self.config.start_max_age.as_millis() as u64 {
+                    // Found by the simulator (seed 118): a start that waited
+                    // 7 s at a paused winner ran a batch slot that had been
+                    // placed again and completed elsewhere meanwhile.
+                    slots
+                        .iter()
+                        .map(|s| {
+                            (
+                                *s,
+                                format!("the start arrived {age_ms} ms after it was sent"),
+                            )
+                        })
+                        .collect()
+                } else {
+                    self.start_requested(job, &slots, now)
+                };
+                Response::Started { refused }
+            }
+            Request::Logs {
+                job,
+                slot,
+                stream,
+                max_bytes,
+            } => match self.local.get(&job, slot) {
+                Some(l) => {
+                    self.out.push(Effect::ReadLogs {
+                        driver: l.driver.clone(),
+                        id: l.id.clone(),
+                        stream,
+                        max_bytes,
+                        to: LogsTo::Peer(token),
+                    });
+                    return self.take();
+                }
+                None => Response::Error(format!(
+                    "{} holds no instance of {job} slot {slot}",
+                    self.me
+                )),
+            },
+        };
+        self.out.push(Effect::Reply { token, response });
+        self.take()
+    }
+
+    /// The reply to one of this node's calls (or why there is none).
+    pub fn handle_reply(
+        &mut self,
+        call: CallId,
+        result: Result<Response, String>,
+        now: Now,
+    ) -> Vec<Effect> {
+        let Some(c) = self.calls.remove(&call) else {
+            return self.take();
+        };
+        match c {
+            Call::Bid { round, bidder } => {
+                let bid = match result {
+                    Ok(Response::Bid(node)) if *node.id == *bidder => Some(node),
+                    _ => None,
+                };
+                let done = match self.placing.round_mut(round) {
+                    Some(r) => {
+                        r.awaiting.remove(&bidder);
+                        if let Some(b) = bid {
+                            r.bids.insert(bidder, b);
+                        }
+                        r.awaiting.is_empty()
+                    }
+                    None => false,
+                };
+                if done {
+                    self.finish_round(round, now);
+                }
+            }
+            // Without an answer the start may or may not have happened, so
+            // the slots stay in flight until their copies show or the
+            // placement's time runs out.
+            Call::Start { job, slots, winner } => {
+                if let Ok(Response::Started { refused }) = result {
+                    for (slot, why) in refused {
+                        if slots.contains(&slot) {
+                            self.counters.unplaceable += 1;
+                            self.placing.failed(
+                                &job,
+                                slot,
+                                format!("{winner} refused it: {why}"),
+                                now.mono,
+                                (self.config.retry_min, self.config.retry_max),
+                            );
+                        }
+                    }
+                    self.dirty = true;
+                }
+            }
+            Call::Sync => self.sync_reply(call, result, now),
+            Call::Replicate { write } => {
+                if let Ok(Response::Ok) = result {
+                    if let Some(r) = self.replicating.remove(&write) {
+                        self.answer(r.token, Ok(r.record));
+                    }
+                }
+            }
+        }
+        self.take()
+    }
+
+    /// An API command.
+    pub fn handle_api(&mut self, token: ApiToken, request: ApiRequest, now: Now) -> Vec<Effect> {
+        let is_write = !matches!(request, ApiRequest::Logs { .. });
+        if is_write && !self.sync.caught_up {
+            // A node still catching up would answer a stop or a scale with
+            // "no such job", and give a submission a version that a newer
+            // write it has not seen yet beats (found in review): writes wait
+            // until it has caught up, a bounded while.
+            if self.held_api.len() >= HELD_API_MAX {
+                self.answer(
+                    token,
+                    Err(ApiError::Unavailable(
+                        "this node is still catching up with the cluster; try again shortly or ask another node".into(),
+                    )),
+                );
+            } else {
+                self.held_api.push((token, request, now.mono));
+            }
+            return self.take();
+        }
+        self.api(token, request, now);
+        self.take()
+    }
+
+    fn api(&mut self, token: ApiToken, request: ApiRequest, now: Now) {
+        match request {
+            ApiRequest::Submit { text } => match JobSpec::parse(&text) {
+                Err(e) => self.answer(token, Err(ApiError::BadRequest(e.to_string()))),
+                Ok(spec) => self.write(token, spec.name.clone(), Some(spec), now),
+            },
+            ApiRequest::Stop { name } => match self.desired.spec(&name) {
+                None => self.answer(
+                    token,
+                    Err(ApiError::NotFound(format!("no job named `{name}` is running"))),
+                ),
+                Some(_) => self.write(token, name, None, now),
+            },
+            ApiRequest::Scale { name, replicas } => match self.desired.spec(&name).cloned() {
+                None => self.answer(
+                    token,
+                    Err(ApiError::NotFound(format!("no job named `{name}` is running"))),
+                ),
+                Some(_) if replicas == 0 || replicas > REPLICAS_MAX => self.answer(
+                    token,
+                    Err(ApiError::BadRequest(format!(
+                        "replicas must be between 1 and {REPLICAS_MAX} (use `shoal stop` to stop a job)"
+                    ))),
+                ),
+                Some(mut spec) => {
+                    spec.replicas = replicas;
+                    self.write(token, name, Some(spec), now)
+                }
+            },
+            ApiRequest::Logs {
+                job,
+                slot,
+                stream,
+                max_bytes,
+            } => self.logs(token, job, slot, stream, max_bytes, now),
+        }
+    }
+
+    /// A write the shell persisted (or could not).
+    pub fn handle_persisted(
+        &mut self,
+        write: WriteId,
+        result: Result<(), String>,
+        now: Now,
+    ) -> Vec<Effect> {
+        let Some(w) = self.writes.remove(&write) else {
+            return self.take();
+        };
+        match result {
+            Ok(()) => {
+                for r in &w.jobs {
+                    self.apply_record(r.clone(), now);
+                }
+                let mut new_completions = Vec::new();
+                for c in &w.completions {
+                    if self.desired.complete(c.clone()) {
+                        new_completions.push(c.clone());
+                        self.dirty = true;
+                    }
+                }
+                match w.origin {
+                    Origin::Api(token) => self.replicate(write, token, w.jobs, now),
+                    Origin::Completion => {
+                        if !new_completions.is_empty() {
+                            self.push_to_all(Request::PutCompletions(new_completions));
+                        }
+                    }
+                    Origin::Peer(Some(reply)) => self.out.push(Effect::Reply {
+                        token: reply,
+                        response: Response::Ok,
+                    }),
+                    Origin::Peer(None) | Origin::Sync => {}
+                }
+            }
+            Err(e) => match w.origin {
+                Origin::Api(token) => self.answer(
+                    token,
+                    Err(ApiError::Storage(format!(
+                        "the write could not be stored on this node ({e}); nothing was accepted"
+                    ))),
+                ),
+                // Tried again on the timer: a completion must not be lost.
+                Origin::Completion => self.unsaved.extend(w.completions),
+                Origin::Peer(Some(reply)) => self.out.push(Effect::Reply {
+                    token: reply,
+                    response: Response::Error(format!("not stored: {e}")),
+                }),
+                // What anti-entropy brought is not on disk: the node has not
+                // caught up (found in review), and the next exchange brings
+                // it again.
+                Origin::Sync => {
+                    if !self.sync.caught_up {
+                        self.sync.exchange_done = false;
+                    }
+                }
+                // A peer's write comes again by anti-entropy.
+                Origin::Peer(None) => {}
+            },
+        }
+        self.maybe_caught_up();
+        self.take()
+    }
+
+    /// A driver's start finished.
+    pub fn handle_started(
+        &mut self,
+        id: InstanceId,
+        result: Result<(), String>,
+        now: Now,
+    ) -> Vec<Effect> {
+        let grace = self.config.stop_grace;
+        let mut ended = None;
+        if let Some(l) = self.local.get_run_mut(&id) {
+            l.start_in_flight = false;
+            match result {
+                Ok(()) => {
+                    l.error = None;
+                    if l.stopping {
+                        // Stopped while it was starting: that stop found
+                        // nothing to signal yet (found by the chaos suite
+                        // as an orphan process), so stop it now that it runs.
+                        self.out.push(Effect::StopInstance {
+                            driver: l.driver.clone(),
+                            id: l.id.clone(),
+                            grace,
+                        });
+                    } else if l.state == SlotState::Starting {
+                        l.state = SlotState::Running;
+                    }
+                }
+                Err(e) => {
+                    l.error = Some(crate::gossip::bounded(format!("start failed: {e}")));
+                    ended = Some(InstanceState::Exited(ExitStatus::code(127)));
+                }
+            }
+            self.dirty = true;
+        }
+        if let Some(state) = ended {
+            self.ended(id, state, now);
+        }
+        self.take()
+    }
+
+    /// News from a driver.
+    pub fn handle_driver(&mut self, event: DriverEvent, now: Now) -> Vec<Effect> {
+        match event {
+            DriverEvent::Ended { id, state } => self.ended(id, state, now),
+        }
+        self.take()
+    }
+
+    /// Time passed: restarts, rounds and placements that ran out, the
+    /// reconcile pass when due, anti-entropy.
+    pub fn handle_timer(&mut self, now: Now) -> Vec<Effect> {
+        if let Some(last) = self.last_timer {
+            if now.mono.saturating_duration_since(last) > self.config.stall {
+                // We were frozen: peers have probably declared us dead and
+                // replaced our copies. Hold ours back until gossip shows
+                // whether they did (as after a restart).
+                self.recheck_local(now);
+            }
+        }
+        self.last_timer = Some(now.mono);
+        self.restarts_due(now);
+        self.stops_overdue(now);
+        self.release_held_api(now);
+        let overdue: Vec<WriteId> = self
+            .replicating
+            .iter()
+            .filter(|(_, r)| r.deadline <= now.mono)
+            .map(|(w, _)| *w)
+            .collect();
+        for w in overdue {
+            if let Some(r) = self.replicating.remove(&w) {
+                self.answer(r.token, Ok(r.record));
+            }
+        }
+        for round in self.placing.overdue(now.mono) {
+            self.finish_round(round, now);
+        }
+        self.placing.expire(now.mono);
+        let since = self
+            .last_pass
+            .map(|t| now.mono.saturating_duration_since(t))
+            .unwrap_or(Duration::MAX);
+        let gap = self
+            .config
+            .reconcile_interval_min
+            .max(self.pass_cost.saturating_mul(self.config.pace));
+        if (self.dirty && since >= gap) || since >= self.config.reconcile_interval_max.max(gap) {
+            self.dirty = false;
+            self.last_pass = Some(now.mono);
+            self.pass(now);
+        }
+        self.anti_entropy(now);
+        if !self.unsaved.is_empty() && self.writes.len() < self.config.writes_in_flight_max {
+            let cs = std::mem::take(&mut self.unsaved);
+            self.persist(Vec::new(), cs, Origin::Completion);
+        }
+        self.take()
+    }
+
+    /// Graceful leave: stops every local copy (their slots move to other
+    /// nodes).
+    pub fn shutdown(&mut self) -> Vec<Effect> {
+        let grace = self.config.stop_grace;
+        let locals: Vec<Local> = self.local.iter().cloned().collect();
+        for l in locals {
+            self.local.remove(&l.id.job, l.id.slot);
+            self.out.push(Effect::Discard {
+                driver: l.driver,
+                id: l.id,
+                grace,
+            });
+        }
+        self.take()
+    }
+
+    // ---- writes ----
+
+    fn answer(&mut self, token: ApiToken, result: Result<Arc<JobRecord>, ApiError>) {
+        let answer = match result {
+            Ok(r) => ApiAnswer::Written(r),
+            Err(e) => ApiAnswer::Failed(e),
+        };
+        self.out.push(Effect::Answer { token, answer });
+    }
+
+    /// Writes a new version of a job (or its tombstone): durable first,
+    /// answered and pushed to every node once the store has it.
+    fn write(&mut self, token: ApiToken, name: String, spec: Option<JobSpec>, now: Now) {
+        if self.writes.len() >= self.config.writes_in_flight_max {
+            return self.answer(
+                token,
+                Err(ApiError::Unavailable(
+                    "too many writes are waiting for the disk; try again shortly".into(),
+                )),
+            );
+        }
+        let record = Arc::new(JobRecord {
+            name,
+            version: self.next_version(now),
+            spec,
+        });
+        self.persist(vec![record], Vec::new(), Origin::Api(token));
+    }
+
+    /// Records from a peer: validated like a submission, the newer ones
+    /// persisted (and applied once durable). Returns whether a write was
+    /// issued (its origin is told when it is durable).
+    fn take_records(&mut self, records: Vec<Arc<JobRecord>>, origin: Origin) -> Taken {
+        let newer: Vec<Arc<JobRecord>> = records
+            .into_iter()
+            .filter(|r| r.validate().is_ok() && self.desired.is_newer(r))
+            .collect();
+        if newer.is_empty() {
+            return Taken::Nothing;
+        }
+        if self.writes.len() >= self.config.writes_in_flight_max {
+            return Taken::Dropped;
+        }
+        self.persist(newer, Vec::new(), origin);
+        Taken::Writing
+    }
+
+    /// An API write is durable here: it goes to every node, and the API is
+    /// answered once one of them has it on its disk too (or no peer is
+    /// alive, or `replicate_timeout` passed: the write is durable here and
+    /// anti-entropy spreads it). Found by the chaos suite (seed 42): a write
+    /// answered at a node whose machine was wiped a moment later was lost,
+    /// because its push had not left yet.
+    fn replicate(&mut self, write: WriteId, token: ApiToken, jobs: Vec<Arc<JobRecord>>, now: Now) {
+        let Some(record) = jobs.first().cloned() else {
+            return;
+        };
+        let peers = self.alive_peers();
+        if peers.is_empty() {
+            self.answer(token, Ok(record));
+            return;
+        }
+        // A few peers are asked to confirm (one is enough); the others get
+        // the push without an answer to wait for, so a write to a large
+        // cluster does not tie up a call per member (found in review).
+        let mut peers = peers;
+        peers.shuffle(&mut self.rng);
+        for (i, (to, addr)) in peers.into_iter().enumerate() {
+            let call = (i < REPLICAS_ASKED).then(|| {
+                let call = self.id();
+                self.calls.insert(call, Call::Replicate { write });
+                call
+            });
+            self.out.push(Effect::Send {
+                to,
+                addr,
+                request: Request::PutJobs(jobs.clone()),
+                call,
+                timeout: self.config.call_timeout,
+            });
+        }
+        self.replicating.insert(
+            write,
+            Replicating {
+                token,
+                record,
+                deadline: now.mono + self.config.replicate_timeout,
+            },
+        );
+    }
+
+    fn take_completions(&mut self, cs: Vec<Completion>, origin: Origin) -> Taken {
+        let new: Vec<Completion> = cs
+            .into_iter()
+            .filter(|c| {
+                crate::job::valid_name(&c.job) && !self.desired.is_completed(&c.job, c.slot)
+            })
+            .collect();
+        if new.is_empty() {
+            return Taken::Nothing;
+        }
+        if self.writes.len() >= self.config.writes_in_flight_max {
+            return Taken::Dropped;
+        }
+        self.persist(Vec::new(), new, origin);
+        Taken::Writing
+    }
+
+    fn apply_record(&mut self, r: Arc<JobRecord>, now: Now) {
+        self.clock.observe(r.version.hlc);
+        let name = r.name.clone();
+        let live = r.is_live();
+        if self.desired.apply(r) {
+            self.dirty = true;
+            if live {
+                self.placing.retry_now(Some(&name), now.mono);
+            } else {
+                self.placing.forget_job(&name);
+            }
+        }
+    }
+
+    // ---- local copies ----
+
+    /// A coordinator asks this node to start slots of `job`.
+    fn start_requested(
+        &mut self,
+        job: Arc<JobRecord>,
+        slots: &[u32],
+        now: Now,
+    ) -> Vec<(u32, String)> {
+        let refuse_all = |why: &str| slots.iter().map(|s| (*s, why.to_string())).collect();
+        if !self.sync.caught_up {
+            return refuse_all("it is still catching up with the cluster's state");
+        }
+        if let Err(e) = job.validate() {
+            return refuse_all(&format!("invalid job record: {e}"));
+        }
+        if self.desired.is_newer(&job) {
+            // Newer than ours: keep it (durably, like any peer's write)
+            // and start from it.
+            let _ = self.take_records(vec![job.clone()], Origin::Peer(None));
+        } else if self
+            .desired
+            .get(&job.name)
+            .is_some_and(|r| r.version != job.version)
+        {
+            return refuse_all("the job changed since it was placed");
+        }
+        self.start_slots(&job, slots, now)
+    }
+
+    /// Starts slots of `job` here, checking every rule this node can check
+    /// for itself (it fits, its ports are free, no other replica of a
+    /// distinct-hosts job runs here, the constraints hold, a batch slot did
+    /// not complete); returns the slots it refused and why.
+    fn start_slots(&mut self, job: &Arc<JobRecord>, slots: &[u32], now: Now) -> Vec<(u32, String)> {
+        let Some(spec) = job.spec.clone() else {
+            return slots
+                .iter()
+                .map(|s| (*s, "the job is stopped".to_string()))
+                .collect();
+        };
+        if !self.drivers.contains(&spec.task.driver) {
+            return slots
+                .iter()
+                .map(|s| (*s, format!("it has no `{}` driver", spec.task.driver)))
+                .collect();
+        }
+        let mut refused = Vec::new();
+        let mut fresh = self.fresh_node();
+        let fp = spec.task.fingerprint();
+        for &slot in slots {
+            if slot >= spec.replicas {
+                refused.push((slot, "the slot is beyond the replica count".into()));
+                continue;
+            }
+            match self.local.get(&job.name, slot) {
+                // Its previous copy still runs here and holds the slot's
+                // ports until it is gone (found by the simulator, seed 35;
+                // removing the entry now would also lose the process).
+                Some(l) if l.stopping => {
+                    refused.push((
+                        slot,
+                        "the slot's previous copy is still stopping there".into(),
+                    ));
+                    continue;
+                }
+                Some(l) if l.state.is_live() || l.state == SlotState::Completed => {
+                    continue; // already here
+                }
+                _ => {}
+            }
+            if spec.job_type == JobType::Batch && self.desired.is_completed(&job.name, slot) {
+                refused.push((slot, "the slot already completed".into()));
+                continue;
+            }
+            let req = spec.slot_request(slot);
+            if let Some(c) = req.constraints.iter().find(|c| !c.holds(&fresh)) {
+                refused.push((slot, format!("it does not satisfy `{c}`")));
+                continue;
+            }
+            if spec.distinct_hosts
+                && self
+                    .local
+                    .live_of_job(&job.name)
+                    .any(|l| l.id.slot != slot && !l.stopping)
+            {
+                refused.push((
+                    slot,
+                    "it already runs a replica of the job (distinct_hosts)".into(),
+                ));
+                continue;
+            }
+            if let Some(p) = req.ports.iter().find(|p| fresh.ports_used.contains(p)) {
+                refused.push((slot, format!("port {p} is taken there")));
+                continue;
+            }
+            if cost(&fresh, &req) == u64::MAX {
+                refused.push((slot, "it no longer has the CPU or memory free".into()));
+                continue;
+            }
+            fresh.used = fresh.used.plus(req.resources);
+            fresh.ports_used.extend(req.ports.iter().copied());
+            let id = InstanceId {
+                job: job.name.clone(),
+                slot,
+                run: self.run_id(now),
+            };
+            if let Some(old) = self.local.remove(&job.name, slot) {
+                // A finished or stopping run of the slot: forget it.
+                self.out.push(Effect::RemoveInstance {
+                    driver: old.driver,
+                    id: old.id,
+                });
+            }
+            let local = Local {
+                id,
+                driver: spec.task.driver.clone(),
+                record: job.clone(),
+                task: fp,
+                state: SlotState::Starting,
+                restarts: 0,
+                restart_at: None,
+                stopping: false,
+                stop_sent: None,
+                start_in_flight: true,
+                error: None,
+                unconfirmed: false,
+            };
+            self.launch(&local);
+            self.local.insert(local);
+        }
+        self.dirty = true;
+        refused
+    }
+
+    fn launch(&mut self, l: &Local) {
+        let Some(spec) = &l.record.spec else { return };
+        let env = BTreeMap::from([
+            ("SHOAL_JOB".to_string(), l.id.job.clone()),
+            ("SHOAL_SLOT".to_string(), l.id.slot.to_string()),
+            ("SHOAL_NODE".to_string(), self.me.to_string()),
+        ]);
+        self.counters.starts += 1;
+        self.out.push(Effect::StartInstance {
+            driver: l.driver.clone(),
+            spec: Box::new(InstanceSpec {
+                id: l.id.clone(),
+                job_version: l.record.version.clone(),
+                task: spec.task.clone(),
+                env,
+            }),
+        });
+    }
+
+    fn ended(&mut self, id: InstanceId, state: InstanceState, now: Now) {
+        let me = self.me.to_string();
+        let Some(l) = self.local.get_run_mut(&id) else {
+            return;
+        };
+        self.dirty = true;
+        if l.stopping {
+            let driver = l.driver.clone();
+            self.local.remove(&id.job, id.slot);
+            self.out.push(Effect::RemoveInstance { driver, id });
+            return;
+        }
+        if let InstanceState::Exited(ExitStatus { error: Some(e), .. }) = &state {
+            l.error = Some(crate::gossip::bounded(e.clone()));
+        }
+        let success = matches!(&state, InstanceState::Exited(s) if s.success());
+        let Some(spec) = l.record.spec.clone() else {
+            return;
+        };
+        match spec.job_type {
+            JobType::Batch if success => {
+                l.state = SlotState::Completed;
+                let c = Completion {
+                    job: id.job.clone(),
+                    slot: id.slot,
+                    job_version: l.record.version.clone(),
+                    node: me,
+                    exit_code: 0,
+                };
+                self.persist(Vec::new(), vec![c], Origin::Completion);
+            }
+            JobType::Batch if l.restarts >= spec.restart.attempts => {
+                l.state = SlotState::Failed;
+            }
+            _ => {
+                // Restart in place after a backoff; the slot stays ours (a
+                // live copy) so nobody else places it meanwhile.
+                let delay = spec.restart.backoff(l.restarts);
+                l.restarts = l.restarts.saturating_add(1);
+                l.state = SlotState::Starting;
+                l.restart_at = Some(now.mono.checked_add(delay).unwrap_or(now.mono));
+            }
+        }
+    }
+
+    fn restarts_due(&mut self, now: Now) {
+        let due: Vec<(String, u32)> = self
+            .local
+            .iter()
+            .filter(|l| l.restart_at.is_some_and(|t| t <= now.mono) && !l.stopping)
+            .map(|l| (l.id.job.clone(), l.id.slot))
+            .collect();
+        for (job, slot) in due {
+            let run = self.run_id(now);
+            let Some(l) = self.local.get_mut(&job, slot) else {
+                continue;
+            };
+            let old = l.id.clone();
+            l.id = InstanceId { job, slot, run };
+            l.restart_at = None;
+            l.start_in_flight = true;
+            let l = l.clone();
+            self.out.push(Effect::RemoveInstance {
+                driver: l.driver.clone(),
+                id: old,
+            });
+            self.launch(&l);
+            self.dirty = true;
+        }
+    }
+
+    /// A stop whose copy has not ended well after the stop grace (the
+    /// stop failed, or its driver lost it) is requested again (found in
+    /// review: a copy stuck `stopping` held its resources and ports for
+    /// good).
+    fn stops_overdue(&mut self, now: Now) {
+        let grace = self.config.stop_grace;
+        let again_after = grace
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(1));
+        let mut again = Vec::new();
+        for l in self.local.iter_mut() {
+            if l.stopping
+                && l.stop_sent
+                    .is_some_and(|t| now.mono.saturating_duration_since(t) >= again_after)
+            {
+                l.stop_sent = Some(now.mono);
+                again.push((l.driver.clone(), l.id.clone()));
+            }
+        }
+        for (driver, id) in again {
+            self.out.push(Effect::StopInstance { driver, id, grace });
+        }
+    }
+
+    /// Writes held while catching up: carried out once caught up, refused
+    /// after `held_api_timeout`.
+    fn release_held_api(&mut self, now: Now) {
+        if self.held_api.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held_api);
+        for (token, request, since) in held {
+            if self.sync.caught_up {
+                self.api(token, request, now);
+            } else if now.mono.saturating_duration_since(since) >= self.config.held_api_timeout {
+                self.answer(
+                    token,
+                    Err(ApiError::Unavailable(
+                        "this node has not caught up with the cluster yet (no peer answered); try again or ask another node".into(),
+                    )),
+                );
+            } else {
+                self.held_api.push((token, request, since));
+            }
+        }
+    }
+
+    fn stop_local(&mut self, job: &str, slot: u32, reason: StopReason, now: Now) {
+        let grace = self.config.stop_grace;
+        let Some(l) = self.local.get_mut(job, slot) else {
+            return;
+        };
+        if l.stopping {
+            return;
+        }
+        let _ = reason;
+        l.stopping = true;
+        l.unconfirmed = false;
+        l.state = SlotState::Pending;
+        self.dirty = true;
+        self.counters.stops += 1;
+        l.stop_sent = Some(now.mono);
+        let (driver, id) = (l.driver.clone(), l.id.clone());
+        if l.restart_at.take().is_some() {
+            // Nothing runs (it was waiting to restart): forget it now.
+            self.local.remove(job, slot);
+            self.out.push(Effect::RemoveInstance { driver, id });
+            return;
+        }
+        self.out.push(Effect::StopInstance { driver, id, grace });
+    }
+
+    /// Holds this node's live copies back from gossip and from its own
+    /// verdicts, and coordinates nothing, for the join grace; then
+    /// [`Self::confirm_adopted`] keeps those the cluster did not replace.
+    fn recheck_local(&mut self, now: Now) {
+        for l in self.local.iter_mut().filter(|l| l.state.is_live()) {
+            l.unconfirmed = true;
+        }
+        self.coordinate_after = now.mono + self.config.join_grace;
+        self.dirty = true;
+    }
+
+    /// Settles the copies found after a restart or a stall, once gossip has
+    /// had the join grace to show the cluster's state: a copy whose slot
+    /// another node runs now is stopped; the others are ours again.
+    fn confirm_adopted(&mut self, now: Now) {
+        let unconfirmed: Vec<(String, u32)> = self
+            .local
+            .iter()
+            .filter(|l| l.unconfirmed)
+            .map(|l| (l.id.job.clone(), l.id.slot))
+            .collect();
+        for (job, slot) in unconfirmed {
+            let elsewhere = self
+                .seen
+                .copies(&self.me, &job, slot, now.mono)
+                .any(|(_, c)| c.state.is_live());
+            if let Some(l) = self.local.get_mut(&job, slot) {
+                l.unconfirmed = false;
+            }
+            if elsewhere {
+                self.stop_local(&job, slot, StopReason::Superseded, now);
+            }
+        }
+    }
+
+    // ---- the pass ----
+
+    fn pass(&mut self, now: Now) {
+        self.counters.passes += 1;
+        if self.sync.caught_up && !self.seen.view.members.is_empty() {
+            let coordinating = now.mono >= self.coordinate_after;
+            if coordinating {
+                self.confirm_adopted(now);
+            }
+            self.own_copies(now);
+            if coordinating {
+                self.coordinate(now);
+            }
+        }
+        self.publish();
+    }
+
+    /// Verdicts on this node's own copies.
+    fn own_copies(&mut self, now: Now) {
+        let mut stops = Vec::new();
+        let mut forget = Vec::new();
+        for l in self.local.iter() {
+            let live = l.state.is_live();
+            let job = self
+                .desired
+                .spec(&l.id.job)
+                .zip(self.desired.task_fp(&l.id.job));
+            if !live {
+                // A finished copy of a stopped job is forgotten (one being
+                // stopped goes when its end is reported: forgetting it now
+                // would lose its process before the stop reached it).
+                if job.is_none() && !l.stopping && l.restart_at.is_none() {
+                    forget.push((l.id.job.clone(), l.id.slot));
+                }
+                continue;
+            }
+            if l.stopping || l.unconfirmed {
+                continue;
+            }
+            let mine = l.published();
+            let others: Vec<(&str, &crate::instance::Published)> = self
+                .seen
+                .copies(&self.me, &l.id.job, l.id.slot, now.mono)
+                .map(|(n, c)| (&**n, c))
+                .collect();
+            let fin = job.is_some_and(|(spec, _)| {
+                finished(
+                    spec,
+                    self.desired.is_completed(&l.id.job, l.id.slot),
+                    others.iter().map(|(_, c)| *c),
+                )
+            });
+            if let Some(r) = own_copy_stop(&self.me, job, fin, &mine, others.iter().copied()) {
+                stops.push((l.id.job.clone(), l.id.slot, r));
+            }
+        }
+        for (job, slot, r) in stops {
+            self.stop_local(&job, slot, r, now);
+        }
+        for (job, slot) in forget {
+            if let Some(l) = self.local.remove(&job, slot) {
+                self.out.push(Effect::RemoveInstance {
+                    driver: l.driver,
+                    id: l.id,
+                });
+            }
+        }
+    }
+
+    /// Places the empty slots of the jobs this node coordinates.
+    fn coordinate(&mut self, now: Now) {
+        let arcs = self.seen.view.members.arcs_of(&self.me);
+        let mine: BTreeSet<String> = arcs
+            .iter()
+            .flat_map(|(lo, hi)| self.desired.live_in_arc(*lo, *hi))
+            .map(str::to_string)
+            .collect();
+        // Jobs no longer ours: their state goes (the new coordinator starts
+        // afresh; a placement of ours still in flight shows in gossip).
+        for job in self.placing.jobs() {
+            if !mine.contains(&job) {
+                self.placing.forget_job(&job);
+            }
+        }
+        for job in mine {
+            if self.placing.rounds_len() >= self.config.rounds_in_flight_max {
+                break;
+            }
+            self.coordinate_job(&job, now);
+        }
+    }
+
+    fn coordinate_job(&mut self, name: &str, now: Now) {
+        if self.placing.has_round(name) {
+            return;
+        }
+        let Some(record) = self.desired.get(name).cloned() else {
+            return;
+        };
+        let Some(spec) = record.spec.as_ref() else {
+            return;
+        };
+        let fp = spec.task.fingerprint();
+        // Slots scaled away are no longer this coordinator's business.
+        self.placing.forget_slots_from(name, spec.replicas);
+        // Any change to the job's copies, here or anywhere, lets its
+        // backing-off slots try again at once (found by the simulator, seed
+        // 315: slots of a distinct-hosts job blocked while an update stopped
+        // the old copies waited out their backoff after the nodes freed up).
+        let stamp = self.seen.view.index.change_of(name).wrapping_add(
+            self.local
+                .of_job(name)
+                .map(|l| l.id.run ^ u64::from(l.stopping) ^ ((l.state as u64) << 1))
+                .fold(0u64, u64::wrapping_add),
+        );
+        self.placing.retry_if_changed(name, stamp, now.mono);
+        let mut to_place = Vec::new();
+        for slot in 0..spec.replicas {
+            if !self.slot_needs_placing(spec, fp, slot, now) {
+                // Placed (or finished): a placement in flight landed.
+                self.placing.landed(name, slot);
+                self.placing.settled(name, slot);
+                continue;
+            }
+            // Copies of a member back from the dead wait for its re-check.
+            let doubtful = self.seen.view.index.job(name).is_some_and(|c| {
+                c.slot(slot)
+                    .iter()
+                    .any(|(n, c)| c.state.is_live() && self.seen.distrusted(n, now.mono))
+            });
+            if doubtful
+                || self.placing.is_in_flight(name, slot)
+                || self.placing.backing_off(name, slot, now.mono)
+            {
+                continue;
+            }
+            to_place.push(slot);
+            if to_place.len() >= self.config.slots_per_round_max {
+                break;
+            }
+        }
+        if !to_place.is_empty() {
+            self.begin_round(record, to_place, now);
+        }
+    }
+
+    /// Whether a slot of a live job has no live copy of the current task
+    /// anywhere this node can see, and is not finished.
+    fn slot_needs_placing(&self, spec: &JobSpec, fp: u64, slot: u32, now: Now) -> bool {
+        let name = spec.name.as_str();
+        let mine = self.local.get(name, slot).map(|l| l.published());
+        let others: Vec<crate::instance::Published> = self
+            .seen
+            .copies(&self.me, name, slot, now.mono)
+            .map(|(_, c)| c.clone())
+            .collect();
+        let all = || mine.iter().chain(others.iter());
+        let fin = finished(spec, self.desired.is_completed(name, slot), all());
+        needs_placing(spec, fp, slot, fin, all())
+    }
+
+    /// Where the job's live copies (and this node's placements in flight)
+    /// are, per node.
+    fn placements_of(&self, job: &str, now: Now) -> JobPlacements {
+        let mut p = JobPlacements::new();
+        if let Some(copies) = self.seen.view.index.job(job) {
+            for (_, n, c) in copies.iter() {
+                if c.state.is_live() && self.seen.counts(&self.me, n, now.mono) {
+                    *p.entry(n.to_string()).or_insert(0) += 1;
+                }
+            }
+        }
+        for l in self.local.live_of_job(job).filter(|l| !l.stopping) {
+            let _ = l;
+            *p.entry(self.me.to_string()).or_insert(0) += 1;
+        }
+        if let Some(f) = self.placing.in_flight(job) {
+            for inf in f.values() {
+                *p.entry(inf.winner.to_string()).or_insert(0) += 1;
+            }
+        }
+        p
+    }
+
+    fn begin_round(&mut self, record: Arc<JobRecord>, slots: Vec<u32>, now: Now) {
+        let Some(spec) = record.spec.as_ref() else {
+            return;
+        };
+        self.counters.rounds += 1;
+        let mut nodes = self.seen.placement_nodes();
+        let fresh = self.fresh_node();
+        match nodes.iter_mut().find(|n| *n.id == *self.me) {
+            Some(n) => *n = fresh,
+            None => nodes.push(fresh),
+        }
+        let index = NodeIndex::new(&nodes);
+        let placements = self.placements_of(&record.name, now);
+        let mut bidders: BTreeSet<Arc<str>> = BTreeSet::new();
+        let mut placeable = Vec::new();
+        for slot in slots {
+            match candidates_with(
+                &spec.slot_request(slot),
+                &nodes,
+                &index,
+                &placements,
+                &self.config.placement,
+            ) {
+                Ok(c) => {
+                    for cand in c {
+                        if bidders.len() < self.config.bidders_per_round_max
+                            && *cand.node != *self.me
+                        {
+                            bidders.insert(Arc::from(cand.node.as_str()));
+                        }
+                    }
+                    placeable.push(slot);
+                }
+                Err(u) => {
+                    self.counters.unplaceable += 1;
+                    self.placing.failed(
+                        &record.name,
+                        slot,
+                        u.to_string(),
+                        now.mono,
+                        (self.config.retry_min, self.config.retry_max),
+                    );
+                }
+            }
+        }
+        if placeable.is_empty() {
+            return;
+        }
+        let round = self.placing.begin(Round {
+            job: record,
+            slots: placeable,
+            nodes,
+            placements,
+            awaiting: bidders.clone(),
+            bids: BTreeMap::new(),
+            deadline: now.mono + self.config.bid_timeout,
+        });
+        if bidders.is_empty() {
+            self.finish_round(round, now);
+            return;
+        }
+        for b in bidders {
+            self.send(
+                &b,
+                Request::Bid,
+                Some(Call::Bid {
+                    round,
+                    bidder: b.clone(),
+                }),
+                self.config.bid_timeout,
+            );
+        }
+    }
+
+    /// Every bid is in (or the deadline passed): assign the slots and tell
+    /// the winners.
+    fn finish_round(&mut self, round: u64, now: Now) {
+        let Some(r) = self.placing.finish(round) else {
+            return;
+        };
+        // The job changed meanwhile: the next pass places it afresh.
+        if self
+            .desired
+            .get(&r.job.name)
+            .is_none_or(|cur| cur.version != r.job.version)
+        {
+            return;
+        }
+        let Some(spec) = r.job.spec.as_ref() else {
+            return;
+        };
+        // What changed while the bids were out: a slot that got a copy or
+        // completed meanwhile is not placed again (found by the simulator,
+        // seed 56: a batch slot that completed during the round ran twice).
+        let fp = spec.task.fingerprint();
+        let slots: Vec<u32> = r
+            .slots
+            .iter()
+            .copied()
+            .filter(|s| {
+                self.slot_needs_placing(spec, fp, *s, now)
+                    && !self.placing.is_in_flight(&r.job.name, *s)
+            })
+            .collect();
+        if slots.is_empty() {
+            return;
+        }
+        let mut nodes = r.nodes;
+        for n in nodes.iter_mut() {
+            if let Some(bid) = r.bids.get(n.id.as_str()) {
+                n.used = bid.used;
+                n.reserved = bid.reserved;
+                n.ports_used = bid.ports_used.clone();
+            }
+            if *n.id == *self.me {
+                *n = self.fresh_node();
+            }
+        }
+        let index = NodeIndex::new(&nodes);
+        let mut placements = self.placements_of(&r.job.name, now);
+        let requests: Vec<_> = slots.iter().map(|s| spec.slot_request(*s)).collect();
+        let results = assign(
+            &requests,
+            &mut nodes,
+            &index,
+            &mut placements,
+            &self.config.placement,
+        );
+        let mut by_winner: BTreeMap<Arc<str>, Vec<u32>> = BTreeMap::new();
+        for (slot, result) in slots.iter().zip(results) {
+            match result {
+                Ok(i) => {
+                    by_winner
+                        .entry(Arc::from(nodes[i].id.as_str()))
+                        .or_default()
+                        .push(*slot);
+                }
+                Err(u) => {
+                    self.counters.unplaceable += 1;
+                    self.placing.failed(
+                        &r.job.name,
+                        *slot,
+                        u.to_string(),
+                        now.mono,
+                        (self.config.retry_min, self.config.retry_max),
+                    );
+                }
+            }
+        }
+        let until = now.mono + self.config.placement_ttl;
+        for (winner, slots) in by_winner {
+            self.counters.placed += slots.len() as u64;
+            if winner == self.me {
+                let refused = self.start_slots(&r.job, &slots, now);
+                for (slot, why) in refused {
+                    self.counters.unplaceable += 1;
+                    self.placing.failed(
+                        &r.job.name,
+                        slot,
+                        format!("{winner} refused it: {why}"),
+                        now.mono,
+                        (self.config.retry_min, self.config.retry_max),
+                    );
+                }
+                continue;
+            }
+            for s in &slots {
+                self.placing.placed(&r.job.name, *s, winner.clone(), until);
+            }
+            self.send(
+                &winner,
+                Request::Start {
+                    job: r.job.clone(),
+                    slots: slots.clone(),
+                    sent_ms: now.wall_ms,
+                },
+                Some(Call::Start {
+                    job: r.job.name.clone(),
+                    slots,
+                    winner: winner.clone(),
+                }),
+                self.config.call_timeout,
+            );
+        }
+        self.dirty = true;
+    }
+
+    fn publish(&mut self) {
+        let (changes, load) = self.local.publication();
+        for (key, value) in changes.into_iter().chain(self.placing.publication()) {
+            self.out.push(Effect::Publish { key, value });
+        }
+        if let Some(load) = load {
+            self.out.push(Effect::PublishLoad(load));
+        }
+    }
+
+    // ---- anti-entropy ----
+
+    fn anti_entropy(&mut self, now: Now) {
+        // An exchange whose answer never came (the shell lost it, or a peer
+        // is stuck) is given up after three call timeouts.
+        if self.sync.exchange.as_ref().is_some_and(|e| {
+            now.mono.saturating_duration_since(e.since) > self.config.call_timeout * 3
+        }) {
+            if let Some(e) = self.sync.exchange.take() {
+                self.calls.remove(&e.call);
+            }
+        }
+        if self.sync.exchange.is_some() {
+            return;
+        }
+        let interval = if self.sync.caught_up {
+            self.config.sync_interval
+        } else {
+            self.config.catch_up_retry
+        };
+        if self
+            .sync
+            .last
+            .is_some_and(|t| now.mono.saturating_duration_since(t) < interval)
+        {
+            return;
+        }
+        let peers: Vec<(Arc<str>, SocketAddr)> = self
+            .alive_peers()
+            .into_iter()
+            .filter(|(n, _)| {
+                self.seen
+                    .view
+                    .members
+                    .get(n)
+                    .is_some_and(|m| m.has_record())
+            })
+            .collect();
+        let Some((peer, addr)) = peers.choose(&mut self.rng).cloned() else {
+            return;
+        };
+        self.sync.last = Some(now.mono);
+        self.counters.syncs += 1;
+        let (jobs, completions) = self.desired.fingerprints();
+        self.sync_step(
+            peer,
+            addr,
+            Step::Hash,
+            Request::SyncHash { jobs, completions },
+            now.mono,
+        );
+    }
+
+    fn sync_step(
+        &mut self,
+        peer: Arc<str>,
+        addr: SocketAddr,
+        step: Step,
+        request: Request,
+        now: Instant,
+    ) {
+        let call = self.id();
+        self.calls.insert(call, Call::Sync);
+        self.sync.exchange = Some(Exchange {
+            peer: peer.clone(),
+            addr,
+            step,
+            call,
+            since: now,
+        });
+        self.out.push(Effect::Send {
+            to: peer,
+            addr,
+            request,
+            call: Some(call),
+            timeout: self.config.call_timeout,
+        });
+    }
+
+    fn jobs_page(&mut self, peer: Arc<str>, addr: SocketAddr, after: Option<String>, now: Instant) {
+        let (digest, until) = self
+            .desired
+            .digest_page(after.as_deref(), self.config.sync_digest_page);
+        let step = Step::Jobs {
+            after: after.clone(),
+            until: until.clone(),
+        };
+        self.sync_step(
+            peer,
+            addr,
+            step,
+            Request::SyncJobs {
+                after,
+                until,
+                digest,
+            },
+            now,
+        );
+    }
+
+    fn completions_page(
+        &mut self,
+        peer: Arc<str>,
+        addr: SocketAddr,
+        after: Option<(String, u32)>,
+        now: Instant,
+    ) {
+        let (digest, until) = self
+            .desired
+            .completions_page(after.as_ref(), self.config.sync_completions_page);
+        let step = Step::Completions {
+            after: after.clone(),
+            until: until.clone(),
+        };
+        self.sync_step(
+            peer,
+            addr,
+            step,
+            Request::SyncCompletions {
+                after,
+                until,
+                digest,
+            },
+            now,
+        );
+    }
+
+    fn sync_reply(&mut self, call: CallId, result: Result<Response, String>, now: Now) {
+        let Some(ex) = self.sync.exchange.take() else {
+            return;
+        };
+        if ex.call != call {
+            self.sync.exchange = Some(ex);
+            return;
+        }
+        let Exchange {
+            peer, addr, step, ..
+        } = ex;
+        match (step, result) {
+            (Step::Hash, Ok(Response::InSync)) => self.exchange_done(),
+            (Step::Hash, Ok(Response::Differs)) => self.jobs_page(peer, addr, None, now.mono),
+            (Step::Jobs { after, until }, Ok(Response::SyncedJobs { newer, want, more })) => {
+                self.counters.synced_items += newer.len() as u64;
+                let last = newer.last().map(|r| r.name.clone());
+                if self.take_records(newer, Origin::Sync) == Taken::Dropped {
+                    // The exchange cannot complete: it ends without
+                    // counting, and the next one starts over.
+                    return;
+                }
+                // Send back what the peer has older.
+                let back: Vec<Arc<JobRecord>> = want
+                    .iter()
+                    .filter_map(|n| self.desired.get(n).cloned())
+                    .collect();
+                for chunk in chunks_by_bytes(back, self.config.sync_records_max) {
+                    self.out.push(Effect::Send {
+                        to: peer.clone(),
+                        addr,
+                        request: Request::PutJobs(chunk),
+                        call: None,
+                        timeout: self.config.call_timeout,
+                    });
+                }
+                match (more, last, until) {
+                    // The peer had more newer records in this page than one
+                    // answer carries: continue after the last one received.
+                    (true, Some(last), _) => self.jobs_page(peer, addr, Some(last), now.mono),
+                    (true, None, _) => {}
+                    (false, _, Some(until)) => self.jobs_page(peer, addr, Some(until), now.mono),
+                    (false, _, None) => self.completions_page(peer, addr, None, now.mono),
+                }
+                let _ = after;
+            }
+            (
+                Step::Completions { until, .. },
+                Ok(Response::SyncedCompletions { missing, more }),
+            ) => {
+                self.counters.synced_items += missing.len() as u64;
+                let last = missing.last().map(|c| (c.job.clone(), c.slot));
+                if self.take_completions(missing, Origin::Sync) == Taken::Dropped {
+                    return;
+                }
+                match (more, last, until) {
+                    (true, Some(last), _) => {
+                        self.completions_page(peer, addr, Some(last), now.mono)
+                    }
+                    (true, None, _) => {}
+                    (false, _, Some(until)) => {
+                        self.completions_page(peer, addr, Some(until), now.mono)
+                    }
+                    (false, _, None) => self.exchange_done(),
+                }
+            }
+            // A failure or an answer out of turn ends the exchange; the next
+            // one goes to another random peer.
+            _ => {}
+        }
+    }
+
+    fn exchange_done(&mut self) {
+        self.sync.exchange_done = true;
+        self.maybe_caught_up();
+    }
+
+    fn maybe_caught_up(&mut self) {
+        // Only the exchange's own writes count: an unrelated write that is
+        // slow (or lost by a shell bug) must not hold the node back forever.
+        let syncing = self
+            .writes
+            .values()
+            .any(|w| matches!(w.origin, Origin::Sync));
+        if !self.sync.caught_up && self.sync.exchange_done && !syncing {
+            self.sync.caught_up = true;
+            self.dirty = true;
+        }
+    }
+
+    // ---- logs ----
+
+    fn logs(
+        &mut self,
+        token: ApiToken,
+        job: String,
+        slot: u32,
+        stream: String,
+        max_bytes: u64,
+        now: Now,
+    ) {
+        if let Some(l) = self.local.get(&job, slot) {
+            self.out.push(Effect::ReadLogs {
+                driver: l.driver.clone(),
+                id: l.id.clone(),
+                stream,
+                max_bytes,
+                to: LogsTo::Api(token),
+            });
+            return;
+        }
+        // Prefer a running copy's holder, else any holder.
+        let holder = self.seen.view.index.job(&job).and_then(|c| {
+            c.slot(slot)
+                .iter()
+                .filter(|(n, _)| self.seen.view.members.is_live(n))
+                .max_by_key(|(_, c)| (c.state.is_live(), c.run))
+                .map(|(n, _)| n.clone())
+        });
+        let addr = holder
+            .as_deref()
+            .and_then(|h| self.seen.view.members.get(h))
+            .map(|m| m.record.address);
+        let _ = now;
+        match addr {
+            Some(addr) => self.out.push(Effect::FetchLogs {
+                addr,
+                request: Request::Logs {
+                    job,
+                    slot,
+                    stream,
+                    max_bytes,
+                },
+                token,
+                timeout: self.config.call_timeout,
+            }),
+            None => self.answer(
+                token,
+                Err(ApiError::NotFound(format!(
+                    "no node holds slot {slot} of `{job}`"
+                ))),
+            ),
+        }
+    }
+}
+
+/// Records in chunks of at most `max` records and
+/// [`crate::desired::ANSWER_BYTES_MAX`] encoded bytes (a record can be a
+/// 1 MiB job file; a message is one frame of at most 4 MiB).
+fn chunks_by_bytes(records: Vec<Arc<JobRecord>>, max: usize) -> Vec<Vec<Arc<JobRecord>>> {
+    let mut out: Vec<Vec<Arc<JobRecord>>> = Vec::new();
+    let mut bytes = 0usize;
+    for r in records {
+        let size = serde_json::to_vec(&*r).map(|b| b.len()).unwrap_or(0);
+        let start_new = out.last().is_none_or(|c| {
+            !c.is_empty()
+                && (c.len() >= max.max(1) || bytes + size > crate::desired::ANSWER_BYTES_MAX)
+        });
+        if start_new {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        out.last_mut().expect("pushed above").push(r);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

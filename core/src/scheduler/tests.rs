@@ -1,0 +1,332 @@
+//! The state machine driven by hand: inputs in, effects out, no IO.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_membership::{NodeRecord, NodeState};
+
+use super::*;
+use crate::view::{ClusterView, MemberView, Members};
+
+const WEB: &str = "name = \"web\"\ntype = \"service\"\nreplicas = 2\n[task]\ncommand = \"sleep\"\n";
+
+/// The origin of a test's virtual time (an `Instant` can only come from
+/// the clock; everything after it is `origin + virtual ms`).
+#[allow(clippy::disallowed_methods)]
+fn origin() -> Instant {
+    Instant::now()
+}
+
+fn now(base: Instant, ms: u64) -> Now {
+    Now {
+        mono: base + Duration::from_millis(ms),
+        wall_ms: 1_700_000_000_000 + ms,
+    }
+}
+
+fn member(name: &str) -> MemberView {
+    MemberView {
+        name: Arc::from(name),
+        generation: 1,
+        state: NodeState::Alive,
+        record: Arc::new(NodeRecord {
+            name: name.into(),
+            address: format!("127.0.0.1:{}", 7000 + name.len()).parse().unwrap(),
+            labels: Default::default(),
+            capacity: shoal_membership::Capacity {
+                cpu_millis: 4000,
+                memory_mib: 4096,
+            },
+            drivers: vec!["exec".into()],
+            version: "t".into(),
+            http: None,
+            notes: Vec::new(),
+        }),
+    }
+}
+
+fn view(names: &[&str]) -> ClusterView {
+    ClusterView {
+        members: Arc::new(Members::new(names.iter().map(|n| member(n)))),
+        ..ClusterView::default()
+    }
+}
+
+fn scheduler(me: &str, joining: bool, base: Instant) -> Scheduler {
+    Scheduler::new(
+        SchedulerConfig::local_test(),
+        me,
+        BTreeSet::from(["exec".to_string()]),
+        7,
+        Vec::new(),
+        Vec::new(),
+        joining,
+        now(base, 0),
+    )
+}
+
+fn record(version_ms: u64) -> Arc<JobRecord> {
+    Arc::new(JobRecord {
+        name: "web".into(),
+        version: Version {
+            hlc: crate::hlc::Hlc {
+                wall_ms: 1_700_000_000_000 + version_ms,
+                logical: 0,
+            },
+            node: "n0".into(),
+        },
+        spec: Some(JobSpec::parse(WEB).unwrap()),
+    })
+}
+
+fn started(effects: &[Effect]) -> usize {
+    effects
+        .iter()
+        .filter(|e| matches!(e, Effect::StartInstance { .. }))
+        .count()
+}
+
+fn reply(effects: &[Effect]) -> Option<&Response> {
+    effects.iter().find_map(|e| match e {
+        Effect::Reply { response, .. } => Some(response),
+        _ => None,
+    })
+}
+
+#[test]
+fn an_api_write_is_answered_only_once_durable() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, 2));
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Answer { .. })),
+        "no answer before the disk has it"
+    );
+    let write = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, jobs, .. } if jobs.len() == 1 => Some(*write),
+            _ => None,
+        })
+        .expect("a write to persist");
+    assert!(
+        s.desired().get("web").is_none(),
+        "not applied before it is durable"
+    );
+    let effects = s.handle_persisted(write, Ok(()), now(base, 3));
+    assert!(s.desired().get("web").is_some(), "applied once durable");
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Answer { .. })),
+        "no answer before a peer has it on its disk too"
+    );
+    let push = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send {
+                request: Request::PutJobs(_),
+                call: Some(c),
+                ..
+            } => Some(*c),
+            _ => None,
+        })
+        .expect("the write pushed to the peer, awaiting its answer");
+    let effects = s.handle_reply(push, Ok(Response::Ok), now(base, 4));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Answer {
+            token: 1,
+            answer: ApiAnswer::Written(_)
+        }
+    )));
+
+    // The peer's side: it answers the push once the record is durable.
+    let mut peer = scheduler("n1", false, base);
+    peer.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let effects = peer.handle_request(5, Request::PutJobs(vec![record(9)]), now(base, 5));
+    assert!(
+        reply(&effects).is_none(),
+        "no answer before the disk has it"
+    );
+    let w = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        })
+        .unwrap();
+    let effects = peer.handle_persisted(w, Ok(()), now(base, 6));
+    assert!(matches!(reply(&effects), Some(Response::Ok)));
+
+    // A write the disk refuses is answered with the storage error, and
+    // nothing is applied or pushed.
+    let effects = s.handle_api(
+        2,
+        ApiRequest::Scale {
+            name: "web".into(),
+            replicas: 5,
+        },
+        now(base, 4),
+    );
+    let write = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        })
+        .unwrap();
+    let effects = s.handle_persisted(write, Err("No space left on device".into()), now(base, 8));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Answer { token: 2, answer: ApiAnswer::Failed(ApiError::Storage(m)) } if m.contains("No space")
+    )));
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Send { .. })));
+    assert_eq!(s.desired().spec("web").unwrap().replicas, 2);
+}
+
+#[test]
+fn a_joining_node_starts_nothing_until_it_has_caught_up() {
+    let base = origin();
+    let mut s = scheduler("n1", true, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let start = Request::Start {
+        job: record(1),
+        slots: vec![0],
+        sent_ms: now(base, 2).wall_ms,
+    };
+    let effects = s.handle_request(9, start.clone(), now(base, 2));
+    assert_eq!(started(&effects), 0);
+    assert!(matches!(
+        reply(&effects),
+        Some(Response::Started { refused }) if refused.len() == 1 && refused[0].1.contains("catching up")
+    ));
+    // It asks a peer; the peer is in sync: caught up.
+    let effects = s.handle_timer(now(base, 10));
+    let call = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send {
+                request: Request::SyncHash { .. },
+                call,
+                ..
+            } => *call,
+            _ => None,
+        })
+        .expect("an anti-entropy exchange");
+    s.handle_reply(call, Ok(Response::InSync), now(base, 11));
+    assert!(s.caught_up());
+    let start = Request::Start {
+        job: record(1),
+        slots: vec![0],
+        sent_ms: now(base, 12).wall_ms,
+    };
+    let effects = s.handle_request(10, start, now(base, 12));
+    assert_eq!(started(&effects), 1, "caught up, it starts");
+}
+
+#[test]
+fn a_start_that_arrives_after_the_coordinator_may_have_moved_on_is_refused() {
+    let base = origin();
+    let mut s = scheduler("n1", false, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let late = Request::Start {
+        job: record(1),
+        slots: vec![0],
+        sent_ms: now(base, 2).wall_ms,
+    };
+    let effects = s.handle_request(1, late, now(base, 2 + 4_000));
+    assert_eq!(started(&effects), 0);
+    assert!(matches!(
+        reply(&effects),
+        Some(Response::Started { refused }) if refused[0].1.contains("after it was sent")
+    ));
+}
+
+#[test]
+fn a_holder_refuses_what_breaks_a_rule_it_can_check_itself() {
+    let base = origin();
+    let mut s = scheduler("n1", false, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let mut spec = JobSpec::parse(WEB).unwrap();
+    spec.distinct_hosts = true;
+    let job = Arc::new(JobRecord {
+        spec: Some(spec),
+        ..(*record(1)).clone()
+    });
+    let effects = s.handle_request(
+        1,
+        Request::Start {
+            job: job.clone(),
+            slots: vec![0, 1],
+            sent_ms: now(base, 2).wall_ms,
+        },
+        now(base, 2),
+    );
+    assert_eq!(
+        started(&effects),
+        1,
+        "one copy of a distinct-hosts job per node"
+    );
+    assert!(matches!(
+        reply(&effects),
+        Some(Response::Started { refused }) if refused == &vec![(1, "it already runs a replica of the job (distinct_hosts)".to_string())]
+    ));
+}
+
+#[test]
+fn a_node_that_has_not_caught_up_and_holds_nothing_teaches_nothing() {
+    let base = origin();
+    let mut fresh = scheduler("n2", true, base);
+    fresh.handle_view(view(&["n0", "n1", "n2"]), now(base, 1));
+    let effects = fresh.handle_request(
+        1,
+        Request::SyncHash {
+            jobs: 0,
+            completions: 0,
+        },
+        now(base, 2),
+    );
+    assert!(
+        matches!(reply(&effects), Some(Response::Error(e)) if e.contains("catching up")),
+        "two empty joining nodes must not count each other as caught up"
+    );
+    // A peer's garbage range is answered, not a panic.
+    let mut s = scheduler("n0", false, base);
+    let effects = s.handle_request(
+        2,
+        Request::SyncJobs {
+            after: Some("z".into()),
+            until: Some("a".into()),
+            digest: Vec::new(),
+        },
+        now(base, 3),
+    );
+    assert!(matches!(
+        reply(&effects),
+        Some(Response::SyncedJobs { newer, want, more: false }) if newer.is_empty() && want.is_empty()
+    ));
+}
+
+#[test]
+fn api_writes_wait_until_the_node_has_caught_up() {
+    let base = origin();
+    let mut s = scheduler("n1", true, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let effects = s.handle_api(7, ApiRequest::Submit { text: WEB.into() }, now(base, 2));
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Persist { .. } | Effect::Answer { .. })),
+        "held, not written nor answered"
+    );
+    // Never caught up: refused after the bound.
+    let effects = s.handle_timer(now(base, 2 + 10_100));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::Answer {
+            token: 7,
+            answer: ApiAnswer::Failed(ApiError::Unavailable(_))
+        }
+    )));
+}

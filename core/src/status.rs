@@ -1,0 +1,201 @@
+//! What the API shows, read from a [`Scheduler`]: each job's slots with
+//! their holder, state and — for a slot that waits — the reason its
+//! coordinator published, the same at every node.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::instance::{Published, SlotState};
+use crate::records::JobRecord;
+use crate::scheduler::Scheduler;
+
+/// One slot of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotStatus {
+    /// Slot index.
+    pub slot: u32,
+    /// Holder node, if placed.
+    pub node: Option<String>,
+    /// State.
+    pub state: SlotState,
+    /// Why it is pending, failed or stopping, if known.
+    pub reason: Option<String>,
+    /// Restarts of the holder's copy.
+    pub restarts: u32,
+    /// Placement attempts of a pending slot so far.
+    pub attempts: u32,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    /// Its record.
+    pub record: Arc<JobRecord>,
+    /// Every slot below the replica count, then copies beyond it that are
+    /// still stopping.
+    pub slots: Vec<SlotStatus>,
+}
+
+/// One copy on some node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRow {
+    /// Job.
+    pub job: String,
+    /// Holder.
+    pub node: String,
+    /// What it publishes.
+    pub copy: Published,
+}
+
+/// Every copy on a live node (this node's own first hand), by job.
+pub fn instances(s: &Scheduler, now: Instant) -> Vec<InstanceRow> {
+    let mut out = Vec::new();
+    for (job, copies) in s.seen().view.index.jobs() {
+        for (_, node, c) in copies.iter() {
+            if s.seen().counts(s.me(), node, now) {
+                out.push(InstanceRow {
+                    job: job.to_string(),
+                    node: node.to_string(),
+                    copy: c.clone(),
+                });
+            }
+        }
+    }
+    for l in s.local().iter().filter(|l| !l.unconfirmed) {
+        out.push(InstanceRow {
+            job: l.id.job.clone(),
+            node: s.me().to_string(),
+            copy: l.published(),
+        });
+    }
+    out.sort_by(|a, b| (&a.job, a.copy.slot, &a.node).cmp(&(&b.job, b.copy.slot, &b.node)));
+    out
+}
+
+/// One job's status.
+pub fn job_status(s: &Scheduler, name: &str, now: Instant) -> Option<JobStatus> {
+    let record = s.desired().get(name)?.clone();
+    let mut copies: Vec<(String, Published)> = Vec::new();
+    if let Some(c) = s.seen().view.index.job(name) {
+        for (_, node, copy) in c.iter() {
+            if s.seen().counts(s.me(), node, now) {
+                copies.push((node.to_string(), copy.clone()));
+            }
+        }
+    }
+    for l in s.local().of_job(name).filter(|l| !l.unconfirmed) {
+        copies.push((s.me().to_string(), l.published()));
+    }
+    Some(status_of(s, record, &copies))
+}
+
+/// Every live job's status.
+pub fn job_statuses(s: &Scheduler, now: Instant) -> Vec<JobStatus> {
+    let mut by_job: std::collections::BTreeMap<String, Vec<(String, Published)>> =
+        Default::default();
+    for row in instances(s, now) {
+        by_job
+            .entry(row.job)
+            .or_default()
+            .push((row.node, row.copy));
+    }
+    s.desired()
+        .records()
+        .filter(|r| r.is_live())
+        .map(|r| {
+            let copies = by_job.remove(&r.name).unwrap_or_default();
+            status_of(s, r.clone(), &copies)
+        })
+        .collect()
+}
+
+fn reason_for(s: &Scheduler, job: &str, slot: u32) -> Option<(String, u32)> {
+    if let Some(b) = s.placing().backoff_of(job, slot) {
+        return Some((b.reason.clone(), b.attempts));
+    }
+    let by_node = s.seen().view.index.unplaced(job)?;
+    // The current coordinator's word first, then anyone's.
+    let coordinator = s.seen().view.members.coordinator(job).cloned();
+    let pick = |n: &str| {
+        by_node
+            .get(n)
+            .and_then(|v| v.iter().find(|u| u.holds(slot)))
+            .map(|u| (u.reason.clone(), u.attempts))
+    };
+    coordinator.as_deref().and_then(pick).or_else(|| {
+        by_node
+            .values()
+            .flatten()
+            .find(|u| u.holds(slot))
+            .map(|u| (u.reason.clone(), u.attempts))
+    })
+}
+
+fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published)]) -> JobStatus {
+    let replicas = record.spec.as_ref().map(|sp| sp.replicas).unwrap_or(0);
+    let mut slots = Vec::new();
+    for slot in 0..replicas {
+        let best = copies
+            .iter()
+            .filter(|(_, c)| c.slot == slot)
+            .max_by_key(|(_, c)| (c.state.is_live(), c.state == SlotState::Running, c.run));
+        let done = s.desired().is_completed(&record.name, slot);
+        slots.push(match best {
+            // A copy whose last start failed shows as failed, with why,
+            // while its holder waits to retry.
+            Some((n, c)) if c.error.is_some() && c.state == SlotState::Starting => SlotStatus {
+                slot,
+                node: Some(n.clone()),
+                state: SlotState::Failed,
+                reason: c.error.clone(),
+                restarts: c.restarts,
+                attempts: 0,
+            },
+            Some((n, c)) if !(done && c.state.is_live()) && c.state != SlotState::Pending => {
+                SlotStatus {
+                    slot,
+                    node: Some(n.clone()),
+                    state: c.state,
+                    reason: c.error.clone(),
+                    restarts: c.restarts,
+                    attempts: 0,
+                }
+            }
+            _ if done => SlotStatus {
+                slot,
+                node: None,
+                state: SlotState::Completed,
+                reason: None,
+                restarts: 0,
+                attempts: 0,
+            },
+            _ => {
+                let (reason, attempts) = reason_for(s, &record.name, slot)
+                    .map(|(r, a)| (Some(r), a))
+                    .unwrap_or((None, 0));
+                SlotStatus {
+                    slot,
+                    node: None,
+                    state: SlotState::Pending,
+                    reason,
+                    restarts: 0,
+                    attempts,
+                }
+            }
+        });
+    }
+    for (n, c) in copies
+        .iter()
+        .filter(|(_, c)| c.slot >= replicas && c.state.is_live())
+    {
+        slots.push(SlotStatus {
+            slot: c.slot,
+            node: Some(n.clone()),
+            state: c.state,
+            reason: Some("stopping".into()),
+            restarts: c.restarts,
+            attempts: 0,
+        });
+    }
+    JobStatus { record, slots }
+}

@@ -1,0 +1,203 @@
+//! Node-to-node calls of the scheduler ([`Request`], [`Response`]). Bodies
+//! are JSON (job specs use optional fields, which a non-self-describing
+//! format cannot carry); the transport bounds a frame at 4 MiB, and every
+//! list here is bounded well below that by the constants of
+//! [`crate::config::SchedulerConfig`].
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shoal_placement::Node;
+
+use crate::hlc::Version;
+use crate::records::{Completion, JobRecord};
+
+/// Longest request or response decoded, bytes (the transport's frame
+/// bound; a larger body is refused before parsing).
+pub const BODY_LEN_MAX: usize = 4 * 1024 * 1024;
+
+/// A call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+// Calls live briefly between decode and handling; boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Request {
+    /// Job writes to store (last writer wins).
+    PutJobs(Vec<Arc<JobRecord>>),
+    /// Batch completions to record.
+    PutCompletions(Vec<Completion>),
+    /// Anti-entropy, first step: fingerprints of the caller's jobs and
+    /// completions.
+    SyncHash {
+        /// Fingerprint of every (name, version).
+        jobs: u64,
+        /// Fingerprint of every completed (job, slot).
+        completions: u64,
+    },
+    /// Anti-entropy: one page of the caller's job digest, the names in
+    /// `(after, until]` in order (`until` = `None`: to the end).
+    SyncJobs {
+        /// Exclusive lower bound of the page.
+        after: Option<String>,
+        /// Inclusive upper bound (the page's last name), or the end.
+        until: Option<String>,
+        /// Every name and version the caller holds in the range.
+        digest: Vec<(String, Version)>,
+    },
+    /// Anti-entropy: one page of the caller's completions, the slots in
+    /// `(after, until]` in order.
+    SyncCompletions {
+        /// Exclusive lower bound of the page.
+        after: Option<(String, u32)>,
+        /// Inclusive upper bound, or the end.
+        until: Option<(String, u32)>,
+        /// Every completed slot the caller holds in the range.
+        digest: Vec<(String, u32)>,
+    },
+    /// A coordinator asks a candidate for its fresh load.
+    Bid,
+    /// A coordinator tells the winner to start slots of a job.
+    Start {
+        /// The job (so the winner need not have it yet).
+        job: Arc<JobRecord>,
+        /// Slot indices.
+        slots: Vec<u32>,
+        /// The coordinator's wall clock when it sent this (ms since the
+        /// epoch): a start that arrives too late is refused, because by
+        /// then the coordinator may have placed the slot elsewhere.
+        #[serde(default)]
+        sent_ms: u64,
+    },
+    /// The tail of an instance's output.
+    Logs {
+        /// Job.
+        job: String,
+        /// Slot.
+        slot: u32,
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// At most this many bytes.
+        max_bytes: u64,
+    },
+}
+
+/// An answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// Anti-entropy: fingerprints match.
+    InSync,
+    /// Anti-entropy: send the digest pages.
+    Differs,
+    /// Anti-entropy: the answer to one page of the job digest.
+    SyncedJobs {
+        /// Records in the page's range newer than the caller's (at most a
+        /// page of them; `more` says whether the range holds more).
+        newer: Vec<Arc<JobRecord>>,
+        /// Names in the range whose record the caller has newer (it sends
+        /// them back).
+        want: Vec<String>,
+        /// The range holds more newer records than this answer carries:
+        /// ask for the same page again.
+        more: bool,
+    },
+    /// Anti-entropy: the completions in the page's range the caller lacks.
+    SyncedCompletions {
+        /// At most a page of them.
+        missing: Vec<Completion>,
+        /// The range holds more: ask for the same page again.
+        more: bool,
+    },
+    /// A bid: the candidate as placement sees it, with its fresh load.
+    Bid(Node),
+    /// Start result: slots refused and why.
+    Started {
+        /// (slot, reason).
+        refused: Vec<(u32, String)>,
+    },
+    /// Output bytes.
+    Logs(Vec<u8>),
+    /// The call failed.
+    Error(String),
+}
+
+impl Request {
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes from the wire; a body over [`BODY_LEN_MAX`] or that does
+    /// not parse is refused.
+    pub fn decode(body: &[u8]) -> Result<Request, String> {
+        if body.len() > BODY_LEN_MAX {
+            return Err(format!("request of {} bytes refused", body.len()));
+        }
+        serde_json::from_slice(body).map_err(|e| format!("undecodable request: {e}"))
+    }
+}
+
+impl Response {
+    /// Encodes for the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes from the wire.
+    pub fn decode(body: &[u8]) -> Result<Response, String> {
+        if body.len() > BODY_LEN_MAX {
+            return Err(format!("response of {} bytes refused", body.len()));
+        }
+        serde_json::from_slice(body).map_err(|e| format!("undecodable response: {e}"))
+    }
+}
+
+/// Fingerprint of a set of items (order-independent).
+pub fn fingerprint<T: Serialize>(items: impl Iterator<Item = T>) -> u64 {
+    items.fold(0u64, |acc, i| acc.wrapping_add(fingerprint_item(&i)))
+}
+
+/// One item's share of [`fingerprint`]: a set's fingerprint is the
+/// wrapping sum of its items', so it can be kept up to date item by item
+/// (subtract the old, add the new).
+pub fn fingerprint_item<T: Serialize>(item: &T) -> u64 {
+    crate::job::fnv1a(&serde_json::to_vec(item).unwrap_or_default())
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn decoder_survives_garbage(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_fingerprint_kept_item_by_item_equals_the_whole_one() {
+        let mut kept = fingerprint(std::iter::empty::<&str>());
+        for item in ["a", "b", "c"] {
+            kept = kept.wrapping_add(fingerprint_item(&item));
+        }
+        kept = kept.wrapping_sub(fingerprint_item(&"b"));
+        assert_eq!(kept, fingerprint(["c", "a"].iter()));
+    }
+
+    #[test]
+    fn fingerprint_ignores_order() {
+        assert_eq!(
+            fingerprint(["a", "b"].iter()),
+            fingerprint(["b", "a"].iter())
+        );
+        assert_ne!(
+            fingerprint(["a", "b"].iter()),
+            fingerprint(["a", "c"].iter())
+        );
+    }
+}

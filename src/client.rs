@@ -1,0 +1,99 @@
+//! The HTTP client every client command uses to talk to an agent's API,
+//! and the table printer of their output.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::api::ApiError;
+
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// URL of the agent to ask.
+    #[arg(long, env = "SHOAL_ADDR", default_value = "http://127.0.0.1:4701")]
+    pub addr: String,
+    /// Token the agent's API requires, if any.
+    #[arg(long, env = "SHOAL_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+}
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for `args.addr`.
+    pub fn new(args: &ClientArgs) -> Client {
+        let base = args.addr.trim_end_matches('/').to_string();
+        let base = if base.contains("://") {
+            base
+        } else {
+            format!("http://{base}")
+        };
+        Client {
+            base,
+            token: args.http_token.clone(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(30))
+                .build(),
+        }
+    }
+
+    /// GET a JSON resource.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.call("GET", path, None)?;
+        resp.into_json()
+            .with_context(|| format!("the agent at {} sent an unreadable answer", self.base))
+    }
+
+    /// Sends a request with an optional body; the error says what failed.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<ureq::Response> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        match result {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(code, resp)) => {
+                let msg = resp.into_json::<ApiError>().map(|e| e.error).unwrap_or_default();
+                if (400..500).contains(&code) && !msg.is_empty() {
+                    bail!("{msg}")
+                }
+                bail!("the agent at {} answered {code}: {msg}", self.base)
+            }
+            Err(e) => bail!(
+                "cannot reach the shoal agent at {}: {e}\nIs `shoal agent` running there? Point to another with --addr or SHOAL_ADDR.",
+                self.base
+            ),
+        }
+    }
+}
+
+/// Prints rows under a header, columns aligned.
+pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
