@@ -152,6 +152,8 @@ enum Ev {
     Restart(usize),
     Resume(usize),
     Kill,
+    /// A client whose agent died before answering sends its request again.
+    ClientRetry(ApiRequest),
 }
 
 impl Ev {
@@ -179,6 +181,7 @@ impl Ev {
             Ev::Restart { .. } => "Restart",
             Ev::Resume { .. } => "Resume",
             Ev::Kill => "Kill",
+            Ev::ClientRetry(..) => "ClientRetry",
         }
     }
 }
@@ -337,7 +340,9 @@ pub struct Sim {
     tokens: BTreeMap<u64, ReplyTo>,
     next_token: u64,
     /// API calls waiting for their answer.
-    api: BTreeSet<u64>,
+    /// By token: the node asked and the request (re-sent elsewhere if
+    /// that agent dies before answering, as a client would).
+    api: BTreeMap<u64, (usize, ApiRequest)>,
     next_api: u64,
     /// The run's checker.
     pub checker: Checker,
@@ -468,7 +473,7 @@ impl Sim {
             pending_probes: BTreeSet::new(),
             tokens: BTreeMap::new(),
             next_token: 0,
-            api: BTreeSet::new(),
+            api: BTreeMap::new(),
             next_api: 0,
             checker: Checker::default(),
             digest: Digest(0xcbf2_9ce4_8422_2325),
@@ -631,6 +636,21 @@ impl Sim {
     /// The agent process dies (its instances keep running unless the
     /// machine dies too).
     fn kill_agent(&mut self, i: usize) {
+        // The agent's API callers see the connection drop and ask another
+        // node a second later. The first try may still take effect (it was
+        // persisted and replicated before the crash): the write is then
+        // applied twice, as a real client's retry would.
+        let lost: Vec<u64> = self
+            .api
+            .iter()
+            .filter(|(_, (at, _))| *at == i)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in lost {
+            if let Some((_, req)) = self.api.remove(&token) {
+                self.at(Duration::from_secs(1), Ev::ClientRetry(req));
+            }
+        }
         let n = &mut self.nodes[i];
         n.agent_up = false;
         n.core = None;
@@ -1019,7 +1039,7 @@ impl Sim {
                 Effect::Publish { key, value } => self.gossip.set_key(i, key, value),
                 Effect::PublishLoad(load) => self.gossip.set_load(i, load),
                 Effect::Answer { token, answer } => {
-                    if self.api.remove(&token) {
+                    if self.api.remove(&token).is_some() {
                         match answer {
                             ApiAnswer::Written(r) => self.checker.accepted(r),
                             ApiAnswer::Failed(_) => self.checker.writes_refused += 1,
@@ -1390,7 +1410,7 @@ impl Sim {
         self.next_api += 1;
         let token = self.next_api;
         let gen = self.nodes[i].gen;
-        self.api.insert(token);
+        self.api.insert(token, (i, req.clone()));
         let now = self.now(i);
         self.with_core(i, gen, |core| core.handle_api(token, req, now));
     }
@@ -1988,6 +2008,10 @@ impl Sim {
                         self.oracle_changed();
                     }
                 }
+            }
+            Ev::ClientRetry(req) => {
+                self.digest.add(b"C");
+                self.api_call(req);
             }
             Ev::Kill => {
                 let n = self.nodes.len();
