@@ -321,6 +321,8 @@ pub struct Counters {
     pub syncs: u64,
     /// Records and completions learned by anti-entropy.
     pub synced_items: u64,
+    /// Freezes noticed (longer than `stall` between timers).
+    pub stalls: u64,
 }
 
 /// One node's scheduler.
@@ -642,6 +644,7 @@ impl Scheduler {
 
     /// A new view of the cluster.
     pub fn handle_view(&mut self, view: ClusterView, now: Now) -> Vec<Effect> {
+        self.notice_stall(now);
         let news = self
             .seen
             .update(&self.me, view, self.config.join_grace, now.mono);
@@ -658,6 +661,7 @@ impl Scheduler {
     /// A peer's request (always answered with an [`Effect::Reply`] for
     /// `token`, or by the shell for [`Effect::ReadLogs`]).
     pub fn handle_request(&mut self, token: ReplyToken, request: Request, now: Now) -> Vec<Effect> {
+        self.notice_stall(now);
         let response = match request {
             Request::PutJobs(records) => {
                 // Answered once the records are on this node's disk: the
@@ -682,7 +686,7 @@ impl Scheduler {
             Request::SyncHash { .. }
             | Request::SyncJobs { .. }
             | Request::SyncCompletions { .. }
-                if !self.sync.caught_up && !self.started_with_state =>
+                if !self.sync.caught_up && !self.started_with_state && !self.sync.was_caught_up =>
             {
                 Response::Error("this node is still catching up".into())
             }
@@ -785,6 +789,7 @@ impl Scheduler {
         result: Result<Response, String>,
         now: Now,
     ) -> Vec<Effect> {
+        self.notice_stall(now);
         let Some(c) = self.calls.remove(&call) else {
             return self.take();
         };
@@ -842,6 +847,7 @@ impl Scheduler {
 
     /// An API command.
     pub fn handle_api(&mut self, token: ApiToken, request: ApiRequest, now: Now) -> Vec<Effect> {
+        self.notice_stall(now);
         let is_write = !matches!(request, ApiRequest::Logs { .. });
         if is_write && !self.sync.caught_up {
             // A node still catching up would answer a stop or a scale with
@@ -1009,6 +1015,7 @@ impl Scheduler {
 
     /// News from a driver.
     pub fn handle_driver(&mut self, event: DriverEvent, now: Now) -> Vec<Effect> {
+        self.notice_stall(now);
         match event {
             DriverEvent::Ended { id, state } => self.ended(id, state, now),
         }
@@ -1018,14 +1025,7 @@ impl Scheduler {
     /// Time passed: restarts, rounds and placements that ran out, the
     /// reconcile pass when due, anti-entropy.
     pub fn handle_timer(&mut self, now: Now) -> Vec<Effect> {
-        if let Some(last) = self.last_timer {
-            if now.mono.saturating_duration_since(last) > self.config.stall {
-                // We were frozen: peers have probably declared us dead and
-                // replaced our copies. Hold ours back until gossip shows
-                // whether they did (as after a restart).
-                self.recheck_local(now);
-            }
-        }
+        self.notice_stall(now);
         self.last_timer = Some(now.mono);
         self.restarts_due(now);
         self.stops_overdue(now);
@@ -1504,6 +1504,36 @@ impl Scheduler {
     /// Holds this node's live copies back from gossip and from its own
     /// verdicts, and coordinates nothing, for the join grace; then
     /// [`Self::confirm_adopted`] keeps those the cluster did not replace.
+    /// Notices that this node was frozen (SIGSTOP, a paused VM, a starved
+    /// process): longer than `stall` since the last timer. Peers have
+    /// probably declared it dead, replaced its copies and moved on; what it
+    /// knows is stale. It holds its copies back until gossip shows whether
+    /// they were replaced (as after a restart), coordinates nothing for the
+    /// join grace, and places and starts nothing until a fresh anti-entropy
+    /// exchange has brought what it missed (completions above all).
+    ///
+    /// Checked at every input, not only the timer's: after a freeze the
+    /// first input is often a queued message or view. Chaos seed 166239: a
+    /// node resumed from a 4.5 s hang and started a batch slot that had
+    /// completed elsewhere while it was frozen.
+    fn notice_stall(&mut self, now: Now) {
+        let Some(last) = self.last_timer else {
+            return;
+        };
+        if now.mono.saturating_duration_since(last) <= self.config.stall {
+            return;
+        }
+        self.last_timer = Some(now.mono);
+        self.counters.stalls = self.counters.stalls.saturating_add(1);
+        self.recheck_local(now);
+        self.sync.caught_up = false;
+        self.sync.exchange_done = false;
+        if let Some(e) = self.sync.exchange.take() {
+            self.calls.remove(&e.call);
+        }
+        self.sync.last = None;
+    }
+
     fn recheck_local(&mut self, now: Now) {
         for l in self.local.iter_mut().filter(|l| l.state.is_live()) {
             l.unconfirmed = true;
@@ -1956,6 +1986,12 @@ impl Scheduler {
             })
             .collect();
         let Some((peer, addr)) = peers.choose(&mut self.rng).cloned() else {
+            // Frozen, and nobody left to learn from: what it had is all
+            // there is.
+            if self.sync.was_caught_up && !self.sync.caught_up {
+                self.sync.caught_up = true;
+                self.dirty = true;
+            }
             return;
         };
         self.sync.last = Some(now.mono);
@@ -2130,6 +2166,7 @@ impl Scheduler {
             .any(|w| matches!(w.origin, Origin::Sync));
         if !self.sync.caught_up && self.sync.exchange_done && !syncing {
             self.sync.caught_up = true;
+            self.sync.was_caught_up = true;
             self.dirty = true;
         }
     }

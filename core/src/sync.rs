@@ -59,6 +59,10 @@ pub struct AntiEntropy {
     /// An exchange completed; `caught_up` follows once the writes it
     /// caused are durable.
     pub exchange_done: bool,
+    /// It was caught up once (a freeze took it back): its state is worth
+    /// serving to others, and with no peer left to ask it is caught up
+    /// again at once.
+    pub was_caught_up: bool,
 }
 
 impl AntiEntropy {
@@ -70,6 +74,7 @@ impl AntiEntropy {
             last: None,
             caught_up,
             exchange_done: caught_up,
+            was_caught_up: caught_up,
         }
     }
 }

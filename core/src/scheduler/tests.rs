@@ -226,6 +226,54 @@ fn a_joining_node_starts_nothing_until_it_has_caught_up() {
 }
 
 #[test]
+fn a_node_that_was_frozen_catches_up_again_before_starting_anything() {
+    // Chaos seed 166239: a node resumed from a 4.5 s SIGSTOP and started a
+    // batch slot that had completed elsewhere while it was frozen. Its
+    // first input after the freeze was not the timer.
+    let base = origin();
+    let mut s = scheduler("n1", false, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    s.handle_timer(now(base, 2));
+    assert!(s.caught_up());
+    let frozen_until = 2 + s.config.stall.as_millis() as u64 + 1_000;
+    let start = Request::Start {
+        job: record(1),
+        slots: vec![0],
+        sent_ms: now(base, frozen_until).wall_ms,
+    };
+    // A fresh Start (a peer's, sent just now) is the first input.
+    let effects = s.handle_request(9, start, now(base, frozen_until));
+    assert_eq!(started(&effects), 0, "a frozen node started a slot at once");
+    assert!(matches!(
+        reply(&effects),
+        Some(Response::Started { refused }) if refused[0].1.contains("catching up")
+    ));
+    assert_eq!(s.counters().stalls, 1);
+    // It asks a peer at once; in sync, it is caught up again and starts.
+    let effects = s.handle_timer(now(base, frozen_until + 10));
+    let call = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send {
+                request: Request::SyncHash { .. },
+                call,
+                ..
+            } => *call,
+            _ => None,
+        })
+        .expect("an anti-entropy exchange right after the freeze");
+    s.handle_reply(call, Ok(Response::InSync), now(base, frozen_until + 11));
+    assert!(s.caught_up());
+    let start = Request::Start {
+        job: record(1),
+        slots: vec![0],
+        sent_ms: now(base, frozen_until + 12).wall_ms,
+    };
+    let effects = s.handle_request(10, start, now(base, frozen_until + 12));
+    assert_eq!(started(&effects), 1, "caught up again, it starts");
+}
+
+#[test]
 fn a_start_that_arrives_after_the_coordinator_may_have_moved_on_is_refused() {
     let base = origin();
     let mut s = scheduler("n1", false, base);
