@@ -232,6 +232,9 @@ pub struct RestartPolicy {
 fn default_attempts() -> u32 {
     5
 }
+/// The longest restart backoff a job may ask for.
+pub const RESTART_DELAY_MAX: Duration = Duration::from_secs(24 * 3600);
+
 fn default_delay() -> Duration {
     Duration::from_secs(1)
 }
@@ -615,6 +618,19 @@ impl JobSpec {
                 "delay must be positive and max_delay at least delay",
             ));
         }
+        if self.restart.max_delay > RESTART_DELAY_MAX {
+            // A job file with `delay = "500000000000years"` once overflowed
+            // every agent's clock arithmetic; a bound keeps every sum of
+            // an instant and a backoff far from the limits.
+            return Err(invalid(
+                text,
+                "restart",
+                format!(
+                    "delay and max_delay must be at most {}s (one day)",
+                    RESTART_DELAY_MAX.as_secs()
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -782,6 +798,11 @@ memory = 32
             .unwrap_err()
             .message
             .contains("not a duration"));
+        let huge = text
+            .replace("delay = \"500ms\"", "delay = \"500000000000years\"")
+            .replace("max_delay = \"10s\"", "max_delay = \"500000000000years\"");
+        let e = JobSpec::parse(&huge).unwrap_err();
+        assert!(e.message.contains("at most 86400s"), "{e}");
     }
 
     #[test]
