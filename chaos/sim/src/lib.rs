@@ -739,19 +739,24 @@ impl Sim {
 
     fn broadcast(&mut self, from: usize, to: Vec<SocketAddr>, updates: Vec<Update>) {
         for addr in to {
-            let Some(&j) = self.by_addr.get(&addr) else {
-                continue;
-            };
-            if let Some(d) = self.hop(from, j) {
-                self.at(
-                    d,
-                    Ev::Probe {
-                        to: j,
-                        msg: ProbeMsg::Updates(updates.clone()),
-                        reply: None,
-                    },
-                );
-            }
+            self.send_probe(from, addr, ProbeMsg::Updates(updates.clone()), None);
+        }
+    }
+
+    /// One SWIM message from node `from` to whoever has `addr`, if the link
+    /// carries it.
+    fn send_probe(
+        &mut self,
+        from: usize,
+        addr: SocketAddr,
+        msg: ProbeMsg,
+        reply: Option<ProbeReplyTo>,
+    ) {
+        let Some(&to) = self.by_addr.get(&addr) else {
+            return;
+        };
+        if let Some(d) = self.hop(from, to) {
+            self.at(d, Ev::Probe { to, msg, reply });
         }
     }
 
@@ -793,23 +798,12 @@ impl Sim {
                             probe,
                         },
                     );
-                    let Some(&j) = self.by_addr.get(&addr) else {
-                        continue;
+                    let reply = ProbeReplyTo::Owner {
+                        node: i,
+                        gen,
+                        probe,
                     };
-                    if let Some(d) = self.hop(i, j) {
-                        self.at(
-                            d,
-                            Ev::Probe {
-                                to: j,
-                                msg,
-                                reply: Some(ProbeReplyTo::Owner {
-                                    node: i,
-                                    gen,
-                                    probe,
-                                }),
-                            },
-                        );
-                    }
+                    self.send_probe(i, addr, msg, Some(reply));
                 }
                 Action::Broadcast { to, updates } => self.broadcast(i, to, updates),
             }
