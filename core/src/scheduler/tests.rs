@@ -80,6 +80,18 @@ fn record(version_ms: u64) -> Arc<JobRecord> {
     })
 }
 
+/// The call of the anti-entropy exchange these effects begin, if any.
+fn sync_call(effects: &[Effect]) -> Option<u64> {
+    effects.iter().find_map(|e| match e {
+        Effect::Send {
+            request: Request::SyncHash { .. },
+            call,
+            ..
+        } => *call,
+        _ => None,
+    })
+}
+
 fn started(effects: &[Effect]) -> usize {
     effects
         .iter()
@@ -203,17 +215,7 @@ fn a_joining_node_starts_nothing_until_it_has_caught_up() {
     ));
     // It asks a peer; the peer is in sync: caught up.
     let effects = s.handle_timer(now(base, 10));
-    let call = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Send {
-                request: Request::SyncHash { .. },
-                call,
-                ..
-            } => *call,
-            _ => None,
-        })
-        .expect("an anti-entropy exchange");
+    let call = sync_call(&effects).expect("an anti-entropy exchange");
     s.handle_reply(call, Ok(Response::InSync), now(base, 11));
     assert!(s.caught_up());
     let start = Request::Start {
@@ -251,17 +253,7 @@ fn a_node_that_was_frozen_catches_up_again_before_starting_anything() {
     assert_eq!(s.counters().stalls, 1);
     // It asks a peer at once; in sync, it is caught up again and starts.
     let effects = s.handle_timer(now(base, frozen_until + 10));
-    let call = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Send {
-                request: Request::SyncHash { .. },
-                call,
-                ..
-            } => *call,
-            _ => None,
-        })
-        .expect("an anti-entropy exchange right after the freeze");
+    let call = sync_call(&effects).expect("an anti-entropy exchange right after the freeze");
     s.handle_reply(call, Ok(Response::InSync), now(base, frozen_until + 11));
     assert!(s.caught_up());
     let start = Request::Start {
