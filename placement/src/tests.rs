@@ -274,6 +274,43 @@ fn spread_keeps_skew_within_bound() {
     }
 }
 
+/// A zone's copies on a node that is now full still count for the zone: with
+/// one copy in each of zones a and b, the next may go to b although a's only
+/// node with room holds none (proptest case e25ef97a, 2026-11-22: the test,
+/// not `check_spread`, had dropped the full node's copy).
+#[test]
+fn a_full_nodes_copies_still_count_for_its_zone() {
+    let mut nodes = vec![
+        Node::new("a-full", 1000, 1000).with_label("zone", "a"),
+        Node::new("a-free", 1000, 1000).with_label("zone", "a"),
+        Node::new("b", 1000, 1000).with_label("zone", "b"),
+    ];
+    nodes[0].used = Resources {
+        cpu_millis: 1000,
+        memory_mib: 1000,
+    };
+    let mut placements: JobPlacements = BTreeMap::new();
+    placements.insert("a-full".into(), 1);
+    placements.insert("b".into(), 1);
+    let mut req = SlotRequest::simple("web", 2, 100, 100);
+    req.spread = Some(Spread {
+        label: "zone".into(),
+        max_skew: 1,
+    });
+    let (ok, _) = crate::place::eligible_for_tests(&req, &nodes, &placements);
+    let ids: Vec<&str> = ok.iter().map(|i| nodes[*i].id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["a-free", "b"],
+        "both zones hold one copy: either may take the next"
+    );
+    // Without a-full's copy zone a would count 0 and b would be refused.
+    placements.remove("a-full");
+    let (ok, _) = crate::place::eligible_for_tests(&req, &nodes, &placements);
+    let ids: Vec<&str> = ok.iter().map(|i| nodes[*i].id.as_str()).collect();
+    assert_eq!(ids, ["a-free"]);
+}
+
 #[test]
 fn unplaceable_says_which_filter_removed_how_many() {
     let mut nodes = vec![
@@ -409,12 +446,22 @@ proptest! {
 }
 
 /// The job's copies per spread value, over the values the eligible nodes
-/// carry, as `check_spread` counts them.
-fn spread_counts(nodes: &[Node], placements: &JobPlacements, label: &str) -> BTreeMap<String, u32> {
-    let mut counts = BTreeMap::new();
-    for n in nodes {
-        if let Some(v) = n.labels.get(label) {
-            let c = counts.entry(v.clone()).or_insert(0u32);
+/// carry; a value's copies are counted on every node that carries it, the
+/// full ones included (a zone's copies do not vanish when its nodes fill up,
+/// as in Kubernetes' topology spread).
+fn spread_counts(
+    all: &[Node],
+    eligible: &[Node],
+    placements: &JobPlacements,
+    label: &str,
+) -> BTreeMap<String, u32> {
+    let mut counts: BTreeMap<String, u32> = eligible
+        .iter()
+        .filter_map(|n| n.labels.get(label))
+        .map(|v| (v.clone(), 0))
+        .collect();
+    for n in all {
+        if let Some(c) = n.labels.get(label).and_then(|v| counts.get_mut(v)) {
             *c += placements.get(&n.id).copied().unwrap_or(0);
         }
     }
@@ -470,7 +517,7 @@ proptest! {
                             .filter(|m| crate::filter::check_node(m, req, &check_placements).is_ok())
                             .cloned()
                             .collect();
-                        let counts = spread_counts(&eligible, &check_placements, &sp.label);
+                        let counts = spread_counts(&check_state, &eligible, &check_placements, &sp.label);
                         let min = counts.values().copied().min().unwrap_or(0);
                         let v = n.labels.get(&sp.label).cloned().unwrap_or_default();
                         prop_assert!(counts.get(&v).copied().unwrap_or(0) + 1 - min <= sp.max_skew, "spread skew exceeded on {}", n.id);
