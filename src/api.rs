@@ -173,6 +173,11 @@ pub struct Snapshot {
     pub instances: Vec<InstanceView>,
     /// The scheduler's own state, for `/v1/stats`.
     pub scheduler: serde_json::Value,
+    /// Each measured peer's clock minus this node's, ms.
+    pub clock_offsets: std::collections::BTreeMap<String, i64>,
+    /// Set when this node's clock is off most of its peers' beyond
+    /// `max_clock_offset` (it refuses writes then): what and how much.
+    pub clock_skew: Option<String>,
 }
 
 impl Snapshot {
@@ -187,6 +192,18 @@ impl Snapshot {
                 .iter()
                 .map(InstanceView::from)
                 .collect(),
+            clock_offsets: core
+                .clock_offsets()
+                .iter()
+                .map(|(p, o)| (p.to_string(), o.ms))
+                .collect(),
+            clock_skew: core.clock_skew(now).map(|s| {
+                format!(
+                    "{s}, beyond max_clock_offset ({} ms); writes are refused here until \
+                     its time sync is fixed",
+                    core.config().max_clock_offset_ms()
+                )
+            }),
             scheduler: {
                 let c = core.counters();
                 serde_json::json!({
@@ -204,6 +221,9 @@ impl Snapshot {
                     "instance_stops": c.stops,
                     "anti_entropy_exchanges": c.syncs,
                     "anti_entropy_items": c.synced_items,
+                    "stalls": c.stalls,
+                    "records_from_the_future": c.future_records,
+                    "writes_refused_for_clock_skew": c.skew_refusals,
                 })
             },
         }
@@ -396,6 +416,11 @@ pub struct NodeInfo {
     pub generation: u64,
     /// What the node cannot enforce.
     pub notes: Vec<String>,
+    /// This member's clock minus the answering node's, ms, as last
+    /// measured on an anti-entropy round trip (0 for the answering node
+    /// itself; absent when not measured yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Error body of every failed request.
@@ -424,12 +449,23 @@ pub fn nodes_of(view: &MembershipView) -> Vec<NodeInfo> {
             version: m.record.version.clone(),
             generation: m.generation,
             notes: m.record.notes.clone(),
+            clock_offset_ms: None,
         })
         .collect()
 }
 
 async fn nodes(State(state): State<ApiState>) -> Json<Vec<NodeInfo>> {
-    Json(nodes_of(&state.view.borrow()))
+    let mut nodes = nodes_of(&state.view.borrow());
+    let me = state.view.borrow().self_name.clone();
+    let snapshot = state.snapshot.borrow().clone();
+    for n in &mut nodes {
+        n.clock_offset_ms = if n.name == me {
+            Some(0)
+        } else {
+            snapshot.clock_offsets.get(&n.name).copied()
+        };
+    }
+    Json(nodes)
 }
 
 async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
@@ -452,9 +488,24 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn health(State(state): State<ApiState>) -> Json<serde_json::Value> {
+/// `ok` (200), or `degraded` (503) with each problem and what to do.
+async fn health(State(state): State<ApiState>) -> Response {
     let name = state.view.borrow().self_name.clone();
-    Json(serde_json::json!({ "status": "ok", "name": name }))
+    let mut problems = Vec::new();
+    if let Some(skew) = &state.snapshot.borrow().clock_skew {
+        problems.push(format!("clock: {skew}"));
+    }
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if problems.is_empty() { "ok" } else { "degraded" },
+        "name": name,
+        "problems": problems,
+    });
+    (status, Json(body)).into_response()
 }
 
 async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {

@@ -124,10 +124,24 @@ pub struct AgentArgs {
     /// scale benchmarks only).
     #[arg(long, hide = true)]
     pub hollow: bool,
+    /// Largest clock offset tolerated between nodes: a peer's write stamped
+    /// further ahead of this node's clock is refused, and a node whose clock
+    /// is this far off most peers' refuses writes until its time sync is
+    /// fixed. Keep the nodes' clocks synchronised (chrony, ntpd).
+    #[arg(long, default_value = "500ms", value_parser = parse_offset)]
+    pub max_clock_offset: std::time::Duration,
     /// Scheduler timings: `lan` (the default) or `local-test` (short join
     /// grace and retries, for tests on one machine).
     #[arg(long, hide = true, default_value = "lan", value_parser = ["lan", "local-test"])]
     pub preset: String,
+}
+
+fn parse_offset(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 2s)"))?;
+    if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("`{s}`: use between 10ms and 1h"));
+    }
+    Ok(d)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -195,9 +209,12 @@ impl AgentArgs {
             memory_mib: self.memory,
             membership: Default::default(),
             hollow: self.hollow,
-            scheduler: match self.preset.as_str() {
-                "local-test" => shoal_core::SchedulerConfig::local_test(),
-                _ => shoal_core::SchedulerConfig::lan(),
+            scheduler: shoal_core::SchedulerConfig {
+                max_clock_offset: self.max_clock_offset,
+                ..match self.preset.as_str() {
+                    "local-test" => shoal_core::SchedulerConfig::local_test(),
+                    _ => shoal_core::SchedulerConfig::lan(),
+                }
             },
         })
     }

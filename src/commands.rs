@@ -93,7 +93,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
     }
-    let rows: Vec<[String; 7]> = nodes
+    let rows: Vec<[String; 8]> = nodes
         .iter()
         .map(|n| {
             let labels = n
@@ -114,6 +114,10 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
                 format!("{}m/{}Mi", n.capacity.cpu_millis, n.capacity.memory_mib),
                 format!("{}m/{}Mi", n.load.cpu_millis, n.load.memory_mib),
                 n.load.instances.to_string(),
+                match n.clock_offset_ms {
+                    Some(ms) => format!("{ms:+}ms"),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -126,6 +130,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
             "CAPACITY",
             "RESERVED",
             "INSTANCES",
+            "CLOCK",
         ],
         &rows,
     );

@@ -95,6 +95,13 @@ pub struct SchedulerConfig {
     pub catch_up_retry: Duration,
     /// Placement settings (candidates per slot).
     pub placement: PlacementConfig,
+    /// A peer's version more than this far ahead of this node's wall clock
+    /// is refused (it would drag every node's clock into the future, and a
+    /// newer write would then lose to it), and a node whose clock is this
+    /// far off most of its peers' stops accepting writes until it is fixed.
+    /// 500 ms: NTP keeps a LAN within a few ms; `start_max_age` leaves
+    /// room for twice this.
+    pub max_clock_offset: Duration,
     /// Act before catching up with a peer (a joining node places and starts
     /// at once). Never set outside tests: the simulator's tests set it to
     /// show the batch reruns the catch-up gate prevents.
@@ -140,8 +147,14 @@ impl SchedulerConfig {
             writes_in_flight_max: 10_000,
             catch_up_retry: Duration::from_millis(250),
             placement: PlacementConfig::default(),
+            max_clock_offset: Duration::from_millis(500),
             act_before_catch_up: false,
         }
+    }
+
+    /// `max_clock_offset` in whole milliseconds.
+    pub fn max_clock_offset_ms(&self) -> u64 {
+        u64::try_from(self.max_clock_offset.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Shorter graces for tests on one machine: joins, stalls and retries

@@ -41,8 +41,44 @@ pub struct Clock {
     last: Hlc,
 }
 
+/// A peer's timestamp further ahead of this node's wall clock than
+/// `max_clock_offset`: refused, so that one fast (or forged) clock cannot
+/// drag every node's versions into the future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooFarAhead {
+    /// How far ahead of this node's wall clock, ms.
+    pub ahead_ms: u64,
+}
+
+impl std::fmt::Display for TooFarAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its timestamp is {} ms ahead of this node's clock",
+            self.ahead_ms
+        )
+    }
+}
+
+impl Hlc {
+    /// Whether this timestamp is more than `max_offset_ms` ahead of the
+    /// wall clock `wall_ms`.
+    pub fn ahead_of(self, wall_ms: u64, max_offset_ms: u64) -> Result<(), TooFarAhead> {
+        let ahead_ms = self.wall_ms.saturating_sub(wall_ms);
+        if ahead_ms > max_offset_ms {
+            Err(TooFarAhead { ahead_ms })
+        } else {
+            Ok(())
+        }
+    }
+}
+
 impl Clock {
-    /// A timestamp for a local event at wall time `wall_ms`.
+    /// A timestamp for a local event at wall time `wall_ms`: after every
+    /// timestamp this clock gave or observed. When the counter of one
+    /// millisecond runs out, the next millisecond is borrowed, so two
+    /// timestamps are never equal (the wall time saturates at `u64::MAX`,
+    /// which bounded observation keeps out of reach).
     pub fn tick(&mut self, wall_ms: u64) -> Hlc {
         self.last = if wall_ms > self.last.wall_ms {
             Hlc {
@@ -50,20 +86,40 @@ impl Clock {
                 logical: 0,
             }
         } else {
-            Hlc {
-                wall_ms: self.last.wall_ms,
-                logical: self.last.logical.saturating_add(1),
+            match self.last.logical.checked_add(1) {
+                Some(logical) => Hlc {
+                    wall_ms: self.last.wall_ms,
+                    logical,
+                },
+                None => Hlc {
+                    wall_ms: self.last.wall_ms.saturating_add(1),
+                    logical: 0,
+                },
             }
         };
         self.last
     }
 
     /// Takes in a timestamp seen from a peer, so that the next local one
-    /// orders after it.
-    pub fn observe(&mut self, remote: Hlc) {
+    /// orders after it, unless it is more than `max_offset_ms` ahead of
+    /// this node's wall clock `wall_ms`: then it is refused and the clock
+    /// does not move.
+    pub fn observe(
+        &mut self,
+        remote: Hlc,
+        wall_ms: u64,
+        max_offset_ms: u64,
+    ) -> Result<(), TooFarAhead> {
+        remote.ahead_of(wall_ms, max_offset_ms)?;
         if remote > self.last {
             self.last = remote;
         }
+        Ok(())
+    }
+
+    /// The latest timestamp given or observed.
+    pub fn last(&self) -> Hlc {
+        self.last
     }
 }
 
@@ -93,10 +149,15 @@ mod tests {
         let a = c.tick(1000);
         let b = c.tick(900); // wall clock stepped back
         assert!(b > a);
-        c.observe(Hlc {
-            wall_ms: 5000,
-            logical: 7,
-        });
+        c.observe(
+            Hlc {
+                wall_ms: 5000,
+                logical: 7,
+            },
+            4900,
+            500,
+        )
+        .unwrap();
         let d = c.tick(1001);
         assert!(
             d > Hlc {
@@ -124,6 +185,48 @@ mod tests {
                 }
                 .packed()
         );
+    }
+
+    #[test]
+    fn a_timestamp_beyond_the_offset_bound_is_refused_and_moves_nothing() {
+        let mut c = Clock::default();
+        let t = c.tick(1_000);
+        let far = Hlc {
+            wall_ms: u64::MAX,
+            logical: u32::MAX,
+        };
+        assert_eq!(
+            c.observe(far, 1_000, 500),
+            Err(TooFarAhead {
+                ahead_ms: u64::MAX - 1_000
+            })
+        );
+        assert_eq!(c.last(), t, "a refused timestamp leaves the clock alone");
+        let near = Hlc {
+            wall_ms: 1_500,
+            logical: 3,
+        };
+        assert_eq!(c.observe(near, 1_000, 500), Ok(()));
+        assert!(c.tick(1_000) > near);
+    }
+
+    #[test]
+    fn timestamps_stay_distinct_when_a_millisecond_runs_out() {
+        let mut c = Clock::default();
+        c.observe(
+            Hlc {
+                wall_ms: 7,
+                logical: u32::MAX - 1,
+            },
+            7,
+            0,
+        )
+        .unwrap();
+        let a = c.tick(7);
+        let b = c.tick(7);
+        let d = c.tick(7);
+        assert!(a < b && b < d, "{a} {b} {d}");
+        assert_eq!(b.wall_ms, 8);
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub mod reconcile;
 pub mod records;
 pub mod scheduler;
 pub mod seen;
+pub mod skew;
 pub mod status;
 pub mod sync;
 pub mod view;

@@ -37,6 +37,7 @@ use crate::placing::{Placing, Round};
 use crate::reconcile::{finished, needs_placing, own_copy_stop, StopReason};
 use crate::records::{Completion, JobRecord};
 use crate::seen::Seen;
+use crate::skew::{Offsets, Skewed};
 use crate::sync::{AntiEntropy, Exchange, Step};
 use crate::view::ClusterView;
 use crate::wire::{Request, Response};
@@ -323,6 +324,11 @@ pub struct Counters {
     pub synced_items: u64,
     /// Freezes noticed (longer than `stall` between timers).
     pub stalls: u64,
+    /// Records refused (or, from the disk, not let move the clock) for a
+    /// version more than `max_clock_offset` ahead of this node's clock.
+    pub future_records: u64,
+    /// API writes refused because of a clock skew.
+    pub skew_refusals: u64,
 }
 
 /// One node's scheduler.
@@ -358,6 +364,12 @@ pub struct Scheduler {
     /// caught up, so that a whole cluster restarted with seeds recovers.
     started_with_state: bool,
     counters: Counters,
+    /// Clock offsets to peers (see [`crate::skew`]).
+    offsets: Offsets,
+    /// The wall clock of the input being handled (ms since the epoch).
+    wall_ms: u64,
+    /// The last run id given (run ids only grow).
+    last_run_id: u64,
 }
 
 impl Scheduler {
@@ -382,8 +394,15 @@ impl Scheduler {
             .into_iter()
             .filter(|r| r.validate().is_ok())
             .collect();
+        let mut counters = Counters::default();
+        let bound = config.max_clock_offset_ms();
         for r in &stored_jobs {
-            clock.observe(r.version.hlc);
+            // A record this node stored when its clock (or a peer's) ran
+            // ahead stays, but does not drag the clock along: a write to
+            // its job is refused until the clock passes it (see `write`).
+            if clock.observe(r.version.hlc, now.wall_ms, bound).is_err() {
+                counters.future_records = counters.future_records.saturating_add(1);
+            }
         }
         let coordinate_after = if joining {
             now.mono + config.join_grace
@@ -414,7 +433,10 @@ impl Scheduler {
             pass_cost: Duration::ZERO,
             dirty: true,
             coordinate_after,
-            counters: Counters::default(),
+            counters,
+            offsets: Offsets::default(),
+            wall_ms: now.wall_ms,
+            last_run_id: 0,
             config,
         }
     }
@@ -432,6 +454,17 @@ impl Scheduler {
     /// What this node did so far.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Clock offsets to the peers measured so far.
+    pub fn clock_offsets(&self) -> &Offsets {
+        &self.offsets
+    }
+
+    /// Whether this node's clock is off most of its peers' by more than
+    /// `max_clock_offset` (it then refuses API writes).
+    pub fn clock_skew(&self, now: Instant) -> Option<Skewed> {
+        self.offsets.verdict(self.config.max_clock_offset_ms(), now)
     }
 
     /// Whether this node has caught up with a peer since it started.
@@ -491,8 +524,21 @@ impl Scheduler {
         }
     }
 
-    fn run_id(&mut self, now: Now) -> u64 {
-        self.clock.tick(now.wall_ms).packed()
+    /// A new run id: from the clock (so ids order by start time across
+    /// restarts), and always above the last one given, so two copies
+    /// never share one. A clock beyond what the packing holds (year 2527:
+    /// a wall clock 1,000 years fast, the #11 probe) packs as `u64::MAX`;
+    /// ids then simply count up.
+    pub(crate) fn run_id(&mut self, now: Now) -> u64 {
+        let packed = self.clock.tick(now.wall_ms).packed();
+        let next = self.last_run_id.saturating_add(1);
+        let id = if packed == u64::MAX {
+            next
+        } else {
+            packed.max(next)
+        };
+        self.last_run_id = id;
+        id
     }
 
     fn send(&mut self, to: &Arc<str>, request: Request, call: Option<Call>, timeout: Duration) {
@@ -665,7 +711,27 @@ impl Scheduler {
         let response = match request {
             Request::PutJobs(records) => {
                 // Answered once the records are on this node's disk: the
-                // pusher counts that as a second copy.
+                // pusher counts that as a second copy. A record from too
+                // far in the future is refused whole, and the pusher told
+                // why (its clock, or the writer's, is off).
+                let bound = self.config.max_clock_offset_ms();
+                let future = records.iter().find_map(|r| {
+                    r.version
+                        .hlc
+                        .ahead_of(now.wall_ms, bound)
+                        .err()
+                        .map(|e| (r, e))
+                });
+                if let Some((r, e)) = future {
+                    self.counters.future_records = self.counters.future_records.saturating_add(1);
+                    let response = Response::Error(format!(
+                        "job `{}` refused: {e} (max_clock_offset is {bound} ms); check the clocks \
+                         (`shoal nodes` shows each peer's offset)",
+                        r.name
+                    ));
+                    self.out.push(Effect::Reply { token, response });
+                    return self.take();
+                }
                 match self.take_records(records, Origin::Peer(Some(token))) {
                     Taken::Writing => return self.take(),
                     Taken::Nothing => Response::Ok,
@@ -691,10 +757,11 @@ impl Scheduler {
                 Response::Error("this node is still catching up".into())
             }
             Request::SyncHash { jobs, completions } => {
+                let wall_ms = now.wall_ms;
                 if (jobs, completions) == self.desired.fingerprints() {
-                    Response::InSync
+                    Response::InSync { wall_ms }
                 } else {
-                    Response::Differs
+                    Response::Differs { wall_ms }
                 }
             }
             Request::SyncJobs {
@@ -1103,9 +1170,38 @@ impl Scheduler {
                 )),
             );
         }
+        if let Some(skew) = self.clock_skew(now.mono) {
+            self.counters.skew_refusals = self.counters.skew_refusals.saturating_add(1);
+            return self.answer(
+                token,
+                Err(ApiError::Unavailable(format!(
+                    "{skew}, beyond max_clock_offset ({} ms): its writes would be refused or \
+                     would overrule newer ones. Fix its time sync (chrony or ntpd), or write \
+                     through another node",
+                    self.config.max_clock_offset_ms()
+                ))),
+            );
+        }
+        let version = self.next_version(now);
+        if let Some(current) = self.desired.get(&name).filter(|c| c.version >= version) {
+            // The job's current version is from this clock's future (it
+            // came from a node whose clock ran ahead): a write now would be
+            // older than it and lose everywhere, though answered.
+            self.counters.skew_refusals = self.counters.skew_refusals.saturating_add(1);
+            let ahead = current.version.hlc.wall_ms.saturating_sub(now.wall_ms);
+            return self.answer(
+                token,
+                Err(ApiError::Unavailable(format!(
+                    "job `{name}` was last written by {} at a time {ahead} ms ahead of this \
+                     node's clock; a write now would be older and lose. Check the clocks \
+                     (`shoal nodes` shows each peer's offset) and try again",
+                    current.version.node
+                ))),
+            );
+        }
         let record = Arc::new(JobRecord {
             name,
-            version: self.next_version(now),
+            version,
             spec,
         });
         self.persist(vec![record], Vec::new(), Origin::Api(token));
@@ -1115,10 +1211,22 @@ impl Scheduler {
     /// persisted (and applied once durable). Returns whether a write was
     /// issued (its origin is told when it is durable).
     fn take_records(&mut self, records: Vec<Arc<JobRecord>>, origin: Origin) -> Taken {
+        let bound = self.config.max_clock_offset_ms();
+        let wall_ms = self.wall_ms;
+        let mut future = 0u64;
         let newer: Vec<Arc<JobRecord>> = records
             .into_iter()
-            .filter(|r| r.validate().is_ok() && self.desired.is_newer(r))
+            .filter(|r| {
+                // From too far in the future: refused, so one fast or forged
+                // clock cannot pin every node's versions ahead (a later
+                // write would lose to it). Anti-entropy brings it again,
+                // and it is taken once this clock has caught up.
+                let ahead = r.version.hlc.ahead_of(wall_ms, bound).is_err();
+                future += u64::from(ahead);
+                !ahead && r.validate().is_ok() && self.desired.is_newer(r)
+            })
             .collect();
+        self.counters.future_records = self.counters.future_records.saturating_add(future);
         if newer.is_empty() {
             return Taken::Nothing;
         }
@@ -1191,7 +1299,13 @@ impl Scheduler {
     }
 
     fn apply_record(&mut self, r: Arc<JobRecord>, now: Now) {
-        self.clock.observe(r.version.hlc);
+        // Checked when it came in; if the wall clock stepped back since, the
+        // record is applied but does not move the clock.
+        let _ = self.clock.observe(
+            r.version.hlc,
+            now.wall_ms,
+            self.config.max_clock_offset_ms(),
+        );
         let name = r.name.clone();
         let live = r.is_live();
         if self.desired.apply(r) {
@@ -1219,6 +1333,12 @@ impl Scheduler {
         }
         if let Err(e) = job.validate() {
             return refuse_all(&format!("invalid job record: {e}"));
+        }
+        let bound = self.config.max_clock_offset_ms();
+        if let Err(e) = job.version.hlc.ahead_of(now.wall_ms, bound) {
+            return refuse_all(&format!(
+                "the job's version is from the future: {e} (max_clock_offset is {bound} ms)"
+            ));
         }
         if self.desired.is_newer(&job) {
             // Newer than ours: keep it (durably, like any peer's write)
@@ -1517,6 +1637,7 @@ impl Scheduler {
     /// node resumed from a 4.5 s hang and started a batch slot that had
     /// completed elsewhere while it was frozen.
     fn notice_stall(&mut self, now: Now) {
+        self.wall_ms = now.wall_ms;
         let Some(last) = self.last_timer else {
             return;
         };
@@ -2089,11 +2210,24 @@ impl Scheduler {
             return;
         }
         let Exchange {
-            peer, addr, step, ..
+            peer,
+            addr,
+            step,
+            since,
+            ..
         } = ex;
+        if let (Step::Hash, Ok(Response::InSync { wall_ms } | Response::Differs { wall_ms })) =
+            (&step, &result)
+        {
+            let rtt = now.mono.saturating_duration_since(since);
+            self.offsets
+                .record(peer.clone(), *wall_ms, now.wall_ms, rtt, now.mono);
+        }
         match (step, result) {
-            (Step::Hash, Ok(Response::InSync)) => self.exchange_done(),
-            (Step::Hash, Ok(Response::Differs)) => self.jobs_page(peer, addr, None, now.mono),
+            (Step::Hash, Ok(Response::InSync { .. })) => self.exchange_done(),
+            (Step::Hash, Ok(Response::Differs { .. })) => {
+                self.jobs_page(peer, addr, None, now.mono)
+            }
             (Step::Jobs { after, until }, Ok(Response::SyncedJobs { newer, want, more })) => {
                 self.counters.synced_items += newer.len() as u64;
                 let last = newer.last().map(|r| r.name.clone());

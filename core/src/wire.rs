@@ -86,9 +86,18 @@ pub enum Response {
     /// Done.
     Ok,
     /// Anti-entropy: fingerprints match.
-    InSync,
+    InSync {
+        /// The answering node's wall clock, ms since the epoch: the caller
+        /// measures its offset on the round trip.
+        #[serde(default)]
+        wall_ms: u64,
+    },
     /// Anti-entropy: send the digest pages.
-    Differs,
+    Differs {
+        /// As in `InSync`.
+        #[serde(default)]
+        wall_ms: u64,
+    },
     /// Anti-entropy: the answer to one page of the job digest.
     SyncedJobs {
         /// Records in the page's range newer than the caller's (at most a

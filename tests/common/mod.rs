@@ -49,12 +49,27 @@ impl Agent {
         token_file: Option<&Path>,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_env(root, name, join, token_file, extra, &[])
+    }
+
+    /// [`Agent::start`] with environment variables for the agent.
+    pub fn start_env(
+        root: &Path,
+        name: &str,
+        join: Option<&str>,
+        token_file: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut launch = shoal::launch::Launch::new(BIN, name, &dir)
             .logs(&dir.join("stdout.log"), &dir.join("stderr.log"))
             .args(["--preset", "local-test"])
             .args(extra.iter().copied());
+        for (k, v) in env {
+            launch = launch.env(k, v);
+        }
         if let Some(j) = join {
             launch = launch.args(["--join", j]);
         }

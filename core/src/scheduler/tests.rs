@@ -216,7 +216,7 @@ fn a_joining_node_starts_nothing_until_it_has_caught_up() {
     // It asks a peer; the peer is in sync: caught up.
     let effects = s.handle_timer(now(base, 10));
     let call = sync_call(&effects).expect("an anti-entropy exchange");
-    s.handle_reply(call, Ok(Response::InSync), now(base, 11));
+    s.handle_reply(call, Ok(Response::InSync { wall_ms: 0 }), now(base, 11));
     assert!(s.caught_up());
     let start = Request::Start {
         job: record(1),
@@ -254,7 +254,11 @@ fn a_node_that_was_frozen_catches_up_again_before_starting_anything() {
     // It asks a peer at once; in sync, it is caught up again and starts.
     let effects = s.handle_timer(now(base, frozen_until + 10));
     let call = sync_call(&effects).expect("an anti-entropy exchange right after the freeze");
-    s.handle_reply(call, Ok(Response::InSync), now(base, frozen_until + 11));
+    s.handle_reply(
+        call,
+        Ok(Response::InSync { wall_ms: 0 }),
+        now(base, frozen_until + 11),
+    );
     assert!(s.caught_up());
     let start = Request::Start {
         job: record(1),
@@ -369,4 +373,135 @@ fn api_writes_wait_until_the_node_has_caught_up() {
             answer: ApiAnswer::Failed(ApiError::Unavailable(_))
         }
     )));
+}
+
+/// The #11 probe: one job record with the largest version pinned every
+/// node's clock there, and every later write was answered and never
+/// applied. A peer's record more than `max_clock_offset` ahead is now
+/// refused, says why, and leaves the clock alone.
+#[test]
+fn a_record_from_the_future_is_refused_and_does_not_move_the_clock() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let mut far = (*record(0)).clone();
+    far.version.hlc = crate::hlc::Hlc {
+        wall_ms: u64::MAX,
+        logical: u32::MAX,
+    };
+    let effects = s.handle_request(3, Request::PutJobs(vec![Arc::new(far)]), now(base, 2));
+    assert!(
+        matches!(reply(&effects), Some(Response::Error(m)) if m.contains("ahead of this node's clock")),
+        "{effects:?}"
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Persist { .. })));
+    assert!(s.desired().get("web").is_none());
+    assert_eq!(s.counters().future_records, 1);
+    // Within the bound (300 ms ahead) is taken.
+    let near = record(2 + 300);
+    let effects = s.handle_request(4, Request::PutJobs(vec![near]), now(base, 2));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Persist { .. })));
+    // A local write's version is still near the wall clock.
+    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, 1_000));
+    let version = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { jobs, .. } => jobs.first().map(|j| j.version.clone()),
+            _ => None,
+        })
+        .expect("the write is persisted");
+    assert_eq!(version.hlc.wall_ms, now(base, 1_000).wall_ms);
+}
+
+/// A job whose record is ahead of this node's clock (stored when a clock
+/// ran fast) cannot be overwritten by an older version: the write is
+/// refused with the reason instead of answered and lost.
+#[test]
+fn a_write_that_would_lose_to_a_future_version_is_refused() {
+    let base = origin();
+    let stored = JobRecord {
+        version: Version {
+            hlc: crate::hlc::Hlc {
+                wall_ms: now(base, 0).wall_ms + 3_600_000,
+                logical: 0,
+            },
+            node: "n9".into(),
+        },
+        ..(*record(0)).clone()
+    };
+    let mut s = Scheduler::new(
+        SchedulerConfig::local_test(),
+        "n0",
+        BTreeSet::from(["exec".to_string()]),
+        7,
+        vec![stored],
+        Vec::new(),
+        false,
+        now(base, 0),
+    );
+    assert_eq!(
+        s.counters().future_records,
+        1,
+        "the disk's record did not move the clock"
+    );
+    s.handle_view(view(&["n0"]), now(base, 1));
+    let effects = s.handle_api(1, ApiRequest::Stop { name: "web".into() }, now(base, 2));
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Answer { token: 1, answer: ApiAnswer::Failed(ApiError::Unavailable(m)) }
+                if m.contains("ahead of this node's clock") && m.contains("n9")
+        )),
+        "{effects:?}"
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Persist { .. })));
+    assert_eq!(s.counters().skew_refusals, 1);
+}
+
+/// A node whose clock is an hour behind two of its two peers (measured on
+/// anti-entropy round trips) says so and refuses writes; one peer alone
+/// does not make it the skewed one.
+#[test]
+fn a_node_whose_clock_is_off_most_peers_refuses_writes() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    s.handle_view(view(&["n0", "n1", "n2"]), now(base, 1));
+    let hour = 3_600_000;
+    let mut t = 10;
+    for _ in 0..20 {
+        let effects = s.handle_timer(now(base, t));
+        if let Some(call) = sync_call(&effects) {
+            let wall_ms = now(base, t).wall_ms + hour;
+            s.handle_reply(call, Ok(Response::InSync { wall_ms }), now(base, t + 2));
+        }
+        if s.clock_offsets().iter().count() == 2 {
+            break;
+        }
+        t += 300;
+    }
+    assert_eq!(s.clock_offsets().iter().count(), 2, "both peers measured");
+    let skew = s.clock_skew(now(base, t).mono).expect("skewed");
+    assert!((skew.peers_ahead_ms - hour as i64).abs() <= 2, "{skew:?}");
+    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, t + 5));
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Answer { token: 1, answer: ApiAnswer::Failed(ApiError::Unavailable(m)) }
+                if m.contains("behind") && m.contains("time sync")
+        )),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn run_ids_only_grow_even_when_the_clock_saturates() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    let far = Now {
+        mono: base,
+        wall_ms: u64::MAX - 1,
+    };
+    let a = s.run_id(far);
+    let b = s.run_id(far);
+    assert!(b > a, "{a} {b}");
 }

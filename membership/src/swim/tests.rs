@@ -599,3 +599,44 @@ fn a_starved_node_stretches_its_timeouts_and_recovers() {
     s.note_lag(Duration::ZERO, t0 + Duration::from_secs(2));
     assert_eq!(s.health(), 0);
 }
+
+/// One update with the largest incarnation used to evict a member for
+/// good (the #11 probe): the member could not refute it, and refuting one
+/// about ourselves overflowed. Now a claim above [`INCARNATION_MAX`], or
+/// one about us above our own incarnation, is refused and counted, and the
+/// member stays alive everywhere.
+#[test]
+fn an_impossible_incarnation_is_refused_and_evicts_nobody() {
+    let mut sim = Sim::new(4, 21, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.everyone_sees(1, NodeState::Alive));
+    let (generation, addr) = (sim.gen[1], sim.addrs[1]);
+    let forged = |state, incarnation| Update {
+        name: "n1".into(),
+        generation,
+        addr,
+        incarnation,
+        state,
+        by: "n3".into(),
+    };
+    let now = sim.now;
+    // A Dead at u64::MAX reaching a bystander and the member itself.
+    let dead = forged(NodeState::Dead, u64::MAX);
+    assert!(sim.nodes[0].on_updates(vec![dead.clone()], now).is_empty());
+    assert!(sim.nodes[1].on_updates(vec![dead], now).is_empty());
+    // A Suspect about n1 above its own incarnation (but under the cap):
+    // not refuted, so n1's incarnation does not jump.
+    let before = sim.nodes[1].incarnation();
+    let suspect = forged(NodeState::Suspect, before + 1_000);
+    assert!(sim.nodes[1].on_updates(vec![suspect], now).is_empty());
+    assert_eq!(sim.nodes[1].incarnation(), before);
+    assert_eq!(sim.nodes[0].refused(), 1);
+    assert_eq!(sim.nodes[1].refused(), 1);
+    assert_eq!(sim.nodes[0].state_of("n1"), Some(NodeState::Alive));
+    // A suspicion at n1's real incarnation is still refuted.
+    let real = forged(NodeState::Suspect, before);
+    assert!(!sim.nodes[1].on_updates(vec![real], now).is_empty());
+    assert_eq!(sim.nodes[1].incarnation(), before + 1);
+    sim.run_for(Duration::from_secs(5));
+    assert!(sim.everyone_sees(1, NodeState::Alive));
+}
