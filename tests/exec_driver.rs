@@ -202,3 +202,73 @@ async fn limits_are_enforced_where_cgroup_v2_is_writable() {
     );
     d.stop(&s.id, Duration::from_millis(200)).await.unwrap();
 }
+
+/// Whether `pid` is a live process (a zombie is not).
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+fn pid_in(file: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// The #11 probe: a task that daemonizes (`setsid`) left one orphan per
+/// restart, surviving `shoal stop`. Its instance's cgroup (the freezer
+/// hierarchy on cgroup v1, this machine's) holds it, and a stop kills it.
+#[tokio::test]
+async fn a_daemon_that_left_the_session_is_stopped_with_its_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    let mut events = d.events().unwrap();
+    let s = spec(
+        5,
+        "sh",
+        &[
+            "-c",
+            "setsid sh -c 'echo $$ > daemon.pid; exec sleep 1000' & sleep 1000",
+        ],
+    );
+    let idir = dir.path().join(s.id.to_string());
+    assert!(
+        shoal::driver::contain::Cgroup::for_instance(&idir).is_some(),
+        "this machine has no cgroup hierarchy to contain instances in"
+    );
+    d.start(&s).await.unwrap();
+    let pidfile = idir.join("work/daemon.pid");
+    common::wait_until("the daemon runs", || {
+        pid_in(&pidfile).is_some_and(process_alive)
+    });
+    let daemon = pid_in(&pidfile).unwrap();
+    // It really left the instance's session.
+    let sid = |pid: i32| unsafe { libc::getsid(pid) };
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(idir.join("instance.json")).unwrap()).unwrap();
+    assert_ne!(sid(daemon), record["pid"].as_i64().unwrap() as i32);
+    d.stop(&s.id, Duration::from_millis(300)).await.unwrap();
+    let _ = next_end(&mut events).await;
+    common::wait_until("the daemon is gone", || !process_alive(daemon));
+}
+
+/// The #11 probe: a task that started a child in the background and exited
+/// left the supervisor waiting on the pipes the child held, and the slot
+/// `running` forever. The instance now ends with the task's exit code and
+/// the child is killed.
+#[tokio::test]
+async fn a_task_that_exits_leaving_a_child_ends_and_the_child_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    let mut events = d.events().unwrap();
+    let s = spec(6, "sh", &["-c", "sleep 1000 & echo $! > child.pid; exit 3"]);
+    d.start(&s).await.unwrap();
+    let (id, state) = next_end(&mut events).await;
+    assert_eq!(id, s.id);
+    match state {
+        InstanceState::Exited(e) => assert_eq!(e.code, Some(3), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let child = pid_in(&dir.path().join(s.id.to_string()).join("work/child.pid")).unwrap();
+    common::wait_until("the background child is gone", || !process_alive(child));
+}

@@ -198,17 +198,22 @@ impl Driver for ExecDriver {
                     .ok()?;
             (start_ticks(record.pid) == Some(record.start_ticks)).then_some(record.pid)
         });
-        let Some(pid) = pid else { return Ok(()) };
-        ExecDriver::signal_group(pid, libc::SIGTERM);
-        let deadline = tokio::time::Instant::now() + grace;
-        // Bounded wait for the group to go; then kill what is left.
-        while tokio::time::Instant::now() < deadline {
-            if unsafe { libc::kill(-(pid as i32), 0) } != 0 {
-                return Ok(());
+        let dir = self.dir(id);
+        if let Some(pid) = pid {
+            ExecDriver::signal_group(pid, libc::SIGTERM);
+            let deadline = tokio::time::Instant::now() + grace;
+            // Bounded wait for the group to go; then kill what is left.
+            while tokio::time::Instant::now() < deadline {
+                if unsafe { libc::kill(-(pid as i32), 0) } != 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ExecDriver::signal_group(pid, libc::SIGKILL);
         }
-        ExecDriver::signal_group(pid, libc::SIGKILL);
+        // What left the session (a daemon) is still in the instance's
+        // cgroup.
+        destroy_cgroup(dir).await;
         Ok(())
     }
 
@@ -245,6 +250,7 @@ impl Driver for ExecDriver {
     async fn remove(&self, id: &InstanceId) -> Result<()> {
         self.running.lock().expect("lock").remove(id);
         let dir = self.dir(id);
+        destroy_cgroup(dir.clone()).await;
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
@@ -273,6 +279,16 @@ impl Driver for ExecDriver {
     }
 }
 
+/// Kills what is left in the cgroup of the instance in `dir` and removes
+/// it (off the event loop: a kill waits, boundedly, for the members to go).
+async fn destroy_cgroup(dir: PathBuf) {
+    if let Some(cg) = super::contain::Cgroup::for_instance(&dir) {
+        if cg.path().exists() {
+            let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+        }
+    }
+}
+
 /// Kills every exec instance (supervisor process group) whose directory is
 /// under `dir`, as if the machine had gone down with its agent. For the
 /// demo, tests and fault injection: exec instances outlive their agent by
@@ -292,6 +308,12 @@ pub fn kill_instances_under(dir: &Path) {
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" supervise ") && cmd.contains(&needle) {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+    }
+    // And what left their sessions.
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Some(cg) = super::contain::Cgroup::for_instance(&e.path()) {
+            cg.destroy();
         }
     }
 }

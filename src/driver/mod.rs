@@ -2,6 +2,7 @@
 //! `docker` (containers through the Docker Engine API) and `hollow` (scale
 //! benchmarks only: everything but the process), behind one [`Driver`] trait.
 
+pub mod contain;
 pub mod docker;
 pub mod exec;
 pub mod hollow;

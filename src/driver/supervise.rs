@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
+use super::contain::{self, Cgroup};
+
 /// Size of one log file before it rotates.
 pub const LOG_FILE_LEN_MAX: u64 = 4 * 1024 * 1024;
 /// Rotated files kept per stream (besides the live one).
@@ -60,32 +62,47 @@ pub fn rotated(path: &Path, i: usize) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn pump(mut from: impl Read + Send + 'static, to: PathBuf) -> std::thread::JoinHandle<()> {
+/// Copies `from` into the rotating log `to` until end of file; says so on
+/// `done`.
+fn pump(mut from: impl Read + Send + 'static, to: PathBuf, done: std::sync::mpsc::Sender<()>) {
     std::thread::spawn(move || {
-        let Ok(mut log) = RotatingLog::open(to) else {
-            return;
-        };
-        let mut buf = [0u8; 16 * 1024];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || log.write(&buf[..n]).is_err() {
-                break;
+        if let Ok(mut log) = RotatingLog::open(to) {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 || log.write(&buf[..n]).is_err() {
+                    break;
+                }
             }
         }
-    })
+        let _ = done.send(());
+    });
 }
+
+/// After the task ends, its output is copied for at most this long: a
+/// process that outlived it and still holds the pipes (killed below, but
+/// one that escaped every containment) cannot keep the slot running.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs `command args` in `dir/work`, logging to `dir/{stdout,stderr}.log`,
 /// and records the exit in `dir/exit.json`. Returns the task's exit code.
 pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -> Result<i32> {
     let work = dir.join("work");
     fs::create_dir_all(&work)?;
-    if let Some(l) = limits {
-        // Enter the instance's cgroup before starting the task, which
-        // inherits it; a failure is recorded, not fatal (the node said in
-        // its record whether it can enforce limits).
-        if let Err(e) = enter_cgroup(dir, l) {
-            let mut log = RotatingLog::open(dir.join("stderr.log"))?;
-            log.write(format!("shoal: limits not enforced: {e:#}\n").as_bytes())?;
+    // The task starts inside the instance's cgroup (it inherits this
+    // process's), and this process leaves it right after: everything the
+    // task starts, daemons included, is killed with the group.
+    let cgroup = Cgroup::for_instance(dir);
+    let mut original = None;
+    if let Some(cg) = &cgroup {
+        match enter_cgroup(cg, limits) {
+            Ok(from) => original = Some(from),
+            Err(e) => {
+                let mut log = RotatingLog::open(dir.join("stderr.log"))?;
+                log.write(
+                    format!("shoal: no cgroup for this instance ({e:#}): what the task starts in a session of its own is not stopped with it\n")
+                        .as_bytes(),
+                )?;
+            }
         }
     }
     let mut child = Command::new(command)
@@ -95,13 +112,43 @@ pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
+    if let (Some(cg), Some(from)) = (&cgroup, &original) {
+        if let Err(e) = cg.leave(from) {
+            // Still inside: a kill of the group would take this process
+            // too, so the group is only emptied by the agent's stop.
+            original = None;
+            let mut log = RotatingLog::open(dir.join("stderr.log"))?;
+            log.write(format!("shoal: cannot leave the instance cgroup: {e}\n").as_bytes())?;
+        }
+    }
     let status = match &mut child {
         Ok(child) => {
-            let out = pump(child.stdout.take().expect("piped"), dir.join("stdout.log"));
-            let err = pump(child.stderr.take().expect("piped"), dir.join("stderr.log"));
+            let (done_tx, done) = std::sync::mpsc::channel();
+            pump(
+                child.stdout.take().expect("piped"),
+                dir.join("stdout.log"),
+                done_tx.clone(),
+            );
+            pump(
+                child.stderr.take().expect("piped"),
+                dir.join("stderr.log"),
+                done_tx,
+            );
             let status = child.wait()?;
-            let _ = out.join();
-            let _ = err.join();
+            // The task is over: so is everything it started. Its process
+            // group (this process's: the agent made it a session leader)
+            // first, then the cgroup, which holds what left the session.
+            contain::kill_group_but_me(unsafe { libc::getpgrp() });
+            if let (Some(cg), Some(_)) = (&cgroup, &original) {
+                cg.kill_all();
+            }
+            let deadline = std::time::Instant::now() + DRAIN_WAIT;
+            for _ in 0..2 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if done.recv_timeout(left).is_err() {
+                    break;
+                }
+            }
             use std::os::unix::process::ExitStatusExt;
             ExitStatus {
                 code: status.code(),
@@ -122,6 +169,9 @@ pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -
             }
         }
     };
+    if let (Some(cg), Some(_)) = (&cgroup, &original) {
+        cg.destroy();
+    }
     let tmp = dir.join("exit.json.tmp");
     fs::write(&tmp, serde_json::to_vec(&status)?)?;
     fs::rename(&tmp, dir.join("exit.json")).context("cannot record the exit status")?;
@@ -152,32 +202,37 @@ pub fn cgroup_values(limits: Limits) -> (String, String) {
     )
 }
 
-/// Creates `<CGROUP_ROOT>/<instance>` with the limits and moves this
-/// process into it.
-fn enter_cgroup(dir: &Path, limits: Limits) -> Result<()> {
-    let name = dir.file_name().context("instance dir has no name")?;
-    let root = Path::new(CGROUP_ROOT);
-    if !root.exists() {
-        fs::create_dir_all(root).context("cannot create the shoal cgroup")?;
-        // Let children of the shoal group use the controllers.
-        fs::write(
-            root.parent()
-                .expect("has a parent")
-                .join("cgroup.subtree_control"),
-            "+cpu +memory",
-        )
-        .ok();
-        fs::write(root.join("cgroup.subtree_control"), "+cpu +memory")
-            .context("cannot enable cpu and memory controllers")?;
+/// Creates the instance's cgroup, sets the limits where the hierarchy
+/// takes them (cgroup v2), and moves this process into it; returns the
+/// cgroup it came from.
+fn enter_cgroup(cg: &Cgroup, limits: Option<Limits>) -> Result<PathBuf> {
+    let from = cg.current().context("cannot tell this process's cgroup")?;
+    if let (Some(l), false) = (limits, cg.path().starts_with("/sys/fs/cgroup/freezer")) {
+        let root = Path::new(CGROUP_ROOT);
+        if !root.exists() {
+            fs::create_dir_all(root).context("cannot create the shoal cgroup")?;
+            // Let children of the shoal group use the controllers.
+            fs::write(
+                root.parent()
+                    .expect("has a parent")
+                    .join("cgroup.subtree_control"),
+                "+cpu +memory",
+            )
+            .ok();
+            fs::write(root.join("cgroup.subtree_control"), "+cpu +memory")
+                .context("cannot enable cpu and memory controllers")?;
+        }
+        cg.create()?;
+        let (cpu, mem) = cgroup_values(l);
+        fs::write(cg.path().join("cpu.max"), cpu).context("cannot set cpu.max")?;
+        fs::write(cg.path().join("memory.max"), mem).context("cannot set memory.max")?;
+    } else {
+        cg.create()
+            .with_context(|| format!("cannot create {}", cg.path().display()))?;
     }
-    let group = root.join(name);
-    fs::create_dir_all(&group)?;
-    let (cpu, mem) = cgroup_values(limits);
-    fs::write(group.join("cpu.max"), cpu).context("cannot set cpu.max")?;
-    fs::write(group.join("memory.max"), mem).context("cannot set memory.max")?;
-    fs::write(group.join("cgroup.procs"), std::process::id().to_string())
-        .context("cannot join the cgroup")?;
-    Ok(())
+    cg.enter(std::process::id())
+        .with_context(|| format!("cannot join {}", cg.path().display()))?;
+    Ok(from)
 }
 
 /// The recorded exit of the instance in `dir`, if it ended.
