@@ -110,7 +110,20 @@ fn route_to(peer: SocketAddr) -> Option<IpAddr> {
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    api::check_exposure(config.http, config.http_token.as_deref())?;
+    // Only the agent's user reads its state: jobs' env secrets, the join
+    // token, the API token, instance logs. Files it creates from here on
+    // are private too (umask 077, set by `shoal agent` at start).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| {
+                format!(
+                    "cannot make {} private (mode 0700)",
+                    config.data_dir.display()
+                )
+            })?;
+    }
+    let http_token = credentials::api_token(&config.data_dir, config.http_token.as_deref())?;
     let (ca, origin) = credentials::load_or_bootstrap(
         &config.data_dir,
         config.token.as_deref(),
@@ -141,6 +154,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let http_addr = http_listener.local_addr()?;
 
     let store = std::sync::Arc::new(Store::open(&config.data_dir.join("state.redb"))?);
+    {
+        // A store an earlier version created world-readable.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(
+            config.data_dir.join("state.redb"),
+            std::fs::Permissions::from_mode(0o600),
+        );
+    }
     let mut drivers: std::collections::BTreeMap<String, std::sync::Arc<dyn Driver>> =
         Default::default();
     let exe =
@@ -255,7 +276,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let store_tx = crate::store::spawn_writer(store, persisted_tx);
     let state = ApiState {
         view: membership.view(),
-        token: config.http_token.clone().map(Arc::from),
+        token: Arc::from(http_token.as_str()),
         snapshot: snapshot_rx,
         commands: api_tx,
         transport_stats: transport.stats(),

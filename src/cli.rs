@@ -105,10 +105,13 @@ pub struct AgentArgs {
     /// Read the join token from this file.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Address of the HTTP API. On anything but loopback it requires --http-token.
+    /// Address of the HTTP API. It requires a token wherever it listens.
     #[arg(long, default_value = DEFAULT_HTTP)]
     pub http: SocketAddr,
-    /// Token that HTTP API clients must present (Authorization: Bearer).
+    /// Token that HTTP API clients must present (Authorization: Bearer), at
+    /// least 16 characters [default: a random one, kept across restarts].
+    /// Written to <data-dir>/api-token (mode 0600), where `shoal` commands
+    /// run by a user who can read it find it.
     #[arg(long, env = "SHOAL_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
     /// A label of this node, key=value; repeatable (e.g. --label zone=a).

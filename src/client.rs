@@ -13,9 +13,29 @@ pub struct ClientArgs {
     /// URL of the agent to ask.
     #[arg(long, env = "SHOAL_ADDR", default_value = "http://127.0.0.1:4701")]
     pub addr: String,
-    /// Token the agent's API requires, if any.
+    /// Token the agent's API requires [default: read from the local
+    /// agent's <data-dir>/api-token, if this user may read it].
     #[arg(long, env = "SHOAL_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// Data dir of the agent on this machine, where its API token is read
+    /// from when no token is given.
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = "/var/lib/shoal")]
+    pub data_dir: std::path::PathBuf,
+}
+
+impl ClientArgs {
+    /// The token to present: the one given, else the local agent's.
+    pub fn token(&self) -> Option<String> {
+        self.http_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string(self.data_dir.join(crate::credentials::API_TOKEN_FILE))
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+            })
+    }
 }
 
 pub struct Client {
@@ -35,7 +55,7 @@ impl Client {
         };
         Client {
             base,
-            token: args.http_token.clone(),
+            token: args.token(),
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(30))
                 .build(),

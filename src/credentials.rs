@@ -45,6 +45,45 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// Name of the API token file in the data dir.
+pub const API_TOKEN_FILE: &str = "api-token";
+
+/// Shortest API token accepted from `--http-token` (a guessable token is
+/// no protection).
+pub const API_TOKEN_LEN_MIN: usize = 16;
+
+/// The token this node's API accepts: `given` (from `--http-token`), else
+/// the one an earlier run wrote, else a new random one (32 bytes,
+/// base64url). Written to `<data-dir>/api-token` (0600) either way, so
+/// that the CLI of a user who can read it (root, the agent's user) finds
+/// it and nobody else can call the API.
+pub fn api_token(data_dir: &Path, given: Option<&str>) -> Result<String> {
+    let path = data_dir.join(API_TOKEN_FILE);
+    let token = match given {
+        Some(t) => {
+            if t.len() < API_TOKEN_LEN_MIN || t.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                bail!(
+                    "--http-token: use at least {API_TOKEN_LEN_MIN} characters without spaces \
+                     (or give none: the agent then makes one and writes it to {})",
+                    path.display()
+                );
+            }
+            t.to_string()
+        }
+        None => match fs::read_to_string(&path) {
+            Ok(t) if t.trim().len() >= API_TOKEN_LEN_MIN => t.trim().to_string(),
+            _ => {
+                use base64::Engine;
+                let bytes: [u8; 32] = rand::random();
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+            }
+        },
+    };
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
 /// Finds or creates the cluster CA for this node.
 ///
 /// - `token`: from `--token` or the contents of `--token-file`.

@@ -68,6 +68,7 @@ fn client(a: &DemoAgent) -> Client {
     Client::new(&ClientArgs {
         addr: a.info.http.clone(),
         http_token: None,
+        data_dir: a.dir.clone(),
     })
 }
 
@@ -126,6 +127,7 @@ fn show_job(observer: &DemoAgent, job: &str) -> Result<()> {
         client: ClientArgs {
             addr: observer.info.http.clone(),
             http_token: None,
+            data_dir: observer.dir.clone(),
         },
         job: Some(job.to_string()),
         json: false,
@@ -137,6 +139,7 @@ fn show(observer: &DemoAgent) -> Result<()> {
         client: ClientArgs {
             addr: observer.info.http.clone(),
             http_token: None,
+            data_dir: observer.dir.clone(),
         },
         json: false,
     })
@@ -245,6 +248,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     println!("\nTry next (in another terminal; `shoal` is target/release/shoal):");
     println!("  export SHOAL_ADDR={}", agents[0].info.http);
+    println!(
+        "  export SHOAL_DATA_DIR={}   # the CLI reads the API token there",
+        agents[0].dir.display()
+    );
     println!("  shoal nodes");
     println!("  shoal status web");
     println!("  shoal scale web 9");

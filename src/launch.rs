@@ -198,6 +198,15 @@ pub struct Launched {
 }
 
 impl Launched {
+    /// The token its API accepts (from `<data-dir>/api-token`).
+    pub fn api_token(&self) -> Result<String> {
+        let path = self.dir.join(crate::credentials::API_TOKEN_FILE);
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .to_string())
+    }
+
     /// Whether the process has not been stopped.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

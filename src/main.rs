@@ -27,6 +27,10 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => {
             init_logging();
+            // Everything the agent and its supervisors create (state, logs,
+            // instance records) is private to its user; tasks get the usual
+            // 022 back (see `supervise`).
+            unsafe { libc::umask(0o077) };
             match args.into_config() {
                 Ok(config) => tokio::runtime::Builder::new_multi_thread()
                     .enable_all()

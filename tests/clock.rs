@@ -12,7 +12,8 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const HOUR_MS: i64 = 3_600_000;
 
 fn get(agent: &Agent, path: &str) -> (u16, serde_json::Value) {
-    match ureq::get(&format!("{}{path}", agent.http()))
+    match agent
+        .request("GET", path)
         .timeout(Duration::from_secs(5))
         .call()
     {

@@ -265,10 +265,12 @@ fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
         b.to_str().unwrap().to_string(),
     );
     let (h0, h1) = (agents[0].http(), agents[1].http());
+    let (d0, d1) = (agents[0].dir.clone(), agents[1].dir.clone());
     let t1 = std::thread::spawn(move || {
         std::process::Command::new(BIN)
             .args(["run", "--detach", &pa])
             .env("SHOAL_ADDR", h0)
+            .env("SHOAL_DATA_DIR", d0)
             .output()
             .unwrap()
     });
@@ -276,6 +278,7 @@ fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
         std::process::Command::new(BIN)
             .args(["run", "--detach", &pb])
             .env("SHOAL_ADDR", h1)
+            .env("SHOAL_DATA_DIR", d1)
             .output()
             .unwrap()
     });

@@ -12,7 +12,7 @@ use rand::Rng;
 const QUIC_PORT: u16 = 7100;
 const HTTP_PORT: u16 = 7200;
 /// The API listens on the namespace's address, so it needs a token.
-const HTTP_TOKEN: &str = "chaos-token";
+const HTTP_TOKEN: &str = "chaos-http-token-0001";
 
 /// A fault and the nodes it hits.
 #[derive(Debug, Clone)]

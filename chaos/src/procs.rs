@@ -166,6 +166,8 @@ pub struct Agent {
     pub quic: String,
     /// Its HTTP API URL.
     pub http: String,
+    /// The token its API requires.
+    pub http_token: String,
     /// Its pid.
     pub pid: u32,
 }
@@ -183,6 +185,7 @@ impl Agent {
             launch = launch.join(&[seed.to_string()], &root.join("n0").join("join-token"));
         }
         let mut launched = launch.spawn()?;
+        let http_token = launched.api_token()?;
         let child = launched.child.take().context("the agent exited")?;
         Ok(Agent {
             name: name.into(),
@@ -191,12 +194,14 @@ impl Agent {
             proc: Proc::adopt(name, child, &log),
             quic: launched.info.quic.to_string(),
             http: launched.info.http.clone(),
+            http_token,
         })
     }
 
     /// GET a JSON resource of its API.
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
         ureq::get(&format!("{}{path}", self.http))
+            .set("Authorization", &format!("Bearer {}", self.http_token))
             .timeout(Duration::from_secs(10))
             .call()
             .ok()?
@@ -207,6 +212,7 @@ impl Agent {
     /// POST a body to its API.
     pub fn post(&self, path: &str, body: &str) -> Result<serde_json::Value> {
         Ok(ureq::post(&format!("{}{path}", self.http))
+            .set("Authorization", &format!("Bearer {}", self.http_token))
             .timeout(Duration::from_secs(30))
             .send_string(body)?
             .into_json()?)

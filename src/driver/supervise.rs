@@ -105,13 +105,22 @@ pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -
             }
         }
     }
-    let mut child = Command::new(command)
-        .args(args)
+    let mut cmd = Command::new(command);
+    cmd.args(args)
         .current_dir(&work)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+        .stderr(Stdio::piped());
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        // The agent runs with umask 077 (its files are private); the task
+        // gets the usual one.
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn();
     if let (Some(cg), Some(from)) = (&cgroup, &original) {
         if let Err(e) = cg.leave(from) {
             // Still inside: a kill of the group would take this process

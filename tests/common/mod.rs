@@ -108,6 +108,20 @@ impl Agent {
         self.dir.join("join-token")
     }
 
+    /// The token its API accepts (it writes it to `<data-dir>/api-token`).
+    pub fn api_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("api-token"))
+            .expect("the agent wrote its API token")
+            .trim()
+            .to_string()
+    }
+
+    /// A request to its API, with the token.
+    pub fn request(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &format!("{}{path}", self.http()))
+            .set("Authorization", &format!("Bearer {}", self.api_token()))
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
@@ -138,7 +152,8 @@ impl Agent {
 
     /// The agent's view through its HTTP API.
     pub fn nodes(&self) -> Option<Vec<Node>> {
-        let resp = ureq::get(&format!("{}/v1/nodes", self.http()))
+        let resp = self
+            .request("GET", "/v1/nodes")
             .timeout(Duration::from_secs(5))
             .call()
             .ok()?;
@@ -173,6 +188,9 @@ pub fn cli(agent: &Agent, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .args(args)
         .env("SHOAL_ADDR", agent.http())
+        // The CLI finds the agent's API token in its data dir.
+        .env("SHOAL_DATA_DIR", &agent.dir)
+        .env_remove("SHOAL_HTTP_TOKEN")
         .output()
         .expect("run shoal");
     (
@@ -206,7 +224,7 @@ pub struct JobStatus {
 impl Agent {
     /// POSTs a body to its API; the JSON answer.
     pub fn post(&self, path: &str, body: &str) -> Result<serde_json::Value, String> {
-        ureq::post(&format!("{}{path}", self.http()))
+        self.request("POST", path)
             .timeout(Duration::from_secs(30))
             .send_string(body)
             .map_err(|e| e.to_string())?
@@ -216,7 +234,8 @@ impl Agent {
 
     /// `GET /v1/jobs/{name}`.
     pub fn job(&self, name: &str) -> Option<JobStatus> {
-        let resp = ureq::get(&format!("{}/v1/jobs/{name}", self.http()))
+        let resp = self
+            .request("GET", &format!("/v1/jobs/{name}"))
             .timeout(Duration::from_secs(5))
             .call()
             .ok()?;

@@ -1,0 +1,120 @@
+//! Local access to an agent: its API requires a token by default, and what
+//! it writes is private to its user (the #11 probe: a job posted by
+//! `nobody` over the open loopback API ran as root and read the join token;
+//! `state.redb` and instance logs were world-readable).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::*;
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn status_of(req: ureq::Request) -> (u16, String) {
+    match req.call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn the_api_requires_the_token_the_agent_wrote_and_its_files_are_private() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(root.path(), "n0", None, None, &[]);
+    let url = format!("{}/v1/nodes", agent.http());
+
+    // No token, or a wrong one: 401 with what to do.
+    let (code, body) = status_of(ureq::get(&url));
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("api-token"), "{body}");
+    let wrong = format!("Bearer {}x", agent.api_token());
+    let (code, _) = status_of(ureq::get(&url).set("Authorization", &wrong));
+    assert_eq!(code, 401);
+    // The token from <data-dir>/api-token works.
+    let token = agent.api_token();
+    assert!(token.len() >= 32, "a strong token: {token}");
+    let (code, _) = status_of(agent.request("GET", "/v1/nodes"));
+    assert_eq!(code, 200);
+
+    // The CLI finds it in the data dir; without a readable one it says how.
+    let (ok, out, err) = cli(&agent, &["nodes"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("n0"), "{out}");
+    let out = Command::new(BIN)
+        .args(["nodes"])
+        .env("SHOAL_ADDR", agent.http())
+        .env("SHOAL_DATA_DIR", root.path().join("elsewhere"))
+        .env_remove("SHOAL_HTTP_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SHOAL_HTTP_TOKEN") && err.contains("api-token"),
+        "{err}"
+    );
+
+    // A job's files are private too.
+    let job = job_file(
+        root.path(),
+        "hello",
+        "name = \"hello\"\ntype = \"batch\"\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo hi\"]\n",
+    );
+    let (ok, _, err) = cli(&agent, &["run", job.to_str().unwrap(), "--timeout", "30"]);
+    assert!(ok, "{err}");
+    let dir = agent.dir.clone();
+    assert_eq!(mode(&dir), 0o700, "data dir");
+    for f in ["api-token", "join-token", "state.redb"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    let instance = std::fs::read_dir(dir.join("instances"))
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("an instance dir")
+        .path();
+    assert_eq!(mode(&instance) & 0o077, 0, "{}", instance.display());
+    for f in ["instance.json", "stdout.log", "exit.json"] {
+        assert_eq!(mode(&instance.join(f)) & 0o077, 0, "{f}");
+    }
+
+    // A restart keeps the token (a client that read it keeps working).
+    agent.stop(libc::SIGTERM);
+    let again = Agent::start(root.path(), "n0", None, None, &[]);
+    assert_eq!(again.api_token(), token);
+    let (code, _) = status_of(again.request("GET", "/v1/nodes"));
+    assert_eq!(code, 200);
+    drop(again);
+}
+
+#[test]
+fn a_short_http_token_is_refused_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            "n0",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(root.path().join("n0"))
+        .args(["--http-token", "short"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--http-token") && err.contains("16"), "{err}");
+}
