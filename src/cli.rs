@@ -17,9 +17,7 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:4701";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4700";
 
 /// Most labels a node may carry (they travel in every node record).
-const LABELS_MAX: usize = 64;
-/// Longest label key or value.
-const LABEL_LEN_MAX: usize = 256;
+const LABELS_MAX: usize = shoal_membership::record::LABELS_MAX;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -151,17 +149,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("label `{s}` must be key=value"))?;
-    if k.is_empty() || k.len() > LABEL_LEN_MAX || v.len() > LABEL_LEN_MAX {
-        return Err(format!("label `{s}`: key must be 1 to {LABEL_LEN_MAX} characters, value at most {LABEL_LEN_MAX}"));
-    }
-    if !k
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
-    {
-        return Err(format!(
-            "label key `{k}` may only hold letters, digits and . _ - /"
-        ));
-    }
+    // The same rule peers' records are held to.
+    shoal_membership::record::check_label(k, v)?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -190,13 +179,18 @@ impl AgentArgs {
             (None, None) => None,
         };
         let name = self.name.unwrap_or_else(crate::host::hostname);
-        if name.is_empty()
-            || name.len() > 128
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
+        if !shoal_membership::record::valid_node_name(&name) {
             bail!("--name `{name}`: use 1 to 128 letters, digits, '.', '_' or '-'");
+        }
+        let max = shoal_membership::record::CAPACITY_MAX;
+        if self.cpu.is_some_and(|c| c > max.cpu_millis)
+            || self.memory.is_some_and(|m| m > max.memory_mib)
+        {
+            bail!(
+                "--cpu is at most {} (millicores) and --memory at most {} (MiB)",
+                max.cpu_millis,
+                max.memory_mib
+            );
         }
         Ok(AgentConfig {
             name,

@@ -16,7 +16,7 @@ use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, Failu
 use shoal_transport::gossip::GossipTransport;
 use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::record::{AppState, Load, Member, MembershipView, NodeRecord, NodeState};
 use crate::swim::{Action, ProbeMsg, ProbeOutcome, ProbeReply, Swim, SwimConfig};
@@ -605,6 +605,7 @@ impl<T: Transport> Actor<T> {
                 app: Default::default(),
                 app_versions: Default::default(),
             };
+            let peer_name = name.clone();
             let peer = self.peers.entry(name).or_insert_with(fresh);
             if seen.generation > peer.generation {
                 *peer = fresh();
@@ -613,12 +614,24 @@ impl<T: Transport> Actor<T> {
                 peer.seen_version = seen.max_version;
                 if let Some((version, json)) = seen.record {
                     if peer.record.as_ref().is_none_or(|(v, _)| *v != version) {
-                        if let Some(rec) = decode::<NodeRecord>(&json) {
-                            peer.record = Some((version, rec));
+                        match decode::<NodeRecord>(&json).map(|r| (r.validate(), r)) {
+                            // A record must be valid and name its publisher.
+                            Some((Ok(()), rec)) if rec.name == *peer_name => {
+                                peer.record = Some((version, rec));
+                            }
+                            Some((Err(why), _)) => {
+                                debug!(peer = %peer_name, %why, "invalid node record ignored");
+                            }
+                            _ => debug!(peer = %peer_name, "undecodable node record ignored"),
                         }
                     }
                 }
-                if let Some(load) = seen.load.as_deref().and_then(decode::<Load>) {
+                if let Some(load) = seen
+                    .load
+                    .as_deref()
+                    .and_then(decode::<Load>)
+                    .filter(Load::is_plausible)
+                {
                     peer.load = load;
                 }
                 let changed = seen.app.len() != peer.app_versions.len()

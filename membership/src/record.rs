@@ -48,6 +48,115 @@ pub struct NodeRecord {
     pub notes: Vec<String>,
 }
 
+/// Labels per node, at most.
+pub const LABELS_MAX: usize = 64;
+/// Longest label key or value.
+pub const LABEL_LEN_MAX: usize = 256;
+/// Longest node name.
+pub const NAME_LEN_MAX: usize = 128;
+/// Drivers, notes per node, at most.
+pub const LIST_MAX: usize = 16;
+/// Longest driver name, version or note.
+pub const TEXT_LEN_MAX: usize = 512;
+/// Largest capacity a node may offer: a million cores, an exbibyte. Keeps
+/// every sum of capacities and loads far from overflow.
+pub const CAPACITY_MAX: Capacity = Capacity {
+    cpu_millis: 1_000_000_000,
+    memory_mib: 1 << 40,
+};
+
+/// Whether `name` is a valid node name: 1 to [`NAME_LEN_MAX`] letters,
+/// digits, '.', '_' or '-'.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_LEN_MAX
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// Checks one label as `--label key=value` and gossip both must.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > LABEL_LEN_MAX || value.len() > LABEL_LEN_MAX {
+        return Err(format!(
+            "label `{key}={value}`: key must be 1 to {LABEL_LEN_MAX} characters, value at most {LABEL_LEN_MAX}"
+        ));
+    }
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+    {
+        return Err(format!(
+            "label key `{key}` may only hold letters, digits and . _ - /"
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "label `{key}`: its value holds a control character"
+        ));
+    }
+    Ok(())
+}
+
+impl NodeRecord {
+    /// Checks a record as the node's own flags are checked: a peer's
+    /// record that fails is ignored (the peer is then known by its probes
+    /// only), so no peer can publish what its operator could not have
+    /// configured.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_node_name(&self.name) {
+            return Err(format!("invalid node name `{}`", self.name.escape_debug()));
+        }
+        if self.labels.len() > LABELS_MAX {
+            return Err(format!(
+                "{} labels (at most {LABELS_MAX})",
+                self.labels.len()
+            ));
+        }
+        for (k, v) in &self.labels {
+            check_label(k, v)?;
+        }
+        if self.capacity.cpu_millis > CAPACITY_MAX.cpu_millis
+            || self.capacity.memory_mib > CAPACITY_MAX.memory_mib
+        {
+            return Err(format!(
+                "capacity {}m/{}Mi beyond {}m/{}Mi",
+                self.capacity.cpu_millis,
+                self.capacity.memory_mib,
+                CAPACITY_MAX.cpu_millis,
+                CAPACITY_MAX.memory_mib
+            ));
+        }
+        if self.drivers.len() > LIST_MAX || self.notes.len() > LIST_MAX {
+            return Err(format!("more than {LIST_MAX} drivers or notes"));
+        }
+        let texts = self
+            .drivers
+            .iter()
+            .chain(&self.notes)
+            .chain(std::iter::once(&self.version))
+            .chain(self.http.iter());
+        for t in texts {
+            if t.len() > TEXT_LEN_MAX {
+                return Err(format!(
+                    "a text field of {} bytes (at most {TEXT_LEN_MAX})",
+                    t.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Load {
+    /// Whether a published load is within what any node could carry.
+    pub fn is_plausible(&self) -> bool {
+        self.cpu_millis <= CAPACITY_MAX.cpu_millis
+            && self.memory_mib <= CAPACITY_MAX.memory_mib
+            && self.instances <= 100_000_000
+    }
+}
+
 /// A node's liveness as seen by the node holding the view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,5 +226,75 @@ impl MembershipView {
     /// Members in the given state.
     pub fn in_state(&self, state: NodeState) -> impl Iterator<Item = &Member> {
         self.members.iter().filter(move |m| m.state == state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> NodeRecord {
+        NodeRecord {
+            name: "n1".into(),
+            address: "127.0.0.1:4700".parse().unwrap(),
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
+            capacity: Capacity {
+                cpu_millis: 2000,
+                memory_mib: 4096,
+            },
+            drivers: vec!["exec".into()],
+            version: "0.1.0".into(),
+            http: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// A peer's record is held to the rules the operator's flags are: the
+    /// #11 probe's records (a path for a name, huge capacities, thousands
+    /// of labels) are refused.
+    #[test]
+    fn a_peer_record_is_held_to_the_flags_rules() {
+        assert_eq!(record().validate(), Ok(()));
+        let bad = [
+            NodeRecord {
+                name: "../../x".into(),
+                ..record()
+            },
+            NodeRecord {
+                name: String::new(),
+                ..record()
+            },
+            NodeRecord {
+                capacity: Capacity {
+                    cpu_millis: u64::MAX,
+                    memory_mib: 1,
+                },
+                ..record()
+            },
+            NodeRecord {
+                labels: (0..=LABELS_MAX)
+                    .map(|i| (format!("k{i}"), "v".into()))
+                    .collect(),
+                ..record()
+            },
+            NodeRecord {
+                labels: BTreeMap::from([("bad key".into(), "v".into())]),
+                ..record()
+            },
+            NodeRecord {
+                drivers: vec!["x".repeat(TEXT_LEN_MAX + 1)],
+                ..record()
+            },
+        ];
+        for r in bad {
+            assert!(r.validate().is_err(), "{r:?}");
+        }
+        assert!(!Load {
+            cpu_millis: u64::MAX,
+            memory_mib: 0,
+            instances: 0
+        }
+        .is_plausible());
+        assert!(Load::default().is_plausible());
     }
 }
