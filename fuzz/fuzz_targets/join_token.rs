@@ -1,0 +1,10 @@
+//! Join tokens as users paste them: anything else is an error, not a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = shoal_transport::tls::ClusterCa::from_token(text);
+    }
+});
