@@ -14,7 +14,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let now = Instant::now();
-    let mut swim = Swim::new(SwimConfig::lan(), "me", 1, "127.0.0.1:1".parse().unwrap(), 7);
+    let mut swim = Swim::new(
+        SwimConfig::lan(),
+        "me",
+        1,
+        "127.0.0.1:1".parse().unwrap(),
+        7,
+    );
     match msg {
         ProbeMsg::Ping {
             from,
