@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,7 +154,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
     let http_addr = http_listener.local_addr()?;
 
-    let store = std::sync::Arc::new(Store::open(&config.data_dir.join("state.redb"))?);
+    let store = Store::open(&config.data_dir.join("state.redb"))?;
     {
         // A store an earlier version created world-readable.
         use std::os::unix::fs::PermissionsExt;
@@ -273,8 +274,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let (snapshot_tx, snapshot_rx) = watch::channel(std::sync::Arc::new(Snapshot::default()));
     let (api_tx, api_rx) = mpsc::channel(256);
     let (persisted_tx, persisted_rx) = mpsc::channel(crate::store::WRITES_QUEUED_MAX);
-    let store_tx = crate::store::spawn_writer(store, persisted_tx);
+    let store_health = crate::store::StoreHealth::default();
+    let store_tx = crate::store::spawn_writer(store, store_health.clone(), persisted_tx);
     let state = ApiState {
+        store_health: store_health.clone(),
         view: membership.view(),
         token: Arc::from(http_token.as_str()),
         snapshot: snapshot_rx,
@@ -306,18 +309,21 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     if origin == Origin::Bootstrapped {
         let token_path = config.data_dir.join(credentials::TOKEN_FILE);
         let token_path = token_path.canonicalize().unwrap_or(token_path);
-        println!("Bootstrapped a new shoal cluster ({}).", ca.cluster_id);
-        println!(
-            "The join token is in {} (keep it secret: it admits nodes).",
-            token_path.display()
+        // Not println!: a stdout that cannot be written (a full disk under
+        // its file) must not panic the agent.
+        let _ = writeln!(
+            std::io::stdout(),
+            "Bootstrapped a new shoal cluster ({}).\n\
+             The join token is in {} (keep it secret: it admits nodes).\n\
+             On each other machine run:\n  \
+             shoal agent --join {advertise} --token-file <copy of {}>\n\
+             or, with the token inline:\n  \
+             shoal agent --join {advertise} --token {}",
+            ca.cluster_id,
+            token_path.display(),
+            token_path.display(),
+            ca.to_token()
         );
-        println!("On each other machine run:");
-        println!(
-            "  shoal agent --join {advertise} --token-file <copy of {}>",
-            token_path.display()
-        );
-        println!("or, with the token inline:");
-        println!("  shoal agent --join {advertise} --token {}", ca.to_token());
     }
 
     let io = crate::node::Io {
@@ -325,6 +331,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         membership: membership.clone(),
         drivers,
         store: store_tx,
+        store_health,
         persisted: persisted_rx,
         rpc: rpc_rx,
         driver_events: driver_rx,

@@ -38,6 +38,21 @@ pub struct ApiState {
     pub commands: mpsc::Sender<ApiCommand>,
     /// Counters of the node-to-node transport.
     pub transport_stats: Arc<shoal_transport::TransportStats>,
+    /// What the store's last write said.
+    pub store_health: crate::store::StoreHealth,
+}
+
+/// This node's problems, each with what to do: what `/v1/health` answers
+/// and the node publishes for `shoal nodes` on every node.
+pub fn problems(snapshot: &Snapshot, store: &crate::store::StoreHealth) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = store.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        out.push(format!("store: {e}"));
+    }
+    if let Some(skew) = &snapshot.clock_skew {
+        out.push(format!("clock: {skew}"));
+    }
+    out
 }
 
 /// Longest job file accepted in a request body.
@@ -424,6 +439,10 @@ pub struct NodeInfo {
     /// itself; absent when not measured yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_ms: Option<i64>,
+    /// What the node reports wrong with itself (its store, its clock), each
+    /// with what to do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// Error body of every failed request.
@@ -453,6 +472,11 @@ pub fn nodes_of(view: &MembershipView) -> Vec<NodeInfo> {
             generation: m.generation,
             notes: m.record.notes.clone(),
             clock_offset_ms: None,
+            problems: m
+                .app
+                .get(crate::node::HEALTH_KEY)
+                .map(|v| crate::node::decode_problems(v))
+                .unwrap_or_default(),
         })
         .collect()
 }
@@ -494,10 +518,7 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
 /// `ok` (200), or `degraded` (503) with each problem and what to do.
 async fn health(State(state): State<ApiState>) -> Response {
     let name = state.view.borrow().self_name.clone();
-    let mut problems = Vec::new();
-    if let Some(skew) = &state.snapshot.borrow().clock_skew {
-        problems.push(format!("clock: {skew}"));
-    }
+    let problems = problems(&state.snapshot.borrow(), &state.store_health);
     let status = if problems.is_empty() {
         StatusCode::OK
     } else {

@@ -134,6 +134,11 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
         ],
         &rows,
     );
+    for n in &nodes {
+        for p in &n.problems {
+            println!("problem: {}: {p}", n.name);
+        }
+    }
     for n in nodes.iter().filter(|n| !n.notes.is_empty()) {
         println!("note: {}: {}", n.name, n.notes.join("; "));
     }

@@ -9,6 +9,10 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a full disk under the log file)
+        // must not take the agent down: tracing-subscriber reports its own
+        // write errors with eprintln!, which panics when stderr fails too.
+        .log_internal_errors(false)
         .init();
 }
 

@@ -74,6 +74,37 @@ pub struct Io {
     pub api: mpsc::Receiver<ApiCommand>,
     /// Where the API's snapshot goes.
     pub snapshot: watch::Sender<Arc<Snapshot>>,
+    /// What the store's last write said (published with the node's other
+    /// problems).
+    pub store_health: crate::store::StoreHealth,
+}
+
+/// The gossip key under which a node publishes its problems (a JSON list
+/// of at most [`PROBLEMS_MAX`] strings of at most `REASON_LEN_MAX` bytes).
+pub const HEALTH_KEY: &str = "health";
+/// Problems published, at most.
+pub const PROBLEMS_MAX: usize = 4;
+
+/// Decodes a peer's published problems; garbage yields none, and each is
+/// bounded.
+pub fn decode_problems(value: &str) -> Vec<String> {
+    if value.len() > PROBLEMS_MAX * (shoal_core::gossip::REASON_LEN_MAX + 8) {
+        return Vec::new();
+    }
+    serde_json::from_str::<Vec<String>>(value)
+        .unwrap_or_default()
+        .into_iter()
+        .take(PROBLEMS_MAX)
+        .map(|p| bounded(&p))
+        .collect()
+}
+
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(shoal_core::gossip::REASON_LEN_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// The time now, as the core takes it.
@@ -417,6 +448,7 @@ pub async fn run(
         mut driver_events,
         mut api,
         snapshot,
+        store_health,
     } = io;
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(RPC_IN_FLIGHT_MAX + DRIVER_OPS_MAX * 4);
     let mut shell = Shell {
@@ -542,7 +574,22 @@ pub async fn run(
             let started = Instant::now();
             last_snapshot = started;
             snapshot_dirty = false;
-            snapshot.send_replace(Arc::new(Snapshot::of(&core, started)));
+            let snap = Arc::new(Snapshot::of(&core, started));
+            // The node's problems go to every node, for `shoal nodes`.
+            let problems: Vec<String> = crate::api::problems(&snap, &store_health)
+                .iter()
+                .take(PROBLEMS_MAX)
+                .map(|p| bounded(p))
+                .collect();
+            let value = (!problems.is_empty())
+                .then(|| serde_json::to_string(&problems).unwrap_or_default());
+            if shell.app.get(HEALTH_KEY) != value.as_ref() {
+                shell.execute(vec![Effect::Publish {
+                    key: HEALTH_KEY.to_string(),
+                    value,
+                }]);
+            }
+            snapshot.send_replace(snap);
             snapshot_cost = started.elapsed();
         }
     }

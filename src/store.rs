@@ -19,7 +19,13 @@ pub use shoal_core::records::{Completion, JobRecord};
 /// The store. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
     db: Database,
+    path: std::path::PathBuf,
 }
+
+/// The store's health as the writer last saw it: `None` when the last
+/// write (or reopen) succeeded, else what failed. Shared with the API and
+/// published in gossip, so `/v1/health` and `shoal nodes` show it.
+pub type StoreHealth = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
     if bytes.len() > RECORD_LEN_MAX {
@@ -37,7 +43,19 @@ impl Store {
         w.open_table(JOBS)?;
         w.open_table(COMPLETIONS)?;
         w.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Closes and opens the database again. After an I/O error (a full
+    /// disk) redb refuses every later write until it is reopened, which
+    /// also repairs it from its last commit.
+    pub fn reopen(self) -> std::result::Result<Store, (String, std::path::PathBuf)> {
+        let path = self.path.clone();
+        drop(self);
+        Store::open(&path).map_err(|e| (format!("{e:#}"), path))
     }
 
     /// Stores `record` if it is newer than what the store holds for its job
@@ -183,18 +201,45 @@ pub struct WriteJob {
 /// the order they come (so the last write of a job is the last committed)
 /// and reports each result on `done`. Writes never run on the event loop: a
 /// slow disk delays answers, not the node.
+///
+/// A failed write is reported (the core answers the API 507 and retries
+/// what peers and completions brought), marks the store unhealthy in
+/// `health`, and makes the writer reopen the database before the next
+/// write: after an I/O error redb refuses every write until reopened, so a
+/// disk that fills up and is freed again heals without a restart.
 pub fn spawn_writer(
-    store: std::sync::Arc<Store>,
+    store: Store,
+    health: StoreHealth,
     done: tokio::sync::mpsc::Sender<(u64, Result<(), String>)>,
 ) -> std::sync::mpsc::SyncSender<WriteJob> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(WRITES_QUEUED_MAX);
     std::thread::Builder::new()
         .name("shoal-store".into())
         .spawn(move || {
+            let mut store = Ok(store);
+            let set = |h: Option<String>| *health.lock().unwrap_or_else(|p| p.into_inner()) = h;
             while let Ok(job) = rx.recv() {
-                let result = store
-                    .write(&job.jobs, &job.completions)
-                    .map_err(|e| format!("{e:#}"));
+                let result = match &store {
+                    Ok(s) => s
+                        .write(&job.jobs, &job.completions)
+                        .map_err(|e| format!("{e:#}")),
+                    Err((why, _)) => Err(format!("the store could not be reopened: {why}")),
+                };
+                match &result {
+                    Ok(()) => set(None),
+                    Err(e) => {
+                        set(Some(format!(
+                            "the last write to the store failed ({e}); writes are refused here \
+                             until it works again (a full disk: free space in the data dir)"
+                        )));
+                        store = match store {
+                            Ok(s) => s.reopen(),
+                            Err((_, path)) => {
+                                Store::open(&path).map_err(|e| (format!("{e:#}"), path))
+                            }
+                        };
+                    }
+                }
                 if done.blocking_send((job.id, result)).is_err() {
                     break;
                 }

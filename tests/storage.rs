@@ -1,0 +1,118 @@
+//! A full disk (the #11 probe: with the data dir on a full 2 MiB tmpfs, 80
+//! of 80 submissions got 200 and 30 were stored; after one I/O error redb
+//! refused every write until restart while `/v1/health` said ok).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "cannot mount a tmpfs on {} (the test needs root)",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with `dir/filler`.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+fn submit(agent: &Agent, i: usize) -> (u16, String) {
+    let body = format!(
+        "name = \"job{i}\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nargs = [\"1000\"]\n\
+         [task.env]\nPADDING = \"{}\"\n",
+        "x".repeat(2000)
+    );
+    match agent.request("POST", "/v1/jobs").send_string(&body) {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn health(agent: &Agent) -> (u16, String) {
+    match agent.request("GET", "/v1/health").call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_writes_says_so_and_heals_when_freed() {
+    let root = tempfile::tempdir().unwrap();
+    let _disk = Tmpfs::mount(&root.path().join("n0"), "8m");
+    let agent = Agent::start(root.path(), "n0", None, None, &[]);
+    let filler = fill(&agent.dir);
+
+    // Every write either is stored (200) or says it was not (507).
+    let mut stored = Vec::new();
+    let mut refused = 0;
+    for i in 0..40 {
+        match submit(&agent, i) {
+            (200, _) => stored.push(i),
+            (507, body) => {
+                assert!(body.contains("could not be stored"), "{body}");
+                refused += 1;
+            }
+            (code, body) => panic!("job{i}: {code} {body}\n{}", agent.stderr()),
+        }
+    }
+    assert!(refused > 0, "the disk was full, yet every write succeeded");
+    let (code, body) = health(&agent);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("store"), "{body}");
+    wait_until("shoal nodes shows the store's problem", || {
+        let (_, out, _) = cli(&agent, &["nodes"]);
+        out.contains("problem: n0: store")
+    });
+
+    // Space again: the store heals without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("a write is stored again", || submit(&agent, 100).0 == 200);
+    stored.push(100);
+    let (code, body) = health(&agent);
+    assert_eq!(code, 200, "{body}");
+
+    // What was answered 200 is there, also after a restart.
+    let mut agent = agent;
+    agent.stop(libc::SIGTERM);
+    let agent = Agent::start(root.path(), "n0", None, None, &[]);
+    for i in &stored {
+        assert!(
+            agent.job(&format!("job{i}")).is_some(),
+            "job{i} was answered 200 but is gone"
+        );
+    }
+    drop(agent);
+}
