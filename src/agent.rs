@@ -57,6 +57,9 @@ pub struct AgentConfig {
     pub membership: MembershipConfig,
     /// Offer the `hollow` driver (scale benchmarks only).
     pub hollow: bool,
+    /// The user exec tasks run as unless their job names one (`None`: the
+    /// agent's).
+    pub task_user: Option<String>,
     /// Scheduler timings and bounds.
     pub scheduler: SchedulerConfig,
 }
@@ -169,7 +172,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         std::env::current_exe().context("cannot find the shoal binary for `shoal supervise`")?;
     drivers.insert(
         "exec".into(),
-        std::sync::Arc::new(ExecDriver::new(config.data_dir.join("instances"), exe)?),
+        std::sync::Arc::new(
+            ExecDriver::new(config.data_dir.join("instances"), exe)?
+                .with_task_user(config.task_user.clone()),
+        ),
     );
     if config.hollow {
         drivers.insert(

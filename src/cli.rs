@@ -68,6 +68,12 @@ pub struct SuperviseArgs {
     /// Memory limit, MiB (needs a writable cgroup v2).
     #[arg(long, requires = "cpu_millis")]
     pub memory_mib: Option<u64>,
+    /// Run the task as this uid (with --gid).
+    #[arg(long, requires = "gid")]
+    pub uid: Option<u32>,
+    /// Run the task with this gid (with --uid).
+    #[arg(long, requires = "uid")]
+    pub gid: Option<u32>,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -125,6 +131,11 @@ pub struct AgentArgs {
     /// scale benchmarks only).
     #[arg(long, hide = true)]
     pub hollow: bool,
+    /// The user exec tasks run as unless their job sets `user`; `root` runs
+    /// them as the agent's user [default: nobody when the agent runs as
+    /// root, else the agent's user].
+    #[arg(long)]
+    pub task_user: Option<String>,
     /// Largest clock offset tolerated between nodes: a peer's write stamped
     /// further ahead of this node's clock is refused, and a node whose clock
     /// is this far off most peers' refuses writes until its time sync is
@@ -206,6 +217,16 @@ impl AgentArgs {
             memory_mib: self.memory,
             membership: Default::default(),
             hollow: self.hollow,
+            task_user: match self.task_user {
+                Some(u) if u == "root" => None,
+                Some(u) => {
+                    if crate::driver::exec::lookup_user(&u).is_none() {
+                        bail!("--task-user {u}: no such user on this machine");
+                    }
+                    Some(u)
+                }
+                None => crate::driver::exec::default_task_user(),
+            },
             scheduler: shoal_core::SchedulerConfig {
                 max_clock_offset: self.max_clock_offset,
                 ..match self.preset.as_str() {

@@ -66,6 +66,7 @@ fn main() -> std::process::ExitCode {
                 &args.command[0],
                 &args.command[1..],
                 limits,
+                args.uid.zip(args.gid),
             );
             return match code {
                 Ok(c) => std::process::ExitCode::from(c.clamp(0, 255) as u8),

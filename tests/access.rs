@@ -18,14 +18,6 @@ fn mode(path: &std::path::Path) -> u32 {
         & 0o777
 }
 
-fn status_of(req: ureq::Request) -> (u16, String) {
-    match req.call() {
-        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
-}
-
 #[test]
 fn the_api_requires_the_token_the_agent_wrote_and_its_files_are_private() {
     let root = tempfile::tempdir().unwrap();
@@ -33,16 +25,16 @@ fn the_api_requires_the_token_the_agent_wrote_and_its_files_are_private() {
     let url = format!("{}/v1/nodes", agent.http());
 
     // No token, or a wrong one: 401 with what to do.
-    let (code, body) = status_of(ureq::get(&url));
+    let (code, body) = call(ureq::get(&url), None);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("api-token"), "{body}");
     let wrong = format!("Bearer {}x", agent.api_token());
-    let (code, _) = status_of(ureq::get(&url).set("Authorization", &wrong));
+    let (code, _) = call(ureq::get(&url).set("Authorization", &wrong), None);
     assert_eq!(code, 401);
     // The token from <data-dir>/api-token works.
     let token = agent.api_token();
     assert!(token.len() >= 32, "a strong token: {token}");
-    let (code, _) = status_of(agent.request("GET", "/v1/nodes"));
+    let (code, _) = call(agent.request("GET", "/v1/nodes"), None);
     assert_eq!(code, 200);
 
     // The CLI finds it in the data dir; without a readable one it says how.
@@ -87,11 +79,26 @@ fn the_api_requires_the_token_the_agent_wrote_and_its_files_are_private() {
         assert_eq!(mode(&instance.join(f)) & 0o077, 0, "{f}");
     }
 
+    // A job cannot read the agent's secrets: it runs as `nobody`, which
+    // cannot enter the data dir.
+    let thief = job_file(
+        root.path(),
+        "thief",
+        &format!(
+            "name = \"thief\"\ntype = \"batch\"\n[restart]\nattempts = 0\n[task]\ncommand = \"cat\"\nargs = [\"{}\"]\n",
+            dir.join("join-token").display()
+        ),
+    );
+    let (ok, _, _) = cli(&agent, &["run", thief.to_str().unwrap(), "--timeout", "30"]);
+    assert!(!ok, "a job read the join token");
+    let (_, logs, _) = cli(&agent, &["logs", "thief", "--slot", "0", "--stderr"]);
+    assert!(logs.contains("Permission denied"), "{logs}");
+
     // A restart keeps the token (a client that read it keeps working).
     agent.stop(libc::SIGTERM);
     let again = Agent::start(root.path(), "n0", None, None, &[]);
     assert_eq!(again.api_token(), token);
-    let (code, _) = status_of(again.request("GET", "/v1/nodes"));
+    let (code, _) = call(again.request("GET", "/v1/nodes"), None);
     assert_eq!(code, 200);
     drop(again);
 }

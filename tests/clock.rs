@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
 
@@ -12,15 +11,8 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 const HOUR_MS: i64 = 3_600_000;
 
 fn get(agent: &Agent, path: &str) -> (u16, serde_json::Value) {
-    match agent
-        .request("GET", path)
-        .timeout(Duration::from_secs(5))
-        .call()
-    {
-        Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("GET {path}: {e}"),
-    }
+    let (code, body) = call(agent.request("GET", path), None);
+    (code, serde_json::from_str(&body).unwrap_or_default())
 }
 
 fn offset_of(agent: &Agent, name: &str) -> Option<i64> {

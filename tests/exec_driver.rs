@@ -28,9 +28,22 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             image: None,
             container_ports: BTreeMap::new(),
             pull: Default::default(),
+            user: None,
         },
         env: BTreeMap::from([("SHOAL_SLOT".to_string(), slot.to_string())]),
     }
+}
+
+/// A driver over a new directory, and its events.
+fn driver() -> (
+    tempfile::TempDir,
+    ExecDriver,
+    tokio::sync::mpsc::Receiver<DriverEvent>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    let events = d.events().unwrap();
+    (dir, d, events)
 }
 
 async fn next_end(
@@ -54,9 +67,7 @@ fn alive(pid_group_of: &std::path::Path) -> bool {
 
 #[tokio::test]
 async fn runs_records_exit_env_and_logs() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
-    let mut events = d.events().unwrap();
+    let (_dir, d, mut events) = driver();
     let s = spec(
         7,
         "sh",
@@ -87,9 +98,7 @@ async fn runs_records_exit_env_and_logs() {
 
 #[tokio::test]
 async fn stop_ends_the_whole_process_tree() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
-    let mut events = d.events().unwrap();
+    let (dir, d, mut events) = driver();
     // a shell that ignores TERM, with a child: the kill after the grace period gets both
     let s = spec(1, "sh", &["-c", "trap '' TERM; sleep 1000 & wait"]);
     d.start(&s).await.unwrap();
@@ -220,9 +229,7 @@ fn pid_in(file: &std::path::Path) -> Option<i32> {
 /// hierarchy on cgroup v1, this machine's) holds it, and a stop kills it.
 #[tokio::test]
 async fn a_daemon_that_left_the_session_is_stopped_with_its_instance() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
-    let mut events = d.events().unwrap();
+    let (dir, d, mut events) = driver();
     let s = spec(
         5,
         "sh",
@@ -258,9 +265,7 @@ async fn a_daemon_that_left_the_session_is_stopped_with_its_instance() {
 /// the child is killed.
 #[tokio::test]
 async fn a_task_that_exits_leaving_a_child_ends_and_the_child_is_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
-    let mut events = d.events().unwrap();
+    let (dir, d, mut events) = driver();
     let s = spec(6, "sh", &["-c", "sleep 1000 & echo $! > child.pid; exit 3"]);
     d.start(&s).await.unwrap();
     let (id, state) = next_end(&mut events).await;
@@ -271,4 +276,42 @@ async fn a_task_that_exits_leaving_a_child_ends_and_the_child_is_killed() {
     }
     let child = pid_in(&dir.path().join(s.id.to_string()).join("work/child.pid")).unwrap();
     common::wait_until("the background child is gone", || !process_alive(child));
+}
+
+/// A task runs as the user its job names, else as the node's task user;
+/// `root` opts back into the agent's own user. Its work dir is its own.
+#[tokio::test]
+async fn a_task_runs_as_its_jobs_user_or_the_nodes_task_user() {
+    let (nobody_uid, _) = shoal::driver::exec::lookup_user("nobody").expect("a nobody user");
+    let dir = tempfile::tempdir().unwrap();
+    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into())
+        .unwrap()
+        .with_task_user(Some("nobody".into()));
+    let mut events = d.events().unwrap();
+    let uid_of = |s: &InstanceSpec| -> u32 {
+        std::fs::read_to_string(dir.path().join(s.id.to_string()).join("work/uid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // No user in the job: the node's task user.
+    let by_default = spec(9, "sh", &["-c", "id -u > uid"]);
+    d.start(&by_default).await.unwrap();
+    let _ = next_end(&mut events).await;
+    assert_eq!(uid_of(&by_default), nobody_uid);
+    // `root` in the job: the agent's user.
+    let mut as_root = spec(10, "sh", &["-c", "id -u > uid"]);
+    as_root.task.user = Some("root".into());
+    d.start(&as_root).await.unwrap();
+    let _ = next_end(&mut events).await;
+    assert_eq!(uid_of(&as_root), unsafe { libc::geteuid() });
+    // A user the node does not have: the start fails and says so.
+    let mut unknown = spec(11, "true", &[]);
+    unknown.task.user = Some("no-such-user-here".into());
+    let err = d.start(&unknown).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no user `no-such-user-here`"),
+        "{err:#}"
+    );
 }

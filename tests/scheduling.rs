@@ -129,7 +129,7 @@ fn batch_runs_each_slot_once_and_state_survives_a_full_restart() {
     });
     let runs = root.path().join("runs.log");
     let batch = format!(
-        "name = \"crunch\"\ntype = \"batch\"\nreplicas = 6\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo $SHOAL_SLOT >> {}; sleep 0.2\"]\n",
+        "name = \"crunch\"\ntype = \"batch\"\nreplicas = 6\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo $SHOAL_SLOT >> {}; sleep 0.2\"]\n# It writes into the test's own directory.\nuser = \"root\"\n",
         runs.display()
     );
     let file = job_file(root.path(), "crunch", &batch);

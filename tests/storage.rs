@@ -53,19 +53,11 @@ fn submit(agent: &Agent, i: usize) -> (u16, String) {
          [task.env]\nPADDING = \"{}\"\n",
         "x".repeat(2000)
     );
-    match agent.request("POST", "/v1/jobs").send_string(&body) {
-        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
+    call(agent.request("POST", "/v1/jobs"), Some(&body))
 }
 
 fn health(agent: &Agent) -> (u16, String) {
-    match agent.request("GET", "/v1/health").call() {
-        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
+    call(agent.request("GET", "/v1/health"), None)
 }
 
 #[test]

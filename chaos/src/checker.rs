@@ -136,7 +136,7 @@ impl Model {
             return;
         };
         let text = format!(
-            "name = \"{name}\"\ntype = \"batch\"\nreplicas = 3\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo $SHOAL_JOB $SHOAL_SLOT $SHOAL_NODE $(date +%s%N) >> {}; sleep 2\"]\n[task.resources]\ncpu = 10\nmemory = 8\n",
+            "name = \"{name}\"\ntype = \"batch\"\nreplicas = 3\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo $SHOAL_JOB $SHOAL_SLOT $SHOAL_NODE $(date +%s%N) >> {}; sleep 2\"]\nuser = \"root\"\n[task.resources]\ncpu = 10\nmemory = 8\n",
             runs.display()
         );
         let m = JobModel {

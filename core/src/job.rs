@@ -106,6 +106,21 @@ pub struct TaskSpec {
     /// `always` or `never`.
     #[serde(default, skip_serializing_if = "is_default_pull")]
     pub pull: PullPolicy,
+    /// The user an exec task runs as (a name on the node, or `root`)
+    /// [default: the node's `--task-user`, `nobody` where the agent runs
+    /// as root].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Whether `user` is a plausible user name (1 to 32 of lower-case letters,
+/// digits, '_', '.' or '-', starting with a letter or '_').
+pub fn valid_user(user: &str) -> bool {
+    (1..=32).contains(&user.len())
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c))
 }
 
 /// When to pull a task's image (docker driver).
@@ -534,8 +549,22 @@ impl JobSpec {
                         "only the docker driver takes container ports",
                     ));
                 }
+                if let Some(u) = t.user.as_deref().filter(|u| !valid_user(u)) {
+                    return Err(invalid(
+                        text,
+                        "task.user",
+                        format!("`{u}` is not a user name (1 to 32 lower-case letters, digits, '_', '.' or '-')"),
+                    ));
+                }
             }
             "docker" => {
+                if t.user.is_some() {
+                    return Err(invalid(
+                        text,
+                        "task.user",
+                        "the docker driver runs the image's user; set it in the image",
+                    ));
+                }
                 if t.image.as_deref().is_none_or(str::is_empty) {
                     return Err(invalid(
                         text,

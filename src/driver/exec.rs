@@ -39,6 +39,29 @@ pub struct ExecDriver {
     events_rx: Mutex<Option<mpsc::Receiver<DriverEvent>>>,
     /// Put each instance in a cgroup v2 with its CPU and memory limits.
     enforce_limits: bool,
+    /// The user tasks run as unless their job names one (`None`: the
+    /// agent's).
+    task_user: Option<String>,
+}
+
+/// The uid and gid of user `name` on this machine.
+pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam_r writes into `pwd` and `buf`, which outlive the
+    // call; `out` is null or points at `pwd`.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    let rc =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
+    (rc == 0 && !out.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+}
+
+/// The user tasks run as by default: `nobody` where the agent runs as root
+/// and the machine has one, else the agent's own.
+pub fn default_task_user() -> Option<String> {
+    (unsafe { libc::geteuid() } == 0 && lookup_user("nobody").is_some())
+        .then(|| "nobody".to_string())
 }
 
 /// The start time of a live (not zombie) process, in clock ticks since boot.
@@ -78,7 +101,15 @@ impl ExecDriver {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             enforce_limits: crate::host::cgroup_v2_writable(),
+            task_user: None,
         })
+    }
+
+    /// Tasks whose job names no user run as `user` (`None`, or `root`:
+    /// the agent's own user).
+    pub fn with_task_user(mut self, user: Option<String>) -> ExecDriver {
+        self.task_user = user;
+        self
     }
 
     fn dir(&self, id: &InstanceId) -> PathBuf {
@@ -127,9 +158,29 @@ impl Driver for ExecDriver {
         if dir.exists() {
             bail!("instance {} already exists", spec.id);
         }
+        let user = spec.task.user.clone().or_else(|| self.task_user.clone());
+        let ids = match user.as_deref() {
+            None | Some("root") => None,
+            Some(u) => {
+                let (uid, gid) = lookup_user(u).with_context(|| {
+                    format!("no user `{u}` on this node: create it, or set task.user to another")
+                })?;
+                let me = unsafe { libc::geteuid() };
+                if me != 0 && me != uid {
+                    bail!("cannot run the task as `{u}`: the agent does not run as root");
+                }
+                Some((uid, gid))
+            }
+        };
         std::fs::create_dir_all(&dir)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.arg("supervise").arg("--dir").arg(&dir);
+        if let Some((uid, gid)) = ids {
+            cmd.arg("--uid")
+                .arg(uid.to_string())
+                .arg("--gid")
+                .arg(gid.to_string());
+        }
         if self.enforce_limits {
             cmd.arg("--cpu-millis")
                 .arg(spec.task.resources.cpu.to_string())

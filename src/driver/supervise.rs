@@ -85,9 +85,23 @@ const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs `command args` in `dir/work`, logging to `dir/{stdout,stderr}.log`,
 /// and records the exit in `dir/exit.json`. Returns the task's exit code.
-pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -> Result<i32> {
+/// `ids`: the uid and gid the task runs as (its work dir becomes theirs);
+/// `None`, this process's.
+pub fn run(
+    dir: &Path,
+    command: &str,
+    args: &[String],
+    limits: Option<Limits>,
+    ids: Option<(u32, u32)>,
+) -> Result<i32> {
     let work = dir.join("work");
     fs::create_dir_all(&work)?;
+    if let Some((uid, gid)) = ids {
+        // Only the work dir is the task's: the instance's records and logs
+        // stay the agent's (0600).
+        std::os::unix::fs::chown(&work, Some(uid), Some(gid))
+            .context("cannot give the work dir to the task's user")?;
+    }
     // The task starts inside the instance's cgroup (it inherits this
     // process's), and this process leaves it right after: everything the
     // task starts, daemons included, is killed with the group.
@@ -106,8 +120,29 @@ pub fn run(dir: &Path, command: &str, args: &[String], limits: Option<Limits>) -
         }
     }
     let mut cmd = Command::new(command);
+    if let Some((uid, gid)) = ids {
+        use std::os::unix::process::CommandExt;
+        // The task's user cannot traverse the data dir (0700): the child
+        // enters its work dir while still privileged, then drops to the
+        // user (supplementary groups first, then the group, then the uid).
+        let work_c =
+            std::ffi::CString::new(work.as_os_str().as_encoded_bytes()).context("work dir path")?;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::chdir(work_c.as_ptr()) != 0
+                    || libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    } else {
+        cmd.current_dir(&work);
+    }
     cmd.args(args)
-        .current_dir(&work)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -290,6 +325,7 @@ mod tests {
             "sh",
             &["-c".into(), "echo out; echo err >&2; exit 3".into()],
             None,
+            None,
         )
         .unwrap();
         assert_eq!(code, 3);
@@ -314,7 +350,10 @@ mod tests {
     #[test]
     fn a_missing_program_is_an_exit_with_a_message() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(run(dir.path(), "/no/such/program", &[], None).unwrap(), 127);
+        assert_eq!(
+            run(dir.path(), "/no/such/program", &[], None, None).unwrap(),
+            127
+        );
         let exit = exit_of(dir.path()).unwrap();
         assert!(
             exit.error

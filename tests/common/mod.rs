@@ -269,6 +269,20 @@ impl Agent {
     }
 }
 
+/// Sends `req` (with `body`, if any): the status and the body, for
+/// success and error statuses alike.
+pub fn call(req: ureq::Request, body: Option<&str>) -> (u16, String) {
+    let result = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    match result {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Writes a job file into `dir` and returns its path.
 pub fn job_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
