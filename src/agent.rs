@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use shoal_membership::{Capacity, Membership, MembershipConfig, NodeRecord};
 use shoal_transport::{take_inbox, QuicConfig, QuicTransport, Service, Transport};
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::Snapshot;
 use crate::driver::docker::DockerDriver;
@@ -60,6 +60,8 @@ pub struct AgentConfig {
     /// The user exec tasks run as unless their job names one (`None`: the
     /// agent's).
     pub task_user: Option<String>,
+    /// Move the state database aside and refill it from the cluster.
+    pub recover_from_peers: bool,
     /// Scheduler timings and bounds.
     pub scheduler: SchedulerConfig,
 }
@@ -157,7 +159,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
     let http_addr = http_listener.local_addr()?;
 
-    let store = Store::open(&config.data_dir.join("state.redb"))?;
+    let store_path = config.data_dir.join("state.redb");
+    if config.recover_from_peers {
+        if config.join.is_empty() {
+            anyhow::bail!(
+                "--recover-from-peers refills the store from the cluster: give --join SEED too"
+            );
+        }
+        let to = Store::move_aside(&store_path)?;
+        warn!(moved_to = %to.display(), "state database moved aside; refilling it from the cluster");
+    }
+    let store = Store::open_at_start(&store_path)?;
     {
         // A store an earlier version created world-readable.
         use std::os::unix::fs::PermissionsExt;

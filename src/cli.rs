@@ -131,6 +131,11 @@ pub struct AgentArgs {
     /// scale benchmarks only).
     #[arg(long, hide = true)]
     pub hollow: bool,
+    /// Move this node's state database aside (to state.redb.corrupt-<ms>)
+    /// and refill it from the cluster: for a store that is corrupt. Needs
+    /// --join.
+    #[arg(long)]
+    pub recover_from_peers: bool,
     /// The user exec tasks run as unless their job sets `user`; `root` runs
     /// them as the agent's user [default: nobody when the agent runs as
     /// root, else the agent's user].
@@ -217,6 +222,7 @@ impl AgentArgs {
             memory_mib: self.memory,
             membership: Default::default(),
             hollow: self.hollow,
+            recover_from_peers: self.recover_from_peers,
             task_user: match self.task_user {
                 Some(u) if u == "root" => None,
                 Some(u) => {

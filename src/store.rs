@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
@@ -35,6 +35,75 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
 }
 
 impl Store {
+    /// Opens the store at `path` at an agent's start: a store that cannot
+    /// be opened (corrupt; redb may even panic on some garbage) is an error
+    /// that says what to do, never a crash loop.
+    pub fn open_at_start(path: &Path) -> Result<Store> {
+        let opened = std::panic::catch_unwind(|| Store::open(path));
+        let why = match opened {
+            Ok(Ok(store)) => {
+                // Every record must be readable too: a corrupt one would
+                // silently drop its job here.
+                match store.check() {
+                    Ok(()) => return Ok(store),
+                    Err(e) => format!("{e:#}"),
+                }
+            }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(panic) => panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the database library panicked".into()),
+        };
+        bail!(
+            "the state database {} cannot be used ({why}). Every node holds the whole desired \
+             state: restart with --recover-from-peers (and --join SEED) to move it aside and \
+             refill it from the cluster, or restore it from a backup",
+            path.display()
+        )
+    }
+
+    /// Moves the store at `path` aside (to `<path>.corrupt-<unix ms>`) and
+    /// returns where it went; the agent then starts empty and catches up.
+    pub fn move_aside(path: &Path) -> Result<std::path::PathBuf> {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let to = path.with_extension(format!("redb.corrupt-{ms}"));
+        if path.exists() {
+            std::fs::rename(path, &to)
+                .with_context(|| format!("cannot move {} aside", path.display()))?;
+        }
+        Ok(to)
+    }
+
+    /// Reads every record, failing on the first that does not decode.
+    fn check(&self) -> Result<()> {
+        let r = self.db.begin_read()?;
+        for item in r.open_table(JOBS)?.iter()? {
+            let (k, v) = item?;
+            if decode::<JobRecord>(v.value()).is_none() {
+                bail!(
+                    "the record of job `{}` does not decode",
+                    k.value().escape_debug()
+                );
+            }
+        }
+        for item in r.open_table(COMPLETIONS)?.iter()? {
+            let (k, v) = item?;
+            if decode::<Completion>(v.value()).is_none() {
+                let (job, slot) = k.value();
+                bail!(
+                    "the completion of `{}` slot {slot} does not decode",
+                    job.escape_debug()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Store> {
         let db = Database::create(path)

@@ -108,3 +108,74 @@ fn a_full_disk_refuses_writes_says_so_and_heals_when_freed() {
     }
     drop(agent);
 }
+
+/// The #11 probe: a store with 4 KiB of garbage made the agent crash-loop
+/// (a panic inside redb), and a corrupt store refused to start without
+/// saying what to do. Now the start fails with the way out, and
+/// `--recover-from-peers` moves the store aside and refills it from the
+/// cluster.
+#[test]
+fn a_corrupt_store_says_what_to_do_and_recovers_from_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agents = cluster(root.path(), 2);
+    wait_until("2 alive", || all_see(&agents, "n1", "alive"));
+    let web = job_file(
+        root.path(),
+        "web",
+        "name = \"web\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nargs = [\"1000\"]\n",
+    );
+    let (ok, _, err) = cli(&agents[0], &["run", "--detach", web.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    wait_until("n1 holds the job", || agents[1].job("web").is_some());
+    let seed = agents[0].quic();
+    let mut n1 = agents.pop().unwrap();
+    n1.stop(libc::SIGTERM);
+
+    // Garbage over the first 4 KiB of n1's store.
+    let store = n1.dir.join("state.redb");
+    let mut bytes = std::fs::read(&store).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b = 0xAB;
+    }
+    std::fs::write(&store, &bytes).unwrap();
+
+    let out = Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            "n1",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&n1.dir)
+        .args(["--join", &seed])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an agent started on a corrupt store");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("state database") && err.contains("--recover-from-peers"),
+        "{err}"
+    );
+
+    drop(n1);
+    let n1 = Agent::start(
+        root.path(),
+        "n1",
+        Some(&seed),
+        None,
+        &["--recover-from-peers"],
+    );
+    wait_until("the recovered node holds the job again", || {
+        n1.job("web").is_some()
+    });
+    let aside = std::fs::read_dir(&n1.dir).unwrap().flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("state.redb.corrupt-")
+    });
+    assert!(aside, "the corrupt store was not kept aside");
+}
