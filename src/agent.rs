@@ -160,16 +160,24 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let http_addr = http_listener.local_addr()?;
 
     let store_path = config.data_dir.join("state.redb");
-    if config.recover_from_peers {
-        if config.join.is_empty() {
-            anyhow::bail!(
-                "--recover-from-peers refills the store from the cluster: give --join SEED too"
-            );
-        }
-        let to = Store::move_aside(&store_path)?;
-        warn!(moved_to = %to.display(), "state database moved aside; refilling it from the cluster");
+    if config.recover_from_peers && config.join.is_empty() {
+        anyhow::bail!(
+            "--recover-from-peers refills the store from the cluster: give --join SEED too"
+        );
     }
-    let store = Store::open_at_start(&store_path)?;
+    let store = match Store::open_at_start(&store_path) {
+        Ok(store) => store,
+        // Only a store that cannot be used is moved aside: the flag left in
+        // a unit file must not throw away a healthy one at every restart
+        // (found in review).
+        Err(e) if config.recover_from_peers => {
+            let to = Store::move_aside(&store_path)?;
+            warn!(error = %format!("{e:#}"), moved_to = %to.display(),
+                "state database moved aside; refilling it from the cluster");
+            Store::open_at_start(&store_path)?
+        }
+        Err(e) => return Err(e),
+    };
     {
         // A store an earlier version created world-readable.
         use std::os::unix::fs::PermissionsExt;

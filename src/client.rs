@@ -24,18 +24,33 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    /// The token to present: the one given, else the local agent's.
+    /// The token to present: the one given, else the local agent's, and
+    /// that one only to an agent on this machine (it must not travel to
+    /// whatever address `--addr` names; found in review).
     pub fn token(&self) -> Option<String> {
-        self.http_token
-            .clone()
+        let given = self.http_token.clone().filter(|t| !t.is_empty());
+        if given.is_some() || !is_loopback_url(&self.addr) {
+            return given;
+        }
+        std::fs::read_to_string(self.data_dir.join(crate::credentials::API_TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string(self.data_dir.join(crate::credentials::API_TOKEN_FILE))
-                    .ok()
-                    .map(|t| t.trim().to_string())
-                    .filter(|t| !t.is_empty())
-            })
     }
+}
+
+/// Whether `addr` (a URL, or host:port) names this machine's loopback.
+pub fn is_loopback_url(addr: &str) -> bool {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 pub struct Client {
@@ -115,5 +130,30 @@ pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_loopback_address_gets_the_local_token() {
+        for local in [
+            "http://127.0.0.1:4701",
+            "127.0.0.2:80",
+            "http://localhost:1/x",
+            "http://[::1]:4701",
+        ] {
+            assert!(is_loopback_url(local), "{local}");
+        }
+        for remote in [
+            "http://10.0.0.2:4701",
+            "http://example.com",
+            "http://127.0.0.1.evil.com:1",
+            "[2001:db8::1]:1",
+        ] {
+            assert!(!is_loopback_url(remote), "{remote}");
+        }
     }
 }

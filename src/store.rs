@@ -285,9 +285,16 @@ pub fn spawn_writer(
     std::thread::Builder::new()
         .name("shoal-store".into())
         .spawn(move || {
-            let mut store = Ok(store);
+            let mut store: std::result::Result<Store, (String, std::path::PathBuf)> = Ok(store);
             let set = |h: Option<String>| *health.lock().unwrap_or_else(|p| p.into_inner()) = h;
             while let Ok(job) = rx.recv() {
+                if let Err((_, path)) = &store {
+                    // The last reopen failed (the disk was still full): try
+                    // again before this write, so the first write after the
+                    // disk is freed succeeds (found in review).
+                    let path = path.clone();
+                    store = Store::open(&path).map_err(|e| (format!("{e:#}"), path));
+                }
                 let result = match &store {
                     Ok(s) => s
                         .write(&job.jobs, &job.completions)

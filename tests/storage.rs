@@ -91,7 +91,10 @@ fn a_full_disk_refuses_writes_says_so_and_heals_when_freed() {
 
     // Space again: the store heals without a restart.
     std::fs::remove_file(&filler).unwrap();
-    wait_until("a write is stored again", || submit(&agent, 100).0 == 200);
+    // The very first write after the disk is freed is stored (the writer
+    // reopens the store before it, not after a failure).
+    let (code, body) = submit(&agent, 100);
+    assert_eq!(code, 200, "{body}");
     stored.push(100);
     let (code, body) = health(&agent);
     assert_eq!(code, 200, "{body}");
@@ -178,4 +181,26 @@ fn a_corrupt_store_says_what_to_do_and_recovers_from_peers() {
             .starts_with("state.redb.corrupt-")
     });
     assert!(aside, "the corrupt store was not kept aside");
+
+    // The flag left in place does not throw a healthy store away.
+    let mut n1 = n1;
+    n1.stop(libc::SIGTERM);
+    let n1 = Agent::start(
+        root.path(),
+        "n1",
+        Some(&seed),
+        None,
+        &["--recover-from-peers"],
+    );
+    let asides = std::fs::read_dir(&n1.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.redb.corrupt-")
+        })
+        .count();
+    assert_eq!(asides, 1, "a healthy store was moved aside");
+    assert!(n1.job("web").is_some());
 }

@@ -766,8 +766,9 @@ impl Swim {
     fn refute(&mut self, incarnation: u64) -> Vec<Action> {
         // Being suspected is a sign of our own slowness too.
         self.health = (self.health + 1).min(HEALTH_MAX);
-        // Callers pass at most our own incarnation (no other node raises
-        // it), which is at most INCARNATION_MAX: this cannot overflow.
+        // Suspicions are believed only below INCARNATION_MAX - 1 (see
+        // `on_update` and `on_ping`), so a refutation stays below the cap
+        // and peers always take it.
         self.incarnation = self.incarnation.max(incarnation).saturating_add(1);
         vec![Action::Broadcast {
             to: self.live_addrs(None),
@@ -930,7 +931,7 @@ impl Swim {
             // a refutation stays within INCARNATION_MAX.
             if matches!(state, NodeState::Suspect | NodeState::Dead)
                 && inc >= self.incarnation
-                && inc < INCARNATION_MAX
+                && inc < INCARNATION_MAX - 1
             {
                 actions = self.refute(inc);
             }
@@ -968,10 +969,16 @@ impl Swim {
     }
 
     fn on_update(&mut self, u: Update, now: Instant) -> Vec<Action> {
-        if u.incarnation >= INCARNATION_MAX {
-            // No node refutes four billion suspicions: a peer that says so
-            // is broken or hostile, and believing it would pin a member at
-            // an incarnation its owner could never refute.
+        // No node refutes four billion suspicions: a peer that says so is
+        // broken or hostile, and believing it would pin a member at an
+        // incarnation its owner could never refute. A suspicion must leave
+        // room for the refutation above it (found in review: one at
+        // INCARNATION_MAX - 1 was believed, and its refutation refused).
+        let cap = match u.state {
+            NodeState::Suspect | NodeState::Dead => INCARNATION_MAX - 1,
+            NodeState::Alive | NodeState::Left => INCARNATION_MAX,
+        };
+        if u.incarnation >= cap {
             self.refused += 1;
             return Vec::new();
         }

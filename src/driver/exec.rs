@@ -166,10 +166,15 @@ impl Driver for ExecDriver {
                     format!("no user `{u}` on this node: create it, or set task.user to another")
                 })?;
                 let me = unsafe { libc::geteuid() };
-                if me != 0 && me != uid {
+                if uid == me && gid == unsafe { libc::getegid() } {
+                    // Already the agent's user: nothing to change (and an
+                    // unprivileged agent could not drop its groups).
+                    None
+                } else if me != 0 {
                     bail!("cannot run the task as `{u}`: the agent does not run as root");
+                } else {
+                    Some((uid, gid))
                 }
-                Some((uid, gid))
             }
         };
         std::fs::create_dir_all(&dir)?;

@@ -182,7 +182,13 @@ pub fn run(
             // The task is over: so is everything it started. Its process
             // group (this process's: the agent made it a session leader)
             // first, then the cgroup, which holds what left the session.
-            contain::kill_group_but_me(unsafe { libc::getpgrp() });
+            // Only when this process leads the group (the agent starts it
+            // in a session of its own; a direct call, as in a unit test,
+            // shares its caller's group, which is not the task's to kill).
+            let pgrp = unsafe { libc::getpgrp() };
+            if pgrp == std::process::id() as i32 {
+                contain::kill_group_but_me(pgrp);
+            }
             if let (Some(cg), Some(_)) = (&cgroup, &original) {
                 cg.kill_all();
             }

@@ -640,3 +640,41 @@ fn an_impossible_incarnation_is_refused_and_evicts_nobody() {
     sim.run_for(Duration::from_secs(5));
     assert!(sim.everyone_sees(1, NodeState::Alive));
 }
+
+/// Found in review: a suspicion just under the cap was believed, and the
+/// refutation it forced landed on the cap, where peers refuse it. A
+/// suspicion must now leave room for its refutation.
+#[test]
+fn a_suspicion_at_the_cap_is_refused_so_every_refutation_is_taken() {
+    let mut sim = Sim::new(3, 22, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    let (generation, addr, now) = (sim.gen[1], sim.addrs[1], sim.now);
+    let at = |state, incarnation| Update {
+        name: "n1".into(),
+        generation,
+        addr,
+        incarnation,
+        state,
+        by: "n2".into(),
+    };
+    // A bystander refuses a suspicion at INCARNATION_MAX - 1.
+    assert!(sim.nodes[0]
+        .on_updates(vec![at(NodeState::Suspect, INCARNATION_MAX - 1)], now)
+        .is_empty());
+    assert_eq!(sim.nodes[0].refused(), 1);
+    // n1 refutes a ping's view at INCARNATION_MAX - 2 with MAX - 1, which a
+    // bystander takes; a ping's view at MAX - 1 it leaves alone.
+    let from = ("n2".to_string(), sim.gen[2], sim.addrs[2]);
+    let view = Some((NodeState::Suspect, INCARNATION_MAX - 2));
+    let (_, actions) = sim.nodes[1].on_ping(from.clone(), "n1", view, now);
+    assert!(!actions.is_empty());
+    assert_eq!(sim.nodes[1].incarnation(), INCARNATION_MAX - 1);
+    assert!(sim.nodes[0]
+        .on_updates(vec![at(NodeState::Alive, INCARNATION_MAX - 1)], now)
+        .is_empty());
+    assert_eq!(sim.nodes[0].refused(), 1, "the refutation was taken");
+    let view = Some((NodeState::Suspect, INCARNATION_MAX - 1));
+    let (_, actions) = sim.nodes[1].on_ping(from, "n1", view, now);
+    assert!(actions.is_empty());
+    assert_eq!(sim.nodes[1].incarnation(), INCARNATION_MAX - 1);
+}
