@@ -725,8 +725,9 @@ impl Scheduler {
                 if let Some((r, e)) = future {
                     self.counters.future_records = self.counters.future_records.saturating_add(1);
                     let response = Response::Error(format!(
-                        "job `{}` refused: {e} (max_clock_offset is {bound} ms); check the clocks \
+                        "{} job `{}`: {e} (max_clock_offset is {bound} ms); check the clocks \
                          (`shoal nodes` shows each peer's offset)",
+                        crate::wire::CLOCK_REFUSAL,
                         r.name
                     ));
                     self.out.push(Effect::Reply { token, response });
@@ -756,12 +757,17 @@ impl Scheduler {
             {
                 Response::Error("this node is still catching up".into())
             }
-            Request::SyncHash { jobs, completions } => {
+            Request::SyncHash {
+                jobs,
+                completions,
+                clock,
+            } => {
                 let wall_ms = now.wall_ms;
-                if (jobs, completions) == self.desired.fingerprints() {
-                    Response::InSync { wall_ms }
-                } else {
-                    Response::Differs { wall_ms }
+                match ((jobs, completions) == self.desired.fingerprints(), clock) {
+                    (true, true) => Response::InSyncAt { wall_ms },
+                    (false, true) => Response::DiffersAt { wall_ms },
+                    (true, false) => Response::InSync,
+                    (false, false) => Response::Differs,
                 }
             }
             Request::SyncJobs {
@@ -901,13 +907,32 @@ impl Scheduler {
                 }
             }
             Call::Sync => self.sync_reply(call, result, now),
-            Call::Replicate { write } => {
-                if let Ok(Response::Ok) = result {
+            Call::Replicate { write } => match result {
+                Ok(Response::Ok) => {
                     if let Some(r) = self.replicating.remove(&write) {
                         self.answer(r.token, Ok(r.record));
                     }
                 }
-            }
+                // A peer refused the write for its clock: it is stored here,
+                // but the cluster will not take it until its version is no
+                // longer ahead, and a newer write elsewhere may beat it.
+                // The client hears that instead of a success (found in
+                // review: it was answered 200 after the timeout).
+                Ok(Response::Error(why)) if why.starts_with(crate::wire::CLOCK_REFUSAL) => {
+                    if let Some(r) = self.replicating.remove(&write) {
+                        self.counters.skew_refusals = self.counters.skew_refusals.saturating_add(1);
+                        self.answer(
+                            r.token,
+                            Err(ApiError::Unavailable(format!(
+                                "the write is stored on this node, but a peer {why}; \
+                                 this node's clock is probably ahead: fix its time sync, or \
+                                 write through another node"
+                            ))),
+                        );
+                    }
+                }
+                _ => {}
+            },
         }
         self.take()
     }
@@ -2122,7 +2147,11 @@ impl Scheduler {
             peer,
             addr,
             Step::Hash,
-            Request::SyncHash { jobs, completions },
+            Request::SyncHash {
+                jobs,
+                completions,
+                clock: true,
+            },
             now.mono,
         );
     }
@@ -2216,7 +2245,7 @@ impl Scheduler {
             since,
             ..
         } = ex;
-        if let (Step::Hash, Ok(Response::InSync { wall_ms } | Response::Differs { wall_ms })) =
+        if let (Step::Hash, Ok(Response::InSyncAt { wall_ms } | Response::DiffersAt { wall_ms })) =
             (&step, &result)
         {
             let rtt = now.mono.saturating_duration_since(since);
@@ -2224,8 +2253,8 @@ impl Scheduler {
                 .record(peer.clone(), *wall_ms, now.wall_ms, rtt, now.mono);
         }
         match (step, result) {
-            (Step::Hash, Ok(Response::InSync { .. })) => self.exchange_done(),
-            (Step::Hash, Ok(Response::Differs { .. })) => {
+            (Step::Hash, Ok(Response::InSync | Response::InSyncAt { .. })) => self.exchange_done(),
+            (Step::Hash, Ok(Response::Differs | Response::DiffersAt { .. })) => {
                 self.jobs_page(peer, addr, None, now.mono)
             }
             (Step::Jobs { after, until }, Ok(Response::SyncedJobs { newer, want, more })) => {

@@ -32,6 +32,11 @@ pub enum Request {
         jobs: u64,
         /// Fingerprint of every completed (job, slot).
         completions: u64,
+        /// Answer with `InSyncAt`/`DiffersAt`, which carry the answering
+        /// node's clock (absent in a call from an older release, which
+        /// knows only `InSync`/`Differs`; an older node ignores it).
+        #[serde(default)]
+        clock: bool,
     },
     /// Anti-entropy: one page of the caller's job digest, the names in
     /// `(after, until]` in order (`until` = `None`: to the end).
@@ -86,16 +91,19 @@ pub enum Response {
     /// Done.
     Ok,
     /// Anti-entropy: fingerprints match.
-    InSync {
-        /// The answering node's wall clock, ms since the epoch: the caller
-        /// measures its offset on the round trip.
-        #[serde(default)]
+    InSync,
+    /// Anti-entropy: send the digest pages.
+    Differs,
+    /// `InSync`, with the answering node's wall clock (ms since the epoch):
+    /// the caller measures its offset on the round trip. Sent only to a
+    /// caller that asked (`SyncHash::clock`), so releases mix.
+    InSyncAt {
+        /// The answering node's wall clock.
         wall_ms: u64,
     },
-    /// Anti-entropy: send the digest pages.
-    Differs {
-        /// As in `InSync`.
-        #[serde(default)]
+    /// `Differs`, with the answering node's wall clock.
+    DiffersAt {
+        /// The answering node's wall clock.
         wall_ms: u64,
     },
     /// Anti-entropy: the answer to one page of the job digest.
@@ -161,6 +169,11 @@ impl Response {
     }
 }
 
+/// How an error answer to a push begins when the receiver refused a record
+/// for a version too far ahead of its clock (the writer then knows its
+/// write will lose, and says so to its client).
+pub const CLOCK_REFUSAL: &str = "refused for its clock:";
+
 /// Fingerprint of a set of items (order-independent).
 pub fn fingerprint<T: Serialize>(items: impl Iterator<Item = T>) -> u64 {
     items.fold(0u64, |acc, i| acc.wrapping_add(fingerprint_item(&i)))
@@ -186,6 +199,34 @@ mod tests {
             let _ = Request::decode(&bytes);
             let _ = Response::decode(&bytes);
         }
+    }
+
+    /// Releases mix: a caller from before clock offsets sends no `clock`
+    /// and gets the plain answers it knows; its plain answers decode here.
+    #[test]
+    fn anti_entropy_answers_stay_readable_across_releases() {
+        let old_call = br#"{"SyncHash":{"jobs":1,"completions":2}}"#;
+        assert!(matches!(
+            Request::decode(old_call),
+            Ok(Request::SyncHash { clock: false, .. })
+        ));
+        assert!(matches!(
+            Response::decode(br#""InSync""#),
+            Ok(Response::InSync)
+        ));
+        assert!(matches!(
+            Response::decode(br#""Differs""#),
+            Ok(Response::Differs)
+        ));
+        let new_call = Request::SyncHash {
+            jobs: 1,
+            completions: 2,
+            clock: true,
+        }
+        .encode();
+        // An older node ignores the field it does not know.
+        let as_old: serde_json::Value = serde_json::from_slice(&new_call).unwrap();
+        assert_eq!(as_old["SyncHash"]["jobs"], 1);
     }
 
     #[test]

@@ -216,7 +216,7 @@ fn a_joining_node_starts_nothing_until_it_has_caught_up() {
     // It asks a peer; the peer is in sync: caught up.
     let effects = s.handle_timer(now(base, 10));
     let call = sync_call(&effects).expect("an anti-entropy exchange");
-    s.handle_reply(call, Ok(Response::InSync { wall_ms: 0 }), now(base, 11));
+    s.handle_reply(call, Ok(Response::InSync), now(base, 11));
     assert!(s.caught_up());
     let start = Request::Start {
         job: record(1),
@@ -254,11 +254,7 @@ fn a_node_that_was_frozen_catches_up_again_before_starting_anything() {
     // It asks a peer at once; in sync, it is caught up again and starts.
     let effects = s.handle_timer(now(base, frozen_until + 10));
     let call = sync_call(&effects).expect("an anti-entropy exchange right after the freeze");
-    s.handle_reply(
-        call,
-        Ok(Response::InSync { wall_ms: 0 }),
-        now(base, frozen_until + 11),
-    );
+    s.handle_reply(call, Ok(Response::InSync), now(base, frozen_until + 11));
     assert!(s.caught_up());
     let start = Request::Start {
         job: record(1),
@@ -328,6 +324,7 @@ fn a_node_that_has_not_caught_up_and_holds_nothing_teaches_nothing() {
         Request::SyncHash {
             jobs: 0,
             completions: 0,
+            clock: true,
         },
         now(base, 2),
     );
@@ -391,7 +388,7 @@ fn a_record_from_the_future_is_refused_and_does_not_move_the_clock() {
     };
     let effects = s.handle_request(3, Request::PutJobs(vec![Arc::new(far)]), now(base, 2));
     assert!(
-        matches!(reply(&effects), Some(Response::Error(m)) if m.contains("ahead of this node's clock")),
+        matches!(reply(&effects), Some(Response::Error(m)) if m.starts_with(crate::wire::CLOCK_REFUSAL) && m.contains("ahead of this node's clock")),
         "{effects:?}"
     );
     assert!(!effects.iter().any(|e| matches!(e, Effect::Persist { .. })));
@@ -472,7 +469,7 @@ fn a_node_whose_clock_is_off_most_peers_refuses_writes() {
         let effects = s.handle_timer(now(base, t));
         if let Some(call) = sync_call(&effects) {
             let wall_ms = now(base, t).wall_ms + hour;
-            s.handle_reply(call, Ok(Response::InSync { wall_ms }), now(base, t + 2));
+            s.handle_reply(call, Ok(Response::InSyncAt { wall_ms }), now(base, t + 2));
         }
         if s.clock_offsets().iter().count() == 2 {
             break;
@@ -504,4 +501,47 @@ fn run_ids_only_grow_even_when_the_clock_saturates() {
     let a = s.run_id(far);
     let b = s.run_id(far);
     assert!(b > a, "{a} {b}");
+}
+
+/// Found in review: a peer that refused an API write for its clock was
+/// ignored, and the write answered 200 after the replication timeout. The
+/// client now hears that the write will not take.
+#[test]
+fn a_write_a_peer_refuses_for_its_clock_is_not_answered_as_a_success() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, 2));
+    let write = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        })
+        .expect("a write");
+    let effects = s.handle_persisted(write, Ok(()), now(base, 3));
+    let call = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send {
+                request: Request::PutJobs(_),
+                call: Some(c),
+                ..
+            } => Some(*c),
+            _ => None,
+        })
+        .expect("a push that asks for an answer");
+    let why = format!(
+        "{} job `web`: its timestamp is 3600000 ms ahead",
+        crate::wire::CLOCK_REFUSAL
+    );
+    let effects = s.handle_reply(call, Ok(Response::Error(why)), now(base, 4));
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Answer { token: 1, answer: ApiAnswer::Failed(ApiError::Unavailable(m)) }
+                if m.contains("stored on this node") && m.contains("time sync")
+        )),
+        "{effects:?}"
+    );
 }
