@@ -165,42 +165,29 @@ fn a_corrupt_store_says_what_to_do_and_recovers_from_peers() {
     );
 
     drop(n1);
-    let n1 = Agent::start(
-        root.path(),
-        "n1",
-        Some(&seed),
-        None,
-        &["--recover-from-peers"],
-    );
+    let recovering =
+        |root: &Path| Agent::start(root, "n1", Some(&seed), None, &["--recover-from-peers"]);
+    let asides = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("state.redb.corrupt-")
+            })
+            .count()
+    };
+    let mut n1 = recovering(root.path());
     wait_until("the recovered node holds the job again", || {
         n1.job("web").is_some()
     });
-    let aside = std::fs::read_dir(&n1.dir).unwrap().flatten().any(|e| {
-        e.file_name()
-            .to_string_lossy()
-            .starts_with("state.redb.corrupt-")
-    });
-    assert!(aside, "the corrupt store was not kept aside");
+    assert_eq!(asides(&n1.dir), 1, "the corrupt store was not kept aside");
 
     // The flag left in place does not throw a healthy store away.
-    let mut n1 = n1;
     n1.stop(libc::SIGTERM);
-    let n1 = Agent::start(
-        root.path(),
-        "n1",
-        Some(&seed),
-        None,
-        &["--recover-from-peers"],
-    );
-    let asides = std::fs::read_dir(&n1.dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("state.redb.corrupt-")
-        })
-        .count();
+    let n1 = recovering(root.path());
+    let asides = asides(&n1.dir);
     assert_eq!(asides, 1, "a healthy store was moved aside");
     assert!(n1.job("web").is_some());
 }
