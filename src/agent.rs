@@ -165,8 +165,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             "--recover-from-peers refills the store from the cluster: give --join SEED too"
         );
     }
-    let store = match Store::open_at_start(&store_path) {
-        Ok(store) => store,
+    let (store, stored_jobs, stored_completions) = match Store::open_at_start(&store_path) {
+        Ok(opened) => opened,
         // Only a store that cannot be used is moved aside: the flag left in
         // a unit file must not throw away a healthy one at every restart
         // (found in review).
@@ -277,8 +277,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         &config.name,
         drivers.keys().cloned().collect(),
         seed,
-        store.jobs()?,
-        store.completions()?,
+        stored_jobs,
+        stored_completions,
         !config.join.is_empty(),
         crate::node::now(),
     );

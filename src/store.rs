@@ -38,14 +38,16 @@ impl Store {
     /// Opens the store at `path` at an agent's start: a store that cannot
     /// be opened (corrupt; redb may even panic on some garbage) is an error
     /// that says what to do, never a crash loop.
-    pub fn open_at_start(path: &Path) -> Result<Store> {
+    /// Returns the store with every job record and completion it holds.
+    pub fn open_at_start(path: &Path) -> Result<(Store, Vec<JobRecord>, Vec<Completion>)> {
         let opened = std::panic::catch_unwind(|| Store::open(path));
         let why = match opened {
             Ok(Ok(store)) => {
                 // Every record must be readable too: a corrupt one would
-                // silently drop its job here.
-                match store.check() {
-                    Ok(()) => return Ok(store),
+                // silently drop its job here. What is read is what the
+                // agent starts from (one pass over the store).
+                match store.jobs().and_then(|j| Ok((j, store.completions()?))) {
+                    Ok((jobs, completions)) => return Ok((store, jobs, completions)),
                     Err(e) => format!("{e:#}"),
                 }
             }
@@ -77,31 +79,6 @@ impl Store {
                 .with_context(|| format!("cannot move {} aside", path.display()))?;
         }
         Ok(to)
-    }
-
-    /// Reads every record, failing on the first that does not decode.
-    fn check(&self) -> Result<()> {
-        let r = self.db.begin_read()?;
-        for item in r.open_table(JOBS)?.iter()? {
-            let (k, v) = item?;
-            if decode::<JobRecord>(v.value()).is_none() {
-                bail!(
-                    "the record of job `{}` does not decode",
-                    k.value().escape_debug()
-                );
-            }
-        }
-        for item in r.open_table(COMPLETIONS)?.iter()? {
-            let (k, v) = item?;
-            if decode::<Completion>(v.value()).is_none() {
-                let (job, slot) = k.value();
-                bail!(
-                    "the completion of `{}` slot {slot} does not decode",
-                    job.escape_debug()
-                );
-            }
-        }
-        Ok(())
     }
 
     /// Opens (or creates) the store at `path`.
@@ -207,15 +184,20 @@ impl Store {
         Ok(t.get(name)?.and_then(|v| decode(v.value())))
     }
 
-    /// Every job record (including tombstones), by name.
+    /// Every job record (including tombstones), by name; an error names
+    /// the first that does not decode.
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
         let r = self.db.begin_read()?;
         let t = r.open_table(JOBS)?;
         let mut out = Vec::new();
         for item in t.iter()? {
-            let (_, v) = item?;
-            if let Some(rec) = decode(v.value()) {
-                out.push(rec);
+            let (k, v) = item?;
+            match decode(v.value()) {
+                Some(rec) => out.push(rec),
+                None => bail!(
+                    "the record of job `{}` does not decode",
+                    k.value().escape_debug()
+                ),
             }
         }
         Ok(out)
@@ -238,15 +220,22 @@ impl Store {
         Ok(stored)
     }
 
-    /// Every completion.
+    /// Every completion; an error names the first that does not decode.
     pub fn completions(&self) -> Result<Vec<Completion>> {
         let r = self.db.begin_read()?;
         let t = r.open_table(COMPLETIONS)?;
         let mut out = Vec::new();
         for item in t.iter()? {
-            let (_, v) = item?;
-            if let Some(c) = decode(v.value()) {
-                out.push(c);
+            let (k, v) = item?;
+            match decode(v.value()) {
+                Some(c) => out.push(c),
+                None => {
+                    let (job, slot) = k.value();
+                    bail!(
+                        "the completion of `{}` slot {slot} does not decode",
+                        job.escape_debug()
+                    )
+                }
             }
         }
         Ok(out)

@@ -124,11 +124,6 @@ impl Offsets {
         self.by_peer.iter()
     }
 
-    /// Forgets peers `keep` says are gone.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.by_peer.retain(|p, _| keep(p));
-    }
-
     /// Whether this node's clock is off by more than `bound_ms` from most
     /// of the peers measured within [`OFFSET_FRESH_FOR`] of `now`.
     pub fn verdict(&self, bound_ms: u64, now: Instant) -> Option<Skewed> {
