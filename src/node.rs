@@ -95,16 +95,8 @@ pub fn decode_problems(value: &str) -> Vec<String> {
         .unwrap_or_default()
         .into_iter()
         .take(PROBLEMS_MAX)
-        .map(|p| bounded(&p))
+        .map(shoal_core::gossip::bounded)
         .collect()
-}
-
-fn bounded(s: &str) -> String {
-    let mut end = s.len().min(shoal_core::gossip::REASON_LEN_MAX);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
 }
 
 /// The time now, as the core takes it.
@@ -577,9 +569,9 @@ pub async fn run(
             let snap = Arc::new(Snapshot::of(&core, started));
             // The node's problems go to every node, for `shoal nodes`.
             let problems: Vec<String> = crate::api::problems(&snap, &store_health)
-                .iter()
+                .into_iter()
                 .take(PROBLEMS_MAX)
-                .map(|p| bounded(p))
+                .map(shoal_core::gossip::bounded)
                 .collect();
             let value = (!problems.is_empty())
                 .then(|| serde_json::to_string(&problems).unwrap_or_default());
