@@ -397,7 +397,7 @@ async fn logs(
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Response {
-    let max_bytes = q.max_bytes.min(1024 * 1024);
+    let max_bytes = q.max_bytes.min(crate::node::LOG_FETCH_MAX);
     let req = ApiRequest::Logs {
         job: name,
         slot: q.slot,

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use shoal_core::scheduler::{ApiAnswer, ApiError, ApiRequest, Effect, LogsTo, Now};
-use shoal_core::wire::{Request, Response};
+use shoal_core::wire::{Request, Response, LOG_CHUNK_MAX};
 use shoal_core::{Scheduler, ViewBuilder};
 use shoal_membership::{AppValues, Membership, MembershipView};
 use shoal_transport::{Incoming, QuicTransport, Responder, Service, Transport};
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::api::{JobStatus as JobStatusJson, Snapshot};
-use crate::driver::{Driver, DriverEvent, InstanceId};
+use crate::driver::{Driver, DriverEvent, InstanceId, LogRange};
 use crate::store::WriteJob;
 
 /// Driver operations (start, stop, remove) running at once.
@@ -30,6 +31,9 @@ pub const RPC_IN_FLIGHT_MAX: usize = 1024;
 pub const API_PENDING_MAX: usize = 1024;
 /// Log reads and fetches in flight at once.
 pub const LOG_READS_MAX: usize = 16;
+
+/// Most output one log fetch returns (the API's `max_bytes` bound).
+pub const LOG_FETCH_MAX: u64 = 1024 * 1024;
 /// The API's snapshot is rebuilt at most this often (it copies every job
 /// and instance), and waits `PACE` times its own cost.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
@@ -320,6 +324,7 @@ impl Shell {
                 id,
                 stream,
                 max_bytes,
+                chunk,
                 to,
             } => {
                 let d = self.drivers.get(&driver).cloned();
@@ -339,18 +344,26 @@ impl Shell {
                     ));
                     return;
                 };
+                // The API's bound, applied to peers' requests too.
+                let max_bytes = max_bytes.min(LOG_FETCH_MAX);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let r = match d {
-                        Some(d) => d
-                            .logs(&id, &stream, max_bytes)
-                            .await
-                            .map_err(|e| e.to_string()),
-                        None => Err("driver unavailable".to_string()),
+                    let Some(d) = d else {
+                        reply.fail("driver unavailable".to_string());
+                        return;
                     };
-                    match r {
-                        Ok(bytes) => reply.bytes(bytes),
-                        Err(e) => reply.fail(e),
+                    match chunk {
+                        Some(from) => match d
+                            .log_range(&id, &stream, max_bytes, from, LOG_CHUNK_MAX)
+                            .await
+                        {
+                            Ok(r) => reply.chunk(r),
+                            Err(e) => reply.fail(e.to_string()),
+                        },
+                        None => match d.logs(&id, &stream, max_bytes).await {
+                            Ok(bytes) => reply.bytes(bytes),
+                            Err(e) => reply.fail(e.to_string()),
+                        },
                     }
                 });
             }
@@ -372,26 +385,85 @@ impl Shell {
                 let t = self.io_transport.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let r = match t
-                        .request(addr, Service::Rpc, request.encode(), timeout)
-                        .await
-                    {
-                        Ok(bytes) => match Response::decode(&bytes) {
-                            Ok(Response::Logs(b)) => ApiReply::Logs(b),
-                            Ok(Response::Error(e)) => ApiReply::Failed(ApiError::NotFound(e)),
-                            _ => ApiReply::Failed(ApiError::Unavailable(
-                                "unexpected answer from the holder".into(),
-                            )),
-                        },
-                        Err(e) => ApiReply::Failed(ApiError::Unavailable(format!(
-                            "cannot reach the holder: {e}"
-                        ))),
-                    };
-                    let _ = tx.send(r);
+                    let _ = tx.send(fetch_logs(&t, addr, request, timeout).await);
                 });
             }
         }
     }
+}
+
+/// Fetches an instance's output from its holder, a chunk of at most
+/// `LOG_CHUNK_MAX` bytes per call (one answer of a 1 MiB fetch would not
+/// fit a frame), each call bounded by `timeout`; at most
+/// `LOG_FETCH_MAX / LOG_CHUNK_MAX + 1` calls.
+async fn fetch_logs(
+    t: &impl Transport,
+    addr: SocketAddr,
+    request: Request,
+    timeout: Duration,
+) -> ApiReply {
+    let Request::Logs {
+        job,
+        slot,
+        stream,
+        max_bytes,
+        ..
+    } = request
+    else {
+        return ApiReply::Failed(ApiError::Unavailable("not a log request".into()));
+    };
+    let want = max_bytes.min(LOG_FETCH_MAX);
+    let mut out: Vec<u8> = Vec::new();
+    let mut from = None;
+    let calls_max = LOG_FETCH_MAX / LOG_CHUNK_MAX + 1;
+    for _ in 0..calls_max {
+        let req = Request::Logs {
+            job: job.clone(),
+            slot,
+            stream: stream.clone(),
+            max_bytes: want,
+            from,
+            chunked: true,
+        };
+        let answer = match t.request(addr, Service::Rpc, req.encode(), timeout).await {
+            Ok(bytes) => Response::decode(&bytes),
+            Err(e) => {
+                return ApiReply::Failed(ApiError::Unavailable(format!(
+                    "cannot reach the holder: {e}"
+                )))
+            }
+        };
+        match answer {
+            Ok(Response::LogChunk { start, end, bytes }) => {
+                // The first answer fixes where the fetch starts; later
+                // ones must continue it.
+                if from.is_some_and(|f| f != start) || bytes.len() as u64 > LOG_CHUNK_MAX {
+                    return ApiReply::Failed(ApiError::Unavailable(
+                        "the holder's log changed during the fetch; fetch again".into(),
+                    ));
+                }
+                let got = bytes.len() as u64;
+                out.extend(bytes);
+                let next = start.saturating_add(got);
+                // Done: the tail asked for, the log's end, or no progress.
+                if out.len() as u64 >= want || next >= end || got == 0 {
+                    let keep = out.len().min(want as usize);
+                    out.truncate(keep);
+                    return ApiReply::Logs(out);
+                }
+                from = Some(next);
+            }
+            // A holder of an earlier release answers in one piece.
+            Ok(Response::Logs(b)) if from.is_none() => return ApiReply::Logs(b),
+            Ok(Response::Error(e)) => return ApiReply::Failed(ApiError::NotFound(e)),
+            _ => {
+                return ApiReply::Failed(ApiError::Unavailable(
+                    "unexpected answer from the holder".into(),
+                ))
+            }
+        }
+    }
+    ApiReply::Logs(out)
 }
 
 /// Where a log read's bytes go.
@@ -407,6 +479,22 @@ impl Either {
                 let _ = tx.send(ApiReply::Logs(b));
             }
             Either::Peer(r) => r.respond(Response::Logs(b).encode()),
+        }
+    }
+
+    fn chunk(self, r: LogRange) {
+        match self {
+            Either::Api(tx) => {
+                let _ = tx.send(ApiReply::Logs(r.bytes));
+            }
+            Either::Peer(p) => p.respond(
+                Response::LogChunk {
+                    start: r.start,
+                    end: r.end,
+                    bytes: r.bytes,
+                }
+                .encode(),
+            ),
         }
     }
 

@@ -495,3 +495,61 @@ fn job_rules_hold_and_a_slot_that_cannot_be_placed_says_why_at_every_node() {
         },
     );
 }
+
+/// A 1 MiB log fetch from another node's instance arrives whole, in chunks
+/// (one answer of it would exceed the 4 MiB frame: it used to fail with
+/// "stream reset").
+#[test]
+fn a_mebibyte_of_another_nodes_logs_arrives_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 2);
+    wait_until("2 alive", || {
+        all_see(&agents, "n0", "alive") && all_see(&agents, "n1", "alive")
+    });
+    // 2.1 MB of letters only (digits spelled a-j, lines ended by z): JSON
+    // spends four bytes on each, so a 1 MiB answer in one piece would not
+    // fit the 4 MiB frame. Two replicas: a fetch from each node.
+    let job = "name = \"chatty\"\ntype = \"service\"\nreplicas = 2\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"seq -w 1 300000 | tr '0-9\\\\n' a-jz; exec sleep 100000\"]\n[task.resources]\ncpu = 600\nmemory = 32\n";
+    agents[0].post("/v1/jobs", job).expect("submitted");
+    let all: String = (1..=300_000)
+        .map(|i| {
+            let digits = format!("{i:06}");
+            let letters: String = digits.bytes().map(|d| (d - b'0' + b'a') as char).collect();
+            letters + "z"
+        })
+        .collect();
+    let tail = &all.as_bytes()[all.len() - 1024 * 1024..];
+    let fetch = |a: &Agent, slot: u32| {
+        call(
+            a.request(
+                "GET",
+                &format!("/v1/jobs/chatty/logs?slot={slot}&max_bytes=1048576"),
+            ),
+            None,
+        )
+    };
+    for slot in 0..2u32 {
+        let mut holder = String::new();
+        wait_until("the slot runs", || {
+            let h = agents[0].job("chatty").and_then(|j| {
+                j.instances
+                    .iter()
+                    .find(|i| i.slot == slot && i.state == "running")
+                    .and_then(|i| i.node.clone())
+            });
+            h.map(|h| holder = h).is_some()
+        });
+        let (local, remote) = if holder == "n0" {
+            (&agents[0], &agents[1])
+        } else {
+            (&agents[1], &agents[0])
+        };
+        wait_until("the instance printed everything", || {
+            fetch(local, slot).1.ends_with("daaaaaz")
+        });
+        let (code, body) = fetch(remote, slot);
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body.len(), tail.len());
+        assert!(body.as_bytes() == tail, "the fetched tail differs");
+    }
+}

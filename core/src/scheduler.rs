@@ -219,6 +219,11 @@ pub enum Effect {
         stream: String,
         /// At most this many bytes.
         max_bytes: u64,
+        /// For a chunked read (a peer's `Request::Logs` with `chunked`):
+        /// the offset to start at (`None`: the start of the last
+        /// `max_bytes`). The answer is then one `Response::LogChunk` of at
+        /// most `wire::LOG_CHUNK_MAX` bytes.
+        chunk: Option<Option<u64>>,
         /// Where the bytes go.
         to: LogsTo,
     },
@@ -834,6 +839,8 @@ impl Scheduler {
                 slot,
                 stream,
                 max_bytes,
+                from,
+                chunked,
             } => match self.local.get(&job, slot) {
                 Some(l) => {
                     self.out.push(Effect::ReadLogs {
@@ -841,6 +848,7 @@ impl Scheduler {
                         id: l.id.clone(),
                         stream,
                         max_bytes,
+                        chunk: chunked.then_some(from),
                         to: LogsTo::Peer(token),
                     });
                     return self.take();
@@ -2339,6 +2347,7 @@ impl Scheduler {
                 id: l.id.clone(),
                 stream,
                 max_bytes,
+                chunk: None,
                 to: LogsTo::Api(token),
             });
             return;
@@ -2359,11 +2368,14 @@ impl Scheduler {
         match addr {
             Some(addr) => self.out.push(Effect::FetchLogs {
                 addr,
+                // The shell asks for the rest chunk by chunk.
                 request: Request::Logs {
                     job,
                     slot,
                     stream,
                     max_bytes,
+                    from: None,
+                    chunked: true,
                 },
                 token,
                 timeout: self.config.call_timeout,

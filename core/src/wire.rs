@@ -82,8 +82,22 @@ pub enum Request {
         stream: String,
         /// At most this many bytes.
         max_bytes: u64,
+        /// Where to start in the holder's log, in the offsets of its
+        /// `LogChunk` answers (`None`: the start of the last `max_bytes`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<u64>,
+        /// Answer with one [`Response::LogChunk`] of at most
+        /// [`LOG_CHUNK_MAX`] bytes; the caller asks again for the rest.
+        /// Unset by nodes of earlier releases, which take one `Logs`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chunked: bool,
     },
 }
+
+/// Largest log chunk one answer carries. JSON spends at most four bytes
+/// per byte (`255,`), so a chunk's answer stays near 1 MiB, far below the
+/// 4 MiB frame limit, however large the fetch.
+pub const LOG_CHUNK_MAX: u64 = 256 * 1024;
 
 /// An answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +148,16 @@ pub enum Response {
     },
     /// Output bytes.
     Logs(Vec<u8>),
+    /// Part of an instance's output: `bytes` from offset `start` of a log
+    /// of `end` bytes (offsets stay valid while the log grows).
+    LogChunk {
+        /// Offset of the first byte.
+        start: u64,
+        /// The log's length when read.
+        end: u64,
+        /// At most [`LOG_CHUNK_MAX`] bytes.
+        bytes: Vec<u8>,
+    },
     /// The call failed.
     Error(String),
 }

@@ -41,6 +41,49 @@ pub trait Driver: Send + Sync + 'static {
     /// The last `max_bytes` of an instance's output (`stdout` or `stderr`).
     async fn logs(&self, id: &InstanceId, stream: &str, max_bytes: u64) -> Result<Vec<u8>>;
 
+    /// Up to `chunk` bytes of an instance's output from offset `from`
+    /// (`None`: the start of the last `tail` bytes), for a fetch that
+    /// another node makes in chunks. Offsets stay valid while the output
+    /// grows. This default reads the tail again on every call, so a log
+    /// written to between two chunks can show a seam; `exec` reads its
+    /// files by offset.
+    async fn log_range(
+        &self,
+        id: &InstanceId,
+        stream: &str,
+        tail: u64,
+        from: Option<u64>,
+        chunk: u64,
+    ) -> Result<LogRange> {
+        let bytes = self.logs(id, stream, tail).await?;
+        Ok(LogRange::of(&bytes, from.unwrap_or(0), chunk))
+    }
+
     /// The event stream; can be taken once.
     fn events(&self) -> Option<mpsc::Receiver<DriverEvent>>;
+}
+
+/// Part of an instance's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRange {
+    /// Offset of the first byte.
+    pub start: u64,
+    /// The output's length when read.
+    pub end: u64,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl LogRange {
+    /// At most `chunk` bytes of `all` from `from` (clamped to its end).
+    pub fn of(all: &[u8], from: u64, chunk: u64) -> LogRange {
+        let end = all.len() as u64;
+        let start = from.min(end);
+        let stop = start.saturating_add(chunk).min(end);
+        LogRange {
+            start,
+            end,
+            bytes: all[start as usize..stop as usize].to_vec(),
+        }
+    }
 }
