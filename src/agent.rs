@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub http: SocketAddr,
     /// Token the HTTP API requires.
     pub http_token: Option<String>,
+    /// Bounds on the API's connections.
+    pub http_limits: crate::api::HttpLimits,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// CPU capacity override, millicores.
@@ -312,12 +314,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     let app = api::router(state);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_limits = config.http_limits;
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stop_rx.await;
-            })
-            .await
+        api::serve(http_listener, app, http_limits, async {
+            let _ = http_stop_rx.await;
+        })
+        .await
     });
 
     let info = AgentInfo {

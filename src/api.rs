@@ -563,6 +563,79 @@ async fn not_found() -> Response {
     )
 }
 
+/// Bounds on the API's connections, so that clients without a token
+/// cannot lock everyone out: at most `connections_max` open at once (more
+/// wait in the kernel's accept queue), and a connection that has not sent
+/// a whole request head within `header_timeout` (a slow or idle client,
+/// keep-alive included) is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once.
+    pub connections_max: usize,
+    /// Time to send a request's head.
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            connections_max: 256,
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// How long a graceful shutdown waits for requests in progress.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `app` on `listener` within `limits` until `shutdown` completes,
+/// then lets requests in progress finish (at most [`SHUTDOWN_GRACE`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait, do not spin.
+                    tracing::warn!(error = %e, "the API cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+}
+
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()

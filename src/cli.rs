@@ -118,6 +118,14 @@ pub struct AgentArgs {
     /// run by a user who can read it find it.
     #[arg(long, env = "SHOAL_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// Most HTTP API connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub http_connections_max: u32,
+    /// An API connection that has not sent a whole request head this long
+    /// after it opened or after its previous request is closed (slow or
+    /// idle clients cannot hold the connections).
+    #[arg(long, default_value = "10s", value_parser = parse_header_timeout)]
+    pub http_header_timeout: std::time::Duration,
     /// A label of this node, key=value; repeatable (e.g. --label zone=a).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -157,6 +165,14 @@ fn parse_offset(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 2s)"))?;
     if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
         return Err(format!("`{s}`: use between 10ms and 1h"));
+    }
+    Ok(d)
+}
+
+fn parse_header_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 10s)"))?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(600) {
+        return Err(format!("`{s}`: use between 100ms and 10m"));
     }
     Ok(d)
 }
@@ -217,6 +233,10 @@ impl AgentArgs {
             token,
             http: self.http,
             http_token: self.http_token.filter(|t| !t.is_empty()),
+            http_limits: crate::api::HttpLimits {
+                connections_max: self.http_connections_max as usize,
+                header_timeout: self.http_header_timeout,
+            },
             labels,
             cpu_millis: self.cpu,
             memory_mib: self.memory,

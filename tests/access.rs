@@ -125,3 +125,54 @@ fn a_short_http_token_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--http-token") && err.contains("16"), "{err}");
 }
+
+/// Clients without a token cannot lock the API: idle and slow connections
+/// are closed once the header timeout passes, and at most
+/// `--http-connections-max` are served at once (before, idle connections
+/// stayed open for ever and there was no cap).
+#[test]
+fn idle_and_slow_connections_cannot_lock_the_api_out() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        root.path(),
+        "n0",
+        None,
+        None,
+        &["--http-header-timeout", "1s", "--http-connections-max", "4"],
+    );
+    let addr = agent.http().trim_start_matches("http://").to_string();
+    let opened = std::time::Instant::now();
+    // Four connections that send nothing, or a request head byte by byte.
+    let mut idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let mut slow = idle.pop().unwrap();
+    let dribble = std::thread::spawn(move || {
+        for b in b"GET /v1/health HTTP/1.1\r\nHost: x\r\n".iter() {
+            if slow.write_all(&[*b]).is_err() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        // Every byte went through: the slow head was never cut.
+        false
+    });
+    // A client with the token still gets its answer (the slot of a closed
+    // connection frees).
+    let (code, body) = call(
+        agent
+            .request("GET", "/v1/health")
+            .timeout(std::time::Duration::from_secs(20)),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    for c in &mut idle {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(c.read(&mut buf).unwrap(), 0, "an idle connection is closed");
+    }
+    assert!(opened.elapsed() < std::time::Duration::from_secs(10));
+    assert!(dribble.join().unwrap(), "a slow request head is cut off");
+}
