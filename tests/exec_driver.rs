@@ -315,3 +315,49 @@ async fn a_task_runs_as_its_jobs_user_or_the_nodes_task_user() {
         "{err:#}"
     );
 }
+
+/// On a full disk a start fails and leaves no process behind (the chaos
+/// suite's full-disk fault found one orphan task per retry: the supervisor
+/// was spawned before its record failed to write).
+#[tokio::test]
+async fn a_start_on_a_full_disk_fails_and_leaves_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "this test mounts a tmpfs (run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("--lazy")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let d = ExecDriver::new(dir.path().to_path_buf(), common::BIN.into()).unwrap();
+    // Fill it.
+    let filler = vec![b'x'; 4096];
+    let mut f = std::fs::File::create(dir.path().join("filler")).unwrap();
+    while std::io::Write::write_all(&mut f, &filler).is_ok() {}
+    // A marker in the task's environment finds its processes.
+    let marker = format!("full-disk-{}", std::process::id());
+    let s = InstanceSpec {
+        env: BTreeMap::from([("MARKER".to_string(), marker.clone())]),
+        ..spec(0, "sleep", &["100000"])
+    };
+    let err = d.start(&s).await.expect_err("no room for the record");
+    assert!(format!("{err:#}").contains("No space left"), "{err:#}");
+    let supervisors = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("environ")).ok())
+        .filter(|env| {
+            env.split(|b| *b == 0)
+                .any(|kv| kv == format!("MARKER={marker}").as_bytes())
+        })
+        .count();
+    assert_eq!(supervisors, 0, "a process of the failed start runs");
+}

@@ -10,6 +10,7 @@
 //!
 //! Usage (root; needs iproute2 and nftables):
 //!   cargo run -p chaos --release -- --seed 7 --duration 1800 --nodes 7 --report chaos.json
+//!   (`--only delay --only clock_skew` injects only those kinds)
 //! Exits non-zero on a violation and prints the seed that reproduces it.
 
 mod checker;
@@ -46,9 +47,15 @@ struct Args {
     /// ends, seconds.
     #[arg(long, default_value_t = 30)]
     reconverge_bound: u64,
-    /// Keep the run's directory (logs, data dirs) for inspection.
+    /// Keep the run's directory (logs) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Inject only faults of these kinds (repeatable): machine_crash,
+    /// agent_crash, hang, restart, wipe_restart, partition,
+    /// one_way_partition, packet_loss, delay, clock_skew, disk_full,
+    /// corrupt_store [default: all].
+    #[arg(long = "only", value_parser = clap::builder::PossibleValuesParser::new(cluster::FAULT_KINDS))]
+    only: Vec<String>,
 }
 
 /// Set by SIGINT/SIGTERM: the run stops at the next step and removes what
@@ -164,7 +171,7 @@ fn run(args: &Args, seed: u64) -> Result<Vec<String>> {
                 _ => model.stop_random(&mut cluster, &mut checker, &mut rng),
             }
         }
-        let fault = Fault::draw(&mut rng, args.nodes);
+        let fault = Fault::draw_of(&mut rng, args.nodes, &args.only);
         *faults.entry(fault.kind()).or_default() += 1;
         let hold = Duration::from_millis(rng.random_range(2_000..8_000));
         println!(
@@ -185,7 +192,9 @@ fn run(args: &Args, seed: u64) -> Result<Vec<String>> {
     }
     // The end: every node up and healed, every accepted job everywhere.
     checker.final_checks(&mut cluster, &model)?;
-    let report = checker.report(seed, args, &faults);
+    let mut report = checker.report(seed, args, &faults);
+    report["corrupt_stores"] = cluster.corrupt_stores.into();
+    report["corrupt_stores_detected"] = cluster.corrupt_detected.into();
     std::fs::write(&args.report, serde_json::to_string_pretty(&report)?)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(checker.violations().to_vec())

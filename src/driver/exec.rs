@@ -178,6 +178,19 @@ impl Driver for ExecDriver {
             }
         };
         std::fs::create_dir_all(&dir)?;
+        // The record is written before the process starts (a full disk or
+        // an I/O error then starts nothing) and completed with its pid
+        // after; a process whose record cannot be written is killed.
+        let tmp = dir.join("instance.json.tmp");
+        let placeholder = Record {
+            spec: spec.clone(),
+            pid: u32::MAX,
+            start_ticks: u64::MAX,
+        };
+        if let Err(e) = std::fs::write(&tmp, serde_json::to_vec(&placeholder)?) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e).with_context(|| format!("cannot write the record of {}", spec.id));
+        }
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.arg("supervise").arg("--dir").arg(&dir);
         if let Some((uid, gid)) = ids {
@@ -225,9 +238,20 @@ impl Driver for ExecDriver {
             pid,
             start_ticks: start_ticks(pid).unwrap_or(0),
         };
-        let tmp = dir.join("instance.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
-        std::fs::rename(&tmp, dir.join("instance.json"))?;
+        let written = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("instance.json")));
+        if let Err(e) = written {
+            // Unrecorded, the process would run on unseen by any agent
+            // (the chaos suite's full disk left one per retry): kill its
+            // whole group and forget it.
+            ExecDriver::signal_group(pid, libc::SIGKILL);
+            let _ = child.wait().await;
+            destroy_cgroup(dir.clone()).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e).with_context(|| format!("cannot write the record of {}", spec.id));
+        }
         self.running
             .lock()
             .expect("lock")
