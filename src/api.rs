@@ -241,6 +241,7 @@ impl Snapshot {
                     "anti_entropy_items": c.synced_items,
                     "stalls": c.stalls,
                     "records_from_the_future": c.future_records,
+                    "jobs_collected": c.jobs_collected,
                     "writes_refused_for_clock_skew": c.skew_refusals,
                 })
             },

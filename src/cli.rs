@@ -155,6 +155,12 @@ pub struct AgentArgs {
     /// fixed. Keep the nodes' clocks synchronised (chrony, ntpd).
     #[arg(long, default_value = "500ms", value_parser = parse_offset)]
     pub max_clock_offset: std::time::Duration,
+    /// How long a stopped job stays (in `shoal status`, and as the
+    /// tombstone that keeps a late write of it from starting it again)
+    /// before every node forgets it. A node away from the cluster for
+    /// longer than this should rejoin with an empty data dir.
+    #[arg(long, default_value = "24h", value_parser = parse_gc_after)]
+    pub job_gc_after: std::time::Duration,
     /// Scheduler timings: `lan` (the default) or `local-test` (short join
     /// grace and retries, for tests on one machine).
     #[arg(long, hide = true, default_value = "lan", value_parser = ["lan", "local-test"])]
@@ -165,6 +171,14 @@ fn parse_offset(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 2s)"))?;
     if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
         return Err(format!("`{s}`: use between 10ms and 1h"));
+    }
+    Ok(d)
+}
+
+fn parse_gc_after(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 24h, 7d)"))?;
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(365 * 86_400) {
+        return Err(format!("`{s}`: use between 1s and 365d"));
     }
     Ok(d)
 }
@@ -255,6 +269,7 @@ impl AgentArgs {
             },
             scheduler: shoal_core::SchedulerConfig {
                 max_clock_offset: self.max_clock_offset,
+                job_gc_after: self.job_gc_after,
                 ..match self.preset.as_str() {
                     "local-test" => shoal_core::SchedulerConfig::local_test(),
                     _ => shoal_core::SchedulerConfig::lan(),

@@ -32,6 +32,10 @@ pub const API_PENDING_MAX: usize = 1024;
 /// Log reads and fetches in flight at once.
 pub const LOG_READS_MAX: usize = 16;
 
+/// Id of the store writes that delete collected jobs: no write of the
+/// core's (whose ids count up from 1) has it.
+const FORGET_WRITE: u64 = u64::MAX;
+
 /// Most output one log fetch returns (the API's `max_bytes` bound).
 pub const LOG_FETCH_MAX: u64 = 1024 * 1024;
 /// The API's snapshot is rebuilt at most this often (it copies every job
@@ -293,6 +297,7 @@ impl Shell {
                     id: write,
                     jobs,
                     completions,
+                    forget: Vec::new(),
                 };
                 if let Err(e) = self.store.try_send(job) {
                     let why = match e {
@@ -301,6 +306,20 @@ impl Shell {
                     };
                     self.immediate
                         .push(Immediate::Persisted(write, Err(why.to_string())));
+                }
+            }
+            Effect::Forget { jobs } => {
+                // Not reported to the core (its id matches no write): a
+                // failed delete leaves tombstones collected after the next
+                // start.
+                let job = WriteJob {
+                    id: FORGET_WRITE,
+                    jobs: Vec::new(),
+                    completions: Vec::new(),
+                    forget: jobs,
+                };
+                if self.store.try_send(job).is_err() {
+                    debug!("the store's queue is full; collected jobs stay on disk for now");
                 }
             }
             Effect::Publish { key, value } => {

@@ -157,6 +157,40 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes collected jobs in one transaction: each record if it is
+    /// still at the given version (`None`: none is held), and the job's
+    /// completions when no record is left.
+    pub fn forget(&self, jobs: &[(String, Option<shoal_core::hlc::Version>)]) -> Result<()> {
+        let w = self.db.begin_write()?;
+        {
+            let mut t = w.open_table(JOBS)?;
+            let mut ct = w.open_table(COMPLETIONS)?;
+            for (name, version) in jobs {
+                let current: Option<JobRecord> =
+                    t.get(name.as_str())?.and_then(|v| decode(v.value()));
+                let gone = match (&current, version) {
+                    (Some(c), Some(v)) if c.version == *v => {
+                        t.remove(name.as_str())?;
+                        true
+                    }
+                    (None, _) => true,
+                    _ => false,
+                };
+                if gone {
+                    let slots: Vec<u32> = ct
+                        .range((name.as_str(), 0)..=(name.as_str(), u32::MAX))?
+                        .filter_map(|e| e.ok().map(|(k, _)| k.value().1))
+                        .collect();
+                    for slot in slots {
+                        ct.remove((name.as_str(), slot))?;
+                    }
+                }
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+
     /// Applies many records in one transaction; returns those stored.
     pub fn apply_all(&self, records: &[JobRecord]) -> Result<Vec<JobRecord>> {
         let w = self.db.begin_write()?;
@@ -253,6 +287,8 @@ pub struct WriteJob {
     pub jobs: Vec<std::sync::Arc<JobRecord>>,
     /// Completions.
     pub completions: Vec<Completion>,
+    /// Collected jobs to delete (see [`Store::forget`]).
+    pub forget: Vec<(String, Option<shoal_core::hlc::Version>)>,
 }
 
 /// Starts the store's writer: one blocking thread that commits writes in
@@ -285,6 +321,9 @@ pub fn spawn_writer(
                     store = Store::open(&path).map_err(|e| (format!("{e:#}"), path));
                 }
                 let result = match &store {
+                    Ok(s) if !job.forget.is_empty() => {
+                        s.forget(&job.forget).map_err(|e| format!("{e:#}"))
+                    }
                     Ok(s) => s
                         .write(&job.jobs, &job.completions)
                         .map_err(|e| format!("{e:#}")),
@@ -361,6 +400,43 @@ mod tests {
             "a late write does not resurrect it"
         );
         assert_eq!(s.get("web").unwrap().unwrap().spec, None);
+    }
+
+    #[test]
+    fn forgetting_a_job_deletes_its_tombstone_at_that_version_and_its_completions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.redb")).unwrap();
+        let gone = rec("gone", 10, "a", None);
+        let kept = rec("kept", 10, "a", None);
+        s.apply_all(&[gone.clone(), kept.clone(), rec("other", 1, "a", Some(1))])
+            .unwrap();
+        for (job, slot) in [("gone", 0), ("gone", 7), ("kept", 0), ("other", 0)] {
+            s.complete(&Completion {
+                job: job.into(),
+                slot,
+                job_version: gone.version.clone(),
+                node: "a".into(),
+                exit_code: 0,
+            })
+            .unwrap();
+        }
+        // `kept` was written again since: the older version does not match.
+        let newer = rec("kept", 11, "a", None);
+        s.apply(&newer).unwrap();
+        s.forget(&[
+            ("gone".into(), Some(gone.version.clone())),
+            ("kept".into(), Some(kept.version.clone())),
+        ])
+        .unwrap();
+        let names: Vec<String> = s.jobs().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, vec!["kept".to_string(), "other".to_string()]);
+        let left: Vec<(String, u32)> = s
+            .completions()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.job, c.slot))
+            .collect();
+        assert_eq!(left, vec![("kept".into(), 0), ("other".into(), 0)]);
     }
 
     #[test]

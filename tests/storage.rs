@@ -191,3 +191,51 @@ fn a_corrupt_store_says_what_to_do_and_recovers_from_peers() {
     assert_eq!(asides, 1, "a healthy store was moved aside");
     assert!(n1.job("web").is_some());
 }
+
+fn known(agent: &Agent, job: &str) -> u16 {
+    call(agent.request("GET", &format!("/v1/jobs/{job}")), None).0
+}
+
+/// Stopped jobs are forgotten by every node after `--job-gc-after`, on
+/// disk too (the #11 probe: stopped jobs were never deleted, so the job
+/// count never shrank).
+#[test]
+fn stopped_jobs_are_forgotten_everywhere_after_the_retention() {
+    let root = tempfile::tempdir().unwrap();
+    let gc = ["--job-gc-after", "2s"];
+    let a = Agent::start(root.path(), "n0", None, None, &gc);
+    let mut b = Agent::start(
+        root.path(),
+        "n1",
+        Some(&a.quic()),
+        Some(&a.token_file()),
+        &gc,
+    );
+    wait_until("2 alive", || {
+        a.state_of("n1").as_deref() == Some("alive") && b.state_of("n0").as_deref() == Some("alive")
+    });
+    for i in 0..3 {
+        let (code, body) = submit(&a, i);
+        assert_eq!(code, 200, "{body}");
+    }
+    for i in 0..2 {
+        let (code, body) = call(a.request("DELETE", &format!("/v1/jobs/job{i}")), None);
+        assert_eq!(code, 200, "{body}");
+    }
+    // Stopped, the jobs are still known for a while (their tombstones)...
+    assert_eq!(known(&a, "job0"), 200);
+    // ... and then forgotten by both nodes; the live one stays.
+    wait_until("both nodes forget the stopped jobs", || {
+        [&a, &b]
+            .iter()
+            .all(|n| known(n, "job0") == 404 && known(n, "job1") == 404)
+    });
+    assert_eq!(known(&a, "job2"), 200);
+    assert_eq!(known(&b, "job2"), 200);
+    // Gone from the disk: a restarted node does not bring them back.
+    b.stop(libc::SIGTERM);
+    let b = Agent::start(root.path(), "n1", Some(&a.quic()), None, &gc);
+    wait_until("n1 serves again", || known(&b, "job2") == 200);
+    assert_eq!(known(&b, "job0"), 404);
+    assert_eq!(known(&a, "job0"), 404);
+}

@@ -102,6 +102,16 @@ pub struct SchedulerConfig {
     /// 500 ms: NTP keeps a LAN within a few ms; `start_max_age` leaves
     /// room for twice this.
     pub max_clock_offset: Duration,
+    /// A stopped job's record (its tombstone) is forgotten, with its batch
+    /// completions, this long after the stop: the job count shrinks again.
+    /// Until then the tombstone stops an older write arriving late (from a
+    /// node that was partitioned or down) from starting the job again; a
+    /// node away for longer should come back with an empty data dir.
+    pub job_gc_after: Duration,
+    /// How often tombstones are collected.
+    pub gc_interval: Duration,
+    /// Most tombstones forgotten per collection (one store write).
+    pub gc_batch_max: usize,
     /// Act before catching up with a peer (a joining node places and starts
     /// at once). Never set outside tests: the simulator's tests set it to
     /// show the batch reruns the catch-up gate prevents.
@@ -148,6 +158,9 @@ impl SchedulerConfig {
             catch_up_retry: Duration::from_millis(250),
             placement: PlacementConfig::default(),
             max_clock_offset: Duration::from_millis(500),
+            job_gc_after: Duration::from_secs(24 * 3600),
+            gc_interval: Duration::from_secs(60),
+            gc_batch_max: 1000,
             act_before_catch_up: false,
         }
     }
@@ -155,6 +168,11 @@ impl SchedulerConfig {
     /// `max_clock_offset` in whole milliseconds.
     pub fn max_clock_offset_ms(&self) -> u64 {
         u64::try_from(self.max_clock_offset.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// `job_gc_after` in whole milliseconds.
+    pub fn job_gc_after_ms(&self) -> u64 {
+        u64::try_from(self.job_gc_after.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Shorter graces for tests on one machine: joins, stalls and retries
@@ -165,6 +183,7 @@ impl SchedulerConfig {
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(5),
             sync_interval: Duration::from_millis(250),
+            gc_interval: Duration::from_secs(1),
             ..Self::lan()
         }
     }

@@ -103,6 +103,60 @@ impl DesiredState {
             .is_none_or(|old| old.version < record.version)
     }
 
+    /// Tombstones (stopped jobs' records) whose version is older than
+    /// `horizon_ms`, at most `max` of them.
+    pub fn tombstones_before(&self, horizon_ms: u64, max: usize) -> Vec<(String, Version)> {
+        self.jobs
+            .values()
+            .filter(|r| r.spec.is_none() && r.version.hlc.wall_ms < horizon_ms)
+            .take(max)
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    }
+
+    /// Jobs with completions but no record whose completions are all of a
+    /// version older than `horizon_ms` (left by a collected job), at most
+    /// `max`.
+    pub fn orphan_completions_before(&self, horizon_ms: u64, max: usize) -> Vec<String> {
+        self.completions
+            .iter()
+            .filter(|(job, slots)| {
+                !self.jobs.contains_key(*job)
+                    && slots
+                        .values()
+                        .all(|c| c.job_version.hlc.wall_ms < horizon_ms)
+            })
+            .take(max)
+            .map(|(job, _)| job.clone())
+            .collect()
+    }
+
+    /// Forgets a job: its record if it is still the tombstone of `version`
+    /// (a newer write keeps it), and its completions. Returns whether the
+    /// record went.
+    pub fn forget(&mut self, name: &str, version: Option<&Version>) -> bool {
+        let gone = match (self.jobs.get(name), version) {
+            (Some(r), Some(v)) if r.spec.is_none() && r.version == *v => {
+                self.jobs_fp = self
+                    .jobs_fp
+                    .wrapping_sub(fingerprint_item(&(&r.name, &r.version)));
+                self.jobs.remove(name);
+                true
+            }
+            _ => false,
+        };
+        if gone || !self.jobs.contains_key(name) {
+            if let Some(slots) = self.completions.remove(name) {
+                for slot in slots.keys() {
+                    self.completed_fp = self
+                        .completed_fp
+                        .wrapping_sub(fingerprint_item(&(name.to_string(), *slot)));
+                }
+            }
+        }
+        gone
+    }
+
     /// Records a completion; returns whether it was new.
     pub fn complete(&mut self, c: Completion) -> bool {
         let key = (c.job.clone(), c.slot);

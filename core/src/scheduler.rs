@@ -192,6 +192,14 @@ pub enum Effect {
         /// Completions.
         completions: Vec<Completion>,
     },
+    /// Delete collected jobs from the store: each job's record if the store
+    /// still holds it at that version (`None`: no record), and its
+    /// completions. Not reported: a delete that fails leaves a tombstone
+    /// that is collected again after the next start.
+    Forget {
+        /// (job, version of its tombstone).
+        jobs: Vec<(String, Option<Version>)>,
+    },
     /// Set (or delete) a gossip key of this node.
     Publish {
         /// Key.
@@ -332,6 +340,8 @@ pub struct Counters {
     /// Records refused (or, from the disk, not let move the clock) for a
     /// version more than `max_clock_offset` ahead of this node's clock.
     pub future_records: u64,
+    /// Stopped jobs forgotten after `job_gc_after`.
+    pub jobs_collected: u64,
     /// API writes refused because of a clock skew.
     pub skew_refusals: u64,
 }
@@ -359,6 +369,8 @@ pub struct Scheduler {
     held_api: Vec<(ApiToken, ApiRequest, Instant)>,
     out: Vec<Effect>,
     last_timer: Option<Instant>,
+    /// When tombstones were last collected.
+    last_gc: Option<Instant>,
     last_pass: Option<Instant>,
     pass_cost: Duration,
     dirty: bool,
@@ -434,6 +446,7 @@ impl Scheduler {
             held_api: Vec::new(),
             out: Vec::new(),
             last_timer: None,
+            last_gc: None,
             last_pass: None,
             pass_cost: Duration::ZERO,
             dirty: true,
@@ -1147,6 +1160,7 @@ impl Scheduler {
             self.pass(now);
         }
         self.anti_entropy(now);
+        self.collect_garbage(now);
         if !self.unsaved.is_empty() && self.writes.len() < self.config.writes_in_flight_max {
             let cs = std::mem::take(&mut self.unsaved);
             self.persist(Vec::new(), cs, Origin::Completion);
@@ -1228,6 +1242,65 @@ impl Scheduler {
         self.persist(vec![record], Vec::new(), Origin::Api(token));
     }
 
+    /// Versions older than this (ms since the epoch) belong to collected
+    /// tombstones' time: `None` while the clock is younger than
+    /// `job_gc_after`.
+    fn gc_horizon_ms(&self, wall_ms: u64) -> Option<u64> {
+        wall_ms.checked_sub(self.config.job_gc_after_ms())
+    }
+
+    /// Forgets stopped jobs whose stop is older than `job_gc_after` (and
+    /// completions left without a job), every `gc_interval`, at most
+    /// `gc_batch_max` at a time.
+    fn collect_garbage(&mut self, now: Now) {
+        if self
+            .last_gc
+            .is_some_and(|t| now.mono.saturating_duration_since(t) < self.config.gc_interval)
+        {
+            return;
+        }
+        self.last_gc = Some(now.mono);
+        let Some(horizon) = self.gc_horizon_ms(now.wall_ms) else {
+            return;
+        };
+        let max = self.config.gc_batch_max;
+        let mut jobs: Vec<(String, Option<Version>)> = self
+            .desired
+            .tombstones_before(horizon, max)
+            .into_iter()
+            .map(|(n, v)| (n, Some(v)))
+            .collect();
+        let room = max.saturating_sub(jobs.len());
+        jobs.extend(
+            self.desired
+                .orphan_completions_before(horizon, room)
+                .into_iter()
+                .map(|n| (n, None)),
+        );
+        if jobs.is_empty() {
+            return;
+        }
+        for (name, version) in &jobs {
+            if self.desired.forget(name, version.as_ref()) {
+                self.counters.jobs_collected = self.counters.jobs_collected.saturating_add(1);
+            }
+        }
+        self.dirty = true;
+        self.out.push(Effect::Forget { jobs });
+    }
+
+    /// Whether a record from a peer is a tombstone this node would collect
+    /// at once and holds nothing of: not taken, so that nodes that collect
+    /// a moment apart do not hand it back and forth. (One that is newer than
+    /// a live record held here is taken: it stops that job.)
+    fn collected_already(&self, r: &JobRecord, wall_ms: u64) -> bool {
+        r.spec.is_none()
+            && self.desired.get(&r.name).is_none()
+            && self
+                .gc_horizon_ms(wall_ms)
+                .is_some_and(|h| r.version.hlc.wall_ms < h)
+    }
+
     /// Records from a peer: validated like a submission, the newer ones
     /// persisted (and applied once durable). Returns whether a write was
     /// issued (its origin is told when it is durable).
@@ -1244,7 +1317,10 @@ impl Scheduler {
                 // and it is taken once this clock has caught up.
                 let ahead = r.version.hlc.ahead_of(wall_ms, bound).is_err();
                 future += u64::from(ahead);
-                !ahead && r.validate().is_ok() && self.desired.is_newer(r)
+                !ahead
+                    && r.validate().is_ok()
+                    && self.desired.is_newer(r)
+                    && !self.collected_already(r, wall_ms)
             })
             .collect();
         self.counters.future_records = self.counters.future_records.saturating_add(future);
@@ -1306,7 +1382,15 @@ impl Scheduler {
         let new: Vec<Completion> = cs
             .into_iter()
             .filter(|c| {
-                crate::job::valid_name(&c.job) && !self.desired.is_completed(&c.job, c.slot)
+                // A completion of a job collected here (no record, from
+                // before the horizon) is not taken again.
+                let collected = self.desired.get(&c.job).is_none()
+                    && self
+                        .gc_horizon_ms(self.wall_ms)
+                        .is_some_and(|h| c.job_version.hlc.wall_ms < h);
+                crate::job::valid_name(&c.job)
+                    && !collected
+                    && !self.desired.is_completed(&c.job, c.slot)
             })
             .collect();
         if new.is_empty() {

@@ -39,6 +39,19 @@ impl SimStore {
                 .or_insert_with(|| c.clone());
         }
     }
+
+    /// Deletes collected jobs as the real store does: the record if it is
+    /// still at that version, and the job's completions.
+    pub fn forget(&mut self, jobs: &[(String, Option<shoal_core::hlc::Version>)]) {
+        for (name, version) in jobs {
+            if version.is_some() && self.jobs.get(name).map(|r| &r.version) == version.as_ref() {
+                self.jobs.remove(name);
+            }
+            if !self.jobs.contains_key(name) {
+                self.completions.retain(|(job, _), _| job != name);
+            }
+        }
+    }
 }
 
 /// What a simulated task does, from its command.

@@ -1030,6 +1030,7 @@ impl Sim {
                         completions,
                     },
                 ),
+                Effect::Forget { jobs } => self.nodes[i].store.forget(&jobs),
                 Effect::Publish { key, value } => self.gossip.set_key(i, key, value),
                 Effect::PublishLoad(load) => self.gossip.set_load(i, load),
                 Effect::Answer { token, answer } => {

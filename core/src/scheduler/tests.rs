@@ -502,3 +502,87 @@ fn run_ids_only_grow_even_when_the_clock_saturates() {
     let b = s.run_id(far);
     assert!(b > a, "{a} {b}");
 }
+
+/// A stopped job is forgotten, with its completions, `job_gc_after` after
+/// its stop (on disk too: `Effect::Forget`), and a peer that still holds
+/// its tombstone cannot hand it back; a late tombstone still stops an older
+/// live copy of its job.
+#[test]
+fn stopped_jobs_are_collected_after_job_gc_after_and_not_taken_back() {
+    let base = origin();
+    let config = SchedulerConfig {
+        job_gc_after: Duration::from_secs(10),
+        ..SchedulerConfig::local_test()
+    };
+    let mut stopped = (*record(0)).clone();
+    stopped.name = "old".into();
+    stopped.spec = None;
+    let done = Completion {
+        job: "old".into(),
+        slot: 0,
+        job_version: stopped.version.clone(),
+        node: "n0".into(),
+        exit_code: 0,
+    };
+    let live = (*record(0)).clone();
+    let mut s = Scheduler::new(
+        config,
+        "n0",
+        BTreeSet::from(["exec".to_string()]),
+        7,
+        vec![stopped.clone(), live.clone()],
+        vec![done.clone()],
+        false,
+        now(base, 0),
+    );
+    s.handle_view(view(&["n0", "n1"]), now(base, 1));
+    let forgot = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Forget { jobs } => Some(jobs.clone()),
+            _ => None,
+        })
+    };
+    // Before the horizon: kept.
+    assert_eq!(forgot(&s.handle_timer(now(base, 5_000))), None);
+    assert!(s.desired().get("old").is_some());
+    // After it: gone from memory and, by the effect, from the disk.
+    let jobs = forgot(&s.handle_timer(now(base, 11_000))).expect("collected");
+    assert_eq!(
+        jobs,
+        vec![("old".to_string(), Some(stopped.version.clone()))]
+    );
+    assert!(s.desired().get("old").is_none());
+    assert!(!s.desired().is_completed("old", 0));
+    assert_eq!(s.counters().jobs_collected, 1);
+    // The fingerprints anti-entropy compares are those of what is left.
+    let left = DesiredState::from_stored(vec![live.clone()], Vec::new());
+    assert_eq!(s.desired().fingerprints(), left.fingerprints());
+    // A peer that has not collected yet hands back the tombstone and its
+    // completion: neither is taken.
+    let e = s.handle_request(
+        3,
+        Request::PutJobs(vec![Arc::new(stopped)]),
+        now(base, 12_000),
+    );
+    assert!(
+        !e.iter().any(|e| matches!(e, Effect::Persist { .. })),
+        "{e:?}"
+    );
+    let e = s.handle_request(4, Request::PutCompletions(vec![done]), now(base, 12_000));
+    assert!(
+        !e.iter().any(|e| matches!(e, Effect::Persist { .. })),
+        "{e:?}"
+    );
+    // A tombstone as old, of a job held live here, is taken: it stops it.
+    let mut stop_web = (*record(1)).clone();
+    stop_web.spec = None;
+    let e = s.handle_request(
+        5,
+        Request::PutJobs(vec![Arc::new(stop_web)]),
+        now(base, 12_000),
+    );
+    assert!(
+        e.iter().any(|e| matches!(e, Effect::Persist { .. })),
+        "{e:?}"
+    );
+}
