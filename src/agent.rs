@@ -167,13 +167,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             "--recover-from-peers refills the store from the cluster: give --join SEED too"
         );
     }
+    out_of_touch_check(&config, &store_path);
     let (store, stored_jobs, stored_completions) = match Store::open_at_start(&store_path) {
         Ok(opened) => opened,
         // Only a store that cannot be used is moved aside: the flag left in
         // a unit file must not throw away a healthy one at every restart
         // (found in review).
         Err(e) if config.recover_from_peers => {
-            let to = Store::move_aside(&store_path)?;
+            let to = Store::move_aside(&store_path, "corrupt")?;
             warn!(error = %format!("{e:#}"), moved_to = %to.display(),
                 "state database moved aside; refilling it from the cluster");
             Store::open_at_start(&store_path)?
@@ -308,10 +309,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         store_health: store_health.clone(),
         view: membership.view(),
         token: Arc::from(http_token.as_str()),
-        snapshot: snapshot_rx,
+        snapshot: snapshot_rx.clone(),
         commands: api_tx,
         transport_stats: transport.stats(),
     };
+    tokio::spawn(mark_in_touch(
+        config.data_dir.join(IN_TOUCH_FILE),
+        snapshot_rx,
+    ));
     let app = api::router(state);
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http_limits = config.http_limits;
@@ -371,4 +376,73 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = http_task.await;
     transport.close();
     Ok(())
+}
+
+/// `<data-dir>/in-touch`: when this node last completed an anti-entropy
+/// exchange with a peer (ms since the epoch), written at most every
+/// [`IN_TOUCH_INTERVAL`].
+pub const IN_TOUCH_FILE: &str = "in-touch";
+/// How often `in-touch` is brought up to date.
+pub const IN_TOUCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Keeps `path` at the time of the last anti-entropy exchange this node
+/// completed.
+async fn mark_in_touch(path: PathBuf, snapshot: watch::Receiver<Arc<Snapshot>>) {
+    let mut seen = 0u64;
+    let mut every = tokio::time::interval(IN_TOUCH_INTERVAL);
+    loop {
+        every.tick().await;
+        if snapshot.has_changed().is_err() {
+            return;
+        }
+        let exchanges = snapshot.borrow().scheduler["anti_entropy_exchanges"]
+            .as_u64()
+            .unwrap_or(0);
+        if exchanges > seen {
+            seen = exchanges;
+            let path = path.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                credentials::write_private(&path, &now_ms().to_string())
+            })
+            .await;
+        }
+    }
+}
+
+/// A node that was out of touch with its cluster for longer than
+/// `job_gc_after` may hold jobs that were stopped and then forgotten by
+/// every other node meanwhile: anti-entropy would hand them back and start
+/// them again. Such a node's store is moved aside and refilled from the
+/// cluster (only when it joins through seeds: a node alone keeps it).
+fn out_of_touch_check(config: &AgentConfig, store_path: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(config.data_dir.join(IN_TOUCH_FILE)) else {
+        return;
+    };
+    let Ok(at) = text.trim().parse::<u64>() else {
+        return;
+    };
+    let away = now_ms().saturating_sub(at);
+    let limit = config.scheduler.job_gc_after_ms();
+    if away <= limit || !store_path.exists() {
+        return;
+    }
+    let away_h = format!("{:.1} h", away as f64 / 3_600_000.0);
+    if config.join.is_empty() {
+        warn!(away = %away_h, "this node was out of touch with its cluster for longer than --job-gc-after: jobs stopped and forgotten meanwhile may start again from its store; start it with --join SEED to refill its store from the cluster instead");
+        return;
+    }
+    match Store::move_aside(store_path, "stale") {
+        Ok(to) => {
+            let _ = std::fs::remove_file(config.data_dir.join(IN_TOUCH_FILE));
+            warn!(away = %away_h, moved_to = %to.display(), "this node was out of touch with its cluster for longer than --job-gc-after: its store may hold jobs stopped and forgotten since, so it was moved aside and is refilled from the cluster")
+        }
+        Err(e) => warn!(error = %format!("{e:#}"), "cannot move the stale store aside"),
+    }
 }

@@ -66,14 +66,15 @@ impl Store {
         )
     }
 
-    /// Moves the store at `path` aside (to `<path>.corrupt-<unix ms>`) and
-    /// returns where it went; the agent then starts empty and catches up.
-    pub fn move_aside(path: &Path) -> Result<std::path::PathBuf> {
+    /// Moves the store at `path` aside (to `<path>.<why>-<unix ms>`, `why`
+    /// being `corrupt` or `stale`) and returns where it went; the agent
+    /// then starts empty and catches up.
+    pub fn move_aside(path: &Path, why: &str) -> Result<std::path::PathBuf> {
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let to = path.with_extension(format!("redb.corrupt-{ms}"));
+        let to = path.with_extension(format!("redb.{why}-{ms}"));
         if path.exists() {
             std::fs::rename(path, &to)
                 .with_context(|| format!("cannot move {} aside", path.display()))?;
