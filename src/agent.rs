@@ -154,6 +154,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             SocketAddr::new(ip, bound.port())
         }
     };
+    claim_name(&transport, &config.join, &config.name, advertise).await?;
     let generation = next_generation(&config.data_dir)?;
 
     let http_listener = tokio::net::TcpListener::bind(config.http)
@@ -445,4 +446,45 @@ fn out_of_touch_check(config: &AgentConfig, store_path: &std::path::Path) {
         }
         Err(e) => warn!(error = %format!("{e:#}"), "cannot move the stale store aside"),
     }
+}
+
+/// How long a joining node waits for each seed's answer to its claim.
+const CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Asks the seeds, before joining, whether this node's name is free: an
+/// agent given the name of a live member at another address (by mistake:
+/// names default to the host name) would replace it in every view and run
+/// its work a second time. The first seed that answers decides; a seed that
+/// cannot be reached, or runs a release without the check, lets it pass.
+async fn claim_name(
+    transport: &QuicTransport,
+    seeds: &[SocketAddr],
+    name: &str,
+    address: SocketAddr,
+) -> Result<()> {
+    use shoal_core::wire::{Request, Response, NAME_TAKEN};
+    let body = Request::Claim {
+        name: name.to_string(),
+        address,
+    }
+    .encode();
+    for seed in seeds {
+        let Ok(bytes) = transport
+            .request(*seed, Service::Rpc, body.clone(), CLAIM_TIMEOUT)
+            .await
+        else {
+            continue;
+        };
+        match Response::decode(&bytes) {
+            Ok(Response::Ok) => return Ok(()),
+            Ok(Response::Error(e)) if e.starts_with(NAME_TAKEN) => {
+                anyhow::bail!(
+                    "cannot join through {seed}: {}",
+                    e.trim_start_matches(NAME_TAKEN).trim()
+                )
+            }
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
 }

@@ -242,6 +242,7 @@ impl Snapshot {
                     "stalls": c.stalls,
                     "records_from_the_future": c.future_records,
                     "jobs_collected": c.jobs_collected,
+                    "name_claims_refused": c.name_claims_refused,
                     "writes_refused_for_clock_skew": c.skew_refusals,
                 })
             },

@@ -284,6 +284,11 @@ impl Shell {
                 });
             }
             Effect::Reply { token, response } => {
+                if let Response::Error(e) = &response {
+                    if e.starts_with(shoal_core::wire::NAME_TAKEN) {
+                        warn!("refused a node joining under a live member's name: {e}");
+                    }
+                }
                 if let Some((r, _)) = self.responders.remove(&token) {
                     r.respond(response.encode());
                 }

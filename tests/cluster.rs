@@ -191,3 +191,66 @@ fn garbage_and_oversized_frames_do_not_crash_or_stall_an_agent() {
     assert!(all_see(&agents, "n0", "alive"));
     assert!(!nodes.iter().any(|n| n.name == "fuzzer"));
 }
+
+/// A second machine given a live member's name is refused with a clear
+/// error on both sides, and the real node keeps its place (the #11 probe:
+/// an agent started with an existing node's name replaced the real node in
+/// every view, and its slots ran twice).
+#[test]
+fn a_second_machine_with_a_live_members_name_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 2);
+    wait_until("2 alive", || {
+        all_see(&agents, "n0", "alive") && all_see(&agents, "n1", "alive")
+    });
+    let real = agents[0]
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == "n1")
+        .unwrap()
+        .address;
+    // Another machine: another loopback address.
+    let dir = root.path().join("impostor");
+    let mut impostor = std::process::Command::new(BIN)
+        .args(["agent", "--name", "n1", "--preset", "local-test"])
+        .args(["--listen", "127.0.0.7:0", "--http", "127.0.0.7:0"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--join", &agents[0].quic()])
+        .arg("--token-file")
+        .arg(agents[0].token_file())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until("the impostor exits", || {
+        status = impostor.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut impostor.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.unwrap().success(), "{err}");
+    assert!(
+        err.contains("belongs to the live node") && err.contains("--name"),
+        "{err}"
+    );
+    wait_until("the seed logs the refusal", || {
+        agents[0]
+            .stderr()
+            .contains("refused a node joining under a live member's name")
+    });
+    for a in &agents {
+        let n1 = a
+            .nodes()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.name == "n1")
+            .unwrap();
+        assert_eq!(
+            (n1.state.as_str(), n1.address.as_str()),
+            ("alive", real.as_str())
+        );
+    }
+}

@@ -342,6 +342,8 @@ pub struct Counters {
     pub future_records: u64,
     /// Stopped jobs forgotten after `job_gc_after`.
     pub jobs_collected: u64,
+    /// Joining nodes refused because a live member has their name.
+    pub name_claims_refused: u64,
     /// API writes refused because of a clock skew.
     pub skew_refusals: u64,
 }
@@ -846,6 +848,32 @@ impl Scheduler {
                     self.start_requested(job, &slots, now)
                 };
                 Response::Started { refused }
+            }
+            Request::Claim { name, address } => {
+                let taken = self
+                    .seen
+                    .view
+                    .members
+                    .get(&name)
+                    // Another machine: a restart on the same one (maybe
+                    // on another port) before the old process was
+                    // declared dead is the same node coming back.
+                    .filter(|m| m.is_live() && m.record.address.ip() != address.ip())
+                    .map(|m| m.record.address);
+                match taken {
+                    Some(at) => {
+                        self.counters.name_claims_refused =
+                            self.counters.name_claims_refused.saturating_add(1);
+                        Response::Error(format!(
+                            "{} the name `{name}` belongs to the live node at {at}, not to the \
+                             node at {address}; a second node of that name would take its place \
+                             in every view (its work would run twice): give the new node another \
+                             --name, or stop the other one first",
+                            crate::wire::NAME_TAKEN
+                        ))
+                    }
+                    None => Response::Ok,
+                }
             }
             Request::Logs {
                 job,

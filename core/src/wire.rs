@@ -72,6 +72,15 @@ pub enum Request {
         #[serde(default)]
         sent_ms: u64,
     },
+    /// A node about to join asks whether its name is free: it is not while
+    /// a live member of that name has another IP address (two machines
+    /// given one name, by mistake: names default to the host name).
+    Claim {
+        /// The joining node's name.
+        name: String,
+        /// The address it advertises.
+        address: std::net::SocketAddr,
+    },
     /// The tail of an instance's output.
     Logs {
         /// Job.
@@ -192,6 +201,10 @@ impl Response {
         serde_json::from_slice(body).map_err(|e| format!("undecodable response: {e}"))
     }
 }
+
+/// How the error answer to a [`Request::Claim`] begins when the name is
+/// taken.
+pub const NAME_TAKEN: &str = "name taken:";
 
 /// How an error answer to a push begins when the receiver refused a record
 /// for a version too far ahead of its clock (the writer then knows its
