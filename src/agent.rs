@@ -222,9 +222,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             notes.push(format!("docker driver unavailable: {e:#}"));
         }
     }
-    if !host::cgroup_v2_writable() {
+    if !host::cgroup_limits_writable() {
         notes.push(
-            "no writable cgroup v2: CPU and memory limits of exec instances are not enforced"
+            "no writable cgroup (v2, or v1 memory and cpu): CPU and memory limits of exec \
+             instances are not enforced"
                 .to_string(),
         );
     }

@@ -41,6 +41,25 @@ pub fn cgroup_v2_writable() -> bool {
     ok
 }
 
+/// Whether exec instances' CPU and memory limits can be enforced here: a
+/// writable cgroup v2, or writable cgroup v1 memory and cpu hierarchies
+/// (where this process's own groups take sub-groups).
+pub fn cgroup_limits_writable() -> bool {
+    if cgroup_v2_writable() {
+        return true;
+    }
+    let probe = std::path::Path::new("/shoal-probe").join(std::process::id().to_string());
+    let Some(v1) = crate::driver::contain::V1Limits::for_instance(&probe) else {
+        return false;
+    };
+    let ok = v1.paths().all(|g| {
+        let made = fs::create_dir_all(g).is_ok();
+        let _ = fs::remove_dir(g);
+        made
+    });
+    ok
+}
+
 /// This process's resident memory, KiB (VmRSS).
 pub fn rss_kib() -> u64 {
     rss_kib_of("self")

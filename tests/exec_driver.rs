@@ -193,7 +193,10 @@ async fn limits_are_enforced_where_cgroup_v2_is_writable() {
         memory: 48,
     };
     d.start(&s).await.unwrap();
-    let group = std::path::Path::new(shoal::driver::supervise::CGROUP_ROOT).join(s.id.to_string());
+    let group = shoal::driver::contain::Cgroup::for_instance(&dir.path().join(s.id.to_string()))
+        .unwrap()
+        .path()
+        .to_path_buf();
     common::wait_until("the instance's cgroup has its task", || {
         std::fs::read_to_string(group.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
     });
@@ -210,6 +213,70 @@ async fn limits_are_enforced_where_cgroup_v2_is_writable() {
         (48u64 << 20).to_string()
     );
     d.stop(&s.id, Duration::from_millis(200)).await.unwrap();
+}
+
+/// On cgroup v1 (this project's CI machines) the limits go to the memory
+/// and cpu hierarchies: a task over its memory is killed, and its CPU quota
+/// is set (before, limits were enforced on cgroup v2 only).
+#[tokio::test]
+async fn limits_are_enforced_on_cgroup_v1() {
+    let probe = std::path::Path::new("/probe");
+    if shoal::driver::contain::V1Limits::for_instance(probe).is_none()
+        || !shoal::host::cgroup_limits_writable()
+    {
+        eprintln!("skipped: this machine has no writable cgroup v1 memory and cpu hierarchies");
+        return;
+    }
+    let (dir, d, mut events) = driver();
+    // `tail` keeps a whole line: 300 MB without a newline does not fit in
+    // 32 MiB. Without the limit it finishes and says so.
+    let mut hog = spec(
+        3,
+        "sh",
+        &["-c", "head -c 300000000 /dev/zero | tail -n 1 | wc -c"],
+    );
+    hog.task.resources = ResourceSpec {
+        cpu: 250,
+        memory: 32,
+    };
+    d.start(&hog).await.unwrap();
+    let (_, state) = next_end(&mut events).await;
+    let InstanceState::Exited(exit) = state else {
+        panic!("{state:?}");
+    };
+    let out = d.logs(&hog.id, "stdout", 1024).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        "0",
+        "tail was killed before printing (its pipe reader saw nothing): {exit:?}"
+    );
+    let err = String::from_utf8_lossy(&d.logs(&hog.id, "stderr", 4096).await.unwrap()).to_string();
+    assert!(!err.contains("cannot be set"), "{err}");
+    // A running instance's groups hold its limits, and go with it.
+    let mut s = spec(4, "sleep", &["1000"]);
+    s.task.resources = ResourceSpec {
+        cpu: 250,
+        memory: 48,
+    };
+    d.start(&s).await.unwrap();
+    let v1 =
+        shoal::driver::contain::V1Limits::for_instance(&dir.path().join(s.id.to_string())).unwrap();
+    let groups: Vec<std::path::PathBuf> = v1.paths().map(|p| p.to_path_buf()).collect();
+    common::wait_until("the task is in its memory group", || {
+        std::fs::read_to_string(groups[0].join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+    });
+    let read = |g: &std::path::Path, f: &str| std::fs::read_to_string(g.join(f)).unwrap();
+    assert_eq!(
+        read(&groups[0], "memory.limit_in_bytes").trim(),
+        (48u64 << 20).to_string()
+    );
+    assert_eq!(read(&groups[1], "cpu.cfs_quota_us").trim(), "25000");
+    assert_eq!(read(&groups[1], "cpu.cfs_period_us").trim(), "100000");
+    d.stop(&s.id, Duration::from_millis(200)).await.unwrap();
+    let _ = next_end(&mut events).await;
+    common::wait_until("the groups are removed", || {
+        groups.iter().all(|g| !g.exists())
+    });
 }
 
 /// Whether `pid` is a live process (a zombie is not).

@@ -13,6 +13,9 @@
 //!   limits are set too); a kill writes `cgroup.kill` (Linux 5.14), or
 //!   SIGKILLs the members until none is left.
 //!
+//! On cgroup v1 the CPU and memory limits go to groups of the `memory` and
+//! `cpu` hierarchies ([`V1Limits`]), entered the same way.
+//!
 //! The supervisor enters the cgroup, starts the task (which inherits it)
 //! and moves itself back out, so that killing the group never kills the
 //! process that records the task's exit. Where no cgroup can be written
@@ -165,6 +168,117 @@ impl Cgroup {
     pub fn destroy(&self) {
         self.kill_all();
         let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// The instance's cgroups on the cgroup v1 `memory` and `cpu` hierarchies,
+/// where its limits are enforced on a v1 machine (the freezer hierarchy
+/// holds no limits). They are nested under the caller's own cgroups there,
+/// so that limits set above it (a systemd slice, a container) still hold.
+/// The task inherits them from the supervisor, which moves itself back out
+/// once the task has started, like the freezer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Limits {
+    /// (the instance's group, the caller's group it is nested in), memory
+    /// first, then cpu.
+    groups: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Where the supervisor lists the v1 limit groups of its instance, so that
+/// the agent removes them if the supervisor could not.
+pub const V1_LIMITS_FILE: &str = "cgroups-v1";
+
+impl V1Limits {
+    /// The groups for the instance in `dir`, or `None` unless this machine
+    /// has the cgroup v1 memory and cpu hierarchies (and no cgroup v2).
+    pub fn for_instance(dir: &Path) -> Option<V1Limits> {
+        if Path::new(UNIFIED).join("cgroup.controllers").exists() {
+            return None;
+        }
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let name = name_for(dir);
+        let mut groups = Vec::new();
+        for controller in ["memory", "cpu"] {
+            let line = own.lines().find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|cs| cs.split(',').any(|c| c == controller))
+            })?;
+            let rel = line.splitn(3, ':').nth(2)?.trim_start_matches('/');
+            let mount = Path::new(UNIFIED).join(controller);
+            if !mount.join("cgroup.procs").exists() {
+                return None;
+            }
+            let current = mount.join(rel);
+            groups.push((current.join("shoal").join(&name), current));
+        }
+        Some(V1Limits { groups })
+    }
+
+    /// The instance's groups.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.groups.iter().map(|(g, _)| g.as_path())
+    }
+
+    /// Creates the groups with the limits (a CFS quota of `quota_us` per
+    /// `period_us`, `memory_bytes` of memory and, where swap is accounted,
+    /// no swap beyond it) and moves the caller into them.
+    pub fn enter(&self, quota_us: u64, period_us: u64, memory_bytes: u64) -> std::io::Result<()> {
+        for (g, _) in &self.groups {
+            fs::create_dir_all(g)?;
+        }
+        let (memory, cpu) = (&self.groups[0].0, &self.groups[1].0);
+        fs::write(
+            memory.join("memory.limit_in_bytes"),
+            memory_bytes.to_string(),
+        )?;
+        let _ = fs::write(
+            memory.join("memory.memsw.limit_in_bytes"),
+            memory_bytes.to_string(),
+        );
+        fs::write(cpu.join("cpu.cfs_period_us"), period_us.to_string())?;
+        fs::write(cpu.join("cpu.cfs_quota_us"), quota_us.to_string())?;
+        for (g, _) in &self.groups {
+            fs::write(g.join("cgroup.procs"), std::process::id().to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Moves the caller back to the groups it came from.
+    pub fn leave(&self) -> std::io::Result<()> {
+        for (_, from) in &self.groups {
+            fs::write(from.join("cgroup.procs"), std::process::id().to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes cgroups that should be empty: what is left in them is killed
+/// first (bounded), then each directory is removed.
+pub fn remove_groups<'a>(groups: impl IntoIterator<Item = &'a Path>) {
+    for g in groups {
+        if !g.exists() {
+            continue;
+        }
+        let members = || -> Vec<i32> {
+            fs::read_to_string(g.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        };
+        let deadline = Instant::now() + KILL_WAIT;
+        loop {
+            let left = members();
+            if left.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for pid in left {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = fs::remove_dir(g);
     }
 }
 

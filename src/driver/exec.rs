@@ -37,7 +37,8 @@ pub struct ExecDriver {
     running: Mutex<HashMap<InstanceId, u32>>,
     events_tx: mpsc::Sender<DriverEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<DriverEvent>>>,
-    /// Put each instance in a cgroup v2 with its CPU and memory limits.
+    /// Put each instance in cgroups with its CPU and memory limits (v2, or
+    /// the v1 memory and cpu hierarchies).
     enforce_limits: bool,
     /// The user tasks run as unless their job names one (`None`: the
     /// agent's).
@@ -100,7 +101,7 @@ impl ExecDriver {
             running: Mutex::new(HashMap::new()),
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
-            enforce_limits: crate::host::cgroup_v2_writable(),
+            enforce_limits: crate::host::cgroup_limits_writable(),
             task_user: None,
         })
     }
@@ -428,6 +429,19 @@ async fn destroy_cgroup(dir: PathBuf) {
         if cg.path().exists() {
             let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
         }
+    }
+    // The cgroup v1 limit groups the supervisor listed, if it could not
+    // remove them itself.
+    if let Ok(listed) = std::fs::read_to_string(dir.join(super::contain::V1_LIMITS_FILE)) {
+        let groups: Vec<PathBuf> = listed
+            .lines()
+            .map(PathBuf::from)
+            .filter(|p| p.starts_with("/sys/fs/cgroup/"))
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            super::contain::remove_groups(groups.iter().map(PathBuf::as_path))
+        })
+        .await;
     }
 }
 

@@ -119,6 +119,33 @@ pub fn run(
             }
         }
     }
+    // cgroup v1: the limits live on other hierarchies than the freezer's.
+    let v1_limits = match (limits, contain::V1Limits::for_instance(dir)) {
+        (Some(l), Some(v1)) => {
+            let (quota, period) = cfs_quota(l);
+            let listed = v1
+                .paths()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("\n");
+            let entered = fs::write(dir.join(contain::V1_LIMITS_FILE), listed)
+                .and_then(|()| v1.enter(quota, period, l.memory_mib.saturating_mul(1 << 20)));
+            match entered {
+                Ok(()) => Some(v1),
+                Err(e) => {
+                    let _ = v1.leave();
+                    contain::remove_groups(v1.paths());
+                    let mut log = RotatingLog::open(dir.join("stderr.log"))?;
+                    log.write(
+                        format!("shoal: the CPU and memory limits cannot be set ({e}); the task runs without them\n")
+                            .as_bytes(),
+                    )?;
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let mut cmd = Command::new(command);
     if let Some((uid, gid)) = ids {
         use std::os::unix::process::CommandExt;
@@ -156,6 +183,11 @@ pub fn run(
         });
     }
     let mut child = cmd.spawn();
+    if let Some(v1) = &v1_limits {
+        // The task holds the limits; this process must not (its own memory
+        // would count against the task's).
+        let _ = v1.leave();
+    }
     if let (Some(cg), Some(from)) = (&cgroup, &original) {
         if let Err(e) = cg.leave(from) {
             // Still inside: a kill of the group would take this process
@@ -222,6 +254,10 @@ pub fn run(
     if let (Some(cg), Some(_)) = (&cgroup, &original) {
         cg.destroy();
     }
+    if let Some(v1) = &v1_limits {
+        contain::remove_groups(v1.paths());
+        let _ = fs::remove_file(dir.join(contain::V1_LIMITS_FILE));
+    }
     let tmp = dir.join("exit.json.tmp");
     fs::write(&tmp, serde_json::to_vec(&status)?)?;
     fs::rename(&tmp, dir.join("exit.json")).context("cannot record the exit status")?;
@@ -240,15 +276,20 @@ pub struct Limits {
 /// Root of the cgroups shoal creates.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/shoal";
 
+/// The CFS quota and period for `limits`, microseconds: 1000 millicores
+/// is one full period of 100 ms (at least 1 ms per period).
+pub fn cfs_quota(limits: Limits) -> (u64, u64) {
+    let period = 100_000u64;
+    let quota = (limits.cpu_millis.saturating_mul(period) / 1000).max(1000);
+    (quota, period)
+}
+
 /// cgroup v2 files for `limits`: (`cpu.max`, `memory.max`) contents.
 pub fn cgroup_values(limits: Limits) -> (String, String) {
-    // cpu.max: "<quota> <period>" in microseconds; 1000 millicores = one
-    // full period.
-    let period = 100_000u64;
-    let quota = (limits.cpu_millis * period / 1000).max(1000);
+    let (quota, period) = cfs_quota(limits);
     (
         format!("{quota} {period}"),
-        (limits.memory_mib * 1024 * 1024).to_string(),
+        limits.memory_mib.saturating_mul(1024 * 1024).to_string(),
     )
 }
 
