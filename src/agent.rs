@@ -66,6 +66,9 @@ pub struct AgentConfig {
     pub recover_from_peers: bool,
     /// Scheduler timings and bounds.
     pub scheduler: SchedulerConfig,
+    /// How long this node's certificates are valid (it renews them after
+    /// two thirds).
+    pub cert_lifetime: std::time::Duration,
 }
 
 /// What a running agent writes to `<data-dir>/agent.json` once it serves, so
@@ -137,7 +140,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         config.token.as_deref(),
         !config.join.is_empty(),
     )?;
-    let creds = ca.issue_node(&config.name)?;
+    let creds = ca.issue_node_for(&config.name, config.cert_lifetime)?;
 
     let (transport, mut inbox) =
         QuicTransport::bind(config.listen, &creds, QuicConfig::default()).await?;
@@ -155,6 +158,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         }
     };
     claim_name(&transport, &config.join, &config.name, advertise).await?;
+    tokio::spawn(renew_certificate(
+        transport.clone(),
+        ca.clone(),
+        config.name.clone(),
+        config.cert_lifetime,
+    ));
     let generation = next_generation(&config.data_dir)?;
 
     let http_listener = tokio::net::TcpListener::bind(config.http)
@@ -488,4 +497,28 @@ async fn claim_name(
         }
     }
     Ok(())
+}
+
+/// Issues this node a new certificate once two thirds of the current one's
+/// lifetime have passed, and gives it to the transport: certificates
+/// expire (a leaked one stops working), a running node's never does.
+async fn renew_certificate(
+    transport: QuicTransport,
+    ca: shoal_transport::tls::ClusterCa,
+    name: String,
+    lifetime: std::time::Duration,
+) {
+    let every = shoal_transport::tls::renew_after(lifetime);
+    loop {
+        tokio::time::sleep(every).await;
+        match ca
+            .issue_node_for(&name, lifetime)
+            .and_then(|creds| transport.set_credentials(&creds))
+        {
+            Ok(()) => info!(valid_for = ?lifetime, "renewed this node's certificate"),
+            Err(e) => {
+                warn!(error = %e, "cannot renew this node's certificate; retrying in a minute")
+            }
+        }
+    }
 }

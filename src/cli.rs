@@ -161,6 +161,10 @@ pub struct AgentArgs {
     /// longer than this should rejoin with an empty data dir.
     #[arg(long, default_value = "24h", value_parser = parse_gc_after)]
     pub job_gc_after: std::time::Duration,
+    /// How long this node's TLS certificates are valid; it issues itself a
+    /// new one after two thirds (for tests: short lifetimes).
+    #[arg(long, hide = true, default_value = "30d", value_parser = parse_cert_lifetime)]
+    pub cert_lifetime: std::time::Duration,
     /// Scheduler timings: `lan` (the default) or `local-test` (short join
     /// grace and retries, for tests on one machine).
     #[arg(long, hide = true, default_value = "lan", value_parser = ["lan", "local-test"])]
@@ -171,6 +175,14 @@ fn parse_offset(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 2s)"))?;
     if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
         return Err(format!("`{s}`: use between 10ms and 1h"));
+    }
+    Ok(d)
+}
+
+fn parse_cert_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 30d)"))?;
+    if d < std::time::Duration::from_secs(3) || d > std::time::Duration::from_secs(3650 * 86_400) {
+        return Err(format!("`{s}`: use between 3s and 3650d"));
     }
     Ok(d)
 }
@@ -267,6 +279,7 @@ impl AgentArgs {
                 }
                 None => crate::driver::exec::default_task_user(),
             },
+            cert_lifetime: self.cert_lifetime,
             scheduler: shoal_core::SchedulerConfig {
                 max_clock_offset: self.max_clock_offset,
                 job_gc_after: self.job_gc_after,

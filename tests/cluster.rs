@@ -254,3 +254,30 @@ fn a_second_machine_with_a_live_members_name_is_refused() {
         );
     }
 }
+
+/// Certificates expire, and a running node renews its own: once its first
+/// certificate has expired it still admits a new peer (before, every
+/// certificate was valid from 1975 to 4096).
+#[test]
+fn a_running_node_renews_its_certificate_before_it_expires() {
+    let root = tempfile::tempdir().unwrap();
+    let n0 = Agent::start(root.path(), "n0", None, None, &["--cert-lifetime", "3s"]);
+    // Renewed after 2 s and 4 s: the first certificate (3 s) has expired.
+    wait_until("n0 renews its certificate twice", || {
+        n0.stderr()
+            .matches("renewed this node's certificate")
+            .count()
+            >= 2
+    });
+    let n1 = Agent::start(
+        root.path(),
+        "n1",
+        Some(&n0.quic()),
+        Some(&n0.token_file()),
+        &[],
+    );
+    let agents = [n0, n1];
+    wait_until("n0 and n1 see each other alive", || {
+        all_see(&agents, "n0", "alive") && all_see(&agents, "n1", "alive")
+    });
+}

@@ -70,6 +70,10 @@ type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 struct Inner {
     endpoint: quinn::Endpoint,
+    /// The client side of new connections (replaced with the node's
+    /// credentials, see [`QuicTransport::set_credentials`]).
+    client: Mutex<quinn::ClientConfig>,
+    transport_config: Arc<quinn::TransportConfig>,
     local_addr: SocketAddr,
     conns: Mutex<HashMap<SocketAddr, Slot>>,
     dispatch: Dispatch,
@@ -118,14 +122,14 @@ impl QuicTransport {
         let client_crypto = QuicClientConfig::try_from(creds.client_config()?)
             .map_err(|e| TransportError::Credentials(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(tc);
+        client.transport_config(tc.clone());
 
         let mut endpoint =
             quinn::Endpoint::server(server, addr).map_err(|e| TransportError::Bind {
                 addr,
                 reason: e.to_string(),
             })?;
-        endpoint.set_default_client_config(client);
+        endpoint.set_default_client_config(client.clone());
         let local_addr = endpoint.local_addr().map_err(|e| TransportError::Bind {
             addr,
             reason: e.to_string(),
@@ -134,6 +138,8 @@ impl QuicTransport {
         let (dispatch, inbox) = Dispatch::new(stats.clone());
         let inner = Arc::new(Inner {
             endpoint,
+            client: Mutex::new(client),
+            transport_config: tc,
             local_addr,
             conns: Mutex::new(HashMap::new()),
             dispatch,
@@ -144,6 +150,23 @@ impl QuicTransport {
         });
         tokio::spawn(accept_loop(inner.clone()));
         Ok((QuicTransport { inner }, inbox))
+    }
+
+    /// Replaces this node's certificate (renewed before it expires): new
+    /// connections, in and out, present the new one; open connections keep
+    /// theirs until they close.
+    pub fn set_credentials(&self, creds: &NodeCredentials) -> Result<(), TransportError> {
+        let server_crypto = QuicServerConfig::try_from(creds.server_config()?)
+            .map_err(|e| TransportError::Credentials(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(self.inner.transport_config.clone());
+        let client_crypto = QuicClientConfig::try_from(creds.client_config()?)
+            .map_err(|e| TransportError::Credentials(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(self.inner.transport_config.clone());
+        self.inner.endpoint.set_server_config(Some(server));
+        *self.inner.client.lock().expect("lock poisoned") = client;
+        Ok(())
     }
 
     async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, TransportError> {
@@ -164,9 +187,10 @@ impl QuicTransport {
                 return Ok(conn.clone());
             }
         }
+        let client = inner.client.lock().expect("lock poisoned").clone();
         let connecting = inner
             .endpoint
-            .connect(to, CLUSTER_SERVER_NAME)
+            .connect_with(client, to, CLUSTER_SERVER_NAME)
             .map_err(|e| TransportError::Connect {
                 addr: to,
                 reason: e.to_string(),

@@ -24,6 +24,21 @@ pub const CLUSTER_SERVER_NAME: &str = "shoal-node";
 /// ALPN protocol id of shoal's node-to-node protocol (version 1).
 pub const ALPN: &[u8] = b"shoal/1";
 
+/// How long a node certificate is valid. A node issues itself a new one
+/// at every start and once two thirds of it have passed (see
+/// `renew_after`), so a certificate that leaks stops working within weeks.
+pub const CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// How far back a certificate's validity starts: a peer whose clock is
+/// behind (by less than this) still accepts it.
+pub const CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// When a certificate of `lifetime` issued now should be replaced: after
+/// two thirds of it.
+pub fn renew_after(lifetime: std::time::Duration) -> std::time::Duration {
+    lifetime / 3 * 2
+}
+
 /// Prefix of a join token; the digit is the token format version.
 const TOKEN_PREFIX: &str = "shoal1-";
 
@@ -78,8 +93,20 @@ impl ClusterCa {
         })
     }
 
-    /// Issues a certificate for one node, valid for [`CLUSTER_SERVER_NAME`].
+    /// Issues a certificate for one node, valid for [`CLUSTER_SERVER_NAME`]
+    /// for [`CERT_LIFETIME`].
     pub fn issue_node(&self, node_name: &str) -> Result<NodeCredentials, TransportError> {
+        self.issue_node_for(node_name, CERT_LIFETIME)
+    }
+
+    /// Issues a certificate for one node valid from [`CERT_BACKDATE`] ago
+    /// (a peer whose clock is behind still accepts it) until `lifetime`
+    /// from now.
+    pub fn issue_node_for(
+        &self,
+        node_name: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<NodeCredentials, TransportError> {
         let ca_key = KeyPair::try_from(self.key_der.as_slice()).map_err(tls_err)?;
         let issuer = Issuer::new(ca_params(&self.cluster_id)?, ca_key);
         let mut params =
@@ -91,6 +118,15 @@ impl ClusterCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        let now = time::OffsetDateTime::from(std::time::SystemTime::now());
+        let lifetime = time::Duration::try_from(lifetime).map_err(tls_err)?;
+        let backdate = time::Duration::try_from(CERT_BACKDATE).map_err(tls_err)?;
+        params.not_before = now
+            .checked_sub(backdate)
+            .ok_or_else(|| tls_err("the clock is out of range"))?;
+        params.not_after = now
+            .checked_add(lifetime)
+            .ok_or_else(|| tls_err("the certificate lifetime is out of range"))?;
         let key = KeyPair::generate().map_err(tls_err)?;
         let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
         Ok(NodeCredentials {
@@ -229,6 +265,36 @@ mod tests {
             ClusterCa::from_token(&long),
             Err(TransportError::BadToken(_))
         ));
+    }
+
+    #[test]
+    fn node_certificates_expire() {
+        let ca = ClusterCa::generate("c1").unwrap();
+        let node = ca
+            .issue_node_for("n1", std::time::Duration::from_secs(3600))
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            node.roots().unwrap(),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let cert = CertificateDer::from(node.cert_der.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let at = |offset: i64| {
+            rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                (now + offset) as u64,
+            ))
+        };
+        let ok = |offset| verifier.verify_client_cert(&cert, &[], at(offset)).is_ok();
+        assert!(ok(0));
+        assert!(ok(3_500), "valid for its lifetime");
+        assert!(!ok(3_700), "expired after it");
+        assert!(ok(-23 * 3600), "valid for a peer whose clock is behind");
+        assert!(!ok(-25 * 3600), "but not from the start of time");
     }
 
     #[test]
