@@ -157,7 +157,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             SocketAddr::new(ip, bound.port())
         }
     };
-    claim_name(&transport, &config.join, &config.name, advertise).await?;
+    let seed_in_touch = claim_name(&transport, &config.join, &config.name, advertise).await?;
     tokio::spawn(renew_certificate(
         transport.clone(),
         ca.clone(),
@@ -177,7 +177,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             "--recover-from-peers refills the store from the cluster: give --join SEED too"
         );
     }
-    out_of_touch_check(&config, &store_path);
+    out_of_touch_check(&config, &store_path, seed_in_touch);
     let (store, stored_jobs, stored_completions) = match Store::open_at_start(&store_path) {
         Ok(opened) => opened,
         // Only a store that cannot be used is moved aside: the flag left in
@@ -413,7 +413,7 @@ async fn mark_in_touch(path: PathBuf, snapshot: watch::Receiver<Arc<Snapshot>>) 
         if snapshot.has_changed().is_err() {
             return;
         }
-        let exchanges = snapshot.borrow().scheduler["anti_entropy_exchanges"]
+        let exchanges = snapshot.borrow().scheduler["anti_entropy_exchanges_done"]
             .as_u64()
             .unwrap_or(0);
         if exchanges > seen {
@@ -431,8 +431,11 @@ async fn mark_in_touch(path: PathBuf, snapshot: watch::Receiver<Arc<Snapshot>>) 
 /// `job_gc_after` may hold jobs that were stopped and then forgotten by
 /// every other node meanwhile: anti-entropy would hand them back and start
 /// them again. Such a node's store is moved aside and refilled from the
-/// cluster (only when it joins through seeds: a node alone keeps it).
-fn out_of_touch_check(config: &AgentConfig, store_path: &std::path::Path) {
+/// cluster, but only when a seed answered that it has itself been in touch
+/// (`seed_in_touch`): after the whole cluster was down for a weekend, no
+/// node is, and every node keeps its store (found in review: each moved
+/// its store aside and the cluster came back without a job).
+fn out_of_touch_check(config: &AgentConfig, store_path: &std::path::Path, seed_in_touch: bool) {
     let Ok(text) = std::fs::read_to_string(config.data_dir.join(IN_TOUCH_FILE)) else {
         return;
     };
@@ -445,8 +448,8 @@ fn out_of_touch_check(config: &AgentConfig, store_path: &std::path::Path) {
         return;
     }
     let away_h = format!("{:.1} h", away as f64 / 3_600_000.0);
-    if config.join.is_empty() {
-        warn!(away = %away_h, "this node was out of touch with its cluster for longer than --job-gc-after: jobs stopped and forgotten meanwhile may start again from its store; start it with --join SEED to refill its store from the cluster instead");
+    if !seed_in_touch {
+        warn!(away = %away_h, "this node was out of touch with its cluster for longer than --job-gc-after, and no seed it reached has been in touch since: it keeps its store (jobs stopped and forgotten meanwhile may start again)");
         return;
     }
     match Store::move_aside(store_path, "stale") {
@@ -466,12 +469,14 @@ const CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// names default to the host name) would replace it in every view and run
 /// its work a second time. The first seed that answers decides; a seed that
 /// cannot be reached, or runs a release without the check, lets it pass.
+/// Returns whether the seed that answered has been in touch with its
+/// cluster within `--job-gc-after` (see [`out_of_touch_check`]).
 async fn claim_name(
     transport: &QuicTransport,
     seeds: &[SocketAddr],
     name: &str,
     address: SocketAddr,
-) -> Result<()> {
+) -> Result<bool> {
     use shoal_core::wire::{Request, Response, NAME_TAKEN};
     let body = Request::Claim {
         name: name.to_string(),
@@ -486,38 +491,52 @@ async fn claim_name(
             continue;
         };
         match Response::decode(&bytes) {
-            Ok(Response::Ok) => return Ok(()),
+            Ok(Response::Claimed { in_touch }) => return Ok(in_touch),
             Ok(Response::Error(e)) if e.starts_with(NAME_TAKEN) => {
                 anyhow::bail!(
                     "cannot join through {seed}: {}",
                     e.trim_start_matches(NAME_TAKEN).trim()
                 )
             }
-            _ => return Ok(()),
+            _ => return Ok(false),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Issues this node a new certificate once two thirds of the current one's
-/// lifetime have passed, and gives it to the transport: certificates
-/// expire (a leaked one stops working), a running node's never does.
+/// lifetime have passed, by the wall clock (checked every minute at most,
+/// so a suspended machine renews when it wakes), and gives it to the
+/// transport: certificates expire (a leaked one stops working), a running
+/// node's never does. A failed renewal is tried again at the next check
+/// (found in review: it waited for another two thirds of the lifetime).
 async fn renew_certificate(
     transport: QuicTransport,
     ca: shoal_transport::tls::ClusterCa,
     name: String,
     lifetime: std::time::Duration,
 ) {
-    let every = shoal_transport::tls::renew_after(lifetime);
+    let after = shoal_transport::tls::renew_after(lifetime);
+    let check = (after / 4).min(std::time::Duration::from_secs(60));
+    let mut issued = SystemTime::now();
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(check).await;
+        let due = SystemTime::now()
+            .duration_since(issued)
+            .is_ok_and(|age| age >= after);
+        if !due {
+            continue;
+        }
         match ca
             .issue_node_for(&name, lifetime)
             .and_then(|creds| transport.set_credentials(&creds))
         {
-            Ok(()) => info!(valid_for = ?lifetime, "renewed this node's certificate"),
+            Ok(()) => {
+                issued = SystemTime::now();
+                info!(valid_for = ?lifetime, "renewed this node's certificate");
+            }
             Err(e) => {
-                warn!(error = %e, "cannot renew this node's certificate; retrying in a minute")
+                warn!(error = %e, "cannot renew this node's certificate; trying again shortly")
             }
         }
     }

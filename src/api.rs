@@ -243,6 +243,8 @@ impl Snapshot {
                     "records_from_the_future": c.future_records,
                     "jobs_collected": c.jobs_collected,
                     "name_claims_refused": c.name_claims_refused,
+                    "anti_entropy_exchanges_done": c.syncs_done,
+                    "in_touch": core.in_touch(crate::node::now().wall_ms),
                     "writes_refused_for_clock_skew": c.skew_refusals,
                 })
             },
@@ -541,12 +543,20 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if !token_matches(given, &state.token) {
-        return error(
+        let mut resp = error(
             StatusCode::UNAUTHORIZED,
             "this agent's API requires its token: set SHOAL_HTTP_TOKEN or pass --http-token, \
              or run the command as a user who can read the agent's <data-dir>/api-token \
              (SHOAL_DATA_DIR or --data-dir names the data dir; /var/lib/shoal by default)",
         );
+        // A client without the token keeps no connection: one that sent a
+        // request every few seconds would otherwise hold its connection
+        // slot for ever (found in review).
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return resp;
     }
     next.run(req).await
 }

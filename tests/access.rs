@@ -175,4 +175,16 @@ fn idle_and_slow_connections_cannot_lock_the_api_out() {
     }
     assert!(opened.elapsed() < std::time::Duration::from_secs(10));
     assert!(dribble.join().unwrap(), "a slow request head is cut off");
+    // A client without the token gets its 401 and loses the connection: it
+    // cannot keep the slot by asking again and again.
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.write_all(b"GET /v1/nodes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_millis(900)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
 }

@@ -240,58 +240,108 @@ fn stopped_jobs_are_forgotten_everywhere_after_the_retention() {
     assert_eq!(known(&a, "job0"), 404);
 }
 
-/// A node out of touch for longer than `--job-gc-after` does not bring back
-/// a job that was stopped and forgotten meanwhile: its store is moved aside
-/// and refilled from the cluster. (Without that, its store's live copy of
-/// the job went to every node again: the others no longer had the
-/// tombstone that would have beaten it.)
-#[test]
-fn a_node_away_longer_than_the_retention_does_not_bring_back_a_forgotten_job() {
-    let root = tempfile::tempdir().unwrap();
-    let gc = ["--job-gc-after", "2s"];
-    let a = Agent::start(root.path(), "n0", None, None, &gc);
-    let mut b = Agent::start(
-        root.path(),
-        "n1",
-        Some(&a.quic()),
-        Some(&a.token_file()),
-        &gc,
-    );
-    wait_until("2 alive", || {
-        a.state_of("n1").as_deref() == Some("alive") && b.state_of("n0").as_deref() == Some("alive")
-    });
-    let (code, body) = submit(&a, 7);
-    assert_eq!(code, 200, "{body}");
-    wait_until("n1 has the job", || known(&b, "job7") == 200);
-    b.stop(libc::SIGTERM);
-    // n1 was last in touch now (the agent writes this once a minute).
+/// Writes `dir/in-touch` as an agent does (its last anti-entropy
+/// exchange), `ago_ms` before now.
+fn in_touch(dir: &Path, ago_ms: u128) {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    std::fs::write(b.dir.join("in-touch"), now_ms.to_string()).unwrap();
-    let (code, body) = call(a.request("DELETE", "/v1/jobs/job7"), None);
-    assert_eq!(code, 200, "{body}");
-    wait_until("n0 forgets the stopped job", || known(&a, "job7") == 404);
-    // More than --job-gc-after later, n1 comes back.
-    let b = Agent::start(root.path(), "n1", Some(&a.quic()), None, &gc);
-    wait_until("n1 is alive again", || {
-        a.state_of("n1").as_deref() == Some("alive")
-    });
-    let stale = std::fs::read_dir(&b.dir)
+    std::fs::write(dir.join("in-touch"), (now_ms - ago_ms).to_string()).unwrap();
+}
+
+fn moved_aside_stale(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .any(|e| {
             e.file_name()
                 .to_string_lossy()
                 .starts_with("state.redb.stale-")
-        });
-    assert!(stale, "n1's store is moved aside: {}", b.stderr());
+        })
+}
+
+/// A node out of touch for longer than `--job-gc-after` does not bring back
+/// a job that was stopped and forgotten meanwhile: its seed has been in
+/// touch, so its store is moved aside and refilled from the cluster.
+/// (Without that, its store's live copy of the job went to every node
+/// again: the others no longer had the tombstone that would have beaten
+/// it.)
+#[test]
+fn a_node_away_longer_than_the_retention_does_not_bring_back_a_forgotten_job() {
+    let root = tempfile::tempdir().unwrap();
+    // Longer than an anti-entropy exchange can take to give up (3 call
+    // timeouts): the seed must count as in touch when n1 comes back.
+    let gc = ["--job-gc-after", "10s"];
+    let a = Agent::start(root.path(), "n0", None, None, &gc);
+    let (seed, token) = (a.quic(), a.token_file());
+    let mut b = Agent::start(root.path(), "n1", Some(&seed), Some(&token), &gc);
+    let c = Agent::start(root.path(), "n2", Some(&seed), Some(&token), &gc);
+    wait_until("3 alive", || {
+        ["n1", "n2"]
+            .iter()
+            .all(|n| a.state_of(n).as_deref() == Some("alive"))
+    });
+    let (code, body) = submit(&a, 7);
+    assert_eq!(code, 200, "{body}");
+    wait_until("n1 has the job", || known(&b, "job7") == 200);
+    b.stop(libc::SIGTERM);
+    in_touch(&b.dir, 0);
+    let (code, body) = call(a.request("DELETE", "/v1/jobs/job7"), None);
+    assert_eq!(code, 200, "{body}");
+    wait_until("n0 and n2 forget the stopped job", || {
+        known(&a, "job7") == 404 && known(&c, "job7") == 404
+    });
+    // More than --job-gc-after later, n1 comes back; n0 and n2 kept in
+    // touch meanwhile.
+    let b = Agent::start(root.path(), "n1", Some(&seed), None, &gc);
+    wait_until("n1 is alive again", || {
+        a.state_of("n1").as_deref() == Some("alive")
+    });
+    assert!(
+        moved_aside_stale(&b.dir),
+        "n1's store is moved aside: {}",
+        b.stderr()
+    );
     // Give anti-entropy time to hand the job back, were it held anywhere.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while std::time::Instant::now() < until {
-        assert_eq!(known(&a, "job7"), 404, "the forgotten job came back at n0");
-        assert_eq!(known(&b, "job7"), 404, "the forgotten job came back at n1");
+        for n in [&a, &b, &c] {
+            assert_eq!(
+                known(n, "job7"),
+                404,
+                "the forgotten job came back at {}",
+                n.name
+            );
+        }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// A whole cluster down for longer than `--job-gc-after` (a weekend) keeps
+/// its jobs: no seed has been in touch, so no node moves its store aside
+/// (found in review: every node did, and the cluster came back empty).
+#[test]
+fn a_cluster_down_longer_than_the_retention_keeps_its_jobs() {
+    let root = tempfile::tempdir().unwrap();
+    let gc = ["--job-gc-after", "2s"];
+    let mut a = Agent::start(root.path(), "n0", None, None, &gc);
+    let (seed_dir, token) = (a.dir.clone(), a.token_file());
+    let mut b = Agent::start(root.path(), "n1", Some(&a.quic()), Some(&token), &gc);
+    wait_until("2 alive", || a.state_of("n1").as_deref() == Some("alive"));
+    let (code, body) = submit(&a, 3);
+    assert_eq!(code, 200, "{body}");
+    wait_until("n1 has the job", || known(&b, "job3") == 200);
+    b.stop(libc::SIGTERM);
+    a.stop(libc::SIGTERM);
+    // Both were last in touch 10 s ago: longer than --job-gc-after.
+    in_touch(&seed_dir, 10_000);
+    in_touch(&b.dir, 10_000);
+    let a = Agent::start(root.path(), "n0", None, None, &gc);
+    let b = Agent::start(root.path(), "n1", Some(&a.quic()), None, &gc);
+    wait_until("both know the job again", || {
+        known(&a, "job3") == 200 && known(&b, "job3") == 200
+    });
+    assert!(!moved_aside_stale(&a.dir) && !moved_aside_stale(&b.dir));
+    assert!(b.stderr().contains("keeps its store"), "{}", b.stderr());
 }

@@ -344,6 +344,8 @@ pub struct Counters {
     pub jobs_collected: u64,
     /// Joining nodes refused because a live member has their name.
     pub name_claims_refused: u64,
+    /// Anti-entropy exchanges completed (`syncs` counts those begun).
+    pub syncs_done: u64,
     /// API writes refused because of a clock skew.
     pub skew_refusals: u64,
 }
@@ -872,7 +874,9 @@ impl Scheduler {
                             crate::wire::NAME_TAKEN
                         ))
                     }
-                    None => Response::Ok,
+                    None => Response::Claimed {
+                        in_touch: self.in_touch(now.wall_ms),
+                    },
                 }
             }
             Request::Logs {
@@ -1270,6 +1274,16 @@ impl Scheduler {
         self.persist(vec![record], Vec::new(), Origin::Api(token));
     }
 
+    /// Whether this node completed an anti-entropy exchange within
+    /// `job_gc_after`: its state then holds every tombstone the cluster
+    /// has not collected, and a node that was away longer should refill
+    /// from it rather than hand back its own (see `Request::Claim`).
+    pub fn in_touch(&self, wall_ms: u64) -> bool {
+        self.sync
+            .last_done_ms
+            .is_some_and(|t| wall_ms.saturating_sub(t) <= self.config.job_gc_after_ms())
+    }
+
     /// Versions older than this (ms since the epoch) belong to collected
     /// tombstones' time: `None` while the clock is younger than
     /// `job_gc_after`.
@@ -1292,10 +1306,25 @@ impl Scheduler {
             return;
         };
         let max = self.config.gc_batch_max;
+        // A job with a write on its way to the disk waits for the next
+        // collection: the write may hold a newer version than the memory's
+        // tombstone, and the disk would then keep what memory dropped
+        // (found in review).
+        let writing: std::collections::BTreeSet<&str> = self
+            .writes
+            .values()
+            .flat_map(|w| {
+                w.jobs
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .chain(w.completions.iter().map(|c| c.job.as_str()))
+            })
+            .collect();
         let mut jobs: Vec<(String, Option<Version>)> = self
             .desired
             .tombstones_before(horizon, max)
             .into_iter()
+            .filter(|(n, _)| !writing.contains(n.as_str()))
             .map(|(n, v)| (n, Some(v)))
             .collect();
         let room = max.saturating_sub(jobs.len());
@@ -1303,6 +1332,7 @@ impl Scheduler {
             self.desired
                 .orphan_completions_before(horizon, room)
                 .into_iter()
+                .filter(|n| !writing.contains(n.as_str()))
                 .map(|n| (n, None)),
         );
         if jobs.is_empty() {
@@ -2425,6 +2455,8 @@ impl Scheduler {
 
     fn exchange_done(&mut self) {
         self.sync.exchange_done = true;
+        self.sync.last_done_ms = Some(self.wall_ms);
+        self.counters.syncs_done = self.counters.syncs_done.saturating_add(1);
         self.maybe_caught_up();
     }
 

@@ -59,6 +59,8 @@ pub struct AntiEntropy {
     /// An exchange completed; `caught_up` follows once the writes it
     /// caused are durable.
     pub exchange_done: bool,
+    /// When (this node's wall clock, ms) an exchange last completed.
+    pub last_done_ms: Option<u64>,
     /// It was caught up once (a freeze took it back): its state is worth
     /// serving to others, and with no peer left to ask it is caught up
     /// again at once.
@@ -74,6 +76,7 @@ impl AntiEntropy {
             last: None,
             caught_up,
             exchange_done: caught_up,
+            last_done_ms: None,
             was_caught_up: caught_up,
         }
     }

@@ -167,6 +167,14 @@ pub enum Response {
         /// At most [`LOG_CHUNK_MAX`] bytes.
         bytes: Vec<u8>,
     },
+    /// The answer to a [`Request::Claim`] whose name is free.
+    Claimed {
+        /// The answering node completed an anti-entropy exchange within
+        /// `job_gc_after`: a node away for longer refills its store from
+        /// the cluster instead of handing back jobs the others have
+        /// collected since.
+        in_touch: bool,
+    },
     /// The call failed.
     Error(String),
 }

@@ -306,8 +306,21 @@ impl Driver for ExecDriver {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
             else {
-                // A start that never got as far as recording itself.
+                // A start that never got as far as recording itself (the
+                // agent died between the spawn and the record's rename):
+                // its task may run, in the instance's cgroups and in the
+                // supervisor's process group; both go first (found in
+                // review: the directory went and the task ran on).
                 warn!(dir = %dir.display(), "removing an instance directory without a record");
+                if let Some(pid) = std::fs::read(dir.join("instance.json.tmp"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                    .filter(|r| start_ticks(r.pid) == Some(r.start_ticks))
+                    .map(|r| r.pid)
+                {
+                    ExecDriver::signal_group(pid, libc::SIGKILL);
+                }
+                destroy_cgroup(dir.clone()).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             };

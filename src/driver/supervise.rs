@@ -120,7 +120,7 @@ pub fn run(
         }
     }
     // cgroup v1: the limits live on other hierarchies than the freezer's.
-    let v1_limits = match (limits, contain::V1Limits::for_instance(dir)) {
+    let mut v1_limits = match (limits, contain::V1Limits::for_instance(dir)) {
         (Some(l), Some(v1)) => {
             let (quota, period) = cfs_quota(l);
             let listed = v1
@@ -186,7 +186,16 @@ pub fn run(
     if let Some(v1) = &v1_limits {
         // The task holds the limits; this process must not (its own memory
         // would count against the task's).
-        let _ = v1.leave();
+        if let Err(e) = v1.leave() {
+            // Still inside: removing the groups at the end would kill this
+            // process too (found in review), so they are left to the
+            // agent's removal of the instance.
+            v1_limits = None;
+            let mut log = RotatingLog::open(dir.join("stderr.log"))?;
+            log.write(
+                format!("shoal: cannot leave the instance's limit cgroups: {e}\n").as_bytes(),
+            )?;
+        }
     }
     if let (Some(cg), Some(from)) = (&cgroup, &original) {
         if let Err(e) = cg.leave(from) {
