@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub task_user: Option<String>,
     /// Move the state database aside and refill it from the cluster.
     pub recover_from_peers: bool,
+    /// Delete the store's job records stamped too far ahead of the clock.
+    pub drop_future_records: bool,
     /// Scheduler timings and bounds.
     pub scheduler: SchedulerConfig,
     /// How long this node's certificates are valid (it renews them after
@@ -190,6 +192,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             Store::open_at_start(&store_path)?
         }
         Err(e) => return Err(e),
+    };
+    let stored_jobs = if config.drop_future_records {
+        drop_future_records(&store, stored_jobs, config.scheduler.max_clock_offset_ms())?
+    } else {
+        stored_jobs
     };
     {
         // A store an earlier version created world-readable.
@@ -540,4 +547,32 @@ async fn renew_certificate(
             }
         }
     }
+}
+
+/// Deletes from `store` the job records stamped more than `bound_ms` ahead
+/// of this node's clock, and returns the others (`--drop-future-records`).
+fn drop_future_records(
+    store: &Store,
+    jobs: Vec<shoal_core::records::JobRecord>,
+    bound_ms: u64,
+) -> Result<Vec<shoal_core::records::JobRecord>> {
+    let now = now_ms();
+    let (future, kept): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .partition(|r| r.version.hlc.ahead_of(now, bound_ms).is_err());
+    if future.is_empty() {
+        info!("--drop-future-records: no record is ahead of this node's clock");
+        return Ok(kept);
+    }
+    let gone: Vec<(String, Option<shoal_core::hlc::Version>)> = future
+        .iter()
+        .map(|r| (r.name.clone(), Some(r.version.clone())))
+        .collect();
+    store
+        .forget(&gone)
+        .context("--drop-future-records: cannot delete the records")?;
+    for r in &future {
+        warn!(job = %r.name, version = %r.version, "--drop-future-records: deleted a job record stamped ahead of this node's clock; submit the job again if it should run");
+    }
+    Ok(kept)
 }

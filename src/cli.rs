@@ -144,6 +144,14 @@ pub struct AgentArgs {
     /// --join.
     #[arg(long)]
     pub recover_from_peers: bool,
+    /// Delete, at start, the job records in this node's store stamped
+    /// further ahead of its clock than --max-clock-offset (left by an
+    /// earlier release, or by a clock that ran far ahead): each blocks every
+    /// write to its job until the clock catches up, which may be never.
+    /// Peers refuse such records, so restarting every node that holds one
+    /// with this flag clears it from the cluster.
+    #[arg(long)]
+    pub drop_future_records: bool,
     /// The user exec tasks run as unless their job sets `user`; `root` runs
     /// them as the agent's user [default: nobody when the agent runs as
     /// root, else the agent's user].
@@ -269,6 +277,7 @@ impl AgentArgs {
             membership: Default::default(),
             hollow: self.hollow,
             recover_from_peers: self.recover_from_peers,
+            drop_future_records: self.drop_future_records,
             task_user: match self.task_user {
                 Some(u) if u == "root" => None,
                 Some(u) => {

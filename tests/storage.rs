@@ -345,3 +345,64 @@ fn a_cluster_down_longer_than_the_retention_keeps_its_jobs() {
     assert!(!moved_aside_stale(&a.dir) && !moved_aside_stale(&b.dir));
     assert!(b.stderr().contains("keeps its store"), "{}", b.stderr());
 }
+
+/// A job record stamped far ahead of the clock, stored by an earlier
+/// release (the #11 probe: one record with the maximum version blocked
+/// every later write to its job, for good, across restarts), is deleted by
+/// `--drop-future-records`; the job can be submitted again.
+#[test]
+fn drop_future_records_clears_a_record_stamped_far_ahead() {
+    use shoal::hlc::{Hlc, Version};
+    use shoal::job::JobSpec;
+    use shoal::store::{JobRecord, Store};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let record = |name: &str, wall_ms: u64| {
+        let text = format!("name = \"{name}\"\ntype = \"batch\"\n[task]\ncommand = \"true\"\n");
+        JobRecord {
+            name: name.into(),
+            version: Version {
+                hlc: Hlc {
+                    wall_ms,
+                    logical: 0,
+                },
+                node: "old".into(),
+            },
+            spec: Some(JobSpec::parse(&text).unwrap()),
+        }
+    };
+    {
+        let store = Store::open(&dir.join("state.redb")).unwrap();
+        store
+            .apply_all(&[
+                record("stuck", now_ms + 10 * 365 * 86_400_000),
+                record("fine", now_ms - 60_000),
+            ])
+            .unwrap();
+    }
+    let resubmit = |a: &Agent| {
+        call(
+            a.request("POST", "/v1/jobs"),
+            Some("name = \"stuck\"\ntype = \"batch\"\n[task]\ncommand = \"true\"\n"),
+        )
+    };
+    let mut a = Agent::start(root.path(), "n0", None, None, &[]);
+    let (code, body) = resubmit(&a);
+    assert_eq!(code, 503, "the future record blocks its job: {body}");
+    assert!(body.contains("--drop-future-records"), "{body}");
+    a.stop(libc::SIGTERM);
+    let a = Agent::start(root.path(), "n0", None, None, &["--drop-future-records"]);
+    assert!(
+        a.stderr().contains("deleted a job record stamped ahead"),
+        "{}",
+        a.stderr()
+    );
+    assert_eq!(known(&a, "fine"), 200);
+    let (code, body) = resubmit(&a);
+    assert_eq!(code, 200, "{body}");
+}

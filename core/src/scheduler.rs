@@ -1261,8 +1261,14 @@ impl Scheduler {
                 Err(ApiError::Unavailable(format!(
                     "job `{name}` was last written by {} at a time {ahead} ms ahead of this \
                      node's clock; a write now would be older and lose. Check the clocks \
-                     (`shoal nodes` shows each peer's offset) and try again",
-                    current.version.node
+                     (`shoal nodes` shows each peer's offset) and try again{}",
+                    current.version.node,
+                    if ahead > 3_600_000 {
+                        "; a record that far ahead will not be caught up with: restart the \
+                         nodes that hold it with --drop-future-records"
+                    } else {
+                        ""
+                    }
                 ))),
             );
         }
