@@ -403,13 +403,6 @@ pub const IN_TOUCH_FILE: &str = "in-touch";
 /// How often `in-touch` is brought up to date.
 pub const IN_TOUCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// Keeps `path` at the time of the last anti-entropy exchange this node
 /// completed.
 async fn mark_in_touch(path: PathBuf, snapshot: watch::Receiver<Arc<Snapshot>>) {
@@ -427,7 +420,7 @@ async fn mark_in_touch(path: PathBuf, snapshot: watch::Receiver<Arc<Snapshot>>) 
             seen = exchanges;
             let path = path.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                credentials::write_private(&path, &now_ms().to_string())
+                credentials::write_private(&path, &crate::node::now().wall_ms.to_string())
             })
             .await;
         }
@@ -449,7 +442,7 @@ fn out_of_touch_check(config: &AgentConfig, store_path: &std::path::Path, seed_i
     let Ok(at) = text.trim().parse::<u64>() else {
         return;
     };
-    let away = now_ms().saturating_sub(at);
+    let away = crate::node::now().wall_ms.saturating_sub(at);
     let limit = config.scheduler.job_gc_after_ms();
     if away <= limit || !store_path.exists() {
         return;
@@ -556,7 +549,7 @@ fn drop_future_records(
     jobs: Vec<shoal_core::records::JobRecord>,
     bound_ms: u64,
 ) -> Result<Vec<shoal_core::records::JobRecord>> {
-    let now = now_ms();
+    let now = crate::node::now().wall_ms;
     let (future, kept): (Vec<_>, Vec<_>) = jobs
         .into_iter()
         .partition(|r| r.version.hlc.ahead_of(now, bound_ms).is_err());

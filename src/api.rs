@@ -588,15 +588,6 @@ pub struct HttpLimits {
     pub header_timeout: std::time::Duration,
 }
 
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            connections_max: 256,
-            header_timeout: std::time::Duration::from_secs(10),
-        }
-    }
-}
-
 /// How long a graceful shutdown waits for requests in progress.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 

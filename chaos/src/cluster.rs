@@ -495,7 +495,6 @@ impl Cluster {
             }
             Fault::Delay { base_ms, jitter_ms } => {
                 self.relay.delay(
-                    &self.namespaces(),
                     Duration::from_millis(*base_ms),
                     Duration::from_millis(*jitter_ms),
                 )?;
@@ -527,10 +526,6 @@ impl Cluster {
         Ok(())
     }
 
-    fn namespaces(&self) -> Vec<String> {
-        (0..self.nodes.len()).map(|i| self.hosts.ns(i)).collect()
-    }
-
     /// Ends a fault: every node up, no network fault.
     pub fn heal(&mut self, fault: &Fault) -> Result<()> {
         if let Fault::Hang(i) = fault {
@@ -541,7 +536,7 @@ impl Cluster {
         }
         match fault {
             Fault::Delay { .. } => {
-                self.relay.clear(&self.namespaces())?;
+                self.relay.clear()?;
                 let (relayed, dropped) = self.relay.counts();
                 println!("  relay: {relayed} packets delayed, {dropped} dropped (queue full)");
             }

@@ -32,6 +32,8 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::netns::ip;
+
 /// Name of the TUN device in every host.
 pub const DEVICE: &str = "shdly";
 /// Packets held at once; beyond it the relay drops (and counts) packets.
@@ -41,34 +43,13 @@ pub const PACKET_MAX: usize = 65_536;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
-/// A packet waiting for its time.
-struct Held {
-    due: Instant,
-    seq: u64,
-    to: usize,
-    bytes: Vec<u8>,
-}
-
-impl PartialEq for Held {
-    fn eq(&self, o: &Self) -> bool {
-        (self.due, self.seq) == (o.due, o.seq)
-    }
-}
-impl Eq for Held {}
-impl PartialOrd for Held {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Held {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.due, self.seq).cmp(&(o.due, o.seq))
-    }
-}
+/// A packet waiting for its time: (due, arrival order, destination host,
+/// bytes); the heap pops the earliest.
+type Held = Reverse<(Instant, u64, usize, Vec<u8>)>;
 
 #[derive(Default)]
 struct Shared {
-    queue: Mutex<(BinaryHeap<Reverse<Held>>, u64)>,
+    queue: Mutex<(BinaryHeap<Held>, u64)>,
     ready: Condvar,
     /// (base, jitter) in microseconds.
     delay: Mutex<(u64, u64)>,
@@ -81,7 +62,7 @@ struct Shared {
 /// them. Stops its threads on drop.
 pub struct Relay {
     shared: Arc<Shared>,
-    devices: Vec<Arc<File>>,
+    namespaces: Vec<String>,
     subnet: [u8; 3],
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -97,6 +78,15 @@ fn open_tun_in(ns: &str) -> Result<File> {
         if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("setns into {ns}: {}", std::io::Error::last_os_error());
         }
+        // Packets arrive on the device but the route back to their source
+        // is the bridge: strict reverse-path filtering would drop them.
+        // (/proc/sys/net is the opening thread's namespace's.)
+        let rp_filter = |key: &str| {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{key}/rp_filter"), "0")
+                .with_context(|| format!("cannot turn off rp_filter ({key}) in {ns}"))
+        };
+        rp_filter("all")?;
+        rp_filter("default")?;
         let tun = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -110,25 +100,11 @@ fn open_tun_in(ns: &str) -> Result<File> {
         if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) } != 0 {
             bail!("TUNSETIFF in {ns}: {}", std::io::Error::last_os_error());
         }
+        rp_filter(DEVICE)?;
         Ok(tun)
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the TUN thread panicked"))?
-}
-
-fn run(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("cannot run {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 impl Relay {
@@ -140,26 +116,12 @@ impl Relay {
         let mut devices = Vec::new();
         for ns in namespaces {
             let tun = open_tun_in(ns)?;
-            // Packets arrive on the TUN device but the route back to their
-            // source is the bridge: strict reverse-path filtering would
-            // drop them.
-            for key in ["all", "default", DEVICE] {
-                run(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv4.conf.{key}.rp_filter=0"),
-                ])?;
-            }
-            run(&["ip", "-n", ns, "link", "set", DEVICE, "up"])?;
+            ip(&["-n", ns, "link", "set", DEVICE, "up"])?;
             devices.push(Arc::new(tun));
         }
         let mut relay = Relay {
             shared: shared.clone(),
-            devices: devices.clone(),
+            namespaces: namespaces.to_vec(),
             subnet,
             threads: Vec::new(),
         };
@@ -182,27 +144,24 @@ impl Relay {
 
     /// Routes every host's traffic to its peers through the relay, each
     /// packet held `base` ± `jitter`.
-    pub fn delay(&self, namespaces: &[String], base: Duration, jitter: Duration) -> Result<()> {
+    pub fn delay(&self, base: Duration, jitter: Duration) -> Result<()> {
         *self.shared.delay.lock().expect("lock") =
             (base.as_micros() as u64, jitter.as_micros() as u64);
-        self.routes(namespaces, "replace")
+        self.routes("replace")
     }
 
     /// Back to the bridge; packets still held are delivered.
-    pub fn clear(&self, namespaces: &[String]) -> Result<()> {
-        self.routes(namespaces, "del")
+    pub fn clear(&self) -> Result<()> {
+        self.routes("del")
     }
 
-    fn routes(&self, namespaces: &[String], verb: &str) -> Result<()> {
+    fn routes(&self, verb: &str) -> Result<()> {
         let [a, b, c] = self.subnet;
         let mut errors = Vec::new();
-        for (i, ns) in namespaces.iter().enumerate() {
-            for j in 0..self.devices.len() {
-                if i == j {
-                    continue;
-                }
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            for j in (0..self.namespaces.len()).filter(|j| *j != i) {
                 let to = format!("{}/32", Ipv4Addr::new(a, b, c, j as u8 + 1));
-                if let Err(e) = run(&["ip", "-n", ns, "route", verb, &to, "dev", DEVICE]) {
+                if let Err(e) = ip(&["-n", ns, "route", verb, &to, "dev", DEVICE]) {
                     errors.push(e.to_string());
                 }
             }
@@ -274,12 +233,8 @@ fn read_loop(dev: &File, shared: &Shared, subnet: [u8; 3], n: usize, rng: &mut S
         }
         q.1 += 1;
         let seq = q.1;
-        q.0.push(Reverse(Held {
-            due: Instant::now() + Duration::from_micros(us),
-            seq,
-            to: host - 1,
-            bytes: p.to_vec(),
-        }));
+        let due = Instant::now() + Duration::from_micros(us);
+        q.0.push(Reverse((due, seq, host - 1, p.to_vec())));
         shared.ready.notify_one();
     }
 }
@@ -292,17 +247,17 @@ fn write_loop(devices: &[Arc<File>], shared: &Shared) {
         }
         let now = Instant::now();
         match q.0.peek() {
-            Some(Reverse(h)) if h.due <= now => {
-                let Reverse(h) = q.0.pop().expect("peeked");
+            Some(Reverse((due, ..))) if *due <= now => {
+                let Reverse((_, _, to, bytes)) = q.0.pop().expect("peeked");
                 drop(q);
-                let mut dev: &File = &devices[h.to];
-                if dev.write_all(&h.bytes).is_ok() {
+                let mut dev: &File = &devices[to];
+                if dev.write_all(&bytes).is_ok() {
                     shared.relayed.fetch_add(1, Ordering::Relaxed);
                 }
                 q = shared.queue.lock().expect("lock");
             }
-            Some(Reverse(h)) => {
-                let wait = h.due - now;
+            Some(Reverse((due, ..))) => {
+                let wait = *due - now;
                 q = shared.ready.wait_timeout(q, wait).expect("lock").0;
             }
             None => {

@@ -14,7 +14,8 @@ const IPTABLES: [&str; 2] = ["iptables", "iptables-legacy"];
 /// The nftables table holding a host's fault rules.
 const TABLE: &str = "shoal_chaos";
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS`; fails with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -111,19 +111,7 @@ impl Cgroup {
 
     /// The calling process's cgroup directory on the same hierarchy.
     pub fn current(&self) -> Option<PathBuf> {
-        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
-        let line = own.lines().find(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers) = (parts.next(), parts.next().unwrap_or(""));
-            if self.v1 {
-                controllers.split(',').any(|c| c == "freezer")
-            } else {
-                l.starts_with("0::")
-            }
-        })?;
-        let rel = line.splitn(3, ':').nth(2)?.trim_start_matches('/');
-        let mount = if self.v1 { FREEZER } else { UNIFIED };
-        Some(Path::new(mount).join(rel))
+        own_group(self.v1.then_some("freezer"))
     }
 
     /// Kills every process in it; returns how many were left after the
@@ -195,21 +183,17 @@ impl V1Limits {
         if Path::new(UNIFIED).join("cgroup.controllers").exists() {
             return None;
         }
-        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
         let name = name_for(dir);
         let mut groups = Vec::new();
         for controller in ["memory", "cpu"] {
-            let line = own.lines().find(|l| {
-                l.split(':')
-                    .nth(1)
-                    .is_some_and(|cs| cs.split(',').any(|c| c == controller))
-            })?;
-            let rel = line.splitn(3, ':').nth(2)?.trim_start_matches('/');
-            let mount = Path::new(UNIFIED).join(controller);
-            if !mount.join("cgroup.procs").exists() {
+            if !Path::new(UNIFIED)
+                .join(controller)
+                .join("cgroup.procs")
+                .exists()
+            {
                 return None;
             }
-            let current = mount.join(rel);
+            let current = own_group(Some(controller))?;
             groups.push((current.join("shoal").join(&name), current));
         }
         Some(V1Limits { groups })
@@ -280,6 +264,26 @@ pub fn remove_groups<'a>(groups: impl IntoIterator<Item = &'a Path>) {
         }
         let _ = fs::remove_dir(g);
     }
+}
+
+/// The calling process's cgroup directory: on the cgroup v1 hierarchy of
+/// `controller` (mounted at `/sys/fs/cgroup/<controller>`), or on cgroup
+/// v2 for `None`.
+fn own_group(controller: Option<&str>) -> Option<PathBuf> {
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let line = own.lines().find(|l| match controller {
+        Some(c) => l
+            .split(':')
+            .nth(1)
+            .is_some_and(|cs| cs.split(',').any(|x| x == c)),
+        None => l.starts_with("0::"),
+    })?;
+    let rel = line.splitn(3, ':').nth(2)?.trim_start_matches('/');
+    let mount = match controller {
+        Some(c) => Path::new(UNIFIED).join(c),
+        None => PathBuf::from(UNIFIED),
+    };
+    Some(mount.join(rel))
 }
 
 /// Kills every process in process group `pgid` but the caller.

@@ -352,20 +352,10 @@ impl Driver for ExecDriver {
     }
 
     async fn logs(&self, id: &InstanceId, stream: &str, max_bytes: u64) -> Result<Vec<u8>> {
-        if stream != "stdout" && stream != "stderr" {
-            bail!("unknown stream `{stream}`; use stdout or stderr");
-        }
-        let path = self.dir(id).join(format!("{stream}.log"));
-        let mut bytes = Vec::new();
-        // Oldest rotated file first.
-        for i in (1..=super::supervise::LOG_FILES_KEPT).rev() {
-            if let Ok(b) = std::fs::read(rotated(&path, i)) {
-                bytes.extend(b);
-            }
-        }
-        bytes.extend(std::fs::read(&path).unwrap_or_default());
-        let skip = bytes.len().saturating_sub(max_bytes as usize);
-        Ok(bytes.split_off(skip))
+        Ok(self
+            .log_range(id, stream, max_bytes, None, max_bytes)
+            .await?
+            .bytes)
     }
 
     async fn log_range(

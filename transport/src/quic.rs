@@ -105,6 +105,22 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Trans
     Ok(t)
 }
 
+/// The server and client sides of a node's connections with `creds`.
+fn endpoint_configs(
+    creds: &NodeCredentials,
+    tc: &Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let server_crypto = QuicServerConfig::try_from(creds.server_config()?)
+        .map_err(|e| TransportError::Credentials(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(tc.clone());
+    let client_crypto = QuicClientConfig::try_from(creds.client_config()?)
+        .map_err(|e| TransportError::Credentials(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(tc.clone());
+    Ok((server, client))
+}
+
 impl QuicTransport {
     /// Binds the node's UDP port and starts accepting connections from peers
     /// holding certificates of the same cluster CA. Returns the transport and
@@ -115,21 +131,13 @@ impl QuicTransport {
         config: QuicConfig,
     ) -> Result<(QuicTransport, Inbox), TransportError> {
         let tc = Arc::new(transport_config(&config)?);
-        let server_crypto = QuicServerConfig::try_from(creds.server_config()?)
-            .map_err(|e| TransportError::Credentials(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(tc.clone());
-        let client_crypto = QuicClientConfig::try_from(creds.client_config()?)
-            .map_err(|e| TransportError::Credentials(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(tc.clone());
-
-        let mut endpoint =
-            quinn::Endpoint::server(server, addr).map_err(|e| TransportError::Bind {
-                addr,
-                reason: e.to_string(),
-            })?;
-        endpoint.set_default_client_config(client.clone());
+        let (server, client) = endpoint_configs(creds, &tc)?;
+        // Connections are made with `connect_with` and the current client
+        // config: the endpoint needs no default one.
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| TransportError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
         let local_addr = endpoint.local_addr().map_err(|e| TransportError::Bind {
             addr,
             reason: e.to_string(),
@@ -156,14 +164,7 @@ impl QuicTransport {
     /// connections, in and out, present the new one; open connections keep
     /// theirs until they close.
     pub fn set_credentials(&self, creds: &NodeCredentials) -> Result<(), TransportError> {
-        let server_crypto = QuicServerConfig::try_from(creds.server_config()?)
-            .map_err(|e| TransportError::Credentials(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(self.inner.transport_config.clone());
-        let client_crypto = QuicClientConfig::try_from(creds.client_config()?)
-            .map_err(|e| TransportError::Credentials(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(self.inner.transport_config.clone());
+        let (server, client) = endpoint_configs(creds, &self.inner.transport_config)?;
         self.inner.endpoint.set_server_config(Some(server));
         *self.inner.client.lock().expect("lock poisoned") = client;
         Ok(())
