@@ -26,6 +26,7 @@ use shoal_core::{Recovered, Scheduler, SchedulerConfig};
 use crate::api::{self, ApiState};
 use crate::credentials::{self, Origin};
 use crate::host;
+use crate::identity;
 
 /// Everything the agent is started with.
 #[derive(Debug, Clone)]
@@ -71,6 +72,8 @@ pub struct AgentConfig {
     /// How long this node's certificates are valid (it renews them after
     /// two thirds).
     pub cert_lifetime: std::time::Duration,
+    /// How long the join tokens this node writes to its data dir are valid.
+    pub join_token_ttl: std::time::Duration,
 }
 
 /// What a running agent writes to `<data-dir>/agent.json` once it serves, so
@@ -137,12 +140,40 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             })?;
     }
     let http_token = credentials::api_token(&config.data_dir, config.http_token.as_deref())?;
-    let (ca, origin) = credentials::load_or_bootstrap(
+    let start = credentials::load_or_bootstrap(
         &config.data_dir,
         config.token.as_deref(),
         !config.join.is_empty(),
     )?;
-    let creds = ca.issue_node_for(&config.name, config.cert_lifetime)?;
+    let (ca, origin, joined_in_touch) = match start {
+        credentials::Start::Member(ca, origin) => (ca, origin, None),
+        credentials::Start::Join(token) => {
+            // The port may still be unknown (0): only the IP decides
+            // whether the name is free.
+            let ip = match config.advertise {
+                Some(a) => a.ip(),
+                None if !config.listen.ip().is_unspecified() => config.listen.ip(),
+                None => config
+                    .join
+                    .first()
+                    .and_then(|s| route_to(*s))
+                    .unwrap_or(Ipv4Addr::LOCALHOST.into()),
+            };
+            let address = SocketAddr::new(ip, config.listen.port());
+            let (ca, in_touch) =
+                identity::join(&config.join, &token, &config.name, address).await?;
+            credentials::save_ca(&config.data_dir, &ca)?;
+            info!(cluster = %ca.cluster_id, "admitted to the cluster with a join token");
+            (ca, Origin::Joined, Some(in_touch))
+        }
+    };
+    let (identity, creds) = identity::Identity::new(
+        &config.data_dir,
+        &config.name,
+        config.cert_lifetime,
+        ca.clone(),
+    )?;
+    let token = identity.write_token_file(config.join_token_ttl)?;
 
     let (transport, mut inbox) =
         QuicTransport::bind(config.listen, &creds, QuicConfig::default()).await?;
@@ -159,12 +190,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             SocketAddr::new(ip, bound.port())
         }
     };
-    let seed_in_touch = claim_name(&transport, &config.join, &config.name, advertise).await?;
-    tokio::spawn(renew_certificate(
+    // A node a member just admitted had its name checked then.
+    let seed_in_touch = match joined_in_touch {
+        Some(in_touch) => in_touch,
+        None => claim_name(&transport, &config.join, &config.name, advertise).await?,
+    };
+    tokio::spawn(identity::maintain(
+        identity.clone(),
         transport.clone(),
-        ca.clone(),
-        config.name.clone(),
-        config.cert_lifetime,
+        config.join_token_ttl,
     ));
     let generation = next_generation(&config.data_dir)?;
 
@@ -275,6 +309,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .await?,
     );
     let rpc_rx = take_inbox(&mut inbox, Service::Rpc).expect("rpc queue");
+    // Joins are answered beside the loop; their name checks join the RPC
+    // queue of the loop through a second, local queue.
+    let (claims_tx, claims_rx) = mpsc::channel(shoal_transport::INBOUND_QUEUE_LEN);
+    let join_rx = take_inbox(&mut inbox, Service::Join).expect("join queue");
+    tokio::spawn(identity::serve_joins(identity.clone(), join_rx, claims_tx));
     // Services nobody serves: closing their queues makes the transport
     // refuse such frames at once instead of parking them.
     drop(inbox);
@@ -324,6 +363,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let store_health = crate::store::StoreHealth::default();
     let store_tx = crate::store::spawn_writer(store, store_health.clone(), persisted_tx);
     let state = ApiState {
+        identity: identity.clone(),
         store_health: store_health.clone(),
         view: membership.view(),
         token: Arc::from(http_token.as_str()),
@@ -365,15 +405,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         let _ = writeln!(
             std::io::stdout(),
             "Bootstrapped a new shoal cluster ({}).\n\
-             The join token is in {} (keep it secret: it admits nodes).\n\
+             A join token is in {} (keep it secret: it admits nodes until it expires, in {}; \
+             this node keeps a current one there, and `shoal token create` makes another).\n\
              On each other machine run:\n  \
              shoal agent --join {advertise} --token-file <copy of {}>\n\
              or, with the token inline:\n  \
              shoal agent --join {advertise} --token {}",
             ca.cluster_id,
             token_path.display(),
+            humantime::format_duration(config.join_token_ttl),
             token_path.display(),
-            ca.to_token()
+            token.encode()
         );
     }
 
@@ -385,6 +427,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         store_health,
         persisted: persisted_rx,
         rpc: rpc_rx,
+        claims: claims_rx,
         driver_events: driver_rx,
         api: api_rx,
         snapshot: snapshot_tx,
@@ -502,44 +545,6 @@ async fn claim_name(
         }
     }
     Ok(false)
-}
-
-/// Issues this node a new certificate once two thirds of the current one's
-/// lifetime have passed, by the wall clock (checked every minute at most,
-/// so a suspended machine renews when it wakes), and gives it to the
-/// transport: certificates expire (a leaked one stops working), a running
-/// node's never does. A failed renewal is tried again at the next check
-/// (found in review: it waited for another two thirds of the lifetime).
-async fn renew_certificate(
-    transport: QuicTransport,
-    ca: shoal_transport::tls::ClusterCa,
-    name: String,
-    lifetime: std::time::Duration,
-) {
-    let after = shoal_transport::tls::renew_after(lifetime);
-    let check = (after / 4).min(std::time::Duration::from_secs(60));
-    let mut issued = SystemTime::now();
-    loop {
-        tokio::time::sleep(check).await;
-        let due = SystemTime::now()
-            .duration_since(issued)
-            .is_ok_and(|age| age >= after);
-        if !due {
-            continue;
-        }
-        match ca
-            .issue_node_for(&name, lifetime)
-            .and_then(|creds| transport.set_credentials(&creds))
-        {
-            Ok(()) => {
-                issued = SystemTime::now();
-                info!(valid_for = ?lifetime, "renewed this node's certificate");
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot renew this node's certificate; trying again shortly")
-            }
-        }
-    }
 }
 
 /// Deletes from `store` the job records stamped more than `bound_ms` ahead

@@ -40,6 +40,61 @@ pub struct ApiState {
     pub transport_stats: Arc<shoal_transport::TransportStats>,
     /// What the store's last write said.
     pub store_health: crate::store::StoreHealth,
+    /// This node's credentials (join tokens, CA rotation).
+    pub identity: Arc<crate::identity::Identity>,
+}
+
+/// The answer to `POST /v1/join-token`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenMade {
+    /// The token (`shoal2-...`).
+    pub token: String,
+    /// When it stops admitting nodes (seconds since the Unix epoch).
+    pub expires_unix_s: u64,
+}
+
+/// The body of `POST /v1/join-token`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinTokenAsk {
+    /// Validity, e.g. "24h" (default 24h).
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// Makes a join token.
+async fn join_token(State(state): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let ask: JoinTokenAsk = if body.is_empty() {
+        JoinTokenAsk { ttl: None }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be JSON like {{\"ttl\": \"24h\"}}: {e}"),
+                )
+            }
+        }
+    };
+    let ttl = match ask.ttl.as_deref() {
+        None => shoal_transport::tls::JOIN_TOKEN_TTL,
+        Some(t) => match crate::cli::parse_token_ttl(t) {
+            Ok(d) => d,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl {e}")),
+        },
+    };
+    match state.identity.join_token(ttl) {
+        Ok(t) => Json(JoinTokenMade {
+            token: t.encode(),
+            expires_unix_s: t.expires_s,
+        })
+        .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot make a join token: {e:#}"),
+        ),
+    }
 }
 
 /// This node's problems, each with what to do: what `/v1/health` answers
@@ -513,6 +568,7 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
             "frames_dropped_queue_full": S::get(&t.frames_dropped_queue_full),
             "sends_failed": S::get(&t.sends_failed),
             "handshakes_refused": S::get(&t.handshakes_refused),
+            "frames_refused": S::get(&t.frames_refused),
         },
         "rss_kib": crate::host::rss_kib(),
         "scheduler": state.snapshot.borrow().scheduler.clone(),
@@ -650,6 +706,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/instances", get(instances))
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
+        .route("/v1/join-token", post(join_token))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)

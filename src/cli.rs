@@ -50,6 +50,9 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Print a slot's output, fetched from whichever node runs it.
     Logs(LogsArgs),
+    /// Join tokens: `shoal token create` makes one that admits nodes until it expires.
+    #[command(subcommand)]
+    Token(crate::commands::TokenCommand),
     /// Start a local cluster of agents on loopback, kill one, watch it be detected.
     Demo(crate::demo::DemoArgs),
     /// (internal) Run one exec instance; started by the agent.
@@ -169,6 +172,11 @@ pub struct AgentArgs {
     /// longer than this should rejoin with an empty data dir.
     #[arg(long, default_value = "24h", value_parser = parse_gc_after)]
     pub job_gc_after: std::time::Duration,
+    /// How long the join token this node keeps in <data-dir>/join-token is
+    /// valid; the node writes a new one when half of that has passed.
+    /// `shoal token create --ttl` makes tokens of other lifetimes.
+    #[arg(long, default_value = "24h", value_parser = parse_token_ttl)]
+    pub join_token_ttl: std::time::Duration,
     /// How long this node's TLS certificates are valid; it issues itself a
     /// new one after two thirds (for tests: short lifetimes).
     #[arg(long, hide = true, default_value = "30d", value_parser = parse_cert_lifetime)]
@@ -191,6 +199,15 @@ fn parse_cert_lifetime(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 30d)"))?;
     if d < std::time::Duration::from_secs(3) || d > std::time::Duration::from_secs(3650 * 86_400) {
         return Err(format!("`{s}`: use between 3s and 3650d"));
+    }
+    Ok(d)
+}
+
+/// A join token's validity: 1 s to 365 days.
+pub fn parse_token_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 1h, 24h, 7d)"))?;
+    if d < std::time::Duration::from_secs(1) || d > shoal_transport::tls::JOIN_TOKEN_TTL_MAX {
+        return Err(format!("`{s}`: use between 1s and 365d"));
     }
     Ok(d)
 }
@@ -289,6 +306,7 @@ impl AgentArgs {
                 None => crate::driver::exec::default_task_user(),
             },
             cert_lifetime: self.cert_lifetime,
+            join_token_ttl: self.join_token_ttl,
             scheduler: shoal_core::SchedulerConfig {
                 max_clock_offset: self.max_clock_offset,
                 job_gc_after: self.job_gc_after,

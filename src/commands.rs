@@ -408,3 +408,45 @@ pub fn logs(args: LogsArgs) -> Result<()> {
         shown = now;
     }
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Make a join token: a new node given it (`shoal agent --join SEED
+    /// --token TOKEN`) is admitted by any member until the token expires.
+    /// It carries no key; `shoal ca rotate` invalidates every token made
+    /// before.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// How long the token admits nodes (e.g. 30m, 24h, 7d; at most 365d).
+    #[arg(long, default_value = "24h", value_parser = crate::cli::parse_token_ttl)]
+    pub ttl: std::time::Duration,
+    /// Print JSON (the token and its expiry) instead of the token alone.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn token(cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Create(args) => {
+            let body = serde_json::json!({
+                "ttl": humantime::format_duration(args.ttl).to_string()
+            })
+            .to_string();
+            let resp = Client::new(&args.client).call("POST", "/v1/join-token", Some(&body))?;
+            let made: crate::api::JoinTokenMade = resp
+                .into_json()
+                .context("the agent sent an unreadable answer")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&made)?);
+            } else {
+                println!("{}", made.token);
+            }
+            Ok(())
+        }
+    }
+}

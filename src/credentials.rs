@@ -1,10 +1,12 @@
-//! Cluster credentials on disk: bootstrap a new cluster or join one by token.
+//! Cluster credentials on disk: bootstrap a new cluster, or join one with
+//! a token.
 //!
-//! The join token is the cluster CA (certificate and key): a node holding it
-//! issues itself a node certificate, and peers accept exactly the
-//! certificates the CA signed. The token is written to
-//! `<data-dir>/join-token` with mode 0600 and reused on restart, so a node
-//! restarted with the same data dir needs no flag to rejoin.
+//! `<data-dir>/cluster-ca` (0600) holds the cluster CA, key included: a
+//! node restarted with the same data dir needs no flag to rejoin, and can
+//! admit others. `<data-dir>/join-token` (0600) holds a join token the node
+//! rewrites before it expires (see `identity`); the token holds no key.
+//! Data dirs of earlier releases kept the CA in `join-token`; it moves to
+//! `cluster-ca` at start.
 
 use std::fs;
 use std::io::Write;
@@ -12,20 +14,35 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use shoal_transport::tls::ClusterCa;
+use shoal_transport::tls::{Admission, ClusterCa, JoinToken};
 
-/// Name of the token file in the data dir.
+/// Name of the join token file in the data dir.
 pub const TOKEN_FILE: &str = "join-token";
+
+/// Name of the CA file in the data dir.
+pub const CA_FILE: &str = "cluster-ca";
 
 /// Where the credentials came from.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Origin {
     /// A new cluster was created.
     Bootstrapped,
-    /// The token came from a flag.
+    /// The CA came from a `shoal1-` token of an earlier release (it is the
+    /// CA itself).
     Given,
-    /// The token came from an earlier run's data dir.
+    /// The CA came from an earlier run's data dir.
     DataDir,
+    /// A member admitted this node with a join token.
+    Joined,
+}
+
+/// How a node starts.
+#[derive(Debug)]
+pub enum Start {
+    /// It holds the cluster CA.
+    Member(ClusterCa, Origin),
+    /// It must ask a member with this token.
+    Join(JoinToken),
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically.
@@ -84,55 +101,112 @@ pub fn api_token(data_dir: &Path, given: Option<&str>) -> Result<String> {
     Ok(token)
 }
 
-/// Finds or creates the cluster CA for this node.
+/// Reads the CA this data dir holds, moving an earlier release's (kept in
+/// `join-token`) to `cluster-ca`.
+fn stored_ca(data_dir: &Path) -> Result<Option<ClusterCa>> {
+    let ca_path = data_dir.join(CA_FILE);
+    match fs::read_to_string(&ca_path) {
+        Ok(s) => {
+            return ClusterCa::decode(&s).map(Some).with_context(|| {
+                format!(
+                    "{} is corrupt; remove it (and join again with a token from a member)",
+                    ca_path.display()
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", ca_path.display())),
+    }
+    let token_path = data_dir.join(TOKEN_FILE);
+    match fs::read_to_string(&token_path) {
+        Ok(s) if s.trim().starts_with("shoal1-") => {
+            let ca = ClusterCa::decode(&s).with_context(|| {
+                format!(
+                    "{} is corrupt; remove it to start over",
+                    token_path.display()
+                )
+            })?;
+            write_private(&ca_path, &ca.encode())?;
+            // The old token file is the CA key: gone; the agent writes a
+            // join token in its place.
+            fs::remove_file(&token_path)?;
+            Ok(Some(ca))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Finds, creates or asks for the cluster CA of this node.
 ///
 /// - `token`: from `--token` or the contents of `--token-file`.
-/// - `joining`: whether `--join` was given (then a token is required).
-pub fn load_or_bootstrap(
-    data_dir: &Path,
-    token: Option<&str>,
-    joining: bool,
-) -> Result<(ClusterCa, Origin)> {
-    let token_path = data_dir.join(TOKEN_FILE);
-    let stored = match fs::read_to_string(&token_path) {
-        Ok(s) => Some(ClusterCa::from_token(&s).with_context(|| {
-            format!(
-                "{} is corrupt; remove it to start over",
-                token_path.display()
-            )
-        })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", token_path.display())),
-    };
+/// - `joining`: whether `--join` was given (then a token is required
+///   unless the data dir holds the CA).
+pub fn load_or_bootstrap(data_dir: &Path, token: Option<&str>, joining: bool) -> Result<Start> {
+    let stored = stored_ca(data_dir)?;
+    let ca_path = data_dir.join(CA_FILE);
     if let Some(token) = token {
-        let ca = ClusterCa::from_token(token)?;
+        let given = Admission::parse(token)?;
         if let Some(old) = &stored {
-            if old.cluster_id != ca.cluster_id {
+            if old.cluster_id != given.cluster_id() {
                 bail!(
                     "data dir {} belongs to cluster {} but the token is for cluster {}; use another --data-dir or remove {}",
                     data_dir.display(),
                     old.cluster_id,
-                    ca.cluster_id,
-                    token_path.display()
+                    given.cluster_id(),
+                    ca_path.display()
                 );
             }
         }
-        write_private(&token_path, &ca.to_token())?;
-        return Ok((ca, Origin::Given));
+        return match given {
+            Admission::Ca(ca) => {
+                tracing::warn!("this token is an earlier release's, which is the cluster CA itself (key included): \
+                     anyone who saw it can admit nodes. Use join tokens (`shoal token create`) from now on, \
+                     and rotate the CA (`shoal ca rotate`) if it may have leaked");
+                write_private(&ca_path, &ca.encode())?;
+                Ok(Start::Member(ca, Origin::Given))
+            }
+            // A restart with the token still in its unit file: the data
+            // dir's CA is the token's.
+            Admission::Token(t)
+                if stored
+                    .as_ref()
+                    .is_some_and(|ca| ca.cert_der == t.ca_cert_der) =>
+            {
+                Ok(Start::Member(stored.expect("checked"), Origin::DataDir))
+            }
+            // No CA yet, or the cluster's was rotated since: ask.
+            Admission::Token(t) => {
+                if !joining {
+                    bail!(
+                        "a join token admits through a member: give --join SEED (a member's QUIC address) too"
+                    );
+                }
+                if t.expired(std::time::SystemTime::now()) {
+                    bail!("the join token has expired: create a new one with `shoal token create` on a member");
+                }
+                Ok(Start::Join(t))
+            }
+        };
     }
     if let Some(ca) = stored {
-        return Ok((ca, Origin::DataDir));
+        return Ok(Start::Member(ca, Origin::DataDir));
     }
     if joining {
         bail!(
-            "--join needs the cluster's join token: pass --token TOKEN or --token-file PATH \
-             (the first node of the cluster wrote it to <its data dir>/{TOKEN_FILE})"
+            "--join needs a join token: pass --token TOKEN or --token-file PATH \
+             (a member keeps a current one in <its data dir>/{TOKEN_FILE}; \
+             `shoal token create` on a member makes another)"
         );
     }
     let cluster_id = format!("{:016x}", rand::random::<u64>());
     let ca = ClusterCa::generate(&cluster_id)?;
-    write_private(&token_path, &ca.to_token())?;
-    Ok((ca, Origin::Bootstrapped))
+    write_private(&ca_path, &ca.encode())?;
+    Ok(Start::Member(ca, Origin::Bootstrapped))
+}
+
+/// Stores the CA a member handed this node.
+pub fn save_ca(data_dir: &Path, ca: &ClusterCa) -> Result<()> {
+    write_private(&data_dir.join(CA_FILE), &ca.encode())
 }
 
 /// Reads a token file given by `--token-file`.
@@ -149,21 +223,78 @@ pub fn read_token_file(path: &PathBuf) -> Result<String> {
 mod tests {
     use super::*;
 
+    fn member(start: Start) -> (ClusterCa, Origin) {
+        match start {
+            Start::Member(ca, origin) => (ca, origin),
+            Start::Join(_) => panic!("asked to join"),
+        }
+    }
+
     #[test]
     fn bootstrap_then_reuse_then_refuse_foreign_token() {
         let dir = tempfile::tempdir().unwrap();
-        let (ca, origin) = load_or_bootstrap(dir.path(), None, false).unwrap();
+        let (ca, origin) = member(load_or_bootstrap(dir.path(), None, false).unwrap());
         assert_eq!(origin, Origin::Bootstrapped);
-        let mode = fs::metadata(dir.path().join(TOKEN_FILE))
+        let mode = fs::metadata(dir.path().join(CA_FILE))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let (again, origin) = load_or_bootstrap(dir.path(), None, false).unwrap();
+        let (again, origin) = member(load_or_bootstrap(dir.path(), None, false).unwrap());
         assert_eq!((again, origin), (ca.clone(), Origin::DataDir));
-        let other = ClusterCa::generate("other").unwrap().to_token();
+        let other = ClusterCa::generate("other")
+            .unwrap()
+            .join_token(
+                std::time::Duration::from_secs(60),
+                std::time::SystemTime::now(),
+            )
+            .unwrap()
+            .encode();
         let err = load_or_bootstrap(dir.path(), Some(&other), true).unwrap_err();
         assert!(err.to_string().contains("belongs to cluster"), "{err}");
+        // Its own cluster's token, still in a unit file: no join needed.
+        let own = ca
+            .join_token(
+                std::time::Duration::from_secs(60),
+                std::time::SystemTime::now(),
+            )
+            .unwrap()
+            .encode();
+        let (again, origin) = member(load_or_bootstrap(dir.path(), Some(&own), true).unwrap());
+        assert_eq!((again, origin), (ca, Origin::DataDir));
+    }
+
+    #[test]
+    fn a_fresh_node_with_a_token_asks_a_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("c").unwrap();
+        let token = ca
+            .join_token(
+                std::time::Duration::from_secs(60),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        match load_or_bootstrap(dir.path(), Some(&token.encode()), true).unwrap() {
+            Start::Join(t) => assert_eq!(t, token),
+            Start::Member(..) => panic!("a token made a member without asking"),
+        }
+        assert!(!dir.path().join(CA_FILE).exists());
+        let err = load_or_bootstrap(dir.path(), Some(&token.encode()), false).unwrap_err();
+        assert!(err.to_string().contains("--join"), "{err}");
+    }
+
+    #[test]
+    fn an_earlier_releases_data_dir_moves_its_ca_out_of_the_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("c").unwrap();
+        write_private(&dir.path().join(TOKEN_FILE), &ca.encode()).unwrap();
+        let (got, origin) = member(load_or_bootstrap(dir.path(), None, false).unwrap());
+        assert_eq!((got, origin), (ca, Origin::DataDir));
+        assert!(
+            !dir.path().join(TOKEN_FILE).exists(),
+            "the CA key stayed in join-token"
+        );
+        assert!(dir.path().join(CA_FILE).exists());
     }
 
     #[test]
@@ -171,6 +302,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = load_or_bootstrap(dir.path(), None, true).unwrap_err();
         assert!(err.to_string().contains("--token"), "{err}");
-        assert!(!dir.path().join(TOKEN_FILE).exists());
+        assert!(!dir.path().join(CA_FILE).exists());
     }
 }

@@ -24,6 +24,7 @@ pub mod credentials;
 pub mod demo;
 pub mod driver;
 pub mod host;
+pub mod identity;
 pub mod launch;
 pub mod node;
 pub mod store;

@@ -50,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Stop(args) => shoal::commands::stop(args),
         Command::Scale(args) => shoal::commands::scale(args),
         Command::Logs(args) => shoal::commands::logs(args),
+        Command::Token(cmd) => shoal::commands::token(cmd),
         Command::Demo(args) => shoal::demo::run(args),
         Command::Supervise(args) => {
             let limits = args

@@ -76,6 +76,9 @@ pub struct Io {
     pub persisted: mpsc::Receiver<(u64, Result<(), String>)>,
     /// Peers' requests.
     pub rpc: mpsc::Receiver<Incoming>,
+    /// Name checks of the joins this node answers (`Request::Claim`s made
+    /// for the joining node).
+    pub claims: mpsc::Receiver<Incoming>,
     /// Driver events (instances ending).
     pub driver_events: mpsc::Receiver<DriverEvent>,
     /// API commands.
@@ -166,6 +169,39 @@ struct Shell {
     /// Inputs the loop feeds back at once (a write the store could not
     /// queue).
     immediate: Vec<Immediate>,
+}
+
+/// Hands a peer's request to the core, or answers it at once when it does
+/// not decode or claims a name other than the peer's.
+fn peer_request(shell: &mut Shell, core: &mut Scheduler, msg: Incoming) -> Vec<Effect> {
+    let Some(reply) = msg.reply else {
+        return Vec::new();
+    };
+    match Request::decode(&msg.body) {
+        // A peer may claim only the name its certificate carries (no node
+        // can push another out of the cluster's views by claiming its
+        // name).
+        Ok(Request::Claim { name, .. }) if msg.peer.as_deref().is_some_and(|p| p != name) => {
+            let peer = msg.peer.as_deref().unwrap_or_default();
+            warn!(%peer, claimed = %name, "refused a name claim for another node's name");
+            reply.respond(
+                Response::Error(format!(
+                    "the node `{peer}` may claim only its own name, not `{name}`"
+                ))
+                .encode(),
+            );
+            Vec::new()
+        }
+        Ok(req) => {
+            let token = shell.token();
+            shell.responders.insert(token, (reply, Instant::now()));
+            core.handle_request(token, req, now())
+        }
+        Err(e) => {
+            reply.respond(Response::Error(e).encode());
+            Vec::new()
+        }
+    }
 }
 
 impl Shell {
@@ -549,6 +585,7 @@ pub async fn run(
         store,
         mut persisted,
         mut rpc,
+        mut claims,
         mut driver_events,
         mut api,
         snapshot,
@@ -603,20 +640,8 @@ pub async fn run(
                 core.handle_view(cv, now())
             }
             Some(ev) = driver_events.recv() => core.handle_driver(ev, now()),
-            Some(msg) = rpc.recv() => {
-                let Some(reply) = msg.reply else { continue };
-                match Request::decode(&msg.body) {
-                    Ok(req) => {
-                        let token = shell.token();
-                        shell.responders.insert(token, (reply, Instant::now()));
-                        core.handle_request(token, req, now())
-                    }
-                    Err(e) => {
-                        reply.respond(Response::Error(e).encode());
-                        continue;
-                    }
-                }
-            }
+            Some(msg) = rpc.recv() => peer_request(&mut shell, &mut core, msg),
+            Some(msg) = claims.recv() => peer_request(&mut shell, &mut core, msg),
             Some(done) = done_rx.recv() => match done {
                 Done::Reply(call, r) => core.handle_reply(call, r, now()),
                 Done::Started(id, r) => core.handle_started(id, r, now()),

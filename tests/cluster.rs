@@ -51,18 +51,18 @@ fn strangers_are_refused_and_appear_in_no_view() {
         all_see(&agents, "n0", "alive") && all_see(&agents, "n1", "alive")
     });
 
-    // A node of another cluster, pointed at ours.
+    // A node of another cluster, pointed at ours. It holds that cluster's
+    // CA (as a member restarted with its data dir does) and no token.
     let other = tempfile::tempdir().unwrap();
     let foreign_seed = Agent::start(other.path(), "foreign-seed", None, None, &[]);
     let seed = agents[0].quic();
-    let intruder = Agent::start(
-        root.path(),
-        "intruder",
-        Some(&seed),
-        Some(&foreign_seed.token_file()),
-        &[],
-    );
-
+    std::fs::create_dir_all(root.path().join("intruder")).unwrap();
+    std::fs::copy(
+        foreign_seed.dir.join("cluster-ca"),
+        root.path().join("intruder").join("cluster-ca"),
+    )
+    .unwrap();
+    let intruder = Agent::start(root.path(), "intruder", Some(&seed), None, &[]);
     wait_until("both sides log the refusal", || {
         agents[0].stderr().contains("refused connection")
             && intruder.stderr().contains("certificate")
@@ -84,6 +84,37 @@ fn strangers_are_refused_and_appear_in_no_view() {
         .map(|n| n.name)
         .collect();
     assert_eq!(seen_by_intruder, vec!["intruder".to_string()]);
+}
+
+#[test]
+fn a_token_of_another_cluster_admits_nowhere_and_says_why() {
+    let root = tempfile::tempdir().unwrap();
+    let ours = Agent::start(root.path(), "n0", None, None, &[]);
+    let other = tempfile::tempdir().unwrap();
+    let theirs = Agent::start(other.path(), "t0", None, None, &[]);
+    let out = std::process::Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            "x",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(["--join", &ours.quic()])
+        .arg("--token-file")
+        .arg(theirs.token_file())
+        .arg("--data-dir")
+        .arg(root.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another cluster"), "{err}");
+    assert!(!root.path().join("x").join("cluster-ca").exists());
+    let names: Vec<String> = ours.nodes().unwrap().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, vec!["n0".to_string()]);
 }
 
 #[test]
@@ -141,8 +172,8 @@ fn garbage_and_oversized_frames_do_not_crash_or_stall_an_agent() {
 
     // Through a credentialed connection: an oversized frame and frames that
     // decode as no valid gossip or probe message.
-    let ca =
-        ClusterCa::from_token(&std::fs::read_to_string(agents[0].token_file()).unwrap()).unwrap();
+    let ca = ClusterCa::decode(&std::fs::read_to_string(agents[0].dir.join("cluster-ca")).unwrap())
+        .unwrap();
     let creds = ca.issue_node("fuzzer").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -5,6 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = shoal_transport::tls::ClusterCa::from_token(text);
+        // Both formats `--token` takes: a join token and an encoded CA.
+        let _ = shoal_transport::tls::Admission::parse(text);
     }
 });

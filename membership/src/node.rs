@@ -459,6 +459,13 @@ impl<T: Transport> Actor<T> {
                 target,
                 view_of_you,
             } => {
+                // A ping speaks for its sender (the detector learns the
+                // sender is alive, at that address and generation): only
+                // the node its certificate names may send it.
+                if msg.peer.as_deref().is_some_and(|p| p != from.0) {
+                    warn!(from = %msg.from, peer = ?msg.peer, claimed = %from.0, "dropped a ping sent in another node's name");
+                    return;
+                }
                 let (reply, actions) = if self.left {
                     (ProbeReply::Nack, Vec::new())
                 } else {

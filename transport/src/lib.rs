@@ -43,10 +43,19 @@ pub enum Service {
     Rpc,
     /// Reserved for tests.
     Test,
+    /// A node without credentials asks for them with a join token: the
+    /// only service a connection without a client certificate reaches.
+    Join,
 }
 
 /// Every service, for setting up one queue each.
-pub const SERVICES: [Service; 4] = [Service::Gossip, Service::Probe, Service::Rpc, Service::Test];
+pub const SERVICES: [Service; 5] = [
+    Service::Gossip,
+    Service::Probe,
+    Service::Rpc,
+    Service::Test,
+    Service::Join,
+];
 
 /// What travels on one QUIC stream: a service tag and an opaque body that
 /// the service encodes itself (postcard throughout shoal).
@@ -72,6 +81,10 @@ pub const INBOUND_QUEUE_LEN: usize = 1024;
 pub struct Incoming {
     /// The peer's address (its QUIC endpoint).
     pub from: SocketAddr,
+    /// The node name in the peer's certificate: the only node it may speak
+    /// for. `None` on a join connection (no certificate yet) and on a
+    /// [`MemTransport`] attached without a name.
+    pub peer: Option<Arc<str>>,
     /// The frame's body.
     pub body: Vec<u8>,
     /// Present when the peer awaits a response (a request).
@@ -170,6 +183,9 @@ pub struct TransportStats {
     pub sends_failed: AtomicU64,
     /// Handshakes refused (peer without valid cluster credentials).
     pub handshakes_refused: AtomicU64,
+    /// Frames dropped because their connection may not reach their service
+    /// (anything but a join on a join connection).
+    pub frames_refused: AtomicU64,
 }
 
 impl TransportStats {
@@ -262,15 +278,26 @@ impl Dispatch {
         )
     }
 
-    /// Delivers a raw frame; returns false if it was dropped.
+    /// Delivers a raw frame; returns false if it was dropped. A frame on a
+    /// join connection (`joining`: the peer has no certificate yet)
+    /// reaches [`Service::Join`] only.
     pub(crate) fn deliver_raw(
         &self,
         from: SocketAddr,
+        peer: Option<&Arc<str>>,
+        joining: bool,
         bytes: &[u8],
         reply: Option<Responder>,
     ) -> bool {
         match decode_frame(bytes) {
-            Some(frame) => self.deliver(from, frame, reply),
+            Some(frame) if !joining || frame.service == Service::Join => {
+                self.deliver(from, peer.cloned(), frame, reply)
+            }
+            Some(frame) => {
+                TransportStats::add(&self.stats.frames_refused, 1);
+                tracing::debug!(%from, service = ?frame.service, "dropped a frame for a service this connection may not reach");
+                false
+            }
             None => {
                 TransportStats::add(&self.stats.frames_undecodable, 1);
                 tracing::debug!(%from, len = bytes.len(), "dropped undecodable frame");
@@ -279,13 +306,20 @@ impl Dispatch {
         }
     }
 
-    pub(crate) fn deliver(&self, from: SocketAddr, frame: Frame, reply: Option<Responder>) -> bool {
+    pub(crate) fn deliver(
+        &self,
+        from: SocketAddr,
+        peer: Option<Arc<str>>,
+        frame: Frame,
+        reply: Option<Responder>,
+    ) -> bool {
         let Some((_, tx)) = self.queues.iter().find(|(s, _)| *s == frame.service) else {
             return false;
         };
         let len = frame.body.len() as u64;
         match tx.try_send(Incoming {
             from,
+            peer,
             body: frame.body,
             reply,
         }) {

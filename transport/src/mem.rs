@@ -29,8 +29,27 @@ impl MemNetwork {
         Self::default()
     }
 
-    /// Attaches a node at `addr`.
+    /// Attaches a node at `addr`; its frames arrive without a name
+    /// ([`crate::Incoming::peer`] is `None`).
     pub fn bind(&self, addr: SocketAddr) -> Result<(MemTransport, Inbox), TransportError> {
+        self.attach(addr, None)
+    }
+
+    /// Attaches a node at `addr` whose frames arrive with `name` as
+    /// [`crate::Incoming::peer`], as a certificate names a QUIC peer.
+    pub fn bind_named(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<(MemTransport, Inbox), TransportError> {
+        self.attach(addr, Some(Arc::from(name)))
+    }
+
+    fn attach(
+        &self,
+        addr: SocketAddr,
+        name: Option<Arc<str>>,
+    ) -> Result<(MemTransport, Inbox), TransportError> {
         let stats = Arc::new(TransportStats::default());
         let (dispatch, inbox) = Dispatch::new(stats.clone());
         let mut net = self.net.lock().expect("lock poisoned");
@@ -45,6 +64,7 @@ impl MemNetwork {
             MemTransport {
                 network: self.clone(),
                 addr,
+                name,
                 stats,
             },
             inbox,
@@ -79,6 +99,7 @@ impl MemNetwork {
 pub struct MemTransport {
     network: MemNetwork,
     addr: SocketAddr,
+    name: Option<Arc<str>>,
     stats: Arc<TransportStats>,
 }
 
@@ -100,7 +121,7 @@ impl Transport for MemTransport {
         TransportStats::add(&self.stats.bytes_sent, len);
         // Like UDP: a frame to nowhere vanishes silently.
         if let Some(dispatch) = self.network.route(self.addr, to) {
-            dispatch.deliver_raw(self.addr, &frame, None);
+            dispatch.deliver_raw(self.addr, self.name.as_ref(), false, &frame, None);
         }
         Ok(())
     }
@@ -119,7 +140,13 @@ impl Transport for MemTransport {
             return Err(TransportError::Timeout(to));
         };
         let (responder, rx) = Responder::channel();
-        if !dispatch.deliver_raw(self.addr, &frame, Some(responder)) {
+        if !dispatch.deliver_raw(
+            self.addr,
+            self.name.as_ref(),
+            false,
+            &frame,
+            Some(responder),
+        ) {
             return Err(TransportError::Closed {
                 addr: to,
                 reason: "peer queue full".into(),

@@ -16,7 +16,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::tls::{NodeCredentials, CLUSTER_SERVER_NAME};
+use crate::tls::{peer_name, JoinToken, NodeCredentials, CLUSTER_SERVER_NAME, JOIN_ALPN};
 use crate::{
     encode_frame, Dispatch, Inbox, Responder, Service, Transport, TransportError, TransportStats,
     FRAME_LEN_MAX,
@@ -49,6 +49,11 @@ pub struct QuicConfig {
     /// Peers with a cached connection at most; beyond it new outbound
     /// connections are refused.
     pub peers_max: usize,
+    /// Join connections (from nodes without credentials) served at once;
+    /// beyond it new ones are closed. Each carries one exchange.
+    pub joins_in_flight_max: usize,
+    /// How long a join connection may stay open.
+    pub join_timeout: Duration,
 }
 
 impl Default for QuicConfig {
@@ -62,6 +67,8 @@ impl Default for QuicConfig {
             streams_per_connection_max: 256,
             serve_timeout: Duration::from_secs(30),
             peers_max: 16 * 1024,
+            joins_in_flight_max: 16,
+            join_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,6 +87,7 @@ struct Inner {
     stats: Arc<TransportStats>,
     send_permits: Arc<Semaphore>,
     handshake_permits: Arc<Semaphore>,
+    join_permits: Arc<Semaphore>,
     config: QuicConfig,
 }
 
@@ -154,6 +162,7 @@ impl QuicTransport {
             stats,
             send_permits: Arc::new(Semaphore::new(config.sends_in_flight_max)),
             handshake_permits: Arc::new(Semaphore::new(config.handshakes_in_flight_max)),
+            join_permits: Arc::new(Semaphore::new(config.joins_in_flight_max)),
             config,
         });
         tokio::spawn(accept_loop(inner.clone()));
@@ -216,8 +225,23 @@ impl QuicTransport {
                 return Err(TransportError::Timeout(to));
             }
         };
+        let Some(peer) = cert_name(&conn) else {
+            drop(guard);
+            forget_slot(inner, to, &slot);
+            conn.close(0u32.into(), b"certificate names no node");
+            TransportStats::add(&inner.stats.handshakes_refused, 1);
+            return Err(TransportError::Connect {
+                addr: to,
+                reason: "its certificate names no node".into(),
+            });
+        };
         *guard = Some(conn.clone());
-        tokio::spawn(serve_connection(inner.clone(), conn.clone(), slot.clone()));
+        tokio::spawn(serve_connection(
+            inner.clone(),
+            conn.clone(),
+            slot.clone(),
+            peer,
+        ));
         Ok(conn)
     }
 
@@ -261,6 +285,79 @@ fn forget_slot(inner: &Inner, to: SocketAddr, slot: &Slot) {
     }
 }
 
+/// The node name in the certificate a connection's peer presented.
+fn cert_name(conn: &quinn::Connection) -> Option<Arc<str>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    peer_name(certs.first()?).map(Arc::from)
+}
+
+/// Whether a connection was made to join (ALPN [`JOIN_ALPN`]).
+fn is_join(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == JOIN_ALPN)
+}
+
+/// Sends one join request to `seed` without node credentials, trusting the
+/// seed only if the token's CA certified it, and returns its answer. A
+/// throwaway client endpoint makes the call: the node binds its own once
+/// it has credentials.
+pub async fn join_call(
+    seed: SocketAddr,
+    token: &JoinToken,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<Vec<u8>, TransportError> {
+    let frame = encode_frame(Service::Join, body)?;
+    let crypto = QuicClientConfig::try_from(token.client_config()?)
+        .map_err(|e| TransportError::Credentials(e.to_string()))?;
+    let client = quinn::ClientConfig::new(Arc::new(crypto));
+    let bind: SocketAddr = if seed.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Bind {
+        addr: bind,
+        reason: e.to_string(),
+    })?;
+    let call = async {
+        let conn = endpoint
+            .connect_with(client, seed, CLUSTER_SERVER_NAME)
+            .map_err(|e| TransportError::Connect {
+                addr: seed,
+                reason: e.to_string(),
+            })?
+            .await
+            .map_err(|e| TransportError::Connect {
+                addr: seed,
+                reason: e.to_string(),
+            })?;
+        let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
+            addr: seed,
+            reason: e.to_string(),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
+        send.write_all(&frame).await.map_err(|e| closed(&e))?;
+        send.finish().map_err(|e| closed(&e))?;
+        let resp = recv
+            .read_to_end(FRAME_LEN_MAX)
+            .await
+            .map_err(|e| closed(&e))?;
+        conn.close(0u32.into(), b"joined");
+        Ok(resp)
+    };
+    let r = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| TransportError::Timeout(seed))?;
+    endpoint.close(0u32.into(), b"done");
+    r
+}
+
 fn is_refusal(e: &quinn::ConnectionError) -> bool {
     match e {
         // A TLS alert from the peer, or our own verifier rejecting its
@@ -291,6 +388,19 @@ async fn accept_loop(inner: Arc<Inner>) {
                 }
             };
             drop(permit);
+            if is_join(&conn) {
+                serve_join(inner, conn).await;
+                return;
+            }
+            let Some(peer) = cert_name(&conn) else {
+                // TLS 1.3 lets a client finish its handshake before the
+                // server has checked its (absent) certificate: the
+                // refusal comes now, before any stream is read.
+                TransportStats::add(&inner.stats.handshakes_refused, 1);
+                warn!(peer = %remote, "refused connection: the peer presented no certificate signed by this cluster's CA (wrong or missing join token?)");
+                conn.close(0u32.into(), b"a certificate of this cluster is required");
+                return;
+            };
             let slot = {
                 let mut conns = inner.conns.lock().expect("lock poisoned");
                 conns.entry(remote).or_default().clone()
@@ -305,21 +415,62 @@ async fn accept_loop(inner: Arc<Inner>) {
                     }
                 }
             }
-            serve_connection(inner, conn, slot).await;
+            serve_connection(inner, conn, slot, peer).await;
         });
     }
 }
 
-async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, slot: Slot) {
+/// Serves a join connection: one request to [`Service::Join`], within the
+/// join timeout, then the connection closes.
+async fn serve_join(inner: Arc<Inner>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let Ok(_permit) = inner.join_permits.clone().try_acquire_owned() else {
+        warn!(peer = %remote, "too many joins in progress; refusing one");
+        conn.close(0u32.into(), b"busy");
+        return;
+    };
+    let exchange = async {
+        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+        let bytes = recv.read_to_end(FRAME_LEN_MAX).await.ok()?;
+        let (responder, rx) = Responder::channel();
+        if !inner
+            .dispatch
+            .deliver_raw(remote, None, true, &bytes, Some(responder))
+        {
+            let _ = send.reset(0u32.into());
+            return None;
+        }
+        let resp = rx.await.ok()?;
+        if resp.len() > FRAME_LEN_MAX {
+            let _ = send.reset(0u32.into());
+            return None;
+        }
+        send.write_all(&resp).await.ok()?;
+        send.finish().ok()?;
+        // Let the answer reach the joining node before closing.
+        let _ = tokio::time::timeout(inner.config.join_timeout, conn.closed()).await;
+        Some(())
+    };
+    if tokio::time::timeout(inner.config.join_timeout, exchange)
+        .await
+        .is_err()
+    {
+        debug!(peer = %remote, "join connection timed out");
+    }
+    conn.close(0u32.into(), b"done");
+}
+
+async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, slot: Slot, peer: Arc<str>) {
     let remote = conn.remote_address();
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
                 Ok(mut recv) => {
                     let inner = inner.clone();
+                    let peer = peer.clone();
                     tokio::spawn(async move {
                         match recv.read_to_end(FRAME_LEN_MAX).await {
-                            Ok(bytes) => { inner.dispatch.deliver_raw(remote, &bytes, None); }
+                            Ok(bytes) => { inner.dispatch.deliver_raw(remote, Some(&peer), false, &bytes, None); }
                             Err(quinn::ReadToEndError::TooLong) => {
                                 TransportStats::add(&inner.stats.frames_oversized, 1);
                                 warn!(peer = %remote, "dropped oversized frame");
@@ -334,6 +485,7 @@ async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, slot: Slot
             bi = conn.accept_bi() => match bi {
                 Ok((mut send, mut recv)) => {
                     let inner = inner.clone();
+                    let peer = peer.clone();
                     tokio::spawn(async move {
                         let bytes = match recv.read_to_end(FRAME_LEN_MAX).await {
                             Ok(bytes) => bytes,
@@ -347,7 +499,7 @@ async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, slot: Slot
                             Err(e) => { debug!(peer = %remote, error = %e, "stream failed"); return; }
                         };
                         let (responder, rx) = Responder::channel();
-                        if !inner.dispatch.deliver_raw(remote, &bytes, Some(responder)) {
+                        if !inner.dispatch.deliver_raw(remote, Some(&peer), false, &bytes, Some(responder)) {
                             let _ = send.reset(0u32.into());
                             return;
                         }

@@ -1,9 +1,18 @@
 //! Cluster credentials: the cluster CA, join tokens and per-node certificates,
 //! and the rustls configurations that enforce mutual TLS with them.
 //!
-//! Every node certificate is signed by the cluster CA. Both ends of every QUIC
-//! connection present one and verify the other's against the CA, so a peer
-//! holding another cluster's credentials (or none) fails the handshake.
+//! Every node certificate is signed by the cluster CA and names its node
+//! (the subject's common name). Both ends of every QUIC connection present
+//! one and verify the other's against the CA, so a peer holding another
+//! cluster's credentials (or none) fails the handshake, and each side knows
+//! the name the other may speak for ([`peer_name`]).
+//!
+//! A join token ([`JoinToken`], `shoal2-...`) does not carry the CA key: it
+//! carries the CA certificate (so the joining node can authenticate the
+//! member it asks), an expiry, and a MAC under a key derived from the CA
+//! key, which any member can check and nobody without the CA key can forge.
+//! The member that checks it hands the joining node its credentials over
+//! that authenticated connection (see `shoal`'s agent).
 
 use std::sync::Arc;
 
@@ -24,6 +33,11 @@ pub const CLUSTER_SERVER_NAME: &str = "shoal-node";
 /// ALPN protocol id of shoal's node-to-node protocol (version 1).
 pub const ALPN: &[u8] = b"shoal/1";
 
+/// ALPN protocol id of a join: a node without credentials, holding a join
+/// token, asks a member for them. Such a connection carries one
+/// `Service::Join` exchange and nothing else.
+pub const JOIN_ALPN: &[u8] = b"shoal-join/1";
+
 /// How long a node certificate is valid. A node issues itself a new one
 /// at every start and once two thirds of it have passed (see
 /// `renew_after`), so a certificate that leaks stops working within weeks.
@@ -39,12 +53,183 @@ pub fn renew_after(lifetime: std::time::Duration) -> std::time::Duration {
     lifetime / 3 * 2
 }
 
-/// Prefix of a join token; the digit is the token format version.
-const TOKEN_PREFIX: &str = "shoal1-";
+/// Prefix of an encoded CA (certificate and key), the format of
+/// `<data-dir>/cluster-ca` and of the join tokens of releases before
+/// `shoal2-` tokens, which were the CA itself.
+const CA_PREFIX: &str = "shoal1-";
 
-/// Longest join token accepted (characters). A real one is ~700; the bound
-/// keeps a decoder of untrusted input from allocating on a whim.
+/// Prefix of a join token; the digit is the token format version.
+const TOKEN_PREFIX: &str = "shoal2-";
+
+/// Longest join token or encoded CA accepted (characters). A real one is
+/// ~700; the bound keeps a decoder of untrusted input from allocating on a
+/// whim.
 pub const TOKEN_LEN_MAX: usize = 8 * 1024;
+
+/// How long a join token is valid unless asked otherwise, as kubeadm's
+/// bootstrap tokens: long enough to add machines today, short enough that a
+/// token found in a shell history or a CI log next week is worthless.
+pub const JOIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Longest validity a join token may be given.
+pub const JOIN_TOKEN_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// A credential that admits a node: a join token, or (from releases before
+/// them) the CA itself.
+#[derive(Debug, Clone)]
+pub enum Admission {
+    /// A `shoal2-` join token: the node asks a member for its credentials.
+    Token(JoinToken),
+    /// A `shoal1-` token of an earlier release: the CA with its key.
+    Ca(ClusterCa),
+}
+
+impl Admission {
+    /// Decodes what `--token` holds; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Admission, TransportError> {
+        let text = text.trim();
+        if text.starts_with(CA_PREFIX) {
+            return ClusterCa::decode(text).map(Admission::Ca);
+        }
+        JoinToken::parse(text).map(Admission::Token)
+    }
+
+    /// The cluster the credential admits to.
+    pub fn cluster_id(&self) -> &str {
+        match self {
+            Admission::Token(t) => &t.cluster_id,
+            Admission::Ca(ca) => &ca.cluster_id,
+        }
+    }
+}
+
+/// A join token: admits a node to the cluster until it expires.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JoinToken {
+    /// The cluster.
+    pub cluster_id: String,
+    /// The CA certificate (DER): the joining node trusts the member that
+    /// answers only if the member's certificate is signed by it.
+    pub ca_cert_der: Vec<u8>,
+    /// Valid until then (seconds since the Unix epoch).
+    pub expires_s: u64,
+    /// Random, so that two tokens made in one second differ.
+    pub nonce: [u8; 16],
+    /// HMAC-SHA256 of the fields above under a key derived from the CA key.
+    pub mac: Vec<u8>,
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinToken")
+            .field("cluster_id", &self.cluster_id)
+            .field("expires_s", &self.expires_s)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bytes a token's MAC covers: every field but the MAC, in a fixed
+/// layout.
+fn token_signed_bytes(
+    cluster_id: &str,
+    ca_cert_der: &[u8],
+    expires_s: u64,
+    nonce: &[u8; 16],
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + cluster_id.len() + ca_cert_der.len());
+    b.extend_from_slice(b"shoal join token v2\0");
+    b.extend_from_slice(&(cluster_id.len() as u64).to_be_bytes());
+    b.extend_from_slice(cluster_id.as_bytes());
+    b.extend_from_slice(&(ca_cert_der.len() as u64).to_be_bytes());
+    b.extend_from_slice(ca_cert_der);
+    b.extend_from_slice(&expires_s.to_be_bytes());
+    b.extend_from_slice(nonce);
+    b
+}
+
+fn unix_s(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl JoinToken {
+    /// Decodes a join token; the error says what is wrong with it. Only
+    /// the format is checked here: the MAC needs the CA key
+    /// ([`ClusterCa::check_token`]).
+    pub fn parse(token: &str) -> Result<JoinToken, TransportError> {
+        let token = token.trim();
+        if token.len() > TOKEN_LEN_MAX {
+            return Err(TransportError::BadToken(format!(
+                "token is {} characters long, more than the {TOKEN_LEN_MAX} a shoal token can be",
+                token.len()
+            )));
+        }
+        let body = token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+            TransportError::BadToken(format!(
+                "a shoal join token starts with `{TOKEN_PREFIX}`; copy it whole from a member's \
+                 `<data-dir>/join-token` file or from `shoal token create`"
+            ))
+        })?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|e| TransportError::BadToken(format!("token is not valid base64url: {e}")))?;
+        let token: JoinToken = postcard::from_bytes(&bytes)
+            .map_err(|e| TransportError::BadToken(format!("token is truncated or corrupt: {e}")))?;
+        if token.mac.len() != 32 {
+            return Err(TransportError::BadToken(
+                "token is corrupt (its MAC)".into(),
+            ));
+        }
+        Ok(token)
+    }
+
+    /// Encodes the token (`shoal2-<base64url>`).
+    pub fn encode(&self) -> String {
+        let bytes = postcard::to_stdvec(self).expect("in-memory encoding cannot fail");
+        format!(
+            "{TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        )
+    }
+
+    /// Whether the token has expired at `now`.
+    pub fn expired(&self, now: std::time::SystemTime) -> bool {
+        unix_s(now) >= self.expires_s
+    }
+
+    /// rustls client config of a join: trusts a server certified by the
+    /// token's CA and presents no certificate (the node has none yet).
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TransportError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca_cert_der.clone()))
+            .map_err(|e| {
+                TransportError::BadToken(format!("token holds an unusable CA certificate: {e}"))
+            })?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![JOIN_ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+/// The name a node certificate speaks for (its subject's common name), or
+/// `None` if the certificate does not parse or names nothing valid.
+pub fn peer_name(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// The public key (SubjectPublicKeyInfo's key bits) of a certificate.
+pub fn public_key(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
+}
 
 /// The cluster's certificate authority: whoever holds it can issue node
 /// certificates, so it is the cluster's join credential.
@@ -107,6 +292,18 @@ impl ClusterCa {
         node_name: &str,
         lifetime: std::time::Duration,
     ) -> Result<NodeCredentials, TransportError> {
+        self.issue_node_keyed(node_name, lifetime, None)
+    }
+
+    /// As [`ClusterCa::issue_node_for`], for the key pair `key_der`
+    /// (PKCS#8) when given, else a new one. A node keeps its key across
+    /// renewals: what it signed stays verifiable under its new certificate.
+    pub fn issue_node_keyed(
+        &self,
+        node_name: &str,
+        lifetime: std::time::Duration,
+        key_der: Option<&[u8]>,
+    ) -> Result<NodeCredentials, TransportError> {
         let ca_key = KeyPair::try_from(self.key_der.as_slice()).map_err(tls_err)?;
         let issuer = Issuer::new(ca_params(&self.cluster_id)?, ca_key);
         let mut params =
@@ -127,37 +324,114 @@ impl ClusterCa {
         params.not_after = now
             .checked_add(lifetime)
             .ok_or_else(|| tls_err("the certificate lifetime is out of range"))?;
-        let key = KeyPair::generate().map_err(tls_err)?;
+        let key = match key_der {
+            Some(der) => KeyPair::try_from(der).map_err(tls_err)?,
+            None => KeyPair::generate().map_err(tls_err)?,
+        };
         let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
         Ok(NodeCredentials {
+            also_trusted: Vec::new(),
             ca_cert_der: self.cert_der.clone(),
             cert_der: cert.der().to_vec(),
             key_der: key.serialize_der(),
         })
     }
 
-    /// Encodes the CA as a join token (`shoal1-<base64url>`).
-    pub fn to_token(&self) -> String {
+    /// Encodes the CA, key included (`shoal1-<base64url>`): the format of
+    /// `<data-dir>/cluster-ca`. Never a join token.
+    pub fn encode(&self) -> String {
         let bytes = postcard::to_stdvec(self).expect("in-memory encoding cannot fail");
         format!(
-            "{TOKEN_PREFIX}{}",
+            "{CA_PREFIX}{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         )
     }
 
-    /// Decodes a join token; the error says what is wrong with it.
-    pub fn from_token(token: &str) -> Result<Self, TransportError> {
-        let token = token.trim();
+    /// A join token valid for `ttl` from `now` (at most
+    /// [`JOIN_TOKEN_TTL_MAX`]).
+    pub fn join_token(
+        &self,
+        ttl: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<JoinToken, TransportError> {
+        if ttl.is_zero() || ttl > JOIN_TOKEN_TTL_MAX {
+            return Err(TransportError::BadToken(format!(
+                "a join token's validity must be between 1 s and {} days",
+                JOIN_TOKEN_TTL_MAX.as_secs() / 86_400
+            )));
+        }
+        let expires_s = unix_s(now)
+            .checked_add(ttl.as_secs().max(1))
+            .ok_or_else(|| TransportError::BadToken("the clock is out of range".into()))?;
+        let nonce: [u8; 16] = {
+            let mut n = [0u8; 16];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
+                .map_err(|_| tls_err("no randomness"))?;
+            n
+        };
+        let signed = token_signed_bytes(&self.cluster_id, &self.cert_der, expires_s, &nonce);
+        let mac = ring::hmac::sign(&self.mac_key(), &signed).as_ref().to_vec();
+        Ok(JoinToken {
+            cluster_id: self.cluster_id.clone(),
+            ca_cert_der: self.cert_der.clone(),
+            expires_s,
+            nonce,
+            mac,
+        })
+    }
+
+    /// The key of join tokens' MACs: derived from the CA key and a label,
+    /// so it is never the CA key itself and means nothing anywhere else.
+    fn mac_key(&self) -> ring::hmac::Key {
+        let mut material = b"shoal join token mac key\0".to_vec();
+        material.extend_from_slice(&self.key_der);
+        let derived = ring::digest::digest(&ring::digest::SHA256, &material);
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+    }
+
+    /// Checks that `token` was made by a holder of this CA and has not
+    /// expired; the error says why not.
+    pub fn check_token(&self, token: &JoinToken, now: std::time::SystemTime) -> Result<(), String> {
+        if token.cluster_id != self.cluster_id {
+            return Err(format!(
+                "the token is for cluster {}, this is cluster {}",
+                token.cluster_id, self.cluster_id
+            ));
+        }
+        let signed = token_signed_bytes(
+            &token.cluster_id,
+            &token.ca_cert_der,
+            token.expires_s,
+            &token.nonce,
+        );
+        // ring compares the MAC in constant time.
+        if ring::hmac::verify(&self.mac_key(), &signed, &token.mac).is_err() {
+            return Err(
+                "the token was not made by this cluster (or its CA was rotated since): \
+                 create a new one with `shoal token create` on a member"
+                    .into(),
+            );
+        }
+        if token.expired(now) {
+            return Err(
+                "the token has expired: create a new one with `shoal token create` on a member"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Decodes an encoded CA; the error says what is wrong with it.
+    pub fn decode(text: &str) -> Result<Self, TransportError> {
+        let token = text.trim();
         if token.len() > TOKEN_LEN_MAX {
             return Err(TransportError::BadToken(format!(
                 "token is {} characters long, more than the {TOKEN_LEN_MAX} a shoal token can be",
                 token.len()
             )));
         }
-        let body = token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-            TransportError::BadToken(format!(
-                "a shoal join token starts with `{TOKEN_PREFIX}`; copy it whole from the first node's `join-token` file"
-            ))
+        let body = token.strip_prefix(CA_PREFIX).ok_or_else(|| {
+            TransportError::BadToken(format!("an encoded shoal CA starts with `{CA_PREFIX}`"))
         })?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
@@ -177,6 +451,10 @@ impl ClusterCa {
 pub struct NodeCredentials {
     /// The cluster CA certificate (DER).
     pub ca_cert_der: Vec<u8>,
+    /// Other CA certificates whose certificates peers may present: during a
+    /// CA rotation, the other of the old and the new CA.
+    #[serde(default)]
+    pub also_trusted: Vec<Vec<u8>>,
     /// This node's certificate, signed by the CA (DER).
     pub cert_der: Vec<u8>,
     /// This node's private key (PKCS#8 DER).
@@ -196,9 +474,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl NodeCredentials {
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, TransportError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(self.ca_cert_der.clone()))
-            .map_err(tls_err)?;
+        for der in std::iter::once(&self.ca_cert_der).chain(&self.also_trusted) {
+            roots
+                .add(CertificateDer::from(der.clone()))
+                .map_err(tls_err)?;
+        }
         Ok(Arc::new(roots))
     }
 
@@ -209,11 +489,15 @@ impl NodeCredentials {
         )
     }
 
-    /// rustls server config: presents this node's certificate and requires a
-    /// client certificate signed by the cluster CA.
+    /// rustls server config: presents this node's certificate and verifies
+    /// a client certificate against the cluster CA. A client may present
+    /// none only to join (ALPN [`JOIN_ALPN`]): the transport closes a
+    /// [`ALPN`] connection without a client certificate at once, and
+    /// serves a join connection one `Service::Join` exchange.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TransportError> {
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+                .allow_unauthenticated()
                 .build()
                 .map_err(tls_err)?;
         let (chain, key) = self.chain_and_key();
@@ -223,7 +507,7 @@ impl NodeCredentials {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(tls_err)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = vec![ALPN.to_vec(), JOIN_ALPN.to_vec()];
         Ok(config)
     }
 
@@ -247,24 +531,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_roundtrip_and_rejections() {
+    fn ca_encoding_roundtrip_and_rejections() {
         let ca = ClusterCa::generate("c1").unwrap();
-        let token = ca.to_token();
-        assert_eq!(ClusterCa::from_token(&token).unwrap(), ca);
+        let text = ca.encode();
+        assert_eq!(ClusterCa::decode(&text).unwrap(), ca);
         assert!(matches!(
-            ClusterCa::from_token("nope"),
+            ClusterCa::decode("nope"),
             Err(TransportError::BadToken(_))
         ));
-        let truncated = &token[..token.len() / 2];
+        let truncated = &text[..text.len() / 2];
         assert!(matches!(
-            ClusterCa::from_token(truncated),
+            ClusterCa::decode(truncated),
             Err(TransportError::BadToken(_))
         ));
-        let long = format!("{TOKEN_PREFIX}{}", "A".repeat(TOKEN_LEN_MAX));
+        let long = format!("{CA_PREFIX}{}", "A".repeat(TOKEN_LEN_MAX));
         assert!(matches!(
-            ClusterCa::from_token(&long),
+            ClusterCa::decode(&long),
             Err(TransportError::BadToken(_))
         ));
+    }
+
+    #[test]
+    fn a_join_token_admits_until_it_expires_and_holds_no_key() {
+        let ca = ClusterCa::generate("c1").unwrap();
+        let now = std::time::SystemTime::now();
+        let token = ca
+            .join_token(std::time::Duration::from_secs(3600), now)
+            .unwrap();
+        let text = token.encode();
+        assert!(text.starts_with(TOKEN_PREFIX), "{text}");
+        let parsed = match Admission::parse(&text).unwrap() {
+            Admission::Token(t) => t,
+            Admission::Ca(_) => panic!("a join token decoded as a CA"),
+        };
+        assert_eq!(parsed, token);
+        assert!(text.len() < 1200, "token of {} characters", text.len());
+        // The CA key is nowhere in it.
+        let bytes = postcard::to_stdvec(&parsed).unwrap();
+        assert!(!bytes
+            .windows(ca.key_der.len())
+            .any(|w| w == ca.key_der.as_slice()));
+        ca.check_token(&parsed, now).unwrap();
+        let later = now + std::time::Duration::from_secs(3601);
+        assert!(ca
+            .check_token(&parsed, later)
+            .unwrap_err()
+            .contains("expired"));
+        // Forged expiry: the MAC no longer matches.
+        let mut forged = parsed.clone();
+        forged.expires_s += 86_400;
+        assert!(ca
+            .check_token(&forged, later)
+            .unwrap_err()
+            .contains("not made by"));
+        // Another CA of the same cluster id (a rotated one) refuses it.
+        let other = ClusterCa::generate("c1").unwrap();
+        assert!(other.check_token(&parsed, now).is_err());
+        // An old-style token is the CA itself.
+        assert!(matches!(Admission::parse(&ca.encode()).unwrap(), Admission::Ca(c) if c == ca));
+        assert!(ca
+            .join_token(JOIN_TOKEN_TTL_MAX + std::time::Duration::from_secs(1), now)
+            .is_err());
+    }
+
+    #[test]
+    fn a_certificate_names_its_node_and_keeps_its_key_when_renewed() {
+        let ca = ClusterCa::generate("c1").unwrap();
+        let first = ca.issue_node("n7").unwrap();
+        assert_eq!(peer_name(&first.cert_der).as_deref(), Some("n7"));
+        let renewed = ca
+            .issue_node_keyed("n7", CERT_LIFETIME, Some(&first.key_der))
+            .unwrap();
+        assert_ne!(renewed.cert_der, first.cert_der);
+        assert_eq!(public_key(&renewed.cert_der), public_key(&first.cert_der));
+        let fresh = ca.issue_node("n7").unwrap();
+        assert_ne!(public_key(&fresh.cert_der), public_key(&first.cert_der));
+        assert_eq!(peer_name(b"garbage"), None);
     }
 
     #[test]

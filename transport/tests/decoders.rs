@@ -4,7 +4,7 @@
 
 use chitchat::{ChitchatMessage, Deserializable};
 use proptest::prelude::*;
-use shoal_transport::tls::ClusterCa;
+use shoal_transport::tls::{Admission, ClusterCa};
 use shoal_transport::{decode_frame, encode_frame, Service};
 
 fn mutate(mut bytes: Vec<u8>, edits: &[(usize, u8)], cut: usize) -> Vec<u8> {
@@ -41,26 +41,41 @@ proptest! {
 
     #[test]
     fn join_token_decoder(s in ".{0,400}", raw in prop::collection::vec(any::<u8>(), 0..400)) {
-        let _ = ClusterCa::from_token(&s);
-        let _ = ClusterCa::from_token(&format!("shoal1-{s}"));
+        let _ = Admission::parse(&s);
+        let _ = Admission::parse(&format!("shoal1-{s}"));
+        let _ = Admission::parse(&format!("shoal2-{s}"));
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
-        let _ = ClusterCa::from_token(&format!("shoal1-{b64}"));
+        let _ = Admission::parse(&format!("shoal1-{b64}"));
+        let _ = Admission::parse(&format!("shoal2-{b64}"));
     }
 }
 
 #[test]
 fn join_token_decoder_on_mutated_tokens() {
-    let token = ClusterCa::generate("fuzz").unwrap().to_token();
-    let bytes = token.as_bytes().to_vec();
-    for i in 0..bytes.len() {
-        for flip in [1u8, 0x20, 0x7f] {
-            let mut b = bytes.clone();
-            b[i] ^= flip;
-            if let Ok(s) = String::from_utf8(b) {
-                let _ = ClusterCa::from_token(&s);
+    let ca = ClusterCa::generate("fuzz").unwrap();
+    let now = std::time::SystemTime::now();
+    let original = ca
+        .join_token(std::time::Duration::from_secs(600), now)
+        .unwrap();
+    let join = original.encode();
+    for token in [ca.encode(), join.clone()] {
+        let bytes = token.as_bytes().to_vec();
+        for i in 0..bytes.len() {
+            for flip in [1u8, 0x20, 0x7f] {
+                let mut b = bytes.clone();
+                b[i] ^= flip;
+                if let Ok(s) = String::from_utf8(b) {
+                    // A changed join token that still decodes is never
+                    // admitted: the MAC covers every field.
+                    if let Ok(Admission::Token(t)) = Admission::parse(&s) {
+                        if t != original {
+                            assert!(ca.check_token(&t, now).is_err(), "mutation at {i} admitted");
+                        }
+                    }
+                }
             }
+            let _ = Admission::parse(&token[..i]);
         }
-        let _ = ClusterCa::from_token(&token[..i]);
     }
 }

@@ -50,10 +50,10 @@ impl Factory for Mem {
         use std::sync::atomic::{AtomicU16, Ordering};
         static PORT: AtomicU16 = AtomicU16::new(1000);
         (0..n)
-            .map(|_| {
+            .map(|i| {
                 let port = PORT.fetch_add(1, Ordering::Relaxed);
                 self.0
-                    .bind(SocketAddr::from(([10, 0, 0, 1], port)))
+                    .bind_named(SocketAddr::from(([10, 0, 0, 1], port)), &format!("n{i}"))
                     .unwrap()
             })
             .collect()
@@ -113,7 +113,25 @@ async fn one_way_arrives_with_sender_address<F: Factory>(f: &F) {
         .unwrap();
     assert_eq!(msg.body, b"hello");
     assert_eq!(msg.from, a);
+    assert_eq!(
+        msg.peer.as_deref(),
+        Some("n0"),
+        "the name in the sender's certificate"
+    );
     assert!(msg.reply.is_none());
+    // The other way, over the connection n0 opened: n0 learnt n1's name
+    // from the certificate n1 presented as the server.
+    let mut back = take_inbox(&mut nodes[0].1, Service::Probe).unwrap();
+    nodes[1]
+        .0
+        .send(a, Service::Probe, b"hi".to_vec())
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(DEADLINE, back.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.peer.as_deref(), Some("n1"));
     // Frames for one service never land in another's queue.
     let mut other = take_inbox(&mut nodes[1].1, Service::Rpc).unwrap();
     assert!(other.try_recv().is_err());
@@ -353,6 +371,66 @@ async fn peer_without_certificate_is_refused() {
     })
     .await;
     assert_eq!(TransportStats::get(&stats.frames_received), 0);
+}
+
+#[tokio::test]
+async fn a_join_connection_reaches_the_join_service_and_nothing_else() {
+    let ca = ClusterCa::generate("c").unwrap();
+    let f = Quic(ca.clone());
+    let mut n = f.make(1).await;
+    spawn_echo(&mut n[0].1);
+    let mut joins = take_inbox(&mut n[0].1, Service::Join).unwrap();
+    let node = n[0].0.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = joins.recv().await {
+            assert!(msg.peer.is_none(), "a joining node has no name yet");
+            let mut body = b"welcome ".to_vec();
+            body.extend_from_slice(&msg.body);
+            msg.reply.unwrap().respond(body);
+        }
+    });
+    let token = ca
+        .join_token(Duration::from_secs(60), std::time::SystemTime::now())
+        .unwrap();
+    let answer =
+        shoal_transport::quic::join_call(node.local_addr(), &token, b"n9".to_vec(), DEADLINE)
+            .await
+            .unwrap();
+    assert_eq!(answer, b"welcome n9");
+
+    // The same kind of connection asking any other service is refused.
+    use quinn::crypto::rustls::QuicClientConfig;
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(token.client_config().unwrap()).unwrap(),
+    )));
+    let outcome = async {
+        let conn = ep.connect(node.local_addr(), CLUSTER_SERVER_NAME)?.await?;
+        let (mut s, mut r) = conn.open_bi().await?;
+        s.write_all(&shoal_transport::encode_frame(Service::Test, vec![1])?)
+            .await?;
+        s.finish()?;
+        Ok::<_, anyhow::Error>(r.read_to_end(1024).await?)
+    };
+    let r = tokio::time::timeout(DEADLINE, outcome).await.unwrap();
+    assert!(
+        r.is_err(),
+        "a join connection reached the test service: {r:?}"
+    );
+    let stats = node.stats();
+    wait_for("the refusal to be counted", || {
+        TransportStats::get(&stats.frames_refused) >= 1
+    })
+    .await;
+
+    // A token of another cluster's CA does not trust this node.
+    let other = ClusterCa::generate("c")
+        .unwrap()
+        .join_token(Duration::from_secs(60), std::time::SystemTime::now())
+        .unwrap();
+    let r =
+        shoal_transport::quic::join_call(node.local_addr(), &other, b"n9".to_vec(), DEADLINE).await;
+    assert!(r.is_err(), "joined a node its token's CA did not certify");
 }
 
 #[tokio::test]
