@@ -171,9 +171,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         &config.data_dir,
         &config.name,
         config.cert_lifetime,
+        config.join_token_ttl,
         ca.clone(),
     )?;
-    let token = identity.write_token_file(config.join_token_ttl)?;
+    let token = identity.write_token_file()?;
 
     let (transport, mut inbox) =
         QuicTransport::bind(config.listen, &creds, QuicConfig::default()).await?;
@@ -195,11 +196,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         Some(in_touch) => in_touch,
         None => claim_name(&transport, &config.join, &config.name, advertise).await?,
     };
-    tokio::spawn(identity::maintain(
-        identity.clone(),
-        transport.clone(),
-        config.join_token_ttl,
-    ));
+    tokio::spawn(identity::maintain(identity.clone(), transport.clone()));
     let generation = next_generation(&config.data_dir)?;
 
     let http_listener = tokio::net::TcpListener::bind(config.http)
@@ -313,7 +310,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     // queue of the loop through a second, local queue.
     let (claims_tx, claims_rx) = mpsc::channel(shoal_transport::INBOUND_QUEUE_LEN);
     let join_rx = take_inbox(&mut inbox, Service::Join).expect("join queue");
-    tokio::spawn(identity::serve_joins(identity.clone(), join_rx, claims_tx));
+    tokio::spawn(identity::serve_joins(
+        identity.clone(),
+        transport.clone(),
+        join_rx,
+        claims_tx,
+    ));
     // Services nobody serves: closing their queues makes the transport
     // refuse such frames at once instead of parking them.
     drop(inbox);
@@ -364,6 +366,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let store_tx = crate::store::spawn_writer(store, store_health.clone(), persisted_tx);
     let state = ApiState {
         identity: identity.clone(),
+        transport: transport.clone(),
         store_health: store_health.clone(),
         view: membership.view(),
         token: Arc::from(http_token.as_str()),

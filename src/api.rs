@@ -42,6 +42,34 @@ pub struct ApiState {
     pub store_health: crate::store::StoreHealth,
     /// This node's credentials (join tokens, CA rotation).
     pub identity: Arc<crate::identity::Identity>,
+    /// The node-to-node transport (CA rotation talks to every member).
+    pub transport: shoal_transport::QuicTransport,
+}
+
+/// Replaces the cluster CA (`shoal ca rotate`): answers when the rotation
+/// is done or stopped, with who missed which step.
+async fn rotate_ca(State(state): State<ApiState>) -> Response {
+    let members: Vec<(String, std::net::SocketAddr)> = {
+        let view = state.view.borrow();
+        view.members
+            .iter()
+            .filter(|m| m.record.name != view.self_name)
+            .filter(|m| {
+                matches!(
+                    m.state,
+                    shoal_membership::NodeState::Alive | shoal_membership::NodeState::Suspect
+                )
+            })
+            .map(|m| (m.record.name.clone(), m.record.address))
+            .collect()
+    };
+    match crate::identity::rotate(&state.identity, &state.transport, members).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot rotate the CA: {e:#}"),
+        ),
+    }
 }
 
 /// The answer to `POST /v1/join-token`.
@@ -707,6 +735,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
         .route("/v1/join-token", post(join_token))
+        .route("/v1/ca/rotate", post(rotate_ca))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)

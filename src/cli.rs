@@ -53,6 +53,9 @@ pub enum Command {
     /// Join tokens: `shoal token create` makes one that admits nodes until it expires.
     #[command(subcommand)]
     Token(crate::commands::TokenCommand),
+    /// The cluster CA: `shoal ca rotate` replaces it without downtime.
+    #[command(subcommand)]
+    Ca(crate::commands::CaCommand),
     /// Start a local cluster of agents on loopback, kill one, watch it be detected.
     Demo(crate::demo::DemoArgs),
     /// (internal) Run one exec instance; started by the agent.

@@ -450,3 +450,60 @@ pub fn token(cmd: TokenCommand) -> Result<()> {
         }
     }
 }
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CaCommand {
+    /// Replace the cluster CA without downtime: every member trusts the
+    /// new CA, then presents certificates of it, then stops trusting the
+    /// old one. Join tokens made before stop working. A member that is down
+    /// meanwhile rejoins with a new token (`shoal token create`); one that
+    /// cannot be reached stops the rotation where it is (nothing is cut
+    /// off) and the command says who: run it again once it is back.
+    Rotate(CaRotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaRotateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn ca(cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Rotate(args) => {
+            let resp = Client::new(&args.client).call("POST", "/v1/ca/rotate", Some(""))?;
+            let report: crate::identity::RotationReport = resp
+                .into_json()
+                .context("the agent sent an unreadable answer")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            if report.outcome == "done" {
+                if !args.json {
+                    println!(
+                        "Rotated the cluster CA on {} members ({}). Join tokens made before no \
+                         longer admit; make new ones with `shoal token create`.",
+                        report.members.len(),
+                        report.members.join(", ")
+                    );
+                }
+                return Ok(());
+            }
+            let missed: Vec<String> = report
+                .missed
+                .iter()
+                .map(|(n, why)| format!("  {n}: {why}"))
+                .collect();
+            bail!(
+                "the rotation stopped after step `{}`: these members did not take the next one:\n{}\n\
+                 Nothing is cut off (the old CA is still trusted). Run `shoal ca rotate` again once \
+                 they are reachable, or once they are gone.",
+                report.reached,
+                missed.join("\n")
+            )
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use shoal_transport::tls::{ClusterCa, JoinToken, NodeCredentials};
-use shoal_transport::{Incoming, QuicTransport, Responder};
+use shoal_transport::{Incoming, QuicTransport, Responder, Transport};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -60,19 +60,64 @@ pub enum JoinReply {
     Refused(String),
 }
 
-/// The CAs a node holds: the one it issues with, and during a rotation the
-/// one it still trusts.
+/// The CAs a node holds: the one it issues with and, during a rotation, the
+/// next one (trusted, not yet used) or the previous one (still trusted).
 #[derive(Clone)]
 struct Cas {
     current: ClusterCa,
+    next: Option<ClusterCa>,
     previous: Option<Vec<u8>>,
 }
+
+/// `<data-dir>/cluster-ca.next`: the CA a rotation will switch to.
+const NEXT_CA_FILE: &str = "cluster-ca.next";
+/// `<data-dir>/cluster-ca.previous`: the certificate of the CA a rotation
+/// switched from, trusted until the rotation ends.
+const PREVIOUS_CA_FILE: &str = "cluster-ca.previous";
+
+/// A step of a CA rotation, sent by the member running it to every other
+/// (JSON on `Service::Join`, over their authenticated connections).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Rotation {
+    /// Trust this CA (encoded, key included) beside the current one.
+    Trust {
+        /// `ClusterCa::encode` of the new CA.
+        ca: String,
+    },
+    /// Issue this node's certificate with the new CA (whose certificate
+    /// this is), and keep trusting the old one.
+    Switch {
+        /// The new CA's certificate.
+        ca_cert_der: Vec<u8>,
+    },
+    /// Stop trusting the old CA: every member presents the new one's.
+    Drop {
+        /// The new (now current) CA's certificate.
+        ca_cert_der: Vec<u8>,
+    },
+}
+
+/// The answer to a [`Rotation`] step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RotationReply {
+    /// Done (or already done).
+    Done,
+    /// Refused, and why.
+    Refused(String),
+}
+
+/// How many times the rotating member sends each step to a member.
+const ROTATION_ATTEMPTS: usize = 3;
+/// How long it waits for each answer.
+const ROTATION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// This node's credentials. Shared by the agent's tasks.
 pub struct Identity {
     data_dir: PathBuf,
     name: String,
     lifetime: Duration,
+    /// Validity of the join tokens written to the data dir.
+    token_ttl: Duration,
     /// The node's key pair (PKCS#8), fixed for the run: certificates are
     /// renewed for the same key.
     key_der: Vec<u8>,
@@ -86,17 +131,28 @@ impl Identity {
         data_dir: &Path,
         name: &str,
         lifetime: Duration,
+        token_ttl: Duration,
         ca: ClusterCa,
     ) -> Result<(Arc<Identity>, NodeCredentials)> {
         let first = ca.issue_node_for(name, lifetime)?;
+        // A rotation this node took part in before it stopped.
+        let next = std::fs::read_to_string(data_dir.join(NEXT_CA_FILE))
+            .ok()
+            .and_then(|s| ClusterCa::decode(&s).ok())
+            .filter(|n| n.cluster_id == ca.cluster_id && n.cert_der != ca.cert_der);
+        let previous = std::fs::read(data_dir.join(PREVIOUS_CA_FILE))
+            .ok()
+            .filter(|p| *p != ca.cert_der);
         let id = Arc::new(Identity {
             data_dir: data_dir.to_path_buf(),
             name: name.to_string(),
             lifetime,
+            token_ttl,
             key_der: first.key_der.clone(),
             cas: Mutex::new(Cas {
                 current: ca,
-                previous: None,
+                next,
+                previous,
             }),
         });
         let creds = id.credentials()?;
@@ -118,8 +174,72 @@ impl Identity {
         let mut creds =
             cas.current
                 .issue_node_keyed(&self.name, self.lifetime, Some(&self.key_der))?;
-        creds.also_trusted = cas.previous.into_iter().collect();
+        creds.also_trusted = cas
+            .previous
+            .into_iter()
+            .chain(cas.next.map(|n| n.cert_der))
+            .collect();
         Ok(creds)
+    }
+
+    /// Carries out one rotation step on this node and gives the transport
+    /// its new credentials. Idempotent: a step already taken is `Ok`.
+    pub fn apply(&self, step: &Rotation, transport: &QuicTransport) -> Result<(), String> {
+        {
+            let mut cas = self.cas.lock().unwrap_or_else(|p| p.into_inner());
+            match step {
+                Rotation::Trust { ca } => {
+                    let next = ClusterCa::decode(ca).map_err(|e| e.to_string())?;
+                    if next.cluster_id != cas.current.cluster_id {
+                        return Err("the new CA is for another cluster".into());
+                    }
+                    if next.cert_der == cas.current.cert_der {
+                        return Ok(());
+                    }
+                    credentials::write_private(&self.data_dir.join(NEXT_CA_FILE), ca)
+                        .map_err(|e| format!("{e:#}"))?;
+                    cas.next = Some(next);
+                }
+                Rotation::Switch { ca_cert_der } => {
+                    if cas.current.cert_der == *ca_cert_der {
+                        return Ok(());
+                    }
+                    let next = match &cas.next {
+                        Some(n) if n.cert_der == *ca_cert_der => n.clone(),
+                        _ => {
+                            return Err("this node was not told to trust that CA first \
+                                 (it missed the rotation's first step)"
+                                .into())
+                        }
+                    };
+                    std::fs::write(self.data_dir.join(PREVIOUS_CA_FILE), &cas.current.cert_der)
+                        .map_err(|e| format!("cannot write {PREVIOUS_CA_FILE}: {e}"))?;
+                    credentials::save_ca(&self.data_dir, &next).map_err(|e| format!("{e:#}"))?;
+                    let _ = std::fs::remove_file(self.data_dir.join(NEXT_CA_FILE));
+                    cas.previous = Some(cas.current.cert_der.clone());
+                    cas.current = next;
+                    cas.next = None;
+                }
+                Rotation::Drop { ca_cert_der } => {
+                    if cas.current.cert_der != *ca_cert_der {
+                        return Err("this node has not switched to that CA".into());
+                    }
+                    let _ = std::fs::remove_file(self.data_dir.join(PREVIOUS_CA_FILE));
+                    cas.previous = None;
+                }
+            }
+        }
+        let creds = self.credentials().map_err(|e| format!("{e:#}"))?;
+        transport
+            .set_credentials(&creds)
+            .map_err(|e| e.to_string())?;
+        // The join token file is made with the current CA.
+        if matches!(step, Rotation::Switch { .. }) {
+            if let Err(e) = self.write_token_file() {
+                warn!(error = %format!("{e:#}"), "cannot rewrite the join token file");
+            }
+        }
+        Ok(())
     }
 
     /// A join token valid for `ttl`.
@@ -127,10 +247,10 @@ impl Identity {
         Ok(self.ca().join_token(ttl, SystemTime::now())?)
     }
 
-    /// Writes a fresh join token valid for `ttl` to `<data-dir>/join-token`
-    /// (0600) and returns it.
-    pub fn write_token_file(&self, ttl: Duration) -> Result<JoinToken> {
-        let token = self.join_token(ttl)?;
+    /// Writes a fresh join token (valid for `--join-token-ttl`) to
+    /// `<data-dir>/join-token` (0600) and returns it.
+    pub fn write_token_file(&self) -> Result<JoinToken> {
+        let token = self.join_token(self.token_ttl)?;
         credentials::write_private(
             &self.data_dir.join(credentials::TOKEN_FILE),
             &token.encode(),
@@ -138,8 +258,8 @@ impl Identity {
         Ok(token)
     }
 
-    /// Answers one join request: `Ok(in_touch question)` is left to the
-    /// caller (the name check needs the scheduler); here the token.
+    /// Checks a join request's token and name (whether the name is free
+    /// is the scheduler's to say).
     fn check(&self, req: &JoinRequest) -> Result<(), String> {
         let token = JoinToken::parse(&req.token).map_err(|e| e.to_string())?;
         self.ca().check_token(&token, SystemTime::now())?;
@@ -218,11 +338,30 @@ pub async fn join(
 /// of the node's loop), made for the name being claimed.
 pub async fn serve_joins(
     identity: Arc<Identity>,
+    transport: QuicTransport,
     mut joins: mpsc::Receiver<Incoming>,
     claims: mpsc::Sender<Incoming>,
 ) {
     while let Some(msg) = joins.recv().await {
         let Some(reply) = msg.reply else { continue };
+        // From a member (its certificate names it): a rotation step.
+        if let Some(peer) = &msg.peer {
+            let answer = match serde_json::from_slice::<Rotation>(&msg.body) {
+                Ok(step) => match identity.apply(&step, &transport) {
+                    Ok(()) => {
+                        info!(from = %peer, step = step.name(), "took a step of a CA rotation");
+                        RotationReply::Done
+                    }
+                    Err(why) => {
+                        warn!(from = %peer, step = step.name(), %why, "refused a step of a CA rotation");
+                        RotationReply::Refused(why)
+                    }
+                },
+                Err(e) => RotationReply::Refused(format!("undecodable rotation step: {e}")),
+            };
+            reply.respond(serde_json::to_vec(&answer).unwrap_or_default());
+            continue;
+        }
         let identity = identity.clone();
         let claims = claims.clone();
         // Concurrency is bounded by the transport's join connections.
@@ -291,7 +430,8 @@ async fn answer_join(
 /// validity has passed. Checked every minute at most, so a suspended
 /// machine catches up when it wakes; a failure is tried again at the next
 /// check.
-pub async fn maintain(identity: Arc<Identity>, transport: QuicTransport, token_ttl: Duration) {
+pub async fn maintain(identity: Arc<Identity>, transport: QuicTransport) {
+    let token_ttl = identity.token_ttl;
     let renew = shoal_transport::tls::renew_after(identity.lifetime);
     let check = (renew / 4)
         .min(token_ttl / 4)
@@ -320,10 +460,127 @@ pub async fn maintain(identity: Arc<Identity>, transport: QuicTransport, token_t
             .duration_since(token_written)
             .is_ok_and(|age| age >= token_ttl / 2)
         {
-            match identity.write_token_file(token_ttl) {
+            match identity.write_token_file() {
                 Ok(_) => token_written = now,
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot rewrite the join token file"),
             }
         }
     }
+}
+
+impl Rotation {
+    fn name(&self) -> &'static str {
+        match self {
+            Rotation::Trust { .. } => "trust",
+            Rotation::Switch { .. } => "switch",
+            Rotation::Drop { .. } => "drop",
+        }
+    }
+}
+
+/// What `shoal ca rotate` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationReport {
+    /// `done`: every member presents the new CA's certificates and the old
+    /// CA is trusted nowhere; `partial`: some members did not take a step
+    /// (see `missed`), and the old CA stays trusted so that nobody is cut
+    /// off.
+    pub outcome: String,
+    /// The members asked (this node included).
+    pub members: Vec<String>,
+    /// Members that did not take a step, with why.
+    pub missed: Vec<(String, String)>,
+    /// The step the rotation stopped after.
+    pub reached: String,
+}
+
+/// Replaces the cluster CA without downtime, from this node: every member
+/// first trusts the new CA beside the old one, then issues its certificate
+/// with it, then (once all have) stops trusting the old one. Open
+/// connections keep working throughout; each step waits until every
+/// member took the previous one, so no two members ever fail to trust each
+/// other. A member that cannot be reached stops the rotation where it is:
+/// nothing is cut off, and running the command again (once it is back, or
+/// gone) starts over with another CA.
+pub async fn rotate(
+    identity: &Identity,
+    transport: &QuicTransport,
+    members: Vec<(String, SocketAddr)>,
+) -> Result<RotationReport> {
+    let cluster_id = identity.ca().cluster_id;
+    let next = ClusterCa::generate(&cluster_id)?;
+    let cert = next.cert_der.clone();
+    let steps = [
+        Rotation::Trust { ca: next.encode() },
+        Rotation::Switch {
+            ca_cert_der: cert.clone(),
+        },
+        Rotation::Drop { ca_cert_der: cert },
+    ];
+    let mut names: Vec<String> = vec![identity.name.clone()];
+    names.extend(members.iter().map(|(n, _)| n.clone()));
+    let mut reached = "none";
+    for step in &steps {
+        let mut missed = Vec::new();
+        if let Err(why) = identity.apply(step, transport) {
+            missed.push((identity.name.clone(), why));
+        }
+        let body = serde_json::to_vec(step)?;
+        let calls = members.iter().map(|(name, addr)| {
+            let body = body.clone();
+            async move {
+                let mut last = String::new();
+                for _ in 0..ROTATION_ATTEMPTS {
+                    match transport
+                        .request(
+                            *addr,
+                            shoal_transport::Service::Join,
+                            body.clone(),
+                            ROTATION_TIMEOUT,
+                        )
+                        .await
+                    {
+                        Ok(bytes) => match serde_json::from_slice::<RotationReply>(&bytes) {
+                            Ok(RotationReply::Done) => return None,
+                            Ok(RotationReply::Refused(why)) => return Some((name.clone(), why)),
+                            Err(e) => last = format!("undecodable answer: {e}"),
+                        },
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                Some((name.clone(), last))
+            }
+        });
+        missed.extend(
+            futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .flatten(),
+        );
+        if !missed.is_empty() {
+            warn!(
+                step = step.name(),
+                ?missed,
+                "a CA rotation stopped: some members did not take a step"
+            );
+            return Ok(RotationReport {
+                outcome: "partial".into(),
+                members: names,
+                missed,
+                reached: reached.into(),
+            });
+        }
+        info!(
+            step = step.name(),
+            members = names.len(),
+            "every member took a step of the CA rotation"
+        );
+        reached = step.name();
+    }
+    Ok(RotationReport {
+        outcome: "done".into(),
+        members: names,
+        missed: Vec::new(),
+        reached: reached.into(),
+    })
 }

@@ -186,3 +186,180 @@ fn a_peer_speaks_only_for_the_name_in_its_certificate() {
         .stderr()
         .contains("dropped a ping sent in another node's name"));
 }
+
+/// Whether a client holding `creds` is served by the agent at `addr`: a
+/// bid request answered.
+fn served(
+    rt: &tokio::runtime::Runtime,
+    creds: &shoal_transport::tls::NodeCredentials,
+    addr: std::net::SocketAddr,
+) -> bool {
+    use shoal_core::wire::{Request, Response};
+    use shoal_transport::{encode_frame, Service};
+    rt.block_on(async {
+        let tls = creds.client_config().unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        )));
+        let exchange = async {
+            let conn = ep.connect(addr, CLUSTER_SERVER_NAME).ok()?.await.ok()?;
+            let (mut s, mut r) = conn.open_bi().await.ok()?;
+            s.write_all(&encode_frame(Service::Rpc, Request::Bid.encode()).ok()?)
+                .await
+                .ok()?;
+            s.finish().ok()?;
+            let bytes = r.read_to_end(1 << 20).await.ok()?;
+            matches!(Response::decode(&bytes), Ok(Response::Bid(_))).then_some(())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+}
+
+#[test]
+fn the_ca_rotates_without_downtime() {
+    const SVC: &str = r#"name = "svc"
+type = "service"
+replicas = 3
+
+[task]
+driver = "exec"
+command = "sleep"
+args = ["100000"]
+
+[task.resources]
+cpu = 100
+memory = 32
+"#;
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        ["n0", "n1", "n2"]
+            .iter()
+            .all(|n| all_see(&agents, n, "alive"))
+    });
+    let file = job_file(root.path(), "svc", SVC);
+    let (ok, out, err) = cli(
+        &agents[0],
+        &["run", file.to_str().unwrap(), "--timeout", "60"],
+    );
+    assert!(ok, "{out}{err}");
+    let placed = |a: &Agent| -> Vec<(u32, Option<String>, String, u32)> {
+        let mut v: Vec<_> = a
+            .job("svc")
+            .unwrap()
+            .instances
+            .into_iter()
+            .map(|i| (i.slot, i.node, i.state, i.restarts))
+            .collect();
+        v.sort();
+        v
+    };
+    wait_until("every member sees the 3 copies running", || {
+        agents.iter().all(|a| {
+            a.job("svc")
+                .is_some_and(|j| j.instances.iter().filter(|i| i.state == "running").count() == 3)
+        })
+    });
+    let before = placed(&agents[0]);
+    assert!(agents.iter().all(|a| placed(a) == before));
+    let old_ca =
+        ClusterCa::decode(&std::fs::read_to_string(agents[0].dir.join("cluster-ca")).unwrap())
+            .unwrap();
+    let old_token = std::fs::read_to_string(agents[0].token_file()).unwrap();
+    let old_creds = old_ca.issue_node("old").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addrs: Vec<std::net::SocketAddr> =
+        agents.iter().map(|a| a.quic().parse().unwrap()).collect();
+    assert!(addrs.iter().all(|a| served(&rt, &old_creds, *a)));
+
+    let (ok, out, err) = cli(&agents[1], &["ca", "rotate"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("on 3 members"), "{out}");
+
+    // One new CA everywhere, of the same cluster.
+    let cas: Vec<ClusterCa> = agents
+        .iter()
+        .map(|a| {
+            ClusterCa::decode(&std::fs::read_to_string(a.dir.join("cluster-ca")).unwrap()).unwrap()
+        })
+        .collect();
+    assert!(
+        cas.iter().all(|c| *c == cas[0]),
+        "the members disagree on the CA"
+    );
+    assert_ne!(cas[0], old_ca);
+    assert_eq!(cas[0].cluster_id, old_ca.cluster_id);
+    // Every member serves a holder of the new CA's certificates, none a
+    // holder of the old one's.
+    let new_creds = cas[0].issue_node("new").unwrap();
+    for (a, addr) in agents.iter().zip(&addrs) {
+        assert!(
+            served(&rt, &new_creds, *addr),
+            "{} refuses the new CA",
+            a.name
+        );
+        assert!(
+            !served(&rt, &old_creds, *addr),
+            "{} still trusts the old CA",
+            a.name
+        );
+    }
+    // Without downtime: the same copies still run where they ran, nobody
+    // was declared dead, and the members still see each other.
+    // (A copy that restarted or moved would show restarts or another node
+    // for good.)
+    wait_until("every member still sees the same copies", || {
+        agents.iter().all(|a| placed(a) == before)
+    });
+    for a in &agents {
+        assert!(
+            !a.stderr().contains("state=dead"),
+            "{} saw a death:\n{}",
+            a.name,
+            a.stderr()
+        );
+    }
+    wait_until("all still alive everywhere after new connections", || {
+        ["n0", "n1", "n2"]
+            .iter()
+            .all(|n| all_see(&agents, n, "alive"))
+    });
+    assert_eq!(processes_of(root.path(), "svc"), 3);
+
+    // Tokens made before admit nobody; the new token file does.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            "late",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(["--join", &agents[0].quic(), "--token", old_token.trim()])
+        .arg("--data-dir")
+        .arg(root.path().join("late"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rotated"));
+    let n3 = Agent::start(
+        root.path(),
+        "n3",
+        Some(&agents[2].quic()),
+        Some(&agents[2].token_file()),
+        &[],
+    );
+    wait_until("n3 alive everywhere", || {
+        agents.iter().chain(std::iter::once(&n3)).all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().any(|n| n.name == "n3" && n.state == "alive"))
+        })
+    });
+}
