@@ -147,7 +147,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     )?;
     let (ca, origin, joined_in_touch) = match start {
         credentials::Start::Member(ca, origin) => (ca, origin, None),
-        credentials::Start::Join(token) => {
+        credentials::Start::Join(token, fallback) => {
             // The port may still be unknown (0): only the IP decides
             // whether the name is free.
             let ip = match config.advertise {
@@ -160,11 +160,20 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                     .unwrap_or(Ipv4Addr::LOCALHOST.into()),
             };
             let address = SocketAddr::new(ip, config.listen.port());
-            let (ca, in_touch) =
-                identity::join(&config.join, &token, &config.name, address).await?;
-            credentials::save_ca(&config.data_dir, &ca)?;
-            info!(cluster = %ca.cluster_id, "admitted to the cluster with a join token");
-            (ca, Origin::Joined, Some(in_touch))
+            match identity::join(&config.join, &token, &config.name, address).await {
+                Ok((ca, in_touch)) => {
+                    credentials::save_ca(&config.data_dir, &ca)?;
+                    info!(cluster = %ca.cluster_id, "admitted to the cluster with a join token");
+                    (ca, Origin::Joined, Some(in_touch))
+                }
+                Err(e) => match fallback {
+                    Some(ca) => {
+                        warn!(error = %format!("{e:#}"), "the join token did not admit this node; running with the CA in its data dir");
+                        (ca, Origin::DataDir, None)
+                    }
+                    None => return Err(e),
+                },
+            }
         }
     };
     let (identity, creds) = identity::Identity::new(

@@ -63,7 +63,11 @@ async fn rotate_ca(State(state): State<ApiState>) -> Response {
             .map(|m| (m.record.name.clone(), m.record.address))
             .collect()
     };
-    match crate::identity::rotate(&state.identity, &state.transport, members).await {
+    // Its own task: a client that goes away must not stop it between steps.
+    let (identity, transport) = (state.identity.clone(), state.transport.clone());
+    let run =
+        tokio::spawn(async move { crate::identity::rotate(&identity, &transport, members).await });
+    match run.await.unwrap_or_else(|e| Err(anyhow::anyhow!("{e}"))) {
         Ok(report) => Json(report).into_response(),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -41,8 +41,9 @@ pub enum Origin {
 pub enum Start {
     /// It holds the cluster CA.
     Member(ClusterCa, Origin),
-    /// It must ask a member with this token.
-    Join(JoinToken),
+    /// It must ask a member with this token; if none admits it, it runs
+    /// with the data dir's CA when there is one.
+    Join(JoinToken, Option<ClusterCa>),
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically.
@@ -157,25 +158,38 @@ pub fn load_or_bootstrap(data_dir: &Path, token: Option<&str>, joining: bool) ->
                 );
             }
         }
-        return match given {
-            Admission::Ca(ca) => {
+        return match (given, stored) {
+            // This data dir's CA, of this cluster, wins over a token left
+            // in a unit file: after a rotation the token's CA is the old
+            // one (found in review: it replaced the new CA, or failed the
+            // start).
+            (Admission::Ca(_), Some(ca)) => {
+                tracing::warn!("--token ignored: this data dir holds the cluster's CA");
+                Ok(Start::Member(ca, Origin::DataDir))
+            }
+            (Admission::Ca(ca), None) => {
                 tracing::warn!("this token is an earlier release's, which is the cluster CA itself (key included): \
                      anyone who saw it can admit nodes. Use join tokens (`shoal token create`) from now on, \
                      and rotate the CA (`shoal ca rotate`) if it may have leaked");
                 write_private(&ca_path, &ca.encode())?;
                 Ok(Start::Member(ca, Origin::Given))
             }
-            // A restart with the token still in its unit file: the data
-            // dir's CA is the token's.
-            Admission::Token(t)
-                if stored
-                    .as_ref()
-                    .is_some_and(|ca| ca.cert_der == t.ca_cert_der) =>
-            {
-                Ok(Start::Member(stored.expect("checked"), Origin::DataDir))
+            (Admission::Token(t), Some(ca)) if ca.cert_der == t.ca_cert_der => {
+                Ok(Start::Member(ca, Origin::DataDir))
             }
-            // No CA yet, or the cluster's was rotated since: ask.
-            Admission::Token(t) => {
+            // Another CA of this cluster: an old token (the CA was rotated
+            // since), or this node missed a rotation. An expired token
+            // cannot tell; a valid one is tried, and the data dir's CA
+            // used if it does not admit.
+            (Admission::Token(t), Some(ca)) => {
+                if t.expired(std::time::SystemTime::now()) || !joining {
+                    tracing::warn!("--token ignored: it is for another CA of this cluster than this data dir's, and expired");
+                    Ok(Start::Member(ca, Origin::DataDir))
+                } else {
+                    Ok(Start::Join(t, Some(ca)))
+                }
+            }
+            (Admission::Token(t), None) => {
                 if !joining {
                     bail!(
                         "a join token admits through a member: give --join SEED (a member's QUIC address) too"
@@ -184,7 +198,7 @@ pub fn load_or_bootstrap(data_dir: &Path, token: Option<&str>, joining: bool) ->
                 if t.expired(std::time::SystemTime::now()) {
                     bail!("the join token has expired: create a new one with `shoal token create` on a member");
                 }
-                Ok(Start::Join(t))
+                Ok(Start::Join(t, None))
             }
         };
     }
@@ -226,7 +240,7 @@ mod tests {
     fn member(start: Start) -> (ClusterCa, Origin) {
         match start {
             Start::Member(ca, origin) => (ca, origin),
-            Start::Join(_) => panic!("asked to join"),
+            Start::Join(..) => panic!("asked to join"),
         }
     }
 
@@ -261,7 +275,38 @@ mod tests {
             .unwrap()
             .encode();
         let (again, origin) = member(load_or_bootstrap(dir.path(), Some(&own), true).unwrap());
-        assert_eq!((again, origin), (ca, Origin::DataDir));
+        assert_eq!((again, origin), (ca.clone(), Origin::DataDir));
+        // After a rotation: an earlier release's token (the old CA) never
+        // replaces the data dir's CA, and an old join token that expired is
+        // ignored.
+        let mut old = ClusterCa::generate(&ca.cluster_id).unwrap();
+        let (again, _) = member(load_or_bootstrap(dir.path(), Some(&old.encode()), true).unwrap());
+        assert_eq!(again, ca);
+        assert_eq!(
+            ClusterCa::decode(&fs::read_to_string(dir.path().join(CA_FILE)).unwrap()).unwrap(),
+            ca
+        );
+        let expired = old
+            .join_token(
+                std::time::Duration::from_secs(1),
+                std::time::SystemTime::now() - std::time::Duration::from_secs(10),
+            )
+            .unwrap();
+        let (again, _) =
+            member(load_or_bootstrap(dir.path(), Some(&expired.encode()), true).unwrap());
+        assert_eq!(again, ca);
+        // A valid one is tried, with the data dir's CA to fall back on.
+        old.cluster_id = ca.cluster_id.clone();
+        let valid = old
+            .join_token(
+                std::time::Duration::from_secs(60),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        match load_or_bootstrap(dir.path(), Some(&valid.encode()), true).unwrap() {
+            Start::Join(_, Some(fallback)) => assert_eq!(fallback, ca),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -275,7 +320,10 @@ mod tests {
             )
             .unwrap();
         match load_or_bootstrap(dir.path(), Some(&token.encode()), true).unwrap() {
-            Start::Join(t) => assert_eq!(t, token),
+            Start::Join(t, fallback) => {
+                assert_eq!(t, token);
+                assert!(fallback.is_none());
+            }
             Start::Member(..) => panic!("a token made a member without asking"),
         }
         assert!(!dir.path().join(CA_FILE).exists());

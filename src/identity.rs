@@ -111,6 +111,18 @@ const ROTATION_ATTEMPTS: usize = 3;
 /// How long it waits for each answer.
 const ROTATION_TIMEOUT: Duration = Duration::from_secs(2);
 
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn unb64(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()
+}
+
 /// This node's credentials. Shared by the agent's tasks.
 pub struct Identity {
     data_dir: PathBuf,
@@ -122,6 +134,12 @@ pub struct Identity {
     /// renewed for the same key.
     key_der: Vec<u8>,
     cas: Mutex<Cas>,
+    /// A rotation runs from this node.
+    rotating: std::sync::atomic::AtomicBool,
+    /// Held while credentials are made and given to the transport, so a
+    /// renewal made from the CAs before a rotation step cannot be installed
+    /// after it (found in review).
+    install: Mutex<()>,
 }
 
 impl Identity {
@@ -140,8 +158,9 @@ impl Identity {
             .ok()
             .and_then(|s| ClusterCa::decode(&s).ok())
             .filter(|n| n.cluster_id == ca.cluster_id && n.cert_der != ca.cert_der);
-        let previous = std::fs::read(data_dir.join(PREVIOUS_CA_FILE))
+        let previous = std::fs::read_to_string(data_dir.join(PREVIOUS_CA_FILE))
             .ok()
+            .and_then(|s| unb64(s.trim()))
             .filter(|p| *p != ca.cert_der);
         let id = Arc::new(Identity {
             data_dir: data_dir.to_path_buf(),
@@ -154,6 +173,8 @@ impl Identity {
                 next,
                 previous,
             }),
+            rotating: Default::default(),
+            install: Mutex::new(()),
         });
         let creds = id.credentials()?;
         Ok((id, creds))
@@ -193,9 +214,26 @@ impl Identity {
                     if next.cluster_id != cas.current.cluster_id {
                         return Err("the new CA is for another cluster".into());
                     }
-                    if next.cert_der == cas.current.cert_der {
+                    if next.cert_der == cas.current.cert_der
+                        || cas
+                            .next
+                            .as_ref()
+                            .is_some_and(|n| n.cert_der == next.cert_der)
+                    {
                         return Ok(());
                     }
+                    // One rotation at a time: trusting a third CA while one
+                    // is pending would leave members that switched to the
+                    // pending one distrusted by this node.
+                    if cas.next.is_some() || cas.previous.is_some() {
+                        return Err("a rotation to another CA is pending on this node: run \
+                             `shoal ca rotate` again, which finishes it"
+                            .into());
+                    }
+                    // A CA that cannot issue must not be kept (every later
+                    // renewal and start would fail).
+                    next.issue_node_for(&self.name, Duration::from_secs(60))
+                        .map_err(|e| format!("the new CA cannot issue certificates: {e}"))?;
                     credentials::write_private(&self.data_dir.join(NEXT_CA_FILE), ca)
                         .map_err(|e| format!("{e:#}"))?;
                     cas.next = Some(next);
@@ -212,8 +250,11 @@ impl Identity {
                                 .into())
                         }
                     };
-                    std::fs::write(self.data_dir.join(PREVIOUS_CA_FILE), &cas.current.cert_der)
-                        .map_err(|e| format!("cannot write {PREVIOUS_CA_FILE}: {e}"))?;
+                    credentials::write_private(
+                        &self.data_dir.join(PREVIOUS_CA_FILE),
+                        &b64(&cas.current.cert_der),
+                    )
+                    .map_err(|e| format!("{e:#}"))?;
                     credentials::save_ca(&self.data_dir, &next).map_err(|e| format!("{e:#}"))?;
                     let _ = std::fs::remove_file(self.data_dir.join(NEXT_CA_FILE));
                     cas.previous = Some(cas.current.cert_der.clone());
@@ -229,16 +270,22 @@ impl Identity {
                 }
             }
         }
-        let creds = self.credentials().map_err(|e| format!("{e:#}"))?;
-        transport
-            .set_credentials(&creds)
-            .map_err(|e| e.to_string())?;
+        self.install(transport).map_err(|e| format!("{e:#}"))?;
         // The join token file is made with the current CA.
         if matches!(step, Rotation::Switch { .. }) {
             if let Err(e) = self.write_token_file() {
                 warn!(error = %format!("{e:#}"), "cannot rewrite the join token file");
             }
         }
+        Ok(())
+    }
+
+    /// Makes this node's credentials from the CAs it holds now and gives
+    /// them to the transport.
+    pub fn install(&self, transport: &QuicTransport) -> Result<()> {
+        let _held = self.install.lock().unwrap_or_else(|p| p.into_inner());
+        let creds = self.credentials()?;
+        transport.set_credentials(&creds)?;
         Ok(())
     }
 
@@ -260,16 +307,25 @@ impl Identity {
 
     /// Checks a join request's token and name (whether the name is free
     /// is the scheduler's to say).
-    fn check(&self, req: &JoinRequest) -> Result<(), String> {
+    fn check(&self, req: &JoinRequest) -> Result<ClusterCa, String> {
         let token = JoinToken::parse(&req.token).map_err(|e| e.to_string())?;
-        self.ca().check_token(&token, SystemTime::now())?;
+        let cas = self.cas();
+        // A node admitted now would hold one CA of two in use.
+        if cas.next.is_some() || cas.previous.is_some() {
+            return Err(
+                "a CA rotation is in progress: try again once `shoal ca rotate` \
+                 has finished (run it again to finish one that stopped)"
+                    .into(),
+            );
+        }
+        cas.current.check_token(&token, SystemTime::now())?;
         if !shoal_membership::record::valid_node_name(&req.name) {
             return Err(format!(
                 "`{}` is not a valid node name: use 1 to 128 letters, digits, '.', '_' or '-'",
                 req.name
             ));
         }
-        Ok(())
+        Ok(cas.current)
     }
 }
 
@@ -388,9 +444,10 @@ async fn answer_join(
         Ok(r) => r,
         Err(e) => return JoinReply::Refused(format!("undecodable join request: {e}")),
     };
-    if let Err(why) = identity.check(&req) {
-        return JoinReply::Refused(why);
-    }
+    let ca = match identity.check(&req) {
+        Ok(ca) => ca,
+        Err(why) => return JoinReply::Refused(why),
+    };
     use shoal_core::wire::{Request, Response};
     let (responder, rx) = Responder::channel();
     let claim = Incoming {
@@ -414,7 +471,7 @@ async fn answer_join(
         Ok(Response::Claimed { in_touch }) => {
             info!(node = %req.name, from = %from, "admitted a node with a join token");
             JoinReply::Joined {
-                ca: identity.ca().encode(),
+                ca: ca.encode(),
                 in_touch,
             }
         }
@@ -443,10 +500,7 @@ pub async fn maintain(identity: Arc<Identity>, transport: QuicTransport) {
         tokio::time::sleep(check).await;
         let now = SystemTime::now();
         if now.duration_since(issued).is_ok_and(|age| age >= renew) {
-            match identity
-                .credentials()
-                .and_then(|c| Ok(transport.set_credentials(&c)?))
-            {
+            match identity.install(&transport) {
                 Ok(()) => {
                     issued = now;
                     info!(valid_for = ?identity.lifetime, "renewed this node's certificate");
@@ -507,8 +561,25 @@ pub async fn rotate(
     transport: &QuicTransport,
     members: Vec<(String, SocketAddr)>,
 ) -> Result<RotationReport> {
-    let cluster_id = identity.ca().cluster_id;
-    let next = ClusterCa::generate(&cluster_id)?;
+    use std::sync::atomic::Ordering;
+    if identity.rotating.swap(true, Ordering::SeqCst) {
+        bail!("a rotation is already running from this node");
+    }
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _done = Done(&identity.rotating);
+    // A rotation that stopped is finished, not replaced: a third CA would
+    // leave members that switched distrusted by those that did not.
+    let cas = identity.cas();
+    let next = match (cas.next, cas.previous) {
+        (Some(pending), _) => pending,
+        (None, Some(_)) => cas.current,
+        (None, None) => ClusterCa::generate(&cas.current.cluster_id)?,
+    };
     let cert = next.cert_der.clone();
     let steps = [
         Rotation::Trust { ca: next.encode() },

@@ -75,6 +75,14 @@ impl Default for QuicConfig {
 
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
+/// Bytes a peer may have in flight on one connection, all streams
+/// together: a few of the largest frames.
+const CONNECTION_WINDOW: usize = 4 * FRAME_LEN_MAX;
+
+/// Largest frame read on a join connection (a join request is a token, a
+/// name and an address).
+pub const JOIN_FRAME_LEN_MAX: usize = 64 * 1024;
+
 struct Inner {
     endpoint: quinn::Endpoint,
     /// The client side of new connections (replaced with the node's
@@ -106,6 +114,11 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Trans
             .map_err(|e| TransportError::Credentials(format!("idle timeout: {e}")))?,
     ));
     t.keep_alive_interval(Some(config.keep_alive_interval));
+    // Flow control bounds what a peer can make us buffer: quinn's default
+    // connection window is unlimited (found in review: an unauthenticated
+    // join connection could park gigabytes in streams never read).
+    t.stream_receive_window(quinn::VarInt::from_u32((FRAME_LEN_MAX + 64 * 1024) as u32));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW as u32));
     t.max_concurrent_bidi_streams(config.streams_per_connection_max.into());
     t.max_concurrent_uni_streams(config.streams_per_connection_max.into());
     // Nodes exchange no unreliable datagrams.
@@ -431,7 +444,7 @@ async fn serve_join(inner: Arc<Inner>, conn: quinn::Connection) {
     };
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await.ok()?;
-        let bytes = recv.read_to_end(FRAME_LEN_MAX).await.ok()?;
+        let bytes = recv.read_to_end(JOIN_FRAME_LEN_MAX).await.ok()?;
         let (responder, rx) = Responder::channel();
         if !inner
             .dispatch
