@@ -121,6 +121,24 @@ fn route_to(peer: SocketAddr) -> Option<IpAddr> {
     s.local_addr().ok().map(|a| a.ip())
 }
 
+/// The address peers reach this node at, listening on `bound`: the one
+/// given, else `bound` unless it is unspecified, else the local address
+/// that routes to the first seed (or loopback) with `bound`'s port.
+fn advertise_addr(config: &AgentConfig, bound: SocketAddr) -> SocketAddr {
+    match config.advertise {
+        Some(a) => a,
+        None if !bound.ip().is_unspecified() => bound,
+        None => {
+            let ip = config
+                .join
+                .first()
+                .and_then(|s| route_to(*s))
+                .unwrap_or(Ipv4Addr::LOCALHOST.into());
+            SocketAddr::new(ip, bound.port())
+        }
+    }
+}
+
 /// Runs an agent until `shutdown` completes, then leaves the cluster
 /// gracefully.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
@@ -150,16 +168,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         credentials::Start::Join(token, fallback) => {
             // The port may still be unknown (0): only the IP decides
             // whether the name is free.
-            let ip = match config.advertise {
-                Some(a) => a.ip(),
-                None if !config.listen.ip().is_unspecified() => config.listen.ip(),
-                None => config
-                    .join
-                    .first()
-                    .and_then(|s| route_to(*s))
-                    .unwrap_or(Ipv4Addr::LOCALHOST.into()),
-            };
-            let address = SocketAddr::new(ip, config.listen.port());
+            let address = advertise_addr(&config, config.listen);
             match identity::join(&config.join, &token, &config.name, address).await {
                 Ok((ca, in_touch)) => {
                     credentials::save_ca(&config.data_dir, &ca)?;
@@ -187,19 +196,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let (transport, mut inbox) =
         QuicTransport::bind(config.listen, &creds, QuicConfig::default()).await?;
-    let bound = transport.local_addr();
-    let advertise = match config.advertise {
-        Some(a) => a,
-        None if !bound.ip().is_unspecified() => bound,
-        None => {
-            let ip = config
-                .join
-                .first()
-                .and_then(|s| route_to(*s))
-                .unwrap_or(Ipv4Addr::LOCALHOST.into());
-            SocketAddr::new(ip, bound.port())
-        }
-    };
+    let advertise = advertise_addr(&config, transport.local_addr());
     // A node a member just admitted had its name checked then.
     let seed_in_touch = match joined_in_touch {
         Some(in_touch) => in_touch,

@@ -171,7 +171,7 @@ pub fn load_or_bootstrap(data_dir: &Path, token: Option<&str>, joining: bool) ->
                 tracing::warn!("this token is an earlier release's, which is the cluster CA itself (key included): \
                      anyone who saw it can admit nodes. Use join tokens (`shoal token create`) from now on, \
                      and rotate the CA (`shoal ca rotate`) if it may have leaked");
-                write_private(&ca_path, &ca.encode())?;
+                save_ca(data_dir, &ca)?;
                 Ok(Start::Member(ca, Origin::Given))
             }
             (Admission::Token(t), Some(ca)) if ca.cert_der == t.ca_cert_der => {
@@ -214,7 +214,7 @@ pub fn load_or_bootstrap(data_dir: &Path, token: Option<&str>, joining: bool) ->
     }
     let cluster_id = format!("{:016x}", rand::random::<u64>());
     let ca = ClusterCa::generate(&cluster_id)?;
-    write_private(&ca_path, &ca.encode())?;
+    save_ca(data_dir, &ca)?;
     Ok(Start::Member(ca, Origin::Bootstrapped))
 }
 

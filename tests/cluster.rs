@@ -92,23 +92,13 @@ fn a_token_of_another_cluster_admits_nowhere_and_says_why() {
     let ours = Agent::start(root.path(), "n0", None, None, &[]);
     let other = tempfile::tempdir().unwrap();
     let theirs = Agent::start(other.path(), "t0", None, None, &[]);
-    let out = std::process::Command::new(BIN)
-        .args([
-            "agent",
-            "--name",
-            "x",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .args(["--join", &ours.quic()])
-        .arg("--token-file")
-        .arg(theirs.token_file())
-        .arg("--data-dir")
-        .arg(root.path().join("x"))
-        .output()
-        .unwrap();
+    let token_file = theirs.token_file();
+    let out = agent_output(
+        &root.path().join("x"),
+        "x",
+        &ours.quic(),
+        &["--token-file", token_file.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another cluster"), "{err}");
@@ -120,22 +110,7 @@ fn a_token_of_another_cluster_admits_nowhere_and_says_why() {
 #[test]
 fn join_without_token_exits_with_a_clear_error() {
     let root = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(BIN)
-        .args([
-            "agent",
-            "--name",
-            "x",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--join",
-            "127.0.0.1:9",
-        ])
-        .arg("--data-dir")
-        .arg(root.path())
-        .output()
-        .unwrap();
+    let out = agent_output(root.path(), "x", "127.0.0.1:9", &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -148,7 +123,6 @@ fn join_without_token_exits_with_a_clear_error() {
 fn garbage_and_oversized_frames_do_not_crash_or_stall_an_agent() {
     use shoal_transport::tls::{ClusterCa, CLUSTER_SERVER_NAME};
     use shoal_transport::{encode_frame, Service, FRAME_LEN_MAX};
-    use std::sync::Arc;
 
     let root = tempfile::tempdir().unwrap();
     let agents = cluster(root.path(), 3);
@@ -177,11 +151,7 @@ fn garbage_and_oversized_frames_do_not_crash_or_stall_an_agent() {
     let creds = ca.issue_node("fuzzer").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let tls = creds.client_config().unwrap();
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        )));
+        let ep = quic_client(&creds);
         let conn = ep
             .connect(target, CLUSTER_SERVER_NAME)
             .unwrap()

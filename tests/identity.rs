@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use shoal_transport::tls::{Admission, ClusterCa, CLUSTER_SERVER_NAME};
-use std::sync::Arc;
 
 /// `shoal token create` against an agent, with its API token.
 fn create_token(agent: &Agent, ttl: &str) -> std::process::Output {
@@ -84,21 +83,12 @@ fn any_member_admits_with_a_token_that_carries_no_key_until_it_expires() {
             .as_secs()
             >= expires
     });
-    let out = std::process::Command::new(BIN)
-        .args([
-            "agent",
-            "--name",
-            "late",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .args(["--join", &agents[0].quic(), "--token", &short])
-        .arg("--data-dir")
-        .arg(root.path().join("late"))
-        .output()
-        .unwrap();
+    let out = agent_output(
+        &root.path().join("late"),
+        "late",
+        &agents[0].quic(),
+        &["--token", &short],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -130,11 +120,7 @@ fn a_peer_speaks_only_for_the_name_in_its_certificate() {
     let creds = ca.issue_node("mallory").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (claim, ping) = rt.block_on(async {
-        let tls = creds.client_config().unwrap();
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        )));
+        let ep = quic_client(&creds);
         let conn = ep
             .connect(target, CLUSTER_SERVER_NAME)
             .unwrap()
@@ -197,11 +183,7 @@ fn served(
     use shoal_core::wire::{Request, Response};
     use shoal_transport::{encode_frame, Service};
     rt.block_on(async {
-        let tls = creds.client_config().unwrap();
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        )));
+        let ep = quic_client(creds);
         let exchange = async {
             let conn = ep.connect(addr, CLUSTER_SERVER_NAME).ok()?.await.ok()?;
             let (mut s, mut r) = conn.open_bi().await.ok()?;
@@ -332,21 +314,12 @@ memory = 32
     assert_eq!(processes_of(root.path(), "svc"), 3);
 
     // Tokens made before admit nobody; the new token file does.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "agent",
-            "--name",
-            "late",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .args(["--join", &agents[0].quic(), "--token", old_token.trim()])
-        .arg("--data-dir")
-        .arg(root.path().join("late"))
-        .output()
-        .unwrap();
+    let out = agent_output(
+        &root.path().join("late"),
+        "late",
+        &agents[0].quic(),
+        &["--token", old_token.trim()],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("rotated"));
     let n3 = Agent::start(

@@ -323,6 +323,39 @@ pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
     agents
 }
 
+/// A QUIC client endpoint on loopback presenting `creds` (call inside a
+/// tokio runtime): for tests that talk to agents as a raw peer would.
+pub fn quic_client(creds: &shoal_transport::tls::NodeCredentials) -> quinn::Endpoint {
+    let tls = creds.client_config().unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    ep
+}
+
+/// Runs `shoal agent --name NAME` on loopback with its data dir at `dir`,
+/// joining `seed` with `extra` flags, for an agent expected to exit: its
+/// output.
+pub fn agent_output(dir: &Path, name: &str, seed: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args([
+            "agent",
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(["--join", seed])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 /// Every running agent sees `name` in `state`.
 pub fn all_see(agents: &[Agent], name: &str, state: &str) -> bool {
     agents

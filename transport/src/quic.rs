@@ -264,18 +264,7 @@ impl QuicTransport {
         frame: Vec<u8>,
     ) -> Result<Vec<u8>, TransportError> {
         let conn = self.connection(to).await?;
-        let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
-            addr: to,
-            reason: e.to_string(),
-        };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
-        send.write_all(&frame).await.map_err(|e| closed(&e))?;
-        send.finish().map_err(|e| closed(&e))?;
-        let resp = recv
-            .read_to_end(FRAME_LEN_MAX)
-            .await
-            .map_err(|e| closed(&e))?;
-        Ok(resp)
+        exchange(&conn, to, &frame).await
     }
 
     async fn send_inner(&self, to: SocketAddr, frame: Vec<u8>) -> Result<(), TransportError> {
@@ -289,6 +278,25 @@ impl QuicTransport {
         send.finish().map_err(|e| closed(&e))?;
         Ok(())
     }
+}
+
+/// One request on its own stream of `conn`: sends `frame`, reads the
+/// answer (at most [`FRAME_LEN_MAX`]).
+async fn exchange(
+    conn: &quinn::Connection,
+    to: SocketAddr,
+    frame: &[u8],
+) -> Result<Vec<u8>, TransportError> {
+    let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
+        addr: to,
+        reason: e.to_string(),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
+    send.write_all(frame).await.map_err(|e| closed(&e))?;
+    send.finish().map_err(|e| closed(&e))?;
+    recv.read_to_end(FRAME_LEN_MAX)
+        .await
+        .map_err(|e| closed(&e))
 }
 
 fn forget_slot(inner: &Inner, to: SocketAddr, slot: &Slot) {
@@ -339,30 +347,18 @@ pub async fn join_call(
         reason: e.to_string(),
     })?;
     let call = async {
-        let conn = endpoint
-            .connect_with(client, seed, CLUSTER_SERVER_NAME)
-            .map_err(|e| TransportError::Connect {
-                addr: seed,
-                reason: e.to_string(),
-            })?
-            .await
-            .map_err(|e| TransportError::Connect {
-                addr: seed,
-                reason: e.to_string(),
-            })?;
-        let closed = |e: &dyn std::fmt::Display| TransportError::Closed {
+        let refused = |e: &dyn std::fmt::Display| TransportError::Connect {
             addr: seed,
             reason: e.to_string(),
         };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
-        send.write_all(&frame).await.map_err(|e| closed(&e))?;
-        send.finish().map_err(|e| closed(&e))?;
-        let resp = recv
-            .read_to_end(FRAME_LEN_MAX)
+        let conn = endpoint
+            .connect_with(client, seed, CLUSTER_SERVER_NAME)
+            .map_err(|e| refused(&e))?
             .await
-            .map_err(|e| closed(&e))?;
+            .map_err(|e| refused(&e))?;
+        let resp = exchange(&conn, seed, &frame).await;
         conn.close(0u32.into(), b"joined");
-        Ok(resp)
+        resp
     };
     let r = tokio::time::timeout(timeout, call)
         .await

@@ -158,24 +158,11 @@ impl JoinToken {
     /// the format is checked here: the MAC needs the CA key
     /// ([`ClusterCa::check_token`]).
     pub fn parse(token: &str) -> Result<JoinToken, TransportError> {
-        let token = token.trim();
-        if token.len() > TOKEN_LEN_MAX {
-            return Err(TransportError::BadToken(format!(
-                "token is {} characters long, more than the {TOKEN_LEN_MAX} a shoal token can be",
-                token.len()
-            )));
-        }
-        let body = token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-            TransportError::BadToken(format!(
-                "a shoal join token starts with `{TOKEN_PREFIX}`; copy it whole from a member's \
-                 `<data-dir>/join-token` file or from `shoal token create`"
-            ))
-        })?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TransportError::BadToken(format!("token is not valid base64url: {e}")))?;
-        let token: JoinToken = postcard::from_bytes(&bytes)
-            .map_err(|e| TransportError::BadToken(format!("token is truncated or corrupt: {e}")))?;
+        let token: JoinToken = decode_prefixed(
+            token,
+            TOKEN_PREFIX,
+            "copy it whole from a member's `<data-dir>/join-token` file or from `shoal token create`",
+        )?;
         if token.mac.len() != 32 {
             return Err(TransportError::BadToken(
                 "token is corrupt (its MAC)".into(),
@@ -215,6 +202,12 @@ impl JoinToken {
         config.alpn_protocols = vec![JOIN_ALPN.to_vec()];
         Ok(config)
     }
+}
+
+/// A new node key pair (ECDSA P-256, PKCS#8 DER), for
+/// [`ClusterCa::issue_node_keyed`].
+pub fn new_node_key() -> Result<Vec<u8>, TransportError> {
+    Ok(KeyPair::generate().map_err(tls_err)?.serialize_der())
 }
 
 /// The name a node certificate speaks for (its subject's common name), or
@@ -423,26 +416,36 @@ impl ClusterCa {
 
     /// Decodes an encoded CA; the error says what is wrong with it.
     pub fn decode(text: &str) -> Result<Self, TransportError> {
-        let token = text.trim();
-        if token.len() > TOKEN_LEN_MAX {
-            return Err(TransportError::BadToken(format!(
-                "token is {} characters long, more than the {TOKEN_LEN_MAX} a shoal token can be",
-                token.len()
-            )));
-        }
-        let body = token.strip_prefix(CA_PREFIX).ok_or_else(|| {
-            TransportError::BadToken(format!("an encoded shoal CA starts with `{CA_PREFIX}`"))
-        })?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TransportError::BadToken(format!("token is not valid base64url: {e}")))?;
-        let ca: ClusterCa = postcard::from_bytes(&bytes)
-            .map_err(|e| TransportError::BadToken(format!("token is truncated or corrupt: {e}")))?;
+        let ca: ClusterCa = decode_prefixed(text, CA_PREFIX, "it is what `cluster-ca` holds")?;
         // Prove the key works before anyone relies on it.
         KeyPair::try_from(ca.key_der.as_slice())
             .map_err(|e| TransportError::BadToken(format!("token holds an unusable key: {e}")))?;
         Ok(ca)
     }
+}
+
+/// Decodes `<prefix><base64url of postcard>` from untrusted text, bounded
+/// by [`TOKEN_LEN_MAX`]; `hint` says where a good one comes from.
+fn decode_prefixed<T: serde::de::DeserializeOwned>(
+    text: &str,
+    prefix: &str,
+    hint: &str,
+) -> Result<T, TransportError> {
+    let text = text.trim();
+    if text.len() > TOKEN_LEN_MAX {
+        return Err(TransportError::BadToken(format!(
+            "token is {} characters long, more than the {TOKEN_LEN_MAX} a shoal token can be",
+            text.len()
+        )));
+    }
+    let body = text.strip_prefix(prefix).ok_or_else(|| {
+        TransportError::BadToken(format!("it should start with `{prefix}`: {hint}"))
+    })?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|e| TransportError::BadToken(format!("token is not valid base64url: {e}")))?;
+    postcard::from_bytes(&bytes)
+        .map_err(|e| TransportError::BadToken(format!("token is truncated or corrupt: {e}")))
 }
 
 /// What a node needs to talk to its cluster: the CA certificate to verify

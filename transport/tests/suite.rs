@@ -272,7 +272,6 @@ suite!(mem, Mem(MemNetwork::new()));
 // ---- QUIC only: credentials, garbage, oversized frames on the wire ----
 
 async fn raw_client(creds: Option<&NodeCredentials>, trust: &NodeCredentials) -> quinn::Endpoint {
-    use quinn::crypto::rustls::QuicClientConfig;
     let tls = match creds {
         Some(c) => c.client_config().unwrap(),
         None => {
@@ -293,11 +292,31 @@ async fn raw_client(creds: Option<&NodeCredentials>, trust: &NodeCredentials) ->
             c
         }
     };
+    client_endpoint(tls)
+}
+
+/// A client endpoint on loopback with `tls` as its default config.
+fn client_endpoint(tls: rustls::ClientConfig) -> quinn::Endpoint {
+    use quinn::crypto::rustls::QuicClientConfig;
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).unwrap(),
     )));
     ep
+}
+
+/// One request to the test service over a new connection from `ep`
+/// (within the deadline): the answer, or why there was none.
+async fn ask_test(ep: &quinn::Endpoint, to: SocketAddr) -> anyhow::Result<Vec<u8>> {
+    let outcome = async {
+        let conn = ep.connect(to, CLUSTER_SERVER_NAME)?.await?;
+        let (mut s, mut r) = conn.open_bi().await?;
+        s.write_all(&shoal_transport::encode_frame(Service::Test, vec![1])?)
+            .await?;
+        s.finish()?;
+        Ok::<_, anyhow::Error>(r.read_to_end(1024).await?)
+    };
+    tokio::time::timeout(DEADLINE, outcome).await.unwrap()
 }
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -355,15 +374,7 @@ async fn peer_without_certificate_is_refused() {
     let ep = raw_client(None, &trust).await;
     // TLS 1.3 lets the client finish before the server checks its (absent)
     // certificate, so the refusal shows on the first stream.
-    let outcome = async {
-        let conn = ep.connect(node.local_addr(), CLUSTER_SERVER_NAME)?.await?;
-        let (mut s, mut r) = conn.open_bi().await?;
-        s.write_all(&shoal_transport::encode_frame(Service::Test, vec![1])?)
-            .await?;
-        s.finish()?;
-        Ok::<_, anyhow::Error>(r.read_to_end(1024).await?)
-    };
-    let r = tokio::time::timeout(DEADLINE, outcome).await.unwrap();
+    let r = ask_test(&ep, node.local_addr()).await;
     assert!(r.is_err(), "a peer without a certificate got an answer");
     let stats = node.stats();
     wait_for("refusal to be counted", || {
@@ -399,20 +410,8 @@ async fn a_join_connection_reaches_the_join_service_and_nothing_else() {
     assert_eq!(answer, b"welcome n9");
 
     // The same kind of connection asking any other service is refused.
-    use quinn::crypto::rustls::QuicClientConfig;
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(token.client_config().unwrap()).unwrap(),
-    )));
-    let outcome = async {
-        let conn = ep.connect(node.local_addr(), CLUSTER_SERVER_NAME)?.await?;
-        let (mut s, mut r) = conn.open_bi().await?;
-        s.write_all(&shoal_transport::encode_frame(Service::Test, vec![1])?)
-            .await?;
-        s.finish()?;
-        Ok::<_, anyhow::Error>(r.read_to_end(1024).await?)
-    };
-    let r = tokio::time::timeout(DEADLINE, outcome).await.unwrap();
+    let ep = client_endpoint(token.client_config().unwrap());
+    let r = ask_test(&ep, node.local_addr()).await;
     assert!(
         r.is_err(),
         "a join connection reached the test service: {r:?}"
