@@ -654,3 +654,69 @@ pub async fn rotate(
         reached: reached.into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_transport::QuicConfig;
+
+    #[tokio::test]
+    async fn a_pending_rotation_is_finished_not_replaced_and_holds_joins() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::generate("c").unwrap();
+        let (id, creds) = Identity::new(
+            dir.path(),
+            "n0",
+            shoal_transport::tls::CERT_LIFETIME,
+            Duration::from_secs(3600),
+            ca.clone(),
+        )
+        .unwrap();
+        let (transport, _inbox) = QuicTransport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &creds,
+            QuicConfig::default(),
+        )
+        .await
+        .unwrap();
+        let join = |ca: &ClusterCa| JoinRequest {
+            token: ca
+                .join_token(Duration::from_secs(60), SystemTime::now())
+                .unwrap()
+                .encode(),
+            name: "n5".into(),
+            address: "127.0.0.5:4700".parse().unwrap(),
+        };
+        assert!(id.check(&join(&ca)).is_ok());
+
+        // A rotation stopped after its first step here.
+        let next = ClusterCa::generate("c").unwrap();
+        id.apply(&Rotation::Trust { ca: next.encode() }, &transport)
+            .unwrap();
+        // A third CA is refused while one is pending, and joins wait.
+        let third = ClusterCa::generate("c").unwrap();
+        let err = id
+            .apply(&Rotation::Trust { ca: third.encode() }, &transport)
+            .unwrap_err();
+        assert!(err.contains("pending"), "{err}");
+        let err = id.check(&join(&ca)).unwrap_err();
+        assert!(err.contains("rotation is in progress"), "{err}");
+
+        // Running it again finishes it with the pending CA.
+        let report = rotate(&id, &transport, Vec::new()).await.unwrap();
+        assert_eq!(report.outcome, "done");
+        assert_eq!(id.ca(), next);
+        assert_eq!(
+            ClusterCa::decode(
+                &std::fs::read_to_string(dir.path().join(credentials::CA_FILE)).unwrap()
+            )
+            .unwrap(),
+            next
+        );
+        assert!(!dir.path().join(NEXT_CA_FILE).exists());
+        assert!(!dir.path().join(PREVIOUS_CA_FILE).exists());
+        // Joins are admitted again, with tokens of the new CA only.
+        assert!(id.check(&join(&next)).is_ok());
+        assert!(id.check(&join(&ca)).is_err());
+    }
+}
