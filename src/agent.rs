@@ -307,6 +307,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             &mut inbox,
             record,
             generation,
+            transport.signer(),
             membership_config,
         )
         .await?,

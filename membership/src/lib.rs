@@ -9,6 +9,8 @@
 //!
 //! # Layout
 //! - [`record`]: node records, load, states, the view.
+//! - [`signed`]: the signed form of every value a node publishes, so that
+//!   a relay can pass a node's values on but not forge them.
 //! - [`swim`]: the failure detector, a pure state machine.
 //! - [`node`]: [`Membership`], the task that wires chitchat, SWIM and the
 //!   transport together and publishes the view (feature `runtime`, on by
@@ -18,6 +20,7 @@
 #[cfg(feature = "runtime")]
 pub mod node;
 pub mod record;
+pub mod signed;
 pub mod swim;
 
 #[cfg(feature = "runtime")]

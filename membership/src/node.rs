@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use shoal_transport::gossip::GossipTransport;
+use shoal_transport::sign::{PublicKey, Signer, CERT_LEN_MAX};
 use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::record::{AppState, Load, Member, MembershipView, NodeRecord, NodeState};
+use crate::signed::{self, Origin, CERT_KEY};
 use crate::swim::{Action, ProbeMsg, ProbeOutcome, ProbeReply, Swim, SwimConfig};
 
 const KEY_RECORD: &str = "record";
@@ -34,6 +36,14 @@ pub const APP_VALUE_LEN_MAX: usize = 48 * 1024;
 
 /// Longest record or load value decoded from gossip, bytes.
 const GOSSIP_VALUE_LEN_MAX: usize = 16 * 1024;
+
+/// Most keys read from one node's gossip state: the core publishes a
+/// bounded number (see `shoal_core::gossip`), far below this.
+const PEER_KEYS_MAX: usize = 16 * 1024;
+
+/// Most node states remembered as failing verification (at their chitchat
+/// version, so as not to check them again every sync until they change).
+const REJECTED_MAX: usize = 1024;
 
 /// Depth of the queues between the task and its probe workers and callers.
 const QUEUE_LEN: usize = 4096;
@@ -112,6 +122,7 @@ impl Membership {
         inbox: &mut Inbox,
         record: NodeRecord,
         generation: u64,
+        signer: Signer,
         config: MembershipConfig,
     ) -> Result<Membership, MembershipError> {
         let gossip_rx = take_inbox(inbox, Service::Gossip)
@@ -137,14 +148,31 @@ impl Membership {
             extra_liveness_predicate: None,
         };
         let record_json = serde_json::to_string(&record).expect("record encodes");
-        let initial = vec![
-            (KEY_RECORD.to_string(), record_json),
+        let origin = Origin {
+            name: &record.name,
+            generation,
+            addr,
+        };
+        let mut seq = 0u64;
+        let mut initial = vec![(
+            CERT_KEY.to_string(),
+            signed::encode_cert(&signer.certificate()),
+        )];
+        for (key, value) in [
+            (KEY_RECORD, record_json),
             (
-                KEY_LOAD.to_string(),
+                KEY_LOAD,
                 serde_json::to_string(&Load::default()).expect("encodes"),
             ),
-            (KEY_INCARNATION.to_string(), "0".to_string()),
-        ];
+            (KEY_INCARNATION, "0".to_string()),
+        ] {
+            seq += 1;
+            initial.push((
+                key.to_string(),
+                sign_value(&signer, origin, key, seq, Some(&value)),
+            ));
+        }
+        let signer_epoch = signer.epoch();
         let gossip_transport = GossipTransport::new(transport.clone(), gossip_rx);
         let chitchat = spawn_chitchat(chitchat_config, initial, &gossip_transport)
             .await
@@ -166,6 +194,10 @@ impl Membership {
             chitchat,
             record,
             generation,
+            signer,
+            signer_epoch,
+            seq,
+            rejected: HashMap::new(),
             load: Load::default(),
             app: Default::default(),
             app_published: Default::default(),
@@ -222,16 +254,65 @@ impl Membership {
     }
 }
 
+/// What this node believes of a peer's run: only values that the peer
+/// signed (see [`crate::signed`]).
 struct Peer {
     generation: u64,
+    addr: SocketAddr,
     /// chitchat's max version of the node when last read: unchanged means
     /// nothing to read again.
     seen_version: u64,
-    record: Option<(u64, NodeRecord)>,
+    /// The key of the peer's certificate, once one was checked.
+    key: Option<PublicKey>,
+    /// Per key read: the chitchat version last read (so a value is checked
+    /// once) and the highest write counter accepted (so no relay rolls it
+    /// back).
+    versions: std::collections::BTreeMap<String, (u64, u64)>,
+    /// The peer's record, once a signed one was read: a peer without one
+    /// is not believed to exist.
+    record: Option<NodeRecord>,
+    incarnation: u64,
+    left: bool,
     load: Load,
     app: AppState,
-    /// chitchat version of each application value in `app`.
-    app_versions: std::collections::BTreeMap<String, u64>,
+}
+
+impl Peer {
+    fn new(generation: u64, addr: SocketAddr) -> Peer {
+        Peer {
+            generation,
+            addr,
+            seen_version: 0,
+            key: None,
+            versions: Default::default(),
+            record: None,
+            incarnation: 0,
+            left: false,
+            load: Load::default(),
+            app: Default::default(),
+        }
+    }
+}
+
+/// The published text of `key` = `value` (`None`: absent) as this node's
+/// `seq`th write.
+fn sign_value(
+    signer: &Signer,
+    origin: Origin<'_>,
+    key: &str,
+    seq: u64,
+    value: Option<&str>,
+) -> String {
+    let sig = signer.sign(&signed::message(origin, key, seq, value));
+    signed::encode(seq, &sig, value)
+}
+
+/// Whether a gossip key is one this layer reads.
+fn read_key(key: &str) -> bool {
+    matches!(
+        key,
+        CERT_KEY | KEY_RECORD | KEY_LOAD | KEY_INCARNATION | KEY_STATUS
+    ) || key.starts_with(APP_PREFIX)
 }
 
 struct Actor<T: Transport> {
@@ -240,6 +321,15 @@ struct Actor<T: Transport> {
     chitchat: ChitchatHandle,
     record: NodeRecord,
     generation: u64,
+    /// Signs every value this node publishes.
+    signer: Signer,
+    /// The signer's epoch when its certificate was last published.
+    signer_epoch: u64,
+    /// This node's writes so far (the counter in each signed value).
+    seq: u64,
+    /// Node states that failed verification, at the chitchat version
+    /// checked: (name, generation, address) -> max version.
+    rejected: HashMap<(String, u64, SocketAddr), u64>,
     load: Load,
     app: AppState,
     /// The application keys as set in chitchat.
@@ -259,6 +349,101 @@ fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
         return None;
     }
     serde_json::from_str(s).ok()
+}
+
+/// Reads the changed `values` of `peer` (named `name`): its certificate
+/// first, then each value its key signed with a write counter above the
+/// one held. Anything else is ignored and counted in the log.
+fn read_values(
+    signer: &Signer,
+    name: &str,
+    peer: &mut Peer,
+    mut values: Vec<(String, u64, String)>,
+    max_version: u64,
+) {
+    if let Some(at) = values.iter().position(|(k, _, _)| k == CERT_KEY) {
+        let (_, version, text) = values.swap_remove(at);
+        peer.versions.insert(CERT_KEY.to_string(), (version, 0));
+        let checked = signed::parse_cert(&text, CERT_LEN_MAX)
+            .ok_or_else(|| "undecodable certificate".to_string())
+            .and_then(|der| signer.check_certificate(name, &der));
+        match checked {
+            // A renewed certificate has the same key; another key is a
+            // node that restarted with a new one (a new generation).
+            Ok(key) => peer.key = Some(key),
+            Err(why) => debug!(peer = %name, %why, "certificate in gossip refused"),
+        }
+    }
+    let Some(key) = peer.key.clone() else {
+        // Nothing can be checked yet: read it all again once a
+        // certificate is.
+        return;
+    };
+    peer.seen_version = max_version;
+    let origin = Origin {
+        name,
+        generation: peer.generation,
+        addr: peer.addr,
+    };
+    let mut refused = 0u32;
+    for (k, version, text) in values {
+        let held_seq = peer.versions.get(&k).map_or(0, |(_, seq)| *seq);
+        if !peer.versions.contains_key(&k) && peer.versions.len() >= PEER_KEYS_MAX {
+            refused += 1;
+            continue;
+        }
+        peer.versions.insert(k.clone(), (version, held_seq));
+        let Some(s) = signed::parse(&text) else {
+            refused += 1;
+            continue;
+        };
+        if s.seq <= held_seq {
+            // A relay replaying an older write (or the same one again).
+            continue;
+        }
+        if !key.verify(&signed::message(origin, &k, s.seq, s.payload), &s.signature) {
+            refused += 1;
+            continue;
+        }
+        peer.versions.insert(k.clone(), (version, s.seq));
+        match k.as_str() {
+            KEY_RECORD => match s.payload.and_then(decode::<NodeRecord>) {
+                // A record must be valid and name its publisher.
+                Some(rec) if rec.validate().is_ok() && rec.name == name => peer.record = Some(rec),
+                _ => debug!(peer = %name, "invalid node record ignored"),
+            },
+            KEY_LOAD => {
+                if let Some(load) = s
+                    .payload
+                    .and_then(decode::<Load>)
+                    .filter(Load::is_plausible)
+                {
+                    peer.load = load;
+                }
+            }
+            KEY_INCARNATION => {
+                if let Some(inc) = s.payload.and_then(|p| p.parse().ok()) {
+                    peer.incarnation = inc;
+                }
+            }
+            KEY_STATUS => peer.left = s.payload == Some("left"),
+            _ => {
+                let short = &k[APP_PREFIX.len()..];
+                let app = Arc::make_mut(&mut peer.app);
+                match s.payload {
+                    Some(v) if v.len() <= APP_VALUE_LEN_MAX => {
+                        app.insert(short.to_string(), Arc::from(v));
+                    }
+                    _ => {
+                        app.remove(short);
+                    }
+                }
+            }
+        }
+    }
+    if refused > 0 {
+        debug!(peer = %name, refused, "gossip values without a valid signature ignored");
+    }
 }
 
 impl<T: Transport> Actor<T> {
@@ -284,6 +469,7 @@ impl<T: Transport> Actor<T> {
                     let actions = self.swim.tick(now);
                     self.execute(actions);
                     self.publish_incarnation().await;
+                    self.publish_certificate().await;
                     self.publish_view();
                 }
                 _ = sync.tick() => {
@@ -303,7 +489,7 @@ impl<T: Transport> Actor<T> {
                     let load = *load_rx.borrow_and_update();
                     self.load = load;
                     let json = serde_json::to_string(&load).unwrap_or_default();
-                    self.chitchat.with_chitchat(|c| c.self_node_state().set(KEY_LOAD, &json)).await;
+                    self.set_signed(vec![(KEY_LOAD.to_string(), Some(json))]).await;
                     self.publish_view();
                 }
                 Ok(()) = app_rx.changed() => {
@@ -341,17 +527,18 @@ impl<T: Transport> Actor<T> {
         if stale.is_empty() && changed.is_empty() {
             return;
         }
-        self.chitchat
-            .with_chitchat(|c| {
-                let state = c.self_node_state();
-                for k in &stale {
-                    state.delete(&format!("{APP_PREFIX}{k}"));
-                }
-                for (k, v) in &changed {
-                    state.set(format!("{APP_PREFIX}{k}"), v);
-                }
-            })
-            .await;
+        // A key is never deleted in chitchat, whose deletions carry no
+        // signature: it is written as signed-absent (see `crate::signed`).
+        let writes = stale
+            .iter()
+            .map(|k| (format!("{APP_PREFIX}{k}"), None))
+            .chain(
+                changed
+                    .iter()
+                    .map(|(k, v)| (format!("{APP_PREFIX}{k}"), Some(v.clone()))),
+            )
+            .collect();
+        self.set_signed(writes).await;
         let app = Arc::make_mut(&mut self.app);
         for k in stale {
             app.remove(&k);
@@ -363,13 +550,51 @@ impl<T: Transport> Actor<T> {
         }
     }
 
+    /// Publishes `writes` (key, value or `None` for absent), each signed
+    /// as this node's next write.
+    async fn set_signed(&mut self, writes: Vec<(String, Option<String>)>) {
+        let origin = Origin {
+            name: &self.record.name,
+            generation: self.generation,
+            addr: self.record.address,
+        };
+        let mut texts = Vec::with_capacity(writes.len());
+        for (key, value) in writes {
+            // One write per value change: a u64 does not run out.
+            self.seq = self.seq.saturating_add(1);
+            let text = sign_value(&self.signer, origin, &key, self.seq, value.as_deref());
+            texts.push((key, text));
+        }
+        self.chitchat
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for (k, v) in &texts {
+                    state.set(k, v);
+                }
+            })
+            .await;
+    }
+
+    /// Publishes this node's certificate again when it was renewed or
+    /// re-issued by a CA rotation (same key: what it signed stays valid).
+    async fn publish_certificate(&mut self) {
+        let epoch = self.signer.epoch();
+        if epoch == self.signer_epoch {
+            return;
+        }
+        self.signer_epoch = epoch;
+        let cert = signed::encode_cert(&self.signer.certificate());
+        self.chitchat
+            .with_chitchat(|c| c.self_node_state().set(CERT_KEY, &cert))
+            .await;
+    }
+
     async fn leave(&mut self) {
         if self.left {
             return;
         }
         self.left = true;
-        self.chitchat
-            .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
+        self.set_signed(vec![(KEY_STATUS.to_string(), Some("left".to_string()))])
             .await;
         let (to, update) = self.swim.leave();
         let body = postcard::to_stdvec(&ProbeMsg::Updates(vec![update])).expect("encodes");
@@ -392,8 +617,7 @@ impl<T: Transport> Actor<T> {
         let inc = self.swim.incarnation();
         if inc != self.published_incarnation {
             self.published_incarnation = inc;
-            self.chitchat
-                .with_chitchat(|c| c.self_node_state().set(KEY_INCARNATION, inc))
+            self.set_signed(vec![(KEY_INCARNATION.to_string(), Some(inc.to_string()))])
                 .await;
             warn!(incarnation = inc, "refuted a suspicion of this node");
         }
@@ -501,7 +725,23 @@ impl<T: Transport> Actor<T> {
                     reply.respond(postcard::to_stdvec(&answer).expect("encodes"));
                 });
             }
-            ProbeMsg::Updates(updates) => {
+            ProbeMsg::Updates(mut updates) => {
+                // A sender speaks for itself: it may say another node is
+                // suspect or dead (SWIM's verdicts, refuted by that node),
+                // always in its own name (`by`: distinct names count as
+                // confirmations), and only a node itself may say it is
+                // alive or has left.
+                if let Some(peer) = msg.peer.as_deref() {
+                    let before = updates.len();
+                    updates.retain(|u| {
+                        u.by == peer
+                            && (matches!(u.state, NodeState::Suspect | NodeState::Dead)
+                                || u.name == peer)
+                    });
+                    if updates.len() != before {
+                        warn!(from = %msg.from, %peer, dropped = before - updates.len(), "dropped membership updates sent in another node's name");
+                    }
+                }
                 let actions = if self.left {
                     Vec::new()
                 } else {
@@ -516,151 +756,129 @@ impl<T: Transport> Actor<T> {
     }
 
     async fn sync_from_gossip(&mut self) {
-        /// What changed on one node since the last read.
+        /// What changed in one chitchat node state since the last read.
         struct Seen {
+            name: String,
             generation: u64,
-            max_version: u64,
             addr: SocketAddr,
-            incarnation: u64,
-            left: bool,
-            record: Option<(u64, String)>,
-            load: Option<String>,
-            /// Application keys with their versions; the value only where
-            /// the version differs from the one already held.
-            app: Vec<(String, u64, Option<Arc<str>>)>,
-            /// Nothing but liveness fields are read: the node is unchanged.
+            max_version: u64,
+            /// Keys whose chitchat version differs from the one last read:
+            /// (key, version, text).
+            values: Vec<(String, u64, String)>,
+            /// The state is the one held and did not change.
             unchanged: bool,
         }
         let me = self.record.name.clone();
         let peers = &self.peers;
-        let mut latest: HashMap<String, Seen> = HashMap::new();
+        let rejected = &self.rejected;
+        let mut all: Vec<Seen> = Vec::new();
         self.chitchat
             .with_chitchat(|c| {
                 for (id, state) in c.node_states() {
-                    if *id.node_id == *me {
+                    let name = &*id.node_id;
+                    if *name == *me {
                         continue;
                     }
-                    if latest
-                        .get(&*id.node_id)
-                        .is_some_and(|s| s.generation >= id.generation_id)
+                    let addr = id.gossip_advertise_addr;
+                    let held = peers.get(name);
+                    // An older run than the one believed is history.
+                    if held.is_some_and(|p| id.generation_id < p.generation) {
+                        continue;
+                    }
+                    let held = held.filter(|p| p.generation == id.generation_id && p.addr == addr);
+                    if held.is_none()
+                        && rejected.get(&(name.to_string(), id.generation_id, addr))
+                            == Some(&state.max_version())
                     {
                         continue;
                     }
-                    let old = peers
-                        .get(&*id.node_id)
-                        .filter(|p| p.generation == id.generation_id);
-                    let unchanged = old.is_some_and(|p| p.seen_version == state.max_version());
-                    let app = if unchanged {
+                    let unchanged = held.is_some_and(|p| p.seen_version == state.max_version());
+                    let values = if unchanged {
                         Vec::new()
                     } else {
                         state
-                            .iter_prefix(APP_PREFIX)
-                            .filter(|(_, v)| v.value.len() <= APP_VALUE_LEN_MAX)
-                            .map(|(k, v)| {
-                                let short = &k[APP_PREFIX.len()..];
-                                let same =
-                                    old.and_then(|p| p.app_versions.get(short)) == Some(&v.version);
-                                let value = (!same).then(|| Arc::from(v.value.as_str()));
-                                (short.to_string(), v.version, value)
+                            .iter_prefix("")
+                            .filter(|(k, v)| {
+                                read_key(k)
+                                    && held.and_then(|p| p.versions.get(*k)).map(|(ver, _)| *ver)
+                                        != Some(v.version)
                             })
+                            .take(PEER_KEYS_MAX)
+                            .map(|(k, v)| (k.to_string(), v.version, v.value.clone()))
                             .collect()
                     };
-                    latest.insert(
-                        id.node_id.to_string(),
-                        Seen {
-                            generation: id.generation_id,
-                            max_version: state.max_version(),
-                            addr: id.gossip_advertise_addr,
-                            incarnation: state
-                                .get(KEY_INCARNATION)
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(0),
-                            left: state.get(KEY_STATUS) == Some("left"),
-                            record: state
-                                .get_versioned(KEY_RECORD)
-                                .filter(|_| !unchanged)
-                                .map(|v| (v.version, v.value.clone())),
-                            load: state
-                                .get(KEY_LOAD)
-                                .filter(|_| !unchanged)
-                                .map(str::to_string),
-                            app,
-                            unchanged,
-                        },
-                    );
+                    all.push(Seen {
+                        name: name.to_string(),
+                        generation: id.generation_id,
+                        addr,
+                        max_version: state.max_version(),
+                        values,
+                        unchanged,
+                    });
                 }
             })
             .await;
-        let now = Instant::now();
-        for (name, seen) in latest {
-            self.swim.observe(
-                &name,
-                seen.generation,
-                seen.addr,
-                seen.incarnation,
-                seen.left,
-                now,
-            );
-            if seen.unchanged {
+        // Older runs first, so that a node's newest verified run wins.
+        all.sort_by_key(|s| s.generation);
+        let mut present = std::collections::HashSet::new();
+        for seen in all {
+            let held = self.peers.get(&seen.name);
+            let same = held.is_some_and(|p| p.generation == seen.generation && p.addr == seen.addr);
+            if same {
+                let peer = self.peers.get_mut(&seen.name).expect("held");
+                if !seen.unchanged {
+                    read_values(
+                        &self.signer,
+                        &seen.name,
+                        peer,
+                        seen.values,
+                        seen.max_version,
+                    );
+                }
+                present.insert(seen.name);
                 continue;
             }
-            let fresh = || Peer {
-                generation: seen.generation,
-                seen_version: 0,
-                record: None,
-                load: Load::default(),
-                app: Default::default(),
-                app_versions: Default::default(),
-            };
-            let peer_name = name.clone();
-            let peer = self.peers.entry(name).or_insert_with(fresh);
-            if seen.generation > peer.generation {
-                *peer = fresh();
+            // Another address for the run believed, or an older run: not
+            // what the node signed.
+            if held.is_some_and(|p| seen.generation <= p.generation) {
+                continue;
             }
-            if seen.generation == peer.generation {
-                peer.seen_version = seen.max_version;
-                if let Some((version, json)) = seen.record {
-                    if peer.record.as_ref().is_none_or(|(v, _)| *v != version) {
-                        match decode::<NodeRecord>(&json).map(|r| (r.validate(), r)) {
-                            // A record must be valid and name its publisher.
-                            Some((Ok(()), rec)) if rec.name == *peer_name => {
-                                peer.record = Some((version, rec));
-                            }
-                            Some((Err(why), _)) => {
-                                debug!(peer = %peer_name, %why, "invalid node record ignored");
-                            }
-                            _ => debug!(peer = %peer_name, "undecodable node record ignored"),
-                        }
-                    }
+            // A new node or a new run of one: believed once its certificate
+            // and its record verify.
+            let mut peer = Peer::new(seen.generation, seen.addr);
+            read_values(
+                &self.signer,
+                &seen.name,
+                &mut peer,
+                seen.values,
+                seen.max_version,
+            );
+            if peer.record.is_some() {
+                self.rejected
+                    .remove(&(seen.name.clone(), seen.generation, seen.addr));
+                present.insert(seen.name.clone());
+                self.peers.insert(seen.name, peer);
+            } else {
+                if self.rejected.len() >= REJECTED_MAX {
+                    self.rejected.clear();
                 }
-                if let Some(load) = seen
-                    .load
-                    .as_deref()
-                    .and_then(decode::<Load>)
-                    .filter(Load::is_plausible)
-                {
-                    peer.load = load;
-                }
-                let changed = seen.app.len() != peer.app_versions.len()
-                    || seen.app.iter().any(|(_, _, v)| v.is_some());
-                if changed {
-                    let mut app = std::collections::BTreeMap::new();
-                    let mut versions = std::collections::BTreeMap::new();
-                    for (key, version, value) in seen.app {
-                        let value = match value {
-                            Some(v) => v,
-                            None => match peer.app.get(&key) {
-                                Some(v) => v.clone(),
-                                None => continue,
-                            },
-                        };
-                        versions.insert(key.clone(), version);
-                        app.insert(key, value);
-                    }
-                    peer.app = Arc::new(app);
-                    peer.app_versions = versions;
-                }
+                self.rejected
+                    .insert((seen.name, seen.generation, seen.addr), seen.max_version);
             }
+        }
+        // A node chitchat no longer lists is forgotten (SWIM keeps its
+        // verdict for its retention period).
+        self.peers.retain(|name, _| present.contains(name));
+        let now = Instant::now();
+        for (name, peer) in &self.peers {
+            self.swim.observe(
+                name,
+                peer.generation,
+                peer.addr,
+                peer.incarnation,
+                peer.left,
+                now,
+            );
         }
     }
 
@@ -683,7 +901,7 @@ impl<T: Transport> Actor<T> {
                 .get(&m.name)
                 .filter(|p| p.generation == m.generation);
             let record = peer
-                .and_then(|p| p.record.as_ref().map(|(_, r)| r.clone()))
+                .and_then(|p| p.record.clone())
                 .unwrap_or_else(|| NodeRecord {
                     name: m.name.clone(),
                     address: m.addr,
@@ -727,5 +945,180 @@ impl<T: Transport> Actor<T> {
             v.self_name = self_name;
             true
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_transport::tls::ClusterCa;
+
+    fn record(name: &str, addr: SocketAddr) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            address: addr,
+            labels: Default::default(),
+            capacity: Default::default(),
+            drivers: Vec::new(),
+            version: "t".into(),
+            http: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// The published texts of `writes` by `signer` for `origin`, numbered
+    /// from `seq`, with chitchat versions from `version`.
+    fn published(
+        signer: &Signer,
+        origin: Origin<'_>,
+        seq: u64,
+        version: u64,
+        writes: &[(&str, Option<&str>)],
+    ) -> Vec<(String, u64, String)> {
+        writes
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                let n = i as u64;
+                (
+                    k.to_string(),
+                    version + n,
+                    sign_value(signer, origin, k, seq + n, *v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_values_the_node_signed_for_this_run_and_address_are_read() {
+        let ca = ClusterCa::generate("c1").unwrap();
+        let a = Signer::new(&ca.issue_node("a").unwrap()).unwrap();
+        let m = Signer::new(&ca.issue_node("m").unwrap()).unwrap();
+        let reader = Signer::new(&ca.issue_node("r").unwrap()).unwrap();
+        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let origin = Origin {
+            name: "a",
+            generation: 1,
+            addr,
+        };
+        let rec = serde_json::to_string(&record("a", addr)).unwrap();
+        let cert = (
+            CERT_KEY.to_string(),
+            1,
+            signed::encode_cert(&a.certificate()),
+        );
+
+        // The node's own values, with its certificate: all read.
+        let mut peer = Peer::new(1, addr);
+        let mut values = vec![cert.clone()];
+        values.extend(published(
+            &a,
+            origin,
+            1,
+            2,
+            &[
+                (KEY_RECORD, Some(&rec)),
+                (KEY_INCARNATION, Some("3")),
+                ("app/x", Some("one")),
+                ("app/y", Some("two")),
+            ],
+        ));
+        read_values(&reader, "a", &mut peer, values, 5);
+        assert!(peer.record.is_some());
+        assert_eq!(peer.incarnation, 3);
+        assert_eq!(peer.app.get("x").map(|v| &**v), Some("one"));
+        assert_eq!(peer.seen_version, 5);
+
+        // A newer write replaces; a signed absence removes; a replay of
+        // an older write (at a higher chitchat version) changes nothing.
+        let newer = published(
+            &a,
+            origin,
+            10,
+            10,
+            &[("app/x", Some("uno")), ("app/y", None)],
+        );
+        read_values(&reader, "a", &mut peer, newer, 11);
+        assert_eq!(peer.app.get("x").map(|v| &**v), Some("uno"));
+        assert_eq!(peer.app.get("y"), None);
+        let replay = published(&a, origin, 3, 50, &[("app/x", Some("one"))]);
+        read_values(&reader, "a", &mut peer, replay, 50);
+        assert_eq!(peer.app.get("x").map(|v| &**v), Some("uno"));
+
+        // Forgeries: another member's key; a's key for another run, another
+        // address or another key; an unsigned value.
+        let forged = [
+            published(&m, origin, 100, 60, &[(KEY_STATUS, Some("left"))]),
+            published(
+                &a,
+                Origin {
+                    generation: 2,
+                    ..origin
+                },
+                100,
+                60,
+                &[(KEY_STATUS, Some("left"))],
+            ),
+            published(
+                &a,
+                Origin {
+                    addr: "127.0.0.9:7001".parse().unwrap(),
+                    ..origin
+                },
+                100,
+                60,
+                &[(KEY_STATUS, Some("left"))],
+            ),
+            published(&a, origin, 100, 60, &[(KEY_LOAD, Some("left"))])
+                .into_iter()
+                .map(|(_, v, t)| (KEY_STATUS.to_string(), v, t))
+                .collect(),
+            vec![(KEY_STATUS.to_string(), 60, "left".to_string())],
+            vec![(KEY_INCARNATION.to_string(), 61, "1.AAAA.=99".to_string())],
+        ];
+        for values in forged {
+            read_values(&reader, "a", &mut peer, values, 61);
+            assert!(!peer.left);
+            assert_eq!(peer.incarnation, 3);
+        }
+        // The node's own word is still taken after all that.
+        read_values(
+            &reader,
+            "a",
+            &mut peer,
+            published(&a, origin, 200, 70, &[(KEY_STATUS, Some("left"))]),
+            70,
+        );
+        assert!(peer.left);
+    }
+
+    #[test]
+    fn a_certificate_of_another_name_or_cluster_makes_nothing_readable() {
+        let ca = ClusterCa::generate("c1").unwrap();
+        let reader = Signer::new(&ca.issue_node("r").unwrap()).unwrap();
+        let m = Signer::new(&ca.issue_node("m").unwrap()).unwrap();
+        let other =
+            Signer::new(&ClusterCa::generate("c2").unwrap().issue_node("a").unwrap()).unwrap();
+        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let origin = Origin {
+            name: "a",
+            generation: 1,
+            addr,
+        };
+        let rec = serde_json::to_string(&record("a", addr)).unwrap();
+        for signer in [&m, &other] {
+            let mut peer = Peer::new(1, addr);
+            let mut values = vec![(
+                CERT_KEY.to_string(),
+                1,
+                signed::encode_cert(&signer.certificate()),
+            )];
+            values.extend(published(signer, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
+            read_values(&reader, "a", &mut peer, values, 2);
+            assert!(peer.key.is_none());
+            assert!(peer.record.is_none());
+            // Left to be read again once a valid certificate comes.
+            assert_eq!(peer.seen_version, 0);
+        }
     }
 }

@@ -1003,6 +1003,12 @@ impl Swim {
             Some((g, _, _)) if u.generation < g => return Vec::new(),
             // Unknown, or a newer generation (a restart): a fresh entry.
             Some((g, _, _)) if u.generation == g => {}
+            // Only a node itself says it is alive or left (the runtime
+            // drops such updates from anyone else), so only those bring a
+            // node or a new run of it into view: a suspicion of a run
+            // nobody knows would let any member put a made-up address in
+            // every view.
+            _ if matches!(u.state, NodeState::Suspect | NodeState::Dead) => return Vec::new(),
             _ => {
                 self.insert(
                     &u.name,

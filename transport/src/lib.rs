@@ -19,6 +19,7 @@
 pub mod gossip;
 pub mod mem;
 pub mod quic;
+pub mod sign;
 pub mod tls;
 
 use std::net::SocketAddr;

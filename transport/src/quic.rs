@@ -16,6 +16,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::sign::Signer;
 use crate::tls::{peer_name, JoinToken, NodeCredentials, CLUSTER_SERVER_NAME, JOIN_ALPN};
 use crate::{
     encode_frame, Dispatch, Inbox, Responder, Service, Transport, TransportError, TransportStats,
@@ -96,6 +97,9 @@ struct Inner {
     send_permits: Arc<Semaphore>,
     handshake_permits: Arc<Semaphore>,
     join_permits: Arc<Semaphore>,
+    /// Signs what this node publishes in gossip, with the key of the
+    /// credentials the endpoint presents (replaced with them).
+    signer: Signer,
     config: QuicConfig,
 }
 
@@ -153,6 +157,7 @@ impl QuicTransport {
     ) -> Result<(QuicTransport, Inbox), TransportError> {
         let tc = Arc::new(transport_config(&config)?);
         let (server, client) = endpoint_configs(creds, &tc)?;
+        let signer = Signer::new(creds)?;
         // Connections are made with `connect_with` and the current client
         // config: the endpoint needs no default one.
         let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| TransportError::Bind {
@@ -176,6 +181,7 @@ impl QuicTransport {
             send_permits: Arc::new(Semaphore::new(config.sends_in_flight_max)),
             handshake_permits: Arc::new(Semaphore::new(config.handshakes_in_flight_max)),
             join_permits: Arc::new(Semaphore::new(config.joins_in_flight_max)),
+            signer,
             config,
         });
         tokio::spawn(accept_loop(inner.clone()));
@@ -187,9 +193,16 @@ impl QuicTransport {
     /// theirs until they close.
     pub fn set_credentials(&self, creds: &NodeCredentials) -> Result<(), TransportError> {
         let (server, client) = endpoint_configs(creds, &self.inner.transport_config)?;
+        self.inner.signer.update(creds)?;
         self.inner.endpoint.set_server_config(Some(server));
         *self.inner.client.lock().expect("lock poisoned") = client;
         Ok(())
+    }
+
+    /// Signs with this node's key and checks peers' certificates, kept
+    /// current by [`QuicTransport::set_credentials`].
+    pub fn signer(&self) -> Signer {
+        self.inner.signer.clone()
     }
 
     async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, TransportError> {

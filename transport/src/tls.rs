@@ -492,6 +492,16 @@ impl NodeCredentials {
         )
     }
 
+    /// Verifies a peer's certificate against the CAs these credentials
+    /// trust (the cluster CA, and during a rotation the other one).
+    pub fn client_verifier(
+        &self,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TransportError> {
+        rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+            .build()
+            .map_err(tls_err)
+    }
+
     /// rustls server config: presents this node's certificate and verifies
     /// a client certificate against the cluster CA. A client may present
     /// none only to join (ALPN [`JOIN_ALPN`]): the transport closes a

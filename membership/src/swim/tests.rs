@@ -678,3 +678,41 @@ fn a_suspicion_at_the_cap_is_refused_so_every_refutation_is_taken() {
     assert!(actions.is_empty());
     assert_eq!(sim.nodes[1].incarnation(), INCARNATION_MAX - 1);
 }
+
+#[test]
+fn a_suspicion_or_death_of_an_unknown_run_brings_nothing_into_view() {
+    let mut sim = Sim::new(3, 23, 0.0);
+    sim.run_for(Duration::from_secs(1));
+    let now = sim.now;
+    let made_up: SocketAddr = "127.0.0.99:9".parse().unwrap();
+    for (name, generation) in [("ghost", 1), ("n1", sim.gen[1] + 1)] {
+        for state in [NodeState::Suspect, NodeState::Dead] {
+            let u = Update {
+                name: name.into(),
+                generation,
+                addr: made_up,
+                incarnation: 0,
+                state,
+                by: "n2".into(),
+            };
+            assert!(sim.nodes[0].on_updates(vec![u], now).is_empty());
+        }
+    }
+    let members: Vec<MemberStatus> = sim.nodes[0].members().collect();
+    assert!(members.iter().all(|m| m.addr != made_up), "{members:?}");
+    let n1 = members.iter().find(|m| m.name == "n1").unwrap();
+    assert_eq!((n1.generation, n1.state), (sim.gen[1], NodeState::Alive));
+    // The node's own word about a new run is taken.
+    let restarted = Update {
+        name: "n1".into(),
+        generation: sim.gen[1] + 1,
+        addr: made_up,
+        incarnation: 0,
+        state: NodeState::Alive,
+        by: "n1".into(),
+    };
+    sim.nodes[0].on_updates(vec![restarted], now);
+    let members: Vec<MemberStatus> = sim.nodes[0].members().collect();
+    let n1 = members.iter().find(|m| m.name == "n1").unwrap();
+    assert_eq!((n1.generation, n1.addr), (sim.gen[1] + 1, made_up));
+}
