@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use shoal_transport::join::{JoinReply, JoinRequest, Rotation, RotationReply};
 use shoal_transport::tls::{ClusterCa, JoinToken, NodeCredentials};
 use shoal_transport::{Incoming, QuicTransport, Responder, Transport};
 use tokio::sync::mpsc;
@@ -25,40 +26,8 @@ use tracing::{info, warn};
 
 use crate::credentials;
 
-/// Longest join request accepted (bytes): a token, a name and an address.
-pub const JOIN_REQUEST_LEN_MAX: usize = 16 * 1024;
-
 /// How long a joining node waits for each seed.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What a node without credentials sends a member (JSON, on a join
-/// connection).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct JoinRequest {
-    /// The join token, as given to the joining node.
-    pub token: String,
-    /// The name the node will run under.
-    pub name: String,
-    /// The address it will advertise (its IP decides whether the name is
-    /// free; the port may still be unknown, 0).
-    pub address: SocketAddr,
-}
-
-/// A member's answer to a [`JoinRequest`].
-#[derive(Debug, Serialize, Deserialize)]
-pub enum JoinReply {
-    /// Welcome: the cluster CA (encoded, key included), and whether the
-    /// member has been in touch with its cluster lately (see
-    /// `Response::Claimed`).
-    Joined {
-        /// `ClusterCa::encode`.
-        ca: String,
-        /// The member completed an anti-entropy exchange lately.
-        in_touch: bool,
-    },
-    /// Refused, and why (an expired or foreign token, a taken name).
-    Refused(String),
-}
 
 /// The CAs a node holds: the one it issues with and, during a rotation, the
 /// next one (trusted, not yet used) or the previous one (still trusted).
@@ -74,37 +43,6 @@ const NEXT_CA_FILE: &str = "cluster-ca.next";
 /// `<data-dir>/cluster-ca.previous`: the certificate of the CA a rotation
 /// switched from, trusted until the rotation ends.
 const PREVIOUS_CA_FILE: &str = "cluster-ca.previous";
-
-/// A step of a CA rotation, sent by the member running it to every other
-/// (JSON on `Service::Join`, over their authenticated connections).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Rotation {
-    /// Trust this CA (encoded, key included) beside the current one.
-    Trust {
-        /// `ClusterCa::encode` of the new CA.
-        ca: String,
-    },
-    /// Issue this node's certificate with the new CA (whose certificate
-    /// this is), and keep trusting the old one.
-    Switch {
-        /// The new CA's certificate.
-        ca_cert_der: Vec<u8>,
-    },
-    /// Stop trusting the old CA: every member presents the new one's.
-    Drop {
-        /// The new (now current) CA's certificate.
-        ca_cert_der: Vec<u8>,
-    },
-}
-
-/// The answer to a [`Rotation`] step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum RotationReply {
-    /// Done (or already done).
-    Done,
-    /// Refused, and why.
-    Refused(String),
-}
 
 /// How many times the rotating member sends each step to a member.
 const ROTATION_ATTEMPTS: usize = 3;
@@ -436,12 +374,9 @@ async fn answer_join(
     body: &[u8],
     claims: &mpsc::Sender<Incoming>,
 ) -> JoinReply {
-    if body.len() > JOIN_REQUEST_LEN_MAX {
-        return JoinReply::Refused(format!("a join request of {} bytes", body.len()));
-    }
-    let req: JoinRequest = match serde_json::from_slice(body) {
+    let req = match JoinRequest::decode(body) {
         Ok(r) => r,
-        Err(e) => return JoinReply::Refused(format!("undecodable join request: {e}")),
+        Err(why) => return JoinReply::Refused(why),
     };
     let ca = match identity.check(&req) {
         Ok(ca) => ca,
@@ -517,16 +452,6 @@ pub async fn maintain(identity: Arc<Identity>, transport: QuicTransport) {
                 Ok(_) => token_written = now,
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot rewrite the join token file"),
             }
-        }
-    }
-}
-
-impl Rotation {
-    fn name(&self) -> &'static str {
-        match self {
-            Rotation::Trust { .. } => "trust",
-            Rotation::Switch { .. } => "switch",
-            Rotation::Drop { .. } => "drop",
         }
     }
 }

@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod gossip;
+pub mod join;
 pub mod mem;
 pub mod quic;
 pub mod sign;
