@@ -164,6 +164,9 @@ pub struct SlotView {
     /// them).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
+    /// Host ports of the holder's copy, by name (dynamic ones as chosen).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ports: std::collections::BTreeMap<String, u16>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -221,6 +224,9 @@ pub struct InstanceView {
     pub restarts: u32,
     /// Why its last start failed, if it did.
     pub error: Option<String>,
+    /// Host ports it binds, by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ports: std::collections::BTreeMap<String, u16>,
 }
 
 impl From<&status::InstanceRow> for InstanceView {
@@ -233,6 +239,7 @@ impl From<&status::InstanceRow> for InstanceView {
             run: r.copy.run,
             restarts: r.copy.restarts,
             error: r.copy.error.clone(),
+            ports: r.copy.ports.clone(),
         }
     }
 }
@@ -262,6 +269,7 @@ impl From<&status::JobStatus> for JobStatus {
                     reason: v.reason.clone(),
                     restarts: v.restarts,
                     attempts: v.attempts,
+                    ports: v.ports.clone(),
                 })
                 .collect(),
         }

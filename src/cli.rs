@@ -175,6 +175,12 @@ pub struct AgentArgs {
     /// longer than this should rejoin with an empty data dir.
     #[arg(long, default_value = "24h", value_parser = parse_gc_after)]
     pub job_gc_after: std::time::Duration,
+    /// Host ports this node picks dynamic ports from (a task's
+    /// `ports = { http = 0 }`), inclusive: LOW-HIGH. Keep it clear of
+    /// ports other software binds and of the kernel's ephemeral range
+    /// (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default).
+    #[arg(long, default_value = "20000-32000", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
     /// How long the join token this node keeps in <data-dir>/join-token is
     /// valid; the node writes a new one when half of that has passed.
     /// `shoal token create --ttl` makes tokens of other lifetimes.
@@ -221,6 +227,22 @@ fn parse_gc_after(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("`{s}`: use between 1s and 365d"));
     }
     Ok(d)
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("`{s}`: write LOW-HIGH, e.g. 20000-32000"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("`{s}`: `{p}` is not a port (1-65535)"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo == 0 || lo > hi {
+        return Err(format!("`{s}`: LOW must be at least 1 and at most HIGH"));
+    }
+    Ok((lo, hi))
 }
 
 fn parse_header_timeout(s: &str) -> Result<std::time::Duration, String> {
@@ -313,6 +335,7 @@ impl AgentArgs {
             scheduler: shoal_core::SchedulerConfig {
                 max_clock_offset: self.max_clock_offset,
                 job_gc_after: self.job_gc_after,
+                port_range: self.port_range,
                 ..match self.preset.as_str() {
                     "local-test" => shoal_core::SchedulerConfig::local_test(),
                     _ => shoal_core::SchedulerConfig::lan(),
@@ -334,6 +357,15 @@ mod tests {
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
         assert!(parse_label("bad key=v").is_err());
+    }
+
+    #[test]
+    fn port_ranges_are_validated() {
+        assert_eq!(parse_port_range("20000-32000").unwrap(), (20_000, 32_000));
+        assert_eq!(parse_port_range("80-80").unwrap(), (80, 80));
+        for bad in ["", "20000", "0-10", "10-9", "1-65536", "a-b"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -310,7 +310,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 s.replicas,
                 if s.stopped { ", stopped" } else { "" }
             );
-            let rows: Vec<[String; 5]> = s
+            let rows: Vec<[String; 6]> = s
                 .instances
                 .iter()
                 .map(|i| {
@@ -322,6 +322,15 @@ pub fn status(args: StatusArgs) -> Result<()> {
                             .and_then(|v| v.as_str().map(str::to_string))
                             .unwrap_or_default(),
                         i.restarts.to_string(),
+                        if i.ports.is_empty() {
+                            "-".to_string()
+                        } else {
+                            i.ports
+                                .iter()
+                                .map(|(n, p)| format!("{n}={p}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        },
                         match (&i.reason, i.attempts) {
                             (Some(r), 0) => r.clone(),
                             (Some(r), n) => format!("{r} (tried {n} times; backing off)"),
@@ -330,7 +339,10 @@ pub fn status(args: StatusArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            print_table(&["SLOT", "NODE", "STATE", "RESTARTS", "REASON"], &rows);
+            print_table(
+                &["SLOT", "NODE", "STATE", "RESTARTS", "PORTS", "REASON"],
+                &rows,
+            );
         }
     }
     Ok(())

@@ -31,6 +31,7 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             user: None,
         },
         env: BTreeMap::from([("SHOAL_SLOT".to_string(), slot.to_string())]),
+        ports: BTreeMap::new(),
     }
 }
 

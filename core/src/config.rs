@@ -112,6 +112,10 @@ pub struct SchedulerConfig {
     pub gc_interval: Duration,
     /// Most tombstones forgotten per collection (one store write).
     pub gc_batch_max: usize,
+    /// Host ports this node chooses dynamic ports (`http = 0`) from,
+    /// inclusive (`--port-range`; as Nomad's default, above the usual
+    /// static ports and below Linux's ephemeral range, 32768-60999).
+    pub port_range: (u16, u16),
     /// Act before catching up with a peer (a joining node places and starts
     /// at once). Never set outside tests: the simulator's tests set it to
     /// show the batch reruns the catch-up gate prevents.
@@ -161,6 +165,7 @@ impl SchedulerConfig {
             job_gc_after: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(60),
             gc_batch_max: 1000,
+            port_range: crate::ports::DEFAULT_RANGE,
             act_before_catch_up: false,
         }
     }

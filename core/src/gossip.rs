@@ -290,6 +290,7 @@ mod tests {
                 task: 0xdead_beef_dead_beef,
                 restarts: 0,
                 error: None,
+                ports: Default::default(),
             })
             .collect()
     }

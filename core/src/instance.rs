@@ -33,8 +33,37 @@ pub struct InstanceSpec {
     pub job_version: Version,
     /// The task.
     pub task: TaskSpec,
-    /// Variables added to the task's environment (SHOAL_JOB, SHOAL_SLOT, ...).
+    /// Variables added to the task's environment (SHOAL_JOB, SHOAL_SLOT,
+    /// SHOAL_PORT_<NAME>, ...).
     pub env: BTreeMap<String, String>,
+    /// The host port of each of the task's ports: the static ones as
+    /// written, the dynamic ones (`0`) as the node chose them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl InstanceSpec {
+    /// The task as it runs: its ports as chosen, and `${SHOAL_...}` in its
+    /// command, arguments and environment replaced from [`Self::env`].
+    /// (`task` itself stays as submitted: its fingerprint tells whether
+    /// the copy runs the job's current version.)
+    pub fn resolved(&self) -> TaskSpec {
+        use crate::ports::interpolate;
+        let mut task = self.task.clone();
+        for (name, port) in &self.ports {
+            if let Some(p) = task.ports.get_mut(name) {
+                *p = *port;
+            }
+        }
+        task.command = interpolate(&task.command, &self.env);
+        for a in &mut task.args {
+            *a = interpolate(a, &self.env);
+        }
+        for v in task.env.values_mut() {
+            *v = interpolate(v, &self.env);
+        }
+        task
+    }
 }
 
 /// How a task ended.
@@ -133,6 +162,9 @@ pub struct Published {
     /// Why the last start failed (cleared by a start that succeeds).
     #[serde(rename = "e", default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Host ports it binds, by name (dynamic ones as chosen).
+    #[serde(rename = "p", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
 }
 
 fn is_zero(n: &u32) -> bool {

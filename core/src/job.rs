@@ -91,7 +91,10 @@ pub struct TaskSpec {
     /// Resources each instance reserves.
     #[serde(default)]
     pub resources: ResourceSpec,
-    /// Named host ports (name -> port number) the instance binds.
+    /// Named host ports (name -> port number) the instance binds; `0` asks
+    /// the node for a free one from its `--port-range`. The instance finds
+    /// each in `SHOAL_PORT_<NAME>` (and `ip:port` in `SHOAL_ADDR_<NAME>`),
+    /// and `command`, `args` and `env` values may say `${SHOAL_PORT_<NAME>}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ports: BTreeMap<String, u16>,
     /// Container image (docker driver).
@@ -620,12 +623,48 @@ impl JobSpec {
                 ),
             ));
         }
-        if let Some((name, _)) = t.ports.iter().find(|(_, p)| **p == 0) {
-            return Err(invalid(
-                text,
-                &format!("task.ports.{name}"),
-                "port 0 is not a host port",
-            ));
+        // `0` asks the node for a free port from its range.
+        let mut vars_of_ports = std::collections::BTreeMap::new();
+        for name in t.ports.keys() {
+            if !crate::ports::valid_port_name(name) {
+                return Err(invalid(
+                    text,
+                    &format!("task.ports.{name}"),
+                    format!(
+                        "`{name}` cannot name a port: use 1 to {} letters, digits, '_' or '-', starting with a letter",
+                        crate::ports::PORT_NAME_LEN_MAX
+                    ),
+                ));
+            }
+            let var = crate::ports::port_var(name);
+            if let Some(other) = vars_of_ports.insert(var.clone(), name) {
+                return Err(invalid(
+                    text,
+                    &format!("task.ports.{name}"),
+                    format!("`{name}` and `{other}` would both be ${var}: rename one"),
+                ));
+            }
+        }
+        let known = crate::ports::known_vars(t.ports.keys());
+        let fields = std::iter::once(("task.command".to_string(), &t.command))
+            .chain(t.args.iter().map(|a| ("task.args".to_string(), a)))
+            .chain(t.env.iter().map(|(k, v)| (format!("task.env.{k}"), v)));
+        for (field, value) in fields {
+            if let Some(r) = crate::ports::references(value)
+                .into_iter()
+                .find(|r| !known.contains(*r))
+            {
+                let hint = if r.starts_with("SHOAL_PORT_") || r.starts_with("SHOAL_ADDR_") {
+                    "it names no port of task.ports"
+                } else {
+                    "known: SHOAL_JOB, SHOAL_SLOT, SHOAL_NODE, SHOAL_PORT_<NAME> and SHOAL_ADDR_<NAME> of task.ports"
+                };
+                return Err(invalid(
+                    text,
+                    &field,
+                    format!("unknown variable ${{{r}}}: {hint}"),
+                ));
+            }
         }
         if self.constraints.len() > LIST_LEN_MAX || self.affinities.len() > LIST_LEN_MAX {
             return Err(invalid(
@@ -705,7 +744,14 @@ impl JobSpec {
             },
             driver: self.task.driver.clone(),
             constraints,
-            ports: self.task.ports.values().copied().collect(),
+            // Dynamic ports (0) are the holder's to choose, from its range.
+            ports: self
+                .task
+                .ports
+                .values()
+                .copied()
+                .filter(|p| *p != 0)
+                .collect(),
             distinct_hosts: self.distinct_hosts,
             spread: self.spread.as_ref().map(|s| Spread {
                 label: s.label.clone(),
@@ -796,6 +842,45 @@ memory = 32
         assert_eq!(e.line, Some(4), "{e}");
         let e = JobSpec::parse("not toml at all {").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn dynamic_ports_and_shoal_variables_are_checked() {
+        let with = |ports: &str, args: &str| {
+            MINIMAL
+                .replace("args = [\"100000\"]", &format!("args = {args}"))
+                .replace(
+                    "[task.resources]",
+                    &format!("ports = {ports}\n\n[task.resources]"),
+                )
+        };
+        let j = JobSpec::parse(&with(
+            "{ http = 0, admin = 9000 }",
+            "[\"-p\", \"${SHOAL_PORT_HTTP}\", \"${SHOAL_ADDR_ADMIN}\", \"${HOME}\", \"${SHOAL_SLOT}\"]",
+        ))
+        .unwrap();
+        assert_eq!(j.task.ports["http"], 0);
+        // Only static ports take part in placement.
+        assert_eq!(j.slot_request(0).ports, vec![9000]);
+
+        let e = JobSpec::parse(&with("{ http = 0 }", "[\"${SHOAL_PORT_HTPP}\"]")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.args"), "{e}");
+        assert!(
+            e.message.contains("SHOAL_PORT_HTPP") && e.message.contains("names no port"),
+            "{e}"
+        );
+        let e = JobSpec::parse(&with("{ http = 0 }", "[\"${SHOAL_SLOTT}\"]")).unwrap_err();
+        assert!(e.message.contains("known: SHOAL_JOB"), "{e}");
+        let e = JobSpec::parse(&with("{ \"2http\" = 0 }", "[]")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.ports.2http"), "{e}");
+        let e = JobSpec::parse(&with("{ web-ui = 0, web_ui = 0 }", "[]")).unwrap_err();
+        assert!(e.message.contains("SHOAL_PORT_WEB_UI"), "{e}");
+        let env = MINIMAL.replace(
+            "[task.resources]",
+            "env = { URL = \"http://${SHOAL_ADDR_X}/\" }\n\n[task.resources]",
+        );
+        let e = JobSpec::parse(&env).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.env.URL"), "{e}");
     }
 
     #[test]

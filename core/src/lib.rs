@@ -26,6 +26,7 @@
 //! - [`job`]: job files: parsing, validation, slot requests.
 //! - [`records`], [`instance`], [`hlc`]: the data: job records and
 //!   completions, instances, hybrid logical clocks.
+//! - [`ports`]: dynamic host ports and the `${SHOAL_...}` variables.
 //! - [`gossip`]: how copies and unplaceable slots are laid out in gossip keys.
 //! - [`wire`]: node-to-node requests and responses.
 #![deny(missing_docs)]
@@ -38,6 +39,7 @@ pub mod instance;
 pub mod job;
 pub mod local;
 pub mod placing;
+pub mod ports;
 pub mod reconcile;
 pub mod records;
 pub mod scheduler;

@@ -44,6 +44,9 @@ pub struct Local {
     /// checked against the cluster: if another node runs the slot by now,
     /// this copy is the stale one and goes.
     pub unconfirmed: bool,
+    /// The host port of each of the task's ports (dynamic ones as chosen
+    /// at the start; kept across restarts of the copy).
+    pub ports: BTreeMap<String, u16>,
 }
 
 impl Local {
@@ -56,6 +59,7 @@ impl Local {
             task: self.task,
             restarts: self.restarts,
             error: self.error.clone(),
+            ports: self.ports.clone(),
         }
     }
 
@@ -77,12 +81,16 @@ impl Local {
             .unwrap_or_default()
     }
 
-    /// Host ports it binds.
+    /// Host ports it binds (a copy adopted from an earlier release has
+    /// only its static ones, from the spec).
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.record
-            .spec
-            .iter()
-            .flat_map(|s| s.task.ports.values().copied())
+        self.ports.values().copied().chain(
+            self.record
+                .spec
+                .iter()
+                .flat_map(|s| s.task.ports.values().copied())
+                .filter(|p| *p != 0),
+        )
     }
 }
 

@@ -695,6 +695,7 @@ impl Scheduler {
                 start_in_flight: false,
                 error: None,
                 unconfirmed: running,
+                ports: r.spec.ports.clone(),
             });
             if !running {
                 self.ended(id, r.state, now);
@@ -1593,8 +1594,19 @@ impl Scheduler {
                 refused.push((slot, "it no longer has the CPU or memory free".into()));
                 continue;
             }
+            let seed = crate::job::fnv1a(format!("{}/{slot}", job.name).as_bytes());
+            let Some(ports) = crate::ports::assign(
+                &spec.task.ports,
+                self.config.port_range,
+                &fresh.ports_used,
+                seed,
+            ) else {
+                let (lo, hi) = self.config.port_range;
+                refused.push((slot, format!("no free port left in its range {lo}-{hi}")));
+                continue;
+            };
             fresh.used = fresh.used.plus(req.resources);
-            fresh.ports_used.extend(req.ports.iter().copied());
+            fresh.ports_used.extend(ports.values().copied());
             let id = InstanceId {
                 job: job.name.clone(),
                 slot,
@@ -1620,6 +1632,7 @@ impl Scheduler {
                 start_in_flight: true,
                 error: None,
                 unconfirmed: false,
+                ports,
             };
             self.launch(&local);
             self.local.insert(local);
@@ -1630,11 +1643,25 @@ impl Scheduler {
 
     fn launch(&mut self, l: &Local) {
         let Some(spec) = &l.record.spec else { return };
-        let env = BTreeMap::from([
+        let mut env = BTreeMap::from([
             ("SHOAL_JOB".to_string(), l.id.job.clone()),
             ("SHOAL_SLOT".to_string(), l.id.slot.to_string()),
             ("SHOAL_NODE".to_string(), self.me.to_string()),
         ]);
+        let ip = self
+            .seen
+            .view
+            .members
+            .get(&self.me)
+            .map(|m| m.record.address.ip());
+        for (name, port) in &l.ports {
+            env.insert(crate::ports::port_var(name), port.to_string());
+            let addr = match ip {
+                Some(ip) => std::net::SocketAddr::new(ip, *port).to_string(),
+                None => format!("127.0.0.1:{port}"),
+            };
+            env.insert(crate::ports::addr_var(name), addr);
+        }
         self.counters.starts += 1;
         self.out.push(Effect::StartInstance {
             driver: l.driver.clone(),
@@ -1643,6 +1670,7 @@ impl Scheduler {
                 job_version: l.record.version.clone(),
                 task: spec.task.clone(),
                 env,
+                ports: l.ports.clone(),
             }),
         });
     }

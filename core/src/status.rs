@@ -24,6 +24,8 @@ pub struct SlotStatus {
     pub restarts: u32,
     /// Placement attempts of a pending slot so far.
     pub attempts: u32,
+    /// Host ports of the holder's copy, by name.
+    pub ports: std::collections::BTreeMap<String, u16>,
 }
 
 /// A job as the API shows it.
@@ -150,6 +152,7 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                 reason: c.error.clone(),
                 restarts: c.restarts,
                 attempts: 0,
+                ports: c.ports.clone(),
             },
             Some((n, c)) if !(done && c.state.is_live()) && c.state != SlotState::Pending => {
                 SlotStatus {
@@ -159,6 +162,7 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                     reason: c.error.clone(),
                     restarts: c.restarts,
                     attempts: 0,
+                    ports: c.ports.clone(),
                 }
             }
             _ if done => SlotStatus {
@@ -168,6 +172,7 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                 reason: None,
                 restarts: 0,
                 attempts: 0,
+                ports: Default::default(),
             },
             _ => {
                 let (reason, attempts) = reason_for(s, &record.name, slot)
@@ -180,6 +185,7 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                     reason,
                     restarts: 0,
                     attempts,
+                    ports: Default::default(),
                 }
             }
         });
@@ -195,6 +201,7 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
             reason: Some("stopping".into()),
             restarts: c.restarts,
             attempts: 0,
+            ports: c.ports.clone(),
         });
     }
     JobStatus { record, slots }

@@ -650,6 +650,7 @@ mod tests {
                     task: 7,
                     restarts: 0,
                     error: None,
+                    ports: Default::default(),
                 })
                 .collect::<Vec<_>>(),
         );

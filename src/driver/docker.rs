@@ -106,7 +106,7 @@ fn container_limits(cpu_millis: u64, memory_mib: u64) -> (i64, i64) {
 
 /// The Engine API body for an instance.
 pub fn create_body(cluster: &str, node: &str, spec: &InstanceSpec) -> ContainerCreateBody {
-    let task = &spec.task;
+    let task = &spec.resolved();
     let labels = HashMap::from([
         (LABEL_CLUSTER.to_string(), cluster.to_string()),
         (LABEL_NODE.to_string(), node.to_string()),
@@ -509,6 +509,7 @@ mod tests {
             },
             task,
             env: BTreeMap::from([("SHOAL_SLOT".into(), "2".into())]),
+            ports: BTreeMap::new(),
         }
     }
 

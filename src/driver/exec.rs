@@ -206,15 +206,16 @@ impl Driver for ExecDriver {
                 .arg("--memory-mib")
                 .arg(spec.task.resources.memory.to_string());
         }
+        let task = spec.resolved();
         cmd.arg("--")
-            .arg(&spec.task.command)
-            .args(&spec.task.args)
+            .arg(&task.command)
+            .args(&task.args)
             .env_clear()
             .env(
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
             )
-            .envs(&spec.task.env)
+            .envs(&task.env)
             .envs(&spec.env)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

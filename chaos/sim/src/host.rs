@@ -119,10 +119,17 @@ impl SimDriver {
                 spec.task.command
             ));
         }
-        for p in spec.task.ports.values() {
+        // The ports as the node chose them (dynamic ones are 0 in the job).
+        let wanted = spec.resolved().ports;
+        if let Some(p) = wanted.values().find(|p| **p == 0) {
+            return Err(format!(
+                "port {p}: a dynamic port reached the driver unassigned"
+            ));
+        }
+        for p in wanted.values() {
             if self
                 .running()
-                .any(|i| i.spec.task.ports.values().any(|q| q == p))
+                .any(|i| i.spec.resolved().ports.values().any(|q| q == p))
             {
                 return Err(format!("port {p} is already bound on this machine"));
             }

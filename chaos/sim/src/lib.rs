@@ -1423,12 +1423,18 @@ impl Sim {
                 replicas.min(n.saturating_sub(2).max(1))
             }
             // A static host port: at most one per node.
-            1 => {
+            1 if self.next_job.is_multiple_of(2) => {
                 task_extra.push_str(&format!(
                     "ports = {{ http = {} }}\n",
                     8000 + self.next_job % 1000
                 ));
                 replicas.min(n.saturating_sub(2).max(1))
+            }
+            // Dynamic ports: any number per node, each copy its own (the
+            // simulated nodes own a small range, so ports are reused).
+            1 => {
+                task_extra.push_str("ports = { http = 0, admin = 0 }\n");
+                replicas
             }
             // Only on zones a and b.
             2 => {
@@ -1529,7 +1535,7 @@ impl Sim {
             }
             5..=6 if !live.is_empty() => {
                 let (name, spec) = live[self.rng.random_range(0..live.len())].clone();
-                let limited = spec.distinct_hosts || !spec.task.ports.is_empty();
+                let limited = spec.distinct_hosts || spec.task.ports.values().any(|p| *p != 0);
                 let max = if limited {
                     (self.nodes.len() as u32).saturating_sub(2).max(1)
                 } else {

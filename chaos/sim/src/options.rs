@@ -111,7 +111,13 @@ impl Options {
             kill_fraction: 0.0,
             kill_at: Duration::from_secs(20),
             skew_max_ms: 200,
-            scheduler: shoal_core::SchedulerConfig::lan(),
+            scheduler: shoal_core::SchedulerConfig {
+                // Small, so that dynamic ports run out and are reused: the
+                // driver fails a start whose port a copy on the machine
+                // still binds, and the checker reports it.
+                port_range: (20_000, 20_019),
+                ..shoal_core::SchedulerConfig::lan()
+            },
             verbose: true,
         }
     }

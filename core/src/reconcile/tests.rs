@@ -79,6 +79,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                         task: if kind == 9 { 12345 } else { fp(&records[j]) },
                         restarts: 0,
                         error: None,
+                        ports: Default::default(),
                     },
                 })
                 .collect::<Vec<_>>();
@@ -204,6 +205,7 @@ fn the_older_copy_survives_a_conflict() {
             task: fp,
             restarts: 0,
             error: None,
+            ports: Default::default(),
         },
     };
     let w = World {
