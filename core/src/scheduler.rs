@@ -350,6 +350,10 @@ pub struct Counters {
     pub skew_refusals: u64,
 }
 
+/// Most own completions held to announce once the node sees a peer (see
+/// `Scheduler::unannounced`; a restart recovers at most the node's copies).
+pub const UNANNOUNCED_MAX: usize = 100_000;
+
 /// One node's scheduler.
 pub struct Scheduler {
     config: SchedulerConfig,
@@ -367,6 +371,14 @@ pub struct Scheduler {
     writes: BTreeMap<WriteId, Write>,
     /// Completions whose write failed, tried again on the timer.
     unsaved: Vec<Completion>,
+    /// This node's own completions that became durable while it saw no
+    /// live peer or had not caught up (a batch success found after an
+    /// agent restart lands before the first view): pushed to every peer
+    /// once it has (simulator, seed 1957: the push went to nobody, the
+    /// node died again, and the slot's coordinator, which had not pulled
+    /// the completion yet, ran the slot a second time). At most
+    /// [`UNANNOUNCED_MAX`]; anti-entropy spreads any beyond.
+    unannounced: Vec<Completion>,
     /// API writes durable here whose answer waits for a peer's copy.
     replicating: BTreeMap<WriteId, Replicating>,
     /// API writes that came before the node caught up, with when.
@@ -446,6 +458,7 @@ impl Scheduler {
             calls: BTreeMap::new(),
             writes: BTreeMap::new(),
             unsaved: Vec::new(),
+            unannounced: Vec::new(),
             replicating: BTreeMap::new(),
             held_api: Vec::new(),
             out: Vec::new(),
@@ -1068,6 +1081,11 @@ impl Scheduler {
                     Origin::Api(token) => self.replicate(write, token, w.jobs, now),
                     Origin::Completion => {
                         if !new_completions.is_empty() {
+                            if !self.sync.caught_up || self.alive_peers().is_empty() {
+                                let room = UNANNOUNCED_MAX.saturating_sub(self.unannounced.len());
+                                self.unannounced
+                                    .extend(new_completions.iter().take(room).cloned());
+                            }
                             self.push_to_all(Request::PutCompletions(new_completions));
                         }
                     }
@@ -1194,6 +1212,10 @@ impl Scheduler {
         }
         self.anti_entropy(now);
         self.collect_garbage(now);
+        if !self.unannounced.is_empty() && self.sync.caught_up && !self.alive_peers().is_empty() {
+            let cs = std::mem::take(&mut self.unannounced);
+            self.push_to_all(Request::PutCompletions(cs));
+        }
         if !self.unsaved.is_empty() && self.writes.len() < self.config.writes_in_flight_max {
             let cs = std::mem::take(&mut self.unsaved);
             self.persist(Vec::new(), cs, Origin::Completion);

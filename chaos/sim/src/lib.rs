@@ -1034,10 +1034,25 @@ impl Sim {
                 Effect::Publish { key, value } => self.gossip.set_key(i, key, value),
                 Effect::PublishLoad(load) => self.gossip.set_load(i, load),
                 Effect::Answer { token, answer } => {
-                    if self.api.remove(&token).is_some() {
-                        match answer {
-                            ApiAnswer::Written(r) => self.checker.accepted(r),
-                            ApiAnswer::Failed(_) => self.checker.writes_refused += 1,
+                    if let Some((_, req)) = self.api.remove(&token) {
+                        match (answer, &req) {
+                            (ApiAnswer::Written(r), _) => self.checker.accepted(r),
+                            // A retried stop whose first try took effect
+                            // (its answer lost with a crashed agent): the
+                            // tombstone is what the client asked for (seed
+                            // 1791: the checker kept expecting the job).
+                            (ApiAnswer::Failed(_), ApiRequest::Stop { name }) => {
+                                let tombstone = self.nodes[i]
+                                    .core
+                                    .as_ref()
+                                    .and_then(|c| c.desired().get(name).cloned())
+                                    .filter(|r| r.spec.is_none());
+                                match tombstone {
+                                    Some(t) => self.checker.accepted(t),
+                                    None => self.checker.writes_refused += 1,
+                                }
+                            }
+                            (ApiAnswer::Failed(_), _) => self.checker.writes_refused += 1,
                         }
                     }
                 }

@@ -38,3 +38,17 @@ fn a_short_run_under_faults_keeps_every_invariant() {
         assert!(r.json["instance_starts"].as_u64().unwrap_or(0) > 10);
     }
 }
+
+#[test]
+fn seeds_that_found_bugs_keep_every_invariant() {
+    // 1957: a batch success found after an agent restart was persisted
+    // before the node's first view, so its completion was pushed to nobody;
+    // the node died again and the slot's coordinator ran it a second time.
+    // 1791: a stop retried after its first answer was lost with a crashed
+    // agent was answered "not found", and the checker kept expecting the
+    // job (a harness bug).
+    for seed in [1957, 1791] {
+        let r = run(seed, 12, 30);
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+    }
+}
