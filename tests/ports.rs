@@ -122,11 +122,14 @@ memory = 8
         });
         assert_eq!(body, "hello from shoal\n");
     }
-    // The other agent shows the same ports.
-    let mut seen = running_ports(&second, "web", 6).unwrap_or_default();
-    seen.sort();
+    // The other agent shows the same ports (once gossip brought them).
     ports.sort();
-    assert_eq!(seen, ports);
+    wait_until("the other agent shows the same ports", || {
+        running_ports(&second, "web", 6).is_some_and(|mut seen| {
+            seen.sort();
+            seen == ports
+        })
+    });
     // `shoal status web` prints them.
     let (ok, out, err) = cli(&first, &["status", "web"]);
     assert!(ok, "{err}");
