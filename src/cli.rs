@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::agent::AgentConfig;
-use crate::commands::{JobArgs, LogsArgs, NodesArgs, RunArgs, ScaleArgs, StatusArgs};
+use crate::commands::{JobArgs, LogsArgs, NodesArgs, RunArgs, ScaleArgs, StatusArgs, ValidateArgs};
 
 /// Default HTTP API address of the local agent.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:4701";
@@ -42,6 +42,8 @@ pub enum Command {
     Nodes(NodesArgs),
     /// Submit a job file (or a new version of it) and wait until it runs.
     Run(RunArgs),
+    /// Check a job file here, without an agent (exit 0 if valid, 1 if not).
+    Validate(ValidateArgs),
     /// Show the jobs, or one job's slots.
     Status(StatusArgs),
     /// Stop a job (its instances stop on every node).

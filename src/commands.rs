@@ -519,3 +519,57 @@ pub fn ca(cmd: CaCommand) -> Result<()> {
         }
     }
 }
+
+/// `shoal validate FILE`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The job file (TOML; see examples/).
+    pub file: PathBuf,
+    /// Print the job as the agent would store it (JSON), or the error as
+    /// `{"error": ..., "line": ..., "field": ...}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `shoal validate`: checks a job file here, with the same code the agent
+/// runs, without an agent. Exit 0 when it is valid, 1 when it is not.
+pub fn validate(args: ValidateArgs) -> Result<()> {
+    let meta = std::fs::metadata(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    if meta.len() > JOB_FILE_LEN_MAX as u64 {
+        bail!(
+            "{} is larger than the {JOB_FILE_LEN_MAX}-byte limit of job files",
+            args.file.display()
+        );
+    }
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    match crate::job::JobSpec::parse(&text) {
+        Ok(spec) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&spec)?);
+            } else {
+                let kind = serde_json::to_value(spec.job_type)?;
+                println!(
+                    "{}: job {} ({}, {} replicas) is valid",
+                    args.file.display(),
+                    spec.name,
+                    kind.as_str().unwrap_or("?"),
+                    spec.replicas
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": e.message, "line": e.line, "field": e.field})
+                );
+            } else {
+                eprintln!("{}: {e}", args.file.display());
+            }
+            std::process::exit(1);
+        }
+    }
+}

@@ -46,6 +46,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Nodes(args) => shoal::commands::nodes(args),
         Command::Run(args) => shoal::commands::run(args),
+        Command::Validate(args) => shoal::commands::validate(args),
         Command::Status(args) => shoal::commands::status(args),
         Command::Stop(args) => shoal::commands::stop(args),
         Command::Scale(args) => shoal::commands::scale(args),
