@@ -29,6 +29,8 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             container_ports: BTreeMap::new(),
             pull: Default::default(),
             user: None,
+            kill_signal: None,
+            kill_timeout: None,
         },
         env: BTreeMap::from([("SHOAL_SLOT".to_string(), slot.to_string())]),
         ports: BTreeMap::new(),
@@ -111,6 +113,28 @@ async fn stop_ends_the_whole_process_tree() {
     let (id, _) = next_end(&mut events).await;
     assert_eq!(id, s.id);
     common::wait_until("the process group is gone", || !alive(&idir));
+}
+
+#[tokio::test]
+async fn stop_sends_the_tasks_kill_signal() {
+    let (dir, d, mut events) = driver();
+    // A task that says which signal reached it, and ignores TERM: only its
+    // kill_signal (INT) makes it write the file before the grace ends.
+    let said = dir.path().join(format!("said-{}", std::process::id()));
+    let ready = dir.path().join(format!("ready-{}", std::process::id()));
+    let script = format!(
+        "trap 'echo int > {p}; exit 0' INT; trap 'echo term > {p}' TERM; touch {r}; while :; do sleep 0.05; done",
+        p = said.display(),
+        r = ready.display()
+    );
+    let mut s = spec(2, "sh", &["-c", &script]);
+    s.task.kill_signal = Some("SIGINT".into());
+    d.start(&s).await.unwrap();
+    common::wait_until("the task has set its traps", || ready.exists());
+    d.stop(&s.id, Duration::from_secs(5)).await.unwrap();
+    let (id, _) = next_end(&mut events).await;
+    assert_eq!(id, s.id);
+    assert_eq!(std::fs::read_to_string(&said).unwrap_or_default(), "int\n");
 }
 
 #[tokio::test]

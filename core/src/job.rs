@@ -114,7 +114,29 @@ pub struct TaskSpec {
     /// as root].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The signal that asks an instance to stop (`SIGTERM` when absent;
+    /// one of [`KILL_SIGNALS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_signal: Option<String>,
+    /// How long a stopping instance has after that signal before it is
+    /// killed (the node's default, 5 s, when absent; at most
+    /// [`KILL_TIMEOUT_MAX`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde_opt"
+    )]
+    pub kill_timeout: Option<Duration>,
 }
+
+/// Signals a task may be asked to stop with.
+pub const KILL_SIGNALS: [&str; 7] = [
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH",
+];
+
+/// Longest `kill_timeout`: a stopping copy holds its slot's resources and
+/// ports until it is gone.
+pub const KILL_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 
 /// Whether `user` is a plausible user name (1 to 32 of lower-case letters,
 /// digits, '_', '.' or '-', starting with a letter or '_').
@@ -294,6 +316,23 @@ mod humantime_serde_str {
                 "`{s}` is not a duration like \"500ms\" or \"30s\": {e}"
             ))
         })
+    }
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::humantime_serde_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::humantime_serde_str::deserialize(d).map(Some)
     }
 }
 
@@ -679,6 +718,25 @@ impl JobSpec {
                 return Err(invalid(text, "spread.max_skew", "must be at least 1"));
             }
         }
+        if let Some(sig) = t.kill_signal.as_deref() {
+            if !KILL_SIGNALS.contains(&sig) {
+                return Err(invalid(
+                    text,
+                    "task.kill_signal",
+                    format!(
+                        "`{sig}` is not a stop signal; use one of {}",
+                        KILL_SIGNALS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if t.kill_timeout.is_some_and(|d| d > KILL_TIMEOUT_MAX) {
+            return Err(invalid(
+                text,
+                "task.kill_timeout",
+                format!("at most {}s", KILL_TIMEOUT_MAX.as_secs()),
+            ));
+        }
         if self.restart.delay.is_zero() || self.restart.max_delay < self.restart.delay {
             return Err(invalid(
                 text,
@@ -881,6 +939,27 @@ memory = 32
         );
         let e = JobSpec::parse(&env).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("task.env.URL"), "{e}");
+    }
+
+    #[test]
+    fn kill_signal_and_timeout_are_checked() {
+        let with = |extra: &str| {
+            MINIMAL.replace("[task.resources]", &format!("{extra}\n\n[task.resources]"))
+        };
+        let j = JobSpec::parse(&with("kill_signal = \"SIGINT\"\nkill_timeout = \"30s\"")).unwrap();
+        assert_eq!(j.task.kill_signal.as_deref(), Some("SIGINT"));
+        assert_eq!(j.task.kill_timeout, Some(Duration::from_secs(30)));
+        // Round trip (what peers store and send).
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+        let e = JobSpec::parse(&with("kill_signal = \"SIGKILL\"")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.kill_signal"), "{e}");
+        let e = JobSpec::parse(&with("kill_timeout = \"2h\"")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.kill_timeout"), "{e}");
+        let e = JobSpec::parse(&with("kill_timeout = \"soon\"")).unwrap_err();
+        assert!(e.message.contains("not a duration"), "{e}");
+        // Absent: the node's default.
+        assert_eq!(JobSpec::parse(MINIMAL).unwrap().task.kill_timeout, None);
     }
 
     #[test]

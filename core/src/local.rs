@@ -69,6 +69,16 @@ impl Local {
         self.state.is_live() || self.stopping
     }
 
+    /// How long it has between the stop signal and the kill: its task's
+    /// `kill_timeout`, else `default` (the node's stop grace).
+    pub fn stop_grace(&self, default: std::time::Duration) -> std::time::Duration {
+        self.record
+            .spec
+            .as_ref()
+            .and_then(|s| s.task.kill_timeout)
+            .unwrap_or(default)
+    }
+
     /// What it reserves on the node.
     pub fn resources(&self) -> Resources {
         self.record

@@ -666,7 +666,7 @@ impl Scheduler {
                 self.out.push(Effect::Discard {
                     driver: r.driver,
                     id,
-                    grace: self.config.stop_grace,
+                    grace: r.spec.task.kill_timeout.unwrap_or(self.config.stop_grace),
                 });
                 continue;
             };
@@ -675,7 +675,7 @@ impl Scheduler {
                 self.out.push(Effect::Discard {
                     driver: r.driver,
                     id,
-                    grace: self.config.stop_grace,
+                    grace: r.spec.task.kill_timeout.unwrap_or(self.config.stop_grace),
                 });
                 continue;
             }
@@ -1132,9 +1132,10 @@ impl Scheduler {
         result: Result<(), String>,
         now: Now,
     ) -> Vec<Effect> {
-        let grace = self.config.stop_grace;
+        let default_grace = self.config.stop_grace;
         let mut ended = None;
         if let Some(l) = self.local.get_run_mut(&id) {
+            let grace = l.stop_grace(default_grace);
             l.start_in_flight = false;
             match result {
                 Ok(()) => {
@@ -1226,10 +1227,10 @@ impl Scheduler {
     /// Graceful leave: stops every local copy (their slots move to other
     /// nodes).
     pub fn shutdown(&mut self) -> Vec<Effect> {
-        let grace = self.config.stop_grace;
         let locals: Vec<Local> = self.local.iter().cloned().collect();
         for l in locals {
             self.local.remove(&l.id.job, l.id.slot);
+            let grace = l.stop_grace(self.config.stop_grace);
             self.out.push(Effect::Discard {
                 driver: l.driver,
                 id: l.id,
@@ -1773,21 +1774,22 @@ impl Scheduler {
     /// review: a copy stuck `stopping` held its resources and ports for
     /// good).
     fn stops_overdue(&mut self, now: Now) {
-        let grace = self.config.stop_grace;
-        let again_after = grace
-            .saturating_mul(2)
-            .saturating_add(Duration::from_secs(1));
+        let default_grace = self.config.stop_grace;
         let mut again = Vec::new();
         for l in self.local.iter_mut() {
+            let grace = l.stop_grace(default_grace);
+            let again_after = grace
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(1));
             if l.stopping
                 && l.stop_sent
                     .is_some_and(|t| now.mono.saturating_duration_since(t) >= again_after)
             {
                 l.stop_sent = Some(now.mono);
-                again.push((l.driver.clone(), l.id.clone()));
+                again.push((l.driver.clone(), l.id.clone(), grace));
             }
         }
-        for (driver, id) in again {
+        for (driver, id, grace) in again {
             self.out.push(Effect::StopInstance { driver, id, grace });
         }
     }
@@ -1816,10 +1818,11 @@ impl Scheduler {
     }
 
     fn stop_local(&mut self, job: &str, slot: u32, reason: StopReason, now: Now) {
-        let grace = self.config.stop_grace;
+        let default_grace = self.config.stop_grace;
         let Some(l) = self.local.get_mut(job, slot) else {
             return;
         };
+        let grace = l.stop_grace(default_grace);
         if l.stopping {
             return;
         }

@@ -157,6 +157,8 @@ pub fn create_body(cluster: &str, node: &str, spec: &InstanceSpec) -> ContainerC
         env: Some(env),
         labels: Some(labels),
         exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        // The Engine sends it on stop (the image's, else SIGTERM, without).
+        stop_signal: task.kill_signal.clone(),
         host_config: Some(HostConfig {
             nano_cpus: Some(nano_cpus),
             memory: Some(memory),
@@ -362,7 +364,8 @@ impl Driver for DockerDriver {
 
     async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<()> {
         let name = self.name_of(id);
-        // The Engine sends the image's stop signal (SIGTERM), waits `t`
+        // The Engine sends the container's stop signal (the task's
+        // kill_signal, else the image's, else SIGTERM), waits `t`
         // seconds, then kills.
         let t = grace.as_secs().clamp(1, 600) as i32;
         let options = StopContainerOptionsBuilder::default().t(t).build();

@@ -272,17 +272,22 @@ impl Driver for ExecDriver {
 
     async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<()> {
         let pid = self.running.lock().expect("lock").remove(id);
+        let record: Option<Record> = std::fs::read(self.dir(id).join("instance.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         // Not watched (yet, or any more): the record on disk still names
         // the supervisor, if it is the same process.
         let pid = pid.or_else(|| {
-            let record: Record =
-                serde_json::from_slice(&std::fs::read(self.dir(id).join("instance.json")).ok()?)
-                    .ok()?;
+            let record = record.as_ref()?;
             (start_ticks(record.pid) == Some(record.start_ticks)).then_some(record.pid)
         });
+        let signal = record
+            .as_ref()
+            .and_then(|r| r.spec.task.kill_signal.as_deref())
+            .map_or(libc::SIGTERM, signal_number);
         let dir = self.dir(id);
         if let Some(pid) = pid {
-            ExecDriver::signal_group(pid, libc::SIGTERM);
+            ExecDriver::signal_group(pid, signal);
             let deadline = tokio::time::Instant::now() + grace;
             // Bounded wait for the group to go; then kill what is left.
             while tokio::time::Instant::now() < deadline {
@@ -475,5 +480,19 @@ pub fn kill_instances_under(dir: &Path) {
         if let Some(cg) = super::contain::Cgroup::for_instance(&e.path()) {
             cg.destroy();
         }
+    }
+}
+
+/// The number of a stop signal named in a job (`KILL_SIGNALS`; validation
+/// admits no other, and anything else is SIGTERM).
+pub fn signal_number(name: &str) -> i32 {
+    match name {
+        "SIGINT" => libc::SIGINT,
+        "SIGQUIT" => libc::SIGQUIT,
+        "SIGHUP" => libc::SIGHUP,
+        "SIGUSR1" => libc::SIGUSR1,
+        "SIGUSR2" => libc::SIGUSR2,
+        "SIGWINCH" => libc::SIGWINCH,
+        _ => libc::SIGTERM,
     }
 }

@@ -179,6 +179,21 @@ pub fn run(
         // gets the usual one.
         cmd.pre_exec(|| {
             libc::umask(0o022);
+            // Nor does it inherit signals ignored above it (an agent
+            // started with `nohup`, or in the background of a script,
+            // ignores HUP, or INT and QUIT; a shell cannot even trap a
+            // signal ignored on entry), so its kill_signal reaches it.
+            for sig in [
+                libc::SIGHUP,
+                libc::SIGINT,
+                libc::SIGQUIT,
+                libc::SIGTERM,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+                libc::SIGWINCH,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
             Ok(())
         });
     }
