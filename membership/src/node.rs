@@ -154,6 +154,9 @@ impl Membership {
             addr,
         };
         let mut seq = 0u64;
+        // The epoch first: a renewal between the two is then published
+        // again at the first tick.
+        let signer_epoch = signer.epoch();
         let mut initial = vec![(
             CERT_KEY.to_string(),
             signed::encode_cert(&signer.certificate()),
@@ -172,7 +175,6 @@ impl Membership {
                 sign_value(&signer, origin, key, seq, Some(&value)),
             ));
         }
-        let signer_epoch = signer.epoch();
         let gossip_transport = GossipTransport::new(transport.clone(), gossip_rx);
         let chitchat = spawn_chitchat(chitchat_config, initial, &gossip_transport)
             .await
@@ -368,8 +370,14 @@ fn read_values(
             .ok_or_else(|| "undecodable certificate".to_string())
             .and_then(|der| signer.check_certificate(name, &der));
         match checked {
-            // A renewed certificate has the same key; another key is a
-            // node that restarted with a new one (a new generation).
+            // A renewed or re-issued certificate has the same key; a node
+            // gets a new key only with a new run (generation). Another key
+            // within a run is a relay replaying a certificate of an earlier
+            // run (still valid: found in review), which would make every
+            // later value of the node fail to verify.
+            Ok(key) if peer.key.as_ref().is_some_and(|held| *held != key) => {
+                debug!(peer = %name, "certificate with another key within a run refused");
+            }
             Ok(key) => peer.key = Some(key),
             Err(why) => debug!(peer = %name, %why, "certificate in gossip refused"),
         }
@@ -625,6 +633,7 @@ impl<T: Transport> Actor<T> {
 
     fn execute(&self, actions: Vec<Action>) {
         for action in actions {
+            let relayed = matches!(action, Action::PingReq { .. });
             match action {
                 Action::Ping {
                     probe,
@@ -644,6 +653,16 @@ impl<T: Transport> Actor<T> {
                     tokio::spawn(async move {
                         let outcome = match t.request(addr, Service::Probe, body, timeout).await {
                             Ok(bytes) => match postcard::from_bytes::<ProbeReply>(&bytes) {
+                                // Through a relay, an ack says only that the
+                                // target answered: the generation and
+                                // incarnation in it are the relay's word, not
+                                // the target's (found in review: a relay could
+                                // move a node to a made-up run, or raise its
+                                // incarnation as if it had refuted).
+                                Ok(ProbeReply::Ack { .. }) if relayed => ProbeOutcome::Ack {
+                                    generation: 0,
+                                    incarnation: 0,
+                                },
                                 Ok(ProbeReply::Ack {
                                     generation,
                                     incarnation,
@@ -686,7 +705,7 @@ impl<T: Transport> Actor<T> {
                 // A ping speaks for its sender (the detector learns the
                 // sender is alive, at that address and generation): only
                 // the node its certificate names may send it.
-                if msg.peer.as_deref().is_some_and(|p| p != from.0) {
+                if msg.peer.as_deref() != Some(from.0.as_str()) {
                     warn!(from = %msg.from, peer = ?msg.peer, claimed = %from.0, "dropped a ping sent in another node's name");
                     return;
                 }
@@ -731,7 +750,10 @@ impl<T: Transport> Actor<T> {
                 // always in its own name (`by`: distinct names count as
                 // confirmations), and only a node itself may say it is
                 // alive or has left.
-                if let Some(peer) = msg.peer.as_deref() {
+                {
+                    // No name (a transport that authenticates nobody): no
+                    // update is taken.
+                    let peer = msg.peer.as_deref().unwrap_or("");
                     let before = updates.len();
                     updates.retain(|u| {
                         u.by == peer
@@ -781,8 +803,13 @@ impl<T: Transport> Actor<T> {
                     }
                     let addr = id.gossip_advertise_addr;
                     let held = peers.get(name);
-                    // An older run than the one believed is history.
-                    if held.is_some_and(|p| id.generation_id < p.generation) {
+                    // An older run than the one believed is history, and
+                    // the believed run at another address is not what the
+                    // node signed: neither is read (nor copied) again.
+                    if held.is_some_and(|p| {
+                        id.generation_id < p.generation
+                            || (id.generation_id == p.generation && addr != p.addr)
+                    }) {
                         continue;
                     }
                     let held = held.filter(|p| p.generation == id.generation_id && p.addr == addr);
@@ -1090,6 +1117,46 @@ mod tests {
             70,
         );
         assert!(peer.left);
+    }
+
+    #[test]
+    fn a_replayed_certificate_of_an_earlier_run_does_not_replace_the_key() {
+        let ca = ClusterCa::generate("c1").unwrap();
+        let reader = Signer::new(&ca.issue_node("r").unwrap()).unwrap();
+        let earlier = Signer::new(&ca.issue_node("a").unwrap()).unwrap();
+        let a = Signer::new(&ca.issue_node("a").unwrap()).unwrap();
+        let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let origin = Origin {
+            name: "a",
+            generation: 2,
+            addr,
+        };
+        let rec = serde_json::to_string(&record("a", addr)).unwrap();
+        let mut peer = Peer::new(2, addr);
+        let mut values = vec![(
+            CERT_KEY.to_string(),
+            1,
+            signed::encode_cert(&a.certificate()),
+        )];
+        values.extend(published(&a, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
+        read_values(&reader, "a", &mut peer, values, 2);
+        assert!(peer.record.is_some());
+        // A relay puts the (still valid) certificate of a's earlier run,
+        // another key, at a higher version: a's own later writes still count.
+        let replay = vec![(
+            CERT_KEY.to_string(),
+            10,
+            signed::encode_cert(&earlier.certificate()),
+        )];
+        read_values(&reader, "a", &mut peer, replay, 10);
+        read_values(
+            &reader,
+            "a",
+            &mut peer,
+            published(&a, origin, 5, 11, &[(KEY_INCARNATION, Some("4"))]),
+            11,
+        );
+        assert_eq!(peer.incarnation, 4);
     }
 
     #[test]
