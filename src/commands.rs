@@ -181,16 +181,7 @@ fn settled(s: &JobStatus) -> bool {
 
 /// `shoal run`.
 pub fn run(args: RunArgs) -> Result<()> {
-    let meta = std::fs::metadata(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    if meta.len() > JOB_FILE_LEN_MAX as u64 {
-        bail!(
-            "{} is larger than the {JOB_FILE_LEN_MAX}-byte limit of job files",
-            args.file.display()
-        );
-    }
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = read_job_file(&args.file)?;
     let client = Client::new(&args.client);
     let accepted: Accepted = client
         .call("POST", "/v1/jobs", Some(&text))
@@ -520,6 +511,19 @@ pub fn ca(cmd: CaCommand) -> Result<()> {
     }
 }
 
+/// A job file's text, refused before reading when over the size limit.
+fn read_job_file(path: &std::path::Path) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() > JOB_FILE_LEN_MAX as u64 {
+        bail!(
+            "{} is larger than the {JOB_FILE_LEN_MAX}-byte limit of job files",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
 /// `shoal validate FILE`.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -534,16 +538,7 @@ pub struct ValidateArgs {
 /// `shoal validate`: checks a job file here, with the same code the agent
 /// runs, without an agent. Exit 0 when it is valid, 1 when it is not.
 pub fn validate(args: ValidateArgs) -> Result<()> {
-    let meta = std::fs::metadata(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    if meta.len() > JOB_FILE_LEN_MAX as u64 {
-        bail!(
-            "{} is larger than the {JOB_FILE_LEN_MAX}-byte limit of job files",
-            args.file.display()
-        );
-    }
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = read_job_file(&args.file)?;
     match crate::job::JobSpec::parse(&text) {
         Ok(spec) => {
             if args.json {

@@ -43,6 +43,15 @@ pub struct InstanceSpec {
 }
 
 impl InstanceSpec {
+    /// Each task port with its host port: as chosen where the node chose
+    /// one, else as written (`0` only for a dynamic port never assigned).
+    pub fn host_ports(&self) -> impl Iterator<Item = (String, u16)> + '_ {
+        self.task
+            .ports
+            .iter()
+            .map(|(name, port)| (name.clone(), self.ports.get(name).copied().unwrap_or(*port)))
+    }
+
     /// The task as it runs: its ports as chosen, and `${SHOAL_...}` in its
     /// command, arguments and environment replaced from [`Self::env`].
     /// (`task` itself stays as submitted: its fingerprint tells whether
@@ -50,11 +59,7 @@ impl InstanceSpec {
     pub fn resolved(&self) -> TaskSpec {
         use crate::ports::interpolate;
         let mut task = self.task.clone();
-        for (name, port) in &self.ports {
-            if let Some(p) = task.ports.get_mut(name) {
-                *p = *port;
-            }
-        }
+        task.ports = self.host_ports().collect();
         task.command = interpolate(&task.command, &self.env);
         for a in &mut task.args {
             *a = interpolate(a, &self.env);

@@ -929,16 +929,7 @@ impl<T: Transport> Actor<T> {
                 .filter(|p| p.generation == m.generation);
             let record = peer
                 .and_then(|p| p.record.clone())
-                .unwrap_or_else(|| NodeRecord {
-                    name: m.name.clone(),
-                    address: m.addr,
-                    labels: Default::default(),
-                    capacity: Default::default(),
-                    drivers: Vec::new(),
-                    version: String::new(),
-                    http: None,
-                    notes: Vec::new(),
-                });
+                .unwrap_or_else(|| NodeRecord::bare(&m.name, m.addr));
             members.push(Member {
                 record,
                 generation: m.generation,
@@ -982,15 +973,22 @@ mod tests {
 
     fn record(name: &str, addr: SocketAddr) -> NodeRecord {
         NodeRecord {
-            name: name.into(),
-            address: addr,
-            labels: Default::default(),
-            capacity: Default::default(),
-            drivers: Vec::new(),
             version: "t".into(),
-            http: None,
-            notes: Vec::new(),
+            ..NodeRecord::bare(name, addr)
         }
+    }
+
+    fn signer(ca: &ClusterCa, name: &str) -> Signer {
+        Signer::new(&ca.issue_node(name).unwrap()).unwrap()
+    }
+
+    /// `signer`'s certificate as published under `cert`, at `version`.
+    fn cert_value(signer: &Signer, version: u64) -> (String, u64, String) {
+        (
+            CERT_KEY.to_string(),
+            version,
+            signed::encode_cert(&signer.certificate()),
+        )
     }
 
     /// The published texts of `writes` by `signer` for `origin`, numbered
@@ -1019,9 +1017,9 @@ mod tests {
     #[test]
     fn only_values_the_node_signed_for_this_run_and_address_are_read() {
         let ca = ClusterCa::generate("c1").unwrap();
-        let a = Signer::new(&ca.issue_node("a").unwrap()).unwrap();
-        let m = Signer::new(&ca.issue_node("m").unwrap()).unwrap();
-        let reader = Signer::new(&ca.issue_node("r").unwrap()).unwrap();
+        let a = signer(&ca, "a");
+        let m = signer(&ca, "m");
+        let reader = signer(&ca, "r");
         let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
         let origin = Origin {
             name: "a",
@@ -1029,11 +1027,7 @@ mod tests {
             addr,
         };
         let rec = serde_json::to_string(&record("a", addr)).unwrap();
-        let cert = (
-            CERT_KEY.to_string(),
-            1,
-            signed::encode_cert(&a.certificate()),
-        );
+        let cert = cert_value(&a, 1);
 
         // The node's own values, with its certificate: all read.
         let mut peer = Peer::new(1, addr);
@@ -1122,9 +1116,9 @@ mod tests {
     #[test]
     fn a_replayed_certificate_of_an_earlier_run_does_not_replace_the_key() {
         let ca = ClusterCa::generate("c1").unwrap();
-        let reader = Signer::new(&ca.issue_node("r").unwrap()).unwrap();
-        let earlier = Signer::new(&ca.issue_node("a").unwrap()).unwrap();
-        let a = Signer::new(&ca.issue_node("a").unwrap()).unwrap();
+        let reader = signer(&ca, "r");
+        let earlier = signer(&ca, "a");
+        let a = signer(&ca, "a");
         let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
         let origin = Origin {
             name: "a",
@@ -1133,21 +1127,13 @@ mod tests {
         };
         let rec = serde_json::to_string(&record("a", addr)).unwrap();
         let mut peer = Peer::new(2, addr);
-        let mut values = vec![(
-            CERT_KEY.to_string(),
-            1,
-            signed::encode_cert(&a.certificate()),
-        )];
+        let mut values = vec![cert_value(&a, 1)];
         values.extend(published(&a, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
         read_values(&reader, "a", &mut peer, values, 2);
         assert!(peer.record.is_some());
         // A relay puts the (still valid) certificate of a's earlier run,
         // another key, at a higher version: a's own later writes still count.
-        let replay = vec![(
-            CERT_KEY.to_string(),
-            10,
-            signed::encode_cert(&earlier.certificate()),
-        )];
+        let replay = vec![cert_value(&earlier, 10)];
         read_values(&reader, "a", &mut peer, replay, 10);
         read_values(
             &reader,
@@ -1162,8 +1148,8 @@ mod tests {
     #[test]
     fn a_certificate_of_another_name_or_cluster_makes_nothing_readable() {
         let ca = ClusterCa::generate("c1").unwrap();
-        let reader = Signer::new(&ca.issue_node("r").unwrap()).unwrap();
-        let m = Signer::new(&ca.issue_node("m").unwrap()).unwrap();
+        let reader = signer(&ca, "r");
+        let m = signer(&ca, "m");
         let other =
             Signer::new(&ClusterCa::generate("c2").unwrap().issue_node("a").unwrap()).unwrap();
         let addr: SocketAddr = "127.0.0.1:7001".parse().unwrap();
@@ -1175,11 +1161,7 @@ mod tests {
         let rec = serde_json::to_string(&record("a", addr)).unwrap();
         for signer in [&m, &other] {
             let mut peer = Peer::new(1, addr);
-            let mut values = vec![(
-                CERT_KEY.to_string(),
-                1,
-                signed::encode_cert(&signer.certificate()),
-            )];
+            let mut values = vec![cert_value(signer, 1)];
             values.extend(published(signer, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
             read_values(&reader, "a", &mut peer, values, 2);
             assert!(peer.key.is_none());

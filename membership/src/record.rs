@@ -99,6 +99,21 @@ pub fn check_label(key: &str, value: &str) -> Result<(), String> {
 }
 
 impl NodeRecord {
+    /// A record that says nothing but a node's name and address: what a
+    /// view shows for a member whose own record has not been read yet.
+    pub fn bare(name: &str, address: SocketAddr) -> NodeRecord {
+        NodeRecord {
+            name: name.to_string(),
+            address,
+            labels: Default::default(),
+            capacity: Default::default(),
+            drivers: Vec::new(),
+            version: String::new(),
+            http: None,
+            notes: Vec::new(),
+        }
+    }
+
     /// Checks a record as the node's own flags are checked: a peer's
     /// record that fails is ignored (the peer is then known by its probes
     /// only), so no peer can publish what its operator could not have

@@ -18,16 +18,11 @@ use shoal_transport::{take_inbox, QuicConfig, QuicTransport, Service, Transport}
 
 const CLUSTER: &str = "forgery";
 
+/// A record a view tells from the bare one it shows before reading any.
 fn record(name: &str, addr: SocketAddr) -> NodeRecord {
     NodeRecord {
-        name: name.into(),
-        address: addr,
-        labels: Default::default(),
-        capacity: Default::default(),
-        drivers: Vec::new(),
         version: "test".into(),
-        http: None,
-        notes: Vec::new(),
+        ..NodeRecord::bare(name, addr)
     }
 }
 

@@ -120,16 +120,13 @@ impl SimDriver {
             ));
         }
         // The ports as the node chose them (dynamic ones are 0 in the job).
-        let wanted = spec.resolved().ports;
-        if let Some(p) = wanted.values().find(|p| **p == 0) {
-            return Err(format!(
-                "port {p}: a dynamic port reached the driver unassigned"
-            ));
+        if spec.host_ports().any(|(_, p)| p == 0) {
+            return Err("port 0: a dynamic port reached the driver unassigned".into());
         }
-        for p in wanted.values() {
+        for (_, p) in spec.host_ports() {
             if self
                 .running()
-                .any(|i| i.spec.resolved().ports.values().any(|q| q == p))
+                .any(|i| i.spec.host_ports().any(|(_, q)| q == p))
             {
                 return Err(format!("port {p} is already bound on this machine"));
             }
