@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
-use shoal_transport::gossip::GossipTransport;
+use shoal_transport::gossip::{GossipTransport, Liveness};
 use shoal_transport::sign::{PublicKey, Signer, CERT_LEN_MAX};
 use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,6 +47,20 @@ const REJECTED_MAX: usize = 1024;
 
 /// Depth of the queues between the task and its probe workers and callers.
 const QUEUE_LEN: usize = 4096;
+
+/// Most certificate checks remembered (see `Actor::certs`).
+const CERTS_MAX: usize = 1024;
+
+/// Longest a certificate check is remembered.
+const CERTS_TTL: Duration = Duration::from_secs(60);
+
+/// Most node names whose runs are remembered (see `Actor::runs`); past it,
+/// the finished runs are forgotten first.
+const RUNS_MAX: usize = 64 * 1024;
+
+/// Most keys of a peer remembered as failing verification (see
+/// `Peer::refused`); emptied when full.
+const REFUSED_KEYS_MAX: usize = 1024;
 
 /// Settings of the membership task.
 #[derive(Debug, Clone)]
@@ -175,7 +189,9 @@ impl Membership {
                 sign_value(&signer, origin, key, seq, Some(&value)),
             ));
         }
-        let gossip_transport = GossipTransport::new(transport.clone(), gossip_rx);
+        let liveness = Liveness::default();
+        let gossip_transport =
+            GossipTransport::with_liveness(transport.clone(), gossip_rx, liveness.clone());
         let chitchat = spawn_chitchat(chitchat_config, initial, &gossip_transport)
             .await
             .map_err(|e| MembershipError::Gossip(e.to_string()))?;
@@ -200,6 +216,11 @@ impl Membership {
             signer_epoch,
             seq,
             rejected: HashMap::new(),
+            certs: HashMap::new(),
+            certs_since: Instant::now(),
+            liveness,
+            runs: HashMap::new(),
+            runs_at: None,
             load: Load::default(),
             app: Default::default(),
             app_published: Default::default(),
@@ -277,9 +298,21 @@ struct Peer {
     left: bool,
     load: Load,
     app: AppState,
+    /// Keys whose value failed verification, at the chitchat version
+    /// checked (not checked again until it changes). Kept apart from
+    /// `versions` so that they do not count toward [`PEER_KEYS_MAX`]; at
+    /// most [`REFUSED_KEYS_MAX`].
+    refused: HashMap<String, u64>,
 }
 
 impl Peer {
+    fn refuse(&mut self, key: String, version: u64) {
+        if self.refused.len() >= REFUSED_KEYS_MAX {
+            self.refused.clear();
+        }
+        self.refused.insert(key, version);
+    }
+
     fn new(generation: u64, addr: SocketAddr) -> Peer {
         Peer {
             generation,
@@ -292,6 +325,7 @@ impl Peer {
             left: false,
             load: Load::default(),
             app: Default::default(),
+            refused: HashMap::new(),
         }
     }
 }
@@ -332,6 +366,24 @@ struct Actor<T: Transport> {
     /// Node states that failed verification, at the chitchat version
     /// checked: (name, generation, address) -> max version.
     rejected: HashMap<(String, u64, SocketAddr), u64>,
+    /// Certificates checked, by (name, published text): the key, or why
+    /// not. A forged node state usually carries a replayed certificate;
+    /// checking it again for every forged run would cost a chain
+    /// verification each (about 75 us). At most [`CERTS_MAX`]; emptied
+    /// when the trusted CAs change.
+    certs: CertCache,
+    /// When `certs` was last emptied: at least every [`CERTS_TTL`], so that
+    /// a certificate that expired stops verifying.
+    certs_since: Instant,
+    /// Shared with the gossip adapter, which makes chitchat's heartbeats
+    /// follow these verdicts (see `shoal_transport::gossip`).
+    liveness: Liveness,
+    /// Per node name: the newest run known and whether it is live. Names
+    /// SWIM forgot stay, not live, so that a replay of a finished run is
+    /// not believed again. At most [`RUNS_MAX`].
+    runs: HashMap<String, (u64, bool)>,
+    /// SWIM's change counter and member count when `runs` was last set.
+    runs_at: Option<(u64, usize)>,
     load: Load,
     app: AppState,
     /// The application keys as set in chitchat.
@@ -353,11 +405,15 @@ fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
     serde_json::from_str(s).ok()
 }
 
+/// Certificate checks remembered: (name, published text) -> key or why not.
+type CertCache = HashMap<(String, String), Result<PublicKey, String>>;
+
 /// Reads the changed `values` of `peer` (named `name`): its certificate
 /// first, then each value its key signed with a write counter above the
 /// one held. Anything else is ignored and counted in the log.
 fn read_values(
     signer: &Signer,
+    certs: &mut CertCache,
     name: &str,
     peer: &mut Peer,
     mut values: Vec<(String, u64, String)>,
@@ -366,9 +422,20 @@ fn read_values(
     if let Some(at) = values.iter().position(|(k, _, _)| k == CERT_KEY) {
         let (_, version, text) = values.swap_remove(at);
         peer.versions.insert(CERT_KEY.to_string(), (version, 0));
-        let checked = signed::parse_cert(&text, CERT_LEN_MAX)
-            .ok_or_else(|| "undecodable certificate".to_string())
-            .and_then(|der| signer.check_certificate(name, &der));
+        let cache_key = (name.to_string(), text);
+        let checked = match certs.get(&cache_key) {
+            Some(known) => known.clone(),
+            None => {
+                let checked = signed::parse_cert(&cache_key.1, CERT_LEN_MAX)
+                    .ok_or_else(|| "undecodable certificate".to_string())
+                    .and_then(|der| signer.check_certificate(name, &der));
+                if certs.len() >= CERTS_MAX {
+                    certs.clear();
+                }
+                certs.insert(cache_key, checked.clone());
+                checked
+            }
+        };
         match checked {
             // A renewed or re-issued certificate has the same key; a node
             // gets a new key only with a new run (generation). Another key
@@ -395,24 +462,31 @@ fn read_values(
     };
     let mut refused = 0u32;
     for (k, version, text) in values {
-        let held_seq = peer.versions.get(&k).map_or(0, |(_, seq)| *seq);
-        if !peer.versions.contains_key(&k) && peer.versions.len() >= PEER_KEYS_MAX {
-            refused += 1;
-            continue;
-        }
-        peer.versions.insert(k.clone(), (version, held_seq));
+        let held = peer.versions.get(&k).copied();
+        let held_seq = held.map_or(0, |(_, seq)| seq);
         let Some(s) = signed::parse(&text) else {
+            peer.refuse(k, version);
             refused += 1;
             continue;
         };
         if s.seq <= held_seq {
-            // A relay replaying an older write (or the same one again).
+            // A relay replaying an older write (or the same one again):
+            // not read again at this version.
+            peer.versions.insert(k, (version, held_seq));
             continue;
         }
         if !key.verify(&signed::message(origin, &k, s.seq, s.payload), &s.signature) {
+            peer.refuse(k, version);
             refused += 1;
             continue;
         }
+        // Only keys the node signed count toward its bound: junk a relay
+        // adds under the node's name cannot crowd out its real keys.
+        if held.is_none() && peer.versions.len() >= PEER_KEYS_MAX {
+            refused += 1;
+            continue;
+        }
+        peer.refused.remove(&k);
         peer.versions.insert(k.clone(), (version, s.seq));
         match k.as_str() {
             KEY_RECORD => match s.payload.and_then(decode::<NodeRecord>) {
@@ -591,6 +665,10 @@ impl<T: Transport> Actor<T> {
             return;
         }
         self.signer_epoch = epoch;
+        // The trusted CAs may have changed: what failed may verify now,
+        // and what verified may not.
+        self.rejected.clear();
+        self.certs.clear();
         let cert = signed::encode_cert(&self.signer.certificate());
         self.chitchat
             .with_chitchat(|c| c.self_node_state().set(CERT_KEY, &cert))
@@ -790,9 +868,14 @@ impl<T: Transport> Actor<T> {
             /// The state is the one held and did not change.
             unchanged: bool,
         }
+        if self.certs_since.elapsed() > CERTS_TTL {
+            self.certs.clear();
+            self.certs_since = Instant::now();
+        }
         let me = self.record.name.clone();
         let peers = &self.peers;
         let rejected = &self.rejected;
+        let runs = &self.runs;
         let mut all: Vec<Seen> = Vec::new();
         self.chitchat
             .with_chitchat(|c| {
@@ -819,6 +902,16 @@ impl<T: Transport> Actor<T> {
                     {
                         continue;
                     }
+                    // A run that is over (a newer one known, or dead, left
+                    // or forgotten) is not brought back by a relay
+                    // replaying its state.
+                    if held.is_none()
+                        && runs.get(name).is_some_and(|&(g, live)| {
+                            id.generation_id < g || (id.generation_id == g && !live)
+                        })
+                    {
+                        continue;
+                    }
                     let unchanged = held.is_some_and(|p| p.seen_version == state.max_version());
                     let values = if unchanged {
                         Vec::new()
@@ -827,8 +920,10 @@ impl<T: Transport> Actor<T> {
                             .iter_prefix("")
                             .filter(|(k, v)| {
                                 read_key(k)
-                                    && held.and_then(|p| p.versions.get(*k)).map(|(ver, _)| *ver)
-                                        != Some(v.version)
+                                    && held.is_none_or(|p| {
+                                        p.versions.get(*k).map(|(ver, _)| *ver) != Some(v.version)
+                                            && p.refused.get(*k) != Some(&v.version)
+                                    })
                             })
                             .take(PEER_KEYS_MAX)
                             .map(|(k, v)| (k.to_string(), v.version, v.value.clone()))
@@ -856,6 +951,7 @@ impl<T: Transport> Actor<T> {
                 if !seen.unchanged {
                     read_values(
                         &self.signer,
+                        &mut self.certs,
                         &seen.name,
                         peer,
                         seen.values,
@@ -875,6 +971,7 @@ impl<T: Transport> Actor<T> {
             let mut peer = Peer::new(seen.generation, seen.addr);
             read_values(
                 &self.signer,
+                &mut self.certs,
                 &seen.name,
                 &mut peer,
                 seen.values,
@@ -909,7 +1006,32 @@ impl<T: Transport> Actor<T> {
         }
     }
 
+    /// Shares SWIM's verdicts on each node's runs with the gossip adapter
+    /// (see `runs`), when they changed.
+    fn share_liveness(&mut self) {
+        let at = (self.swim.changes(), self.swim.members().count());
+        if self.runs_at == Some(at) {
+            return;
+        }
+        self.runs_at = Some(at);
+        for run in self.runs.values_mut() {
+            run.1 = false;
+        }
+        for m in self.swim.members() {
+            let live = matches!(m.state, NodeState::Alive | NodeState::Suspect);
+            let run = self.runs.entry(m.name).or_insert((m.generation, live));
+            if m.generation >= run.0 {
+                *run = (m.generation, live);
+            }
+        }
+        if self.runs.len() > RUNS_MAX {
+            self.runs.retain(|_, (_, live)| *live);
+        }
+        self.liveness.set(self.runs.clone());
+    }
+
     fn publish_view(&mut self) {
+        self.share_liveness();
         let mut members = vec![Member {
             record: self.record.clone(),
             generation: self.generation,
@@ -1044,7 +1166,7 @@ mod tests {
                 ("app/y", Some("two")),
             ],
         ));
-        read_values(&reader, "a", &mut peer, values, 5);
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 5);
         assert!(peer.record.is_some());
         assert_eq!(peer.incarnation, 3);
         assert_eq!(peer.app.get("x").map(|v| &**v), Some("one"));
@@ -1059,11 +1181,11 @@ mod tests {
             10,
             &[("app/x", Some("uno")), ("app/y", None)],
         );
-        read_values(&reader, "a", &mut peer, newer, 11);
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, newer, 11);
         assert_eq!(peer.app.get("x").map(|v| &**v), Some("uno"));
         assert_eq!(peer.app.get("y"), None);
         let replay = published(&a, origin, 3, 50, &[("app/x", Some("one"))]);
-        read_values(&reader, "a", &mut peer, replay, 50);
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, replay, 50);
         assert_eq!(peer.app.get("x").map(|v| &**v), Some("uno"));
 
         // Forgeries: another member's key; a's key for another run, another
@@ -1098,13 +1220,23 @@ mod tests {
             vec![(KEY_INCARNATION.to_string(), 61, "1.AAAA.=99".to_string())],
         ];
         for values in forged {
-            read_values(&reader, "a", &mut peer, values, 61);
+            read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 61);
             assert!(!peer.left);
             assert_eq!(peer.incarnation, 3);
         }
+        // Junk under a key the node never wrote is remembered as refused
+        // (not read again at that version) and does not count towards the
+        // node's keys.
+        let keys = peer.versions.len();
+        let junk = published(&m, origin, 1, 62, &[("app/junk", Some("x"))]);
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, junk, 62);
+        assert_eq!(peer.versions.len(), keys);
+        assert_eq!(peer.refused.get("app/junk"), Some(&62));
+        assert!(!peer.app.contains_key("junk"));
         // The node's own word is still taken after all that.
         read_values(
             &reader,
+            &mut CertCache::new(),
             "a",
             &mut peer,
             published(&a, origin, 200, 70, &[(KEY_STATUS, Some("left"))]),
@@ -1129,14 +1261,15 @@ mod tests {
         let mut peer = Peer::new(2, addr);
         let mut values = vec![cert_value(&a, 1)];
         values.extend(published(&a, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
-        read_values(&reader, "a", &mut peer, values, 2);
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 2);
         assert!(peer.record.is_some());
         // A relay puts the (still valid) certificate of a's earlier run,
         // another key, at a higher version: a's own later writes still count.
         let replay = vec![cert_value(&earlier, 10)];
-        read_values(&reader, "a", &mut peer, replay, 10);
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, replay, 10);
         read_values(
             &reader,
+            &mut CertCache::new(),
             "a",
             &mut peer,
             published(&a, origin, 5, 11, &[(KEY_INCARNATION, Some("4"))]),
@@ -1163,7 +1296,7 @@ mod tests {
             let mut peer = Peer::new(1, addr);
             let mut values = vec![cert_value(signer, 1)];
             values.extend(published(signer, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
-            read_values(&reader, "a", &mut peer, values, 2);
+            read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 2);
             assert!(peer.key.is_none());
             assert!(peer.record.is_none());
             // Left to be read again once a valid certificate comes.

@@ -49,20 +49,25 @@ pub struct Origin<'a> {
 }
 
 /// The bytes a node signs for `key` = `payload` (`None`: the key is absent)
-/// as its `seq`th write.
+/// as its `seq`th write. Every variable-length field but the last is
+/// length-prefixed, so no two distinct writes sign the same bytes whatever
+/// their fields contain.
 pub fn message(origin: Origin<'_>, key: &str, seq: u64, payload: Option<&str>) -> Vec<u8> {
     let addr = origin.addr.to_string();
     let mut m = Vec::with_capacity(
-        48 + origin.name.len() + addr.len() + key.len() + payload.map_or(0, str::len),
+        64 + origin.name.len() + addr.len() + key.len() + payload.map_or(0, str::len),
     );
-    m.extend_from_slice(b"shoal-gossip/1\0");
-    m.extend_from_slice(origin.name.as_bytes());
-    m.push(0);
+    let field = |m: &mut Vec<u8>, bytes: &[u8]| {
+        // Names, addresses and keys are far below 4 GiB; saturating keeps
+        // the function total all the same.
+        m.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+        m.extend_from_slice(bytes);
+    };
+    m.extend_from_slice(b"shoal-gossip/2\0");
+    field(&mut m, origin.name.as_bytes());
     m.extend_from_slice(&origin.generation.to_be_bytes());
-    m.extend_from_slice(addr.as_bytes());
-    m.push(0);
-    m.extend_from_slice(key.as_bytes());
-    m.push(0);
+    field(&mut m, addr.as_bytes());
+    field(&mut m, key.as_bytes());
     m.extend_from_slice(&seq.to_be_bytes());
     match payload {
         Some(p) => {

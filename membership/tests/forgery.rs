@@ -40,6 +40,14 @@ async fn member(
     name: &str,
     seeds: Vec<SocketAddr>,
 ) -> (QuicTransport, Membership) {
+    member_with(creds, name, config(seeds)).await
+}
+
+async fn member_with(
+    creds: &NodeCredentials,
+    name: &str,
+    config: MembershipConfig,
+) -> (QuicTransport, Membership) {
     let (t, mut inbox) =
         QuicTransport::bind("127.0.0.1:0".parse().unwrap(), creds, QuicConfig::default())
             .await
@@ -50,7 +58,7 @@ async fn member(
         record(name, t.local_addr()),
         1,
         t.signer(),
-        config(seeds),
+        config,
     )
     .await
     .unwrap();
@@ -273,4 +281,88 @@ async fn a_member_cannot_speak_for_another_in_gossip_or_swim() {
     })
     .await;
     drop((f1, f2));
+}
+
+/// A chitchat Syn message whose digest gives node `id` the heartbeat
+/// `heartbeat`, as chitchat 0.11 serializes it (its digest type cannot be
+/// built outside the crate).
+fn syn_with_heartbeat(id: &ChitchatId, heartbeat: u64) -> Vec<u8> {
+    use chitchat::Serializable;
+    let mut buf = Vec::new();
+    buf.extend(45_139u16.to_le_bytes()); // magic
+    buf.push(0); // protocol version
+    buf.push(0); // Syn
+    1u16.serialize(&mut buf);
+    id.serialize(&mut buf);
+    heartbeat.serialize(&mut buf);
+    0u64.serialize(&mut buf); // last gc version
+    0u64.serialize(&mut buf); // max version
+    CLUSTER.to_string().serialize(&mut buf);
+    buf
+}
+
+/// chitchat's heartbeats are unsigned: a member that gossips another
+/// node's heartbeat at the maximum made its real ones never count again,
+/// so chitchat found the node dead, stopped relaying its state and deleted
+/// it (the node's record and application keys vanished from views, and
+/// its news stopped arriving). Heartbeats now follow SWIM's verdicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_freeze_another_by_forging_its_heartbeat() {
+    let ca = ClusterCa::generate(CLUSTER).unwrap();
+    let short = |seeds| {
+        let mut c = config(seeds);
+        // chitchat deletes a node it holds dead after this.
+        c.swim.dead_retention = Duration::from_secs(2);
+        c
+    };
+    let (ta, ma) = member_with(&ca.issue_node("a").unwrap(), "a", short(vec![])).await;
+    let a_addr = ta.local_addr();
+    let (tb, mb) = member_with(&ca.issue_node("b").unwrap(), "b", short(vec![a_addr])).await;
+    let b_addr = tb.local_addr();
+    let mut view_b = mb.view();
+    wait_for(&mut view_b, "b to see a", |v| {
+        v.get("a")
+            .is_some_and(|m| m.state == NodeState::Alive && m.record.version == "test")
+    })
+    .await;
+
+    let m_creds = ca.issue_node("m").unwrap();
+    let (tm, _inbox_m) = QuicTransport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &m_creds,
+        QuicConfig::default(),
+    )
+    .await
+    .unwrap();
+    let forged = syn_with_heartbeat(&ChitchatId::new("a".to_string(), 1, a_addr), u64::MAX);
+    let forger = tokio::spawn(async move {
+        loop {
+            let _ = tm.send(b_addr, Service::Gossip, forged.clone()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // Longer than chitchat takes to find a node dead (a few seconds at a
+    // 100 ms gossip interval) plus its 2 s grace before deleting it.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        {
+            let v = view_b.borrow_and_update();
+            let a = v.get("a").expect("b still knows a");
+            assert_eq!(a.state, NodeState::Alive);
+            assert_eq!(a.record.version, "test", "b forgot a's record");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), view_b.changed()).await;
+    }
+    // a's news still arrives.
+    ma.publish_app(std::sync::Arc::new(
+        [("x".to_string(), "after".to_string())]
+            .into_iter()
+            .collect(),
+    ));
+    wait_for(&mut view_b, "a's new value at b", |v| {
+        v.get("a")
+            .is_some_and(|m| m.app.get("x").map(|x| &**x) == Some("after"))
+    })
+    .await;
+    forger.abort();
 }

@@ -106,8 +106,12 @@ impl Signer {
         match held.key.sign(&self.rng, message) {
             Ok(sig) => sig.as_ref().to_vec(),
             // ring fails only when the system RNG does; an empty signature
-            // verifies nowhere, so the value is simply not believed.
-            Err(_) => Vec::new(),
+            // verifies nowhere, so the value is simply not believed. Said
+            // loudly: peers will stop believing this node's news.
+            Err(_) => {
+                tracing::error!("signing failed (the system random number generator failed): peers will not believe this value");
+                Vec::new()
+            }
         }
     }
 
