@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
-use shoal_transport::gossip::{GossipTransport, Liveness};
+use shoal_transport::gossip::{GossipTransport, Liveness, Run, Verdict};
 use shoal_transport::sign::{PublicKey, Signer, CERT_LEN_MAX};
 use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -57,6 +57,10 @@ const CERTS_TTL: Duration = Duration::from_secs(60);
 /// Most node names whose runs are remembered (see `Actor::runs`); past it,
 /// the finished runs are forgotten first.
 const RUNS_MAX: usize = 64 * 1024;
+
+/// How long a finished run is remembered (longer than chitchat keeps a
+/// dead node's state, SWIM's dead retention by default).
+const RUNS_KEPT: Duration = Duration::from_secs(3600);
 
 /// Most keys of a peer remembered as failing verification (see
 /// `Peer::refused`); emptied when full.
@@ -378,10 +382,11 @@ struct Actor<T: Transport> {
     /// Shared with the gossip adapter, which makes chitchat's heartbeats
     /// follow these verdicts (see `shoal_transport::gossip`).
     liveness: Liveness,
-    /// Per node name: the newest run known and whether it is live. Names
-    /// SWIM forgot stay, not live, so that a replay of a finished run is
-    /// not believed again. At most [`RUNS_MAX`].
-    runs: HashMap<String, (u64, bool)>,
+    /// Per node name (this node's included): the newest run known, and
+    /// since when it is not live. Names SWIM forgot stay, not live, for
+    /// [`RUNS_KEPT`], so that a replay of a finished run is not believed
+    /// again. At most [`RUNS_MAX`].
+    runs: HashMap<String, (Run, Option<Instant>)>,
     /// SWIM's change counter and member count when `runs` was last set.
     runs_at: Option<(u64, usize)>,
     load: Load,
@@ -471,8 +476,14 @@ fn read_values(
         };
         if s.seq <= held_seq {
             // A relay replaying an older write (or the same one again):
-            // not read again at this version.
-            peer.versions.insert(k, (version, held_seq));
+            // not read again at this version. A key not held has no older
+            // write (counters start at 1): junk.
+            if held.is_some() {
+                peer.versions.insert(k, (version, held_seq));
+            } else {
+                peer.refuse(k, version);
+                refused += 1;
+            }
             continue;
         }
         if !key.verify(&signed::message(origin, &k, s.seq, s.payload), &s.signature) {
@@ -906,8 +917,8 @@ impl<T: Transport> Actor<T> {
                     // or forgotten) is not brought back by a relay
                     // replaying its state.
                     if held.is_none()
-                        && runs.get(name).is_some_and(|&(g, live)| {
-                            id.generation_id < g || (id.generation_id == g && !live)
+                        && runs.get(name).is_some_and(|(r, _)| {
+                            r.verdict(id.generation_id, addr) == Verdict::Over
                         })
                     {
                         continue;
@@ -1014,20 +1025,63 @@ impl<T: Transport> Actor<T> {
             return;
         }
         self.runs_at = Some(at);
-        for run in self.runs.values_mut() {
-            run.1 = false;
-        }
-        for m in self.swim.members() {
-            let live = matches!(m.state, NodeState::Alive | NodeState::Suspect);
-            let run = self.runs.entry(m.name).or_insert((m.generation, live));
-            if m.generation >= run.0 {
-                *run = (m.generation, live);
+        let now = Instant::now();
+        let mut held: HashMap<String, Run> = self
+            .swim
+            .members()
+            .map(|m| {
+                let run = Run {
+                    generation: m.generation,
+                    addr: m.addr,
+                    live: matches!(m.state, NodeState::Alive | NodeState::Suspect),
+                };
+                (m.name, run)
+            })
+            .collect();
+        // This node's own run: its earlier runs are over.
+        held.insert(
+            self.record.name.clone(),
+            Run {
+                generation: self.generation,
+                addr: self.record.address,
+                live: true,
+            },
+        );
+        for (name, (run, over_since)) in self.runs.iter_mut() {
+            match held.remove(name) {
+                // SWIM moves forward only; an older run it holds again is
+                // not taken over the newer one remembered.
+                Some(h) if h.generation >= run.generation => {
+                    *over_since = if h.live {
+                        None
+                    } else {
+                        over_since.or(Some(now))
+                    };
+                    *run = h;
+                }
+                Some(_) => {}
+                None => {
+                    run.live = false;
+                    *over_since = over_since.or(Some(now));
+                }
             }
         }
-        if self.runs.len() > RUNS_MAX {
-            self.runs.retain(|_, (_, live)| *live);
+        for (name, run) in held {
+            let over_since = (!run.live).then_some(now);
+            self.runs.insert(name, (run, over_since));
         }
-        self.liveness.set(self.runs.clone());
+        self.runs.retain(|_, (_, over_since)| {
+            over_since.is_none_or(|t| now.saturating_duration_since(t) < RUNS_KEPT)
+        });
+        if self.runs.len() > RUNS_MAX {
+            self.runs.retain(|_, (run, _)| run.live);
+        }
+        self.liveness.set(Arc::new(
+            self.runs
+                .iter()
+                .map(|(n, (r, _))| (n.clone(), *r))
+                .collect(),
+        ));
     }
 
     fn publish_view(&mut self) {
@@ -1232,6 +1286,11 @@ mod tests {
         read_values(&reader, &mut CertCache::new(), "a", &mut peer, junk, 62);
         assert_eq!(peer.versions.len(), keys);
         assert_eq!(peer.refused.get("app/junk"), Some(&62));
+        // Counter 0 under a key not held: no earlier write to replay.
+        let zero = vec![("app/zero".to_string(), 63, "0.AAAA.=x".to_string())];
+        read_values(&reader, &mut CertCache::new(), "a", &mut peer, zero, 63);
+        assert_eq!(peer.versions.len(), keys);
+        assert_eq!(peer.refused.get("app/zero"), Some(&63));
         assert!(!peer.app.contains_key("junk"));
         // The node's own word is still taken after all that.
         read_values(

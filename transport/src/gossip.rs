@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use chitchat::transport::Socket;
 use chitchat::{ChitchatId, ChitchatMessage, Deserializable, Serializable};
@@ -23,27 +24,114 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::{Incoming, Service, Transport, TransportStats};
 
+/// A run of a node as the membership layer knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The run's generation.
+    pub generation: u64,
+    /// Its gossip address.
+    pub addr: SocketAddr,
+    /// Alive or suspect (not dead, left, or forgotten).
+    pub live: bool,
+}
+
+/// What the membership layer believes of one chitchat node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The run held, alive or suspect.
+    Live,
+    /// A run that is over: dead, left, forgotten, superseded by a newer
+    /// run, or the held run at another address.
+    Over,
+    /// A run not known yet (a newer run, or a new node): live for
+    /// [`UNKNOWN_GRACE`] after it is first seen, the time to verify it.
+    Unknown,
+}
+
+/// The verdict on run `generation` at `addr` of node `name`.
+pub fn verdict(
+    runs: &HashMap<String, Run>,
+    name: &str,
+    generation: u64,
+    addr: SocketAddr,
+) -> Verdict {
+    runs.get(name)
+        .map_or(Verdict::Unknown, |r| r.verdict(generation, addr))
+}
+
+impl Run {
+    /// The verdict on run `generation` at `addr` of this run's node.
+    pub fn verdict(&self, generation: u64, addr: SocketAddr) -> Verdict {
+        if generation > self.generation {
+            Verdict::Unknown
+        } else if generation == self.generation && addr == self.addr && self.live {
+            Verdict::Live
+        } else {
+            Verdict::Over
+        }
+    }
+}
+
 /// What the membership layer believes of each node's runs, shared with the
-/// gossip adapter: per node name, the newest run it knows and whether that
-/// run is live (alive or suspect). Runs it does not know are treated as
-/// live, so that their state can be gossiped and verified.
+/// gossip adapter: per node name, the newest run it knows (this node's own
+/// included). Swapped whole, so a reader holds one consistent snapshot.
 #[derive(Clone, Default)]
 pub struct Liveness {
-    runs: Arc<RwLock<HashMap<String, (u64, bool)>>>,
+    runs: Arc<RwLock<Arc<HashMap<String, Run>>>>,
 }
 
 impl Liveness {
-    /// Replaces the known runs: name -> (generation, live).
-    pub fn set(&self, runs: HashMap<String, (u64, bool)>) {
+    /// Replaces the known runs.
+    pub fn set(&self, runs: Arc<HashMap<String, Run>>) {
         *self.runs.write().unwrap_or_else(|p| p.into_inner()) = runs;
     }
 
-    /// Whether the run `generation` of `name` is over: a newer run is
-    /// known, or this one is dead or left.
-    pub fn is_over(&self, name: &str, generation: u64) -> bool {
-        let runs = self.runs.read().unwrap_or_else(|p| p.into_inner());
-        runs.get(name)
-            .is_some_and(|&(g, live)| generation < g || (generation == g && !live))
+    /// The known runs now.
+    pub fn snapshot(&self) -> Arc<HashMap<String, Run>> {
+        self.runs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// How long a run the membership layer does not know is given rising
+/// heartbeats: a real node's state verifies within a sync interval or two,
+/// so what is still unknown after this is a state nobody can verify (a
+/// forgery, or a certificate not trusted), and chitchat may let it die.
+pub const UNKNOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Most unknown runs tracked (see [`UNKNOWN_GRACE`]); past it, an unknown
+/// run not tracked is treated as over.
+const UNKNOWN_MAX: usize = 4096;
+
+/// How long an unknown run stays tracked (and so, once past its grace,
+/// over): longer than chitchat keeps a dead node's state.
+const UNKNOWN_KEPT: Duration = Duration::from_secs(2 * 3600);
+
+/// Unknown runs by first sighting (see [`UNKNOWN_GRACE`]).
+#[derive(Default)]
+struct Unknown {
+    first_seen: HashMap<(String, u64, SocketAddr), Instant>,
+}
+
+impl Unknown {
+    /// Whether an unknown run is still within its grace at `now`.
+    fn in_grace(&mut self, id: &ChitchatId, now: Instant) -> bool {
+        let key = (
+            id.node_id.to_string(),
+            id.generation_id,
+            id.gossip_advertise_addr,
+        );
+        if let Some(seen) = self.first_seen.get(&key) {
+            return now.saturating_duration_since(*seen) < UNKNOWN_GRACE;
+        }
+        if self.first_seen.len() >= UNKNOWN_MAX {
+            self.first_seen
+                .retain(|_, seen| now.saturating_duration_since(*seen) < UNKNOWN_KEPT);
+            if self.first_seen.len() >= UNKNOWN_MAX {
+                return false;
+            }
+        }
+        self.first_seen.insert(key, now);
+        true
     }
 }
 
@@ -72,7 +160,9 @@ pub fn rewrite_heartbeats(buf: &mut [u8], mut heartbeat: impl FnMut(&ChitchatId)
     let Ok(count) = u16::deserialize(&mut rest) else {
         return false;
     };
-    let mut at = Vec::with_capacity(count as usize);
+    // Each entry takes at least 41 bytes: no reservation beyond what the
+    // message could hold.
+    let mut at = Vec::with_capacity((count as usize).min(rest.len() / 41));
     for _ in 0..count {
         let Ok(id) = ChitchatId::deserialize(&mut rest) else {
             return false;
@@ -137,6 +227,7 @@ impl<T: Transport> chitchat::transport::Transport for GossipTransport<T> {
             transport: self.transport.clone(),
             inbound,
             liveness: self.liveness.clone(),
+            unknown: Unknown::default(),
             // Above HEARTBEAT_OVER, so that a live run's first heartbeat
             // already counts as a rise.
             beat: HEARTBEAT_OVER + 1,
@@ -148,6 +239,7 @@ struct GossipSocket<T: Transport> {
     transport: T,
     inbound: mpsc::Receiver<Incoming>,
     liveness: Option<Liveness>,
+    unknown: Unknown,
     /// The heartbeat given to live runs: one more per message received.
     beat: u64,
 }
@@ -173,11 +265,24 @@ impl<T: Transport> Socket for GossipSocket<T> {
             if let Some(liveness) = &self.liveness {
                 self.beat = self.beat.saturating_add(1);
                 let beat = self.beat;
+                let runs = liveness.snapshot();
+                let unknown = &mut self.unknown;
+                let now = Instant::now();
                 if !rewrite_heartbeats(&mut body, |id| {
-                    if liveness.is_over(&id.node_id, id.generation_id) {
-                        HEARTBEAT_OVER
-                    } else {
+                    let live = match verdict(
+                        &runs,
+                        &id.node_id,
+                        id.generation_id,
+                        id.gossip_advertise_addr,
+                    ) {
+                        Verdict::Live => true,
+                        Verdict::Over => false,
+                        Verdict::Unknown => unknown.in_grace(id, now),
+                    };
+                    if live {
                         beat
+                    } else {
+                        HEARTBEAT_OVER
                     }
                 }) {
                     TransportStats::add(&self.transport.stats().frames_undecodable, 1);
@@ -239,19 +344,52 @@ mod tests {
     }
 
     #[test]
-    fn a_run_that_is_over_gets_a_heartbeat_that_never_rises() {
-        let liveness = Liveness::default();
-        liveness.set(HashMap::from([
-            ("a".to_string(), (2, true)),
-            ("b".to_string(), (3, false)),
-        ]));
-        // a's run 2 lives, its run 1 is superseded; b's run 3 is dead; c is
-        // unknown (live until known otherwise).
-        assert!(!liveness.is_over("a", 2));
-        assert!(liveness.is_over("a", 1));
-        assert!(liveness.is_over("b", 3));
-        assert!(!liveness.is_over("b", 4));
-        assert!(!liveness.is_over("c", 1));
+    fn runs_are_live_over_or_unknown() {
+        let at: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let other: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let runs = HashMap::from([
+            (
+                "a".to_string(),
+                Run {
+                    generation: 2,
+                    addr: at,
+                    live: true,
+                },
+            ),
+            (
+                "b".to_string(),
+                Run {
+                    generation: 3,
+                    addr: at,
+                    live: false,
+                },
+            ),
+        ]);
+        assert_eq!(verdict(&runs, "a", 2, at), Verdict::Live);
+        assert_eq!(verdict(&runs, "a", 2, other), Verdict::Over);
+        assert_eq!(verdict(&runs, "a", 1, at), Verdict::Over);
+        assert_eq!(verdict(&runs, "a", 3, at), Verdict::Unknown);
+        assert_eq!(verdict(&runs, "b", 3, at), Verdict::Over);
+        assert_eq!(verdict(&runs, "b", 4, at), Verdict::Unknown);
+        assert_eq!(verdict(&runs, "c", 1, at), Verdict::Unknown);
+    }
+
+    #[test]
+    fn an_unknown_run_is_live_only_for_its_grace() {
+        let mut unknown = Unknown::default();
+        let id = ChitchatId::new("x", 1, "127.0.0.1:1".parse().unwrap());
+        let t0 = Instant::now();
+        assert!(unknown.in_grace(&id, t0));
+        assert!(unknown.in_grace(&id, t0 + UNKNOWN_GRACE / 2));
+        assert!(!unknown.in_grace(&id, t0 + UNKNOWN_GRACE));
+        // Past the bound, a new unknown run is not tracked: over.
+        for i in 0..UNKNOWN_MAX {
+            let other = ChitchatId::new(format!("n{i}"), 1, "127.0.0.1:1".parse().unwrap());
+            unknown.in_grace(&other, t0);
+        }
+        let late = ChitchatId::new("late", 1, "127.0.0.1:1".parse().unwrap());
+        assert!(!unknown.in_grace(&late, t0));
+        assert!(unknown.first_seen.len() <= UNKNOWN_MAX);
     }
 
     #[test]
