@@ -161,16 +161,10 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         name: Arc::from(m.as_str()),
         generation: 1,
         state: shoal_membership::NodeState::Alive,
-        record: Arc::new(shoal_membership::NodeRecord {
-            name: m.clone(),
-            address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            labels: Default::default(),
-            capacity: Default::default(),
-            drivers: Vec::new(),
-            version: String::new(),
-            http: None,
-            notes: Vec::new(),
-        }),
+        record: Arc::new(shoal_membership::NodeRecord::bare(
+            m,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        )),
     }));
     let live_jobs: BTreeMap<&str, (&JobSpec, u64)> = inp
         .jobs

@@ -387,8 +387,8 @@ struct Actor<T: Transport> {
     /// [`RUNS_KEPT`], so that a replay of a finished run is not believed
     /// again. At most [`RUNS_MAX`].
     runs: HashMap<String, (Run, Option<Instant>)>,
-    /// SWIM's change counter and member count when `runs` was last set.
-    runs_at: Option<(u64, usize)>,
+    /// SWIM's change counter when `runs` was last set.
+    runs_at: Option<u64>,
     load: Load,
     app: AppState,
     /// The application keys as set in chitchat.
@@ -1020,7 +1020,8 @@ impl<T: Transport> Actor<T> {
     /// Shares SWIM's verdicts on each node's runs with the gossip adapter
     /// (see `runs`), when they changed.
     fn share_liveness(&mut self) {
-        let at = (self.swim.changes(), self.swim.members().count());
+        // SWIM counts every change of a member, removals included.
+        let at = self.swim.changes();
         if self.runs_at == Some(at) {
             return;
         }

@@ -109,18 +109,13 @@ const UNKNOWN_KEPT: Duration = Duration::from_secs(2 * 3600);
 /// Unknown runs by first sighting (see [`UNKNOWN_GRACE`]).
 #[derive(Default)]
 struct Unknown {
-    first_seen: HashMap<(String, u64, SocketAddr), Instant>,
+    first_seen: HashMap<ChitchatId, Instant>,
 }
 
 impl Unknown {
     /// Whether an unknown run is still within its grace at `now`.
     fn in_grace(&mut self, id: &ChitchatId, now: Instant) -> bool {
-        let key = (
-            id.node_id.to_string(),
-            id.generation_id,
-            id.gossip_advertise_addr,
-        );
-        if let Some(seen) = self.first_seen.get(&key) {
+        if let Some(seen) = self.first_seen.get(id) {
             return now.saturating_duration_since(*seen) < UNKNOWN_GRACE;
         }
         if self.first_seen.len() >= UNKNOWN_MAX {
@@ -130,7 +125,7 @@ impl Unknown {
                 return false;
             }
         }
-        self.first_seen.insert(key, now);
+        self.first_seen.insert(id.clone(), now);
         true
     }
 }
