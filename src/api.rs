@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use shoal_membership::{Capacity, Load, MembershipView};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use shoal_core::health::Health;
 use shoal_core::instance::SlotState;
 use shoal_core::scheduler::{ApiError as CoreError, ApiRequest};
 use shoal_core::status;
@@ -167,6 +168,20 @@ pub struct SlotView {
     /// Host ports of the holder's copy, by name (dynamic ones as chosen).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ports: std::collections::BTreeMap<String, u16>,
+    /// The copy's health: `passing`, `critical` or `unknown`.
+    #[serde(default)]
+    pub health: Health,
+    /// Why a check is critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// The job version the copy runs (`v7`), when placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `v7`, or `None` for 0 (no copy, or started by an earlier release).
+pub fn short_version(seq: u64) -> Option<String> {
+    (seq != 0).then(|| format!("v{seq}"))
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -178,8 +193,10 @@ fn is_zero(n: &u32) -> bool {
 pub struct JobStatus {
     /// Name.
     pub name: String,
-    /// Version (`<hlc>@<node>`).
+    /// Version as people see it (`v7`).
     pub version: String,
+    /// The version's clock (`<hlc>@<node>`): the write's identity.
+    pub hlc: String,
     /// `service` or `batch`.
     #[serde(rename = "type")]
     pub job_type: String,
@@ -189,6 +206,9 @@ pub struct JobStatus {
     pub stopped: bool,
     /// Every slot, and copies beyond the replica count still stopping.
     pub instances: Vec<SlotView>,
+    /// The spec as submitted (`?spec=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<shoal_core::job::JobSpec>,
 }
 
 /// A submitted job's answer.
@@ -196,8 +216,13 @@ pub struct JobStatus {
 pub struct Accepted {
     /// Name.
     pub name: String,
-    /// The version written.
+    /// The version written (`v7`).
     pub version: String,
+    /// Its clock (`<hlc>@<node>`): the write's identity.
+    pub hlc: String,
+    /// The spec was the running one: nothing was written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// Body of `POST /v1/jobs/{name}/scale`.
@@ -227,6 +252,15 @@ pub struct InstanceView {
     /// Host ports it binds, by name.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ports: std::collections::BTreeMap<String, u16>,
+    /// Its health: `passing`, `critical` or `unknown`.
+    #[serde(default)]
+    pub health: Health,
+    /// Why a check is critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// The job version it runs (`v7`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 impl From<&status::InstanceRow> for InstanceView {
@@ -240,6 +274,9 @@ impl From<&status::InstanceRow> for InstanceView {
             restarts: r.copy.restarts,
             error: r.copy.error.clone(),
             ports: r.copy.ports.clone(),
+            health: r.copy.health,
+            check: r.copy.check.clone(),
+            version: short_version(r.copy.version),
         }
     }
 }
@@ -255,7 +292,8 @@ impl From<&status::JobStatus> for JobStatus {
             .unwrap_or_else(|| "stopped".into());
         JobStatus {
             name: record.name.clone(),
-            version: record.version.to_string(),
+            version: format!("v{}", record.seq),
+            hlc: record.version.to_string(),
             job_type,
             replicas: record.spec.as_ref().map(|s| s.replicas).unwrap_or(0),
             stopped: record.spec.is_none(),
@@ -270,8 +308,12 @@ impl From<&status::JobStatus> for JobStatus {
                     restarts: v.restarts,
                     attempts: v.attempts,
                     ports: v.ports.clone(),
+                    health: v.health,
+                    check: v.check.clone(),
+                    version: short_version(v.version),
                 })
                 .collect(),
+            spec: None,
         }
     }
 }
@@ -353,6 +395,7 @@ fn failure(e: CoreError) -> Response {
         CoreError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
         CoreError::Storage(m) => error(StatusCode::INSUFFICIENT_STORAGE, m),
         CoreError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        CoreError::Conflict(m) => error(StatusCode::CONFLICT, m),
     }
 }
 
@@ -388,7 +431,16 @@ fn written(r: Result<ApiReply, Response>) -> Response {
     match r {
         Ok(ApiReply::Written(r)) => Json(Accepted {
             name: r.name.clone(),
-            version: r.version.to_string(),
+            version: format!("v{}", r.seq),
+            hlc: r.version.to_string(),
+            unchanged: false,
+        })
+        .into_response(),
+        Ok(ApiReply::Unchanged(r)) => Json(Accepted {
+            name: r.name.clone(),
+            version: format!("v{}", r.seq),
+            hlc: r.version.to_string(),
+            unchanged: true,
         })
         .into_response(),
         Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
@@ -396,43 +448,172 @@ fn written(r: Result<ApiReply, Response>) -> Response {
     }
 }
 
-async fn submit(State(state): State<ApiState>, body: String) -> Response {
+/// Query of `POST /v1/jobs`.
+#[derive(Debug, Deserialize)]
+pub struct SubmitQuery {
+    /// Write only if the job is at this version (`v7` or `7`; `0`: only
+    /// if no live job has the name).
+    #[serde(default)]
+    pub check_version: Option<String>,
+}
+
+/// `v7` or `7` as 7.
+pub fn parse_version(text: &str) -> Option<u64> {
+    text.strip_prefix('v').unwrap_or(text).parse().ok()
+}
+
+async fn submit(
+    State(state): State<ApiState>,
+    Query(q): Query<SubmitQuery>,
+    body: String,
+) -> Response {
     if body.len() > BODY_LEN_MAX {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("job files are limited to {BODY_LEN_MAX} bytes"),
         );
     }
-    written(ask(&state, ApiRequest::Submit { text: body }).await)
+    let check_version = match q.check_version.as_deref().map(parse_version) {
+        None => None,
+        Some(Some(v)) => Some(v),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "check_version must be a version like `v7` (or `0`: no live job)",
+            )
+        }
+    };
+    written(
+        ask(
+            &state,
+            ApiRequest::Submit {
+                text: body,
+                check_version,
+            },
+        )
+        .await,
+    )
+}
+
+/// Body of `POST /v1/jobs/{name}/revert`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevertRequest {
+    /// The version to go back to (`v6` or `6`).
+    pub version: serde_json::Value,
+}
+
+async fn revert_job(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: String,
+) -> Response {
+    let version = serde_json::from_str::<RevertRequest>(&body)
+        .ok()
+        .and_then(|r| match r.version {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => parse_version(&s),
+            _ => None,
+        });
+    let Some(version) = version else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"version\": \"v6\"}: the version to go back to (`shoal job history` lists them)",
+        );
+    };
+    written(ask(&state, ApiRequest::Revert { name, version }).await)
+}
+
+/// One version in `/v1/jobs/{name}/versions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionView {
+    /// `v7`.
+    pub version: String,
+    /// Its clock (`<hlc>@<node>`).
+    pub hlc: String,
+    /// The job's current version (for a stopped job, none is).
+    pub current: bool,
+    /// Its spec as submitted.
+    pub spec: shoal_core::job::JobSpec,
+}
+
+/// A job's kept versions, newest first.
+pub fn versions_of(r: &shoal_core::records::JobRecord) -> Vec<VersionView> {
+    let current = r.spec.iter().map(|spec| VersionView {
+        version: format!("v{}", r.seq),
+        hlc: r.version.to_string(),
+        current: true,
+        spec: spec.clone(),
+    });
+    current
+        .chain(r.history.iter().map(|e| VersionView {
+            version: format!("v{}", e.seq),
+            hlc: e.version.to_string(),
+            current: false,
+            spec: e.spec.clone(),
+        }))
+        .collect()
+}
+
+async fn job_versions(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    match job_status(&state, &name).await {
+        Ok(s) => Json(versions_of(&s.record)).into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// Query of `GET /v1/jobs/{name}`.
+#[derive(Debug, Deserialize)]
+pub struct JobQuery {
+    /// Include the submitted spec.
+    #[serde(default)]
+    pub spec: bool,
 }
 
 async fn list_jobs(State(state): State<ApiState>) -> Json<Vec<JobStatus>> {
     Json(state.snapshot.borrow().jobs.clone())
 }
 
-async fn get_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+/// One job's status, read from the live state (read-after-write).
+async fn job_status(state: &ApiState, name: &str) -> Result<status::JobStatus, Response> {
     let (tx, rx) = oneshot::channel();
     if state
         .commands
-        .send(ApiCommand::Job(name.clone(), tx))
+        .send(ApiCommand::Job(name.to_string(), tx))
         .await
         .is_err()
     {
-        return error(
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is shutting down",
-        );
+        ));
     }
     match rx.await {
-        Ok(Some(status)) => Json(status).into_response(),
-        Ok(None) => error(
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err(error(
             StatusCode::NOT_FOUND,
             format!("no job named `{name}`; `shoal status` lists the jobs"),
-        ),
-        Err(_) => error(
+        )),
+        Err(_) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is shutting down",
-        ),
+        )),
+    }
+}
+
+async fn get_job(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<JobQuery>,
+) -> Response {
+    match job_status(&state, &name).await {
+        Ok(s) => {
+            let mut view = JobStatus::from(&s);
+            if q.spec {
+                view.spec = s.record.spec.clone();
+            }
+            Json(view).into_response()
+        }
+        Err(resp) => resp,
     }
 }
 
@@ -742,6 +923,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{name}", get(get_job).delete(stop_job))
         .route("/v1/jobs/{name}/scale", post(scale_job))
+        .route("/v1/jobs/{name}/revert", post(revert_job))
+        .route("/v1/jobs/{name}/versions", get(job_versions))
         .route("/v1/jobs/{name}/logs", get(logs))
         .route("/v1/instances", get(instances))
         .route("/v1/health", get(health))

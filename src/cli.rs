@@ -52,6 +52,9 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Print a slot's output, fetched from whichever node runs it.
     Logs(LogsArgs),
+    /// A job's versions: `shoal job history JOB`, `shoal job revert JOB v6`.
+    #[command(subcommand)]
+    Job(crate::commands::JobCommand),
     /// Join tokens: `shoal token create` makes one that admits nodes until it expires.
     #[command(subcommand)]
     Token(crate::commands::TokenCommand),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::api::{Accepted, JobStatus, NodeInfo, ScaleRequest};
+use crate::api::{Accepted, JobStatus, NodeInfo, ScaleRequest, VersionView};
 use crate::client::{print_table, Client, ClientArgs};
 use shoal_core::instance::SlotState;
 use shoal_core::job::JOB_FILE_LEN_MAX;
@@ -35,6 +35,39 @@ pub struct RunArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Write only if the job is still at this version (e.g. `v7`; `0`: only
+    /// if no live job has the name): refused with exit 1 if it moved on.
+    #[arg(long, value_name = "VERSION")]
+    pub check_version: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// List a job's kept versions (its last 10), newest first.
+    History(JobHistoryArgs),
+    /// Write an earlier version's spec as the job's next version.
+    Revert(JobRevertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JobHistoryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// Print JSON (with each version's spec).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobRevertArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// The version to go back to, as `shoal job history` shows it (`v6`).
+    pub version: String,
 }
 
 #[derive(Debug, Args)]
@@ -168,29 +201,60 @@ fn progress(s: &JobStatus) -> (usize, usize, usize, usize) {
     )
 }
 
+/// Whether a job reached its version: every slot done (batch), or running
+/// that version and passing its checks (service).
 fn settled(s: &JobStatus) -> bool {
-    let (running, completed, failed, total) = progress(s);
+    let (_, completed, failed, total) = progress(s);
     let extra = s.instances.iter().any(|i| i.slot >= s.replicas);
     !extra
         && if s.job_type == "batch" {
             completed + failed == total
         } else {
-            running == total
+            passing(s) == total
         }
+}
+
+/// Slots running the job's version and passing.
+fn passing(s: &JobStatus) -> usize {
+    s.instances
+        .iter()
+        .filter(|i| {
+            i.slot < s.replicas
+                && i.state == SlotState::Running
+                && i.health == shoal_core::health::Health::Passing
+                && i.version.as_deref() == Some(s.version.as_str())
+        })
+        .count()
 }
 
 /// `shoal run`.
 pub fn run(args: RunArgs) -> Result<()> {
     let text = read_job_file(&args.file)?;
     let client = Client::new(&args.client);
+    let path = match &args.check_version {
+        None => "/v1/jobs".to_string(),
+        Some(v) => {
+            let Some(n) = crate::api::parse_version(v) else {
+                bail!("--check-version takes a version like `v7` (or `0`: no live job), not `{v}`");
+            };
+            format!("/v1/jobs?check_version={n}")
+        }
+    };
     let accepted: Accepted = client
-        .call("POST", "/v1/jobs", Some(&text))
+        .call("POST", &path, Some(&text))
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?
         .into_json()?;
-    println!(
-        "accepted job {} version {}",
-        accepted.name, accepted.version
-    );
+    if accepted.unchanged {
+        println!(
+            "job {} unchanged: {} already has this spec (nothing written)",
+            accepted.name, accepted.version
+        );
+    } else {
+        println!(
+            "accepted job {} version {}",
+            accepted.name, accepted.version
+        );
+    }
     if args.detach {
         return Ok(());
     }
@@ -214,9 +278,22 @@ pub fn run(args: RunArgs) -> Result<()> {
         bar.set_message(if status.job_type == "batch" {
             format!("{}: {completed} completed, {failed} failed", status.name)
         } else {
-            format!("{}: {running} running", status.name)
+            format!(
+                "{}: {running} running, {} passing",
+                status.name,
+                passing(&status)
+            )
         });
-        if settled(&status) && status.version == accepted.version {
+        if status.hlc != accepted.hlc {
+            bar.finish_and_clear();
+            bail!(
+                "{}: a newer write ({}) replaced this one; `shoal job history {}` lists the versions",
+                status.name,
+                status.version,
+                status.name
+            );
+        }
+        if settled(&status) {
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             if status.job_type == "batch" {
@@ -232,7 +309,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                     );
                 }
             } else {
-                println!("{}: all {total} slots running ({secs:.1} s)", status.name);
+                println!(
+                    "{}: all {total} slots running {} and passing ({secs:.1} s)",
+                    status.name, status.version
+                );
             }
             return Ok(());
         }
@@ -301,7 +381,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 s.replicas,
                 if s.stopped { ", stopped" } else { "" }
             );
-            let rows: Vec<[String; 6]> = s
+            let rows: Vec<[String; 8]> = s
                 .instances
                 .iter()
                 .map(|i| {
@@ -312,6 +392,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
                             .ok()
                             .and_then(|v| v.as_str().map(str::to_string))
                             .unwrap_or_default(),
+                        if i.node.is_some() {
+                            i.health.as_str().to_string()
+                        } else {
+                            "-".to_string()
+                        },
+                        i.version.clone().unwrap_or_else(|| "-".into()),
                         i.restarts.to_string(),
                         if i.ports.is_empty() {
                             "-".to_string()
@@ -322,21 +408,139 @@ pub fn status(args: StatusArgs) -> Result<()> {
                                 .collect::<Vec<_>>()
                                 .join(",")
                         },
-                        match (&i.reason, i.attempts) {
-                            (Some(r), 0) => r.clone(),
-                            (Some(r), n) => format!("{r} (tried {n} times; backing off)"),
-                            (None, _) => String::new(),
+                        match (&i.check, &i.reason, i.attempts) {
+                            (Some(c), _, _) => c.clone(),
+                            (None, Some(r), 0) => r.clone(),
+                            (None, Some(r), n) => format!("{r} (tried {n} times; backing off)"),
+                            (None, None, _) => String::new(),
                         },
                     ]
                 })
                 .collect();
             print_table(
-                &["SLOT", "NODE", "STATE", "RESTARTS", "PORTS", "REASON"],
+                &[
+                    "SLOT", "NODE", "STATE", "HEALTH", "VERSION", "RESTARTS", "PORTS", "REASON",
+                ],
                 &rows,
             );
         }
     }
     Ok(())
+}
+
+/// `shoal job ...`.
+pub fn job(cmd: JobCommand) -> Result<()> {
+    match cmd {
+        JobCommand::History(args) => {
+            let versions: Vec<VersionView> = Client::new(&args.client)
+                .get(&format!("/v1/jobs/{}/versions", path_segment(&args.job)?))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+                return Ok(());
+            }
+            if versions.is_empty() {
+                println!("{}: stopped, and no earlier version is kept", args.job);
+                return Ok(());
+            }
+            let rows: Vec<[String; 5]> = versions
+                .iter()
+                .enumerate()
+                .map(|(n, v)| {
+                    let changed = match versions.get(n + 1) {
+                        None => "(first kept)".to_string(),
+                        Some(older) => spec_diff(&older.spec, &v.spec),
+                    };
+                    [
+                        v.version.clone(),
+                        if v.current { "current" } else { "" }.to_string(),
+                        v.hlc.clone(),
+                        v.spec.replicas.to_string(),
+                        changed,
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "VERSION",
+                    "",
+                    "WRITTEN",
+                    "REPLICAS",
+                    "CHANGED FROM THE VERSION BEFORE",
+                ],
+                &rows,
+            );
+        }
+        JobCommand::Revert(args) => {
+            let Some(n) = crate::api::parse_version(&args.version) else {
+                bail!(
+                    "`{}` is not a version; `shoal job history {}` lists them (v1, v2, ...)",
+                    args.version,
+                    args.job
+                );
+            };
+            let body = serde_json::json!({ "version": n }).to_string();
+            let accepted: Accepted = Client::new(&args.client)
+                .call(
+                    "POST",
+                    &format!("/v1/jobs/{}/revert", path_segment(&args.job)?),
+                    Some(&body),
+                )?
+                .into_json()?;
+            if accepted.unchanged {
+                println!(
+                    "job {} unchanged: it already runs the spec of v{n} ({})",
+                    accepted.name, accepted.version
+                );
+            } else {
+                println!(
+                    "reverted job {} to the spec of v{n} as {}",
+                    accepted.name, accepted.version
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The top-level fields (and task fields) that differ between two specs,
+/// e.g. `replicas, task.args`.
+pub fn spec_diff(old: &shoal_core::job::JobSpec, new: &shoal_core::job::JobSpec) -> String {
+    let (Ok(a), Ok(b)) = (serde_json::to_value(old), serde_json::to_value(new)) else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    diff_fields("", &a, &b, 2, &mut out);
+    if out.is_empty() {
+        "nothing".to_string()
+    } else {
+        out.join(", ")
+    }
+}
+
+fn diff_fields(
+    prefix: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    depth: usize,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) if depth > 0 => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                if va != vb {
+                    diff_fields(&format!("{prefix}{k}."), va, vb, depth - 1, out);
+                }
+            }
+        }
+        _ if a != b => out.push(prefix.trim_end_matches('.').to_string()),
+        _ => {}
+    }
 }
 
 /// `shoal stop`.

@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod commands;

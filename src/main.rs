@@ -52,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Scale(args) => shoal::commands::scale(args),
         Command::Logs(args) => shoal::commands::logs(args),
         Command::Token(cmd) => shoal::commands::token(cmd),
+        Command::Job(cmd) => shoal::commands::job(cmd),
         Command::Ca(cmd) => shoal::commands::ca(cmd),
         Command::Demo(args) => shoal::demo::run(args),
         Command::Supervise(args) => {

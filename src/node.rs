@@ -18,7 +18,7 @@ use shoal_transport::{Incoming, QuicTransport, Responder, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::api::{JobStatus as JobStatusJson, Snapshot};
+use crate::api::Snapshot;
 use crate::driver::{Driver, DriverEvent, InstanceId, LogRange};
 use crate::store::WriteJob;
 
@@ -48,6 +48,8 @@ const PACE: u32 = 5;
 pub enum ApiReply {
     /// The write is durable here and on its way everywhere.
     Written(Arc<shoal_core::records::JobRecord>),
+    /// The spec was the job's current one: nothing written.
+    Unchanged(Arc<shoal_core::records::JobRecord>),
     /// Output bytes.
     Logs(Vec<u8>),
     /// Failed.
@@ -59,7 +61,10 @@ pub enum ApiCommand {
     /// A command for the scheduler.
     Do(ApiRequest, oneshot::Sender<ApiReply>),
     /// One job's status, read from the live state (read-after-write).
-    Job(String, oneshot::Sender<Option<JobStatusJson>>),
+    Job(
+        String,
+        oneshot::Sender<Option<shoal_core::status::JobStatus>>,
+    ),
 }
 
 /// What the loop needs besides the scheduler.
@@ -169,6 +174,8 @@ struct Shell {
     /// Inputs the loop feeds back at once (a write the store could not
     /// queue).
     immediate: Vec<Immediate>,
+    /// The health checks of the copies that have them.
+    checks: crate::checks::Watcher,
 }
 
 /// Hands a peer's request to the core, or answers it at once when it does
@@ -263,6 +270,7 @@ impl Shell {
                 }
             }
             Effect::Discard { driver, id, grace } => {
+                self.checks.unwatch(&id);
                 if let Some(d) = self.drivers.get(&driver).cloned() {
                     let permits = self.driver_ops.clone();
                     tokio::spawn(async move {
@@ -274,7 +282,14 @@ impl Shell {
                     });
                 }
             }
+            Effect::WatchChecks { driver, id, probes } => {
+                if let Some(d) = self.drivers.get(&driver).cloned() {
+                    self.checks.watch(d, id, probes);
+                }
+            }
+            Effect::UnwatchChecks { id } => self.checks.unwatch(&id),
             Effect::RemoveInstance { driver, id } => {
+                self.checks.unwatch(&id);
                 if let Some(d) = self.drivers.get(&driver).cloned() {
                     let permits = self.driver_ops.clone();
                     tokio::spawn(async move {
@@ -375,6 +390,7 @@ impl Shell {
                 if let Some(tx) = self.api_pending.remove(&token) {
                     let _ = tx.send(match answer {
                         ApiAnswer::Written(r) => ApiReply::Written(r),
+                        ApiAnswer::Unchanged(r) => ApiReply::Unchanged(r),
                         ApiAnswer::Failed(e) => ApiReply::Failed(e),
                     });
                 }
@@ -592,6 +608,7 @@ pub async fn run(
         store_health,
     } = io;
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(RPC_IN_FLIGHT_MAX + DRIVER_OPS_MAX * 4);
+    let (checks, mut check_results) = crate::checks::Watcher::new();
     let mut shell = Shell {
         me: core.me().to_string(),
         io_transport: transport.clone(),
@@ -608,6 +625,7 @@ pub async fn run(
         app: BTreeMap::new(),
         app_dirty: false,
         immediate: Vec::new(),
+        checks,
     };
     // Found by the chaos suite (seed 42): a batch success recovered at
     // start-up was persisted by an effect the start-up code dropped, so the
@@ -640,6 +658,7 @@ pub async fn run(
                 core.handle_view(cv, now())
             }
             Some(ev) = driver_events.recv() => core.handle_driver(ev, now()),
+            Some(c) = check_results.recv() => core.handle_check(c.id, c.index, c.result, now()),
             Some(msg) = rpc.recv() => peer_request(&mut shell, &mut core, msg),
             Some(msg) = claims.recv() => peer_request(&mut shell, &mut core, msg),
             Some(done) = done_rx.recv() => match done {
@@ -666,7 +685,7 @@ pub async fn run(
                 }
                 ApiCommand::Job(name, tx) => {
                     let status = shoal_core::status::job_status(&core, &name, Instant::now());
-                    let _ = tx.send(status.as_ref().map(JobStatusJson::from));
+                    let _ = tx.send(status);
                     continue;
                 }
             },

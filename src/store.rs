@@ -379,6 +379,8 @@ mod tests {
                 node: node.into(),
             },
             spec,
+            seq: 1,
+            history: Vec::new(),
         }
     }
 

@@ -82,7 +82,7 @@ fn a_node_an_hour_fast_is_reported_and_refuses_writes() {
         .as_millis() as u64;
     let (ok, _, err) = cli(&agents[0], &["run", "--detach", job]);
     assert!(ok, "{err}");
-    let version = agents[0].job("web").expect("the job").version;
+    let version = agents[0].job("web").expect("the job").hlc;
     let wall_ms: u64 = version
         .split(['.', '@'])
         .next()

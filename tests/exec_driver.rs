@@ -18,6 +18,7 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             run: 1000 + slot as u64,
         },
         job_version: Version::default(),
+        seq: 1,
         task: TaskSpec {
             driver: "exec".into(),
             command: command.into(),
@@ -31,6 +32,7 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             user: None,
             kill_signal: None,
             kill_timeout: None,
+            checks: Vec::new(),
         },
         env: BTreeMap::from([("SHOAL_SLOT".to_string(), slot.to_string())]),
         ports: BTreeMap::new(),

@@ -289,7 +289,7 @@ fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
         jobs.len() == 3
             && jobs
                 .iter()
-                .all(|j| j.version == jobs[0].version && j.replicas == jobs[0].replicas)
+                .all(|j| j.hlc == jobs[0].hlc && j.replicas == jobs[0].replicas)
             && running_everywhere(&agents, "web", jobs[0].replicas as usize, None)
     });
 }

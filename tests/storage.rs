@@ -374,6 +374,8 @@ fn drop_future_records_clears_a_record_stamped_far_ahead() {
                 node: "old".into(),
             },
             spec: Some(JobSpec::parse(&text).unwrap()),
+            seq: 1,
+            history: Vec::new(),
         }
     };
     {

@@ -80,7 +80,7 @@ impl Model {
         match cluster.send(node, method, path, body) {
             Ok(v) => {
                 let mut m = change;
-                m.version = v["version"].as_str().map(str::to_string);
+                m.version = v["hlc"].as_str().map(str::to_string);
                 self.jobs.insert(name.to_string(), m);
                 checker.writes += 1;
             }
@@ -578,7 +578,7 @@ impl Checker {
                     let Some(want) = &m.version else { continue };
                     let got = cluster
                         .get(i, &format!("/v1/jobs/{name}"))
-                        .and_then(|v| v["version"].as_str().map(str::to_string));
+                        .and_then(|v| v["hlc"].as_str().map(str::to_string));
                     if got.as_deref() != Some(want.as_str()) {
                         missing.push(format!("n{i} has {name} at {got:?}, accepted {want}"));
                     }

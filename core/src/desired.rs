@@ -411,6 +411,8 @@ mod tests {
                 node: "n".into(),
             },
             spec,
+            seq: 1,
+            history: Vec::new(),
         })
     }
 

@@ -45,9 +45,14 @@ pub const REASON_LEN_MAX: usize = 512;
 
 /// `text` cut to [`REASON_LEN_MAX`] bytes (at a character boundary): what
 /// travels in gossip about one slot stays small whatever a driver said.
-pub fn bounded(mut text: String) -> String {
-    if text.len() > REASON_LEN_MAX {
-        let mut cut = REASON_LEN_MAX;
+pub fn bounded(text: String) -> String {
+    bounded_to(text, REASON_LEN_MAX)
+}
+
+/// `text` cut to `max` bytes (at a character boundary).
+pub fn bounded_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -284,6 +289,9 @@ mod tests {
     fn copies(n: u32) -> Vec<Published> {
         (0..n)
             .map(|slot| Published {
+                health: Default::default(),
+                check: None,
+                version: 0,
                 slot,
                 run: 1_000_000_000_000 + u64::from(slot),
                 state: SlotState::Running,

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::Health;
 use crate::hlc::Version;
 use crate::job::TaskSpec;
 
@@ -31,6 +32,9 @@ pub struct InstanceSpec {
     pub id: InstanceId,
     /// Version of the job it runs.
     pub job_version: Version,
+    /// That version's number (`v7`; 0 when started by an earlier release).
+    #[serde(default)]
+    pub seq: u64,
     /// The task.
     pub task: TaskSpec,
     /// Variables added to the task's environment (SHOAL_JOB, SHOAL_SLOT,
@@ -170,6 +174,23 @@ pub struct Published {
     /// Host ports it binds, by name (dynamic ones as chosen).
     #[serde(rename = "p", default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ports: BTreeMap<String, u16>,
+    /// Health: `passing`, `critical` or `unknown` (omitted).
+    #[serde(rename = "h", default, skip_serializing_if = "is_unknown")]
+    pub health: Health,
+    /// Why a check is critical.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// The number of the job version it runs (`v7`; 0: unknown).
+    #[serde(rename = "v", default, skip_serializing_if = "is_zero_u64")]
+    pub version: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_unknown(h: &Health) -> bool {
+    *h == Health::Unknown
 }
 
 fn is_zero(n: &u32) -> bool {

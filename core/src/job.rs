@@ -127,6 +127,9 @@ pub struct TaskSpec {
         with = "humantime_serde_opt"
     )]
     pub kill_timeout: Option<Duration>,
+    /// Health checks (`[[task.check]]`), run by the node holding a copy.
+    #[serde(default, rename = "check", skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::health::CheckSpec>,
 }
 
 /// Signals a task may be asked to stop with.
@@ -300,7 +303,7 @@ impl RestartPolicy {
     }
 }
 
-mod humantime_serde_str {
+pub(crate) mod humantime_serde_str {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -319,7 +322,7 @@ mod humantime_serde_str {
     }
 }
 
-mod humantime_serde_opt {
+pub(crate) mod humantime_serde_opt {
     use std::time::Duration;
 
     use serde::{Deserializer, Serializer};
@@ -687,7 +690,13 @@ impl JobSpec {
         let known = crate::ports::known_vars(t.ports.keys());
         let fields = std::iter::once(("task.command".to_string(), &t.command))
             .chain(t.args.iter().map(|a| ("task.args".to_string(), a)))
-            .chain(t.env.iter().map(|(k, v)| (format!("task.env.{k}"), v)));
+            .chain(t.env.iter().map(|(k, v)| (format!("task.env.{k}"), v)))
+            .chain(t.checks.iter().enumerate().flat_map(|(i, c)| {
+                c.command
+                    .iter()
+                    .chain(&c.args)
+                    .map(move |a| (format!("task.check.{i}.command"), a))
+            }));
         for (field, value) in fields {
             if let Some(r) = crate::ports::references(value)
                 .into_iter()
@@ -736,6 +745,36 @@ impl JobSpec {
                 "task.kill_timeout",
                 format!("at most {}s", KILL_TIMEOUT_MAX.as_secs()),
             ));
+        }
+        if t.checks.len() > crate::health::CHECKS_MAX {
+            return Err(invalid(
+                text,
+                "task.check",
+                format!("at most {} checks", crate::health::CHECKS_MAX),
+            ));
+        }
+        let mut check_names = std::collections::BTreeSet::new();
+        for (i, c) in t.checks.iter().enumerate() {
+            if let Some((field, message)) = c.problem(t.ports.keys()) {
+                return Err(invalid(text, &format!("task.check.{i}.{field}"), message));
+            }
+            if c.kind == crate::health::CheckKind::Exec && t.driver == "hollow" {
+                return Err(invalid(
+                    text,
+                    &format!("task.check.{i}.type"),
+                    "the hollow driver runs no commands",
+                ));
+            }
+            if !check_names.insert(c.display_name()) {
+                return Err(invalid(
+                    text,
+                    &format!("task.check.{i}.name"),
+                    format!(
+                        "two checks are called `{}`: give one a `name`",
+                        c.display_name()
+                    ),
+                ));
+            }
         }
         if self.restart.delay.is_zero() || self.restart.max_delay < self.restart.delay {
             return Err(invalid(
@@ -823,6 +862,7 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::CheckKind;
 
     const MINIMAL: &str = r#"name = "web"
 type = "service"
@@ -939,6 +979,82 @@ memory = 32
         );
         let e = JobSpec::parse(&env).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("task.env.URL"), "{e}");
+    }
+
+    #[test]
+    fn health_checks_parse_and_are_checked() {
+        let base = MINIMAL.replace(
+            "args = [\"100000\"]",
+            "args = [\"100000\"]\nports = { web = 0 }",
+        );
+        let with = |checks: &str| format!("{base}\n{checks}");
+        let j = JobSpec::parse(&with(
+            "[[task.check]]\ntype = \"http\"\nport = \"web\"\npath = \"/health\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nrestart = true\n\n\
+             [[task.check]]\ntype = \"exec\"\ncommand = \"test\"\nargs = [\"-n\", \"${SHOAL_PORT_WEB}\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(j.task.checks.len(), 2);
+        let c = &j.task.checks[0];
+        assert_eq!(
+            (c.kind, c.port.as_deref(), c.path.as_deref()),
+            (CheckKind::Http, Some("web"), Some("/health"))
+        );
+        assert_eq!(
+            (c.interval, c.timeout, c.failures, c.successes, c.restart),
+            (
+                Duration::from_secs(1),
+                Some(Duration::from_millis(500)),
+                3,
+                1,
+                true
+            )
+        );
+        assert_eq!(j.task.checks[1].display_name(), "exec:test");
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+        for (check, field) in [
+            ("type = \"http\"\nport = \"api\"", "task.check.0.port"),
+            ("type = \"tcp\"", "task.check.0.port"),
+            ("type = \"exec\"", "task.check.0.command"),
+            (
+                "type = \"tcp\"\nport = \"web\"\npath = \"/\"",
+                "task.check.0.path",
+            ),
+            (
+                "type = \"http\"\nport = \"web\"\npath = \"no slash\"",
+                "task.check.0.path",
+            ),
+            (
+                "type = \"tcp\"\nport = \"web\"\ninterval = \"1s\"\ntimeout = \"2s\"",
+                "task.check.0.timeout",
+            ),
+            (
+                "type = \"tcp\"\nport = \"web\"\ninterval = \"1ms\"",
+                "task.check.0.interval",
+            ),
+            (
+                "type = \"tcp\"\nport = \"web\"\nfailures = 0",
+                "task.check.0.failures",
+            ),
+            (
+                "type = \"exec\"\ncommand = \"x\"\nargs = [\"${SHOAL_PORT_NOPE}\"]",
+                "task.check.0.command",
+            ),
+        ] {
+            let e = JobSpec::parse(&with(&format!("[[task.check]]\n{check}\n"))).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{check}: {e}");
+        }
+        let e = JobSpec::parse(&with("[[task.check]]\ntype = \"bogus\"\n")).unwrap_err();
+        assert!(e.message.contains("http"), "{e}");
+        let two = "[[task.check]]\ntype = \"tcp\"\nport = \"web\"\n";
+        let e = JobSpec::parse(&with(&format!("{two}{two}"))).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("task.check.1.name"), "{e}");
+        // A task without checks fingerprints as before checks existed.
+        assert!(
+            !serde_json::to_string(&JobSpec::parse(MINIMAL).unwrap().task)
+                .unwrap()
+                .contains("check")
+        );
     }
 
     #[test]

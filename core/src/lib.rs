@@ -26,6 +26,7 @@
 //! - [`job`]: job files: parsing, validation, slot requests.
 //! - [`records`], [`instance`], [`hlc`]: the data: job records and
 //!   completions, instances, hybrid logical clocks.
+//! - [`health`]: health checks and the health of a copy.
 //! - [`ports`]: dynamic host ports and the `${SHOAL_...}` variables.
 //! - [`gossip`]: how copies and unplaceable slots are laid out in gossip keys.
 //! - [`wire`]: node-to-node requests and responses.
@@ -34,6 +35,7 @@
 pub mod config;
 pub mod desired;
 pub mod gossip;
+pub mod health;
 pub mod hlc;
 pub mod instance;
 pub mod job;

@@ -10,6 +10,7 @@ use shoal_placement::{Node, Resources};
 
 pub use crate::gossip::KeyChange;
 use crate::gossip::{self, BucketPublisher, PREFIX};
+use crate::health::{CheckSpec, Health, Tracker};
 use crate::instance::{InstanceId, Published, SlotState};
 use crate::records::JobRecord;
 
@@ -47,9 +48,26 @@ pub struct Local {
     /// The host port of each of the task's ports (dynamic ones as chosen
     /// at the start; kept across restarts of the copy).
     pub ports: BTreeMap<String, u16>,
+    /// The number of the job version it runs (`v7`).
+    pub seq: u64,
+    /// The health checks of the task it runs.
+    pub checks: Vec<CheckSpec>,
+    /// Its checks' streaks since the current run started (`None` until it
+    /// runs).
+    pub tracker: Option<Tracker>,
 }
 
 impl Local {
+    /// Its health: that of its checks while it runs (passing without
+    /// checks), else unknown.
+    pub fn health(&self) -> Health {
+        match (&self.tracker, self.state) {
+            (Some(t), SlotState::Running) => t.health(),
+            (None, SlotState::Running) if self.checks.is_empty() => Health::Passing,
+            _ => Health::Unknown,
+        }
+    }
+
     /// This copy as published in gossip.
     pub fn published(&self) -> Published {
         Published {
@@ -60,6 +78,12 @@ impl Local {
             restarts: self.restarts,
             error: self.error.clone(),
             ports: self.ports.clone(),
+            health: self.health(),
+            version: self.seq,
+            check: match (&self.tracker, self.state) {
+                (Some(t), SlotState::Running) => t.reason(&self.checks),
+                _ => None,
+            },
         }
     }
 

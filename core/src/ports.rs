@@ -72,6 +72,30 @@ pub fn references(text: &str) -> Vec<&str> {
     out
 }
 
+/// The `SHOAL_` variables of copy `id` on node `node` with these host
+/// ports (`ip`: the node's address, 127.0.0.1 when unknown).
+pub fn instance_env(
+    id: &crate::instance::InstanceId,
+    node: &str,
+    ports: &BTreeMap<String, u16>,
+    ip: Option<std::net::IpAddr>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("SHOAL_JOB".to_string(), id.job.clone()),
+        ("SHOAL_SLOT".to_string(), id.slot.to_string()),
+        ("SHOAL_NODE".to_string(), node.to_string()),
+    ]);
+    let ip = ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    for (name, port) in ports {
+        env.insert(port_var(name), port.to_string());
+        env.insert(
+            addr_var(name),
+            std::net::SocketAddr::new(ip, *port).to_string(),
+        );
+    }
+    env
+}
+
 /// `text` with every `${SHOAL_...}` naming one of `vars` replaced by its
 /// value; anything else is kept as written.
 pub fn interpolate(text: &str, vars: &BTreeMap<String, String>) -> String {

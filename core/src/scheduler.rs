@@ -68,6 +68,17 @@ pub enum ApiRequest {
     Submit {
         /// The TOML.
         text: String,
+        /// Write only if the job's current version is this number (`0`:
+        /// only if there is no live job of that name): a compare-and-set
+        /// at the accepting node (`shoal run --check-version`).
+        check_version: Option<u64>,
+    },
+    /// Write an earlier version's spec as the job's next version.
+    Revert {
+        /// Job name.
+        name: String,
+        /// The version's number.
+        version: u64,
     },
     /// Stop a job.
     Stop {
@@ -105,6 +116,8 @@ pub enum ApiError {
     Storage(String),
     /// The node cannot serve it now.
     Unavailable(String),
+    /// The job moved on since the version the request named.
+    Conflict(String),
 }
 
 /// The answer to an API command.
@@ -112,6 +125,8 @@ pub enum ApiError {
 pub enum ApiAnswer {
     /// The write is durable on this node and on its way to every node.
     Written(Arc<JobRecord>),
+    /// The spec is the job's current one: nothing was written.
+    Unchanged(Arc<JobRecord>),
     /// Failed.
     Failed(ApiError),
 }
@@ -154,6 +169,22 @@ pub enum Effect {
         id: InstanceId,
         /// Time between the stop signal and the kill.
         grace: Duration,
+    },
+    /// Run a running copy's health checks, each every its interval,
+    /// until [`Effect::UnwatchChecks`]; report each result with
+    /// [`Scheduler::handle_check`].
+    WatchChecks {
+        /// Driver (it runs exec checks).
+        driver: String,
+        /// Which copy.
+        id: InstanceId,
+        /// Its checks.
+        probes: Vec<crate::health::Probe>,
+    },
+    /// Stop running a copy's checks (it stops, or ended).
+    UnwatchChecks {
+        /// Which copy.
+        id: InstanceId,
     },
     /// Forget an ended instance (its files).
     RemoveInstance {
@@ -348,6 +379,10 @@ pub struct Counters {
     pub syncs_done: u64,
     /// API writes refused because of a clock skew.
     pub skew_refusals: u64,
+    /// Copies whose health changed.
+    pub health_changes: u64,
+    /// Copies restarted because a check turned critical.
+    pub health_restarts: u64,
 }
 
 /// Most own completions held to announce once the node sees a peer (see
@@ -695,6 +730,11 @@ impl Scheduler {
                 });
                 continue;
             }
+            let seq = if r.spec.seq == 0 && r.spec.job_version == record.version {
+                record.seq
+            } else {
+                r.spec.seq
+            };
             self.local.insert(Local {
                 id: id.clone(),
                 driver: r.driver,
@@ -709,8 +749,13 @@ impl Scheduler {
                 error: None,
                 unconfirmed: running,
                 ports: r.spec.ports.clone(),
+                seq,
+                checks: r.spec.task.checks.clone(),
+                tracker: None,
             });
-            if !running {
+            if running {
+                self.watch_checks(&id, now);
+            } else {
                 self.ended(id, r.state, now);
             }
         }
@@ -1019,10 +1064,72 @@ impl Scheduler {
 
     fn api(&mut self, token: ApiToken, request: ApiRequest, now: Now) {
         match request {
-            ApiRequest::Submit { text } => match JobSpec::parse(&text) {
+            ApiRequest::Submit {
+                text,
+                check_version,
+            } => match JobSpec::parse(&text) {
                 Err(e) => self.answer(token, Err(ApiError::BadRequest(e.to_string()))),
-                Ok(spec) => self.write(token, spec.name.clone(), Some(spec), now),
+                Ok(spec) => {
+                    let current = self.desired.get(&spec.name).cloned();
+                    let live = current.as_ref().filter(|r| r.is_live());
+                    if let Some(want) = check_version {
+                        let have = live.map_or(0, |r| r.seq);
+                        if have != want {
+                            return self.answer(
+                                token,
+                                Err(ApiError::Conflict(format!(
+                                    "job `{}` is at {}, not {}: it moved on; look at `shoal job history {}` and plan again",
+                                    spec.name,
+                                    if have == 0 { "no live version".to_string() } else { format!("v{have}") },
+                                    if want == 0 { "absent".to_string() } else { format!("v{want}") },
+                                    spec.name
+                                ))),
+                            );
+                        }
+                    }
+                    match live {
+                        Some(r) if r.spec.as_ref() == Some(&spec) => {
+                            self.out.push(Effect::Answer {
+                                token,
+                                answer: ApiAnswer::Unchanged(r.clone()),
+                            });
+                        }
+                        _ => self.write(token, spec.name.clone(), Some(spec), now),
+                    }
+                }
             },
+            ApiRequest::Revert { name, version } => {
+                let Some(current) = self.desired.get(&name).cloned() else {
+                    return self.answer(
+                        token,
+                        Err(ApiError::NotFound(format!("no job named `{name}`"))),
+                    );
+                };
+                let Some(spec) = current.spec_of(version).cloned() else {
+                    let kept: Vec<String> = current
+                        .spec
+                        .iter()
+                        .map(|_| current.seq)
+                        .chain(current.history.iter().map(|e| e.seq))
+                        .map(|s| format!("v{s}"))
+                        .collect();
+                    return self.answer(
+                        token,
+                        Err(ApiError::NotFound(format!(
+                            "job `{name}` keeps no version v{version}; it keeps {}",
+                            if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
+                        ))),
+                    );
+                };
+                if current.spec.as_ref() == Some(&spec) {
+                    self.out.push(Effect::Answer {
+                        token,
+                        answer: ApiAnswer::Unchanged(current),
+                    });
+                } else {
+                    self.write(token, name, Some(spec), now);
+                }
+            }
             ApiRequest::Stop { name } => match self.desired.spec(&name) {
                 None => self.answer(
                     token,
@@ -1134,6 +1241,7 @@ impl Scheduler {
     ) -> Vec<Effect> {
         let default_grace = self.config.stop_grace;
         let mut ended = None;
+        let mut watch = false;
         if let Some(l) = self.local.get_run_mut(&id) {
             let grace = l.stop_grace(default_grace);
             l.start_in_flight = false;
@@ -1151,6 +1259,7 @@ impl Scheduler {
                         });
                     } else if l.state == SlotState::Starting {
                         l.state = SlotState::Running;
+                        watch = true;
                     }
                 }
                 Err(e) => {
@@ -1162,8 +1271,101 @@ impl Scheduler {
         }
         if let Some(state) = ended {
             self.ended(id, state, now);
+        } else if watch {
+            self.watch_checks(&id, now);
         }
         self.take()
+    }
+
+    /// The result of check `index` of copy `id`: `Ok` passed, `Err(why)`
+    /// failed. A copy whose health changes is published again; one whose
+    /// check asks for it is restarted when the check turns critical.
+    pub fn handle_check(
+        &mut self,
+        id: InstanceId,
+        index: usize,
+        result: Result<(), String>,
+        now: Now,
+    ) -> Vec<Effect> {
+        self.notice_stall(now);
+        let default_grace = self.config.stop_grace;
+        let Some(l) = self.local.get_run_mut(&id) else {
+            return self.take();
+        };
+        if l.state != SlotState::Running || l.stopping {
+            return self.take();
+        }
+        let (Some(tracker), Some(spec)) = (l.tracker.as_mut(), l.checks.get(index)) else {
+            return self.take();
+        };
+        let change = tracker.record(index, spec, result, now.mono);
+        if change.before != change.after {
+            self.dirty = true;
+            self.counters.health_changes = self.counters.health_changes.saturating_add(1);
+        }
+        if change.restart {
+            // Restarted as if it had failed: its end comes as a driver
+            // event and takes the restart policy's path.
+            let reason = tracker.reason(&l.checks).unwrap_or_default();
+            l.error = Some(crate::gossip::bounded(format!("restarted: {reason}")));
+            // The tracker stays (critical) until the end is reported.
+            self.counters.health_restarts = self.counters.health_restarts.saturating_add(1);
+            let grace = l.stop_grace(default_grace);
+            let driver = l.driver.clone();
+            self.out.push(Effect::UnwatchChecks { id: id.clone() });
+            self.out.push(Effect::StopInstance { driver, id, grace });
+            self.dirty = true;
+        }
+        self.take()
+    }
+
+    /// Starts the checks of a copy that runs now (a fresh tracker: its
+    /// grace counts from now).
+    fn watch_checks(&mut self, id: &InstanceId, now: Now) {
+        let ip = self
+            .seen
+            .view
+            .members
+            .get(&self.me)
+            .map(|m| m.record.address.ip())
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let Some(l) = self.local.get_run_mut(id) else {
+            return;
+        };
+        l.tracker = Some(crate::health::Tracker::new(l.checks.len(), now.mono));
+        if l.checks.is_empty() {
+            return;
+        }
+        let env = crate::ports::instance_env(&l.id, &self.me, &l.ports, Some(ip));
+        let probes = l
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(index, c)| crate::health::Probe {
+                index,
+                name: c.display_name(),
+                kind: c.kind,
+                addr: c
+                    .port
+                    .as_ref()
+                    .and_then(|p| l.ports.get(p))
+                    .map(|port| std::net::SocketAddr::new(ip, *port)),
+                path: c.path.clone().unwrap_or_else(|| "/".into()),
+                command: c
+                    .command
+                    .iter()
+                    .chain(&c.args)
+                    .map(|a| crate::ports::interpolate(a, &env))
+                    .collect(),
+                interval: c.interval,
+                timeout: c.timeout(),
+            })
+            .collect();
+        self.out.push(Effect::WatchChecks {
+            driver: l.driver.clone(),
+            id: id.clone(),
+            probes,
+        });
     }
 
     /// News from a driver.
@@ -1296,11 +1498,12 @@ impl Scheduler {
                 ))),
             );
         }
-        let record = Arc::new(JobRecord {
+        let record = Arc::new(JobRecord::next(
+            self.desired.get(&name).map(|r| &**r),
             name,
             version,
             spec,
-        });
+        ));
         self.persist(vec![record], Vec::new(), Origin::Api(token));
     }
 
@@ -1656,6 +1859,9 @@ impl Scheduler {
                 error: None,
                 unconfirmed: false,
                 ports,
+                seq: job.seq,
+                checks: spec.task.checks.clone(),
+                tracker: None,
             };
             self.launch(&local);
             self.local.insert(local);
@@ -1666,31 +1872,20 @@ impl Scheduler {
 
     fn launch(&mut self, l: &Local) {
         let Some(spec) = &l.record.spec else { return };
-        let mut env = BTreeMap::from([
-            ("SHOAL_JOB".to_string(), l.id.job.clone()),
-            ("SHOAL_SLOT".to_string(), l.id.slot.to_string()),
-            ("SHOAL_NODE".to_string(), self.me.to_string()),
-        ]);
         let ip = self
             .seen
             .view
             .members
             .get(&self.me)
             .map(|m| m.record.address.ip());
-        for (name, port) in &l.ports {
-            env.insert(crate::ports::port_var(name), port.to_string());
-            let addr = match ip {
-                Some(ip) => std::net::SocketAddr::new(ip, *port).to_string(),
-                None => format!("127.0.0.1:{port}"),
-            };
-            env.insert(crate::ports::addr_var(name), addr);
-        }
+        let env = crate::ports::instance_env(&l.id, &self.me, &l.ports, ip);
         self.counters.starts += 1;
         self.out.push(Effect::StartInstance {
             driver: l.driver.clone(),
             spec: Box::new(InstanceSpec {
                 id: l.id.clone(),
                 job_version: l.record.version.clone(),
+                seq: l.seq,
                 task: spec.task.clone(),
                 env,
                 ports: l.ports.clone(),
@@ -1704,6 +1899,9 @@ impl Scheduler {
             return;
         };
         self.dirty = true;
+        if l.tracker.take().is_some() && !l.checks.is_empty() {
+            self.out.push(Effect::UnwatchChecks { id: id.clone() });
+        }
         if l.stopping {
             let driver = l.driver.clone();
             self.local.remove(&id.job, id.slot);
@@ -1827,6 +2025,9 @@ impl Scheduler {
             return;
         }
         let _ = reason;
+        if l.tracker.take().is_some() && !l.checks.is_empty() {
+            self.out.push(Effect::UnwatchChecks { id: l.id.clone() });
+        }
         l.stopping = true;
         l.unconfirmed = false;
         l.state = SlotState::Pending;

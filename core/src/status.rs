@@ -26,6 +26,12 @@ pub struct SlotStatus {
     pub attempts: u32,
     /// Host ports of the holder's copy, by name.
     pub ports: std::collections::BTreeMap<String, u16>,
+    /// The holder's copy's health.
+    pub health: crate::health::Health,
+    /// Why its check is critical.
+    pub check: Option<String>,
+    /// The number of the job version it runs (0: none or unknown).
+    pub version: u64,
 }
 
 /// A job as the API shows it.
@@ -153,6 +159,9 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                 restarts: c.restarts,
                 attempts: 0,
                 ports: c.ports.clone(),
+                health: c.health,
+                check: c.check.clone(),
+                version: c.version,
             },
             Some((n, c)) if !(done && c.state.is_live()) && c.state != SlotState::Pending => {
                 SlotStatus {
@@ -163,6 +172,9 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                     restarts: c.restarts,
                     attempts: 0,
                     ports: c.ports.clone(),
+                    health: c.health,
+                    check: c.check.clone(),
+                    version: c.version,
                 }
             }
             _ if done => SlotStatus {
@@ -173,6 +185,9 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                 restarts: 0,
                 attempts: 0,
                 ports: Default::default(),
+                health: Default::default(),
+                check: None,
+                version: 0,
             },
             _ => {
                 let (reason, attempts) = reason_for(s, &record.name, slot)
@@ -186,6 +201,9 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                     restarts: 0,
                     attempts,
                     ports: Default::default(),
+                    health: Default::default(),
+                    check: None,
+                    version: 0,
                 }
             }
         });
@@ -202,6 +220,9 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
             restarts: c.restarts,
             attempts: 0,
             ports: c.ports.clone(),
+            health: c.health,
+            check: c.check.clone(),
+            version: c.version,
         });
     }
     JobStatus { record, slots }

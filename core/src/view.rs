@@ -644,6 +644,9 @@ mod tests {
             slots
                 .iter()
                 .map(|s| Published {
+                    health: Default::default(),
+                    check: None,
+                    version: 0,
                     slot: *s,
                     run: 1,
                     state: SlotState::Running,

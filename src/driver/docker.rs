@@ -470,6 +470,67 @@ impl Driver for DockerDriver {
         Ok(out)
     }
 
+    async fn exec_check(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        let name = self.name_of(id);
+        let run = async {
+            let exec = self
+                .docker
+                .create_exec(
+                    &name,
+                    CreateExecOptions {
+                        cmd: Some(command.to_vec()),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| format!("cannot run the check in the container: {e}"))?;
+            let mut output = Vec::new();
+            if let StartExecResults::Attached {
+                output: mut stream, ..
+            } = self
+                .docker
+                .start_exec(&exec.id, None)
+                .await
+                .map_err(|e| format!("cannot start the check in the container: {e}"))?
+            {
+                // Read it all (the exec ends when its output does), keep
+                // the start.
+                while let Some(Ok(chunk)) = stream.next().await {
+                    if output.len() < 200 {
+                        output.extend_from_slice(&chunk.into_bytes());
+                    }
+                }
+            }
+            let inspect = self
+                .docker
+                .inspect_exec(&exec.id)
+                .await
+                .map_err(|e| format!("cannot read the check's exit: {e}"))?;
+            match inspect.exit_code {
+                Some(0) => Ok(()),
+                code => Err(super::check_failure(code.map(|c| c as i32), &output)),
+            }
+        };
+        // Docker has no way to kill an exec: one that overruns is left to
+        // end by itself.
+        tokio::time::timeout(timeout, run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout)
+                ))
+            })
+    }
+
     fn events(&self) -> Option<mpsc::Receiver<DriverEvent>> {
         self.events_rx.lock().expect("lock").take()
     }
@@ -510,6 +571,7 @@ mod tests {
                 },
                 node: "n1".into(),
             },
+            seq: 3,
             task,
             env: BTreeMap::from([("SHOAL_SLOT".into(), "2".into())]),
             ports: BTreeMap::new(),

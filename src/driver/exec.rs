@@ -113,6 +113,29 @@ impl ExecDriver {
         self
     }
 
+    /// The uid and gid a task runs as (`None`: the agent's own).
+    fn task_ids(&self, spec: &InstanceSpec) -> Result<Option<(u32, u32)>> {
+        let user = spec.task.user.clone().or_else(|| self.task_user.clone());
+        Ok(match user.as_deref() {
+            None | Some("root") => None,
+            Some(u) => {
+                let (uid, gid) = lookup_user(u).with_context(|| {
+                    format!("no user `{u}` on this node: create it, or set task.user to another")
+                })?;
+                let me = unsafe { libc::geteuid() };
+                if uid == me && gid == unsafe { libc::getegid() } {
+                    // Already the agent's user: nothing to change (and an
+                    // unprivileged agent could not drop its groups).
+                    None
+                } else if me != 0 {
+                    bail!("cannot run the task as `{u}`: the agent does not run as root");
+                } else {
+                    Some((uid, gid))
+                }
+            }
+        })
+    }
+
     fn dir(&self, id: &InstanceId) -> PathBuf {
         self.root.join(id.to_string())
     }
@@ -159,25 +182,7 @@ impl Driver for ExecDriver {
         if dir.exists() {
             bail!("instance {} already exists", spec.id);
         }
-        let user = spec.task.user.clone().or_else(|| self.task_user.clone());
-        let ids = match user.as_deref() {
-            None | Some("root") => None,
-            Some(u) => {
-                let (uid, gid) = lookup_user(u).with_context(|| {
-                    format!("no user `{u}` on this node: create it, or set task.user to another")
-                })?;
-                let me = unsafe { libc::geteuid() };
-                if uid == me && gid == unsafe { libc::getegid() } {
-                    // Already the agent's user: nothing to change (and an
-                    // unprivileged agent could not drop its groups).
-                    None
-                } else if me != 0 {
-                    bail!("cannot run the task as `{u}`: the agent does not run as root");
-                } else {
-                    Some((uid, gid))
-                }
-            }
-        };
+        let ids = self.task_ids(spec)?;
         std::fs::create_dir_all(&dir)?;
         // The record is written before the process starts (a full disk or
         // an I/O error then starts nothing) and completed with its pid
@@ -384,6 +389,72 @@ impl Driver for ExecDriver {
         tokio::task::spawn_blocking(move || read_range(&files, tail, from, chunk))
             .await
             .context("log reader failed")?
+    }
+
+    async fn exec_check(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let dir = self.dir(id);
+        let record: Record = std::fs::read(dir.join("instance.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| format!("no instance {id} on this node"))?;
+        let spec = &record.spec;
+        let ids = self.task_ids(spec).map_err(|e| format!("{e:#}"))?;
+        let (program, args) = command.split_first().ok_or("no command")?;
+        let task = spec.resolved();
+        let work = dir.join("work");
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
+            .envs(&task.env)
+            .envs(&spec.env)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = ids {
+            let work_c = std::ffi::CString::new(work.as_os_str().as_encoded_bytes())
+                .map_err(|e| e.to_string())?;
+            unsafe {
+                // As the supervisor does for the task: enter the work dir
+                // while privileged, then drop to the task's user.
+                cmd.pre_exec(move || {
+                    if libc::chdir(work_c.as_ptr()) != 0
+                        || libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        } else {
+            cmd.current_dir(&work);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run `{program}`: {e}"))?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Err(_) => Err(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+            Ok(Err(e)) => Err(format!("cannot wait for `{program}`: {e}")),
+            Ok(Ok(out)) if out.status.success() => Ok(()),
+            Ok(Ok(out)) => Err(super::check_failure(
+                out.status.code(),
+                &[out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+            )),
+        }
     }
 
     fn events(&self) -> Option<mpsc::Receiver<DriverEvent>> {

@@ -59,8 +59,39 @@ pub trait Driver: Send + Sync + 'static {
         Ok(LogRange::of(&bytes, from.unwrap_or(0), chunk))
     }
 
+    /// Runs `command` (program and arguments) beside a running instance,
+    /// as its task would run it (same user, environment and work dir; in
+    /// its container for docker), for an exec health check: `Ok` on exit
+    /// 0, else why not (the exit and the start of its output). Killed when
+    /// `timeout` runs out.
+    async fn exec_check(
+        &self,
+        id: &InstanceId,
+        command: &[String],
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let _ = (id, command, timeout);
+        Err(format!("the {} driver runs no exec checks", self.name()))
+    }
+
     /// The event stream; can be taken once.
     fn events(&self) -> Option<mpsc::Receiver<DriverEvent>>;
+}
+
+/// Why an exec check failed: its exit code and the start of its output
+/// (bounded, on one line).
+pub fn check_failure(code: Option<i32>, output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&output[..output.len().min(200)]);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let exit = match code {
+        Some(c) => format!("exit {c}"),
+        None => "killed by a signal".to_string(),
+    };
+    if text.is_empty() {
+        exit
+    } else {
+        format!("{exit}: {text}")
+    }
 }
 
 /// Part of an instance's output.

@@ -217,6 +217,7 @@ pub struct SlotView {
 pub struct JobStatus {
     pub name: String,
     pub version: String,
+    pub hlc: String,
     pub replicas: u32,
     pub instances: Vec<SlotView>,
 }

@@ -84,6 +84,16 @@ pub fn behaviour(spec: &InstanceSpec) -> Behaviour {
     }
 }
 
+/// What a health check of a running instance finds: it fails where the
+/// task's environment says `SIM_HEALTH = "fail"` (a version that starts
+/// but never serves).
+pub fn health(spec: &InstanceSpec) -> Result<(), String> {
+    match spec.task.env.get("SIM_HEALTH").map(String::as_str) {
+        Some("fail") => Err("HTTP 503".into()),
+        _ => Ok(()),
+    }
+}
+
 /// One instance on the machine.
 #[derive(Debug, Clone)]
 pub struct SimInstance {

@@ -132,6 +132,13 @@ enum Ev {
         id: InstanceId,
         state: InstanceState,
     },
+    /// A health check of a copy is due.
+    Check {
+        node: usize,
+        gen: u64,
+        id: InstanceId,
+        index: usize,
+    },
     DriverNews {
         node: usize,
         gen: u64,
@@ -171,6 +178,7 @@ impl Ev {
             Ev::ProbeTimeout { .. } => "ProbeTimeout",
             Ev::Started { .. } => "Started",
             Ev::Ended { .. } => "Ended",
+            Ev::Check { .. } => "Check",
             Ev::DriverNews { .. } => "DriverNews",
             Ev::Persisted { .. } => "Persisted",
             Ev::Commit => "Commit",
@@ -238,6 +246,8 @@ struct SimNode {
     members: Arc<Members>,
     /// Wall time spent in this node's scheduler core.
     cpu: Duration,
+    /// The health checks the agent runs, by copy.
+    checks: BTreeMap<InstanceId, Vec<shoal_core::health::Probe>>,
 }
 
 /// Where a peer's request's answer goes.
@@ -450,6 +460,7 @@ impl Sim {
                 refresh_soon: false,
                 members: Arc::new(Members::default()),
                 cpu: Duration::ZERO,
+                checks: BTreeMap::new(),
             });
         }
         let names = nodes.iter().map(|n| n.name.clone()).collect();
@@ -957,6 +968,23 @@ impl Sim {
                         }
                     }
                 }
+                Effect::WatchChecks { id, probes, .. } => {
+                    for p in &probes {
+                        self.at(
+                            p.interval,
+                            Ev::Check {
+                                node: i,
+                                gen,
+                                id: id.clone(),
+                                index: p.index,
+                            },
+                        );
+                    }
+                    self.nodes[i].checks.insert(id, probes);
+                }
+                Effect::UnwatchChecks { id } => {
+                    self.nodes[i].checks.remove(&id);
+                }
                 Effect::RemoveInstance { id, .. } => node_remove(&mut self.nodes[i], &id),
                 Effect::Discard { id, .. } => {
                     if self.nodes[i].driver.end(&id, SimDriver::stopped()) {
@@ -1036,7 +1064,11 @@ impl Sim {
                 Effect::Answer { token, answer } => {
                     if let Some((_, req)) = self.api.remove(&token) {
                         match (answer, &req) {
-                            (ApiAnswer::Written(r), _) => self.checker.accepted(r),
+                            // Unchanged: the job is at the submitted spec
+                            // already, in that record.
+                            (ApiAnswer::Written(r) | ApiAnswer::Unchanged(r), _) => {
+                                self.checker.accepted(r)
+                            }
                             // A retried stop whose first try took effect
                             // (its answer lost with a crashed agent): the
                             // tombstone is what the client asked for (seed
@@ -1431,6 +1463,7 @@ impl Sim {
         let replicas = self.rng.random_range(1..=6u32).min(n.max(1));
         let mut extra = String::new();
         let mut task_extra = String::new();
+        let mut checks = String::new();
         let replicas = match kind {
             // One replica per node.
             0 => {
@@ -1447,8 +1480,19 @@ impl Sim {
             }
             // Dynamic ports: any number per node, each copy its own (the
             // simulated nodes own a small range, so ports are reused).
+            // Checked on a port (restarted when critical); one in three
+            // never passes and runs on critical, unrestarted (a restart
+            // loop never converges to running).
             1 => {
                 task_extra.push_str("ports = { http = 0, admin = 0 }\n");
+                let failing = self.rng.random_range(0..3) == 0;
+                if failing {
+                    task_extra.push_str("env = { SIM_HEALTH = \"fail\" }\n");
+                }
+                checks.push_str(&format!(
+                    "[[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"1s\"\ngrace = \"0s\"\nfailures = 2\nrestart = {}\n",
+                    !failing
+                ));
                 replicas
             }
             // Only on zones a and b.
@@ -1470,7 +1514,7 @@ impl Sim {
             None => (extra.clone(), String::new()),
         };
         format!(
-            "name = \"{name}\"\ntype = \"service\"\nreplicas = {replicas}\n{head}[task]\ncommand = \"sleep\"\nargs = [\"v{}\"]\n{task_extra}[task.resources]\ncpu = 50\nmemory = 32\n{tables}",
+            "name = \"{name}\"\ntype = \"service\"\nreplicas = {replicas}\n{head}[task]\ncommand = \"sleep\"\nargs = [\"v{}\"]\n{task_extra}[task.resources]\ncpu = 50\nmemory = 32\n{tables}{checks}",
             self.rng.random_range(0..3)
         )
     }
@@ -1495,12 +1539,18 @@ impl Sim {
                 for _ in 0..services {
                     let name = self.new_name("svc");
                     let text = self.service_text(&name);
-                    self.api_call(ApiRequest::Submit { text });
+                    self.api_call(ApiRequest::Submit {
+                        text,
+                        check_version: None,
+                    });
                 }
                 for _ in 0..2 {
                     let name = self.new_name("batch");
                     let text = self.batch_text(&name);
-                    self.api_call(ApiRequest::Submit { text });
+                    self.api_call(ApiRequest::Submit {
+                        text,
+                        check_version: None,
+                    });
                 }
             }
             Workload::Bulk { .. } => self.at(BULK_AT, Ev::Submit),
@@ -1517,7 +1567,10 @@ impl Sim {
                     let text = format!(
                         "name = \"{name}\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\n[task.resources]\ncpu = 10\nmemory = 8\n"
                     );
-                    self.api_call(ApiRequest::Submit { text });
+                    self.api_call(ApiRequest::Submit {
+                        text,
+                        check_version: None,
+                    });
                 }
             }
         }
@@ -1541,12 +1594,18 @@ impl Sim {
             0..=2 => {
                 let name = self.new_name("svc");
                 let text = self.service_text(&name);
-                self.api_call(ApiRequest::Submit { text });
+                self.api_call(ApiRequest::Submit {
+                    text,
+                    check_version: None,
+                });
             }
             3..=4 => {
                 let name = self.new_name("batch");
                 let text = self.batch_text(&name);
-                self.api_call(ApiRequest::Submit { text });
+                self.api_call(ApiRequest::Submit {
+                    text,
+                    check_version: None,
+                });
             }
             5..=6 if !live.is_empty() => {
                 let (name, spec) = live[self.rng.random_range(0..live.len())].clone();
@@ -1564,7 +1623,10 @@ impl Sim {
                 let (_, mut spec) = live[self.rng.random_range(0..live.len())].clone();
                 spec.task.args = vec![format!("v{}", self.rng.random_range(3..1000))];
                 if let Ok(text) = toml::to_string(&spec) {
-                    self.api_call(ApiRequest::Submit { text });
+                    self.api_call(ApiRequest::Submit {
+                        text,
+                        check_version: None,
+                    });
                 }
             }
             _ if live.len() > 3 => {
@@ -1907,6 +1969,40 @@ impl Sim {
                 };
                 let now = self.now(node);
                 self.with_core(node, gen, |core| core.handle_started(id, result, now));
+            }
+            Ev::Check {
+                node,
+                gen,
+                id,
+                index,
+            } => {
+                if self.nodes[node].gen != gen || !self.nodes[node].agent_up {
+                    return;
+                }
+                let Some(interval) = self.nodes[node]
+                    .checks
+                    .get(&id)
+                    .and_then(|ps| ps.iter().find(|p| p.index == index))
+                    .map(|p| p.interval)
+                else {
+                    return;
+                };
+                self.digest.add(b"C");
+                let result = match self.nodes[node].driver.instances.get(&id) {
+                    Some(inst) if inst.ended.is_none() => host::health(&inst.spec),
+                    _ => Err("connection refused".to_string()),
+                };
+                self.at(
+                    interval,
+                    Ev::Check {
+                        node,
+                        gen,
+                        id: id.clone(),
+                        index,
+                    },
+                );
+                let now = self.now(node);
+                self.with_core(node, gen, |core| core.handle_check(id, index, result, now));
             }
             Ev::Ended {
                 node,
@@ -2260,6 +2356,7 @@ impl Sim {
                 let took = self.t.saturating_sub(since);
                 // Let writes settle before judging: the workload is quiet.
                 if took >= Duration::from_secs(2) && (self.converged() && self.stores_agree()) {
+                    self.check_health();
                     self.max_reconverge = self.max_reconverge.max(took);
                     self.checker.reconverge_s.push(took.as_secs_f64());
                     self.phase = Phase::Done;
@@ -2310,6 +2407,56 @@ impl Sim {
     }
 
     /// Every up node holds the newest accepted version of every job.
+    /// Health as every live node sees it once converged: a copy of a
+    /// task that never passes is never shown passing, one of a task that
+    /// always passes never critical, and each checked copy that has run
+    /// for a few check intervals is known (passing or critical) at every
+    /// node, by gossip.
+    fn check_health(&mut self) {
+        let mut wrong = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(core) = n.core.as_ref().filter(|_| n.agent_up) else {
+                continue;
+            };
+            let now = self.now(i);
+            for row in shoal_core::status::instances(core, now.mono) {
+                let Some(spec) = self
+                    .checker
+                    .accepted
+                    .get(&row.job)
+                    .and_then(|r| r.spec.as_ref())
+                    .filter(|s| !s.task.checks.is_empty())
+                else {
+                    continue;
+                };
+                let failing = spec.task.env.get("SIM_HEALTH").map(String::as_str) == Some("fail");
+                let bad = match row.copy.health {
+                    shoal_core::health::Health::Passing => failing,
+                    shoal_core::health::Health::Critical => !failing,
+                    shoal_core::health::Health::Unknown => {
+                        // Known within a few intervals of its start (run
+                        // ids are the start's packed HLC).
+                        let started_ms = row.copy.run >> 20;
+                        row.copy.state == shoal_core::instance::SlotState::Running
+                            && now.wall_ms.saturating_sub(started_ms) > 10_000
+                    }
+                };
+                if bad {
+                    wrong.push(format!(
+                        "n{i} shows {}.{} on {} {:?}",
+                        row.job, row.copy.slot, row.node, row.copy.health
+                    ));
+                }
+            }
+        }
+        if let Some(w) = wrong.first() {
+            self.checker.violate(
+                "health",
+                format!("health at the end: {w} ({} such)", wrong.len()),
+            );
+        }
+    }
+
     fn stores_agree(&self) -> bool {
         self.lagging().is_empty()
     }

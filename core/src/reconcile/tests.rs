@@ -28,6 +28,8 @@ fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
             node: "n0".into(),
         },
         spec: Some(JobSpec::parse(&text).unwrap()),
+        seq: 1,
+        history: Vec::new(),
     }
 }
 
@@ -69,6 +71,9 @@ fn arb_world() -> impl Strategy<Value = World> {
                     node: format!("n{}", node % n).into(),
                     job: records[j].name.as_str().into(),
                     copy: Published {
+                        health: Default::default(),
+                        check: None,
+                        version: 0,
                         slot,
                         run,
                         state: match kind {
@@ -199,6 +204,9 @@ fn the_older_copy_survives_a_conflict() {
         node: node.into(),
         job: "web".into(),
         copy: Published {
+            health: Default::default(),
+            check: None,
+            version: 0,
             slot: 0,
             run,
             state: SlotState::Running,

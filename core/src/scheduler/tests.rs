@@ -77,6 +77,8 @@ fn record(version_ms: u64) -> Arc<JobRecord> {
             node: "n0".into(),
         },
         spec: Some(JobSpec::parse(WEB).unwrap()),
+        seq: 1,
+        history: Vec::new(),
     })
 }
 
@@ -111,7 +113,14 @@ fn an_api_write_is_answered_only_once_durable() {
     let base = origin();
     let mut s = scheduler("n0", false, base);
     s.handle_view(view(&["n0", "n1"]), now(base, 1));
-    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, 2));
+    let effects = s.handle_api(
+        1,
+        ApiRequest::Submit {
+            text: WEB.into(),
+            check_version: None,
+        },
+        now(base, 2),
+    );
     assert!(
         !effects.iter().any(|e| matches!(e, Effect::Answer { .. })),
         "no answer before the disk has it"
@@ -354,7 +363,14 @@ fn api_writes_wait_until_the_node_has_caught_up() {
     let base = origin();
     let mut s = scheduler("n1", true, base);
     s.handle_view(view(&["n0", "n1"]), now(base, 1));
-    let effects = s.handle_api(7, ApiRequest::Submit { text: WEB.into() }, now(base, 2));
+    let effects = s.handle_api(
+        7,
+        ApiRequest::Submit {
+            text: WEB.into(),
+            check_version: None,
+        },
+        now(base, 2),
+    );
     assert!(
         !effects
             .iter()
@@ -399,7 +415,14 @@ fn a_record_from_the_future_is_refused_and_does_not_move_the_clock() {
     let effects = s.handle_request(4, Request::PutJobs(vec![near]), now(base, 2));
     assert!(effects.iter().any(|e| matches!(e, Effect::Persist { .. })));
     // A local write's version is still near the wall clock.
-    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, 1_000));
+    let effects = s.handle_api(
+        1,
+        ApiRequest::Submit {
+            text: WEB.into(),
+            check_version: None,
+        },
+        now(base, 1_000),
+    );
     let version = effects
         .iter()
         .find_map(|e| match e {
@@ -479,7 +502,14 @@ fn a_node_whose_clock_is_off_most_peers_refuses_writes() {
     assert_eq!(s.clock_offsets().iter().count(), 2, "both peers measured");
     let skew = s.clock_skew(now(base, t).mono).expect("skewed");
     assert!((skew.peers_ahead_ms - hour as i64).abs() <= 2, "{skew:?}");
-    let effects = s.handle_api(1, ApiRequest::Submit { text: WEB.into() }, now(base, t + 5));
+    let effects = s.handle_api(
+        1,
+        ApiRequest::Submit {
+            text: WEB.into(),
+            check_version: None,
+        },
+        now(base, t + 5),
+    );
     assert!(
         effects.iter().any(|e| matches!(
             e,
@@ -606,6 +636,8 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
                     name,
                     ..spec.clone()
                 }),
+                seq: 1,
+                history: Vec::new(),
             }
         })
         .collect();
@@ -688,4 +720,168 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
         full.desired().fingerprints()
     );
     println!("caught up with {JOBS} jobs in {messages} messages, the largest {largest} bytes, {t} virtual ms");
+}
+
+#[test]
+fn checks_decide_a_copys_health_and_restart_it_when_critical() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    s.handle_view(view(&["n0"]), now(base, 1));
+    let text = "name = \"web\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nports = { http = 0 }\n\
+                [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"1s\"\ngrace = \"0s\"\nfailures = 2\nrestart = true\n";
+    let effects = s.handle_api(
+        1,
+        ApiRequest::Submit {
+            text: text.into(),
+            check_version: None,
+        },
+        now(base, 2),
+    );
+    let write = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        })
+        .unwrap();
+    s.handle_persisted(write, Ok(()), now(base, 3));
+    let mut t = 3;
+    let spec = loop {
+        t += 100;
+        assert!(t < 10_000, "never started");
+        let effects = s.handle_timer(now(base, t));
+        if let Some(spec) = effects.iter().find_map(|e| match e {
+            Effect::StartInstance { spec, .. } => Some(spec.clone()),
+            _ => None,
+        }) {
+            break spec;
+        }
+    };
+    let port = spec.ports["http"];
+    let health = |s: &Scheduler| s.local().iter().next().unwrap().published().health;
+    assert_eq!(health(&s), crate::health::Health::Unknown, "starting");
+    // Running: its checks are handed to the shell, probing the copy's port.
+    let effects = s.handle_started(spec.id.clone(), Ok(()), now(base, t + 1));
+    let probes = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::WatchChecks { id, probes, .. } if *id == spec.id => Some(probes.clone()),
+            _ => None,
+        })
+        .expect("its checks watched");
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].addr.unwrap().port(), port);
+    assert_eq!(health(&s), crate::health::Health::Unknown, "no result yet");
+    s.handle_check(spec.id.clone(), 0, Ok(()), now(base, t + 2));
+    assert_eq!(health(&s), crate::health::Health::Passing);
+    // A result for another run (an old one) changes nothing.
+    let mut old = spec.id.clone();
+    old.run -= 1;
+    s.handle_check(old, 0, Err("refused".into()), now(base, t + 3));
+    s.handle_check(spec.id.clone(), 0, Err("refused".into()), now(base, t + 3));
+    assert_eq!(
+        health(&s),
+        crate::health::Health::Passing,
+        "one failure of two"
+    );
+    let effects = s.handle_check(spec.id.clone(), 0, Err("refused".into()), now(base, t + 4));
+    assert_eq!(health(&s), crate::health::Health::Critical);
+    let copy = s.local().iter().next().unwrap().published();
+    assert!(
+        copy.check.as_deref().is_some_and(|c| c.contains("refused")),
+        "{copy:?}"
+    );
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::UnwatchChecks { id } if *id == spec.id)));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::StopInstance { id, .. } if *id == spec.id)),
+        "a critical check with restart = true stops the copy"
+    );
+    assert_eq!(s.counters().health_restarts, 1);
+    // Its end takes the restart policy's path: a new run of the slot.
+    s.handle_driver(
+        DriverEvent::Ended {
+            id: spec.id.clone(),
+            state: InstanceState::Exited(ExitStatus {
+                code: None,
+                signal: Some(15),
+                error: None,
+            }),
+        },
+        now(base, t + 5),
+    );
+    let mut restarted = None;
+    for dt in 1..100 {
+        let effects = s.handle_timer(now(base, t + 5 + dt * 100));
+        restarted = effects.iter().find_map(|e| match e {
+            Effect::StartInstance { spec, .. } => Some(spec.clone()),
+            _ => None,
+        });
+        if restarted.is_some() {
+            break;
+        }
+    }
+    let again = restarted.expect("restarted");
+    assert_eq!((again.id.slot, again.ports["http"]), (spec.id.slot, port));
+    assert!(again.id.run > spec.id.run);
+    assert_eq!(s.local().iter().next().unwrap().restarts, 1);
+}
+
+#[test]
+fn an_identical_resubmit_writes_nothing_and_check_version_guards_writes() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    s.handle_view(view(&["n0"]), now(base, 1));
+    let mut t = 1;
+    let mut submit = |s: &mut Scheduler, text: &str, check: Option<u64>| {
+        t += 10;
+        let effects = s.handle_api(
+            t,
+            ApiRequest::Submit {
+                text: text.into(),
+                check_version: check,
+            },
+            now(base, t),
+        );
+        let write = effects.iter().find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        });
+        let mut effects = effects.clone();
+        if let Some(w) = write {
+            effects = s.handle_persisted(w, Ok(()), now(base, t + 1));
+        }
+        effects
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Answer { answer, .. } => Some(answer),
+                _ => None,
+            })
+            .expect("answered")
+    };
+    assert!(matches!(submit(&mut s, WEB, None), ApiAnswer::Written(r) if r.seq == 1));
+    assert!(matches!(submit(&mut s, WEB, None), ApiAnswer::Unchanged(r) if r.seq == 1));
+    let other = WEB.replace("replicas = 2", "replicas = 3");
+    assert!(matches!(
+        submit(&mut s, &other, Some(5)),
+        ApiAnswer::Failed(ApiError::Conflict(_))
+    ));
+    assert!(matches!(submit(&mut s, &other, Some(1)), ApiAnswer::Written(r) if r.seq == 2));
+    let r = s.desired().get("web").unwrap();
+    assert_eq!(r.history.len(), 1);
+    assert_eq!(r.spec_of(1).unwrap().replicas, 2);
+    assert_eq!(r.spec_of(2).unwrap().replicas, 3);
+    // A name with no live job: only `0` passes.
+    let fresh = WEB.replace("\"web\"", "\"api\"");
+    assert!(matches!(
+        submit(&mut s, &fresh, Some(1)),
+        ApiAnswer::Failed(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        submit(&mut s, &fresh, Some(0)),
+        ApiAnswer::Written(_)
+    ));
 }

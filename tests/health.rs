@@ -1,0 +1,255 @@
+//! Health checks and job versions on real agents and real processes: an
+//! HTTP server (busybox httpd) on a dynamic port, checked over HTTP and by
+//! an exec check; a copy whose checks fail turns critical on every node
+//! and is restarted; identical re-submits write nothing; history, revert
+//! and compare-and-set writes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+/// The instances of `job` as `agent` shows them.
+fn instances(agent: &Agent, job: &str) -> Vec<serde_json::Value> {
+    agent
+        .request("GET", &format!("/v1/jobs/{job}"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()
+        .and_then(|r| r.into_json::<serde_json::Value>().ok())
+        .and_then(|v| v["instances"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// A directory every task user can read, removed on drop.
+struct Site(PathBuf);
+
+impl Site {
+    fn new(tag: &str) -> Site {
+        let dir = PathBuf::from(format!("/tmp/shoal-{tag}-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(&dir, perms).unwrap();
+        Site(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn failing_checks_turn_a_copy_critical_everywhere_and_restart_it() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 2);
+    wait_until("both agents see each other", || {
+        agents
+            .iter()
+            .all(|a| a.nodes().is_some_and(|n| n.len() == 2))
+    });
+    let site = Site::new("health");
+    std::fs::write(site.path().join("ok"), "ok\n").unwrap();
+    let ok = site.path().join("ok");
+    let job = format!(
+        r#"name = "web"
+type = "service"
+replicas = 2
+
+[task]
+command = "/bin/busybox"
+args = ["httpd", "-f", "-p", "${{SHOAL_ADDR_HTTP}}", "-h", "{site}"]
+ports = {{ http = 0 }}
+
+[task.resources]
+cpu = 10
+memory = 8
+
+[[task.check]]
+type = "http"
+port = "http"
+path = "/ok"
+interval = "200ms"
+timeout = "150ms"
+grace = "0s"
+failures = 8
+restart = true
+
+[[task.check]]
+name = "file"
+type = "exec"
+command = "/bin/busybox"
+args = ["test", "-f", "{ok}"]
+interval = "200ms"
+timeout = "150ms"
+grace = "0s"
+failures = 2
+
+[restart]
+delay = "200ms"
+max_delay = "1s"
+"#,
+        site = site.path().display(),
+        ok = ok.display(),
+    );
+    let file = job_file(root.path(), "web", &job);
+    // `shoal run` returns once every slot runs the version and passes.
+    let (ok_run, out, err) = cli(&agents[0], &["run", file.to_str().unwrap()]);
+    assert!(ok_run, "{out}{err}");
+    assert!(out.contains("passing"), "{out}");
+    for a in &agents {
+        wait_until("both copies pass, seen from each agent", || {
+            let slots = instances(a, "web");
+            slots.len() == 2
+                && slots
+                    .iter()
+                    .all(|s| s["health"] == "passing" && s["version"] == "v1")
+        });
+    }
+    let (ok_status, out, err) = cli(&agents[1], &["status", "web"]);
+    assert!(ok_status, "{err}");
+    assert!(out.contains("HEALTH") && out.contains("passing"), "{out}");
+
+    // The page the check asks for goes away: 404 for the http check, and
+    // the exec check's file is missing. Each copy turns critical (seen
+    // from the other agent too, by gossip), with why, and is restarted.
+    let restarts_before: u32 = (0..2).map(|s| agents[0].restarts("web", s)).sum();
+    std::fs::remove_file(site.path().join("ok")).unwrap();
+    for a in &agents {
+        wait_until("a copy shows critical with the reason", || {
+            instances(a, "web").iter().any(|s| {
+                s["health"] == "critical"
+                    && s["check"]
+                        .as_str()
+                        .is_some_and(|c| c.contains("404") || c.contains("check file"))
+            })
+        });
+    }
+    wait_until("a critical copy is restarted", || {
+        (0..2).map(|s| agents[0].restarts("web", s)).sum::<u32>() > restarts_before
+    });
+
+    // Back: the copies pass again.
+    std::fs::write(site.path().join("ok"), "ok\n").unwrap();
+    wait_until("both copies pass again", || {
+        let slots = instances(&agents[1], "web");
+        slots.len() == 2
+            && slots
+                .iter()
+                .all(|s| s["health"] == "passing" && s["state"] == "running")
+    });
+    let (ok_stop, _, err) = cli(&agents[0], &["stop", "web"]);
+    assert!(ok_stop, "{err}");
+    for a in &agents {
+        wait_until("no copy runs", || a.count("web", "running", None) == 0);
+    }
+}
+
+#[test]
+fn resubmits_history_revert_and_check_version() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 1);
+    let a = &agents[0];
+    let spec = |arg: &str, replicas: u32| {
+        format!(
+            "name = \"app\"\ntype = \"service\"\nreplicas = {replicas}\n\n[task]\ncommand = \"sleep\"\nargs = [\"{arg}\"]\n\n[task.resources]\ncpu = 10\nmemory = 8\n"
+        )
+    };
+    let one = job_file(root.path(), "one", &spec("1000", 1));
+    let two = job_file(root.path(), "two", &spec("2000", 2));
+    let (ok, out, err) = cli(a, &["run", one.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("version v1"), "{out}");
+    let run_before = instances(a, "app")[0]["node"].clone();
+    // The same spec again: nothing written, the copy untouched.
+    let (ok, out, err) = cli(a, &["run", "--detach", one.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("unchanged") && out.contains("v1"), "{out}");
+    assert_eq!(a.job("app").unwrap().version, "v1");
+    assert_eq!(instances(a, "app")[0]["node"], run_before);
+
+    let (ok, out, err) = cli(a, &["run", two.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("version v2"), "{out}");
+    // The history lists both, newest first, with what changed.
+    let (ok, out, err) = cli(a, &["job", "history", "app"]);
+    assert!(ok, "{err}");
+    let v2 = out.find("v2").expect("v2 listed");
+    let v1 = out.find("v1").expect("v1 listed");
+    assert!(v2 < v1, "{out}");
+    assert!(
+        out.contains("replicas") && out.contains("task.args"),
+        "{out}"
+    );
+    let versions: serde_json::Value = a
+        .request("GET", "/v1/jobs/app/versions")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(versions[0]["version"], "v2");
+    assert_eq!(versions[0]["current"], true);
+    assert_eq!(versions[1]["spec"]["task"]["args"][0], "1000");
+
+    // Back to v1's spec, as v3; the submitted spec reads back.
+    let (ok, out, err) = cli(a, &["job", "revert", "app", "v1"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("v3"), "{out}");
+    let job: serde_json::Value = a
+        .request("GET", "/v1/jobs/app?spec=true")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(job["version"], "v3");
+    assert_eq!(job["spec"]["task"]["args"][0], "1000");
+    assert_eq!(job["spec"]["replicas"], 1);
+    wait_until("v3 runs", || {
+        let slots = instances(a, "app");
+        slots.len() == 1 && slots[0]["version"] == "v3" && slots[0]["state"] == "running"
+    });
+    // A version it does not keep.
+    let (ok, _, err) = cli(a, &["job", "revert", "app", "v99"]);
+    assert!(!ok && err.contains("v99") && err.contains("v3"), "{err}");
+
+    // Compare-and-set: refused when the job moved on, written when not.
+    let (ok, _, err) = cli(
+        a,
+        &[
+            "run",
+            "--detach",
+            "--check-version",
+            "v2",
+            two.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "a write against v2 went through at v3");
+    assert!(err.contains("v3") && err.contains("moved on"), "{err}");
+    assert_eq!(a.job("app").unwrap().version, "v3");
+    let (ok, out, err) = cli(
+        a,
+        &[
+            "run",
+            "--detach",
+            "--check-version",
+            "v3",
+            two.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("v4"), "{out}");
+    let (code, body) = call(
+        a.request("POST", "/v1/jobs?check_version=v3"),
+        Some(&spec("5", 1)),
+    );
+    assert_eq!(code, 409, "{body}");
+    let (ok, _, err) = cli(a, &["stop", "app"]);
+    assert!(ok, "{err}");
+}
