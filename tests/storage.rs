@@ -387,10 +387,12 @@ fn drop_future_records_clears_a_record_stamped_far_ahead() {
             ])
             .unwrap();
     }
+    // A new version of it (the same spec would be answered `unchanged`,
+    // writing nothing).
     let resubmit = |a: &Agent| {
         call(
             a.request("POST", "/v1/jobs"),
-            Some("name = \"stuck\"\ntype = \"batch\"\n[task]\ncommand = \"true\"\n"),
+            Some("name = \"stuck\"\ntype = \"batch\"\nreplicas = 2\n[task]\ncommand = \"true\"\n"),
         )
     };
     let mut a = Agent::start(root.path(), "n0", None, None, &[]);
