@@ -561,6 +561,35 @@ async fn job_versions(State(state): State<ApiState>, Path(name): Path<String>) -
     }
 }
 
+async fn plan(State(state): State<ApiState>, body: String) -> Response {
+    if body.len() > BODY_LEN_MAX {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("job files are limited to {BODY_LEN_MAX} bytes"),
+        );
+    }
+    let (tx, rx) = oneshot::channel();
+    if state
+        .commands
+        .send(ApiCommand::Plan(body, tx))
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Ok(plan)) => Json(plan).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        ),
+    }
+}
+
 /// Query of `GET /v1/jobs/{name}`.
 #[derive(Debug, Deserialize)]
 pub struct JobQuery {
@@ -924,6 +953,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{name}", get(get_job).delete(stop_job))
         .route("/v1/jobs/{name}/scale", post(scale_job))
         .route("/v1/jobs/{name}/revert", post(revert_job))
+        .route("/v1/plan", post(plan))
         .route("/v1/jobs/{name}/versions", get(job_versions))
         .route("/v1/jobs/{name}/logs", get(logs))
         .route("/v1/instances", get(instances))

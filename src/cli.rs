@@ -42,6 +42,10 @@ pub enum Command {
     Nodes(NodesArgs),
     /// Submit a job file (or a new version of it) and wait until it runs.
     Run(RunArgs),
+    /// Show what submitting a job file would do, writing nothing: the fields
+    /// that change, the slots that would start, be replaced or stop, and
+    /// where they would go (exit 0: no change, 1: changes, 255: error).
+    Plan(crate::commands::PlanArgs),
     /// Check a job file here, without an agent (exit 0 if valid, 1 if not).
     Validate(ValidateArgs),
     /// Show the jobs, or one job's slots.

@@ -41,6 +41,17 @@ pub struct RunArgs {
     pub check_version: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job file.
+    pub file: PathBuf,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum JobCommand {
     /// List a job's kept versions (its last 10), newest first.
@@ -408,12 +419,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
                                 .collect::<Vec<_>>()
                                 .join(",")
                         },
-                        match (&i.check, &i.reason, i.attempts) {
+                        shoal_core::health::printable(&match (&i.check, &i.reason, i.attempts) {
                             (Some(c), _, _) => c.clone(),
                             (None, Some(r), 0) => r.clone(),
                             (None, Some(r), n) => format!("{r} (tried {n} times; backing off)"),
                             (None, None, _) => String::new(),
-                        },
+                        }),
                     ]
                 })
                 .collect();
@@ -502,45 +513,103 @@ pub fn job(cmd: JobCommand) -> Result<()> {
     Ok(())
 }
 
-/// The top-level fields (and task fields) that differ between two specs,
-/// e.g. `replicas, task.args`.
+/// The fields that differ between two specs, e.g. `replicas, task.args`.
 pub fn spec_diff(old: &shoal_core::job::JobSpec, new: &shoal_core::job::JobSpec) -> String {
-    let (Ok(a), Ok(b)) = (serde_json::to_value(old), serde_json::to_value(new)) else {
-        return String::new();
-    };
-    let mut out = Vec::new();
-    diff_fields("", &a, &b, 2, &mut out);
-    if out.is_empty() {
+    let fields = shoal_core::plan::spec_diff(old, new);
+    if fields.is_empty() {
         "nothing".to_string()
     } else {
-        out.join(", ")
+        fields.join(", ")
     }
 }
 
-fn diff_fields(
-    prefix: &str,
-    a: &serde_json::Value,
-    b: &serde_json::Value,
-    depth: usize,
-    out: &mut Vec<String>,
-) {
-    use serde_json::Value;
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) if depth > 0 => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            for k in keys {
-                let (va, vb) = (
-                    x.get(k).unwrap_or(&Value::Null),
-                    y.get(k).unwrap_or(&Value::Null),
-                );
-                if va != vb {
-                    diff_fields(&format!("{prefix}{k}."), va, vb, depth - 1, out);
-                }
-            }
+/// `shoal plan`: exit 0 when nothing would change, 1 when something would,
+/// 255 on an error.
+pub fn plan(args: PlanArgs) -> i32 {
+    match plan_inner(&args) {
+        Ok(changes) => i32::from(changes),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            255
         }
-        _ if a != b => out.push(prefix.trim_end_matches('.').to_string()),
-        _ => {}
     }
+}
+
+fn plan_inner(args: &PlanArgs) -> Result<bool> {
+    use shoal_core::plan::{Action, Plan};
+    let text = read_job_file(&args.file)?;
+    let plan: Plan = Client::new(&args.client)
+        .call("POST", "/v1/plan", Some(&text))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?
+        .into_json()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(plan.changes_anything());
+    }
+    match (plan.current, plan.unchanged) {
+        (_, true) => println!(
+            "job {}: no change (v{} has this spec)",
+            plan.job,
+            plan.current.unwrap_or(0)
+        ),
+        (None, _) => println!("job {}: new job", plan.job),
+        (Some(v), _) => println!(
+            "job {}: changes v{v} in {}",
+            plan.job,
+            if plan.changes.is_empty() {
+                "nothing".to_string()
+            } else {
+                plan.changes.join(", ")
+            }
+        ),
+    }
+    let count = |a: Action| plan.slots.iter().filter(|s| s.action == a).count();
+    println!(
+        "slots: {} start, {} replace, {} stop, {} keep, {} done",
+        count(Action::Start),
+        count(Action::Replace),
+        count(Action::Stop),
+        count(Action::Keep),
+        count(Action::Done)
+    );
+    let rows: Vec<[String; 5]> = plan
+        .slots
+        .iter()
+        .filter(|s| !matches!(s.action, Action::Keep | Action::Done))
+        .map(|s| {
+            let action = serde_json::to_value(s.action)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let candidates = s
+                .candidates
+                .iter()
+                .map(|c| match &c.rejected {
+                    None => format!("{} {:.2}", c.node, c.score),
+                    Some(r) => format!("{} ({r})", c.node),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            [
+                s.slot.to_string(),
+                action,
+                s.node.clone().unwrap_or_else(|| "-".into()),
+                match (&s.to, &s.unplaceable) {
+                    (Some(n), _) => n.clone(),
+                    (None, Some(why)) => format!("unplaceable: {why}"),
+                    (None, None) => "-".into(),
+                },
+                candidates,
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        print_table(
+            &["SLOT", "ACTION", "NOW ON", "TO", "CANDIDATES (SCORE)"],
+            &rows,
+        );
+    }
+    Ok(plan.changes_anything())
 }
 
 /// `shoal stop`.

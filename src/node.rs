@@ -65,6 +65,12 @@ pub enum ApiCommand {
         String,
         oneshot::Sender<Option<shoal_core::status::JobStatus>>,
     ),
+    /// A dry run of a submission (`shoal plan`): the plan, or why the file
+    /// is not valid.
+    Plan(
+        String,
+        oneshot::Sender<Result<shoal_core::plan::Plan, String>>,
+    ),
 }
 
 /// What the loop needs besides the scheduler.
@@ -686,6 +692,13 @@ pub async fn run(
                 ApiCommand::Job(name, tx) => {
                     let status = shoal_core::status::job_status(&core, &name, Instant::now());
                     let _ = tx.send(status);
+                    continue;
+                }
+                ApiCommand::Plan(text, tx) => {
+                    let plan = shoal_core::job::JobSpec::parse(&text)
+                        .map(|spec| shoal_core::plan::plan(&core, &spec, Instant::now()))
+                        .map_err(|e| e.to_string());
+                    let _ = tx.send(plan);
                     continue;
                 }
             },

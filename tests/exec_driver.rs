@@ -32,6 +32,7 @@ fn spec(slot: u32, command: &str, args: &[&str]) -> InstanceSpec {
             user: None,
             kill_signal: None,
             kill_timeout: None,
+            shutdown_delay: None,
             checks: Vec::new(),
         },
         env: BTreeMap::from([("SHOAL_SLOT".to_string(), slot.to_string())]),
@@ -456,4 +457,64 @@ async fn a_start_on_a_full_disk_fails_and_leaves_no_process() {
         })
         .count();
     assert_eq!(supervisors, 0, "a process of the failed start runs");
+}
+
+#[tokio::test]
+async fn exec_checks_run_beside_the_task_bounded_in_time_and_output() {
+    let (dir, d, _events) = driver();
+    let s = spec(4, "sleep", &["1000"]);
+    d.start(&s).await.unwrap();
+    let idir = dir.path().join(s.id.to_string());
+    common::wait_until("the instance runs", || {
+        idir.join("instance.json").exists() && alive(&idir) && idir.join("work").exists()
+    });
+    let cmd = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let t = Duration::from_secs(2);
+    // Exit 0 passes; the task's environment is there.
+    assert_eq!(
+        d.exec_check(&s.id, &cmd(&["sh", "-c", "test \"$SHOAL_SLOT\" = 4"]), t)
+            .await,
+        Ok(())
+    );
+    // A failure says its exit and the start of its output, on one line.
+    let e = d
+        .exec_check(
+            &s.id,
+            &cmd(&["sh", "-c", "echo not ready; echo really >&2; exit 3"]),
+            t,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("exit 3: not ready"), "{e}");
+    // Endless output: only its start is kept, and the timeout ends it.
+    let started = std::time::Instant::now();
+    let e = d
+        .exec_check(&s.id, &cmd(&["yes"]), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(e.contains("timed out"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // What it starts in the background dies with it.
+    let pidfile = dir.path().join("bg.pid");
+    let script = format!("sleep 1000 & echo $! > {}; exit 1", pidfile.display());
+    assert!(d
+        .exec_check(&s.id, &cmd(&["sh", "-c", &script]), t)
+        .await
+        .is_err());
+    let bg: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    common::wait_until("the check's background process is gone", || {
+        // Gone, or a zombie of nobody's waiting (reaped by init).
+        std::fs::read_to_string(format!("/proc/{bg}/stat"))
+            .map(|st| st.contains(") Z "))
+            .unwrap_or(true)
+    });
+    // An instance it does not have.
+    let mut other = s.id.clone();
+    other.slot = 9;
+    assert!(d.exec_check(&other, &cmd(&["true"]), t).await.is_err());
+    d.stop(&s.id, Duration::from_millis(300)).await.unwrap();
 }

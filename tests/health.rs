@@ -175,6 +175,45 @@ fn resubmits_history_revert_and_check_version() {
     assert_eq!(a.job("app").unwrap().version, "v1");
     assert_eq!(instances(a, "app")[0]["node"], run_before);
 
+    // A dry run first: exit 0 for the running spec, 1 for a change (with
+    // what changes and where the new slot goes), 255 for a bad file.
+    let plan = |file: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["plan", file.to_str().unwrap()])
+            .env("SHOAL_ADDR", a.http())
+            .env("SHOAL_DATA_DIR", &a.dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = plan(&one);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no change"), "{out}");
+    let (code, out) = plan(&two);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("replicas") && out.contains("task.args"),
+        "{out}"
+    );
+    assert!(out.contains("1 start, 1 replace"), "{out}");
+    let bad = job_file(
+        root.path(),
+        "bad",
+        "name = \"app\"\ntype = \"service\"\nreplicas = 0\n[task]\ncommand = \"sleep\"\n",
+    );
+    let (code, out) = plan(&bad);
+    assert_eq!(code, Some(255), "{out}");
+    assert!(out.contains("replicas"), "{out}");
+    assert_eq!(
+        a.job("app").unwrap().version,
+        "v1",
+        "a plan wrote something"
+    );
+
     let (ok, out, err) = cli(a, &["run", two.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("version v2"), "{out}");

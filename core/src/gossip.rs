@@ -291,6 +291,7 @@ mod tests {
             .map(|slot| Published {
                 health: Default::default(),
                 check: None,
+                stopping: false,
                 version: 0,
                 slot,
                 run: 1_000_000_000_000 + u64::from(slot),

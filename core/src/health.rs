@@ -270,6 +270,17 @@ impl Health {
     }
 }
 
+/// `text` on one line without control characters (a check's output is
+/// the task's: it must not drive the terminal of whoever reads `status`).
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One check's streaks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Streak {
@@ -364,7 +375,7 @@ impl Tracker {
                 Err(why) if !in_grace => {
                     c.successes = 0;
                     c.failures = c.failures.saturating_add(1);
-                    c.output = Some(crate::gossip::bounded_to(why, OUTPUT_LEN_MAX));
+                    c.output = Some(crate::gossip::bounded_to(printable(&why), OUTPUT_LEN_MAX));
                     if c.failures >= spec.failures {
                         restart = spec.restart && c.status != Health::Critical;
                         c.status = Health::Critical;

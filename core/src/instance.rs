@@ -180,6 +180,10 @@ pub struct Published {
     /// Why a check is critical.
     #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
     pub check: Option<String>,
+    /// Being stopped (its stop signal may wait for `shutdown_delay`): no
+    /// longer serving, whatever its state.
+    #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
     /// The number of the job version it runs (`v7`; 0: unknown).
     #[serde(rename = "v", default, skip_serializing_if = "is_zero_u64")]
     pub version: u64,

@@ -127,6 +127,15 @@ pub struct TaskSpec {
         with = "humantime_serde_opt"
     )]
     pub kill_timeout: Option<Duration>,
+    /// How long a copy being stopped is shown stopping (out of every
+    /// node's list of serving copies) before its stop signal, so traffic
+    /// can leave it first (none when absent; at most [`KILL_TIMEOUT_MAX`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde_opt"
+    )]
+    pub shutdown_delay: Option<Duration>,
     /// Health checks (`[[task.check]]`), run by the node holding a copy.
     #[serde(default, rename = "check", skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<crate::health::CheckSpec>,
@@ -743,6 +752,13 @@ impl JobSpec {
             return Err(invalid(
                 text,
                 "task.kill_timeout",
+                format!("at most {}s", KILL_TIMEOUT_MAX.as_secs()),
+            ));
+        }
+        if t.shutdown_delay.is_some_and(|d| d > KILL_TIMEOUT_MAX) {
+            return Err(invalid(
+                text,
+                "task.shutdown_delay",
                 format!("at most {}s", KILL_TIMEOUT_MAX.as_secs()),
             ));
         }

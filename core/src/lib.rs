@@ -27,6 +27,7 @@
 //! - [`records`], [`instance`], [`hlc`]: the data: job records and
 //!   completions, instances, hybrid logical clocks.
 //! - [`health`]: health checks and the health of a copy.
+//! - [`plan`]: `shoal plan`, a dry run of a submission.
 //! - [`ports`]: dynamic host ports and the `${SHOAL_...}` variables.
 //! - [`gossip`]: how copies and unplaceable slots are laid out in gossip keys.
 //! - [`wire`]: node-to-node requests and responses.
@@ -41,6 +42,7 @@ pub mod instance;
 pub mod job;
 pub mod local;
 pub mod placing;
+pub mod plan;
 pub mod ports;
 pub mod reconcile;
 pub mod records;

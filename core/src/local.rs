@@ -37,6 +37,13 @@ pub struct Local {
     /// When the stop was last requested (it is requested again if the copy
     /// has not ended well after the stop grace).
     pub stop_sent: Option<Instant>,
+    /// Stopped to be restarted (a check with `restart = true` turned
+    /// critical): its end takes the restart policy's path; the stop is
+    /// requested again if it does not come.
+    pub restarting: bool,
+    /// When the stop signal goes, while a stopping copy waits out its
+    /// task's `shutdown_delay` (shown stopping meanwhile).
+    pub stop_at: Option<Instant>,
     /// A start was issued and its result has not come back yet.
     pub start_in_flight: bool,
     /// Why the last start failed, until a start succeeds.
@@ -79,6 +86,7 @@ impl Local {
             error: self.error.clone(),
             ports: self.ports.clone(),
             health: self.health(),
+            stopping: self.stopping,
             version: self.seq,
             check: match (&self.tracker, self.state) {
                 (Some(t), SlotState::Running) => t.reason(&self.checks),

@@ -19,7 +19,7 @@ pub struct JobRecord {
     /// The job's version as people see it (`v7`): one more than the
     /// record it replaced on the writing node. Two writes at once on two
     /// nodes may get the same number; `version` decides between them.
-    #[serde(default)]
+    #[serde(default = "first_seq")]
     pub seq: u64,
     /// Earlier versions with a spec, newest first: at most
     /// [`HISTORY_MAX`] - 1 (with this one, the job's last
@@ -27,6 +27,15 @@ pub struct JobRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Earlier>,
 }
+
+/// Records written before versions were numbered count as the first.
+fn first_seq() -> u64 {
+    1
+}
+
+/// Highest version number (far beyond any real job's writes; a record
+/// from a peer above it is refused).
+pub const SEQ_MAX: u64 = 1 << 48;
 
 /// Versions of a job kept (the current one included).
 pub const HISTORY_MAX: usize = 10;
@@ -130,7 +139,16 @@ impl JobRecord {
                 HISTORY_MAX - 1
             ));
         }
+        if self.seq > SEQ_MAX {
+            return Err(format!(
+                "record `{}` is at version {}, beyond {SEQ_MAX}",
+                self.name, self.seq
+            ));
+        }
+        // The earlier specs are checked when reverted to (a rule tightened
+        // by a later release must not drop a live job).
         let mut above = self.seq;
+        let mut bytes = 0usize;
         for e in &self.history {
             if e.seq >= above || e.version >= self.version || e.spec.name != self.name {
                 return Err(format!(
@@ -139,7 +157,13 @@ impl JobRecord {
                 ));
             }
             above = e.seq;
-            e.spec.validate("").map_err(|e| e.to_string())?;
+            bytes = bytes.saturating_add(serde_json::to_vec(&e.spec).map_or(0, |b| b.len()));
+        }
+        if bytes > HISTORY_BYTES_MAX {
+            return Err(format!(
+                "record `{}` carries {bytes} bytes of earlier versions; at most {HISTORY_BYTES_MAX}",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -158,4 +182,67 @@ pub struct Completion {
     pub node: String,
     /// Exit code.
     pub exit_code: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+
+    fn version(ms: u64) -> Version {
+        Version {
+            hlc: Hlc {
+                wall_ms: ms,
+                logical: 0,
+            },
+            node: "n0".into(),
+        }
+    }
+
+    fn spec(replicas: u32) -> JobSpec {
+        JobSpec::parse(&format!(
+            "name = \"web\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn history_keeps_the_last_versions_newest_first_and_validates() {
+        let mut r = JobRecord::new("web", version(1), Some(spec(1)));
+        for i in 2..=15u64 {
+            r = JobRecord::next(Some(&r), "web", version(i), Some(spec(i as u32)));
+            r.validate().unwrap();
+        }
+        assert_eq!(r.seq, 15);
+        assert_eq!(r.history.len(), HISTORY_MAX - 1);
+        assert_eq!(r.history[0].seq, 14);
+        assert_eq!(r.spec_of(6).unwrap().replicas, 6);
+        assert!(r.spec_of(5).is_none(), "older than the last 10");
+        // A stop keeps the history (a stopped job can be reverted).
+        let stopped = JobRecord::next(Some(&r), "web", version(16), None);
+        assert_eq!((stopped.seq, stopped.history[0].seq), (16, 15));
+        stopped.validate().unwrap();
+        // From a peer: out of order, beyond the bound, or too many.
+        let mut bad = r.clone();
+        bad.history.swap(0, 1);
+        assert!(bad.validate().is_err());
+        let mut bad = r.clone();
+        bad.seq = SEQ_MAX + 1;
+        assert!(bad.validate().is_err());
+        let mut bad = r.clone();
+        bad.history.push(Earlier {
+            seq: 0,
+            version: version(0),
+            spec: spec(1),
+        });
+        assert!(bad.validate().is_err());
+        // A record of an earlier release (no seq) counts as the first.
+        let old: JobRecord = serde_json::from_str(
+            &serde_json::to_string(&JobRecord::new("web", version(1), Some(spec(1))))
+                .unwrap()
+                .replace(",\"seq\":1", ""),
+        )
+        .unwrap();
+        assert_eq!(old.seq, 1);
+    }
 }

@@ -745,6 +745,8 @@ impl Scheduler {
                 restart_at: None,
                 stopping: false,
                 stop_sent: None,
+                stop_at: None,
+                restarting: false,
                 start_in_flight: false,
                 error: None,
                 unconfirmed: running,
@@ -753,9 +755,9 @@ impl Scheduler {
                 checks: r.spec.task.checks.clone(),
                 tracker: None,
             });
-            if running {
-                self.watch_checks(&id, now);
-            } else {
+            // A copy found running is watched at the first pass (once the
+            // view holds this node's address, which its checks probe).
+            if !running {
                 self.ended(id, r.state, now);
             }
         }
@@ -1073,7 +1075,7 @@ impl Scheduler {
                     let current = self.desired.get(&spec.name).cloned();
                     let live = current.as_ref().filter(|r| r.is_live());
                     if let Some(want) = check_version {
-                        let have = live.map_or(0, |r| r.seq);
+                        let have = live.map_or(0, |r| r.seq.max(1));
                         if have != want {
                             return self.answer(
                                 token,
@@ -1105,7 +1107,11 @@ impl Scheduler {
                         Err(ApiError::NotFound(format!("no job named `{name}`"))),
                     );
                 };
-                let Some(spec) = current.spec_of(version).cloned() else {
+                let Some(spec) = current
+                    .spec_of(version)
+                    .filter(|s| s.validate("").is_ok())
+                    .cloned()
+                else {
                     let kept: Vec<String> = current
                         .spec
                         .iter()
@@ -1148,6 +1154,14 @@ impl Scheduler {
                         "replicas must be between 1 and {REPLICAS_MAX} (use `shoal stop` to stop a job)"
                     ))),
                 ),
+                Some(spec) if spec.replicas == replicas => {
+                    if let Some(r) = self.desired.get(&name).cloned() {
+                        self.out.push(Effect::Answer {
+                            token,
+                            answer: ApiAnswer::Unchanged(r),
+                        });
+                    }
+                }
                 Some(mut spec) => {
                     spec.replicas = replicas;
                     self.write(token, name, Some(spec), now)
@@ -1246,6 +1260,10 @@ impl Scheduler {
             let grace = l.stop_grace(default_grace);
             l.start_in_flight = false;
             match result {
+                Ok(()) if l.restart_at.is_some() => {
+                    // Its end was reported before its start (two channels):
+                    // it waits for its restart, which is watched when it runs.
+                }
                 Ok(()) => {
                     l.error = None;
                     if l.stopping {
@@ -1292,7 +1310,7 @@ impl Scheduler {
         let Some(l) = self.local.get_run_mut(&id) else {
             return self.take();
         };
-        if l.state != SlotState::Running || l.stopping {
+        if l.state != SlotState::Running || l.stopping || l.restarting {
             return self.take();
         }
         let (Some(tracker), Some(spec)) = (l.tracker.as_mut(), l.checks.get(index)) else {
@@ -1308,7 +1326,11 @@ impl Scheduler {
             // event and takes the restart policy's path.
             let reason = tracker.reason(&l.checks).unwrap_or_default();
             l.error = Some(crate::gossip::bounded(format!("restarted: {reason}")));
-            // The tracker stays (critical) until the end is reported.
+            // The tracker stays (critical) until the end is reported; one
+            // stop per critical turn (requested again if its end does not
+            // come: `stops_overdue`).
+            l.restarting = true;
+            l.stop_sent = Some(now.mono);
             self.counters.health_restarts = self.counters.health_restarts.saturating_add(1);
             let grace = l.stop_grace(default_grace);
             let driver = l.driver.clone();
@@ -1322,13 +1344,17 @@ impl Scheduler {
     /// Starts the checks of a copy that runs now (a fresh tracker: its
     /// grace counts from now).
     fn watch_checks(&mut self, id: &InstanceId, now: Now) {
-        let ip = self
+        // The address the copy was given (`SHOAL_ADDR_*`) is the node's in
+        // the view; without it yet, the pass watches the copy later.
+        let Some(ip) = self
             .seen
             .view
             .members
             .get(&self.me)
             .map(|m| m.record.address.ip())
-            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        else {
+            return;
+        };
         let Some(l) = self.local.get_run_mut(id) else {
             return;
         };
@@ -1498,12 +1524,16 @@ impl Scheduler {
                 ))),
             );
         }
-        let record = Arc::new(JobRecord::next(
-            self.desired.get(&name).map(|r| &**r),
-            name,
-            version,
-            spec,
-        ));
+        let current = self.desired.get(&name).map(|r| &**r);
+        if current.is_some_and(|c| c.seq >= crate::records::SEQ_MAX) {
+            return self.answer(
+                token,
+                Err(ApiError::BadRequest(format!(
+                    "job `{name}` has run out of version numbers; stop it and submit it again"
+                ))),
+            );
+        }
+        let record = Arc::new(JobRecord::next(current, name, version, spec));
         self.persist(vec![record], Vec::new(), Origin::Api(token));
     }
 
@@ -1855,6 +1885,8 @@ impl Scheduler {
                 restart_at: None,
                 stopping: false,
                 stop_sent: None,
+                stop_at: None,
+                restarting: false,
                 start_in_flight: true,
                 error: None,
                 unconfirmed: false,
@@ -1901,6 +1933,10 @@ impl Scheduler {
         self.dirty = true;
         if l.tracker.take().is_some() && !l.checks.is_empty() {
             self.out.push(Effect::UnwatchChecks { id: id.clone() });
+        }
+        if l.restarting {
+            l.restarting = false;
+            l.stop_sent = None;
         }
         if l.stopping {
             let driver = l.driver.clone();
@@ -1957,6 +1993,7 @@ impl Scheduler {
             l.id = InstanceId { job, slot, run };
             l.restart_at = None;
             l.start_in_flight = true;
+            l.state = SlotState::Starting;
             let l = l.clone();
             self.out.push(Effect::RemoveInstance {
                 driver: l.driver.clone(),
@@ -1975,11 +2012,18 @@ impl Scheduler {
         let default_grace = self.config.stop_grace;
         let mut again = Vec::new();
         for l in self.local.iter_mut() {
+            if l.stop_at.is_some_and(|t| t <= now.mono) {
+                // Its shutdown delay is over: the signal.
+                l.stop_at = None;
+                l.stop_sent = Some(now.mono);
+                again.push((l.driver.clone(), l.id.clone(), l.stop_grace(default_grace)));
+                continue;
+            }
             let grace = l.stop_grace(default_grace);
             let again_after = grace
                 .saturating_mul(2)
                 .saturating_add(Duration::from_secs(1));
-            if l.stopping
+            if (l.stopping || l.restarting)
                 && l.stop_sent
                     .is_some_and(|t| now.mono.saturating_duration_since(t) >= again_after)
             {
@@ -2028,12 +2072,12 @@ impl Scheduler {
         if l.tracker.take().is_some() && !l.checks.is_empty() {
             self.out.push(Effect::UnwatchChecks { id: l.id.clone() });
         }
+        let serving = l.state == SlotState::Running && !l.start_in_flight;
         l.stopping = true;
         l.unconfirmed = false;
         l.state = SlotState::Pending;
         self.dirty = true;
         self.counters.stops += 1;
-        l.stop_sent = Some(now.mono);
         let (driver, id) = (l.driver.clone(), l.id.clone());
         if l.restart_at.take().is_some() {
             // Nothing runs (it was waiting to restart): forget it now.
@@ -2041,6 +2085,19 @@ impl Scheduler {
             self.out.push(Effect::RemoveInstance { driver, id });
             return;
         }
+        let delay = l
+            .record
+            .spec
+            .as_ref()
+            .and_then(|s| s.task.shutdown_delay)
+            .filter(|d| !d.is_zero() && serving);
+        if let Some(delay) = delay {
+            // Shown stopping (published now) for the delay, then the
+            // signal (`stops_due`): traffic leaves it first.
+            l.stop_at = Some(now.mono.checked_add(delay).unwrap_or(now.mono));
+            return;
+        }
+        l.stop_sent = Some(now.mono);
         self.out.push(Effect::StopInstance { driver, id, grace });
     }
 
@@ -2114,6 +2171,24 @@ impl Scheduler {
 
     fn pass(&mut self, now: Now) {
         self.counters.passes += 1;
+        // Running copies whose checks are not watched yet (found after an
+        // agent restart, or started before the view held this node).
+        let unwatched: Vec<InstanceId> = self
+            .local
+            .iter()
+            .filter(|l| {
+                l.state == SlotState::Running
+                    && l.tracker.is_none()
+                    && !l.stopping
+                    && !l.restarting
+                    && !l.start_in_flight
+                    && l.restart_at.is_none()
+            })
+            .map(|l| l.id.clone())
+            .collect();
+        for id in unwatched {
+            self.watch_checks(&id, now);
+        }
         if self.sync.caught_up && !self.seen.view.members.is_empty() {
             let coordinating = now.mono >= self.coordinate_after;
             if coordinating {
@@ -2130,6 +2205,7 @@ impl Scheduler {
     /// Verdicts on this node's own copies.
     fn own_copies(&mut self, now: Now) {
         let mut stops = Vec::new();
+        let mut renumber = Vec::new();
         let mut forget = Vec::new();
         for l in self.local.iter() {
             let live = l.state.is_live();
@@ -2149,6 +2225,15 @@ impl Scheduler {
             if l.stopping || l.unconfirmed {
                 continue;
             }
+            if let Some(current) = self
+                .desired
+                .get(&l.id.job)
+                .filter(|r| r.seq != l.seq && job.is_some_and(|(_, fp)| fp == l.task))
+            {
+                // The job moved on without changing the task (replicas,
+                // placement rules): the copy runs the new version as it is.
+                renumber.push((l.id.job.clone(), l.id.slot, current.clone()));
+            }
             let mine = l.published();
             let others: Vec<(&str, &crate::instance::Published)> = self
                 .seen
@@ -2164,6 +2249,13 @@ impl Scheduler {
             });
             if let Some(r) = own_copy_stop(&self.me, job, fin, &mine, others.iter().copied()) {
                 stops.push((l.id.job.clone(), l.id.slot, r));
+            }
+        }
+        for (job, slot, record) in renumber {
+            if let Some(l) = self.local.get_mut(&job, slot) {
+                l.seq = record.seq;
+                l.record = record;
+                self.dirty = true;
             }
         }
         for (job, slot, r) in stops {
@@ -2273,6 +2365,18 @@ impl Scheduler {
 
     /// Where the job's live copies (and this node's placements in flight)
     /// are, per node.
+    /// The copies of `job` per node as placement counts them (live ones,
+    /// and placements in flight).
+    pub fn placements(&self, job: &str, now: Instant) -> JobPlacements {
+        self.placements_of(
+            job,
+            Now {
+                mono: now,
+                wall_ms: self.wall_ms,
+            },
+        )
+    }
+
     fn placements_of(&self, job: &str, now: Now) -> JobPlacements {
         let mut p = JobPlacements::new();
         if let Some(copies) = self.seen.view.index.job(job) {

@@ -646,6 +646,7 @@ mod tests {
                 .map(|s| Published {
                     health: Default::default(),
                     check: None,
+                    stopping: false,
                     version: 0,
                     slot: *s,
                     run: 1,

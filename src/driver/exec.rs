@@ -17,6 +17,24 @@ use tracing::{debug, warn};
 use super::supervise::{exit_of, rotated};
 use super::{Driver, DriverEvent, InstanceId, InstanceSpec, InstanceState, DRIVER_EVENTS_LEN};
 
+/// The first 4 KiB of a check's output stream; the rest is read and
+/// dropped.
+async fn read_start(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    const KEPT: usize = 4096;
+    let mut kept = Vec::new();
+    let Some(mut pipe) = pipe else { return kept };
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = pipe.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let room = KEPT.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..n.min(room)]);
+    }
+    kept
+}
+
 /// What the driver records in each instance directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -419,6 +437,8 @@ impl Driver for ExecDriver {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
+            // A group of its own: a timeout kills whatever it started.
+            .process_group(0)
             .kill_on_drop(true);
         if let Some((uid, gid)) = ids {
             let work_c = std::ffi::CString::new(work.as_os_str().as_encoded_bytes())
@@ -440,19 +460,29 @@ impl Driver for ExecDriver {
         } else {
             cmd.current_dir(&work);
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot run `{program}`: {e}"))?;
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        let group = child.id();
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        // Output is read as it comes (a full pipe would stall the check),
+        // keeping only its start.
+        let run = async { tokio::join!(read_start(stdout), read_start(stderr), child.wait()) };
+        let result = tokio::time::timeout(timeout, run).await;
+        if let Some(pgid) = group {
+            // Whatever it left behind (or all of it, on a timeout).
+            unsafe { libc::kill(-(pgid as i32), libc::SIGKILL) };
+        }
+        match result {
             Err(_) => Err(format!(
                 "timed out after {}",
                 humantime::format_duration(timeout)
             )),
-            Ok(Err(e)) => Err(format!("cannot wait for `{program}`: {e}")),
-            Ok(Ok(out)) if out.status.success() => Ok(()),
-            Ok(Ok(out)) => Err(super::check_failure(
-                out.status.code(),
-                &[out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+            Ok((_, _, Err(e))) => Err(format!("cannot wait for `{program}`: {e}")),
+            Ok((_, _, Ok(status))) if status.success() => Ok(()),
+            Ok((out, err, Ok(status))) => Err(super::check_failure(
+                status.code(),
+                &[out.as_slice(), err.as_slice()].concat(),
             )),
         }
     }

@@ -985,8 +985,12 @@ impl Sim {
                 Effect::UnwatchChecks { id } => {
                     self.nodes[i].checks.remove(&id);
                 }
-                Effect::RemoveInstance { id, .. } => node_remove(&mut self.nodes[i], &id),
+                Effect::RemoveInstance { id, .. } => {
+                    self.nodes[i].checks.remove(&id);
+                    node_remove(&mut self.nodes[i], &id)
+                }
                 Effect::Discard { id, .. } => {
+                    self.nodes[i].checks.remove(&id);
                     if self.nodes[i].driver.end(&id, SimDriver::stopped()) {
                         self.on_instance_ended(i, &id, &SimDriver::stopped());
                     }

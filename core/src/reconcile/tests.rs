@@ -73,6 +73,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                     copy: Published {
                         health: Default::default(),
                         check: None,
+                        stopping: false,
                         version: 0,
                         slot,
                         run,
@@ -206,6 +207,7 @@ fn the_older_copy_survives_a_conflict() {
         copy: Published {
             health: Default::default(),
             check: None,
+            stopping: false,
             version: 0,
             slot: 0,
             run,

@@ -801,6 +801,12 @@ fn checks_decide_a_copys_health_and_restart_it_when_critical() {
         "a critical check with restart = true stops the copy"
     );
     assert_eq!(s.counters().health_restarts, 1);
+    // A result already on its way changes nothing: one stop per turn.
+    let effects = s.handle_check(spec.id.clone(), 0, Err("refused".into()), now(base, t + 4));
+    assert!(!effects
+        .iter()
+        .any(|e| matches!(e, Effect::StopInstance { .. })));
+    assert_eq!(s.counters().health_restarts, 1);
     // Its end takes the restart policy's path: a new run of the slot.
     s.handle_driver(
         DriverEvent::Ended {
@@ -884,4 +890,131 @@ fn an_identical_resubmit_writes_nothing_and_check_version_guards_writes() {
         submit(&mut s, &fresh, Some(0)),
         ApiAnswer::Written(_)
     ));
+}
+
+/// Submits `text` to a lone node and returns the spec of the copy it
+/// starts, with the time reached (ms).
+fn start_alone(s: &mut Scheduler, base: Instant, text: &str) -> (Box<InstanceSpec>, u64) {
+    s.handle_view(view(&["n0"]), now(base, 1));
+    let effects = s.handle_api(
+        1,
+        ApiRequest::Submit {
+            text: text.into(),
+            check_version: None,
+        },
+        now(base, 2),
+    );
+    let write = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        })
+        .expect("the write");
+    s.handle_persisted(write, Ok(()), now(base, 3));
+    let mut t = 3;
+    loop {
+        t += 100;
+        assert!(t < 10_000, "never started");
+        let effects = s.handle_timer(now(base, t));
+        if let Some(spec) = effects.iter().find_map(|e| match e {
+            Effect::StartInstance { spec, .. } => Some(spec.clone()),
+            _ => None,
+        }) {
+            return (spec, t);
+        }
+    }
+}
+
+#[test]
+fn a_stopping_copy_is_shown_stopping_for_its_shutdown_delay_before_the_signal() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    let text = "name = \"web\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nshutdown_delay = \"2s\"\n";
+    let (spec, t) = start_alone(&mut s, base, text);
+    s.handle_started(spec.id.clone(), Ok(()), now(base, t + 1));
+    let effects = s.handle_api(2, ApiRequest::Stop { name: "web".into() }, now(base, t + 2));
+    let write = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Persist { write, .. } => Some(*write),
+            _ => None,
+        })
+        .unwrap();
+    s.handle_persisted(write, Ok(()), now(base, t + 3));
+    let mut signalled = None;
+    let mut shown_stopping_at = None;
+    for dt in 1..50u64 {
+        let at = t + 3 + dt * 100;
+        let effects = s.handle_timer(now(base, at));
+        if shown_stopping_at.is_none() {
+            let published = effects.iter().any(
+                |e| matches!(e, Effect::Publish { value: Some(v), .. } if v.contains("\"x\":true")),
+            );
+            if published {
+                shown_stopping_at = Some(at);
+            }
+        }
+        if effects
+            .iter()
+            .any(|e| matches!(e, Effect::StopInstance { id, .. } if *id == spec.id))
+        {
+            signalled = Some(at);
+            break;
+        }
+    }
+    let shown = shown_stopping_at.expect("published as stopping");
+    let signalled = signalled.expect("signalled in the end");
+    assert!(
+        signalled >= shown + 2_000,
+        "the signal ({signalled} ms) came before the delay after it was shown stopping ({shown} ms)"
+    );
+    assert!(
+        signalled <= shown + 2_200,
+        "late signal: {signalled} vs {shown}"
+    );
+}
+
+#[test]
+fn an_end_reported_before_the_start_leaves_the_restart_watched() {
+    let base = origin();
+    let mut s = scheduler("n0", false, base);
+    let text =
+        "name = \"web\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nports = { http = 0 }\n\
+                [[task.check]]\ntype = \"tcp\"\nport = \"http\"\n\n[restart]\ndelay = \"100ms\"\n";
+    let (spec, t) = start_alone(&mut s, base, text);
+    // The task exits at once; its end overtakes the start's result.
+    s.handle_driver(
+        DriverEvent::Ended {
+            id: spec.id.clone(),
+            state: InstanceState::Exited(ExitStatus::code(1)),
+        },
+        now(base, t + 1),
+    );
+    let effects = s.handle_started(spec.id.clone(), Ok(()), now(base, t + 2));
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::WatchChecks { .. })),
+        "a run that ended is not watched"
+    );
+    let mut again = None;
+    for dt in 1..50 {
+        let effects = s.handle_timer(now(base, t + 2 + dt * 50));
+        again = effects.iter().find_map(|e| match e {
+            Effect::StartInstance { spec, .. } => Some(spec.clone()),
+            _ => None,
+        });
+        if again.is_some() {
+            break;
+        }
+    }
+    let again = again.expect("restarted");
+    let effects = s.handle_started(again.id.clone(), Ok(()), now(base, t + 3_000));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::WatchChecks { id, .. } if *id == again.id)),
+        "the restarted run is watched"
+    );
 }
