@@ -292,3 +292,114 @@ fn resubmits_history_revert_and_check_version() {
     let (ok, _, err) = cli(a, &["stop", "app"]);
     assert!(ok, "{err}");
 }
+
+/// Slots with a copy that runs and passes, per `/v1/instances` of `agent`,
+/// and the versions of the live copies.
+fn serving(agent: &Agent, job: &str) -> (usize, Vec<String>) {
+    let all: Vec<serde_json::Value> = agent
+        .request("GET", "/v1/instances")
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()
+        .and_then(|r| r.into_json().ok())
+        .unwrap_or_default();
+    let mine: Vec<&serde_json::Value> = all.iter().filter(|i| i["job"] == job).collect();
+    let slots: std::collections::BTreeSet<u64> = mine
+        .iter()
+        .filter(|i| i["state"] == "running" && i["health"] == "passing")
+        .filter_map(|i| i["slot"].as_u64())
+        .collect();
+    let versions = mine
+        .iter()
+        .filter(|i| i["state"] == "running" || i["state"] == "starting")
+        .map(|i| i["version"].as_str().unwrap_or("-").to_string())
+        .collect();
+    (slots.len(), versions)
+}
+
+#[test]
+fn a_rolling_update_keeps_every_slot_serving() {
+    let root = tempfile::tempdir().unwrap();
+    // The agents share 127.0.0.1: disjoint port ranges keep an old and a
+    // new copy of a slot (on two agents) from choosing one port.
+    let first = Agent::start(
+        root.path(),
+        "n0",
+        None,
+        None,
+        &["--port-range", "23100-23149"],
+    );
+    let (seed, token) = (first.quic(), first.token_file());
+    let mut agents = vec![first];
+    for (i, range) in [(1, "23150-23199"), (2, "23200-23249")] {
+        agents.push(Agent::start(
+            root.path(),
+            &format!("n{i}"),
+            Some(&seed),
+            Some(&token),
+            &["--port-range", range],
+        ));
+    }
+    wait_until("the agents see each other", || {
+        agents
+            .iter()
+            .all(|a| a.nodes().is_some_and(|n| n.len() == 3))
+    });
+    let site = Site::new("roll");
+    std::fs::write(site.path().join("ok"), "ok\n").unwrap();
+    let job = |version: &str| {
+        format!(
+            r#"name = "roll"
+type = "service"
+replicas = 4
+
+[task]
+command = "/bin/busybox"
+args = ["httpd", "-f", "-p", "${{SHOAL_ADDR_HTTP}}", "-h", "{site}"]
+env = {{ RELEASE = "{version}" }}
+ports = {{ http = 0 }}
+
+[task.resources]
+cpu = 10
+memory = 8
+
+[[task.check]]
+type = "http"
+port = "http"
+path = "/ok"
+interval = "200ms"
+grace = "0s"
+failures = 2
+
+[update]
+max_parallel = 1
+min_healthy_time = "500ms"
+"#,
+            site = site.path().display()
+        )
+    };
+    let one = job_file(root.path(), "one", &job("1"));
+    let (ok, out, err) = cli(&agents[0], &["run", one.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    wait_until("four slots serve v1", || serving(&agents[1], "roll").0 == 4);
+    let two = job_file(root.path(), "two", &job("2"));
+    let (ok, out, err) = cli(&agents[0], &["run", "--detach", two.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    // Every sample until the update ends: four slots serve.
+    let mut samples = 0;
+    wait_until("every slot serves v2 alone", || {
+        let (n, versions) = serving(&agents[1], "roll");
+        samples += 1;
+        assert!(
+            n >= 4,
+            "only {n} slots served during the update ({versions:?})"
+        );
+        n == 4 && versions.len() == 4 && versions.iter().all(|v| v == "v2")
+    });
+    assert!(
+        samples > 5,
+        "the update was not watched ({samples} samples)"
+    );
+    let (ok, _, err) = cli(&agents[0], &["stop", "roll"]);
+    assert!(ok, "{err}");
+}

@@ -292,6 +292,7 @@ mod tests {
                 health: Default::default(),
                 check: None,
                 stopping: false,
+                ready: false,
                 version: 0,
                 slot,
                 run: 1_000_000_000_000 + u64::from(slot),

@@ -296,6 +296,8 @@ struct Streak {
 pub struct Tracker {
     started: Instant,
     checks: Vec<Streak>,
+    /// Since when the copy has been passing without a break.
+    passing_since: Option<Instant>,
 }
 
 /// What a result changed.
@@ -315,7 +317,14 @@ impl Tracker {
         Tracker {
             started,
             checks: vec![Streak::default(); checks],
+            passing_since: (checks == 0).then_some(started),
         }
+    }
+
+    /// Whether the copy has passed without a break for `min` by `now`.
+    pub fn passing_for(&self, min: Duration, now: Instant) -> bool {
+        self.passing_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= min)
     }
 
     /// The copy's health: critical if a check is, passing if every check
@@ -387,9 +396,15 @@ impl Tracker {
                 }
             }
         }
+        let after = self.health();
+        if after != Health::Passing {
+            self.passing_since = None;
+        } else if self.passing_since.is_none() {
+            self.passing_since = Some(now);
+        }
         Change {
             before,
-            after: self.health(),
+            after,
             restart,
         }
     }

@@ -184,6 +184,10 @@ pub struct Published {
     /// longer serving, whatever its state.
     #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// Passing its checks for its job's `min_healthy_time`: a rolling
+    /// update may stop the slot's old copy.
+    #[serde(rename = "k", default, skip_serializing_if = "std::ops::Not::not")]
+    pub ready: bool,
     /// The number of the job version it runs (`v7`; 0: unknown).
     #[serde(rename = "v", default, skip_serializing_if = "is_zero_u64")]
     pub version: u64,

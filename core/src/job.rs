@@ -66,6 +66,9 @@ pub struct JobSpec {
     /// What to do when an instance exits or fails.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// How a new version replaces the running copies (services).
+    #[serde(default, skip_serializing_if = "crate::update::UpdateSpec::is_default")]
+    pub update: crate::update::UpdateSpec,
 }
 
 fn default_replicas() -> u32 {
@@ -792,6 +795,9 @@ impl JobSpec {
                 ));
             }
         }
+        if let Some((field, message)) = self.update.problem() {
+            return Err(invalid(text, &format!("update.{field}"), message));
+        }
         if self.restart.delay.is_zero() || self.restart.max_delay < self.restart.delay {
             return Err(invalid(
                 text,
@@ -871,6 +877,7 @@ impl JobSpec {
                 max_skew: s.max_skew,
             }),
             affinities,
+            avoid: Vec::new(),
         }
     }
 }
@@ -1070,6 +1077,32 @@ memory = 32
             !serde_json::to_string(&JobSpec::parse(MINIMAL).unwrap().task)
                 .unwrap()
                 .contains("check")
+        );
+    }
+
+    #[test]
+    fn update_settings_parse_and_are_checked() {
+        let with = |u: &str| format!("{MINIMAL}\n[update]\n{u}\n");
+        let j = JobSpec::parse(&with(
+            "max_parallel = 3\norder = \"stop-first\"\nmin_healthy_time = \"10s\"",
+        ))
+        .unwrap();
+        assert_eq!(j.update.max_parallel, 3);
+        assert_eq!(j.update.order, crate::update::Order::StopFirst);
+        assert_eq!(j.update.min_healthy_time, Duration::from_secs(10));
+        assert_eq!(JobSpec::parse(MINIMAL).unwrap().update, Default::default());
+        let e = JobSpec::parse(&with("max_parallel = 0")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("update.max_parallel"), "{e}");
+        let e = JobSpec::parse(&with("order = \"sideways\"")).unwrap_err();
+        assert!(e.message.contains("start-first"), "{e}");
+        let e = JobSpec::parse(&with("min_healthy_time = \"2h\"")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("update.min_healthy_time"), "{e}");
+        // Settings of the update are not the task's: changing them
+        // replaces no copy.
+        let a = JobSpec::parse(&with("max_parallel = 2")).unwrap();
+        assert_eq!(
+            a.task.fingerprint(),
+            JobSpec::parse(MINIMAL).unwrap().task.fingerprint()
         );
     }
 

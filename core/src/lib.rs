@@ -21,6 +21,7 @@
 //!   backoff of unplaceable slots.
 //! - [`sync`]: anti-entropy state (catch-up before acting).
 //! - [`reconcile`]: the reconciler's rules as pure functions.
+//! - [`update`]: rolling updates: `[update]` and who moves which slot when.
 //! - [`view`]: members, the coordinators' ring, the index of published copies.
 //! - [`status`]: what the API shows.
 //! - [`job`]: job files: parsing, validation, slot requests.
@@ -51,6 +52,7 @@ pub mod seen;
 pub mod skew;
 pub mod status;
 pub mod sync;
+pub mod update;
 pub mod view;
 pub mod wire;
 

@@ -37,6 +37,9 @@ pub struct Local {
     /// When the stop was last requested (it is requested again if the copy
     /// has not ended well after the stop grace).
     pub stop_sent: Option<Instant>,
+    /// Running its job's current task, passing its checks for the job's
+    /// `min_healthy_time` (set by the pass): rolling updates move on.
+    pub ready: bool,
     /// Stopped to be restarted (a check with `restart = true` turned
     /// critical): its end takes the restart policy's path; the stop is
     /// requested again if it does not come.
@@ -87,6 +90,7 @@ impl Local {
             ports: self.ports.clone(),
             health: self.health(),
             stopping: self.stopping,
+            ready: self.ready && !self.stopping,
             version: self.seq,
             check: match (&self.tracker, self.state) {
                 (Some(t), SlotState::Running) => t.reason(&self.checks),

@@ -188,7 +188,16 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     let placements = s.placements(&spec.name, now);
     let requests: Vec<_> = to_place
         .iter()
-        .map(|i| spec.slot_request(slots[*i].slot))
+        .map(|i| {
+            s.request_for(
+                spec,
+                slots[*i].slot,
+                crate::scheduler::Now {
+                    mono: now,
+                    wall_ms: 0,
+                },
+            )
+        })
         .collect();
     let explained: Vec<_> = requests
         .iter()

@@ -23,6 +23,7 @@ use shoal_placement::{conflict_order, RunningCopy};
 use crate::instance::{Published, SlotState};
 use crate::job::{JobSpec, JobType};
 use crate::records::JobRecord;
+use crate::update::Order;
 use crate::view::{MemberView, Members};
 
 /// Why a copy stops.
@@ -57,14 +58,42 @@ pub fn finished<'a>(
                 .any(|c| matches!(c.state, SlotState::Completed | SlotState::Failed)))
 }
 
+/// Whether the old copy of `slot` may stop now, by the job's rolling
+/// update (see [`crate::update`]): a batch slot's at once; a service
+/// slot's once the slot is `ready` (a copy of the current task passes
+/// elsewhere: the old one is surplus, also stop-first, where a partition
+/// can leave one behind), and stop-first also once the slot is in the
+/// `window`.
+pub fn old_copy_may_stop(spec: &JobSpec, ready: bool, in_window: bool) -> bool {
+    match (spec.job_type, spec.update.order) {
+        (JobType::Batch, _) => true,
+        (_, Order::StartFirst) => ready,
+        (_, Order::StopFirst) => ready || in_window,
+    }
+}
+
+/// Whether a slot that has a live old copy (and no live copy of the
+/// current task) may be placed now: a batch slot at once; a service slot,
+/// start-first, when it is in the `window`; stop-first, never (its old
+/// copy stops first, and the slot is then placed as an empty one).
+pub fn place_beside_old_copy(spec: &JobSpec, in_window: bool) -> bool {
+    match (spec.job_type, spec.update.order) {
+        (JobType::Batch, _) => true,
+        (_, Order::StartFirst) => in_window,
+        (_, Order::StopFirst) => false,
+    }
+}
+
 /// What this node must do about its own live copy `mine` of a slot, given
 /// the job's spec and task fingerprint (`None`: stopped or unknown), whether
-/// the slot is finished, and the other live copies of the slot on live
+/// the slot is finished, whether an outdated copy may stop now
+/// ([`old_copy_may_stop`]), and the other live copies of the slot on live
 /// nodes: `(node, copy)`.
 pub fn own_copy_stop<'a>(
     me: &str,
     job: Option<(&JobSpec, u64)>,
     finished: bool,
+    old_may_stop: bool,
     mine: &Published,
     others: impl IntoIterator<Item = (&'a str, &'a Published)>,
 ) -> Option<StopReason> {
@@ -75,7 +104,7 @@ pub fn own_copy_stop<'a>(
         return Some(StopReason::ScaledDown);
     }
     if mine.task != fp {
-        return Some(StopReason::Outdated);
+        return old_may_stop.then_some(StopReason::Outdated);
     }
     if finished {
         return Some(StopReason::Finished);
@@ -179,6 +208,27 @@ pub fn reconcile(inp: &Inputs) -> Actions {
     for o in inp.observed {
         by_slot.entry((&*o.job, o.copy.slot)).or_default().push(o);
     }
+    let ready = |job: &str, slot: u32, fp: u64| {
+        by_slot.get(&(job, slot)).is_some_and(|cs| {
+            cs.iter().any(|o| {
+                o.copy.task == fp
+                    && o.copy.ready
+                    && o.copy.state == SlotState::Running
+                    && !o.copy.stopping
+            })
+        })
+    };
+    let windows: BTreeMap<&str, Vec<u32>> = live_jobs
+        .iter()
+        .map(|(name, (spec, fp))| {
+            (
+                *name,
+                crate::update::window(spec.replicas, spec.update.max_parallel, |s| {
+                    ready(name, s, *fp)
+                }),
+            )
+        })
+        .collect();
     let is_finished = |job: &str, slot: u32, spec: &JobSpec| {
         let copies = by_slot.get(&(job, slot)).map(Vec::as_slice).unwrap_or(&[]);
         finished(
@@ -199,7 +249,16 @@ pub fn reconcile(inp: &Inputs) -> Actions {
             .into_iter()
             .flatten()
             .map(|x| (&*x.node, &x.copy));
-        if let Some(r) = own_copy_stop(inp.me, job, fin, &o.copy, others) {
+        let may_stop = job.is_some_and(|(spec, fp)| {
+            old_copy_may_stop(
+                spec,
+                ready(&o.job, o.copy.slot, fp),
+                windows
+                    .get(&*o.job)
+                    .is_some_and(|w| w.contains(&o.copy.slot)),
+            )
+        });
+        if let Some(r) = own_copy_stop(inp.me, job, fin, may_stop, &o.copy, others) {
             actions
                 .stop
                 .push((o.job.to_string(), o.copy.slot, o.copy.run, r));
@@ -215,13 +274,23 @@ pub fn reconcile(inp: &Inputs) -> Actions {
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             let key = (name.to_string(), slot);
-            if needs_placing(
-                spec,
-                *fp,
-                slot,
-                is_finished(name, slot, spec),
-                copies.iter().map(|o| &o.copy),
-            ) && !inp.pending.contains(&key)
+            let beside_old = copies
+                .iter()
+                .any(|o| o.copy.state.is_live() && o.copy.task != *fp);
+            let gate = !beside_old
+                || place_beside_old_copy(
+                    spec,
+                    windows.get(name).is_some_and(|w| w.contains(&slot)),
+                );
+            if gate
+                && needs_placing(
+                    spec,
+                    *fp,
+                    slot,
+                    is_finished(name, slot, spec),
+                    copies.iter().map(|o| &o.copy),
+                )
+                && !inp.pending.contains(&key)
             {
                 actions.place.push(key);
             }

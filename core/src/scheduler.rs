@@ -747,6 +747,7 @@ impl Scheduler {
                 stop_sent: None,
                 stop_at: None,
                 restarting: false,
+                ready: false,
                 start_in_flight: false,
                 error: None,
                 unconfirmed: running,
@@ -1816,6 +1817,12 @@ impl Scheduler {
                     ));
                     continue;
                 }
+                Some(l) if l.state.is_live() && l.task != fp => {
+                    // One copy per slot and node: the new version goes
+                    // elsewhere while this one runs (start-first).
+                    refused.push((slot, "it still runs the slot's previous version".into()));
+                    continue;
+                }
                 Some(l) if l.state.is_live() || l.state == SlotState::Completed => {
                     continue; // already here
                 }
@@ -1887,6 +1894,7 @@ impl Scheduler {
                 stop_sent: None,
                 stop_at: None,
                 restarting: false,
+                ready: false,
                 start_in_flight: true,
                 error: None,
                 unconfirmed: false,
@@ -2189,6 +2197,27 @@ impl Scheduler {
         for id in unwatched {
             self.watch_checks(&id, now);
         }
+        // Which copies count as ready for rolling updates.
+        for l in self.local.iter_mut() {
+            let current = self.desired.task_fp(&l.id.job) == Some(l.task);
+            let min = l
+                .record
+                .spec
+                .as_ref()
+                .map(|s| s.update.min_healthy_time)
+                .unwrap_or_default();
+            let ready = current
+                && l.state == SlotState::Running
+                && !l.stopping
+                && !l.restarting
+                && l.tracker
+                    .as_ref()
+                    .is_some_and(|t| t.passing_for(min, now.mono));
+            if ready != l.ready {
+                l.ready = ready;
+                self.dirty = true;
+            }
+        }
         if self.sync.caught_up && !self.seen.view.members.is_empty() {
             let coordinating = now.mono >= self.coordinate_after;
             if coordinating {
@@ -2205,6 +2234,7 @@ impl Scheduler {
     /// Verdicts on this node's own copies.
     fn own_copies(&mut self, now: Now) {
         let mut stops = Vec::new();
+        let mut windows: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         let mut renumber = Vec::new();
         let mut forget = Vec::new();
         for l in self.local.iter() {
@@ -2247,7 +2277,24 @@ impl Scheduler {
                     others.iter().map(|(_, c)| *c),
                 )
             });
-            if let Some(r) = own_copy_stop(&self.me, job, fin, &mine, others.iter().copied()) {
+            let may_stop = job.is_some_and(|(spec, fp)| {
+                mine.task == fp || {
+                    let mut in_window = || {
+                        windows
+                            .entry(l.id.job.clone())
+                            .or_insert_with(|| self.update_window(spec, fp, now))
+                            .contains(&l.id.slot)
+                    };
+                    crate::reconcile::old_copy_may_stop(
+                        spec,
+                        self.slot_ready(&l.id.job, l.id.slot, fp, now),
+                        spec.update.order == crate::update::Order::StopFirst && in_window(),
+                    )
+                }
+            });
+            if let Some(r) =
+                own_copy_stop(&self.me, job, fin, may_stop, &mine, others.iter().copied())
+            {
                 stops.push((l.id.job.clone(), l.id.slot, r));
             }
         }
@@ -2360,7 +2407,62 @@ impl Scheduler {
             .collect();
         let all = || mine.iter().chain(others.iter());
         let fin = finished(spec, self.desired.is_completed(name, slot), all());
-        needs_placing(spec, fp, slot, fin, all())
+        if !needs_placing(spec, fp, slot, fin, all()) {
+            return false;
+        }
+        // A slot whose old copy still runs moves by the rolling update.
+        let beside_old = all().any(|c| c.state.is_live() && c.task != fp && !c.stopping);
+        !beside_old
+            || crate::reconcile::place_beside_old_copy(
+                spec,
+                self.update_window(spec, fp, now).contains(&slot),
+            )
+    }
+
+    /// The placement request of a slot: its spec's, avoiding the nodes
+    /// that hold an older copy of the slot (a node holds one copy per
+    /// slot, so a start-first update places the new one elsewhere).
+    pub fn request_for(&self, spec: &JobSpec, slot: u32, now: Now) -> shoal_placement::SlotRequest {
+        let mut req = spec.slot_request(slot);
+        let fp = spec.task.fingerprint();
+        let old = |c: &crate::instance::Published| c.state.is_live() && c.task != fp;
+        if self
+            .local
+            .get(&spec.name, slot)
+            .is_some_and(|l| old(&l.published()))
+        {
+            req.avoid.push(self.me.to_string());
+        }
+        req.avoid.extend(
+            self.seen
+                .copies(&self.me, &spec.name, slot, now.mono)
+                .filter(|(_, c)| old(c))
+                .map(|(n, _)| n.to_string()),
+        );
+        req
+    }
+
+    /// Whether a copy of `slot` running the task `fp` is ready (passing for
+    /// the job's `min_healthy_time`) here or on a live node.
+    fn slot_ready(&self, job: &str, slot: u32, fp: u64, now: Now) -> bool {
+        let ready = |c: &crate::instance::Published| {
+            c.task == fp && c.ready && c.state == SlotState::Running && !c.stopping
+        };
+        self.local
+            .get(job, slot)
+            .is_some_and(|l| ready(&l.published()))
+            || self
+                .seen
+                .copies(&self.me, job, slot, now.mono)
+                .any(|(_, c)| ready(c))
+    }
+
+    /// The job's rolling-update window as this node sees it (see
+    /// [`crate::update`]).
+    fn update_window(&self, spec: &JobSpec, fp: u64, now: Now) -> Vec<u32> {
+        crate::update::window(spec.replicas, spec.update.max_parallel, |s| {
+            self.slot_ready(&spec.name, s, fp, now)
+        })
     }
 
     /// Where the job's live copies (and this node's placements in flight)
@@ -2415,7 +2517,7 @@ impl Scheduler {
         let mut placeable = Vec::new();
         for slot in slots {
             match candidates_with(
-                &spec.slot_request(slot),
+                &self.request_for(spec, slot, now),
                 &nodes,
                 &index,
                 &placements,
@@ -2518,7 +2620,10 @@ impl Scheduler {
         }
         let index = NodeIndex::new(&nodes);
         let mut placements = self.placements_of(&r.job.name, now);
-        let requests: Vec<_> = slots.iter().map(|s| spec.slot_request(*s)).collect();
+        let requests: Vec<_> = slots
+            .iter()
+            .map(|s| self.request_for(spec, *s, now))
+            .collect();
         let results = assign(
             &requests,
             &mut nodes,

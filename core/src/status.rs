@@ -146,7 +146,16 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
         let best = copies
             .iter()
             .filter(|(_, c)| c.slot == slot)
-            .max_by_key(|(_, c)| (c.state.is_live(), c.state == SlotState::Running, c.run));
+            // During a rolling update a slot has two copies: the one that
+            // serves is shown (then the newer).
+            .max_by_key(|(_, c)| {
+                (
+                    c.state.is_live() && !c.stopping,
+                    c.state == SlotState::Running,
+                    c.health == crate::health::Health::Passing,
+                    c.run,
+                )
+            });
         let done = s.desired().is_completed(&record.name, slot);
         slots.push(match best {
             // A copy whose last start failed shows as failed, with why,

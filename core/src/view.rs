@@ -647,6 +647,7 @@ mod tests {
                     health: Default::default(),
                     check: None,
                     stopping: false,
+                    ready: false,
                     version: 0,
                     slot: *s,
                     run: 1,

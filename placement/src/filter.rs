@@ -28,6 +28,8 @@ pub enum Rejection {
     DistinctHosts,
     /// The node lacks the spread label.
     SpreadLabelMissing(String),
+    /// The node holds an older copy of the slot.
+    HoldsOldCopy,
     /// Placing here would exceed the spread's maximum skew.
     SpreadSkew {
         /// Label.
@@ -45,6 +47,7 @@ impl std::fmt::Display for Rejection {
             Rejection::Cpu { need } => write!(f, "lack {need} millicores of free CPU"),
             Rejection::Memory { need } => write!(f, "lack {need} MiB of free memory"),
             Rejection::Port(p) => write!(f, "already use port {p}"),
+            Rejection::HoldsOldCopy => write!(f, "still run the slot's previous version"),
             Rejection::DistinctHosts => {
                 write!(f, "already run a replica of this job (distinct_hosts)")
             }
@@ -67,6 +70,9 @@ pub fn check_node(
 ) -> Result<(), Rejection> {
     if !node.drivers.contains(&req.driver) {
         return Err(Rejection::Driver(req.driver.clone()));
+    }
+    if req.avoid.contains(&node.id) {
+        return Err(Rejection::HoldsOldCopy);
     }
     if let Some(c) = req.constraints.iter().find(|c| !c.holds(node)) {
         return Err(Rejection::Constraint(c.to_string()));

@@ -179,6 +179,10 @@ pub struct SlotRequest {
     pub spread: Option<Spread>,
     /// Soft preferences.
     pub affinities: Vec<Affinity>,
+    /// Nodes that hold an older copy of this very slot (a start-first
+    /// update puts the new one elsewhere: a node holds one copy per slot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<String>,
 }
 
 impl SlotRequest {
@@ -202,6 +206,7 @@ impl SlotRequest {
             distinct_hosts: false,
             spread: None,
             affinities: Vec::new(),
+            avoid: Vec::new(),
         }
     }
 }

@@ -386,6 +386,11 @@ pub struct Sim {
     killed_at: Option<Duration>,
     recovered_at: Option<Duration>,
     max_reconverge: Duration,
+    /// (update workload) when the new version was submitted, when the
+    /// update finished, and the fewest slots served meanwhile.
+    update_at: Option<Duration>,
+    update_done_at: Option<Duration>,
+    update_min_serving: Option<u32>,
 }
 
 /// What a run found.
@@ -507,6 +512,9 @@ impl Sim {
             killed_at: None,
             recovered_at: None,
             max_reconverge: Duration::ZERO,
+            update_at: None,
+            update_done_at: None,
+            update_min_serving: None,
         };
         sim.checker = Checker::new(
             sim.opts.conflict_window,
@@ -1424,12 +1432,54 @@ impl Sim {
     }
 
     fn sample(&mut self) {
-        let mut holders: BTreeMap<(String, u32), Vec<usize>> = BTreeMap::new();
+        if let Workload::Update {
+            replicas,
+            max_parallel,
+            stop_first,
+            ..
+        } = self.opts.workload.clone()
+        {
+            if self.update_at.is_some() && self.update_done_at.is_none() {
+                let serving = self.roll_copies().0.len() as u32;
+                let min = self.update_min_serving.map_or(serving, |m| m.min(serving));
+                self.update_min_serving = Some(min);
+                let floor = if stop_first {
+                    replicas.saturating_sub(max_parallel)
+                } else {
+                    replicas
+                };
+                if serving < floor {
+                    self.checker.violate(
+                        "update capacity",
+                        format!(
+                            "{serving} of {replicas} slots served at {:.2}s during a {} update (floor {floor})",
+                            self.t.as_secs_f64(),
+                            if stop_first { "stop-first" } else { "start-first" }
+                        ),
+                    );
+                }
+            }
+        }
+        // The copies of a slot that run one task (an old and a new copy of
+        // a slot side by side are a start-first update's surge, not a
+        // duplicate): per slot, the largest such group.
+        let mut groups: BTreeMap<(String, u32, u64), Vec<usize>> = BTreeMap::new();
         for r in self.running() {
-            holders
-                .entry((r.spec.id.job.clone(), r.spec.id.slot))
+            groups
+                .entry((
+                    r.spec.id.job.clone(),
+                    r.spec.id.slot,
+                    r.spec.task.fingerprint(),
+                ))
                 .or_default()
                 .push(r.node);
+        }
+        let mut holders: BTreeMap<(String, u32), Vec<usize>> = BTreeMap::new();
+        for ((job, slot, _), nodes) in groups {
+            let h = holders.entry((job, slot)).or_default();
+            if nodes.len() > h.len() {
+                *h = nodes;
+            }
         }
         let t = self.t;
         self.checker.sample(t, &holders);
@@ -1480,6 +1530,7 @@ impl Sim {
                     "ports = {{ http = {} }}\n",
                     8000 + self.next_job % 1000
                 ));
+                extra.push_str("[update]\norder = \"stop-first\"\n");
                 replicas.min(n.saturating_sub(2).max(1))
             }
             // Dynamic ports: any number per node, each copy its own (the
@@ -1509,6 +1560,19 @@ impl Sim {
             // Spread over zones.
             3 => {
                 extra.push_str("[spread]\nlabel = \"zone\"\nmax_skew = 1\n");
+                replicas
+            }
+            // Rolling updates of every kind.
+            4..=6 => {
+                let order = if self.rng.random_range(0..2) == 0 {
+                    "start-first"
+                } else {
+                    "stop-first"
+                };
+                let mp = self.rng.random_range(1..=3u32);
+                extra.push_str(&format!(
+                    "[update]\nmax_parallel = {mp}\norder = \"{order}\"\n"
+                ));
                 replicas
             }
             _ => replicas,
@@ -1558,6 +1622,149 @@ impl Sim {
                 }
             }
             Workload::Bulk { .. } => self.at(BULK_AT, Ev::Submit),
+            Workload::Update { .. } => {
+                let text = self.roll_text(1);
+                self.api_call(ApiRequest::Submit {
+                    text,
+                    check_version: None,
+                });
+            }
+        }
+    }
+
+    /// The update workload's job, version `v`.
+    fn roll_text(&self, v: u32) -> String {
+        let Workload::Update {
+            replicas,
+            max_parallel,
+            stop_first,
+            broken,
+        } = self.opts.workload.clone()
+        else {
+            return String::new();
+        };
+        format!(
+            "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\nports = {{ http = 0 }}\n{}[task.resources]\ncpu = 50\nmemory = 32\n\
+             [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
+             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"1s\"\n",
+            if broken && v > 1 {
+                "env = { SIM_HEALTH = \"fail\" }\n"
+            } else {
+                ""
+            },
+            if stop_first { "stop-first" } else { "start-first" },
+        )
+    }
+
+    /// The update workload's copies as their holders know them: per slot,
+    /// whether a copy serves (runs, passes, is not stopping), and the
+    /// version (args) of each live copy and whether it is ready.
+    fn roll_copies(&self) -> (BTreeSet<u32>, Vec<(u32, String, bool)>) {
+        let mut serving = BTreeSet::new();
+        let mut copies = Vec::new();
+        for n in &self.nodes {
+            let Some(core) = n.core.as_ref().filter(|_| n.agent_up && n.machine_up) else {
+                continue;
+            };
+            for l in core.local().of_job("roll") {
+                if !l.state.is_live() || l.stopping {
+                    continue;
+                }
+                let runs = n
+                    .driver
+                    .instances
+                    .get(&l.id)
+                    .is_some_and(|i| i.ended.is_none());
+                let version = l
+                    .record
+                    .spec
+                    .as_ref()
+                    .filter(|s| s.task.fingerprint() == l.task)
+                    .and_then(|s| s.task.args.first().cloned())
+                    .unwrap_or_else(|| "old".into());
+                if runs
+                    && l.state == shoal_core::instance::SlotState::Running
+                    && l.health() == shoal_core::health::Health::Passing
+                {
+                    serving.insert(l.id.slot);
+                }
+                copies.push((l.id.slot, version, l.ready));
+            }
+        }
+        (serving, copies)
+    }
+
+    /// The update workload's step: submit the new version once every slot
+    /// is ready, then watch it finish (or, broken, stay on its first slots).
+    fn roll_step(&mut self) {
+        let Workload::Update {
+            replicas,
+            max_parallel,
+            broken,
+            ..
+        } = self.opts.workload.clone()
+        else {
+            return;
+        };
+        let (_, copies) = self.roll_copies();
+        let ready_of = |v: &str| {
+            copies
+                .iter()
+                .filter(|(_, ver, ready)| ver == v && *ready)
+                .map(|(s, _, _)| *s)
+                .collect::<BTreeSet<u32>>()
+        };
+        match self.update_at {
+            None => {
+                if ready_of("v1").len() as u32 == replicas {
+                    let text = self.roll_text(2);
+                    self.api_call(ApiRequest::Submit {
+                        text,
+                        check_version: None,
+                    });
+                    self.update_at = Some(self.t);
+                } else if self.t > Duration::from_secs(120) {
+                    self.checker
+                        .violate("update", "the first version never got ready".to_string());
+                    self.phase = Phase::Done;
+                }
+            }
+            Some(at) => {
+                let on_v2: BTreeSet<u32> = copies
+                    .iter()
+                    .filter(|(_, v, _)| v == "v2")
+                    .map(|(s, _, _)| *s)
+                    .collect();
+                let took = self.t.saturating_sub(at);
+                if broken {
+                    if on_v2.len() as u32 > max_parallel {
+                        self.checker.violate(
+                            "update",
+                            format!(
+                                "a version that never passes reached {} slots (max_parallel {max_parallel})",
+                                on_v2.len()
+                            ),
+                        );
+                        self.phase = Phase::Done;
+                    } else if took > Duration::from_secs(30) {
+                        self.phase = Phase::Done;
+                    }
+                } else if ready_of("v2").len() as u32 == replicas && copies.len() as u32 == replicas
+                {
+                    self.update_done_at = Some(self.t);
+                    self.phase = Phase::Done;
+                } else if took > Duration::from_secs(180) {
+                    self.checker.violate(
+                        "update",
+                        format!(
+                            "the update did not finish in {took:?}: {} of {replicas} slots ready on v2, {} copies",
+                            ready_of("v2").len(),
+                            copies.len()
+                        ),
+                    );
+                    self.phase = Phase::Done;
+                }
+            }
         }
     }
 
@@ -1622,9 +1829,14 @@ impl Sim {
                 let replicas = self.rng.random_range(1..=max);
                 self.api_call(ApiRequest::Scale { name, replicas });
             }
-            7 if !live.is_empty() => {
-                // An update: a new task (outdated copies are replaced).
-                let (_, mut spec) = live[self.rng.random_range(0..live.len())].clone();
+            7 if live.iter().any(|(_, s)| !never_ready(s)) => {
+                // An update: a new task (outdated copies are replaced, by
+                // the job's rolling update). A version that never passes
+                // would stop the update on its first slots by design: not
+                // drawn here.
+                let updatable: Vec<&(String, JobSpec)> =
+                    live.iter().filter(|(_, s)| !never_ready(s)).collect();
+                let (_, mut spec) = updatable[self.rng.random_range(0..updatable.len())].clone();
                 spec.task.args = vec![format!("v{}", self.rng.random_range(3..1000))];
                 if let Ok(text) = toml::to_string(&spec) {
                     self.api_call(ApiRequest::Submit {
@@ -2281,6 +2493,11 @@ impl Sim {
         match self.phase.clone() {
             Phase::Warmup => {
                 let converged = self.converged();
+                if let Workload::Update { .. } = self.opts.workload {
+                    self.roll_step();
+                    self.at(poll, Ev::Step);
+                    return;
+                }
                 if let Workload::Bulk { .. } = self.opts.workload {
                     if converged
                         && self.all_running_at.is_none()
@@ -2541,6 +2758,8 @@ impl Sim {
             "core_cpu_s_total": (self.nodes.iter().map(|n| n.cpu.as_secs_f64()).sum::<f64>() * 1000.0).round() / 1000.0,
             "core_cpu_s_busiest_node": (self.nodes.iter().map(|n| n.cpu.as_secs_f64()).fold(0.0, f64::max) * 1000.0).round() / 1000.0,
             "submitted_at_s": self.submitted_at.map(|t| t.as_secs_f64()),
+            "update_s": self.update_done_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
+            "update_min_serving": self.update_min_serving,
             "submission_to_all_running_s": self.all_running_at.zip(self.submitted_at).map(|(a, s)| (a - s).as_secs_f64()),
             "killed_at_s": self.killed_at.map(|t| t.as_secs_f64()),
             "recovered_after_kill_s": self.recovered_at.zip(self.killed_at).map(|(r, k)| (r - k).as_secs_f64()),
@@ -2551,6 +2770,12 @@ impl Sim {
             json,
         }
     }
+}
+
+/// A service whose copies never pass their checks (`SIM_HEALTH = fail`).
+fn never_ready(spec: &JobSpec) -> bool {
+    !spec.task.checks.is_empty()
+        && spec.task.env.get("SIM_HEALTH").map(String::as_str) == Some("fail")
 }
 
 fn node_remove(n: &mut SimNode, id: &InstanceId) {

@@ -33,6 +33,22 @@ pub enum Workload {
         /// Slots per job.
         replicas: u32,
     },
+    /// One checked service of `replicas` slots; once every slot is ready,
+    /// a new version of it (one that never passes, when `broken`), rolled
+    /// out by its `[update]`; no faults. Checks that the copies serving
+    /// never fall below `replicas` (start-first) or `replicas -
+    /// max_parallel` (stop-first), that the update finishes, and that a
+    /// broken version changes at most `max_parallel` slots.
+    Update {
+        /// Slots.
+        replicas: u32,
+        /// `[update] max_parallel`.
+        max_parallel: u32,
+        /// `stop-first` rather than `start-first`.
+        stop_first: bool,
+        /// The new version never passes its checks.
+        broken: bool,
+    },
 }
 
 /// A simulated run.

@@ -55,7 +55,17 @@ fn arb_world() -> impl Strategy<Value = World> {
             let mut records: Vec<JobRecord> = jobs
                 .iter()
                 .enumerate()
-                .map(|(i, (r, batch, _))| job(&format!("j{i}"), *r, *batch))
+                .map(|(i, (r, batch, _))| {
+                    let mut j = job(&format!("j{i}"), *r, *batch);
+                    // Rolling updates of both orders and widths.
+                    if let Some(s) = j.spec.as_mut() {
+                        s.update.max_parallel = 1 + (i as u32 % 2);
+                        if i % 3 == 1 {
+                            s.update.order = crate::update::Order::StopFirst;
+                        }
+                    }
+                    j
+                })
                 .collect();
             // some jobs stopped
             for (i, (_, _, stopped)) in jobs.iter().enumerate() {
@@ -74,6 +84,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                         health: Default::default(),
                         check: None,
                         stopping: false,
+                        ready: kind >= 6,
                         version: 0,
                         slot,
                         run,
@@ -107,6 +118,25 @@ fn arb_world() -> impl Strategy<Value = World> {
                 completed,
             }
         })
+}
+
+/// Whether a ready copy of the job's current task holds `slot`.
+fn ready_in(w: &World, spec: &JobSpec, slot: u32) -> bool {
+    let fp = spec.task.fingerprint();
+    w.observed.iter().any(|o| {
+        *o.job == *spec.name
+            && o.copy.slot == slot
+            && o.copy.task == fp
+            && o.copy.ready
+            && o.copy.state == SlotState::Running
+    })
+}
+
+/// The job's rolling-update window in the world.
+fn window_of(w: &World, spec: &JobSpec) -> Vec<u32> {
+    crate::update::window(spec.replicas, spec.update.max_parallel, |s| {
+        ready_in(w, spec, s)
+    })
 }
 
 fn run_all(w: &World) -> BTreeMap<String, Actions> {
@@ -149,10 +179,18 @@ proptest! {
                 let key = (j.name.clone(), slot);
                 let copies: Vec<&Observed> = w.observed.iter().filter(|o| *o.job == *j.name && o.copy.slot == slot).collect();
                 let live = copies.iter().any(|o| o.copy.state.is_live() && o.copy.task == fp);
+                let old = copies.iter().any(|o| o.copy.state.is_live() && o.copy.task != fp);
                 let finished = j.job_type == crate::job::JobType::Batch
                     && (w.completed.contains(&key) || copies.iter().any(|o| matches!(o.copy.state, SlotState::Completed | SlotState::Failed)));
-                let should = !live && !finished;
-                prop_assert_eq!(placed.contains_key(&key), should, "slot {:?}: live {} finished {}", key, live, finished);
+                // A slot whose old copy runs moves only by the rolling
+                // update: start-first in the window, stop-first never
+                // beside it (batch at once).
+                let in_window = window_of(&w, j).contains(&slot);
+                let update_allows = !old
+                    || j.job_type == crate::job::JobType::Batch
+                    || (j.update.order == crate::update::Order::StartFirst && in_window);
+                let should = !live && !finished && update_allows;
+                prop_assert_eq!(placed.contains_key(&key), should, "slot {:?}: live {} old {} finished {}", key, live, old, finished);
             }
         }
     }
@@ -180,12 +218,27 @@ proptest! {
             match &j.spec {
                 None => prop_assert!(live_after.is_empty(), "a stopped job keeps running"),
                 Some(spec) => {
+                    let fp = spec.task.fingerprint();
+                    let window = window_of(&w, spec);
                     for slot in 0..spec.replicas + 8 {
                         let n = live_after.iter().filter(|o| o.copy.slot == slot).count();
+                        let current = live_after.iter().filter(|o| o.copy.slot == slot && o.copy.task == fp).count();
                         if slot >= spec.replicas {
                             prop_assert_eq!(n, 0, "slot {} beyond replicas still runs", slot);
-                        } else {
-                            prop_assert!(n <= 1, "slot {} keeps {} copies", slot, n);
+                            continue;
+                        }
+                        prop_assert!(current <= 1, "slot {} keeps {} copies of its task", slot, current);
+                        // Old copies outlive the pass only as the rolling
+                        // update says: start-first until the slot is
+                        // ready, stop-first outside the window.
+                        if n > current {
+                            let ready = ready_in(&w, spec, slot);
+                            let allowed = spec.job_type == crate::job::JobType::Service
+                                && match spec.update.order {
+                                    crate::update::Order::StartFirst => !ready,
+                                    crate::update::Order::StopFirst => !ready && !window.contains(&slot),
+                                };
+                            prop_assert!(allowed, "slot {} keeps an old copy (ready {}, window {:?})", slot, ready, window);
                         }
                     }
                 }
@@ -208,6 +261,7 @@ fn the_older_copy_survives_a_conflict() {
             health: Default::default(),
             check: None,
             stopping: false,
+            ready: false,
             version: 0,
             slot: 0,
             run,

@@ -59,6 +59,10 @@ struct Args {
     /// Print nothing but the summary.
     #[arg(long)]
     quiet: bool,
+    /// A rolling update instead of the mixed workload:
+    /// `N:MAX_PARALLEL:start-first|stop-first[:broken]` (no faults).
+    #[arg(long)]
+    update: Option<String>,
     /// Scheduler timings: `lan` (the default) or `local-test` (the preset
     /// the integration tests use: short join grace and retries).
     #[arg(long, default_value = "lan", value_parser = ["lan", "local-test"])]
@@ -94,6 +98,27 @@ fn main() {
         opts.faults = false;
         // Skew would only blur the timings the benchmark measures.
         opts.skew_max_ms = 0;
+    }
+    if let Some(u) = &args.update {
+        // N:MAX_PARALLEL:start-first|stop-first[:broken]
+        let parts: Vec<&str> = u.split(':').collect();
+        let (Some(n), Some(mp), Some(order)) = (
+            parts.first().and_then(|p| p.parse().ok()),
+            parts.get(1).and_then(|p| p.parse().ok()),
+            parts.get(2),
+        ) else {
+            eprintln!(
+                "sim: --update takes N:MAX_PARALLEL:start-first|stop-first[:broken], not `{u}`"
+            );
+            std::process::exit(2);
+        };
+        opts.workload = Workload::Update {
+            replicas: n,
+            max_parallel: mp,
+            stop_first: *order == "stop-first",
+            broken: parts.get(3) == Some(&"broken"),
+        };
+        opts.faults = false;
     }
     if args.preset == "local-test" {
         opts.scheduler = shoal_core::SchedulerConfig::local_test();

@@ -1,0 +1,145 @@
+//! Rolling updates: the `[update]` settings of a job and the rule that
+//! decides, at every node and from its own view, which slots of a service
+//! move to a new version now.
+//!
+//! **The window.** A slot is *ready* when some live node publishes a copy
+//! of it running the job's current task that has passed its checks for
+//! `min_healthy_time` (the holder says so: `k` in its gossip entry). The
+//! window is the first `max_parallel` slots, in slot order, that are not
+//! ready. Only slots in the window move:
+//!
+//! - `start-first`: the coordinator places a copy of the new version for
+//!   a window slot beside its old copy; the holder of the old copy stops it
+//!   once the slot is ready (whatever the window).
+//! - `stop-first`: the holder of a window slot's old copy stops it; the
+//!   coordinator places the new copy once the slot has no live copy.
+//!
+//! Why it holds with views that differ: readiness only grows while nothing
+//! fails, so a stale view sees fewer ready slots, never more. Its window
+//! then lies at or before the true one, and every slot it lets move that is
+//! truly not ready is also in the true window: at most `max_parallel` slots
+//! are being replaced at once (the proof: a stale not-ready set S' contains
+//! the true one S, so the `max_parallel`-th element of S' is at or before
+//! that of S). A stale holder under start-first waits longer before it
+//! stops an old copy (surge), never stops one early; a version whose copies
+//! never become ready keeps the window on its first `max_parallel` slots.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Which copy goes first when a slot moves to a new version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// The new copy runs and is ready before the old one stops (default).
+    #[default]
+    StartFirst,
+    /// The old copy stops, then the new one starts (host ports, or no room
+    /// for both).
+    StopFirst,
+}
+
+/// `[update]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSpec {
+    /// Slots replaced at once (default 1).
+    #[serde(default = "default_max_parallel")]
+    pub max_parallel: u32,
+    /// `start-first` (default) or `stop-first`.
+    #[serde(default)]
+    pub order: Order,
+    /// How long a new copy must pass its checks before it counts as ready
+    /// (default 0 s).
+    #[serde(default, with = "crate::job::humantime_serde_str")]
+    pub min_healthy_time: Duration,
+}
+
+fn default_max_parallel() -> u32 {
+    1
+}
+
+/// Longest `min_healthy_time`.
+pub const MIN_HEALTHY_MAX: Duration = Duration::from_secs(3600);
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            max_parallel: default_max_parallel(),
+            order: Order::default(),
+            min_healthy_time: Duration::ZERO,
+        }
+    }
+}
+
+impl UpdateSpec {
+    /// Whether these are the defaults (then not written out).
+    pub fn is_default(&self) -> bool {
+        *self == UpdateSpec::default()
+    }
+
+    /// The problem with these settings, if any: (field, message).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if self.max_parallel == 0 || self.max_parallel > crate::job::REPLICAS_MAX {
+            return Some((
+                "max_parallel",
+                format!(
+                    "must be between 1 and {}, not {}",
+                    crate::job::REPLICAS_MAX,
+                    self.max_parallel
+                ),
+            ));
+        }
+        if self.min_healthy_time > MIN_HEALTHY_MAX {
+            return Some((
+                "min_healthy_time",
+                format!("at most {}s", MIN_HEALTHY_MAX.as_secs()),
+            ));
+        }
+        None
+    }
+}
+
+/// The window: the first `max_parallel` slots below `replicas`, in
+/// order, that are not `ready`.
+pub fn window(replicas: u32, max_parallel: u32, ready: impl Fn(u32) -> bool) -> Vec<u32> {
+    (0..replicas)
+        .filter(|s| !ready(*s))
+        .take(max_parallel as usize)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_window_is_the_first_slots_not_ready() {
+        assert_eq!(window(6, 2, |s| s < 2), vec![2, 3]);
+        assert_eq!(window(6, 2, |s| s != 4), vec![4]);
+        assert_eq!(window(3, 5, |_| false), vec![0, 1, 2]);
+        assert!(window(3, 1, |_| true).is_empty());
+    }
+
+    proptest! {
+        /// A view that sees a subset of the ready slots never lets a slot
+        /// move that is truly not ready and outside the true window.
+        #[test]
+        fn a_stale_view_moves_nothing_beyond_the_true_window(
+            ready in proptest::collection::vec(any::<bool>(), 1..40),
+            seen in proptest::collection::vec(any::<bool>(), 40),
+            mp in 1u32..6,
+        ) {
+            let n = ready.len() as u32;
+            let truly = |s: u32| ready[s as usize];
+            // The stale view: ready only where truly ready and seen.
+            let stale = |s: u32| ready[s as usize] && seen[s as usize];
+            let true_window = window(n, mp, truly);
+            for s in window(n, mp, stale) {
+                prop_assert!(truly(s) || true_window.contains(&s), "slot {s}");
+            }
+        }
+    }
+}
