@@ -2285,11 +2285,20 @@ impl Scheduler {
                             .or_insert_with(|| self.update_window(spec, fp, now))
                             .contains(&l.id.slot)
                     };
-                    crate::reconcile::old_copy_may_stop(
-                        spec,
-                        self.slot_ready(&l.id.job, l.id.slot, fp, now),
-                        spec.update.order == crate::update::Order::StopFirst && in_window(),
-                    )
+                    let ready = self.slot_ready(&l.id.job, l.id.slot, fp, now);
+                    match spec.update.order {
+                        crate::update::Order::StopFirst => {
+                            crate::reconcile::old_copy_may_stop(spec, ready, in_window())
+                        }
+                        // Start-first where the new copy has room; where
+                        // no node can take it beside the old one (one
+                        // node, a full cluster), this window slot goes
+                        // stop-first.
+                        crate::update::Order::StartFirst => {
+                            crate::reconcile::old_copy_may_stop(spec, ready, false)
+                                || (self.slot_unplaceable(&l.id.job, l.id.slot) && in_window())
+                        }
+                    }
                 }
             });
             if let Some(r) =
@@ -2457,9 +2466,25 @@ impl Scheduler {
                 .any(|(_, c)| ready(c))
     }
 
+    /// Whether the slot's coordinator (or this node, coordinating) found
+    /// no node for it.
+    fn slot_unplaceable(&self, job: &str, slot: u32) -> bool {
+        self.placing.backoff_of(job, slot).is_some()
+            || self
+                .seen
+                .view
+                .index
+                .unplaced(job)
+                .is_some_and(|by_node| by_node.values().flatten().any(|u| u.holds(slot)))
+    }
+
     /// The job's rolling-update window as this node sees it (see
-    /// [`crate::update`]).
+    /// [`crate::update`]); none while this node is cut off with a minority
+    /// (a partition pauses an update on the smaller side).
     fn update_window(&self, spec: &JobSpec, fp: u64, now: Now) -> Vec<u32> {
+        if self.seen.minority() {
+            return Vec::new();
+        }
         crate::update::window(spec.replicas, spec.update.max_parallel, |s| {
             self.slot_ready(&spec.name, s, fp, now)
         })
