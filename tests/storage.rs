@@ -376,6 +376,7 @@ fn drop_future_records_clears_a_record_stamped_far_ahead() {
             spec: Some(JobSpec::parse(&text).unwrap()),
             seq: 1,
             history: Vec::new(),
+            reverted_from: None,
         }
     };
     {

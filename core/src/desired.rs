@@ -413,6 +413,7 @@ mod tests {
             spec,
             seq: 1,
             history: Vec::new(),
+            reverted_from: None,
         })
     }
 

@@ -293,6 +293,7 @@ mod tests {
                 check: None,
                 stopping: false,
                 ready: false,
+                failed: false,
                 version: 0,
                 slot,
                 run: 1_000_000_000_000 + u64::from(slot),

@@ -188,6 +188,10 @@ pub struct Published {
     /// update may stop the slot's old copy.
     #[serde(rename = "k", default, skip_serializing_if = "std::ops::Not::not")]
     pub ready: bool,
+    /// Never ready within its job's `healthy_deadline`: the update to its
+    /// version failed.
+    #[serde(rename = "d", default, skip_serializing_if = "std::ops::Not::not")]
+    pub failed: bool,
     /// The number of the job version it runs (`v7`; 0: unknown).
     #[serde(rename = "v", default, skip_serializing_if = "is_zero_u64")]
     pub version: u64,

@@ -40,6 +40,13 @@ pub struct Local {
     /// Running its job's current task, passing its checks for the job's
     /// `min_healthy_time` (set by the pass): rolling updates move on.
     pub ready: bool,
+    /// When the slot was placed here (kept across restarts of the copy).
+    pub placed_at: Instant,
+    /// It was ready at least once.
+    pub was_ready: bool,
+    /// Never ready within its job's `healthy_deadline` of being placed:
+    /// the update to its version failed (set by the pass).
+    pub failed: bool,
     /// Stopped to be restarted (a check with `restart = true` turned
     /// critical): its end takes the restart policy's path; the stop is
     /// requested again if it does not come.
@@ -91,6 +98,7 @@ impl Local {
             health: self.health(),
             stopping: self.stopping,
             ready: self.ready && !self.stopping,
+            failed: self.failed,
             version: self.seq,
             check: match (&self.tracker, self.state) {
                 (Some(t), SlotState::Running) => t.reason(&self.checks),

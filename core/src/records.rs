@@ -26,6 +26,10 @@ pub struct JobRecord {
     /// [`HISTORY_MAX`]), and at most [`HISTORY_BYTES_MAX`] of specs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Earlier>,
+    /// Written by an automatic revert of this version number (never
+    /// reverted itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverted_from: Option<u64>,
 }
 
 /// Records written before versions were numbered count as the first.
@@ -64,7 +68,25 @@ impl JobRecord {
             spec,
             seq: 1,
             history: Vec::new(),
+            reverted_from: None,
         }
+    }
+
+    /// The automatic revert of this (failed) version to `spec`: the next
+    /// number, and a version that beats this one and nothing newer: this
+    /// one's clock, and its writer's name followed by `!revert` ('!' sorts
+    /// before every character of a node name, so a write at this very
+    /// clock by any node that beats this one beats the revert too).
+    /// Deterministic: every node that decides to revert writes the same
+    /// record.
+    pub fn revert_to(&self, spec: JobSpec) -> JobRecord {
+        let version = Version {
+            hlc: self.version.hlc,
+            node: format!("{}!revert", self.version.node),
+        };
+        let mut r = JobRecord::next(Some(self), self.name.clone(), version, Some(spec));
+        r.reverted_from = Some(self.seq);
+        r
     }
 
     /// The record that replaces `current` (if any) with `spec` at
@@ -244,5 +266,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old.seq, 1);
+    }
+
+    #[test]
+    fn a_revert_beats_the_failed_version_and_nothing_newer() {
+        let good = JobRecord::new("web", version(10), Some(spec(1)));
+        let failed = JobRecord::next(Some(&good), "web", version(20), Some(spec(2)));
+        let revert = failed.revert_to(spec(1));
+        revert.validate().unwrap();
+        assert_eq!((revert.seq, revert.reverted_from), (3, Some(2)));
+        assert_eq!(revert.spec_of(3).unwrap().replicas, 1);
+        assert!(revert.version > failed.version);
+        // The same whichever node writes it.
+        assert_eq!(revert, failed.revert_to(spec(1)));
+        // Any write that beats the failed one beats the revert: a later
+        // clock, or the same clock by a node that sorts after its writer.
+        let later = Version {
+            hlc: Hlc {
+                wall_ms: 20,
+                logical: 1,
+            },
+            node: "a".into(),
+        };
+        assert!(later > revert.version);
+        for node in ["n0-b", "n00", "n0.x", "n1", "z"] {
+            let v = Version {
+                hlc: failed.version.hlc,
+                node: node.into(),
+            };
+            assert!(v > failed.version, "{node}");
+            assert!(v > revert.version, "{node} loses to the revert");
+        }
     }
 }

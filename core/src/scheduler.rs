@@ -310,6 +310,9 @@ enum Call {
 
 enum Origin {
     Api(ApiToken),
+    /// An automatic revert this node wrote: pushed to every node once
+    /// durable.
+    Revert,
     /// A peer's push: answered once durable, when it asked (`Some`).
     Peer(Option<ReplyToken>),
     Sync,
@@ -383,6 +386,8 @@ pub struct Counters {
     pub health_changes: u64,
     /// Copies restarted because a check turned critical.
     pub health_restarts: u64,
+    /// Automatic reverts written.
+    pub reverts: u64,
 }
 
 /// Most own completions held to announce once the node sees a peer (see
@@ -748,6 +753,9 @@ impl Scheduler {
                 stop_at: None,
                 restarting: false,
                 ready: false,
+                placed_at: now.mono,
+                was_ready: false,
+                failed: false,
                 start_in_flight: false,
                 error: None,
                 unconfirmed: running,
@@ -1216,6 +1224,7 @@ impl Scheduler {
                         response: Response::Ok,
                     }),
                     Origin::Peer(None) | Origin::Sync => {}
+                    Origin::Revert => self.push_to_all(Request::PutJobs(w.jobs.clone())),
                 }
             }
             Err(e) => match w.origin {
@@ -1239,8 +1248,9 @@ impl Scheduler {
                         self.sync.exchange_done = false;
                     }
                 }
-                // A peer's write comes again by anti-entropy.
-                Origin::Peer(None) => {}
+                // A peer's write comes again by anti-entropy; a revert is
+                // decided again at the next pass.
+                Origin::Peer(None) | Origin::Revert => {}
             },
         }
         self.maybe_caught_up();
@@ -1820,7 +1830,10 @@ impl Scheduler {
                 Some(l) if l.state.is_live() && l.task != fp => {
                     // One copy per slot and node: the new version goes
                     // elsewhere while this one runs (start-first).
-                    refused.push((slot, "it still runs the slot's previous version".into()));
+                    refused.push((
+                        slot,
+                        format!("it still runs {}", shoal_placement::HOLDS_OLD_COPY),
+                    ));
                     continue;
                 }
                 Some(l) if l.state.is_live() || l.state == SlotState::Completed => {
@@ -1895,6 +1908,9 @@ impl Scheduler {
                 stop_at: None,
                 restarting: false,
                 ready: false,
+                placed_at: now.mono,
+                was_ready: false,
+                failed: false,
                 start_in_flight: true,
                 error: None,
                 unconfirmed: false,
@@ -2162,10 +2178,14 @@ impl Scheduler {
             .map(|l| (l.id.job.clone(), l.id.slot))
             .collect();
         for (job, slot) in unconfirmed {
+            // Replaced by a copy of the same task; one of another version
+            // is a rolling update's to settle (found in review: an agent
+            // restarted mid-update stopped all its old copies at once).
+            let task = self.local.get(&job, slot).map(|l| l.task);
             let elsewhere = self
                 .seen
                 .copies(&self.me, &job, slot, now.mono)
-                .any(|(_, c)| c.state.is_live());
+                .any(|(_, c)| c.state.is_live() && Some(c.task) == task);
             if let Some(l) = self.local.get_mut(&job, slot) {
                 l.unconfirmed = false;
             }
@@ -2213,8 +2233,20 @@ impl Scheduler {
                 && l.tracker
                     .as_ref()
                     .is_some_and(|t| t.passing_for(min, now.mono));
-            if ready != l.ready {
+            l.was_ready |= ready;
+            let deadline = l
+                .record
+                .spec
+                .as_ref()
+                .map(|s| s.update.healthy_deadline)
+                .unwrap_or(Duration::MAX);
+            let failed = current
+                && !l.was_ready
+                && !l.stopping
+                && now.mono.saturating_duration_since(l.placed_at) > deadline;
+            if ready != l.ready || failed != l.failed {
                 l.ready = ready;
+                l.failed = failed;
                 self.dirty = true;
             }
         }
@@ -2296,7 +2328,8 @@ impl Scheduler {
                         // stop-first.
                         crate::update::Order::StartFirst => {
                             crate::reconcile::old_copy_may_stop(spec, ready, false)
-                                || (self.slot_unplaceable(&l.id.job, l.id.slot) && in_window())
+                                || (self.slot_unplaceable(&l.id.job, l.id.slot, fp, now)
+                                    && in_window())
                         }
                     }
                 }
@@ -2375,8 +2408,9 @@ impl Scheduler {
         );
         self.placing.retry_if_changed(name, stamp, now.mono);
         let mut to_place = Vec::new();
+        let mut window = None;
         for slot in 0..spec.replicas {
-            if !self.slot_needs_placing(spec, fp, slot, now) {
+            if !self.slot_needs_placing(spec, fp, slot, now, &mut window) {
                 // Placed (or finished): a placement in flight landed.
                 self.placing.landed(name, slot);
                 self.placing.settled(name, slot);
@@ -2400,13 +2434,89 @@ impl Scheduler {
             }
         }
         if !to_place.is_empty() {
-            self.begin_round(record, to_place, now);
+            self.begin_round(record.clone(), to_place, now);
         }
+        self.maybe_revert(&record, now);
+    }
+
+    /// The coordinator's part in a failed update: when a copy of the
+    /// job's version never got ready within its `healthy_deadline` and the
+    /// job asks for `auto_revert`, write back the version most of its old
+    /// copies run (else the one before). Not for a revert itself; the
+    /// record is the same whichever node writes it, and loses to any newer
+    /// write (see [`JobRecord::revert_to`]).
+    fn maybe_revert(&mut self, record: &Arc<JobRecord>, now: Now) {
+        let Some(spec) = record.spec.as_ref() else {
+            return;
+        };
+        if !spec.update.auto_revert
+            || record.reverted_from.is_some()
+            || self
+                .writes
+                .values()
+                .any(|w| matches!(w.origin, Origin::Revert))
+            || self.writes.len() >= self.config.writes_in_flight_max
+        {
+            return;
+        }
+        let fp = spec.task.fingerprint();
+        let name = record.name.as_str();
+        let mut failed = self.local.of_job(name).any(|l| l.task == fp && l.failed);
+        let mut old_versions: BTreeMap<u64, usize> = BTreeMap::new();
+        for l in self
+            .local
+            .of_job(name)
+            .filter(|l| l.state.is_live() && l.task != fp)
+        {
+            *old_versions.entry(l.seq).or_default() += 1;
+        }
+        if let Some(copies) = self.seen.view.index.job(name) {
+            for (_, node, c) in copies.iter() {
+                if !self.seen.counts(&self.me, node, now.mono) {
+                    continue;
+                }
+                failed |= c.task == fp && c.failed;
+                if c.state.is_live() && c.task != fp {
+                    *old_versions.entry(c.version).or_default() += 1;
+                }
+            }
+        }
+        if !failed {
+            return;
+        }
+        // The version most old copies run, if the record keeps it; else
+        // the one before.
+        let target = old_versions
+            .iter()
+            .filter(|(v, _)| record.history.iter().any(|e| e.seq == **v))
+            .max_by_key(|(v, n)| (**n, **v))
+            .map(|(v, _)| *v)
+            .or_else(|| record.history.first().map(|e| e.seq));
+        let Some(spec) = target
+            .and_then(|v| record.spec_of(v))
+            .filter(|s| s.validate("").is_ok())
+            .cloned()
+        else {
+            return;
+        };
+        let revert = Arc::new(record.revert_to(spec));
+        self.counters.reverts = self.counters.reverts.saturating_add(1);
+        self.persist(vec![revert], Vec::new(), Origin::Revert);
     }
 
     /// Whether a slot of a live job has no live copy of the current task
     /// anywhere this node can see, and is not finished.
-    fn slot_needs_placing(&self, spec: &JobSpec, fp: u64, slot: u32, now: Now) -> bool {
+    /// `window`: the job's update window, computed at the first slot that
+    /// needs it and kept for the pass (computing it per slot made a pass
+    /// quadratic in the replicas: found in review).
+    fn slot_needs_placing(
+        &self,
+        spec: &JobSpec,
+        fp: u64,
+        slot: u32,
+        now: Now,
+        window: &mut Option<Vec<u32>>,
+    ) -> bool {
         let name = spec.name.as_str();
         let mine = self.local.get(name, slot).map(|l| l.published());
         let others: Vec<crate::instance::Published> = self
@@ -2424,7 +2534,9 @@ impl Scheduler {
         !beside_old
             || crate::reconcile::place_beside_old_copy(
                 spec,
-                self.update_window(spec, fp, now).contains(&slot),
+                window
+                    .get_or_insert_with(|| self.update_window(spec, fp, now))
+                    .contains(&slot),
             )
     }
 
@@ -2457,25 +2569,54 @@ impl Scheduler {
         let ready = |c: &crate::instance::Published| {
             c.task == fp && c.ready && c.state == SlotState::Running && !c.stopping
         };
-        self.local
+        self.local.get(job, slot).is_some_and(|l| {
+            !l.unconfirmed
+                && l.task == fp
+                && l.ready
+                && !l.stopping
+                && l.state == SlotState::Running
+        }) || self
+            .seen
+            .copies(&self.me, job, slot, now.mono)
+            .any(|(_, c)| ready(c))
+    }
+
+    /// Whether a start-first update's new copy of the slot finds no room
+    /// beside its old one: no live copy of the current task `fp` anywhere,
+    /// and the job's current coordinator (this node, or the live member
+    /// the ring names) reports the slot unplaceable with the nodes that
+    /// hold its old copy among the reasons. Anything else (a transient
+    /// refusal, an unrelated rule, an old report of another node) keeps
+    /// the old copy.
+    fn slot_unplaceable(&self, job: &str, slot: u32, fp: u64, now: Now) -> bool {
+        let current = |c: &crate::instance::Published| c.state.is_live() && c.task == fp;
+        if self
+            .local
             .get(job, slot)
-            .is_some_and(|l| ready(&l.published()))
+            .is_some_and(|l| current(&l.published()))
             || self
                 .seen
                 .copies(&self.me, job, slot, now.mono)
-                .any(|(_, c)| ready(c))
-    }
-
-    /// Whether the slot's coordinator (or this node, coordinating) found
-    /// no node for it.
-    fn slot_unplaceable(&self, job: &str, slot: u32) -> bool {
-        self.placing.backoff_of(job, slot).is_some()
-            || self
-                .seen
-                .view
-                .index
-                .unplaced(job)
-                .is_some_and(|by_node| by_node.values().flatten().any(|u| u.holds(slot)))
+                .any(|(_, c)| current(c))
+        {
+            return false;
+        }
+        let beside_old = |reason: &str| reason.contains(shoal_placement::HOLDS_OLD_COPY);
+        let Some(coordinator) = self.seen.view.members.coordinator(job) else {
+            return false;
+        };
+        if **coordinator == *self.me {
+            return self
+                .placing
+                .backoff_of(job, slot)
+                .is_some_and(|b| beside_old(&b.reason));
+        }
+        self.seen
+            .view
+            .index
+            .unplaced(job)
+            .and_then(|by_node| by_node.get(coordinator))
+            .is_some_and(|us| us.iter().any(|u| u.holds(slot) && beside_old(&u.reason)))
     }
 
     /// The job's rolling-update window as this node sees it (see
@@ -2620,12 +2761,13 @@ impl Scheduler {
         // completed meanwhile is not placed again (found by the simulator,
         // seed 56: a batch slot that completed during the round ran twice).
         let fp = spec.task.fingerprint();
+        let mut window = None;
         let slots: Vec<u32> = r
             .slots
             .iter()
             .copied()
             .filter(|s| {
-                self.slot_needs_placing(spec, fp, *s, now)
+                self.slot_needs_placing(spec, fp, *s, now, &mut window)
                     && !self.placing.is_in_flight(&r.job.name, *s)
             })
             .collect();

@@ -54,7 +54,25 @@ pub struct UpdateSpec {
     /// (default 0 s).
     #[serde(default, with = "crate::job::humantime_serde_str")]
     pub min_healthy_time: Duration,
+    /// A copy of the new version not ready this long after it was placed
+    /// fails the update (default 5 min).
+    #[serde(
+        default = "default_healthy_deadline",
+        with = "crate::job::humantime_serde_str"
+    )]
+    pub healthy_deadline: Duration,
+    /// When the update fails, write the last good version back (default
+    /// false). A revert is never reverted, and a newer submission wins.
+    #[serde(default)]
+    pub auto_revert: bool,
 }
+
+fn default_healthy_deadline() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Longest `healthy_deadline`.
+pub const HEALTHY_DEADLINE_MAX: Duration = Duration::from_secs(24 * 3600);
 
 fn default_max_parallel() -> u32 {
     1
@@ -69,6 +87,8 @@ impl Default for UpdateSpec {
             max_parallel: default_max_parallel(),
             order: Order::default(),
             min_healthy_time: Duration::ZERO,
+            healthy_deadline: default_healthy_deadline(),
+            auto_revert: false,
         }
     }
 }
@@ -95,6 +115,17 @@ impl UpdateSpec {
             return Some((
                 "min_healthy_time",
                 format!("at most {}s", MIN_HEALTHY_MAX.as_secs()),
+            ));
+        }
+        if self.healthy_deadline <= self.min_healthy_time
+            || self.healthy_deadline > HEALTHY_DEADLINE_MAX
+        {
+            return Some((
+                "healthy_deadline",
+                format!(
+                    "must be longer than min_healthy_time and at most {}s",
+                    HEALTHY_DEADLINE_MAX.as_secs()
+                ),
             ));
         }
         None

@@ -648,6 +648,7 @@ mod tests {
                     check: None,
                     stopping: false,
                     ready: false,
+                    failed: false,
                     version: 0,
                     slot: *s,
                     run: 1,

@@ -4,6 +4,11 @@ use std::collections::BTreeMap;
 
 use crate::model::{JobPlacements, Node, SlotRequest};
 
+/// The words that say a node was passed over because it runs the slot's
+/// older copy (a start-first update's placement), in a rejection and in a
+/// holder's refusal: a holder falls back to stop-first on them.
+pub const HOLDS_OLD_COPY: &str = "the slot's previous version";
+
 /// Why a node was ruled out. Ordered as the filters run: a node is
 /// attributed to the first one it fails.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,7 +52,7 @@ impl std::fmt::Display for Rejection {
             Rejection::Cpu { need } => write!(f, "lack {need} millicores of free CPU"),
             Rejection::Memory { need } => write!(f, "lack {need} MiB of free memory"),
             Rejection::Port(p) => write!(f, "already use port {p}"),
-            Rejection::HoldsOldCopy => write!(f, "still run the slot's previous version"),
+            Rejection::HoldsOldCopy => write!(f, "still run {HOLDS_OLD_COPY}"),
             Rejection::DistinctHosts => {
                 write!(f, "already run a replica of this job (distinct_hosts)")
             }

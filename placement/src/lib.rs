@@ -25,7 +25,7 @@ pub mod model;
 pub mod place;
 
 pub use bid::{conflict_order, cost, survivor, winner, Bid, RunningCopy};
-pub use filter::Rejection;
+pub use filter::{Rejection, HOLDS_OLD_COPY};
 pub use model::{Affinity, Constraint, JobPlacements, Node, Op, Resources, SlotRequest, Spread};
 pub use place::{
     assign, candidates, candidates_with, coordinator, explain, place, place_with, Candidate,

@@ -1646,7 +1646,7 @@ impl Sim {
         format!(
             "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\nports = {{ http = 0 }}\n{}[task.resources]\ncpu = 50\nmemory = 32\n\
              [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
-             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"1s\"\n",
+             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\nauto_revert = {broken}\n",
             if broken && v > 1 {
                 "env = { SIM_HEALTH = \"fail\" }\n"
             } else {
@@ -1737,6 +1737,8 @@ impl Sim {
                     .collect();
                 let took = self.t.saturating_sub(at);
                 if broken {
+                    // It reaches at most max_parallel slots, and the
+                    // automatic revert brings every slot back to v1 alone.
                     if on_v2.len() as u32 > max_parallel {
                         self.checker.violate(
                             "update",
@@ -1746,7 +1748,21 @@ impl Sim {
                             ),
                         );
                         self.phase = Phase::Done;
-                    } else if took > Duration::from_secs(30) {
+                    } else if ready_of("v1").len() as u32 == replicas
+                        && copies.len() as u32 == replicas
+                        && self.reverted()
+                    {
+                        self.update_done_at = Some(self.t);
+                        self.phase = Phase::Done;
+                    } else if took > Duration::from_secs(90) {
+                        self.checker.violate(
+                            "update",
+                            format!(
+                                "the broken version was not reverted in {took:?}: {} slots ready on v1, {} copies",
+                                ready_of("v1").len(),
+                                copies.len()
+                            ),
+                        );
                         self.phase = Phase::Done;
                     }
                 } else if ready_of("v2").len() as u32 == replicas && copies.len() as u32 == replicas
@@ -1766,6 +1782,19 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Whether every up node holds the job at an automatic revert.
+    fn reverted(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| n.agent_up)
+            .filter_map(|n| n.core.as_ref())
+            .all(|c| {
+                c.desired()
+                    .get("roll")
+                    .is_some_and(|r| r.reverted_from.is_some())
+            })
     }
 
     /// The benchmark's submission: every job at once, at random nodes.

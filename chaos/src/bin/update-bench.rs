@@ -3,7 +3,8 @@
 //! over HTTP; a new version rolled out with `max_parallel` 1 and 4
 //! (start-first) and 4 (stop-first): the time until every slot serves the
 //! new version alone, and the fewest slots serving at any 100 ms sample; a
-//! version that never passes: how many slots it reaches in `--broken-secs`.
+//! version that never passes, with `auto_revert`: how many slots it
+//! reaches, and the time until every slot serves the last good version.
 //!
 //! Usage: cargo build --release -p chaos --bin update-bench &&
 //! target/release/update-bench [--help] (needs /bin/busybox)
@@ -24,9 +25,6 @@ struct Args {
     /// Slots of the service.
     #[arg(long, default_value_t = 20)]
     replicas: u32,
-    /// How long a broken version is watched, seconds.
-    #[arg(long, default_value_t = 20)]
-    broken_secs: u64,
     /// Write the figures as JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -69,6 +67,8 @@ failures = 2
 max_parallel = {max_parallel}
 order = "{order}"
 min_healthy_time = "1s"
+healthy_deadline = "10s"
+auto_revert = {broken}
 "#,
         path = if broken { "/missing" } else { "/ok" },
     )
@@ -191,30 +191,43 @@ fn main() -> Result<()> {
             serde_json::json!({"seconds": secs, "lowest_serving": lowest, "replicas": r}),
         );
     }
-    // A version that never passes: how far it gets.
-    release += 1;
-    agents[0].post(
+    // A version that never passes, with auto_revert: how far it gets and
+    // how long until every slot serves the last good version alone again.
+    let accepted = agents[0].post(
         "/v1/jobs",
-        &job(args.replicas, &site, release, 4, "start-first", true),
+        &job(args.replicas, &site, release + 1, 4, "start-first", true),
     )?;
+    let broken = accepted["version"]
+        .as_str()
+        .context("a version")?
+        .to_string();
     let started = Instant::now();
     let mut reached = 0usize;
     let mut lowest = usize::MAX;
-    while started.elapsed() < Duration::from_secs(args.broken_secs) {
+    let reverted_after = loop {
         if let Some((n, versions)) = serving(&agents[1]) {
             lowest = lowest.min(n);
-            let want = format!("v{}", release);
-            reached = reached.max(versions.iter().filter(|v| **v == want).count());
+            reached = reached.max(versions.iter().filter(|v| **v == broken).count());
+            let now_at = agents[1]
+                .get("/v1/jobs/web")
+                .and_then(|j| j["version"].as_str().map(str::to_string));
+            if let Some(at) = now_at.filter(|v| *v != broken) {
+                if n == r && versions.len() == r && versions.iter().all(|v| *v == at) {
+                    break started.elapsed().as_secs_f64();
+                }
+            }
+        }
+        if started.elapsed() > WAIT {
+            bail!("the broken version {broken} was not reverted in {WAIT:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     println!(
-        "broken version, max_parallel 4: reached {reached} of {r} slots in {} s, lowest serving {lowest}",
-        args.broken_secs
+        "broken version (healthy_deadline 10 s, auto_revert), max_parallel 4: reached {reached} of {r} slots, reverted and settled in {reverted_after:.1} s, lowest serving {lowest}"
     );
     figures.insert(
-        "broken_mp4".into(),
-        serde_json::json!({"slots_reached": reached, "lowest_serving": lowest, "watched_s": args.broken_secs}),
+        "broken_mp4_auto_revert".into(),
+        serde_json::json!({"slots_reached": reached, "lowest_serving": lowest, "reverted_s": reverted_after, "healthy_deadline_s": 10}),
     );
     let json = serde_json::Value::Object(figures);
     if let Some(out) = &args.out {

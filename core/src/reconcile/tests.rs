@@ -30,6 +30,7 @@ fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
         spec: Some(JobSpec::parse(&text).unwrap()),
         seq: 1,
         history: Vec::new(),
+        reverted_from: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                         check: None,
                         stopping: false,
                         ready: kind >= 6,
+                        failed: false,
                         version: 0,
                         slot,
                         run,
@@ -262,6 +264,7 @@ fn the_older_copy_survives_a_conflict() {
             check: None,
             stopping: false,
             ready: false,
+            failed: false,
             version: 0,
             slot: 0,
             run,

@@ -79,6 +79,7 @@ fn record(version_ms: u64) -> Arc<JobRecord> {
         spec: Some(JobSpec::parse(WEB).unwrap()),
         seq: 1,
         history: Vec::new(),
+        reverted_from: None,
     })
 }
 
@@ -638,6 +639,7 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
                 }),
                 seq: 1,
                 history: Vec::new(),
+                reverted_from: None,
             }
         })
         .collect();
