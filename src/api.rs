@@ -177,6 +177,12 @@ pub struct SlotView {
     /// The job version the copy runs (`v7`), when placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The copy passed its checks for the job's `min_healthy_time`.
+    #[serde(default)]
+    pub ready: bool,
+    /// Live copies of the slot (two while a rolling update replaces it).
+    #[serde(default)]
+    pub copies: u32,
 }
 
 /// `v7`, or `None` for 0 (no copy, or started by an earlier release).
@@ -311,6 +317,8 @@ impl From<&status::JobStatus> for JobStatus {
                     health: v.health,
                     check: v.check.clone(),
                     version: short_version(v.version),
+                    ready: v.ready,
+                    copies: v.copies,
                 })
                 .collect(),
             spec: None,

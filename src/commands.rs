@@ -213,7 +213,8 @@ fn progress(s: &JobStatus) -> (usize, usize, usize, usize) {
 }
 
 /// Whether a job reached its version: every slot done (batch), or running
-/// that version and passing its checks (service).
+/// that version, ready (passing for `min_healthy_time`) and alone, the
+/// old copy gone (service).
 fn settled(s: &JobStatus) -> bool {
     let (_, completed, failed, total) = progress(s);
     let extra = s.instances.iter().any(|i| i.slot >= s.replicas);
@@ -221,7 +222,7 @@ fn settled(s: &JobStatus) -> bool {
         && if s.job_type == "batch" {
             completed + failed == total
         } else {
-            passing(s) == total
+            passing(s) == total && s.instances.iter().all(|i| i.ready && i.copies <= 1)
         }
 }
 

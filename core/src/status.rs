@@ -32,6 +32,10 @@ pub struct SlotStatus {
     pub check: Option<String>,
     /// The number of the job version it runs (0: none or unknown).
     pub version: u64,
+    /// Ready: passing for the job's `min_healthy_time`.
+    pub ready: bool,
+    /// Live copies of the slot (two while a rolling update replaces it).
+    pub copies: u32,
 }
 
 /// A job as the API shows it.
@@ -171,6 +175,8 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                 health: c.health,
                 check: c.check.clone(),
                 version: c.version,
+                ready: c.ready,
+                copies: 0,
             },
             Some((n, c)) if !(done && c.state.is_live()) && c.state != SlotState::Pending => {
                 SlotStatus {
@@ -184,6 +190,8 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                     health: c.health,
                     check: c.check.clone(),
                     version: c.version,
+                    ready: c.ready,
+                    copies: 0,
                 }
             }
             _ if done => SlotStatus {
@@ -197,6 +205,8 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                 health: Default::default(),
                 check: None,
                 version: 0,
+                ready: false,
+                copies: 0,
             },
             _ => {
                 let (reason, attempts) = reason_for(s, &record.name, slot)
@@ -213,6 +223,8 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
                     health: Default::default(),
                     check: None,
                     version: 0,
+                    ready: false,
+                    copies: 0,
                 }
             }
         });
@@ -232,7 +244,15 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
             health: c.health,
             check: c.check.clone(),
             version: c.version,
+            ready: c.ready,
+            copies: 0,
         });
+    }
+    for st in &mut slots {
+        st.copies = copies
+            .iter()
+            .filter(|(_, c)| c.slot == st.slot && c.state.is_live() && !c.stopping)
+            .count() as u32;
     }
     JobStatus { record, slots }
 }
