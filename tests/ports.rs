@@ -62,6 +62,14 @@ fn replicas_on_one_machine_get_their_own_dynamic_ports_and_serve_on_them() {
     // What the servers serve: a directory every task user can read.
     let site = std::path::PathBuf::from(format!("/tmp/shoal-ports-test-{}", std::process::id()));
     std::fs::create_dir_all(&site).unwrap();
+    // Removed however the test ends (a failed assertion included).
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(site.clone());
     std::fs::write(site.join("index.html"), "hello from shoal\n").unwrap();
     let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
     std::fs::set_permissions(&site, perms).unwrap();
@@ -143,5 +151,4 @@ memory = 8
             .iter()
             .all(|(_, p)| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
     });
-    let _ = std::fs::remove_dir_all(&site);
 }
