@@ -515,7 +515,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
 }
 
 /// The fields that differ between two specs, e.g. `replicas, task.args`.
-pub fn spec_diff(old: &shoal_core::job::JobSpec, new: &shoal_core::job::JobSpec) -> String {
+fn spec_diff(old: &shoal_core::job::JobSpec, new: &shoal_core::job::JobSpec) -> String {
     let fields = shoal_core::plan::spec_diff(old, new);
     if fields.is_empty() {
         "nothing".to_string()

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
+use std::time::Duration;
 
 use common::*;
 
@@ -318,4 +319,74 @@ command = "true"
     assert!(ok, "{out}{err}");
     assert!(out.contains("cannot be pulled"), "status shows why: {out}");
     assert!(containers("cmissing").is_empty());
+}
+
+/// Docker's API cannot stop an exec; a check that overruns its timeout is
+/// killed by the agent, so checks never pile up in the container.
+#[test]
+fn an_overrunning_docker_exec_check_is_killed() {
+    if !engine() {
+        return;
+    }
+    ensure_image();
+    let _cleanup = Cleanup(vec!["cslow".into()]);
+    let root = tempfile::tempdir().unwrap();
+    let agent = Agent::start(root.path(), "n0", None, None, &[]);
+    let job = r#"name = "cslow"
+type = "service"
+replicas = 1
+
+[task]
+driver = "docker"
+image = "shoal-test/busybox:1"
+command = "sleep"
+args = ["100000"]
+
+[[task.check]]
+type = "exec"
+command = "sleep"
+args = ["4321"]
+interval = "200ms"
+timeout = "200ms"
+grace = "0s"
+failures = 1
+"#;
+    let file = job_file(root.path(), "cslow", job);
+    let (ok, out, err) = cli(&agent, &["run", file.to_str().unwrap(), "--detach"]);
+    assert!(ok, "{out}{err}");
+    let overrun = |agent: &Agent| {
+        agent
+            .request("GET", "/v1/jobs/cslow")
+            .call()
+            .ok()
+            .and_then(|r| r.into_json::<serde_json::Value>().ok())
+            .is_some_and(|v| {
+                v["instances"].as_array().is_some_and(|is| {
+                    is.iter().any(|i| {
+                        i["health"] == "critical"
+                            && i["check"].as_str().is_some_and(|c| c.contains("timed out"))
+                    })
+                })
+            })
+    };
+    wait_until("the check times out", || overrun(&agent));
+    // Watched over 15 more checks: at most the current one runs.
+    let sleeps = || {
+        let (_, ids) = docker(&["ps", "-q", "--filter", "label=shoal.job=cslow"]);
+        let id = ids
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let (_, top) = docker(&["top", &id]);
+        top.lines().filter(|l| l.contains("sleep 4321")).count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut most = 0;
+    while std::time::Instant::now() < until {
+        most = most.max(sleeps());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(most <= 2, "overrunning checks piled up: {most} at once");
+    assert!(overrun(&agent), "still critical");
 }

@@ -478,20 +478,20 @@ impl Driver for DockerDriver {
     ) -> std::result::Result<(), String> {
         use bollard::exec::{CreateExecOptions, StartExecResults};
         let name = self.name_of(id);
+        let exec = self
+            .docker
+            .create_exec(
+                &name,
+                CreateExecOptions {
+                    cmd: Some(command.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("cannot run the check in the container: {e}"))?;
         let run = async {
-            let exec = self
-                .docker
-                .create_exec(
-                    &name,
-                    CreateExecOptions {
-                        cmd: Some(command.to_vec()),
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| format!("cannot run the check in the container: {e}"))?;
             let mut output = Vec::new();
             if let StartExecResults::Attached {
                 output: mut stream, ..
@@ -519,16 +519,23 @@ impl Driver for DockerDriver {
                 code => Err(super::check_failure(code.map(|c| c as i32), &output)),
             }
         };
-        // Docker has no way to kill an exec: one that overruns is left to
-        // end by itself.
-        tokio::time::timeout(timeout, run)
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "timed out after {}",
-                    humantime::format_duration(timeout)
-                ))
-            })
+        match tokio::time::timeout(timeout, run).await {
+            Ok(result) => result,
+            Err(_) => {
+                // Docker's API cannot stop an exec; its process is on this
+                // host (its pid as the host sees it), so the agent kills it
+                // rather than let overrunning checks pile up. What it
+                // started itself is left to the container.
+                if let Ok(inspect) = self.docker.inspect_exec(&exec.id).await {
+                    if let (Some(true), Some(pid)) = (inspect.running, inspect.pid) {
+                        if pid > 1 {
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    }
+                }
+                Err(super::check_timed_out(timeout))
+            }
+        }
     }
 
     fn events(&self) -> Option<mpsc::Receiver<DriverEvent>> {

@@ -14,7 +14,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::supervise::{exit_of, rotated};
+use super::supervise::{self, exit_of, rotated};
 use super::{Driver, DriverEvent, InstanceId, InstanceSpec, InstanceState, DRIVER_EVENTS_LEN};
 
 /// The first 4 KiB of a check's output stream; the rest is read and
@@ -230,16 +230,10 @@ impl Driver for ExecDriver {
                 .arg(spec.task.resources.memory.to_string());
         }
         let task = spec.resolved();
+        supervise::task_env(cmd.as_std_mut(), spec);
         cmd.arg("--")
             .arg(&task.command)
             .args(&task.args)
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .envs(&task.env)
-            .envs(&spec.env)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -423,43 +417,17 @@ impl Driver for ExecDriver {
         let spec = &record.spec;
         let ids = self.task_ids(spec).map_err(|e| format!("{e:#}"))?;
         let (program, args) = command.split_first().ok_or("no command")?;
-        let task = spec.resolved();
-        let work = dir.join("work");
         let mut cmd = tokio::process::Command::new(program);
+        supervise::task_env(cmd.as_std_mut(), spec);
+        supervise::enter_as(cmd.as_std_mut(), &dir.join("work"), ids)
+            .map_err(|e| format!("{e:#}"))?;
         cmd.args(args)
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .envs(&task.env)
-            .envs(&spec.env)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             // A group of its own: a timeout kills whatever it started.
             .process_group(0)
             .kill_on_drop(true);
-        if let Some((uid, gid)) = ids {
-            let work_c = std::ffi::CString::new(work.as_os_str().as_encoded_bytes())
-                .map_err(|e| e.to_string())?;
-            unsafe {
-                // As the supervisor does for the task: enter the work dir
-                // while privileged, then drop to the task's user.
-                cmd.pre_exec(move || {
-                    if libc::chdir(work_c.as_ptr()) != 0
-                        || libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(gid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        } else {
-            cmd.current_dir(&work);
-        }
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot run `{program}`: {e}"))?;
@@ -474,10 +442,7 @@ impl Driver for ExecDriver {
             unsafe { libc::kill(-(pgid as i32), libc::SIGKILL) };
         }
         match result {
-            Err(_) => Err(format!(
-                "timed out after {}",
-                humantime::format_duration(timeout)
-            )),
+            Err(_) => Err(super::check_timed_out(timeout)),
             Ok((_, _, Err(e))) => Err(format!("cannot wait for `{program}`: {e}")),
             Ok((_, _, Ok(status))) if status.success() => Ok(()),
             Ok((out, err, Ok(status))) => Err(super::check_failure(

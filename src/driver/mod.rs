@@ -94,6 +94,11 @@ pub fn check_failure(code: Option<i32>, output: &[u8]) -> String {
     }
 }
 
+/// The reason a check that overran its `timeout` failed.
+pub fn check_timed_out(timeout: Duration) -> String {
+    format!("timed out after {}", humantime::format_duration(timeout))
+}
+
 /// Part of an instance's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRange {

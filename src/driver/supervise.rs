@@ -55,6 +55,47 @@ impl RotatingLog {
     }
 }
 
+/// Makes `cmd`'s child start in `work` as the task's user `ids` (uid, gid),
+/// or as the agent's when none. The task's user cannot traverse the data
+/// dir (0700): the child enters its work dir while still privileged, then
+/// drops to the user (supplementary groups first, then the group, then the
+/// uid). Shared by the task (here) and its exec checks (the exec driver).
+pub fn enter_as(cmd: &mut Command, work: &Path, ids: Option<(u32, u32)>) -> Result<()> {
+    let Some((uid, gid)) = ids else {
+        cmd.current_dir(work);
+        return Ok(());
+    };
+    use std::os::unix::process::CommandExt;
+    let work_c =
+        std::ffi::CString::new(work.as_os_str().as_encoded_bytes()).context("work dir path")?;
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::chdir(work_c.as_ptr()) != 0
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Gives `cmd` the task's environment and nothing of the agent's but
+/// `PATH`: the job's `env` over the task's (interpolated) one.
+pub fn task_env(cmd: &mut Command, spec: &shoal_core::instance::InstanceSpec) {
+    let task = spec.resolved();
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .envs(&task.env)
+        .envs(&spec.env);
+}
+
 /// `stdout.log` -> `stdout.log.1`.
 pub fn rotated(path: &Path, i: usize) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -147,28 +188,7 @@ pub fn run(
         _ => None,
     };
     let mut cmd = Command::new(command);
-    if let Some((uid, gid)) = ids {
-        use std::os::unix::process::CommandExt;
-        // The task's user cannot traverse the data dir (0700): the child
-        // enters its work dir while still privileged, then drops to the
-        // user (supplementary groups first, then the group, then the uid).
-        let work_c =
-            std::ffi::CString::new(work.as_os_str().as_encoded_bytes()).context("work dir path")?;
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::chdir(work_c.as_ptr()) != 0
-                    || libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    } else {
-        cmd.current_dir(&work);
-    }
+    enter_as(&mut cmd, &work, ids)?;
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -728,37 +728,9 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
 fn checks_decide_a_copys_health_and_restart_it_when_critical() {
     let base = origin();
     let mut s = scheduler("n0", false, base);
-    s.handle_view(view(&["n0"]), now(base, 1));
     let text = "name = \"web\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nports = { http = 0 }\n\
                 [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"1s\"\ngrace = \"0s\"\nfailures = 2\nrestart = true\n";
-    let effects = s.handle_api(
-        1,
-        ApiRequest::Submit {
-            text: text.into(),
-            check_version: None,
-        },
-        now(base, 2),
-    );
-    let write = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Persist { write, .. } => Some(*write),
-            _ => None,
-        })
-        .unwrap();
-    s.handle_persisted(write, Ok(()), now(base, 3));
-    let mut t = 3;
-    let spec = loop {
-        t += 100;
-        assert!(t < 10_000, "never started");
-        let effects = s.handle_timer(now(base, t));
-        if let Some(spec) = effects.iter().find_map(|e| match e {
-            Effect::StartInstance { spec, .. } => Some(spec.clone()),
-            _ => None,
-        }) {
-            break spec;
-        }
-    };
+    let (spec, t) = start_alone(&mut s, base, text);
     let port = spec.ports["http"];
     let health = |s: &Scheduler| s.local().iter().next().unwrap().published().health;
     assert_eq!(health(&s), crate::health::Health::Unknown, "starting");
