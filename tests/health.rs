@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -21,29 +20,6 @@ fn instances(agent: &Agent, job: &str) -> Vec<serde_json::Value> {
         .and_then(|r| r.into_json::<serde_json::Value>().ok())
         .and_then(|v| v["instances"].as_array().cloned())
         .unwrap_or_default()
-}
-
-/// A directory every task user can read, removed on drop.
-struct Site(PathBuf);
-
-impl Site {
-    fn new(tag: &str) -> Site {
-        let dir = PathBuf::from(format!("/tmp/shoal-{tag}-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-        std::fs::set_permissions(&dir, perms).unwrap();
-        Site(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

@@ -60,19 +60,8 @@ fn replicas_on_one_machine_get_their_own_dynamic_ports_and_serve_on_them() {
     });
 
     // What the servers serve: a directory every task user can read.
-    let site = std::path::PathBuf::from(format!("/tmp/shoal-ports-test-{}", std::process::id()));
-    std::fs::create_dir_all(&site).unwrap();
-    // Removed however the test ends (a failed assertion included).
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _remove = Remove(site.clone());
-    std::fs::write(site.join("index.html"), "hello from shoal\n").unwrap();
-    let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-    std::fs::set_permissions(&site, perms).unwrap();
+    let site = Site::new("ports");
+    std::fs::write(site.path().join("index.html"), "hello from shoal\n").unwrap();
     let job = format!(
         r#"name = "web"
 type = "service"
@@ -87,7 +76,7 @@ ports = {{ http = 0 }}
 cpu = 10
 memory = 8
 "#,
-        site.display()
+        site.path().display()
     );
     let file = job_file(root.path(), "web", &job);
     let (ok, out, err) = cli(&first, &["run", file.to_str().unwrap()]);

@@ -384,3 +384,27 @@ pub fn processes_of(root: &Path, job: &str) -> usize {
         })
         .count()
 }
+
+/// A directory every task user can read (what test servers serve),
+/// removed however the test ends.
+pub struct Site(PathBuf);
+
+impl Site {
+    pub fn new(tag: &str) -> Site {
+        let dir = PathBuf::from(format!("/tmp/shoal-{tag}-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(&dir, perms).unwrap();
+        Site(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
