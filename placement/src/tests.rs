@@ -340,6 +340,30 @@ fn unplaceable_says_which_filter_removed_how_many() {
     assert!(text.contains("lack the `exec` driver"), "{text}");
 }
 
+/// A node refused as holding the slot's old copy meets every rule the old
+/// copy does not change: only then may a start-first update go stop-first
+/// there.
+#[test]
+fn the_old_copys_node_is_refused_for_it_only_if_it_meets_the_fixed_rules() {
+    let nodes = vec![
+        Node::new("a", 1000, 1024).with_label("zone", "x"),
+        Node::new("b", 1000, 64).with_label("zone", "y"),
+    ];
+    let mut req = SlotRequest::simple("j", 0, 100, 512);
+    req.avoid = vec!["a".into(), "b".into()];
+    let e = place(&req, &nodes, &BTreeMap::new(), &PlacementConfig::default()).unwrap_err();
+    // b lacks memory, but the old copy leaving may free it: the old copy is
+    // the reason given.
+    assert_eq!(e.rejections[&Rejection::HoldsOldCopy], 2);
+    req.constraints.push(Constraint {
+        label: "zone".into(),
+        op: Op::Eq("y".into()),
+    });
+    let e = place(&req, &nodes, &BTreeMap::new(), &PlacementConfig::default()).unwrap_err();
+    assert_eq!(e.rejections[&Rejection::Constraint("zone = y".into())], 1);
+    assert_eq!(e.rejections[&Rejection::HoldsOldCopy], 1);
+}
+
 #[test]
 fn affinity_changes_cost_not_eligibility() {
     let nodes = vec![
