@@ -212,6 +212,9 @@ pub struct JobStatus {
     pub stopped: bool,
     /// Every slot, and copies beyond the replica count still stopping.
     pub instances: Vec<SlotView>,
+    /// The current version's deployment (services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentView>,
     /// The spec as submitted (`?spec=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<shoal_core::job::JobSpec>,
@@ -321,9 +324,104 @@ impl From<&status::JobStatus> for JobStatus {
                     copies: v.copies,
                 })
                 .collect(),
+            deployment: s.deployment.as_ref().map(|d| DeploymentView::of(record, d)),
             spec: None,
         }
     }
+}
+
+/// A version's deployment, as `/v1/jobs/{name}/deployment` and `shoal
+/// deployment status --json` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentView {
+    /// The version (`v7`).
+    pub version: String,
+    /// `running`, `successful`, `failed` or `cancelled`.
+    pub state: String,
+    /// What is going on, or how it ended.
+    pub description: String,
+    /// Slots.
+    pub replicas: u32,
+    /// Slots with a live copy of the version.
+    pub placed: u32,
+    /// Slots whose copy of the version is ready.
+    pub ready: u32,
+    /// Live copies of other versions.
+    pub old: u32,
+    /// Copies of the version not ready within `healthy_deadline`.
+    pub unhealthy: u32,
+    /// Canary slots.
+    pub canary: u32,
+    /// Whether the canaries were promoted.
+    pub promoted: bool,
+    /// The update waits for `shoal deployment promote`.
+    pub awaiting_promotion: bool,
+}
+
+impl DeploymentView {
+    fn of(record: &shoal_core::records::JobRecord, d: &shoal_core::deployment::Deployment) -> Self {
+        DeploymentView {
+            version: format!("v{}", d.version),
+            state: d.state().into(),
+            description: d.describe(&record.name),
+            replicas: d.replicas,
+            placed: d.placed,
+            ready: d.ready,
+            old: d.old,
+            unhealthy: d.unhealthy,
+            canary: d.canary,
+            promoted: d.promoted,
+            awaiting_promotion: d.awaiting_promotion,
+        }
+    }
+}
+
+/// An earlier version's deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PastDeployment {
+    /// The version (`v6`).
+    pub version: String,
+    /// `successful`, `failed` or `cancelled`.
+    pub state: String,
+    /// How it ended.
+    pub description: String,
+}
+
+/// `/v1/jobs/{name}/deployment`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Deployments {
+    /// Job.
+    pub job: String,
+    /// The current version's deployment (none for a batch or stopped job).
+    pub current: Option<DeploymentView>,
+    /// Earlier versions', newest first.
+    pub past: Vec<PastDeployment>,
+}
+
+async fn job_deployment(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    match job_status(&state, &name).await {
+        Ok(s) => Json(Deployments {
+            job: name,
+            current: s
+                .deployment
+                .as_ref()
+                .map(|d| DeploymentView::of(&s.record, d)),
+            past: shoal_core::deployment::past(&s.record)
+                .into_iter()
+                .map(|(seq, o)| PastDeployment {
+                    version: format!("v{seq}"),
+                    state: o.state().into(),
+                    description: o.describe().into(),
+                })
+                .collect(),
+        })
+        .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+async fn promote_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    written(ask(&state, ApiRequest::Promote { name }).await)
 }
 
 /// What the list endpoints read: the scheduler's state after its last
@@ -961,6 +1059,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{name}", get(get_job).delete(stop_job))
         .route("/v1/jobs/{name}/scale", post(scale_job))
         .route("/v1/jobs/{name}/revert", post(revert_job))
+        .route("/v1/jobs/{name}/promote", post(promote_job))
+        .route("/v1/jobs/{name}/deployment", get(job_deployment))
         .route("/v1/plan", post(plan))
         .route("/v1/jobs/{name}/versions", get(job_versions))
         .route("/v1/jobs/{name}/logs", get(logs))

@@ -59,6 +59,9 @@ pub enum Command {
     /// A job's versions: `shoal job history JOB`, `shoal job revert JOB v6`.
     #[command(subcommand)]
     Job(crate::commands::JobCommand),
+    /// A job's rollouts: `shoal deployment status JOB`, `shoal deployment promote JOB`.
+    #[command(subcommand)]
+    Deployment(crate::commands::DeploymentCommand),
     /// Join tokens: `shoal token create` makes one that admits nodes until it expires.
     #[command(subcommand)]
     Token(crate::commands::TokenCommand),

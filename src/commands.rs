@@ -60,6 +60,36 @@ pub enum JobCommand {
     Revert(JobRevertArgs),
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum DeploymentCommand {
+    /// Show the rollout of a job's current version (running, successful,
+    /// failed or cancelled; its ready slots, old copies and canaries) and
+    /// how earlier versions' rollouts ended.
+    Status(DeploymentStatusArgs),
+    /// Let an update waiting on its canaries (`[update] canary`) go on to
+    /// the other slots; refused until every canary is ready.
+    Promote(DeploymentPromoteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeploymentStatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeploymentPromoteArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job name.
+    pub job: String,
+}
+
 #[derive(Debug, Args)]
 pub struct JobHistoryArgs {
     #[command(flatten)]
@@ -296,7 +326,9 @@ pub fn run(args: RunArgs) -> Result<()> {
                 passing(&status)
             )
         });
-        if status.hlc != accepted.hlc {
+        // A newer version replaced this one (a promotion or the end of
+        // its deployment keeps the number).
+        if status.version != accepted.version {
             bar.finish_and_clear();
             bail!(
                 "{}: a newer write ({}) replaced this one; `shoal job history {}` lists the versions",
@@ -304,6 +336,24 @@ pub fn run(args: RunArgs) -> Result<()> {
                 status.version,
                 status.name
             );
+        }
+        if let Some(d) = status
+            .deployment
+            .as_ref()
+            .filter(|d| d.awaiting_promotion || d.state == "failed")
+        {
+            bar.finish_and_clear();
+            if d.state == "failed" {
+                bail!(
+                    "{} {}: the update failed ({}); `shoal deployment status {}` shows where it stopped",
+                    status.name,
+                    status.version,
+                    d.description.trim_start_matches("failed: "),
+                    status.name
+                );
+            }
+            println!("{} {}: {}", status.name, status.version, d.description);
+            return Ok(());
         }
         if settled(&status) {
             bar.finish_and_clear();
@@ -393,6 +443,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 s.replicas,
                 if s.stopped { ", stopped" } else { "" }
             );
+            if let Some(d) = &s.deployment {
+                println!("deployment {}: {} ({})", d.version, d.state, d.description);
+            }
             let rows: Vec<[String; 8]> = s
                 .instances
                 .iter()
@@ -506,6 +559,74 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             } else {
                 println!(
                     "reverted job {} to the spec of v{n} as {}",
+                    accepted.name, accepted.version
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `shoal deployment ...`.
+pub fn deployment(cmd: DeploymentCommand) -> Result<()> {
+    match cmd {
+        DeploymentCommand::Status(args) => {
+            let d: crate::api::Deployments = Client::new(&args.client)
+                .get(&format!("/v1/jobs/{}/deployment", path_segment(&args.job)?))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+                return Ok(());
+            }
+            match &d.current {
+                None => println!("{}: no deployment (a batch or stopped job)", d.job),
+                Some(c) => {
+                    println!("{} {}: {}", d.job, c.version, c.state);
+                    println!("  {}", c.description);
+                    println!(
+                        "  slots {}, placed {}, ready {}, older copies {}{}",
+                        c.replicas,
+                        c.placed,
+                        c.ready,
+                        c.old,
+                        if c.canary > 0 {
+                            format!(
+                                ", canaries {} ({})",
+                                c.canary,
+                                if c.promoted {
+                                    "promoted"
+                                } else {
+                                    "not promoted"
+                                }
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+            if !d.past.is_empty() {
+                let rows: Vec<[String; 3]> = d
+                    .past
+                    .iter()
+                    .map(|p| [p.version.clone(), p.state.clone(), p.description.clone()])
+                    .collect();
+                println!();
+                print_table(&["VERSION", "STATE", "HOW IT ENDED"], &rows);
+            }
+        }
+        DeploymentCommand::Promote(args) => {
+            let accepted: Accepted = Client::new(&args.client)
+                .call(
+                    "POST",
+                    &format!("/v1/jobs/{}/promote", path_segment(&args.job)?),
+                    None,
+                )?
+                .into_json()?;
+            if accepted.unchanged {
+                println!("{} {}: already promoted", accepted.name, accepted.version);
+            } else {
+                println!(
+                    "promoted {} {}: its update goes on past the canaries",
                     accepted.name, accepted.version
                 );
             }

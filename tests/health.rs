@@ -379,3 +379,137 @@ min_healthy_time = "500ms"
     let (ok, _, err) = cli(&agents[0], &["stop", "roll"]);
     assert!(ok, "{err}");
 }
+
+/// `shoal deployment status` on `agent`, as JSON.
+fn deployment(agent: &Agent, job: &str) -> serde_json::Value {
+    let (ok, out, err) = cli(agent, &["deployment", "status", job, "--json"]);
+    assert!(ok, "{out}{err}");
+    serde_json::from_str(&out).expect("deployment JSON")
+}
+
+#[test]
+fn canaries_wait_for_promotion_and_each_deployment_is_recorded() {
+    let root = tempfile::tempdir().unwrap();
+    let first = Agent::start(
+        root.path(),
+        "n0",
+        None,
+        None,
+        &["--port-range", "23300-23349"],
+    );
+    let (seed, token) = (first.quic(), first.token_file());
+    let second = Agent::start(
+        root.path(),
+        "n1",
+        Some(&seed),
+        Some(&token),
+        &["--port-range", "23350-23399"],
+    );
+    let agents = [first, second];
+    wait_until("the agents see each other", || {
+        agents
+            .iter()
+            .all(|a| a.nodes().is_some_and(|n| n.len() == 2))
+    });
+    let site = Site::new("canary");
+    std::fs::write(site.path().join("ok"), "ok\n").unwrap();
+    let job = |version: &str| {
+        format!(
+            r#"name = "canary"
+type = "service"
+replicas = 3
+
+[task]
+command = "/bin/busybox"
+args = ["httpd", "-f", "-p", "${{SHOAL_ADDR_HTTP}}", "-h", "{site}"]
+env = {{ RELEASE = "{version}" }}
+ports = {{ http = 0 }}
+
+[task.resources]
+cpu = 10
+memory = 8
+
+[[task.check]]
+type = "http"
+port = "http"
+path = "/ok"
+interval = "200ms"
+grace = "0s"
+
+[update]
+canary = 1
+min_healthy_time = "300ms"
+"#,
+            site = site.path().display()
+        )
+    };
+    // The first version has no canaries; its deployment ends successful,
+    // seen from each agent.
+    let one = job_file(root.path(), "one", &job("1"));
+    let (ok, out, err) = cli(&agents[0], &["run", one.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    for a in &agents {
+        wait_until("v1's deployment is successful", || {
+            let d = deployment(a, "canary");
+            d["current"]["version"] == "v1" && d["current"]["state"] == "successful"
+        });
+    }
+    let (ok, out, err) = cli(&agents[1], &["deployment", "promote", "canary"]);
+    assert!(!ok, "nothing to promote: {out}");
+    assert!(err.contains("no canaries waiting"), "{err}");
+
+    // v2: `shoal run` returns once the canary is ready, the update waits.
+    let two = job_file(root.path(), "two", &job("2"));
+    let (ok, out, err) = cli(&agents[0], &["run", two.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("waiting for `shoal deployment promote canary`"),
+        "{out}"
+    );
+    let d = deployment(&agents[1], "canary");
+    wait_until("the other agent sees it wait", || {
+        deployment(&agents[1], "canary")["current"]["awaiting_promotion"] == true
+    });
+    assert_eq!(d["current"]["version"], "v2", "{d}");
+    assert_eq!(d["current"]["state"], "running", "{d}");
+    // Only the canary slot moved, and it stays the only one.
+    for _ in 0..10 {
+        let (n, versions) = serving(&agents[1], "canary");
+        assert_eq!(n, 3, "{versions:?}");
+        let on_v2 = versions.iter().filter(|v| *v == "v2").count();
+        assert_eq!(
+            on_v2, 1,
+            "before promotion only the canary runs v2: {versions:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Promoted: the other slots follow, and the deployment ends
+    // successful; v1's is kept in the record.
+    let (ok, out, err) = cli(&agents[1], &["deployment", "promote", "canary"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("promoted"), "{out}");
+    for a in &agents {
+        wait_until("v2's deployment is successful", || {
+            let d = deployment(a, "canary");
+            d["current"]["version"] == "v2"
+                && d["current"]["state"] == "successful"
+                && d["current"]["promoted"] == true
+                && d["past"][0]["version"] == "v1"
+                && d["past"][0]["state"] == "successful"
+        });
+    }
+    // The marking coordinator saw the old copies gone; the others learn
+    // it by gossip.
+    for a in &agents {
+        wait_until("every slot serves v2 alone", || {
+            let (n, versions) = serving(a, "canary");
+            n == 3 && versions.len() == 3 && versions.iter().all(|v| v == "v2")
+        });
+    }
+    let (ok, out, err) = cli(&agents[0], &["deployment", "status", "canary"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("canary v2: successful"), "{out}");
+    let (ok, _, err) = cli(&agents[0], &["stop", "canary"]);
+    assert!(ok, "{err}");
+}

@@ -377,6 +377,8 @@ fn drop_future_records_clears_a_record_stamped_far_ahead() {
             seq: 1,
             history: Vec::new(),
             reverted_from: None,
+            promoted: false,
+            deployment: None,
         }
     };
     {

@@ -414,6 +414,8 @@ mod tests {
             seq: 1,
             history: Vec::new(),
             reverted_from: None,
+            promoted: false,
+            deployment: None,
         })
     }
 

@@ -30,6 +30,63 @@ pub struct JobRecord {
     /// reverted itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverted_from: Option<u64>,
+    /// `shoal deployment promote`: this version's canaries were accepted
+    /// and its update goes on past them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub promoted: bool,
+    /// How this version's deployment ended, once it has (written by the
+    /// job's coordinator, see [`JobRecord::mark`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<Outcome>,
+}
+
+/// How a deployment (the rollout of one version of a service) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Every slot ran the version, ready, with no older copy left.
+    Successful,
+    /// A copy of the version was not ready within `healthy_deadline`.
+    FailedUnhealthy,
+    /// No slot became ready for `progress_deadline`.
+    FailedNoProgress,
+    /// A newer version was written before it ended.
+    Cancelled,
+}
+
+impl Outcome {
+    /// What a person reads.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Outcome::Successful => "successful",
+            Outcome::FailedUnhealthy => "failed: a copy was not ready within healthy_deadline",
+            Outcome::FailedNoProgress => "failed: no slot became ready within progress_deadline",
+            Outcome::Cancelled => "cancelled by a newer version",
+        }
+    }
+
+    /// Its state as the API names it: successful, failed or cancelled.
+    pub fn state(self) -> &'static str {
+        match self {
+            Outcome::Successful => "successful",
+            Outcome::FailedUnhealthy | Outcome::FailedNoProgress => "failed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the deployment failed.
+    pub fn failed(self) -> bool {
+        matches!(self, Outcome::FailedUnhealthy | Outcome::FailedNoProgress)
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Outcome::Successful => "successful",
+            Outcome::FailedUnhealthy => "failed-unhealthy",
+            Outcome::FailedNoProgress => "failed-no-progress",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Records written before versions were numbered count as the first.
@@ -57,6 +114,10 @@ pub struct Earlier {
     pub version: Version,
     /// Its spec.
     pub spec: JobSpec,
+    /// How its deployment ended (services; `None` for batch jobs and
+    /// records written before deployments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
 }
 
 impl JobRecord {
@@ -69,7 +130,34 @@ impl JobRecord {
             seq: 1,
             history: Vec::new(),
             reverted_from: None,
+            promoted: false,
+            deployment: None,
         }
+    }
+
+    /// This record with its deployment ended as `outcome`, written by the
+    /// job's coordinator. Deterministic, like a revert: every node that
+    /// sees the same end writes the same record, at this record's clock
+    /// with its writer's name followed by `!` and the outcome (so two
+    /// nodes that saw different ends still agree on which one wins, and
+    /// any later write, a user's included, beats it).
+    pub fn mark(&self, outcome: Outcome) -> JobRecord {
+        let mut r = self.clone();
+        r.version = Version {
+            hlc: self.version.hlc,
+            node: format!("{}!{}", self.version.node, outcome.tag()),
+        };
+        r.deployment = Some(outcome);
+        r
+    }
+
+    /// This record with its canaries promoted, at `version` (a user's
+    /// write: it beats the coordinator's marks).
+    pub fn promote(&self, version: Version) -> JobRecord {
+        let mut r = self.clone();
+        r.version = version;
+        r.promoted = true;
+        r
     }
 
     /// The automatic revert of this (failed) version to `spec`: the next
@@ -79,13 +167,16 @@ impl JobRecord {
     /// clock by any node that beats this one beats the revert too).
     /// Deterministic: every node that decides to revert writes the same
     /// record.
-    pub fn revert_to(&self, spec: JobSpec) -> JobRecord {
+    pub fn revert_to(&self, spec: JobSpec, why: Outcome) -> JobRecord {
         let version = Version {
             hlc: self.version.hlc,
             node: format!("{}!revert", self.version.node),
         };
         let mut r = JobRecord::next(Some(self), self.name.clone(), version, Some(spec));
         r.reverted_from = Some(self.seq);
+        if let Some(e) = r.history.first_mut().filter(|e| e.seq == self.seq) {
+            e.outcome = Some(why);
+        }
         r
     }
 
@@ -103,10 +194,12 @@ impl JobRecord {
         r.seq = c.seq.saturating_add(1);
         let mut history = Vec::with_capacity(HISTORY_MAX);
         if let Some(spec) = &c.spec {
+            let service = spec.job_type == crate::job::JobType::Service;
             history.push(Earlier {
                 seq: c.seq,
                 version: c.version.clone(),
                 spec: spec.clone(),
+                outcome: service.then(|| c.deployment.unwrap_or(Outcome::Cancelled)),
             });
         }
         history.extend(c.history.iter().cloned());
@@ -256,6 +349,7 @@ mod tests {
             seq: 0,
             version: version(0),
             spec: spec(1),
+            outcome: None,
         });
         assert!(bad.validate().is_err());
         // A record of an earlier release (no seq) counts as the first.
@@ -272,13 +366,13 @@ mod tests {
     fn a_revert_beats_the_failed_version_and_nothing_newer() {
         let good = JobRecord::new("web", version(10), Some(spec(1)));
         let failed = JobRecord::next(Some(&good), "web", version(20), Some(spec(2)));
-        let revert = failed.revert_to(spec(1));
+        let revert = failed.revert_to(spec(1), Outcome::FailedUnhealthy);
         revert.validate().unwrap();
         assert_eq!((revert.seq, revert.reverted_from), (3, Some(2)));
         assert_eq!(revert.spec_of(3).unwrap().replicas, 1);
         assert!(revert.version > failed.version);
         // The same whichever node writes it.
-        assert_eq!(revert, failed.revert_to(spec(1)));
+        assert_eq!(revert, failed.revert_to(spec(1), Outcome::FailedUnhealthy));
         // Any write that beats the failed one beats the revert: a later
         // clock, or the same clock by a node that sorts after its writer.
         let later = Version {

@@ -29,13 +29,13 @@ use crate::config::SchedulerConfig;
 use crate::desired::DesiredState;
 use crate::hlc::{Clock, Version};
 use crate::instance::{
-    DriverEvent, ExitStatus, InstanceId, InstanceSpec, InstanceState, SlotState,
+    DriverEvent, ExitStatus, InstanceId, InstanceSpec, InstanceState, Published, SlotState,
 };
 use crate::job::{JobSpec, JobType, REPLICAS_MAX};
 use crate::local::{Local, LocalInstances};
 use crate::placing::{Placing, Round};
 use crate::reconcile::{finished, needs_placing, own_copy_stop, StopReason};
-use crate::records::{Completion, JobRecord};
+use crate::records::{Completion, JobRecord, Outcome};
 use crate::seen::Seen;
 use crate::skew::{Offsets, Skewed};
 use crate::sync::{AntiEntropy, Exchange, Step};
@@ -82,6 +82,11 @@ pub enum ApiRequest {
     },
     /// Stop a job.
     Stop {
+        /// Job name.
+        name: String,
+    },
+    /// Let a job's update go on past its canaries.
+    Promote {
         /// Job name.
         name: String,
     },
@@ -310,9 +315,9 @@ enum Call {
 
 enum Origin {
     Api(ApiToken),
-    /// An automatic revert this node wrote: pushed to every node once
-    /// durable.
-    Revert,
+    /// What this node wrote as a job's coordinator (an automatic revert,
+    /// a deployment's end): pushed to every node once durable.
+    Coordinator,
     /// A peer's push: answered once durable, when it asked (`Some`).
     Peer(Option<ReplyToken>),
     Sync,
@@ -348,6 +353,14 @@ struct Write {
     jobs: Vec<Arc<JobRecord>>,
     completions: Vec<Completion>,
     origin: Origin,
+}
+
+/// A deployment's progress as its coordinator saw it.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    seq: u64,
+    ready: u32,
+    since: Instant,
 }
 
 /// Counters of what this node did (for `/v1/stats` and the simulator).
@@ -388,6 +401,8 @@ pub struct Counters {
     pub health_restarts: u64,
     /// Automatic reverts written.
     pub reverts: u64,
+    /// Deployments' ends written (successful or failed).
+    pub deployments_ended: u64,
 }
 
 /// Most own completions held to announce once the node sees a peer (see
@@ -409,6 +424,9 @@ pub struct Scheduler {
     next_id: u64,
     calls: BTreeMap<CallId, Call>,
     writes: BTreeMap<WriteId, Write>,
+    /// Deployments of the jobs this node coordinates: the version, its
+    /// ready slots, and when that count last grew (`progress_deadline`).
+    progress: BTreeMap<String, Progress>,
     /// Completions whose write failed, tried again on the timer.
     unsaved: Vec<Completion>,
     /// This node's own completions that became durable while it saw no
@@ -497,6 +515,7 @@ impl Scheduler {
             next_id: 0,
             calls: BTreeMap::new(),
             writes: BTreeMap::new(),
+            progress: BTreeMap::new(),
             unsaved: Vec::new(),
             unannounced: Vec::new(),
             replicating: BTreeMap::new(),
@@ -1145,6 +1164,7 @@ impl Scheduler {
                     self.write(token, name, Some(spec), now);
                 }
             }
+            ApiRequest::Promote { name } => self.promote(token, name, now),
             ApiRequest::Stop { name } => match self.desired.spec(&name) {
                 None => self.answer(
                     token,
@@ -1224,7 +1244,7 @@ impl Scheduler {
                         response: Response::Ok,
                     }),
                     Origin::Peer(None) | Origin::Sync => {}
-                    Origin::Revert => self.push_to_all(Request::PutJobs(w.jobs.clone())),
+                    Origin::Coordinator => self.push_to_all(Request::PutJobs(w.jobs.clone())),
                 }
             }
             Err(e) => match w.origin {
@@ -1250,7 +1270,7 @@ impl Scheduler {
                 }
                 // A peer's write comes again by anti-entropy; a revert is
                 // decided again at the next pass.
-                Origin::Peer(None) | Origin::Revert => {}
+                Origin::Peer(None) | Origin::Coordinator => {}
             },
         }
         self.maybe_caught_up();
@@ -1491,7 +1511,72 @@ impl Scheduler {
 
     /// Writes a new version of a job (or its tombstone): durable first,
     /// answered and pushed to every node once the store has it.
+    /// `shoal deployment promote`: written only while every canary slot
+    /// is ready (as this node sees it) and the update waits.
+    fn promote(&mut self, token: ApiToken, name: String, now: Now) {
+        let Some(record) = self.desired.get(&name).filter(|r| r.is_live()).cloned() else {
+            return self.answer(
+                token,
+                Err(ApiError::NotFound(format!(
+                    "no job named `{name}` is running"
+                ))),
+            );
+        };
+        let copies = self.copies_of(&name, now.mono);
+        let Some(d) = crate::deployment::of(&record, copies.iter().map(|(_, c)| c)) else {
+            return self.answer(
+                token,
+                Err(ApiError::BadRequest(format!(
+                    "job `{name}` is not a service: it has no deployments"
+                ))),
+            );
+        };
+        if d.canary == 0 {
+            return self.answer(
+                token,
+                Err(ApiError::BadRequest(format!(
+                    "job `{name}` has no canaries (set `canary` in its [update]); its updates go on by themselves"
+                ))),
+            );
+        }
+        if record.promoted {
+            self.out.push(Effect::Answer {
+                token,
+                answer: ApiAnswer::Unchanged(record),
+            });
+            return;
+        }
+        if !d.awaiting_promotion {
+            return self.answer(
+                token,
+                Err(ApiError::Conflict(format!(
+                    "v{} of `{name}` has no canaries waiting: {}; see `shoal deployment status {name}`",
+                    record.seq,
+                    d.describe(&name)
+                ))),
+            );
+        }
+        self.write_with(token, name, now, |current, version| {
+            current.unwrap_or(&record).promote(version)
+        });
+    }
+
     fn write(&mut self, token: ApiToken, name: String, spec: Option<JobSpec>, now: Now) {
+        self.write_with(token, name.clone(), now, |current, version| {
+            JobRecord::next(current, name, version, spec)
+        });
+    }
+
+    /// Writes the record `make` builds from the job's current one at a new
+    /// version, answering `token` once durable (and replicated), or why
+    /// not.
+    fn write_with(
+        &mut self,
+        token: ApiToken,
+        name: String,
+        now: Now,
+        make: impl FnOnce(Option<&JobRecord>, Version) -> JobRecord,
+    ) {
         if self.writes.len() >= self.config.writes_in_flight_max {
             return self.answer(
                 token,
@@ -1544,7 +1629,7 @@ impl Scheduler {
                 ))),
             );
         }
-        let record = Arc::new(JobRecord::next(current, name, version, spec));
+        let record = Arc::new(make(current, version));
         self.persist(vec![record], Vec::new(), Origin::Api(token));
     }
 
@@ -2375,6 +2460,7 @@ impl Scheduler {
                 self.placing.forget_job(&job);
             }
         }
+        self.progress.retain(|job, _| mine.contains(job));
         for job in mine {
             if self.placing.rounds_len() >= self.config.rounds_in_flight_max {
                 break;
@@ -2436,72 +2522,119 @@ impl Scheduler {
         if !to_place.is_empty() {
             self.begin_round(record.clone(), to_place, now);
         }
-        self.maybe_revert(&record, now);
+        self.deployment_step(&record, now);
     }
 
-    /// The coordinator's part in a failed update: when a copy of the
-    /// job's version never got ready within its `healthy_deadline` and the
-    /// job asks for `auto_revert`, write back the version most of its old
-    /// copies run (else the one before). Not for a revert itself; the
-    /// record is the same whichever node writes it, and loses to any newer
-    /// write (see [`JobRecord::revert_to`]).
-    fn maybe_revert(&mut self, record: &Arc<JobRecord>, now: Now) {
+    /// The coordinator's part in a deployment (see [`crate::deployment`]):
+    /// once the version is ready everywhere, mark it successful; when it
+    /// failed (a copy not ready within `healthy_deadline`, or no slot
+    /// ready for `progress_deadline`), write the version most of its old
+    /// copies run back if the job asks for `auto_revert` (not for a revert
+    /// itself), else mark it failed, which stops the update where it is.
+    /// Both records are the same whichever node writes them, and lose to
+    /// any newer write (see [`JobRecord::revert_to`], [`JobRecord::mark`]).
+    /// A new coordinator starts the progress clock afresh: a coordinator's
+    /// death delays a `progress_deadline` failure by at most the deadline.
+    fn deployment_step(&mut self, record: &Arc<JobRecord>, now: Now) {
+        let name = record.name.as_str();
+        if record.deployment.is_some() {
+            self.progress.remove(name);
+            return;
+        }
         let Some(spec) = record.spec.as_ref() else {
             return;
         };
-        if !spec.update.auto_revert
-            || record.reverted_from.is_some()
-            || self
-                .writes
-                .values()
-                .any(|w| matches!(w.origin, Origin::Revert))
-            || self.writes.len() >= self.config.writes_in_flight_max
+        if self.writes.len() >= self.config.writes_in_flight_max
+            || self.writes.values().any(|w| {
+                matches!(w.origin, Origin::Coordinator) && w.jobs.iter().any(|j| j.name == name)
+            })
         {
             return;
         }
-        let fp = spec.task.fingerprint();
-        let name = record.name.as_str();
-        let mut failed = self.local.of_job(name).any(|l| l.task == fp && l.failed);
-        let mut old_versions: BTreeMap<u64, usize> = BTreeMap::new();
-        for l in self
-            .local
-            .of_job(name)
-            .filter(|l| l.state.is_live() && l.task != fp)
+        let copies = self.copies_of(name, now.mono);
+        let Some(d) = crate::deployment::of(record, copies.iter().map(|(_, c)| c)) else {
+            return;
+        };
+        let p = self.progress.entry(name.to_string()).or_insert(Progress {
+            seq: record.seq,
+            ready: d.ready,
+            since: now.mono,
+        });
+        if p.seq != record.seq || d.ready > p.ready || d.awaiting_promotion || self.seen.minority()
         {
-            *old_versions.entry(l.seq).or_default() += 1;
+            // Progress, a new version, or a wait that is not the update's
+            // fault (a promotion, a minority) restarts the clock.
+            p.since = now.mono;
         }
-        if let Some(copies) = self.seen.view.index.job(name) {
-            for (_, node, c) in copies.iter() {
-                if !self.seen.counts(&self.me, node, now.mono) {
-                    continue;
-                }
-                failed |= c.task == fp && c.failed;
-                if c.state.is_live() && c.task != fp {
-                    *old_versions.entry(c.version).or_default() += 1;
-                }
+        p.seq = record.seq;
+        p.ready = d.ready;
+        let deadline = spec.update.progress_deadline;
+        let outcome = if d.unhealthy > 0 {
+            Outcome::FailedUnhealthy
+        } else if d.done() {
+            Outcome::Successful
+        } else if !deadline.is_zero() && now.mono.saturating_duration_since(p.since) > deadline {
+            Outcome::FailedNoProgress
+        } else {
+            return;
+        };
+        if outcome.failed() && spec.update.auto_revert && record.reverted_from.is_none() {
+            if let Some(revert) = self.revert_of(record, &copies, outcome) {
+                self.counters.reverts = self.counters.reverts.saturating_add(1);
+                self.persist(vec![Arc::new(revert)], Vec::new(), Origin::Coordinator);
+                return;
             }
         }
-        if !failed {
-            return;
+        self.counters.deployments_ended = self.counters.deployments_ended.saturating_add(1);
+        let marked = Arc::new(record.mark(outcome));
+        self.persist(vec![marked], Vec::new(), Origin::Coordinator);
+    }
+
+    /// The automatic revert of `record`: to the version most of its old
+    /// copies run, if the record keeps it, else the one before.
+    fn revert_of(
+        &self,
+        record: &JobRecord,
+        copies: &[(String, Published)],
+        why: Outcome,
+    ) -> Option<JobRecord> {
+        let fp = record.spec.as_ref()?.task.fingerprint();
+        let mut old_versions: BTreeMap<u64, usize> = BTreeMap::new();
+        for (_, c) in copies
+            .iter()
+            .filter(|(_, c)| c.state.is_live() && c.task != fp)
+        {
+            *old_versions.entry(c.version).or_default() += 1;
         }
-        // The version most old copies run, if the record keeps it; else
-        // the one before.
         let target = old_versions
             .iter()
             .filter(|(v, _)| record.history.iter().any(|e| e.seq == **v))
             .max_by_key(|(v, n)| (**n, **v))
             .map(|(v, _)| *v)
             .or_else(|| record.history.first().map(|e| e.seq));
-        let Some(spec) = target
+        let spec = target
             .and_then(|v| record.spec_of(v))
             .filter(|s| s.validate("").is_ok())
-            .cloned()
-        else {
-            return;
-        };
-        let revert = Arc::new(record.revert_to(spec));
-        self.counters.reverts = self.counters.reverts.saturating_add(1);
-        self.persist(vec![revert], Vec::new(), Origin::Revert);
+            .cloned()?;
+        Some(record.revert_to(spec, why))
+    }
+
+    /// The live copies of `job` this node counts, with their holders: its
+    /// own (once confirmed after a restart) and those live members
+    /// publish.
+    pub fn copies_of(&self, job: &str, now: Instant) -> Vec<(String, Published)> {
+        let mut copies = Vec::new();
+        if let Some(c) = self.seen.view.index.job(job) {
+            for (_, node, copy) in c.iter() {
+                if self.seen.counts(&self.me, node, now) {
+                    copies.push((node.to_string(), copy.clone()));
+                }
+            }
+        }
+        for l in self.local.of_job(job).filter(|l| !l.unconfirmed) {
+            copies.push((self.me.to_string(), l.published()));
+        }
+        copies
     }
 
     /// Whether a slot of a live job has no live copy of the current task
@@ -2626,9 +2759,19 @@ impl Scheduler {
         if self.seen.minority() {
             return Vec::new();
         }
-        crate::update::window(spec.replicas, spec.update.max_parallel, |s| {
-            self.slot_ready(&spec.name, s, fp, now)
-        })
+        let record = self.desired.get(&spec.name);
+        if record
+            .and_then(|r| r.deployment)
+            .is_some_and(Outcome::failed)
+        {
+            // A failed deployment stops where it is.
+            return Vec::new();
+        }
+        let ready = |s| self.slot_ready(&spec.name, s, fp, now);
+        if spec.update.canary > 0 && !record.is_some_and(|r| r.promoted) {
+            return spec.update.canary_window(spec.replicas, ready);
+        }
+        crate::update::window(spec.replicas, spec.update.max_parallel, ready)
     }
 
     /// Where the job's live copies (and this node's placements in flight)

@@ -46,6 +46,8 @@ pub struct JobStatus {
     /// Every slot below the replica count, then copies beyond it that are
     /// still stopping.
     pub slots: Vec<SlotStatus>,
+    /// The current version's deployment (services).
+    pub deployment: Option<crate::deployment::Deployment>,
 }
 
 /// One copy on some node.
@@ -87,18 +89,7 @@ pub fn instances(s: &Scheduler, now: Instant) -> Vec<InstanceRow> {
 /// One job's status.
 pub fn job_status(s: &Scheduler, name: &str, now: Instant) -> Option<JobStatus> {
     let record = s.desired().get(name)?.clone();
-    let mut copies: Vec<(String, Published)> = Vec::new();
-    if let Some(c) = s.seen().view.index.job(name) {
-        for (_, node, copy) in c.iter() {
-            if s.seen().counts(s.me(), node, now) {
-                copies.push((node.to_string(), copy.clone()));
-            }
-        }
-    }
-    for l in s.local().of_job(name).filter(|l| !l.unconfirmed) {
-        copies.push((s.me().to_string(), l.published()));
-    }
-    Some(status_of(s, record, &copies))
+    Some(status_of(s, record, &s.copies_of(name, now)))
 }
 
 /// Every live job's status.
@@ -254,5 +245,10 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
             .filter(|(_, c)| c.slot == st.slot && c.state.is_live() && !c.stopping)
             .count() as u32;
     }
-    JobStatus { record, slots }
+    let deployment = crate::deployment::of(&record, copies.iter().map(|(_, c)| c));
+    JobStatus {
+        record,
+        slots,
+        deployment,
+    }
 }

@@ -61,10 +61,27 @@ pub struct UpdateSpec {
         with = "crate::job::humantime_serde_str"
     )]
     pub healthy_deadline: Duration,
+    /// The update fails when no slot became ready for this long while
+    /// it was not finished (default 10 min; 0 s: never). Catches what
+    /// `healthy_deadline` cannot: copies replaced again and again, or a
+    /// slot no node can take.
+    #[serde(
+        default = "default_progress_deadline",
+        with = "crate::job::humantime_serde_str"
+    )]
+    pub progress_deadline: Duration,
+    /// Slots moved first, then the update waits for `shoal deployment
+    /// promote` (default 0: no canaries). Not for a job's first version.
+    #[serde(default)]
+    pub canary: u32,
     /// When the update fails, write the last good version back (default
     /// false). A revert is never reverted, and a newer submission wins.
     #[serde(default)]
     pub auto_revert: bool,
+}
+
+fn default_progress_deadline() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_healthy_deadline() -> Duration {
@@ -88,6 +105,8 @@ impl Default for UpdateSpec {
             order: Order::default(),
             min_healthy_time: Duration::ZERO,
             healthy_deadline: default_healthy_deadline(),
+            progress_deadline: default_progress_deadline(),
+            canary: 0,
             auto_revert: false,
         }
     }
@@ -128,7 +147,30 @@ impl UpdateSpec {
                 ),
             ));
         }
+        if !self.progress_deadline.is_zero()
+            && (self.progress_deadline <= self.min_healthy_time
+                || self.progress_deadline > HEALTHY_DEADLINE_MAX)
+        {
+            return Some((
+                "progress_deadline",
+                format!(
+                    "must be 0s (none), or longer than min_healthy_time and at most {}s",
+                    HEALTHY_DEADLINE_MAX.as_secs()
+                ),
+            ));
+        }
+        if self.canary > crate::job::REPLICAS_MAX {
+            return Some(("canary", format!("at most {}", crate::job::REPLICAS_MAX)));
+        }
         None
+    }
+
+    /// The window before promotion: the canary slots (the first
+    /// `canary`) that are not ready, all at once.
+    pub fn canary_window(&self, replicas: u32, ready: impl Fn(u32) -> bool) -> Vec<u32> {
+        (0..self.canary.min(replicas))
+            .filter(|s| !ready(*s))
+            .collect()
     }
 }
 
@@ -152,6 +194,35 @@ mod tests {
         assert_eq!(window(6, 2, |s| s != 4), vec![4]);
         assert_eq!(window(3, 5, |_| false), vec![0, 1, 2]);
         assert!(window(3, 1, |_| true).is_empty());
+    }
+
+    #[test]
+    fn deadlines_and_canaries_are_bounded() {
+        let ok = UpdateSpec::default();
+        assert_eq!(ok.problem(), None);
+        let none = UpdateSpec {
+            progress_deadline: Duration::ZERO,
+            ..UpdateSpec::default()
+        };
+        assert_eq!(none.problem(), None, "0 s: no progress deadline");
+        let short = UpdateSpec {
+            min_healthy_time: Duration::from_secs(30),
+            progress_deadline: Duration::from_secs(10),
+            ..UpdateSpec::default()
+        };
+        assert_eq!(short.problem().map(|p| p.0), Some("progress_deadline"));
+        let many = UpdateSpec {
+            canary: crate::job::REPLICAS_MAX + 1,
+            ..UpdateSpec::default()
+        };
+        assert_eq!(many.problem().map(|p| p.0), Some("canary"));
+        // Before promotion: the canary slots not ready, all at once.
+        let c = UpdateSpec {
+            canary: 3,
+            ..UpdateSpec::default()
+        };
+        assert_eq!(c.canary_window(6, |s| s == 1), vec![0, 2]);
+        assert_eq!(c.canary_window(2, |_| false), vec![0, 1]);
     }
 
     proptest! {

@@ -46,7 +46,7 @@ use shoal_membership::{Capacity, NodeRecord, NodeState};
 use checker::{Checker, Running};
 use gossip::Gossip;
 use host::{behaviour, Behaviour, SimDriver, SimStore};
-pub use options::{MembershipMode, Options, Workload};
+pub use options::{MembershipMode, NewVersion, Options, Workload};
 
 /// Wall-clock milliseconds at the simulated time zero (2026-01-01).
 const EPOCH_MS: u64 = 1_767_225_600_000;
@@ -391,6 +391,8 @@ pub struct Sim {
     update_at: Option<Duration>,
     update_done_at: Option<Duration>,
     update_min_serving: Option<u32>,
+    /// When the update workload last asked to promote its canaries.
+    promote_tried: Option<Duration>,
 }
 
 /// What a run found.
@@ -515,6 +517,7 @@ impl Sim {
             update_at: None,
             update_done_at: None,
             update_min_serving: None,
+            promote_tried: None,
         };
         sim.checker = Checker::new(
             sim.opts.conflict_window,
@@ -1131,7 +1134,7 @@ impl Sim {
     }
 
     fn on_instance_started(&mut self, i: usize, spec: &shoal_core::instance::InstanceSpec) {
-        let job = self.job_spec_of(spec);
+        let job = self.job_spec_of(i, spec);
         let running: Vec<Running> = self.nodes[i]
             .driver
             .running()
@@ -1245,10 +1248,17 @@ impl Sim {
     }
 
     /// The spec of the job version an instance runs.
-    fn job_spec_of(&self, spec: &shoal_core::instance::InstanceSpec) -> Option<JobSpec> {
+    fn job_spec_of(&self, i: usize, spec: &shoal_core::instance::InstanceSpec) -> Option<JobSpec> {
         // The instance carries its task; the job-level rules come from the
-        // record of that version, which the accepting API answered.
-        let rec = self.checker.accepted.get(&spec.id.job)?;
+        // record of that version: the one its holder started it from
+        // (a coordinator's revert is no API's answer), else the one the
+        // accepting API answered.
+        let held = self.nodes[i]
+            .core
+            .as_ref()
+            .and_then(|c| c.desired().get(&spec.id.job))
+            .filter(|r| r.version == spec.job_version);
+        let rec = held.or_else(|| self.checker.accepted.get(&spec.id.job))?;
         let mut job = rec.spec.clone()?;
         job.task = spec.task.clone();
         Some(job)
@@ -1436,6 +1446,7 @@ impl Sim {
             replicas,
             max_parallel,
             stop_first,
+            canary,
             ..
         } = self.opts.workload.clone()
         {
@@ -1444,7 +1455,7 @@ impl Sim {
                 let min = self.update_min_serving.map_or(serving, |m| m.min(serving));
                 self.update_min_serving = Some(min);
                 let floor = if stop_first {
-                    replicas.saturating_sub(max_parallel)
+                    replicas.saturating_sub(max_parallel.max(canary))
                 } else {
                     replicas
                 };
@@ -1638,21 +1649,32 @@ impl Sim {
             replicas,
             max_parallel,
             stop_first,
-            broken,
+            version,
+            canary,
         } = self.opts.workload.clone()
         else {
             return String::new();
         };
+        let new = v > 1;
         format!(
-            "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\nports = {{ http = 0 }}\n{}[task.resources]\ncpu = 50\nmemory = 32\n\
+            "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n{}[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\nports = {{ http = 0 }}\n{}[task.resources]\ncpu = 50\nmemory = 32\n\
              [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
-             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\nauto_revert = {broken}\n",
-            if broken && v > 1 {
+             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\nprogress_deadline = \"{}\"\ncanary = {canary}\nauto_revert = {}\n",
+            if new && version == NewVersion::Stuck {
+                "[[constraints]]\nlabel = \"nowhere\"\nop = \"=\"\nvalue = \"yes\"\n"
+            } else {
+                ""
+            },
+            if new && version == NewVersion::Broken {
                 "env = { SIM_HEALTH = \"fail\" }\n"
             } else {
                 ""
             },
             if stop_first { "stop-first" } else { "start-first" },
+            // Stuck: the copies never get placed, so only this catches it;
+            // else beyond healthy_deadline, which fails a broken one first.
+            if version == NewVersion::Stuck { "8s" } else { "30s" },
+            version != NewVersion::Good,
         )
     }
 
@@ -1695,12 +1717,14 @@ impl Sim {
     }
 
     /// The update workload's step: submit the new version once every slot
-    /// is ready, then watch it finish (or, broken, stay on its first slots).
+    /// is ready, promote its canaries once they are, then watch it finish
+    /// (or, broken or stuck, stay on its first slots and be reverted).
     fn roll_step(&mut self) {
         let Workload::Update {
             replicas,
             max_parallel,
-            broken,
+            version,
+            canary,
             ..
         } = self.opts.workload.clone()
         else {
@@ -1714,86 +1738,147 @@ impl Sim {
                 .map(|(s, _, _)| *s)
                 .collect::<BTreeSet<u32>>()
         };
-        match self.update_at {
-            None => {
-                if ready_of("v1").len() as u32 == replicas {
-                    let text = self.roll_text(2);
-                    self.api_call(ApiRequest::Submit {
-                        text,
-                        check_version: None,
-                    });
-                    self.update_at = Some(self.t);
-                } else if self.t > Duration::from_secs(120) {
-                    self.checker
-                        .violate("update", "the first version never got ready".to_string());
-                    self.phase = Phase::Done;
-                }
+        let Some(at) = self.update_at else {
+            if ready_of("v1").len() as u32 == replicas {
+                let text = self.roll_text(2);
+                self.api_call(ApiRequest::Submit {
+                    text,
+                    check_version: None,
+                });
+                self.update_at = Some(self.t);
+            } else if self.t > Duration::from_secs(120) {
+                self.checker
+                    .violate("update", "the first version never got ready".to_string());
+                self.phase = Phase::Done;
             }
-            Some(at) => {
-                let on_v2: BTreeSet<u32> = copies
-                    .iter()
-                    .filter(|(_, v, _)| v == "v2")
-                    .map(|(s, _, _)| *s)
-                    .collect();
-                let took = self.t.saturating_sub(at);
-                if broken {
-                    // It reaches at most max_parallel slots, and the
-                    // automatic revert brings every slot back to v1 alone.
-                    if on_v2.len() as u32 > max_parallel {
-                        self.checker.violate(
-                            "update",
-                            format!(
-                                "a version that never passes reached {} slots (max_parallel {max_parallel})",
-                                on_v2.len()
-                            ),
-                        );
-                        self.phase = Phase::Done;
-                    } else if ready_of("v1").len() as u32 == replicas
-                        && copies.len() as u32 == replicas
-                        && self.reverted()
-                    {
-                        self.update_done_at = Some(self.t);
-                        self.phase = Phase::Done;
-                    } else if took > Duration::from_secs(90) {
-                        self.checker.violate(
-                            "update",
-                            format!(
-                                "the broken version was not reverted in {took:?}: {} slots ready on v1, {} copies",
-                                ready_of("v1").len(),
-                                copies.len()
-                            ),
-                        );
-                        self.phase = Phase::Done;
-                    }
-                } else if ready_of("v2").len() as u32 == replicas && copies.len() as u32 == replicas
-                {
-                    self.update_done_at = Some(self.t);
-                    self.phase = Phase::Done;
-                } else if took > Duration::from_secs(180) {
-                    self.checker.violate(
-                        "update",
-                        format!(
-                            "the update did not finish in {took:?}: {} of {replicas} slots ready on v2, {} copies",
-                            ready_of("v2").len(),
-                            copies.len()
-                        ),
-                    );
-                    self.phase = Phase::Done;
-                }
+            return;
+        };
+        let on_v2: BTreeSet<u32> = copies
+            .iter()
+            .filter(|(_, v, _)| v == "v2")
+            .map(|(s, _, _)| *s)
+            .collect();
+        let took = self.t.saturating_sub(at);
+        let promoted = self.roll_records().any(|r| r.seq == 2 && r.promoted);
+        // Before its canaries are promoted, a version moves only them; a
+        // version that never gets ready moves at most its window.
+        let most = if canary > 0 && (!promoted || version != NewVersion::Good) {
+            Some((canary, "canaries"))
+        } else if version != NewVersion::Good {
+            Some((max_parallel, "max_parallel"))
+        } else {
+            None
+        };
+        if let Some((most, what)) = most.filter(|(m, _)| on_v2.len() as u32 > *m) {
+            self.checker.violate(
+                "update",
+                format!(
+                    "v2 reached {} slots ({what} {most}, promoted {promoted})",
+                    on_v2.len()
+                ),
+            );
+            self.phase = Phase::Done;
+            return;
+        }
+        if version == NewVersion::Good {
+            if canary > 0
+                && !promoted
+                && self
+                    .promote_tried
+                    .is_none_or(|t| self.t >= t + Duration::from_secs(1))
+                && self.roll_awaiting_promotion()
+            {
+                self.promote_tried = Some(self.t);
+                self.api_call(ApiRequest::Promote {
+                    name: "roll".into(),
+                });
             }
+            let marked = self.roll_all(|r| {
+                r.seq == 2 && r.deployment == Some(shoal_core::records::Outcome::Successful)
+            });
+            if ready_of("v2").len() as u32 == replicas && copies.len() as u32 == replicas && marked
+            {
+                self.update_done_at = Some(self.t);
+                self.phase = Phase::Done;
+            } else if took > Duration::from_secs(180) {
+                self.checker.violate(
+                    "update",
+                    format!(
+                        "the update did not finish in {took:?}: {} of {replicas} slots ready on v2, {} copies, marked successful everywhere: {marked}",
+                        ready_of("v2").len(),
+                        copies.len()
+                    ),
+                );
+                self.phase = Phase::Done;
+            }
+            return;
+        }
+        // Reverted (v3, the spec of v1) everywhere, v2's deployment
+        // recorded as failed for the right reason, every slot on v1 alone.
+        let why = if version == NewVersion::Broken {
+            shoal_core::records::Outcome::FailedUnhealthy
+        } else {
+            shoal_core::records::Outcome::FailedNoProgress
+        };
+        let reverted = self.roll_all(|r| {
+            r.reverted_from == Some(2)
+                && r.history
+                    .first()
+                    .is_some_and(|e| e.seq == 2 && e.outcome == Some(why))
+        });
+        if reverted && ready_of("v1").len() as u32 == replicas && copies.len() as u32 == replicas {
+            self.update_done_at = Some(self.t);
+            self.phase = Phase::Done;
+        } else if took > Duration::from_secs(90) {
+            self.checker.violate(
+                "update",
+                format!(
+                    "the {version:?} version was not reverted as {why:?} in {took:?}: reverted everywhere {reverted}, {} slots ready on v1, {} copies, records {:?}",
+                    ready_of("v1").len(),
+                    copies.len(),
+                    self.roll_records()
+                        .map(|r| (r.seq, r.reverted_from, r.deployment, r.history.first().map(|e| (e.seq, e.outcome))))
+                        .collect::<Vec<_>>()
+                ),
+            );
+            self.phase = Phase::Done;
         }
     }
 
-    /// Whether every up node holds the job at an automatic revert.
-    fn reverted(&self) -> bool {
+    /// The update workload's record at every up node.
+    fn roll_records(&self) -> impl Iterator<Item = &Arc<shoal_core::records::JobRecord>> {
         self.nodes
             .iter()
             .filter(|n| n.agent_up)
             .filter_map(|n| n.core.as_ref())
-            .all(|c| {
-                c.desired()
-                    .get("roll")
-                    .is_some_and(|r| r.reverted_from.is_some())
+            .filter_map(|c| c.desired().get("roll"))
+    }
+
+    /// Whether every up node holds the update workload's record and it
+    /// passes `f` at each.
+    fn roll_all(&self, f: impl Fn(&shoal_core::records::JobRecord) -> bool) -> bool {
+        let up = self
+            .nodes
+            .iter()
+            .filter(|n| n.agent_up && n.core.is_some())
+            .count();
+        let records: Vec<_> = self.roll_records().collect();
+        records.len() == up && records.iter().all(|r| f(r))
+    }
+
+    /// Whether some up node sees the update waiting for its canaries'
+    /// promotion.
+    fn roll_awaiting_promotion(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| n.agent_up && n.machine_up)
+            .filter_map(|n| n.core.as_ref())
+            .any(|c| {
+                c.desired().get("roll").is_some_and(|r| {
+                    let copies = c.copies_of("roll", self.mono());
+                    shoal_core::deployment::of(r, copies.iter().map(|(_, p)| p))
+                        .is_some_and(|d| d.awaiting_promotion)
+                })
             })
     }
 

@@ -34,11 +34,14 @@ pub enum Workload {
         replicas: u32,
     },
     /// One checked service of `replicas` slots; once every slot is ready,
-    /// a new version of it (one that never passes, when `broken`), rolled
-    /// out by its `[update]`; no faults. Checks that the copies serving
-    /// never fall below `replicas` (start-first) or `replicas -
-    /// max_parallel` (stop-first), that the update finishes, and that a
-    /// broken version changes at most `max_parallel` slots.
+    /// a new version of it rolled out by its `[update]`; no faults. Checks
+    /// that the copies serving never fall below `replicas` (start-first)
+    /// or `replicas - max(max_parallel, canary)` (stop-first); that a good
+    /// version finishes and its deployment is marked successful at every
+    /// node (promoted by the simulator once its canaries are ready, and
+    /// never beyond its canaries before that); that a broken one changes
+    /// at most `max_parallel` (or `canary`) slots and is reverted; and
+    /// that a stuck one fails by `progress_deadline` and is reverted.
     Update {
         /// Slots.
         replicas: u32,
@@ -46,9 +49,23 @@ pub enum Workload {
         max_parallel: u32,
         /// `stop-first` rather than `start-first`.
         stop_first: bool,
-        /// The new version never passes its checks.
-        broken: bool,
+        /// What the new version is like.
+        version: NewVersion,
+        /// `[update] canary`.
+        canary: u32,
     },
+}
+
+/// The new version of the update workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewVersion {
+    /// It passes its checks.
+    Good,
+    /// It never passes its checks (`healthy_deadline` fails it).
+    Broken,
+    /// No node may run it (a constraint none meets): no slot makes
+    /// progress, and `progress_deadline` fails it.
+    Stuck,
 }
 
 /// A simulated run.

@@ -31,6 +31,8 @@ fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
         seq: 1,
         history: Vec::new(),
         reverted_from: None,
+        promoted: false,
+        deployment: None,
     }
 }
 

@@ -80,6 +80,8 @@ fn record(version_ms: u64) -> Arc<JobRecord> {
         seq: 1,
         history: Vec::new(),
         reverted_from: None,
+        promoted: false,
+        deployment: None,
     })
 }
 
@@ -640,6 +642,8 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
                 seq: 1,
                 history: Vec::new(),
                 reverted_from: None,
+                promoted: false,
+                deployment: None,
             }
         })
         .collect();

@@ -60,7 +60,8 @@ struct Args {
     #[arg(long)]
     quiet: bool,
     /// A rolling update instead of the mixed workload:
-    /// `N:MAX_PARALLEL:start-first|stop-first[:broken]` (no faults).
+    /// `N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck][:canary=C]`
+    /// (no faults).
     #[arg(long)]
     update: Option<String>,
     /// Scheduler timings: `lan` (the default) or `local-test` (the preset
@@ -100,23 +101,41 @@ fn main() {
         opts.skew_max_ms = 0;
     }
     if let Some(u) = &args.update {
-        // N:MAX_PARALLEL:start-first|stop-first[:broken]
+        // N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck][:canary=C]
+        let usage = || -> ! {
+            eprintln!(
+                "sim: --update takes N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck][:canary=C], not `{u}`"
+            );
+            std::process::exit(2);
+        };
         let parts: Vec<&str> = u.split(':').collect();
         let (Some(n), Some(mp), Some(order)) = (
             parts.first().and_then(|p| p.parse().ok()),
             parts.get(1).and_then(|p| p.parse().ok()),
-            parts.get(2),
+            parts
+                .get(2)
+                .filter(|o| ["start-first", "stop-first"].contains(o)),
         ) else {
-            eprintln!(
-                "sim: --update takes N:MAX_PARALLEL:start-first|stop-first[:broken], not `{u}`"
-            );
-            std::process::exit(2);
+            usage()
         };
+        let mut version = shoal_sim::NewVersion::Good;
+        let mut canary = 0;
+        for p in parts.iter().skip(3) {
+            match *p {
+                "broken" => version = shoal_sim::NewVersion::Broken,
+                "stuck" => version = shoal_sim::NewVersion::Stuck,
+                _ => match p.strip_prefix("canary=").and_then(|c| c.parse().ok()) {
+                    Some(c) => canary = c,
+                    None => usage(),
+                },
+            }
+        }
         opts.workload = Workload::Update {
             replicas: n,
             max_parallel: mp,
             stop_first: *order == "stop-first",
-            broken: parts.get(3) == Some(&"broken"),
+            version,
+            canary,
         };
         opts.faults = false;
     }
