@@ -326,9 +326,18 @@ pub fn run(args: RunArgs) -> Result<()> {
                 passing(&status)
             )
         });
-        // A newer version replaced this one (a promotion or the end of
-        // its deployment keeps the number).
-        if status.version != accepted.version {
+        // A newer write replaced this one: not this write, nor its
+        // coordinator's mark (its clock, then `!`), nor its promotion (two
+        // writes at once on two nodes can share a number, so the number
+        // alone does not say; found in review).
+        let ours = status.hlc == accepted.hlc
+            || status
+                .hlc
+                .strip_prefix(accepted.hlc.as_str())
+                .is_some_and(|rest| rest.starts_with('!'))
+            || (status.version == accepted.version
+                && status.deployment.as_ref().is_some_and(|d| d.promoted));
+        if !ours {
             bar.finish_and_clear();
             bail!(
                 "{}: a newer write ({}) replaced this one; `shoal job history {}` lists the versions",

@@ -213,6 +213,12 @@ mod tests {
         // Done: every slot ready on v2, no v1 copy left.
         let all = [copy(0, new, true), copy(1, new, true), copy(2, new, true)];
         assert!(of(&promoted, &all).unwrap().done());
+        // A write that keeps the task (a scale) keeps the promotion; a new
+        // task needs its own.
+        let same = JobRecord::next(Some(&promoted), "web", version(3, "n2"), Some(spec("2", 1)));
+        assert!(same.promoted);
+        let other = JobRecord::next(Some(&promoted), "web", version(3, "n2"), Some(spec("5", 1)));
+        assert!(!other.promoted);
         let ended = promoted.mark(Outcome::Successful);
         assert_eq!(of(&ended, &copies).unwrap().state(), "successful");
         // A newer version keeps the end; one cut short is cancelled.
@@ -244,7 +250,7 @@ mod tests {
         }
         // A revert of a failed version records that it failed.
         let v2 = JobRecord::next(Some(&r), "web", version(12, "n1"), Some(spec("2", 0)));
-        let reverted = v2.revert_to(spec("1", 0), Outcome::FailedNoProgress);
+        let reverted = v2.revert_to(spec("1", 0), 1, Outcome::FailedNoProgress);
         assert_eq!(past(&reverted)[0], (2, Outcome::FailedNoProgress));
     }
 }

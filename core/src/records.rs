@@ -167,13 +167,20 @@ impl JobRecord {
     /// clock by any node that beats this one beats the revert too).
     /// Deterministic: every node that decides to revert writes the same
     /// record.
-    pub fn revert_to(&self, spec: JobSpec, why: Outcome) -> JobRecord {
+    pub fn revert_to(&self, spec: JobSpec, target: u64, why: Outcome) -> JobRecord {
+        // What the record holds is in its version: two coordinators that
+        // decided differently (why it failed, which version to go back
+        // to) write two versions, and one wins everywhere (found in
+        // review: one version with two contents never converges).
         let version = Version {
             hlc: self.version.hlc,
-            node: format!("{}!revert", self.version.node),
+            node: format!("{}!revert-{}-v{target}", self.version.node, why.tag()),
         };
         let mut r = JobRecord::next(Some(self), self.name.clone(), version, Some(spec));
         r.reverted_from = Some(self.seq);
+        // The version reverted to needs no promotion: its canaries are
+        // for versions people write.
+        r.promoted = true;
         if let Some(e) = r.history.first_mut().filter(|e| e.seq == self.seq) {
             e.outcome = Some(why);
         }
@@ -192,6 +199,12 @@ impl JobRecord {
         let mut r = JobRecord::new(name, version, spec);
         let Some(c) = current else { return r };
         r.seq = c.seq.saturating_add(1);
+        // A write that keeps the task (a scale) keeps the promotion: its
+        // copies are the promoted version's (found in review: a scale
+        // mid-rollout waited for a promotion nobody would give).
+        r.promoted = c.promoted
+            && c.spec.as_ref().map(|s| s.task.fingerprint())
+                == r.spec.as_ref().map(|s| s.task.fingerprint());
         let mut history = Vec::with_capacity(HISTORY_MAX);
         if let Some(spec) = &c.spec {
             let service = spec.job_type == crate::job::JobType::Service;
@@ -366,13 +379,24 @@ mod tests {
     fn a_revert_beats_the_failed_version_and_nothing_newer() {
         let good = JobRecord::new("web", version(10), Some(spec(1)));
         let failed = JobRecord::next(Some(&good), "web", version(20), Some(spec(2)));
-        let revert = failed.revert_to(spec(1), Outcome::FailedUnhealthy);
+        let revert = failed.revert_to(spec(1), 1, Outcome::FailedUnhealthy);
         revert.validate().unwrap();
+        assert!(revert.promoted, "a revert waits for no promotion");
+        // Two coordinators that decided differently write two versions.
+        assert_ne!(
+            revert.version,
+            failed
+                .revert_to(spec(1), 1, Outcome::FailedNoProgress)
+                .version
+        );
         assert_eq!((revert.seq, revert.reverted_from), (3, Some(2)));
         assert_eq!(revert.spec_of(3).unwrap().replicas, 1);
         assert!(revert.version > failed.version);
         // The same whichever node writes it.
-        assert_eq!(revert, failed.revert_to(spec(1), Outcome::FailedUnhealthy));
+        assert_eq!(
+            revert,
+            failed.revert_to(spec(1), 1, Outcome::FailedUnhealthy)
+        );
         // Any write that beats the failed one beats the revert: a later
         // clock, or the same clock by a node that sorts after its writer.
         let later = Version {

@@ -1509,8 +1509,6 @@ impl Scheduler {
         self.out.push(Effect::Answer { token, answer });
     }
 
-    /// Writes a new version of a job (or its tombstone): durable first,
-    /// answered and pushed to every node once the store has it.
     /// `shoal deployment promote`: written only while every canary slot
     /// is ready (as this node sees it) and the update waits.
     fn promote(&mut self, token: ApiToken, name: String, now: Now) {
@@ -1561,6 +1559,8 @@ impl Scheduler {
         });
     }
 
+    /// Writes a new version of a job (or its tombstone): durable first,
+    /// answered and pushed to every node once the store has it.
     fn write(&mut self, token: ApiToken, name: String, spec: Option<JobSpec>, now: Now) {
         self.write_with(token, name.clone(), now, |current, version| {
             JobRecord::next(current, name, version, spec)
@@ -2560,15 +2560,23 @@ impl Scheduler {
             ready: d.ready,
             since: now.mono,
         });
-        if p.seq != record.seq || d.ready > p.ready || d.awaiting_promotion || self.seen.minority()
+        if p.seq != record.seq
+            || d.ready > p.ready
+            || d.ready == d.replicas
+            || d.old == 0
+            || d.awaiting_promotion
+            || self.seen.minority()
         {
             // Progress, a new version, or a wait that is not the update's
-            // fault (a promotion, a minority) restarts the clock.
+            // fault restarts the clock: a promotion, a minority, old copies
+            // still stopping once every slot is ready, and a version with
+            // nothing older to replace (a first version, a scale: no
+            // update to fail; found in review).
             p.since = now.mono;
         }
         p.seq = record.seq;
         p.ready = d.ready;
-        let deadline = spec.update.progress_deadline;
+        let deadline = spec.update.effective_progress_deadline();
         let outcome = if d.unhealthy > 0 {
             Outcome::FailedUnhealthy
         } else if d.done() {
@@ -2612,11 +2620,12 @@ impl Scheduler {
             .max_by_key(|(v, n)| (**n, **v))
             .map(|(v, _)| *v)
             .or_else(|| record.history.first().map(|e| e.seq));
-        let spec = target
-            .and_then(|v| record.spec_of(v))
+        let target = target?;
+        let spec = record
+            .spec_of(target)
             .filter(|s| s.validate("").is_ok())
             .cloned()?;
-        Some(record.revert_to(spec, why))
+        Some(record.revert_to(spec, target, why))
     }
 
     /// The live copies of `job` this node counts, with their holders: its

@@ -62,7 +62,8 @@ pub struct UpdateSpec {
     )]
     pub healthy_deadline: Duration,
     /// The update fails when no slot became ready for this long while
-    /// it was not finished (default 10 min; 0 s: never). Catches what
+    /// it was not finished (default 10 min, at least `healthy_deadline`;
+    /// 0 s: never). Catches what
     /// `healthy_deadline` cannot: copies replaced again and again, or a
     /// slot no node can take.
     #[serde(
@@ -70,7 +71,8 @@ pub struct UpdateSpec {
         with = "crate::job::humantime_serde_str"
     )]
     pub progress_deadline: Duration,
-    /// Slots moved first, then the update waits for `shoal deployment
+    /// Slots moved first, all at once (beyond `max_parallel`, as Nomad
+    /// places its canaries), then the update waits for `shoal deployment
     /// promote` (default 0: no canaries). Not for a job's first version.
     #[serde(default)]
     pub canary: u32,
@@ -147,22 +149,31 @@ impl UpdateSpec {
                 ),
             ));
         }
-        if !self.progress_deadline.is_zero()
-            && (self.progress_deadline <= self.min_healthy_time
-                || self.progress_deadline > HEALTHY_DEADLINE_MAX)
-        {
+        // No rule against the other durations: records written before
+        // the field existed carry its default, and must still validate
+        // (found in review: one with min_healthy_time >= 10 min was
+        // dropped at start). `effective_progress_deadline` reconciles them.
+        if self.progress_deadline > HEALTHY_DEADLINE_MAX {
             return Some((
                 "progress_deadline",
-                format!(
-                    "must be 0s (none), or longer than min_healthy_time and at most {}s",
-                    HEALTHY_DEADLINE_MAX.as_secs()
-                ),
+                format!("at most {}s (0s: none)", HEALTHY_DEADLINE_MAX.as_secs()),
             ));
         }
         if self.canary > crate::job::REPLICAS_MAX {
             return Some(("canary", format!("at most {}", crate::job::REPLICAS_MAX)));
         }
         None
+    }
+
+    /// The progress deadline in force: none for 0 s, else at least
+    /// `healthy_deadline` (a copy still within its own deadline does not
+    /// fail the update).
+    pub fn effective_progress_deadline(&self) -> Duration {
+        if self.progress_deadline.is_zero() {
+            Duration::ZERO
+        } else {
+            self.progress_deadline.max(self.healthy_deadline)
+        }
     }
 
     /// The window before promotion: the canary slots (the first
@@ -205,12 +216,23 @@ mod tests {
             ..UpdateSpec::default()
         };
         assert_eq!(none.problem(), None, "0 s: no progress deadline");
+        // Shorter than the other deadlines: valid (records written before
+        // the field existed), in force as healthy_deadline.
         let short = UpdateSpec {
-            min_healthy_time: Duration::from_secs(30),
-            progress_deadline: Duration::from_secs(10),
+            min_healthy_time: Duration::from_secs(900),
+            healthy_deadline: Duration::from_secs(1800),
             ..UpdateSpec::default()
         };
-        assert_eq!(short.problem().map(|p| p.0), Some("progress_deadline"));
+        assert_eq!(short.problem(), None);
+        assert_eq!(
+            short.effective_progress_deadline(),
+            Duration::from_secs(1800)
+        );
+        let long = UpdateSpec {
+            progress_deadline: HEALTHY_DEADLINE_MAX + Duration::from_secs(1),
+            ..UpdateSpec::default()
+        };
+        assert_eq!(long.problem().map(|p| p.0), Some("progress_deadline"));
         let many = UpdateSpec {
             canary: crate::job::REPLICAS_MAX + 1,
             ..UpdateSpec::default()
