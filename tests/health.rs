@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -293,23 +294,16 @@ fn serving(agent: &Agent, job: &str) -> (usize, Vec<String>) {
     (slots.len(), versions)
 }
 
-#[test]
-fn a_rolling_update_keeps_every_slot_serving() {
-    let root = tempfile::tempdir().unwrap();
-    // The agents share 127.0.0.1: disjoint port ranges keep an old and a
-    // new copy of a slot (on two agents) from choosing one port.
-    let first = Agent::start(
-        root.path(),
-        "n0",
-        None,
-        None,
-        &["--port-range", "23100-23149"],
-    );
+/// Agents on 127.0.0.1, one per port range, once they all see each other.
+/// They share the address: disjoint port ranges keep an old and a new copy
+/// of a slot (on two agents) from choosing one port.
+fn served_cluster(root: &Path, ranges: &[&str]) -> Vec<Agent> {
+    let first = Agent::start(root, "n0", None, None, &["--port-range", ranges[0]]);
     let (seed, token) = (first.quic(), first.token_file());
     let mut agents = vec![first];
-    for (i, range) in [(1, "23150-23199"), (2, "23200-23249")] {
+    for (i, range) in ranges.iter().enumerate().skip(1) {
         agents.push(Agent::start(
-            root.path(),
+            root,
             &format!("n{i}"),
             Some(&seed),
             Some(&token),
@@ -319,15 +313,18 @@ fn a_rolling_update_keeps_every_slot_serving() {
     wait_until("the agents see each other", || {
         agents
             .iter()
-            .all(|a| a.nodes().is_some_and(|n| n.len() == 3))
+            .all(|a| a.nodes().is_some_and(|n| n.len() == ranges.len()))
     });
-    let site = Site::new("roll");
-    std::fs::write(site.path().join("ok"), "ok\n").unwrap();
-    let job = |version: &str| {
-        format!(
-            r#"name = "roll"
+    agents
+}
+
+/// A busybox httpd service serving `site` on a dynamic port, checked over
+/// HTTP on `/ok`, at release `version` (its env), with `update` settings.
+fn served_job(name: &str, replicas: u32, site: &Site, version: &str, update: &str) -> String {
+    format!(
+        r#"name = "{name}"
 type = "service"
-replicas = 4
+replicas = {replicas}
 
 [task]
 command = "/bin/busybox"
@@ -348,10 +345,24 @@ grace = "0s"
 failures = 2
 
 [update]
-max_parallel = 1
-min_healthy_time = "500ms"
-"#,
-            site = site.path().display()
+{update}"#,
+        site = site.path().display()
+    )
+}
+
+#[test]
+fn a_rolling_update_keeps_every_slot_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = served_cluster(root.path(), &["23100-23149", "23150-23199", "23200-23249"]);
+    let site = Site::new("roll");
+    std::fs::write(site.path().join("ok"), "ok\n").unwrap();
+    let job = |version: &str| {
+        served_job(
+            "roll",
+            4,
+            &site,
+            version,
+            "max_parallel = 1\nmin_healthy_time = \"500ms\"\n",
         )
     };
     let one = job_file(root.path(), "one", &job("1"));
@@ -390,57 +401,16 @@ fn deployment(agent: &Agent, job: &str) -> serde_json::Value {
 #[test]
 fn canaries_wait_for_promotion_and_each_deployment_is_recorded() {
     let root = tempfile::tempdir().unwrap();
-    let first = Agent::start(
-        root.path(),
-        "n0",
-        None,
-        None,
-        &["--port-range", "23300-23349"],
-    );
-    let (seed, token) = (first.quic(), first.token_file());
-    let second = Agent::start(
-        root.path(),
-        "n1",
-        Some(&seed),
-        Some(&token),
-        &["--port-range", "23350-23399"],
-    );
-    let agents = [first, second];
-    wait_until("the agents see each other", || {
-        agents
-            .iter()
-            .all(|a| a.nodes().is_some_and(|n| n.len() == 2))
-    });
+    let agents = served_cluster(root.path(), &["23300-23349", "23350-23399"]);
     let site = Site::new("canary");
     std::fs::write(site.path().join("ok"), "ok\n").unwrap();
     let job = |version: &str| {
-        format!(
-            r#"name = "canary"
-type = "service"
-replicas = 3
-
-[task]
-command = "/bin/busybox"
-args = ["httpd", "-f", "-p", "${{SHOAL_ADDR_HTTP}}", "-h", "{site}"]
-env = {{ RELEASE = "{version}" }}
-ports = {{ http = 0 }}
-
-[task.resources]
-cpu = 10
-memory = 8
-
-[[task.check]]
-type = "http"
-port = "http"
-path = "/ok"
-interval = "200ms"
-grace = "0s"
-
-[update]
-canary = 1
-min_healthy_time = "300ms"
-"#,
-            site = site.path().display()
+        served_job(
+            "canary",
+            3,
+            &site,
+            version,
+            "canary = 1\nmin_healthy_time = \"300ms\"\n",
         )
     };
     // The first version has no canaries; its deployment ends successful,
