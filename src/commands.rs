@@ -354,10 +354,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             bar.finish_and_clear();
             if d.state == "failed" {
                 bail!(
-                    "{} {}: the update failed ({}); `shoal deployment status {}` shows where it stopped",
+                    "{} {}: the update failed ({}); `shoal deployment status {}` shows where it stopped. \
+                     The same spec again changes nothing: run a fixed one, or go back with \
+                     `shoal job revert {} VERSION` (`shoal job history {}` lists them)",
                     status.name,
                     status.version,
                     d.description.trim_start_matches("failed: "),
+                    status.name,
+                    status.name,
                     status.name
                 );
             }

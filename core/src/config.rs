@@ -46,6 +46,12 @@ pub struct SchedulerConfig {
     /// elsewhere meanwhile. Below `placement_ttl` by more than twice the
     /// clock offset nodes tolerate (500 ms) plus a margin.
     pub start_max_age: Duration,
+    /// A node's old copy stops because it is in a new version's update
+    /// window only once the node has known that version this long: above
+    /// gossip's propagation time (about a second), so that the node sees
+    /// the slots an older update had down when the new version was
+    /// written (they count against the new window).
+    pub update_settle: Duration,
     /// First wait before a slot that could not be placed (no node fits, or
     /// the winner refused) is tried again; it doubles per attempt.
     pub retry_min: Duration,
@@ -140,6 +146,7 @@ impl SchedulerConfig {
             stall: Duration::from_secs(3),
             placement_ttl: Duration::from_secs(5),
             start_max_age: Duration::from_millis(3_500),
+            update_settle: Duration::from_secs(2),
             retry_min: Duration::from_millis(500),
             // Short enough that a slot blocked by something the coordinator
             // cannot see change (another job's port, a load) is placed soon

@@ -427,6 +427,10 @@ pub struct Scheduler {
     /// Deployments of the jobs this node coordinates: the version, its
     /// ready slots, and when that count last grew (`progress_deadline`).
     progress: BTreeMap<String, Progress>,
+    /// Per job with an older copy here, the task it runs now and when
+    /// this node first saw it: an old copy stops by the update window only
+    /// `update_settle` later (see `own_copies`). At most one entry per job.
+    task_seen: BTreeMap<String, (u64, Instant)>,
     /// Completions whose write failed, tried again on the timer.
     unsaved: Vec<Completion>,
     /// This node's own completions that became durable while it saw no
@@ -516,6 +520,7 @@ impl Scheduler {
             calls: BTreeMap::new(),
             writes: BTreeMap::new(),
             progress: BTreeMap::new(),
+            task_seen: BTreeMap::new(),
             unsaved: Vec::new(),
             unannounced: Vec::new(),
             replicating: BTreeMap::new(),
@@ -2302,7 +2307,10 @@ impl Scheduler {
         for id in unwatched {
             self.watch_checks(&id, now);
         }
-        // Which copies count as ready for rolling updates.
+        // Which copies are ready: passing for their own version's
+        // min_healthy_time, whatever version is current (a stop-first
+        // window counts the slots no copy serves; readers that want the
+        // current version compare the task).
         for l in self.local.iter_mut() {
             let current = self.desired.task_fp(&l.id.job) == Some(l.task);
             let min = l
@@ -2311,8 +2319,7 @@ impl Scheduler {
                 .as_ref()
                 .map(|s| s.update.min_healthy_time)
                 .unwrap_or_default();
-            let ready = current
-                && l.state == SlotState::Running
+            let ready = l.state == SlotState::Running
                 && !l.stopping
                 && !l.restarting
                 && l.tracker
@@ -2352,6 +2359,7 @@ impl Scheduler {
     fn own_copies(&mut self, now: Now) {
         let mut stops = Vec::new();
         let mut windows: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        let mut first_seen: Vec<(String, u64)> = Vec::new();
         let mut renumber = Vec::new();
         let mut forget = Vec::new();
         for l in self.local.iter() {
@@ -2396,11 +2404,29 @@ impl Scheduler {
             });
             let may_stop = job.is_some_and(|(spec, fp)| {
                 mine.task == fp || {
+                    // The window stops an old copy only once this node has
+                    // known the task for `update_settle`: a version
+                    // written while an older update had slots down comes
+                    // with a window that counts them (a stop-first window
+                    // counts down slots first), and gossip needs that long
+                    // to bring the stops made just before. Seen at once,
+                    // seed 4 of `--update 6:1:stop-first:twice` stopped a
+                    // second slot (4 of 6 served, floor 5).
+                    let settled = match self.task_seen.get(&l.id.job) {
+                        Some((seen, at)) if *seen == fp => {
+                            now.mono.saturating_duration_since(*at) >= self.config.update_settle
+                        }
+                        _ => {
+                            first_seen.push((l.id.job.clone(), fp));
+                            false
+                        }
+                    };
                     let mut in_window = || {
-                        windows
-                            .entry(l.id.job.clone())
-                            .or_insert_with(|| self.update_window(spec, fp, now))
-                            .contains(&l.id.slot)
+                        settled
+                            && windows
+                                .entry(l.id.job.clone())
+                                .or_insert_with(|| self.update_window(spec, fp, now))
+                                .contains(&l.id.slot)
                     };
                     let ready = self.slot_ready(&l.id.job, l.id.slot, fp, now);
                     match spec.update.order {
@@ -2424,6 +2450,13 @@ impl Scheduler {
             {
                 stops.push((l.id.job.clone(), l.id.slot, r));
             }
+        }
+        if !first_seen.is_empty() {
+            for (job, fp) in first_seen {
+                self.task_seen.insert(job, (fp, now.mono));
+            }
+            let desired = &self.desired;
+            self.task_seen.retain(|job, _| desired.spec(job).is_some());
         }
         for (job, slot, record) in renumber {
             if let Some(l) = self.local.get_mut(&job, slot) {
@@ -2708,12 +2741,19 @@ impl Scheduler {
     /// Whether a copy of `slot` running the task `fp` is ready (passing for
     /// the job's `min_healthy_time`) here or on a live node.
     fn slot_ready(&self, job: &str, slot: u32, fp: u64, now: Now) -> bool {
+        self.slot_ready_with(job, slot, Some(fp), now)
+    }
+
+    /// Whether a ready copy of `slot` running the task `fp` (any task:
+    /// `None`) is here or on a live node.
+    fn slot_ready_with(&self, job: &str, slot: u32, fp: Option<u64>, now: Now) -> bool {
+        let task = |t: u64| fp.is_none_or(|fp| t == fp);
         let ready = |c: &crate::instance::Published| {
-            c.task == fp && c.ready && c.state == SlotState::Running && !c.stopping
+            task(c.task) && c.ready && c.state == SlotState::Running && !c.stopping
         };
         self.local.get(job, slot).is_some_and(|l| {
             !l.unconfirmed
-                && l.task == fp
+                && task(l.task)
                 && l.ready
                 && !l.stopping
                 && l.state == SlotState::Running
@@ -2777,10 +2817,25 @@ impl Scheduler {
             return Vec::new();
         }
         let ready = |s| self.slot_ready(&spec.name, s, fp, now);
-        if spec.update.canary > 0 && !record.is_some_and(|r| r.promoted) {
-            return spec.update.canary_window(spec.replicas, ready);
+        let canaries = spec.update.canary > 0 && !record.is_some_and(|r| r.promoted);
+        match spec.update.order {
+            crate::update::Order::StartFirst if canaries => {
+                spec.update.canary_window(spec.replicas, ready)
+            }
+            crate::update::Order::StartFirst => {
+                crate::update::window(spec.replicas, spec.update.max_parallel, ready)
+            }
+            crate::update::Order::StopFirst => {
+                let (candidates, room) = if canaries {
+                    (0..spec.update.canary.min(spec.replicas), spec.update.canary)
+                } else {
+                    (0..spec.replicas, spec.update.max_parallel)
+                };
+                crate::update::stop_first_window(spec.replicas, candidates, room, ready, |s| {
+                    self.slot_ready_with(&spec.name, s, None, now)
+                })
+            }
         }
-        crate::update::window(spec.replicas, spec.update.max_parallel, ready)
     }
 
     /// Where the job's live copies (and this node's placements in flight)

@@ -194,6 +194,35 @@ pub fn window(replicas: u32, max_parallel: u32, ready: impl Fn(u32) -> bool) -> 
         .collect()
 }
 
+/// The window of a stop-first update among the `candidates` (every slot,
+/// or the canary slots before promotion), with room for `room` slots down
+/// at once (`max_parallel`, or `canary`): the slots not `ready` that no
+/// copy serves (of any version: `serving`), anywhere, count first, since
+/// they are already down, and the candidates among them are in the window;
+/// then the first not-ready candidates that still serve, in slot order,
+/// fill what room is left. Without the first part, a version written while
+/// an older update had slots down let `room` more stop (passing fell to
+/// N - 2 x max_parallel).
+pub fn stop_first_window(
+    replicas: u32,
+    candidates: std::ops::Range<u32>,
+    room: u32,
+    ready: impl Fn(u32) -> bool,
+    serving: impl Fn(u32) -> bool,
+) -> Vec<u32> {
+    let (down, up): (Vec<u32>, Vec<u32>) = (0..replicas)
+        .filter(|s| !ready(*s))
+        .partition(|s| !serving(*s));
+    let left = (room as usize).saturating_sub(down.len());
+    let mut w: Vec<u32> = down
+        .into_iter()
+        .filter(|s| candidates.contains(s))
+        .chain(up.into_iter().filter(|s| candidates.contains(s)).take(left))
+        .collect();
+    w.sort_unstable();
+    w
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,7 +276,66 @@ mod tests {
         assert_eq!(c.canary_window(2, |_| false), vec![0, 1]);
     }
 
+    #[test]
+    fn a_stop_first_window_counts_the_slots_already_down() {
+        // Slot 4 is down (an older update stopped it): one more may stop.
+        assert_eq!(
+            stop_first_window(6, 0..6, 2, |_| false, |s| s != 4),
+            vec![0, 4]
+        );
+        // Two down with max_parallel 2: nothing serving stops.
+        assert_eq!(
+            stop_first_window(6, 0..6, 2, |_| false, |s| s != 4 && s != 5),
+            vec![4, 5]
+        );
+        // More down than max_parallel: all of them, and nothing else.
+        assert_eq!(
+            stop_first_window(4, 0..4, 1, |s| s == 0, |s| s == 3),
+            vec![1, 2]
+        );
+        // Nothing down: the slot-order window.
+        assert_eq!(
+            stop_first_window(6, 0..6, 2, |s| s < 2, |_| true),
+            window(6, 2, |s| s < 2)
+        );
+        // Canaries 0 and 1, slot 4 down outside them: one canary moves.
+        assert_eq!(
+            stop_first_window(6, 0..2, 2, |_| false, |s| s != 4),
+            vec![0]
+        );
+        // Slot 1 down among them: both canaries are in, nothing else stops.
+        assert_eq!(
+            stop_first_window(6, 0..2, 2, |_| false, |s| s != 1),
+            vec![0, 1]
+        );
+    }
+
     proptest! {
+        /// Serving slots a stop-first window lets stop, plus the slots
+        /// already down, never exceed max_parallel; and a view that sees a
+        /// subset of the ready slots lets no serving slot stop that is
+        /// truly not ready and outside the true window.
+        #[test]
+        fn a_stop_first_window_keeps_replicas_minus_max_parallel(
+            ready in proptest::collection::vec(any::<bool>(), 1..40),
+            serving in proptest::collection::vec(any::<bool>(), 40),
+            seen in proptest::collection::vec(any::<bool>(), 40),
+            mp in 1u32..6,
+        ) {
+            let n = ready.len() as u32;
+            let truly = |s: u32| ready[s as usize];
+            let serves = |s: u32| ready[s as usize] || serving[s as usize];
+            let w = stop_first_window(n, 0..n, mp, truly, serves);
+            let down = (0..n).filter(|s| !serves(*s)).count();
+            let stopping = w.iter().filter(|s| serves(**s) && !truly(**s)).count();
+            prop_assert!(stopping + down <= (mp as usize).max(down));
+            let stale = |s: u32| ready[s as usize] && seen[s as usize];
+            for s in stop_first_window(n, 0..n, mp, stale, serves) {
+                prop_assert!(!serves(s) || truly(s) || w.contains(&s), "slot {s}");
+            }
+        }
+
+
         /// A view that sees a subset of the ready slots never lets a slot
         /// move that is truly not ready and outside the true window.
         #[test]

@@ -86,11 +86,17 @@ pub fn behaviour(spec: &InstanceSpec) -> Behaviour {
 
 /// What a health check of a running instance finds: it fails where the
 /// task's environment says `SIM_HEALTH = "fail"` (a version that starts
-/// but never serves).
-pub fn health(spec: &InstanceSpec) -> Result<(), String> {
-    match spec.task.env.get("SIM_HEALTH").map(String::as_str) {
+/// but never serves), and for the first K checks with `slow=K` (a version
+/// that takes long to serve).
+pub fn health(inst: &mut SimInstance) -> Result<(), String> {
+    inst.checks = inst.checks.saturating_add(1);
+    match inst.spec.task.env.get("SIM_HEALTH").map(String::as_str) {
         Some("fail") => Err("HTTP 503".into()),
-        _ => Ok(()),
+        Some(s) => match s.strip_prefix("slow=").and_then(|k| k.parse::<u32>().ok()) {
+            Some(k) if inst.checks <= k => Err("HTTP 503 (warming up)".into()),
+            _ => Ok(()),
+        },
+        None => Ok(()),
     }
 }
 
@@ -105,6 +111,8 @@ pub struct SimInstance {
     pub ended: Option<InstanceState>,
     /// The agent asked it to stop.
     pub stopping: bool,
+    /// Health checks run on it so far.
+    pub checks: u32,
 }
 
 /// The machine's processes.
@@ -148,6 +156,7 @@ impl SimDriver {
                 driver: driver.to_string(),
                 ended: None,
                 stopping: false,
+                checks: 0,
             },
         );
         Ok(())

@@ -393,6 +393,8 @@ pub struct Sim {
     update_min_serving: Option<u32>,
     /// When the update workload last asked to promote its canaries.
     promote_tried: Option<Duration>,
+    /// When the `Twice` update wrote its second new version (v3).
+    second_at: Option<Duration>,
 }
 
 /// What a run found.
@@ -518,6 +520,7 @@ impl Sim {
             update_done_at: None,
             update_min_serving: None,
             promote_tried: None,
+            second_at: None,
         };
         sim.checker = Checker::new(
             sim.opts.conflict_window,
@@ -1659,7 +1662,7 @@ impl Sim {
         format!(
             "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n{}[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\nports = {{ http = 0 }}\n{}[task.resources]\ncpu = 50\nmemory = 32\n\
              [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
-             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\nprogress_deadline = \"{}\"\ncanary = {canary}\nauto_revert = {}\n",
+             [update]\nmax_parallel = {max_parallel}\norder = \"{}\"\nmin_healthy_time = \"{}\"\nhealthy_deadline = \"10s\"\nprogress_deadline = \"{}\"\ncanary = {canary}\nauto_revert = {}\n",
             if new && version == NewVersion::Stuck {
                 "[[constraints]]\nlabel = \"nowhere\"\nop = \"=\"\nvalue = \"yes\"\n"
             } else {
@@ -1667,10 +1670,16 @@ impl Sim {
             },
             if new && version == NewVersion::Broken {
                 "env = { SIM_HEALTH = \"fail\" }\n"
+            } else if version == NewVersion::Twice && v == 2 {
+                // The first of two versions serves only after 8 checks
+                // (4 s), so that its slots are still down well after the
+                // second is written (beyond `update_settle`).
+                "env = { SIM_HEALTH = \"slow=8\" }\n"
             } else {
                 ""
             },
             if stop_first { "stop-first" } else { "start-first" },
+            "1s",
             // Stuck: the copies never get placed, so only this catches it;
             // else beyond healthy_deadline, which fails a broken one first.
             if version == NewVersion::Stuck { "8s" } else { "30s" },
@@ -1759,10 +1768,36 @@ impl Sim {
             .map(|(s, _, _)| *s)
             .collect();
         let took = self.t.saturating_sub(at);
-        let promoted = self.roll_records().any(|r| r.seq == 2 && r.promoted);
+        let twice = version == NewVersion::Twice;
+        let v2_ready = ready_of("v2").len() as u32;
+        if twice
+            && self.second_at.is_none()
+            && v2_ready >= max_parallel
+            && on_v2.len() as u32 > v2_ready
+        {
+            // v2 has rolled max_parallel slots and has a copy placed but
+            // not ready (under stop-first, its slot is down): write v3
+            // now, whose slot-order window holds only slots v2 serves.
+            let text = self.roll_text(3);
+            self.api_call(ApiRequest::Submit {
+                text,
+                check_version: None,
+            });
+            self.second_at = Some(self.t);
+        }
+        let (target, target_seq) = if twice && self.second_at.is_some() {
+            ("v3", 3)
+        } else {
+            ("v2", 2)
+        };
+        let promoted = self
+            .roll_records()
+            .any(|r| r.seq == target_seq && r.promoted);
         // Before its canaries are promoted, a version moves only them; a
         // version that never gets ready moves at most its window.
-        let most = if canary > 0 && (!promoted || version != NewVersion::Good) {
+        let most = if twice {
+            None
+        } else if canary > 0 && (!promoted || version != NewVersion::Good) {
             Some((canary, "canaries"))
         } else if version != NewVersion::Good {
             Some((max_parallel, "max_parallel"))
@@ -1780,7 +1815,7 @@ impl Sim {
             self.phase = Phase::Done;
             return;
         }
-        if version == NewVersion::Good {
+        if version == NewVersion::Good || twice {
             if canary > 0
                 && !promoted
                 && self
@@ -1794,9 +1829,12 @@ impl Sim {
                 });
             }
             let marked = self.roll_all(|r| {
-                r.seq == 2 && r.deployment == Some(shoal_core::records::Outcome::Successful)
+                r.seq == target_seq
+                    && r.deployment == Some(shoal_core::records::Outcome::Successful)
             });
-            if ready_of("v2").len() as u32 == replicas && copies.len() as u32 == replicas && marked
+            if ready_of(target).len() as u32 == replicas
+                && copies.len() as u32 == replicas
+                && marked
             {
                 self.update_done_at = Some(self.t);
                 self.phase = Phase::Done;
@@ -1804,8 +1842,8 @@ impl Sim {
                 self.checker.violate(
                     "update",
                     format!(
-                        "the update did not finish in {took:?}: {} of {replicas} slots ready on v2, {} copies, marked successful everywhere: {marked}",
-                        ready_of("v2").len(),
+                        "the update did not finish in {took:?}: {} of {replicas} slots ready on {target}, {} copies, marked successful everywhere: {marked}",
+                        ready_of(target).len(),
                         copies.len()
                     ),
                 );
@@ -2318,8 +2356,8 @@ impl Sim {
                     return;
                 };
                 self.digest.add(b"C");
-                let result = match self.nodes[node].driver.instances.get(&id) {
-                    Some(inst) if inst.ended.is_none() => host::health(&inst.spec),
+                let result = match self.nodes[node].driver.instances.get_mut(&id) {
+                    Some(inst) if inst.ended.is_none() => host::health(inst),
                     _ => Err("connection refused".to_string()),
                 };
                 self.at(
@@ -2874,6 +2912,7 @@ impl Sim {
             "submitted_at_s": self.submitted_at.map(|t| t.as_secs_f64()),
             "update_s": self.update_done_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
             "update_min_serving": self.update_min_serving,
+            "update_second_version_s": self.second_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
             "submission_to_all_running_s": self.all_running_at.zip(self.submitted_at).map(|(a, s)| (a - s).as_secs_f64()),
             "killed_at_s": self.killed_at.map(|t| t.as_secs_f64()),
             "recovered_after_kill_s": self.recovered_at.zip(self.killed_at).map(|(r, k)| (r - k).as_secs_f64()),

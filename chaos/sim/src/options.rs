@@ -66,6 +66,10 @@ pub enum NewVersion {
     /// No node may run it (a constraint none meets): no slot makes
     /// progress, and `progress_deadline` fails it.
     Stuck,
+    /// A good version, then another good one written while the first
+    /// rolls (its first new copy placed, not yet ready): the floor holds
+    /// across both, and every slot ends on the second.
+    Twice,
 }
 
 /// A simulated run.

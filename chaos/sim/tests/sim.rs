@@ -66,9 +66,14 @@ fn rolling_updates_keep_their_capacity_floor_and_finish() {
         (6, 1, false, NewVersion::Stuck, 0),
         (6, 1, false, NewVersion::Good, 2),
         (6, 1, true, NewVersion::Broken, 2),
+        (6, 1, true, NewVersion::Twice, 0),
+        (6, 2, true, NewVersion::Twice, 2),
     ] {
-        for seed in 1..=5 {
-            let mut opts = Options::new(seed, 8, Duration::from_secs(10));
+        // Seed 4 at 10 nodes: a version written while another rolled
+        // stop-first dropped to 4 of 6 (floor 5) before windows counted
+        // the slots down and waited `update_settle`.
+        for (seed, nodes) in [(1, 8), (2, 8), (3, 8), (4, 10), (5, 8)] {
+            let mut opts = Options::new(seed, nodes, Duration::from_secs(10));
             opts.verbose = false;
             opts.faults = false;
             opts.workload = Workload::Update {
@@ -99,6 +104,12 @@ fn rolling_updates_keep_their_capacity_floor_and_finish() {
                 r.json["update_s"].as_f64().is_some(),
                 "{what}: never finished"
             );
+            if version == NewVersion::Twice {
+                assert!(
+                    r.json["update_second_version_s"].as_f64().is_some(),
+                    "{what}: the second version was never written"
+                );
+            }
         }
     }
 }

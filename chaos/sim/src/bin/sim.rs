@@ -60,7 +60,7 @@ struct Args {
     #[arg(long)]
     quiet: bool,
     /// A rolling update instead of the mixed workload:
-    /// `N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck][:canary=C]`
+    /// `N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck|:twice][:canary=C]`
     /// (no faults).
     #[arg(long)]
     update: Option<String>,
@@ -101,10 +101,10 @@ fn main() {
         opts.skew_max_ms = 0;
     }
     if let Some(u) = &args.update {
-        // N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck][:canary=C]
+        // N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck|:twice][:canary=C]
         let usage = || -> ! {
             eprintln!(
-                "sim: --update takes N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck][:canary=C], not `{u}`"
+                "sim: --update takes N:MAX_PARALLEL:start-first|stop-first[:broken|:stuck|:twice][:canary=C], not `{u}`"
             );
             std::process::exit(2);
         };
@@ -124,6 +124,7 @@ fn main() {
             match *p {
                 "broken" => version = shoal_sim::NewVersion::Broken,
                 "stuck" => version = shoal_sim::NewVersion::Stuck,
+                "twice" => version = shoal_sim::NewVersion::Twice,
                 _ => match p.strip_prefix("canary=").and_then(|c| c.parse().ok()) {
                     Some(c) => canary = c,
                     None => usage(),
