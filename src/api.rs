@@ -206,7 +206,8 @@ pub struct JobStatus {
     /// `service` or `batch`.
     #[serde(rename = "type")]
     pub job_type: String,
-    /// Desired replicas (0 once stopped).
+    /// Desired replicas (0 once stopped; for a system job, the alive
+    /// nodes that meet its constraints).
     pub replicas: u32,
     /// Whether the job was stopped.
     pub stopped: bool,
@@ -304,7 +305,10 @@ impl From<&status::JobStatus> for JobStatus {
             version: format!("v{}", record.seq),
             hlc: record.version.to_string(),
             job_type,
-            replicas: record.spec.as_ref().map(|s| s.replicas).unwrap_or(0),
+            replicas: s
+                .nodes
+                .or(record.spec.as_ref().map(|s| s.replicas))
+                .unwrap_or(0),
             stopped: record.spec.is_none(),
             instances: s
                 .slots

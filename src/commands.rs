@@ -242,10 +242,30 @@ fn progress(s: &JobStatus) -> (usize, usize, usize, usize) {
     )
 }
 
+/// A system job's row of a node that says the job cannot run there (a
+/// pending row with placement attempts; a copy being stopped is pending
+/// too, with none).
+fn unfit(i: &crate::api::SlotView) -> bool {
+    i.state == SlotState::Pending && i.attempts > 0
+}
+
 /// Whether a job reached its version: every slot done (batch), or running
 /// that version, ready (passing for `min_healthy_time`) and alone, the
 /// old copy gone (service).
 fn settled(s: &JobStatus) -> bool {
+    if s.job_type == "system" {
+        // Every node that qualifies runs the version, ready and passing,
+        // or says why it cannot.
+        let (unfit, placed): (Vec<_>, Vec<_>) = s.instances.iter().partition(|i| unfit(i));
+        return placed.len() + unfit.len() >= s.replicas as usize
+            && placed.iter().all(|i| {
+                i.state == SlotState::Running
+                    && i.ready
+                    && i.copies <= 1
+                    && i.health == shoal_core::health::Health::Passing
+                    && i.version.as_deref() == Some(s.version.as_str())
+            });
+    }
     let (_, completed, failed, total) = progress(s);
     let extra = s.instances.iter().any(|i| i.slot >= s.replicas);
     !extra
@@ -383,6 +403,26 @@ pub fn run(args: RunArgs) -> Result<()> {
                         status.name
                     );
                 }
+            } else if status.job_type == "system" {
+                let unfit: Vec<String> = status
+                    .instances
+                    .iter()
+                    .filter(|i| unfit(i))
+                    .filter_map(|i| i.reason.clone())
+                    .collect();
+                println!(
+                    "{}: {} running on {} node(s) and passing ({secs:.1} s)",
+                    status.name,
+                    status.version,
+                    passing(&status)
+                );
+                if !unfit.is_empty() {
+                    bail!(
+                        "{} of {total} node(s) that meet its constraints cannot run it:\n{}",
+                        unfit.len(),
+                        unfit.join("\n")
+                    );
+                }
             } else {
                 println!(
                     "{}: all {total} slots running {} and passing ({secs:.1} s)",
@@ -448,12 +488,17 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
+            let system = s.job_type == "system";
             println!(
-                "{} ({}), version {}, {} replicas{}",
+                "{} ({}), version {}, {}{}",
                 s.name,
                 s.job_type,
                 s.version,
-                s.replicas,
+                if system {
+                    format!("one per node: {} node(s) meet its constraints", s.replicas)
+                } else {
+                    format!("{} replicas", s.replicas)
+                },
                 if s.stopped { ", stopped" } else { "" }
             );
             if let Some(d) = &s.deployment {
@@ -464,7 +509,11 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 .iter()
                 .map(|i| {
                     [
-                        i.slot.to_string(),
+                        if system {
+                            "-".to_string()
+                        } else {
+                            i.slot.to_string()
+                        },
                         i.node.clone().unwrap_or_else(|| "-".into()),
                         serde_json::to_value(i.state)
                             .ok()

@@ -31,7 +31,8 @@ pub enum JobType {
     Service,
     /// `replicas` instances run to completion; a completed slot never runs again.
     Batch,
-    /// One instance per eligible node (not yet supported).
+    /// One instance on every node that meets the job's constraints and
+    /// fits it; no `replicas`.
     System,
     /// A batch run on a schedule (not yet supported).
     Cron,
@@ -558,17 +559,40 @@ impl JobSpec {
         }
         match self.job_type {
             JobType::Service | JobType::Batch => {}
+            JobType::System => {
+                if self.replicas != 1 {
+                    return Err(invalid(
+                        text,
+                        "replicas",
+                        "a system job runs one instance on every node that meets its constraints and fits it: remove `replicas` (use constraints to pick the nodes)",
+                    ));
+                }
+                if self.spread.is_some() {
+                    return Err(invalid(
+                        text,
+                        "spread",
+                        "a system job runs on every node that qualifies: it has nothing to spread",
+                    ));
+                }
+                if self.update.canary > 0 {
+                    return Err(invalid(
+                        text,
+                        "update.canary",
+                        "a system job's update rolls node by node; canaries are for services",
+                    ));
+                }
+            }
             other => {
                 return Err(invalid(
                     text,
                     "type",
                     format!(
-                        "\"{}\" jobs are not supported yet; use \"service\" or \"batch\"",
-                        serde_json::to_value(other)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default()
-                    ),
+                    "\"{}\" jobs are not supported yet; use \"service\", \"batch\" or \"system\"",
+                    serde_json::to_value(other)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
                 ))
             }
         }
@@ -955,9 +979,18 @@ memory = 32
         let e = JobSpec::parse(&MINIMAL.replace("type = \"service\"", "type = \"daemon\""))
             .unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
-        let e = JobSpec::parse(&MINIMAL.replace("type = \"service\"", "type = \"system\""))
-            .unwrap_err();
+        let e =
+            JobSpec::parse(&MINIMAL.replace("type = \"service\"", "type = \"cron\"")).unwrap_err();
         assert!(e.message.contains("not supported yet"), "{e}");
+        // A system job has no replicas, nothing to spread and no canaries.
+        let system = MINIMAL.replace("type = \"service\"", "type = \"system\"");
+        let e = JobSpec::parse(&system).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("replicas"), "{e}");
+        let system = system.replace("replicas = 5\n", "");
+        let j = JobSpec::parse(&system).expect("a system job without replicas");
+        assert_eq!((j.job_type, j.replicas), (JobType::System, 1));
+        let e = JobSpec::parse(&format!("{system}\n[update]\ncanary = 1\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("update.canary"), "{e}");
         let e =
             JobSpec::parse("name = \"x\"\ntype = \"batch\"\n[task]\ncommand = [1]\n").unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");

@@ -53,6 +53,7 @@ pub mod seen;
 pub mod skew;
 pub mod status;
 pub mod sync;
+pub mod system;
 pub mod update;
 pub mod view;
 pub mod wire;

@@ -122,6 +122,48 @@ fn diff_fields(
     }
 }
 
+/// A system job's plan: a row per node (every one slot 0): the nodes
+/// that qualify keep, replace or start their copy, and those that run one
+/// but no longer qualify stop it. Whether it fits a node is for the node
+/// to say when it starts.
+fn system_plan(s: &Scheduler, spec: &JobSpec, fp: u64, now: Instant) -> Vec<SlotPlan> {
+    let mut running: BTreeMap<String, u64> = BTreeMap::new();
+    for row in crate::status::instances(s, now) {
+        if row.job == spec.name && row.copy.state.is_live() && !row.copy.stopping {
+            running.insert(row.node, row.copy.task);
+        }
+    }
+    let qualifying = s.qualifying_nodes(spec);
+    let row = |node: &str, action| SlotPlan {
+        slot: crate::system::SLOT,
+        action,
+        node: (action != Action::Start).then(|| node.to_string()),
+        to: matches!(action, Action::Start | Action::Replace).then(|| node.to_string()),
+        unplaceable: None,
+        candidates: Vec::new(),
+    };
+    let mut out: Vec<SlotPlan> = qualifying
+        .iter()
+        .map(|n| {
+            row(
+                n,
+                match running.get(n) {
+                    Some(t) if *t == fp => Action::Keep,
+                    Some(_) => Action::Replace,
+                    None => Action::Start,
+                },
+            )
+        })
+        .collect();
+    out.extend(
+        running
+            .keys()
+            .filter(|n| !qualifying.contains(n))
+            .map(|n| row(n, Action::Stop)),
+    );
+    out
+}
+
 /// What submitting `spec` at node `s` would do, as `s` sees the cluster.
 pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     let current = s.desired().get(&spec.name).filter(|r| r.is_live());
@@ -129,6 +171,15 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     let changes = old.map(|o| spec_diff(o, spec)).unwrap_or_default();
     let unchanged = old == Some(spec);
     let fp = spec.task.fingerprint();
+    if spec.job_type == JobType::System {
+        return Plan {
+            job: spec.name.clone(),
+            current: current.map(|r| r.seq),
+            changes,
+            unchanged,
+            slots: system_plan(s, spec, fp, now),
+        };
+    }
     // The live copies of each slot, by node (this node's own first hand).
     let mut copies: BTreeMap<u32, Vec<(String, u64)>> = BTreeMap::new();
     for row in crate::status::instances(s, now) {

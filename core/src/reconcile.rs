@@ -42,6 +42,9 @@ pub enum StopReason {
     /// Found again after an agent restart or a stall while another node
     /// runs the slot by now: the cluster moved on without this copy.
     Superseded,
+    /// A system job's copy on a node that no longer qualifies (its labels
+    /// or the job's constraints changed).
+    Ineligible,
 }
 
 /// Whether a batch slot is finished: completed (recorded, or a copy says

@@ -1182,6 +1182,12 @@ impl Scheduler {
                     token,
                     Err(ApiError::NotFound(format!("no job named `{name}` is running"))),
                 ),
+                Some(spec) if spec.job_type == JobType::System => self.answer(
+                    token,
+                    Err(ApiError::BadRequest(format!(
+                        "`{name}` is a system job: it runs on every node that meets its constraints; change its constraints to change where"
+                    ))),
+                ),
                 Some(_) if replicas == 0 || replicas > REPLICAS_MAX => self.answer(
                     token,
                     Err(ApiError::BadRequest(format!(
@@ -1957,7 +1963,7 @@ impl Scheduler {
                 continue;
             }
             if cost(&fresh, &req) == u64::MAX {
-                refused.push((slot, "it no longer has the CPU or memory free".into()));
+                refused.push((slot, "not enough CPU or memory is free there".into()));
                 continue;
             }
             let seed = crate::job::fnv1a(format!("{}/{slot}", job.name).as_bytes());
@@ -2272,10 +2278,12 @@ impl Scheduler {
             // is a rolling update's to settle (found in review: an agent
             // restarted mid-update stopped all its old copies at once).
             let task = self.local.get(&job, slot).map(|l| l.task);
-            let elsewhere = self
-                .seen
-                .copies(&self.me, &job, slot, now.mono)
-                .any(|(_, c)| c.state.is_live() && Some(c.task) == task);
+            // A system job's copies share their slot on every node.
+            let elsewhere = !self.is_system(&job)
+                && self
+                    .seen
+                    .copies(&self.me, &job, slot, now.mono)
+                    .any(|(_, c)| c.state.is_live() && Some(c.task) == task);
             if let Some(l) = self.local.get_mut(&job, slot) {
                 l.unconfirmed = false;
             }
@@ -2348,6 +2356,7 @@ impl Scheduler {
                 self.confirm_adopted(now);
             }
             self.own_copies(now);
+            self.system_jobs(now);
             if coordinating {
                 self.coordinate(now);
             }
@@ -2390,11 +2399,21 @@ impl Scheduler {
                 renumber.push((l.id.job.clone(), l.id.slot, current.clone()));
             }
             let mine = l.published();
-            let others: Vec<(&str, &crate::instance::Published)> = self
-                .seen
-                .copies(&self.me, &l.id.job, l.id.slot, now.mono)
-                .map(|(n, c)| (&**n, c))
-                .collect();
+            let system = job.is_some_and(|(spec, _)| spec.job_type == JobType::System);
+            if system && job.is_some_and(|(spec, _)| !self.qualifies(spec)) {
+                stops.push((l.id.job.clone(), l.id.slot, StopReason::Ineligible));
+                continue;
+            }
+            // A system job's copies on other nodes are not copies of this
+            // one (each node runs its own).
+            let others: Vec<(&str, &crate::instance::Published)> = if system {
+                Vec::new()
+            } else {
+                self.seen
+                    .copies(&self.me, &l.id.job, l.id.slot, now.mono)
+                    .map(|(n, c)| (&**n, c))
+                    .collect()
+            };
             let fin = job.is_some_and(|(spec, _)| {
                 finished(
                     spec,
@@ -2421,6 +2440,9 @@ impl Scheduler {
                             false
                         }
                     };
+                    if system {
+                        return settled && self.in_system_window(spec, fp, now);
+                    }
                     let mut in_window = || {
                         settled
                             && windows
@@ -2479,6 +2501,156 @@ impl Scheduler {
     }
 
     /// Places the empty slots of the jobs this node coordinates.
+    /// Whether `job` is a live system job.
+    fn is_system(&self, job: &str) -> bool {
+        self.desired
+            .spec(job)
+            .is_some_and(|s| s.job_type == JobType::System)
+    }
+
+    /// Whether this node qualifies for a system job: it has the driver
+    /// and meets the constraints (whether it fits is for the start to
+    /// say, and a running copy is not stopped for want of room).
+    fn qualifies(&self, spec: &JobSpec) -> bool {
+        let fresh = self.fresh_node();
+        self.drivers.contains(&spec.task.driver)
+            && spec
+                .slot_request(crate::system::SLOT)
+                .constraints
+                .iter()
+                .all(|c| c.holds(&fresh))
+    }
+
+    /// Whether a placement node qualifies for a system job, as this node
+    /// sees it (its labels and drivers from gossip).
+    fn node_qualifies(spec: &JobSpec, node: &shoal_placement::Node) -> bool {
+        node.drivers.contains(&spec.task.driver)
+            && spec
+                .slot_request(crate::system::SLOT)
+                .constraints
+                .iter()
+                .all(|c| c.holds(node))
+    }
+
+    /// The alive nodes that qualify for a system job as this node sees
+    /// them (labels and drivers from gossip; this node first hand), in
+    /// name order.
+    pub fn qualifying_nodes(&self, spec: &JobSpec) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .seen
+            .placement_nodes()
+            .iter()
+            .filter(|n| *n.id != *self.me && Self::node_qualifies(spec, n))
+            .map(|n| n.id.clone())
+            .collect();
+        if self.qualifies(spec) {
+            names.push(self.me.to_string());
+        }
+        names.sort_unstable();
+        names
+    }
+
+    /// Every node's part in its system jobs: a node that qualifies and
+    /// holds no copy starts one (the checks of a winner's start), or
+    /// publishes why it cannot, backing off as an unplaceable slot does.
+    fn system_jobs(&mut self, now: Now) {
+        let jobs: Vec<Arc<JobRecord>> = self
+            .desired
+            .records()
+            .filter(|r| {
+                r.spec
+                    .as_ref()
+                    .is_some_and(|s| s.job_type == JobType::System)
+            })
+            .cloned()
+            .collect();
+        let slot = crate::system::SLOT;
+        for record in jobs {
+            let Some(spec) = record.spec.as_ref() else {
+                continue;
+            };
+            if !self.qualifies(spec) {
+                self.placing.settled(&record.name, slot);
+                continue;
+            }
+            if self
+                .local
+                .get(&record.name, slot)
+                .is_some_and(|l| l.state.is_live() || l.stopping)
+                || self.placing.backing_off(&record.name, slot, now.mono)
+            {
+                continue;
+            }
+            let refused = self.start_slots(&record, &[slot], now);
+            match refused.into_iter().next() {
+                Some((_, why)) => {
+                    self.counters.unplaceable += 1;
+                    self.placing.failed(
+                        &record.name,
+                        slot,
+                        format!("{} cannot run it: {why}", self.me),
+                        now.mono,
+                        (self.config.retry_min, self.config.retry_max),
+                    );
+                }
+                None => self.placing.settled(&record.name, slot),
+            }
+        }
+    }
+
+    /// Whether this node's old copy of a system job is in the job's update
+    /// window (see [`crate::system`]): the nodes that qualify as this node
+    /// sees them, less those that say the job does not fit them.
+    fn in_system_window(&self, spec: &JobSpec, fp: u64, now: Now) -> bool {
+        let slot = crate::system::SLOT;
+        let unfit: BTreeSet<&str> = self
+            .seen
+            .view
+            .index
+            .unplaced(&spec.name)
+            .map(|by| {
+                by.iter()
+                    .filter(|(_, us)| us.iter().any(|u| u.holds(slot)))
+                    .map(|(n, _)| &**n)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let nodes = self.qualifying_nodes(spec);
+        let mut names: Vec<&str> = nodes
+            .iter()
+            .map(String::as_str)
+            .filter(|n| *n == &*self.me || !unfit.contains(n))
+            .collect();
+        if !names.contains(&&*self.me) {
+            names.push(&self.me);
+            names.sort_unstable();
+        }
+        let copy_of = |node: &str, task: Option<u64>| -> bool {
+            let ok = |c: &crate::instance::Published| {
+                task.is_none_or(|t| c.task == t)
+                    && c.ready
+                    && c.state == SlotState::Running
+                    && !c.stopping
+            };
+            if node == &*self.me {
+                self.local
+                    .get(&spec.name, slot)
+                    .is_some_and(|l| ok(&l.published()))
+            } else {
+                self.seen
+                    .copies(&self.me, &spec.name, slot, now.mono)
+                    .any(|(n, c)| **n == *node && ok(c))
+            }
+        };
+        crate::system::window(
+            &names,
+            spec.update.max_parallel,
+            |n| copy_of(n, Some(fp)),
+            |n| copy_of(n, None),
+        )
+        .contains(&&*self.me)
+    }
+
     fn coordinate(&mut self, now: Now) {
         let arcs = self.seen.view.members.arcs_of(&self.me);
         let mine: BTreeSet<String> = arcs
@@ -2489,7 +2661,9 @@ impl Scheduler {
         // Jobs no longer ours: their state goes (the new coordinator starts
         // afresh; a placement of ours still in flight shows in gossip).
         for job in self.placing.jobs() {
-            if !mine.contains(&job) {
+            // A system job's entries are this node's own (why it does not
+            // fit here), not a coordinator's.
+            if !mine.contains(&job) && !self.is_system(&job) {
                 self.placing.forget_job(&job);
             }
         }
@@ -2512,6 +2686,9 @@ impl Scheduler {
         let Some(spec) = record.spec.as_ref() else {
             return;
         };
+        if spec.job_type == JobType::System {
+            return; // every node places its own copy (`system_jobs`)
+        }
         let fp = spec.task.fingerprint();
         // Slots scaled away are no longer this coordinator's business.
         self.placing.forget_slots_from(name, spec.replicas);

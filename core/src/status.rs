@@ -48,6 +48,8 @@ pub struct JobStatus {
     pub slots: Vec<SlotStatus>,
     /// The current version's deployment (services).
     pub deployment: Option<crate::deployment::Deployment>,
+    /// A system job's nodes: the alive ones that qualify for it.
+    pub nodes: Option<u32>,
 }
 
 /// One copy on some node.
@@ -134,7 +136,101 @@ fn reason_for(s: &Scheduler, job: &str, slot: u32) -> Option<(String, u32)> {
     })
 }
 
+/// A system job's status: a row per node that runs a copy (the serving
+/// one first, as for a slot), then one per node that says the job does
+/// not fit it, with why. Every row is slot 0.
+fn system_status_of(
+    s: &Scheduler,
+    record: Arc<JobRecord>,
+    copies: &[(String, Published)],
+) -> JobStatus {
+    let slot = crate::system::SLOT;
+    let mut by_node: std::collections::BTreeMap<&str, &Published> = Default::default();
+    for (n, c) in copies.iter().filter(|(_, c)| c.slot == slot) {
+        let better = |o: &Published| {
+            (c.state.is_live() && !c.stopping, c.run) > (o.state.is_live() && !o.stopping, o.run)
+        };
+        if by_node.get(n.as_str()).is_none_or(|o| better(o)) {
+            by_node.insert(n, c);
+        }
+    }
+    let mut slots: Vec<SlotStatus> = by_node
+        .iter()
+        .map(|(n, c)| SlotStatus {
+            slot,
+            node: Some(n.to_string()),
+            state: if c.error.is_some() && c.state == SlotState::Starting {
+                SlotState::Failed
+            } else {
+                c.state
+            },
+            reason: if c.stopping {
+                Some("stopping".into())
+            } else {
+                c.error.clone()
+            },
+            restarts: c.restarts,
+            attempts: 0,
+            ports: c.ports.clone(),
+            health: c.health,
+            check: c.check.clone(),
+            version: c.version,
+            ready: c.ready,
+            copies: u32::from(c.state.is_live() && !c.stopping),
+        })
+        .collect();
+    let mut unfit: std::collections::BTreeMap<String, (String, u32)> = Default::default();
+    if let Some(b) = s.placing().backoff_of(&record.name, slot) {
+        unfit.insert(s.me().to_string(), (b.reason.clone(), b.attempts));
+    }
+    if let Some(by) = s.seen().view.index.unplaced(&record.name) {
+        for (n, us) in by {
+            if let Some(u) = us.iter().find(|u| u.holds(slot)) {
+                unfit
+                    .entry(n.to_string())
+                    .or_insert((u.reason.clone(), u.attempts));
+            }
+        }
+    }
+    for (n, (reason, attempts)) in unfit {
+        if by_node.contains_key(n.as_str()) {
+            continue;
+        }
+        slots.push(SlotStatus {
+            slot,
+            node: Some(n),
+            state: SlotState::Pending,
+            reason: Some(reason),
+            restarts: 0,
+            attempts,
+            ports: Default::default(),
+            health: Default::default(),
+            check: None,
+            version: 0,
+            ready: false,
+            copies: 0,
+        });
+    }
+    let nodes = record
+        .spec
+        .as_ref()
+        .map(|sp| u32::try_from(s.qualifying_nodes(sp).len()).unwrap_or(u32::MAX));
+    JobStatus {
+        record,
+        slots,
+        deployment: None,
+        nodes,
+    }
+}
+
 fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published)]) -> JobStatus {
+    if record
+        .spec
+        .as_ref()
+        .is_some_and(|sp| sp.job_type == crate::job::JobType::System)
+    {
+        return system_status_of(s, record, copies);
+    }
     let replicas = record.spec.as_ref().map(|sp| sp.replicas).unwrap_or(0);
     let mut slots = Vec::new();
     for slot in 0..replicas {
@@ -250,5 +346,6 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
         record,
         slots,
         deployment,
+        nodes: None,
     }
 }

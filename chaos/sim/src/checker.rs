@@ -329,7 +329,14 @@ impl Checker {
 
     /// What is wrong with the cluster as it runs now, against the accepted
     /// desired state (empty: converged).
-    pub fn mismatches(&self, running: &[Running], limit: usize) -> Vec<String> {
+    /// `system`: per system job, the nodes that must run it (up, meeting
+    /// its constraints, and not saying it does not fit them).
+    pub fn mismatches(
+        &self,
+        running: &[Running],
+        limit: usize,
+        system: &BTreeMap<String, BTreeSet<usize>>,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         let mut by_slot: BTreeMap<(&str, u32), Vec<&Running>> = BTreeMap::new();
         for r in running {
@@ -346,6 +353,39 @@ impl Checker {
                         if out.len() >= limit {
                             return out;
                         }
+                    }
+                }
+                Some(spec) if spec.job_type == JobType::System => {
+                    // Exactly one copy, of the current task, on every node
+                    // that must run it, and none anywhere else.
+                    let fp = spec.task.fingerprint();
+                    let want = system.get(name).cloned().unwrap_or_default();
+                    let mut per_node: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+                    for r in by_slot
+                        .iter()
+                        .filter(|((j, _), _)| j == name)
+                        .flat_map(|(_, rs)| rs)
+                    {
+                        let e = per_node.entry(r.node).or_default();
+                        e.0 += 1;
+                        e.1 += usize::from(r.spec.task.fingerprint() == fp);
+                    }
+                    for n in &want {
+                        let (all, current) = per_node.get(n).copied().unwrap_or_default();
+                        if all != 1 || current != 1 {
+                            out.push(format!(
+                                "{name} (system) on n{n}: {all} running ({current} current), want 1"
+                            ));
+                        }
+                    }
+                    for n in per_node.keys().filter(|n| !want.contains(n)) {
+                        out.push(format!(
+                            "{name} (system) runs on n{n}, which does not qualify"
+                        ));
+                    }
+                    if out.len() >= limit {
+                        out.truncate(limit);
+                        return out;
                     }
                 }
                 Some(spec) => {

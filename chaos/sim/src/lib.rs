@@ -1499,8 +1499,44 @@ impl Sim {
         self.checker.sample(t, &holders);
     }
 
+    /// Per system job, the nodes that must run it: up (machine and
+    /// agent), meeting its constraints, and not saying it does not fit
+    /// them.
+    fn system_expected(&self) -> BTreeMap<String, BTreeSet<usize>> {
+        let mut out = BTreeMap::new();
+        for (name, rec) in &self.checker.accepted {
+            let Some(spec) = rec
+                .spec
+                .as_ref()
+                .filter(|s| s.job_type == shoal_core::job::JobType::System)
+            else {
+                continue;
+            };
+            let req = spec.slot_request(shoal_core::system::SLOT);
+            let nodes = (0..self.nodes.len())
+                .filter(|i| {
+                    let n = &self.nodes[*i];
+                    let Some(core) = n.core.as_ref().filter(|_| n.machine_up && n.agent_up) else {
+                        return false;
+                    };
+                    let mut view = shoal_placement::Node::new(n.name.to_string(), 0, 0);
+                    view.labels = n.labels.clone();
+                    req.constraints.iter().all(|c| c.holds(&view))
+                        && core
+                            .placing()
+                            .backoff_of(name, shoal_core::system::SLOT)
+                            .is_none()
+                })
+                .collect();
+            out.insert(name.clone(), nodes);
+        }
+        out
+    }
+
     fn converged(&self) -> bool {
-        self.checker.mismatches(&self.running(), 1).is_empty()
+        self.checker
+            .mismatches(&self.running(), 1, &self.system_expected())
+            .is_empty()
     }
 
     // ---- workload ----
@@ -1623,6 +1659,19 @@ impl Sim {
                     let text = self.service_text(&name);
                     self.api_call(ApiRequest::Submit {
                         text,
+                        check_version: None,
+                    });
+                }
+                // System jobs: one on every node, one on zone a only.
+                for (name, constraint) in [
+                    ("sys-all", ""),
+                    (
+                        "sys-a",
+                        "[[constraints]]\nlabel = \"zone\"\nop = \"=\"\nvalue = \"a\"\n",
+                    ),
+                ] {
+                    self.api_call(ApiRequest::Submit {
+                        text: system_text(name, 1, constraint),
                         check_version: None,
                     });
                 }
@@ -1996,6 +2045,23 @@ impl Sim {
                         check_version: None,
                     });
                 }
+            }
+            9 if self.checker.accepted.contains_key("sys-all") => {
+                // A system job's update (rolls node by node).
+                let (name, constraint) = if self.rng.random_range(0..2) == 0 {
+                    ("sys-all", String::new())
+                } else {
+                    (
+                        "sys-a",
+                        "[[constraints]]\nlabel = \"zone\"\nop = \"=\"\nvalue = \"a\"\n"
+                            .to_string(),
+                    )
+                };
+                let v = self.rng.random_range(2..1000);
+                self.api_call(ApiRequest::Submit {
+                    text: system_text(name, v, &constraint),
+                    check_version: None,
+                });
             }
             _ if live.len() > 3 => {
                 let (name, _) = live[self.rng.random_range(0..live.len())].clone();
@@ -2701,7 +2767,9 @@ impl Sim {
                 let took = self.t.saturating_sub(since);
                 if self.converged() || took > self.opts.liveness_bound {
                     if took > self.opts.liveness_bound {
-                        let wrong = self.checker.mismatches(&self.running(), 8);
+                        let wrong =
+                            self.checker
+                                .mismatches(&self.running(), 8, &self.system_expected());
                         self.checker.violate(
                             &format!("liveness at {:.1}s", since.as_secs_f64()),
                             format!(
@@ -2736,7 +2804,9 @@ impl Sim {
                     return;
                 }
                 if took > self.opts.liveness_bound {
-                    let wrong = self.checker.mismatches(&self.running(), 8);
+                    let wrong =
+                        self.checker
+                            .mismatches(&self.running(), 8, &self.system_expected());
                     self.checker.violate(
                         "liveness at the end",
                         format!(
@@ -2923,6 +2993,14 @@ impl Sim {
             json,
         }
     }
+}
+
+/// The mixed workload's system job `name` at version `v` (its args),
+/// with `constraints` (TOML tables) and a rolling update of 2 at a time.
+fn system_text(name: &str, v: u32, constraints: &str) -> String {
+    format!(
+        "name = \"{name}\"\ntype = \"system\"\n{constraints}[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\n[task.resources]\ncpu = 10\nmemory = 8\n[update]\nmax_parallel = 2\n"
+    )
 }
 
 /// A service whose copies never pass their checks (`SIM_HEALTH = fail`).
