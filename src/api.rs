@@ -796,6 +796,9 @@ pub struct LogsQuery {
     /// Slot (default 0).
     #[serde(default)]
     pub slot: u32,
+    /// The node whose copy (a system job's copies are all slot 0).
+    #[serde(default)]
+    pub node: Option<String>,
     /// `stdout` (default) or `stderr`.
     #[serde(default = "default_stream")]
     pub stream: String,
@@ -820,6 +823,7 @@ async fn logs(
     let req = ApiRequest::Logs {
         job: name,
         slot: q.slot,
+        node: q.node,
         stream: q.stream,
         max_bytes,
     };

@@ -149,6 +149,10 @@ pub struct LogsArgs {
     /// The slot.
     #[arg(long, default_value_t = 0)]
     pub slot: u32,
+    /// The node whose copy: a system job runs one on every node (all slot
+    /// 0); `shoal status JOB` lists them.
+    #[arg(long)]
+    pub node: Option<String>,
     /// Show stderr instead of stdout.
     #[arg(long)]
     pub stderr: bool,
@@ -835,12 +839,15 @@ pub fn scale(args: ScaleArgs) -> Result<()> {
 pub fn logs(args: LogsArgs) -> Result<()> {
     let client = Client::new(&args.client);
     let stream = if args.stderr { "stderr" } else { "stdout" };
-    let path = format!(
+    let mut path = format!(
         "/v1/jobs/{}/logs?slot={}&stream={stream}&max_bytes={}",
         path_segment(&args.job)?,
         args.slot,
         args.max_bytes
     );
+    if let Some(n) = &args.node {
+        path.push_str(&format!("&node={}", path_segment(n)?));
+    }
     let fetch = || -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(

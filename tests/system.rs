@@ -166,6 +166,15 @@ fn a_system_job_runs_once_on_every_node_that_qualifies_and_follows_the_cluster()
     });
     assert_eq!(processes_of(root.path(), "huge"), 0);
 
+    // Logs: a system job's copies are all slot 0, so another node's copy
+    // is asked for by node (this node's own is the default).
+    let (ok, _, err) = cli(&agents[0], &["logs", "huge"]);
+    assert!(!ok && err.contains("--node"), "{err}");
+    let (ok, out, err) = cli(&agents[0], &["logs", "logship", "--node", "n3"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&agents[0], &["logs", "logship", "--node", "n9"]);
+    assert!(!ok && err.contains("n9 holds no copy"), "{err}");
+
     // A new version rolls node by node, and every node ends on it.
     let v2 = job_file(root.path(), "logship-v2", &system_job("logship", "v2", ""));
     let (ok, out, err) = cli(

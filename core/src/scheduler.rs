@@ -103,6 +103,10 @@ pub enum ApiRequest {
         job: String,
         /// Slot.
         slot: u32,
+        /// The node whose copy (`None`: whichever holds the slot; a system
+        /// job, whose copies are all slot 0, needs it unless this node
+        /// runs one).
+        node: Option<String>,
         /// `stdout` or `stderr`.
         stream: String,
         /// At most this many bytes.
@@ -1210,9 +1214,10 @@ impl Scheduler {
             ApiRequest::Logs {
                 job,
                 slot,
+                node,
                 stream,
                 max_bytes,
-            } => self.logs(token, job, slot, stream, max_bytes, now),
+            } => self.logs(token, job, slot, node, stream, max_bytes, now),
         }
     }
 
@@ -3496,16 +3501,19 @@ impl Scheduler {
 
     // ---- logs ----
 
+    #[allow(clippy::too_many_arguments)]
     fn logs(
         &mut self,
         token: ApiToken,
         job: String,
         slot: u32,
+        node: Option<String>,
         stream: String,
         max_bytes: u64,
         now: Now,
     ) {
-        if let Some(l) = self.local.get(&job, slot) {
+        let here = node.as_deref().is_none_or(|n| n == &*self.me);
+        if let Some(l) = self.local.get(&job, slot).filter(|_| here) {
             self.out.push(Effect::ReadLogs {
                 driver: l.driver.clone(),
                 id: l.id.clone(),
@@ -3516,11 +3524,20 @@ impl Scheduler {
             });
             return;
         }
+        if node.is_none() && self.is_system(&job) {
+            return self.answer(
+                token,
+                Err(ApiError::BadRequest(format!(
+                    "`{job}` is a system job with a copy on every node: say whose logs with `--node NODE` (`?node=NODE`); `shoal status {job}` lists them"
+                ))),
+            );
+        }
         // Prefer a running copy's holder, else any holder.
         let holder = self.seen.view.index.job(&job).and_then(|c| {
             c.slot(slot)
                 .iter()
                 .filter(|(n, _)| self.seen.view.members.is_live(n))
+                .filter(|(n, _)| node.as_deref().is_none_or(|want| **n == *want))
                 .max_by_key(|(_, c)| (c.state.is_live(), c.run))
                 .map(|(n, _)| n.clone())
         });
@@ -3546,9 +3563,10 @@ impl Scheduler {
             }),
             None => self.answer(
                 token,
-                Err(ApiError::NotFound(format!(
-                    "no node holds slot {slot} of `{job}`"
-                ))),
+                Err(ApiError::NotFound(match &node {
+                    Some(n) => format!("{n} holds no copy of slot {slot} of `{job}`"),
+                    None => format!("no node holds slot {slot} of `{job}`"),
+                })),
             ),
         }
     }
