@@ -525,14 +525,11 @@ impl Driver for DockerDriver {
                 // Docker's API cannot stop an exec; its process is on this
                 // host (its pid as the host sees it), so the agent kills it
                 // rather than let overrunning checks pile up. What it
-                // started itself is left to the container.
-                if let Ok(inspect) = self.docker.inspect_exec(&exec.id).await {
-                    if let (Some(true), Some(pid)) = (inspect.running, inspect.pid) {
-                        if pid > 1 {
-                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                        }
-                    }
-                }
+                // started itself is left to the container. On a loaded
+                // host the exec may only start after the timeout (CI saw 5
+                // piled up when the agent looked once, too early), so it
+                // looks again for a bounded while.
+                tokio::spawn(kill_exec(self.docker.clone(), exec.id.clone()));
                 Err(super::check_timed_out(timeout))
             }
         }
@@ -542,6 +539,32 @@ impl Driver for DockerDriver {
         self.events_rx.lock().expect("lock").take()
     }
 }
+
+/// Looks at an overrun exec check every 50 ms for at most
+/// [`EXEC_KILL_WATCH`] and kills its process once it runs (or gives up once
+/// it ended, or never started).
+async fn kill_exec(docker: Docker, exec: String) {
+    let tries = EXEC_KILL_WATCH.as_millis() / 50;
+    for _ in 0..tries {
+        match docker.inspect_exec(&exec).await {
+            // Running, with its pid known (it shows running before the
+            // pid is set).
+            Ok(i) if i.running == Some(true) && i.pid.is_some_and(|p| p > 1) => {
+                if let Some(pid) = i.pid {
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                return;
+            }
+            Ok(i) if i.running != Some(true) && i.exit_code.is_some() => return,
+            Err(_) => return,
+            Ok(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long an overrun exec check is watched for its process to kill.
+const EXEC_KILL_WATCH: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
