@@ -203,7 +203,7 @@ pub struct JobStatus {
     pub version: String,
     /// The version's clock (`<hlc>@<node>`): the write's identity.
     pub hlc: String,
-    /// `service` or `batch`.
+    /// `service`, `batch` or `system`.
     #[serde(rename = "type")]
     pub job_type: String,
     /// Desired replicas (0 once stopped; for a system job, the alive

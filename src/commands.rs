@@ -246,6 +246,11 @@ fn progress(s: &JobStatus) -> (usize, usize, usize, usize) {
     )
 }
 
+/// How long nodes must keep saying a system job cannot run on them before
+/// `shoal run` believes it (gossip brings a node's word on a new version
+/// within about a second).
+const UNFIT_SETTLE: Duration = Duration::from_secs(3);
+
 /// A system job's row of a node that says the job cannot run there (a
 /// pending row with placement attempts; a copy being stopped is pending
 /// too, with none).
@@ -335,6 +340,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout);
+    let mut unfit_since: Option<Instant> = None;
     let path = format!("/v1/jobs/{}", path_segment(&accepted.name)?);
     loop {
         let status: JobStatus = client.get(&path)?;
@@ -392,6 +398,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             println!("{} {}: {}", status.name, status.version, d.description);
             return Ok(());
         }
+        if !settled(&status) {
+            unfit_since = None;
+        }
         if settled(&status) {
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
@@ -414,6 +423,16 @@ pub fn run(args: RunArgs) -> Result<()> {
                     .filter(|i| unfit(i))
                     .filter_map(|i| i.reason.clone())
                     .collect();
+                // A node's word that it cannot run the job may be about an
+                // earlier version until gossip brings its new one: believed
+                // once it has held for a while.
+                if !unfit.is_empty()
+                    && unfit_since.get_or_insert_with(Instant::now).elapsed() < UNFIT_SETTLE
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
                 println!(
                     "{}: {} running on {} node(s) and passing ({secs:.1} s)",
                     status.name,

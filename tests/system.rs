@@ -185,6 +185,38 @@ fn a_system_job_runs_once_on_every_node_that_qualifies_and_follows_the_cluster()
     assert!(out.contains("v2 running on 4 node(s)"), "{out}");
     assert_eq!(processes_of(root.path(), "logship"), 4);
 
+    // A version that fits no node stops max_parallel (1) old copies, not
+    // every one: the node that stopped its copy and cannot run the new one
+    // counts as down. Going back restarts it there at once.
+    let v3 = job_file(
+        root.path(),
+        "logship-v3",
+        &system_job("logship", "v3", "").replace("memory = 16", "memory = 60000000"),
+    );
+    let (ok, out, err) = cli(&agents[0], &["run", v3.to_str().unwrap(), "--detach"]);
+    assert!(ok, "{out}{err}");
+    wait_until("a node says v3 does not fit it", || {
+        rows(&agents[0], "logship")
+            .values()
+            .any(|(s, why)| s == "pending" && why.as_deref().is_some_and(|w| w.contains("memory")))
+    });
+    // Watched for 3 s: no second old copy stops.
+    let until = Instant::now() + std::time::Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(
+            processes_of(root.path(), "logship"),
+            3,
+            "one old copy down at most"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (ok, out, err) = cli(&agents[0], &["job", "revert", "logship", "v2"]);
+    assert!(ok, "{out}{err}");
+    wait_until("logship back on 4 nodes", || {
+        processes_of(root.path(), "logship") == 4
+            && runs_on(&agents, "logship", &["n0", "n1", "n2", "n3"])
+    });
+
     // A node that stops qualifying stops its copy: n1's agent killed (its
     // instances outlive it) and back in zone b stops the monitor it
     // adopted, and keeps logship.

@@ -37,8 +37,9 @@ pub struct Local {
     /// When the stop was last requested (it is requested again if the copy
     /// has not ended well after the stop grace).
     pub stop_sent: Option<Instant>,
-    /// Running its job's current task, passing its checks for the job's
-    /// `min_healthy_time` (set by the pass): rolling updates move on.
+    /// Running and passing its checks for its own version's
+    /// `min_healthy_time`, whatever version is current (set by the pass):
+    /// rolling updates move on once a copy of the current task is ready.
     pub ready: bool,
     /// When the slot was placed here (kept across restarts of the copy).
     pub placed_at: Instant,

@@ -198,9 +198,22 @@ pub fn reconcile(inp: &Inputs) -> Actions {
             std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         )),
     }));
+    // System jobs are outside this model: each node decides for itself
+    // (`Scheduler::system_jobs`), and their copies are all slot 0.
+    let system: BTreeSet<&str> = inp
+        .jobs
+        .iter()
+        .filter(|r| {
+            r.spec
+                .as_ref()
+                .is_some_and(|s| s.job_type == JobType::System)
+        })
+        .map(|r| r.name.as_str())
+        .collect();
     let live_jobs: BTreeMap<&str, (&JobSpec, u64)> = inp
         .jobs
         .iter()
+        .filter(|r| !system.contains(r.name.as_str()))
         .filter_map(|r| {
             r.spec
                 .as_ref()
@@ -244,6 +257,7 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         .observed
         .iter()
         .filter(|o| &*o.node == inp.me && o.copy.state.is_live())
+        .filter(|o| !system.contains(&*o.job))
     {
         let job = live_jobs.get(&*o.job).copied();
         let fin = job.is_some_and(|(spec, _)| is_finished(&o.job, o.copy.slot, spec));

@@ -435,6 +435,9 @@ pub struct Scheduler {
     /// this node first saw it: an old copy stops by the update window only
     /// `update_settle` later (see `own_copies`). At most one entry per job.
     task_seen: BTreeMap<String, (u64, Instant)>,
+    /// Per system job, the task this node last tried to start (a new one
+    /// is tried at once, whatever the backoff). One entry per system job.
+    system_tried: BTreeMap<String, u64>,
     /// Completions whose write failed, tried again on the timer.
     unsaved: Vec<Completion>,
     /// This node's own completions that became durable while it saw no
@@ -525,6 +528,7 @@ impl Scheduler {
             writes: BTreeMap::new(),
             progress: BTreeMap::new(),
             task_seen: BTreeMap::new(),
+            system_tried: BTreeMap::new(),
             unsaved: Vec::new(),
             unannounced: Vec::new(),
             replicating: BTreeMap::new(),
@@ -2570,6 +2574,10 @@ impl Scheduler {
             .cloned()
             .collect();
         let slot = crate::system::SLOT;
+        if self.system_tried.len() > jobs.len() {
+            self.system_tried
+                .retain(|j, _| jobs.iter().any(|r| r.name == *j));
+        }
         for record in jobs {
             let Some(spec) = record.spec.as_ref() else {
                 continue;
@@ -2577,6 +2585,13 @@ impl Scheduler {
             if !self.qualifies(spec) {
                 self.placing.settled(&record.name, slot);
                 continue;
+            }
+            // Why an earlier version could not run here says nothing of
+            // this one: try it at once.
+            let fp = spec.task.fingerprint();
+            if self.system_tried.get(&record.name) != Some(&fp) {
+                self.placing.settled(&record.name, slot);
+                self.system_tried.insert(record.name.clone(), fp);
             }
             if self
                 .local
@@ -2607,53 +2622,44 @@ impl Scheduler {
     /// window (see [`crate::system`]): the nodes that qualify as this node
     /// sees them, less those that say the job does not fit them.
     fn in_system_window(&self, spec: &JobSpec, fp: u64, now: Now) -> bool {
+        // Cut off with a minority: no window, as for services (each side
+        // would roll the nodes it sees).
+        if self.seen.minority() {
+            return false;
+        }
         let slot = crate::system::SLOT;
-        let unfit: BTreeSet<&str> = self
-            .seen
-            .view
-            .index
-            .unplaced(&spec.name)
-            .map(|by| {
-                by.iter()
-                    .filter(|(_, us)| us.iter().any(|u| u.holds(slot)))
-                    .map(|(n, _)| &**n)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let nodes = self.qualifying_nodes(spec);
-        let mut names: Vec<&str> = nodes
-            .iter()
-            .map(String::as_str)
-            .filter(|n| *n == &*self.me || !unfit.contains(n))
-            .collect();
-        if !names.contains(&&*self.me) {
-            names.push(&self.me);
+        // Every node that qualifies is a slot of the window, including
+        // those that say the job does not fit them: they count as down.
+        // Dropping them let a version that fits no node stop the old copy
+        // everywhere, max_parallel nodes at a time (found in review). A
+        // node that never fits holds the update up, as an unplaceable slot
+        // holds up a stop-first service update.
+        let mut names = self.qualifying_nodes(spec);
+        if !names.iter().any(|n| **n == *self.me) {
+            names.push(self.me.to_string());
             names.sort_unstable();
         }
-        let copy_of = |node: &str, task: Option<u64>| -> bool {
-            let ok = |c: &crate::instance::Published| {
-                task.is_none_or(|t| c.task == t)
-                    && c.ready
-                    && c.state == SlotState::Running
-                    && !c.stopping
-            };
-            if node == &*self.me {
-                self.local
-                    .get(&spec.name, slot)
-                    .is_some_and(|l| ok(&l.published()))
-            } else {
-                self.seen
-                    .copies(&self.me, &spec.name, slot, now.mono)
-                    .any(|(n, c)| **n == *node && ok(c))
-            }
+        // Each node's copy, looked up once (ready on `fp`, ready at all).
+        let ok = |c: &crate::instance::Published, task: Option<u64>| {
+            task.is_none_or(|t| c.task == t)
+                && c.ready
+                && c.state == SlotState::Running
+                && !c.stopping
         };
-        crate::system::window(
-            &names,
-            spec.update.max_parallel,
-            |n| copy_of(n, Some(fp)),
-            |n| copy_of(n, None),
-        )
-        .contains(&&*self.me)
+        let mut copies: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
+        for (n, c) in self.seen.copies(&self.me, &spec.name, slot, now.mono) {
+            let e = copies.entry(&**n).or_default();
+            e.0 |= ok(c, Some(fp));
+            e.1 |= ok(c, None);
+        }
+        if let Some(l) = self.local.get(&spec.name, slot) {
+            let p = l.published();
+            copies.insert(&self.me, (ok(&p, Some(fp)), ok(&p, None)));
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let of = |n: &str| copies.get(n).copied().unwrap_or_default();
+        crate::system::window(&refs, spec.update.max_parallel, |n| of(n).0, |n| of(n).1)
+            .contains(&&*self.me)
     }
 
     fn coordinate(&mut self, now: Now) {
@@ -2692,7 +2698,11 @@ impl Scheduler {
             return;
         };
         if spec.job_type == JobType::System {
-            return; // every node places its own copy (`system_jobs`)
+            // Every node places its own copy (`system_jobs`); what this
+            // node coordinated when the job was a service goes (its own
+            // slot 0 entry is its system one).
+            self.placing.forget_slots_from(name, 1);
+            return;
         }
         let fp = spec.task.fingerprint();
         // Slots scaled away are no longer this coordinator's business.

@@ -183,8 +183,18 @@ fn system_status_of(
     if let Some(b) = s.placing().backoff_of(&record.name, slot) {
         unfit.insert(s.me().to_string(), (b.reason.clone(), b.attempts));
     }
+    // Only live nodes that qualify (a dead node's report stays in the
+    // index until the membership forgets it; found in review).
+    let qualifying = record
+        .spec
+        .as_ref()
+        .map(|sp| s.qualifying_nodes(sp))
+        .unwrap_or_default();
     if let Some(by) = s.seen().view.index.unplaced(&record.name) {
         for (n, us) in by {
+            if !qualifying.iter().any(|q| **q == **n) {
+                continue;
+            }
             if let Some(u) = us.iter().find(|u| u.holds(slot)) {
                 unfit
                     .entry(n.to_string())
@@ -214,7 +224,7 @@ fn system_status_of(
     let nodes = record
         .spec
         .as_ref()
-        .map(|sp| u32::try_from(s.qualifying_nodes(sp).len()).unwrap_or(u32::MAX));
+        .map(|_| u32::try_from(qualifying.len()).unwrap_or(u32::MAX));
     JobStatus {
         record,
         slots,
