@@ -38,6 +38,52 @@ pub struct SlotStatus {
     pub copies: u32,
 }
 
+impl SlotStatus {
+    /// A slot (or a system job's node) shown by the copy `c` on `node`,
+    /// in `state`, with `reason` (`copies` is counted later).
+    fn of_copy(node: &str, c: &Published, state: SlotState, reason: Option<String>) -> Self {
+        SlotStatus {
+            slot: c.slot,
+            node: Some(node.to_string()),
+            state,
+            reason,
+            restarts: c.restarts,
+            attempts: 0,
+            ports: c.ports.clone(),
+            health: c.health,
+            check: c.check.clone(),
+            version: c.version,
+            ready: c.ready,
+            copies: 0,
+        }
+    }
+
+    /// A slot with no copy shown: `state`, on `node` (a system job's), and
+    /// why with the attempts so far.
+    fn without_copy(
+        slot: u32,
+        node: Option<String>,
+        state: SlotState,
+        reason: Option<String>,
+        attempts: u32,
+    ) -> Self {
+        SlotStatus {
+            slot,
+            node,
+            state,
+            reason,
+            restarts: 0,
+            attempts,
+            ports: Default::default(),
+            health: Default::default(),
+            check: None,
+            version: 0,
+            ready: false,
+            copies: 0,
+        }
+    }
+}
+
 /// A job as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobStatus {
@@ -156,27 +202,21 @@ fn system_status_of(
     }
     let mut slots: Vec<SlotStatus> = by_node
         .iter()
-        .map(|(n, c)| SlotStatus {
-            slot,
-            node: Some(n.to_string()),
-            state: if c.error.is_some() && c.state == SlotState::Starting {
+        .map(|(n, c)| {
+            let state = if c.error.is_some() && c.state == SlotState::Starting {
                 SlotState::Failed
             } else {
                 c.state
-            },
-            reason: if c.stopping {
+            };
+            let reason = if c.stopping {
                 Some("stopping".into())
             } else {
                 c.error.clone()
-            },
-            restarts: c.restarts,
-            attempts: 0,
-            ports: c.ports.clone(),
-            health: c.health,
-            check: c.check.clone(),
-            version: c.version,
-            ready: c.ready,
-            copies: u32::from(c.state.is_live() && !c.stopping),
+            };
+            SlotStatus {
+                copies: u32::from(c.state.is_live() && !c.stopping),
+                ..SlotStatus::of_copy(n, c, state, reason)
+            }
         })
         .collect();
     let mut unfit: std::collections::BTreeMap<String, (String, u32)> = Default::default();
@@ -206,20 +246,13 @@ fn system_status_of(
         if by_node.contains_key(n.as_str()) {
             continue;
         }
-        slots.push(SlotStatus {
+        slots.push(SlotStatus::without_copy(
             slot,
-            node: Some(n),
-            state: SlotState::Pending,
-            reason: Some(reason),
-            restarts: 0,
+            Some(n),
+            SlotState::Pending,
+            Some(reason),
             attempts,
-            ports: Default::default(),
-            health: Default::default(),
-            check: None,
-            version: 0,
-            ready: false,
-            copies: 0,
-        });
+        ));
     }
     let nodes = record
         .spec
@@ -261,68 +294,18 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
         slots.push(match best {
             // A copy whose last start failed shows as failed, with why,
             // while its holder waits to retry.
-            Some((n, c)) if c.error.is_some() && c.state == SlotState::Starting => SlotStatus {
-                slot,
-                node: Some(n.clone()),
-                state: SlotState::Failed,
-                reason: c.error.clone(),
-                restarts: c.restarts,
-                attempts: 0,
-                ports: c.ports.clone(),
-                health: c.health,
-                check: c.check.clone(),
-                version: c.version,
-                ready: c.ready,
-                copies: 0,
-            },
-            Some((n, c)) if !(done && c.state.is_live()) && c.state != SlotState::Pending => {
-                SlotStatus {
-                    slot,
-                    node: Some(n.clone()),
-                    state: c.state,
-                    reason: c.error.clone(),
-                    restarts: c.restarts,
-                    attempts: 0,
-                    ports: c.ports.clone(),
-                    health: c.health,
-                    check: c.check.clone(),
-                    version: c.version,
-                    ready: c.ready,
-                    copies: 0,
-                }
+            Some((n, c)) if c.error.is_some() && c.state == SlotState::Starting => {
+                SlotStatus::of_copy(n, c, SlotState::Failed, c.error.clone())
             }
-            _ if done => SlotStatus {
-                slot,
-                node: None,
-                state: SlotState::Completed,
-                reason: None,
-                restarts: 0,
-                attempts: 0,
-                ports: Default::default(),
-                health: Default::default(),
-                check: None,
-                version: 0,
-                ready: false,
-                copies: 0,
-            },
+            Some((n, c)) if !(done && c.state.is_live()) && c.state != SlotState::Pending => {
+                SlotStatus::of_copy(n, c, c.state, c.error.clone())
+            }
+            _ if done => SlotStatus::without_copy(slot, None, SlotState::Completed, None, 0),
             _ => {
                 let (reason, attempts) = reason_for(s, &record.name, slot)
                     .map(|(r, a)| (Some(r), a))
                     .unwrap_or((None, 0));
-                SlotStatus {
-                    slot,
-                    node: None,
-                    state: SlotState::Pending,
-                    reason,
-                    restarts: 0,
-                    attempts,
-                    ports: Default::default(),
-                    health: Default::default(),
-                    check: None,
-                    version: 0,
-                    ready: false,
-                    copies: 0,
-                }
+                SlotStatus::without_copy(slot, None, SlotState::Pending, reason, attempts)
             }
         });
     }
@@ -330,20 +313,12 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
         .iter()
         .filter(|(_, c)| c.slot >= replicas && c.state.is_live())
     {
-        slots.push(SlotStatus {
-            slot: c.slot,
-            node: Some(n.clone()),
-            state: c.state,
-            reason: Some("stopping".into()),
-            restarts: c.restarts,
-            attempts: 0,
-            ports: c.ports.clone(),
-            health: c.health,
-            check: c.check.clone(),
-            version: c.version,
-            ready: c.ready,
-            copies: 0,
-        });
+        slots.push(SlotStatus::of_copy(
+            n,
+            c,
+            c.state,
+            Some("stopping".into()),
+        ));
     }
     for st in &mut slots {
         st.copies = copies
