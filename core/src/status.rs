@@ -313,12 +313,7 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
         .iter()
         .filter(|(_, c)| c.slot >= replicas && c.state.is_live())
     {
-        slots.push(SlotStatus::of_copy(
-            n,
-            c,
-            c.state,
-            Some("stopping".into()),
-        ));
+        slots.push(SlotStatus::of_copy(n, c, c.state, Some("stopping".into())));
     }
     for st in &mut slots {
         st.copies = copies
