@@ -267,13 +267,9 @@ fn settled(s: &JobStatus) -> bool {
         // or says why it cannot.
         let (unfit, placed): (Vec<_>, Vec<_>) = s.instances.iter().partition(|i| unfit(i));
         return placed.len() + unfit.len() >= s.replicas as usize
-            && placed.iter().all(|i| {
-                i.state == SlotState::Running
-                    && i.ready
-                    && i.copies <= 1
-                    && i.health == shoal_core::health::Health::Passing
-                    && i.version.as_deref() == Some(s.version.as_str())
-            });
+            && placed
+                .iter()
+                .all(|i| passes(s, i) && i.ready && i.copies <= 1);
     }
     let (_, completed, failed, total) = progress(s);
     let extra = s.instances.iter().any(|i| i.slot >= s.replicas);
@@ -289,13 +285,15 @@ fn settled(s: &JobStatus) -> bool {
 fn passing(s: &JobStatus) -> usize {
     s.instances
         .iter()
-        .filter(|i| {
-            i.slot < s.replicas
-                && i.state == SlotState::Running
-                && i.health == shoal_core::health::Health::Passing
-                && i.version.as_deref() == Some(s.version.as_str())
-        })
+        .filter(|i| i.slot < s.replicas && passes(s, i))
         .count()
+}
+
+/// Whether a row runs the job's version and passes.
+fn passes(s: &JobStatus, i: &crate::api::SlotView) -> bool {
+    i.state == SlotState::Running
+        && i.health == shoal_core::health::Health::Passing
+        && i.version.as_deref() == Some(s.version.as_str())
 }
 
 /// `shoal run`.
@@ -398,10 +396,11 @@ pub fn run(args: RunArgs) -> Result<()> {
             println!("{} {}: {}", status.name, status.version, d.description);
             return Ok(());
         }
-        if !settled(&status) {
+        let done = settled(&status);
+        if !done {
             unfit_since = None;
         }
-        if settled(&status) {
+        if done {
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             if status.job_type == "batch" {

@@ -13,7 +13,7 @@
 //! running one, and every node (one restarted from its disk included)
 //! reads the same end.
 
-use crate::instance::{Published, SlotState};
+use crate::instance::Published;
 use crate::job::JobType;
 use crate::records::{JobRecord, Outcome};
 
@@ -108,7 +108,7 @@ pub fn of<'a>(
             continue;
         };
         placed[i] |= !c.stopping;
-        ready[i] |= c.ready && !c.stopping && c.state == SlotState::Running;
+        ready[i] |= c.ready_on(None);
     }
     let count = |v: &[bool]| v.iter().filter(|b| **b).count() as u32;
     let canary = spec.update.canary;
@@ -146,6 +146,7 @@ pub fn past(record: &JobRecord) -> Vec<(u64, Outcome)> {
 mod tests {
     use super::*;
     use crate::hlc::{Hlc, Version};
+    use crate::instance::SlotState;
     use crate::job::JobSpec;
 
     fn version(ms: u64, node: &str) -> Version {

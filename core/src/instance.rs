@@ -197,6 +197,18 @@ pub struct Published {
     pub version: u64,
 }
 
+impl Published {
+    /// Whether it serves, ready (passing for its version's
+    /// `min_healthy_time`), running and not stopping, on the task `task`
+    /// (any task: `None`).
+    pub fn ready_on(&self, task: Option<u64>) -> bool {
+        task.is_none_or(|t| self.task == t)
+            && self.ready
+            && self.state == SlotState::Running
+            && !self.stopping
+    }
+}
+
 fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }

@@ -583,17 +583,15 @@ impl JobSpec {
                 }
             }
             other => {
+                let kind = serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
                 return Err(invalid(
                     text,
                     "type",
-                    format!(
-                    "\"{}\" jobs are not supported yet; use \"service\", \"batch\" or \"system\"",
-                    serde_json::to_value(other)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                ),
-                ))
+                    format!("\"{kind}\" jobs are not supported yet; use \"service\", \"batch\" or \"system\""),
+                ));
             }
         }
         if self.replicas == 0 || self.replicas > REPLICAS_MAX {

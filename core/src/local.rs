@@ -86,6 +86,14 @@ impl Local {
         }
     }
 
+    /// [`Published::ready_on`] of this copy, without building it.
+    pub fn ready_on(&self, task: Option<u64>) -> bool {
+        task.is_none_or(|t| self.task == t)
+            && self.ready
+            && self.state == SlotState::Running
+            && !self.stopping
+    }
+
     /// This copy as published in gossip.
     pub fn published(&self) -> Published {
         Published {

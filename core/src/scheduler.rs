@@ -2509,7 +2509,6 @@ impl Scheduler {
         }
     }
 
-    /// Places the empty slots of the jobs this node coordinates.
     /// Whether `job` is a live system job.
     fn is_system(&self, job: &str) -> bool {
         self.desired
@@ -2521,13 +2520,7 @@ impl Scheduler {
     /// and meets the constraints (whether it fits is for the start to
     /// say, and a running copy is not stopped for want of room).
     fn qualifies(&self, spec: &JobSpec) -> bool {
-        let fresh = self.fresh_node();
-        self.drivers.contains(&spec.task.driver)
-            && spec
-                .slot_request(crate::system::SLOT)
-                .constraints
-                .iter()
-                .all(|c| c.holds(&fresh))
+        Self::node_qualifies(spec, &self.fresh_node())
     }
 
     /// Whether a placement node qualifies for a system job, as this node
@@ -2619,8 +2612,8 @@ impl Scheduler {
     }
 
     /// Whether this node's old copy of a system job is in the job's update
-    /// window (see [`crate::system`]): the nodes that qualify as this node
-    /// sees them, less those that say the job does not fit them.
+    /// window (see [`crate::system`]) over the nodes that qualify as this
+    /// node sees them (it is one: `own_copies` stops a copy that does not).
     fn in_system_window(&self, spec: &JobSpec, fp: u64, now: Now) -> bool {
         // Cut off with a minority: no window, as for services (each side
         // would roll the nodes it sees).
@@ -2634,27 +2627,16 @@ impl Scheduler {
         // everywhere, max_parallel nodes at a time (found in review). A
         // node that never fits holds the update up, as an unplaceable slot
         // holds up a stop-first service update.
-        let mut names = self.qualifying_nodes(spec);
-        if !names.iter().any(|n| **n == *self.me) {
-            names.push(self.me.to_string());
-            names.sort_unstable();
-        }
+        let names = self.qualifying_nodes(spec);
         // Each node's copy, looked up once (ready on `fp`, ready at all).
-        let ok = |c: &crate::instance::Published, task: Option<u64>| {
-            task.is_none_or(|t| c.task == t)
-                && c.ready
-                && c.state == SlotState::Running
-                && !c.stopping
-        };
         let mut copies: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
         for (n, c) in self.seen.copies(&self.me, &spec.name, slot, now.mono) {
             let e = copies.entry(&**n).or_default();
-            e.0 |= ok(c, Some(fp));
-            e.1 |= ok(c, None);
+            e.0 |= c.ready_on(Some(fp));
+            e.1 |= c.ready_on(None);
         }
         if let Some(l) = self.local.get(&spec.name, slot) {
-            let p = l.published();
-            copies.insert(&self.me, (ok(&p, Some(fp)), ok(&p, None)));
+            copies.insert(&self.me, (l.ready_on(Some(fp)), l.ready_on(None)));
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let of = |n: &str| copies.get(n).copied().unwrap_or_default();
@@ -2662,6 +2644,7 @@ impl Scheduler {
             .contains(&&*self.me)
     }
 
+    /// Places the empty slots of the jobs this node coordinates.
     fn coordinate(&mut self, now: Now) {
         let arcs = self.seen.view.members.arcs_of(&self.me);
         let mine: BTreeSet<String> = arcs
@@ -2939,20 +2922,13 @@ impl Scheduler {
     /// Whether a ready copy of `slot` running the task `fp` (any task:
     /// `None`) is here or on a live node.
     fn slot_ready_with(&self, job: &str, slot: u32, fp: Option<u64>, now: Now) -> bool {
-        let task = |t: u64| fp.is_none_or(|fp| t == fp);
-        let ready = |c: &crate::instance::Published| {
-            task(c.task) && c.ready && c.state == SlotState::Running && !c.stopping
-        };
-        self.local.get(job, slot).is_some_and(|l| {
-            !l.unconfirmed
-                && task(l.task)
-                && l.ready
-                && !l.stopping
-                && l.state == SlotState::Running
-        }) || self
-            .seen
-            .copies(&self.me, job, slot, now.mono)
-            .any(|(_, c)| ready(c))
+        self.local
+            .get(job, slot)
+            .is_some_and(|l| !l.unconfirmed && l.ready_on(fp))
+            || self
+                .seen
+                .copies(&self.me, job, slot, now.mono)
+                .any(|(_, c)| c.ready_on(fp))
     }
 
     /// Whether a start-first update's new copy of the slot finds no room

@@ -335,7 +335,6 @@ mod tests {
             }
         }
 
-
         /// A view that sees a subset of the ready slots never lets a slot
         /// move that is truly not ready and outside the true window.
         #[test]
