@@ -177,6 +177,13 @@ fn a_system_job_runs_once_on_every_node_that_qualifies_and_follows_the_cluster()
 
     // A new version rolls node by node, and every node ends on it.
     let v2 = job_file(root.path(), "logship-v2", &system_job("logship", "v2", ""));
+    // The plan: every node replaces its copy (exit 1: something changes).
+    let (ok, out, err) = cli(&agents[1], &["plan", v2.to_str().unwrap()]);
+    assert!(!ok && err.is_empty(), "{out}{err}");
+    assert!(
+        out.contains("slots: 0 start, 4 replace, 0 stop, 0 keep"),
+        "{out}"
+    );
     let (ok, out, err) = cli(
         &agents[1],
         &["run", v2.to_str().unwrap(), "--timeout", "60"],
