@@ -219,6 +219,54 @@ pub struct JobStatus {
     /// The spec as submitted (`?spec=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<shoal_core::job::JobSpec>,
+    /// A cron job's run: the cron job it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// A cron job's schedule, in its time zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// A cron job's next scheduled times (RFC 3339, UTC); empty while it
+    /// is disabled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub next: Vec<String>,
+    /// A cron job's kept runs, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<RunView>,
+}
+
+/// A run of a cron job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunView {
+    /// The run's job name (`NAME@<unix-seconds>`).
+    pub job: String,
+    /// Its scheduled time (RFC 3339, UTC).
+    pub time: String,
+    /// `running`, `succeeded` or `failed`.
+    pub state: shoal_core::cron::RunState,
+}
+
+/// Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(unix_s: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix_s).unwrap_or(0)),
+    )
+    .to_string()
+}
+
+/// The next `n` times of a cron job's spec after now (none while it is
+/// disabled or not a cron job).
+pub fn next_runs(spec: &shoal_core::job::JobSpec, n: usize) -> Vec<i64> {
+    let Some(c) = spec.cron.as_ref().filter(|c| c.enabled) else {
+        return Vec::new();
+    };
+    let Ok(schedule) = shoal_core::cron::Schedule::new(&c.schedule, &c.time_zone) else {
+        return Vec::new();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    schedule.upcoming(now, n)
 }
 
 /// A submitted job's answer.
@@ -330,6 +378,30 @@ impl From<&status::JobStatus> for JobStatus {
                 .collect(),
             deployment: s.deployment.as_ref().map(|d| DeploymentView::of(record, d)),
             spec: None,
+            parent: record.spec.as_ref().and_then(|s| s.parent.clone()),
+            schedule: record.spec.as_ref().and_then(|s| {
+                s.cron.as_ref().map(|c| {
+                    if c.time_zone == "UTC" {
+                        c.schedule.clone()
+                    } else {
+                        format!("{} ({})", c.schedule, c.time_zone)
+                    }
+                })
+            }),
+            next: record
+                .spec
+                .as_ref()
+                .map(|s| next_runs(s, 3).into_iter().map(rfc3339).collect())
+                .unwrap_or_default(),
+            runs: s
+                .runs
+                .iter()
+                .map(|r| RunView {
+                    job: r.job.clone(),
+                    time: rfc3339(r.time),
+                    state: r.state,
+                })
+                .collect(),
         }
     }
 }
@@ -426,6 +498,10 @@ async fn job_deployment(State(state): State<ApiState>, Path(name): Path<String>)
 
 async fn promote_job(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
     written(ask(&state, ApiRequest::Promote { name }).await)
+}
+
+async fn force_cron(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    written(ask(&state, ApiRequest::CronForce { name }).await)
 }
 
 /// What the list endpoints read: the scheduler's state after its last
@@ -1068,6 +1144,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{name}/scale", post(scale_job))
         .route("/v1/jobs/{name}/revert", post(revert_job))
         .route("/v1/jobs/{name}/promote", post(promote_job))
+        .route("/v1/jobs/{name}/cron/force", post(force_cron))
         .route("/v1/jobs/{name}/deployment", get(job_deployment))
         .route("/v1/plan", post(plan))
         .route("/v1/jobs/{name}/versions", get(job_versions))

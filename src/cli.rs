@@ -62,6 +62,9 @@ pub enum Command {
     /// A job's rollouts: `shoal deployment status JOB`, `shoal deployment promote JOB`.
     #[command(subcommand)]
     Deployment(crate::commands::DeploymentCommand),
+    /// Cron jobs: `shoal cron next JOB` prints its next times, `shoal cron force JOB` runs it now.
+    #[command(subcommand)]
+    Cron(crate::commands::CronCommand),
     /// Join tokens: `shoal token create` makes one that admits nodes until it expires.
     #[command(subcommand)]
     Token(crate::commands::TokenCommand),

@@ -224,8 +224,8 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
 }
 
 fn path_segment(name: &str) -> Result<&str> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        bail!("`{name}` is not a job name (lower-case letters, digits and '-')");
+    if !shoal_core::job::valid_job_name(name) {
+        bail!("`{name}` is not a job name (lower-case letters, digits and '-'; a cron job's run is NAME@<unix-seconds>)");
     }
     Ok(name)
 }
@@ -325,6 +325,23 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     if args.detach {
+        return Ok(());
+    }
+    let cron = shoal_core::job::JobSpec::parse(&text)
+        .ok()
+        .and_then(|s| s.cron.map(|c| (s.name, c)));
+    if let Some((name, c)) = cron {
+        // A cron job has nothing to wait for: its runs come on schedule.
+        let status: JobStatus =
+            client.get(&format!("/v1/jobs/{}?spec=true", path_segment(&name)?))?;
+        match status.next.first() {
+            Some(next) => println!(
+                "{name}: schedule `{}`{}; next run {next} (`shoal cron next {name}` lists more, `shoal cron force {name}` runs it now)",
+                c.schedule,
+                if c.time_zone == "UTC" { String::new() } else { format!(" in {}", c.time_zone) }
+            ),
+            None => println!("{name}: disabled (enabled = false); `shoal cron force {name}` runs it now"),
+        }
         return Ok(());
     }
     let bar = indicatif::ProgressBar::new(0);
@@ -488,7 +505,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 .iter()
                 .map(|j| {
                     let (running, completed, failed, total) = progress(j);
-                    let state = if j.job_type == "batch" {
+                    let state = if j.job_type == "cron" {
+                        match j.next.first() {
+                            Some(n) => format!("next {n}"),
+                            None => "disabled".to_string(),
+                        }
+                    } else if j.job_type == "batch" {
                         format!("{completed}/{total} completed, {failed} failed")
                     } else {
                         format!("{running}/{total} running")
@@ -510,7 +532,14 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
+            if s.job_type == "cron" {
+                print_cron(&s);
+                return Ok(());
+            }
             let system = s.job_type == "system";
+            if let Some(p) = &s.parent {
+                println!("a run of cron job {p}");
+            }
             println!(
                 "{} ({}), version {}, {}{}",
                 s.name,
@@ -571,6 +600,120 @@ pub fn status(args: StatusArgs) -> Result<()> {
                     "SLOT", "NODE", "STATE", "HEALTH", "VERSION", "RESTARTS", "PORTS", "REASON",
                 ],
                 &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_cron(s: &JobStatus) {
+    println!(
+        "{} (cron), version {}, {} replica(s) per run{}",
+        s.name,
+        s.version,
+        s.replicas,
+        if s.stopped { ", stopped" } else { "" }
+    );
+    if let Some(schedule) = &s.schedule {
+        println!("schedule {schedule}");
+    }
+    match s.next.first() {
+        Some(n) => println!("next run {n}"),
+        None if !s.stopped => {
+            println!("disabled: no run is scheduled (`shoal cron force` runs it now)")
+        }
+        None => {}
+    }
+    if s.runs.is_empty() {
+        println!("no runs yet");
+        return;
+    }
+    let rows: Vec<[String; 3]> = s
+        .runs
+        .iter()
+        .rev()
+        .map(|r| {
+            [
+                r.job.clone(),
+                r.time.clone(),
+                serde_json::to_value(r.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["RUN", "SCHEDULED", "OUTCOME"], &rows);
+}
+
+/// `shoal cron ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CronCommand {
+    /// Print a cron job's next scheduled times (in UTC and in its time zone).
+    Next(CronNextArgs),
+    /// Start a run of a cron job now, whatever its schedule (also while
+    /// it is disabled); prints the run's name (NAME@<unix-seconds>).
+    Force(DeploymentPromoteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CronNextArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The cron job's name.
+    pub job: String,
+    /// How many times to print.
+    #[arg(short = 'n', long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub count: u32,
+}
+
+/// `shoal cron ...`.
+pub fn cron(cmd: CronCommand) -> Result<()> {
+    match cmd {
+        CronCommand::Next(args) => {
+            let s: JobStatus = Client::new(&args.client)
+                .get(&format!("/v1/jobs/{}?spec=true", path_segment(&args.job)?))?;
+            let Some(spec) = s.spec.as_ref().filter(|_| !s.stopped) else {
+                bail!("job `{}` is stopped", args.job);
+            };
+            let Some(c) = spec.cron.as_ref() else {
+                bail!(
+                    "`{}` is a {} job, not a cron job: it has no schedule",
+                    args.job,
+                    s.job_type
+                );
+            };
+            if !c.enabled {
+                println!(
+                    "{} is disabled (enabled = false): no run is scheduled",
+                    args.job
+                );
+                return Ok(());
+            }
+            let schedule = shoal_core::cron::Schedule::new(&c.schedule, &c.time_zone)
+                .map_err(|(_, why)| anyhow::anyhow!(why))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs() as i64;
+            for t in schedule.upcoming(now, args.count as usize) {
+                if c.time_zone == "UTC" {
+                    println!("{}", crate::api::rfc3339(t));
+                } else {
+                    println!("{}  ({})", crate::api::rfc3339(t), schedule.show(t));
+                }
+            }
+        }
+        CronCommand::Force(args) => {
+            let accepted: Accepted = Client::new(&args.client)
+                .call(
+                    "POST",
+                    &format!("/v1/jobs/{}/cron/force", path_segment(&args.job)?),
+                    None,
+                )?
+                .into_json()?;
+            println!(
+                "started {}: `shoal status {}` follows it",
+                accepted.name, accepted.name
             );
         }
     }

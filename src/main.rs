@@ -54,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Token(cmd) => shoal::commands::token(cmd),
         Command::Job(cmd) => shoal::commands::job(cmd),
         Command::Deployment(cmd) => shoal::commands::deployment(cmd),
+        Command::Cron(cmd) => shoal::commands::cron(cmd),
         Command::Plan(args) => std::process::exit(shoal::commands::plan(args)),
         Command::Ca(cmd) => shoal::commands::ca(cmd),
         Command::Demo(args) => shoal::demo::run(args),

@@ -199,6 +199,24 @@ impl DesiredState {
             .flat_map(|s| s.keys().copied())
     }
 
+    /// The runs of cron job `parent` (records named `parent@<t>`,
+    /// tombstones included), oldest first.
+    pub fn children_of(&self, parent: &str) -> Vec<(i64, &Arc<JobRecord>)> {
+        // '@' is followed by digits only, all below 'A'.
+        let lo = format!("{parent}@");
+        let hi = format!("{parent}A");
+        let mut v: Vec<(i64, &Arc<JobRecord>)> = self
+            .jobs
+            .range(lo..hi)
+            .filter_map(|(n, r)| {
+                let (p, t) = crate::cron::parse_child(n)?;
+                (p == parent).then_some((t, r))
+            })
+            .collect();
+        v.sort_by_key(|(t, _)| *t);
+        v
+    }
+
     /// Every record, by name.
     pub fn records(&self) -> impl Iterator<Item = &Arc<JobRecord>> {
         self.jobs.values()

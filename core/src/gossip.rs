@@ -161,7 +161,7 @@ pub fn decode_part<T: DeserializeOwned>(value: &str) -> Vec<(Arc<str>, T)> {
     };
     let mut out = Vec::new();
     for (job, entries) in jobs {
-        if !crate::job::valid_name(&job) {
+        if !crate::job::valid_job_name(&job) {
             continue;
         }
         let job: Arc<str> = Arc::from(job);

@@ -34,8 +34,25 @@ pub enum JobType {
     /// One instance on every node that meets the job's constraints and
     /// fits it; no `replicas`.
     System,
-    /// A batch run on a schedule (not yet supported).
+    /// A batch run on a schedule (`[cron]`): each scheduled time starts
+    /// one child batch job, `NAME@<unix-seconds>`.
     Cron,
+}
+
+/// What a side of a partition does about copies it cannot see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionPolicy {
+    /// Every side re-places the copies it lost (most available; a slot may
+    /// run on both sides until the partition heals).
+    Replace,
+    /// Only a side that sees a majority of the members re-places or
+    /// starts copies; a minority keeps what runs and starts nothing new
+    /// (no batch slot run twice, no cron time fired twice).
+    Majority,
+    /// Lost copies are not replaced until their node comes back or is
+    /// forgotten (`shoal node forget`): a slot never runs twice.
+    Never,
 }
 
 /// A job as submitted.
@@ -70,6 +87,18 @@ pub struct JobSpec {
     /// How a new version replaces the running copies (services).
     #[serde(default, skip_serializing_if = "crate::update::UpdateSpec::is_default")]
     pub update: crate::update::UpdateSpec,
+    /// When a cron job runs (`[cron]`; cron jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<crate::cron::CronSpec>,
+    /// What a side of a network partition does with the job's copies it
+    /// cannot see (`replace`, `majority` or `never`; by default `replace`
+    /// for services and system jobs, `majority` for batch and cron jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionPolicy>,
+    /// The cron job a run (`NAME@<unix-seconds>`) belongs to; set by
+    /// shoal, never in a job file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 fn default_replicas() -> u32 {
@@ -475,6 +504,12 @@ fn invalid(text: &str, path: &str, message: impl Into<String>) -> JobError {
     }
 }
 
+/// Whether `s` names a job: a name a user may give, or a cron job's run
+/// (`NAME@<unix-seconds>`).
+pub fn valid_job_name(s: &str) -> bool {
+    valid_name(s) || crate::cron::parse_child(s).is_some_and(|(p, _)| valid_name(p))
+}
+
 pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= NAME_LEN_MAX
@@ -524,6 +559,14 @@ fn to_op(
 }
 
 impl JobSpec {
+    /// The job's partition policy: its own, else its type's default.
+    pub fn partition_policy(&self) -> PartitionPolicy {
+        self.partition.unwrap_or(match self.job_type {
+            JobType::Service | JobType::System => PartitionPolicy::Replace,
+            JobType::Batch | JobType::Cron => PartitionPolicy::Majority,
+        })
+    }
+
     /// Parses and validates a job file.
     pub fn parse(text: &str) -> Result<JobSpec, JobError> {
         if text.len() > JOB_FILE_LEN_MAX {
@@ -554,7 +597,19 @@ impl JobSpec {
 
     /// Checks the limits and consistency rules; `text` locates errors.
     pub fn validate(&self, text: &str) -> Result<(), JobError> {
-        if !valid_name(&self.name) {
+        if let Some(parent) = &self.parent {
+            // A cron job's run: named after its parent and time, a batch job.
+            let ok = valid_name(parent)
+                && self.job_type == JobType::Batch
+                && crate::cron::parse_child(&self.name).is_some_and(|(p, _)| p == parent);
+            if !ok {
+                return Err(invalid(
+                    text,
+                    "parent",
+                    "only shoal sets `parent`, on the runs of a cron job: remove it",
+                ));
+            }
+        } else if !valid_name(&self.name) {
             return Err(invalid(text, "name", format!("`{}` must be 1 to {NAME_LEN_MAX} lower-case letters, digits or '-', not starting with '-'", self.name)));
         }
         match self.job_type {
@@ -582,17 +637,34 @@ impl JobSpec {
                     ));
                 }
             }
-            other => {
-                let kind = serde_json::to_value(other)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                return Err(invalid(
-                    text,
-                    "type",
-                    format!("\"{kind}\" jobs are not supported yet; use \"service\", \"batch\" or \"system\""),
-                ));
-            }
+            JobType::Cron => match &self.cron {
+                None => {
+                    return Err(invalid(
+                        text,
+                        "type",
+                        "a cron job needs a [cron] table with its schedule, e.g. `[cron]` then `schedule = \"*/5 * * * *\"`",
+                    ))
+                }
+                Some(c) => {
+                    if let Err((field, why)) = c.validate() {
+                        return Err(invalid(text, &field, why));
+                    }
+                    if self.update.canary > 0 {
+                        return Err(invalid(
+                            text,
+                            "update.canary",
+                            "a cron job's runs are batch jobs: they have no canaries",
+                        ));
+                    }
+                }
+            },
+        }
+        if self.cron.is_some() && self.job_type != JobType::Cron {
+            return Err(invalid(
+                text,
+                "cron",
+                "only `type = \"cron\"` jobs take a [cron] table",
+            ));
         }
         if self.replicas == 0 || self.replicas > REPLICAS_MAX {
             return Err(invalid(

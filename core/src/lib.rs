@@ -35,6 +35,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod cron;
 pub mod deployment;
 pub mod desired;
 pub mod gossip;

@@ -171,6 +171,16 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     let changes = old.map(|o| spec_diff(o, spec)).unwrap_or_default();
     let unchanged = old == Some(spec);
     let fp = spec.task.fingerprint();
+    if spec.job_type == JobType::Cron {
+        // No slots: each scheduled time starts a run of its own.
+        return Plan {
+            job: spec.name.clone(),
+            current: current.map(|r| r.seq),
+            changes,
+            unchanged,
+            slots: Vec::new(),
+        };
+    }
     if spec.job_type == JobType::System {
         return Plan {
             job: spec.name.clone(),

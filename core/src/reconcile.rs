@@ -199,14 +199,15 @@ pub fn reconcile(inp: &Inputs) -> Actions {
         )),
     }));
     // System jobs are outside this model: each node decides for itself
-    // (`Scheduler::system_jobs`), and their copies are all slot 0.
+    // (`Scheduler::system_jobs`), and their copies are all slot 0. A cron
+    // job has no slots (its runs are batch jobs of their own).
     let system: BTreeSet<&str> = inp
         .jobs
         .iter()
         .filter(|r| {
             r.spec
                 .as_ref()
-                .is_some_and(|s| s.job_type == JobType::System)
+                .is_some_and(|s| matches!(s.job_type, JobType::System | JobType::Cron))
         })
         .map(|r| r.name.as_str())
         .collect();

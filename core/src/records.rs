@@ -247,7 +247,7 @@ impl JobRecord {
     /// checks a submission: a name the API would accept, a spec that
     /// validates and is named like its record.
     pub fn validate(&self) -> Result<(), String> {
-        if !crate::job::valid_name(&self.name) {
+        if !crate::job::valid_job_name(&self.name) {
             return Err(format!("invalid job name `{}`", self.name));
         }
         if let Some(spec) = &self.spec {

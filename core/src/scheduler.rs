@@ -97,6 +97,11 @@ pub enum ApiRequest {
         /// New count.
         replicas: u32,
     },
+    /// Start a run of a cron job now (`shoal cron force`).
+    CronForce {
+        /// The cron job.
+        name: String,
+    },
     /// The tail of a slot's output, from whichever node holds it.
     Logs {
         /// Job.
@@ -407,6 +412,12 @@ pub struct Counters {
     pub reverts: u64,
     /// Deployments' ends written (successful or failed).
     pub deployments_ended: u64,
+    /// Cron runs this node wrote (the same run written by two nodes is
+    /// one run: see [`crate::cron`]).
+    pub cron_fired: u64,
+    /// Scheduled times skipped: past `starting_deadline` before any node
+    /// wrote them, or skipped by `concurrency = "forbid"`.
+    pub cron_skipped: u64,
 }
 
 /// Most own completions held to announce once the node sees a peer (see
@@ -472,6 +483,11 @@ pub struct Scheduler {
     wall_ms: u64,
     /// The last run id given (run ids only grow).
     last_run_id: u64,
+    /// Cron jobs' clocks (see [`crate::cron`]), one per live cron job.
+    cron_clocks: BTreeMap<String, crate::cron::CronClock>,
+    /// The cron jobs and orphaned runs, found again when the records
+    /// change (`jobs_fp` they were found at).
+    cron_index: CronIndex,
 }
 
 impl Scheduler {
@@ -544,6 +560,8 @@ impl Scheduler {
             offsets: Offsets::default(),
             wall_ms: now.wall_ms,
             last_run_id: 0,
+            cron_clocks: BTreeMap::new(),
+            cron_index: CronIndex::default(),
             config,
         }
     }
@@ -1112,6 +1130,12 @@ impl Scheduler {
                 check_version,
             } => match JobSpec::parse(&text) {
                 Err(e) => self.answer(token, Err(ApiError::BadRequest(e.to_string()))),
+                Ok(spec) if spec.parent.is_some() => self.answer(
+                    token,
+                    Err(ApiError::BadRequest(
+                        "`parent` is set by shoal on a cron job's runs; a job file cannot set it: remove it".into(),
+                    )),
+                ),
                 Ok(spec) => {
                     let current = self.desired.get(&spec.name).cloned();
                     let live = current.as_ref().filter(|r| r.is_live());
@@ -1178,6 +1202,7 @@ impl Scheduler {
                 }
             }
             ApiRequest::Promote { name } => self.promote(token, name, now),
+            ApiRequest::CronForce { name } => self.cron_force(token, name, now),
             ApiRequest::Stop { name } => match self.desired.spec(&name) {
                 None => self.answer(
                     token,
@@ -1477,6 +1502,7 @@ impl Scheduler {
             self.finish_round(round, now);
         }
         self.placing.expire(now.mono);
+        self.cron_step(now);
         let since = self
             .last_pass
             .map(|t| now.mono.saturating_duration_since(t))
@@ -1649,8 +1675,16 @@ impl Scheduler {
                 ))),
             );
         }
+        let was_cron = current
+            .and_then(|c| c.spec.as_ref())
+            .is_some_and(|s| s.job_type == JobType::Cron);
         let record = Arc::new(make(current, version));
-        self.persist(vec![record], Vec::new(), Origin::Api(token));
+        let mut records = vec![record.clone()];
+        if was_cron && record.spec.is_none() {
+            // A cron job's stop stops its runs with it.
+            records.extend(self.runs_stopped_with(&name, &record.version));
+        }
+        self.persist(records, Vec::new(), Origin::Api(token));
     }
 
     /// Whether this node completed an anti-entropy exchange within
@@ -1825,7 +1859,7 @@ impl Scheduler {
                     && self
                         .gc_horizon_ms(self.wall_ms)
                         .is_some_and(|h| c.job_version.hlc.wall_ms < h);
-                crate::job::valid_name(&c.job)
+                crate::job::valid_job_name(&c.job)
                     && !collected
                     && !self.desired.is_completed(&c.job, c.slot)
             })
@@ -2680,6 +2714,11 @@ impl Scheduler {
         let Some(spec) = record.spec.as_ref() else {
             return;
         };
+        if spec.job_type == JobType::Cron {
+            // No slots: its runs are batch jobs of their own.
+            self.placing.forget_slots_from(name, 0);
+            return;
+        }
         if spec.job_type == JobType::System {
             // Every node places its own copy (`system_jobs`); what this
             // node coordinated when the job was a service goes (its own
@@ -3579,6 +3618,9 @@ fn chunks_by_bytes(records: Vec<Arc<JobRecord>>, max: usize) -> Vec<Vec<Arc<JobR
     }
     out
 }
+
+mod cron_jobs;
+use cron_jobs::CronIndex;
 
 #[cfg(test)]
 mod tests;

@@ -96,6 +96,9 @@ pub struct JobStatus {
     pub deployment: Option<crate::deployment::Deployment>,
     /// A system job's nodes: the alive ones that qualify for it.
     pub nodes: Option<u32>,
+    /// A cron job's runs, oldest first (the kept ones: `history` finished
+    /// and those running).
+    pub runs: Vec<crate::cron::Run>,
 }
 
 /// One copy on some node.
@@ -137,7 +140,7 @@ pub fn instances(s: &Scheduler, now: Instant) -> Vec<InstanceRow> {
 /// One job's status.
 pub fn job_status(s: &Scheduler, name: &str, now: Instant) -> Option<JobStatus> {
     let record = s.desired().get(name)?.clone();
-    Some(status_of(s, record, &s.copies_of(name, now)))
+    Some(status_of(s, record, &s.copies_of(name, now), now))
 }
 
 /// Every live job's status.
@@ -155,7 +158,7 @@ pub fn job_statuses(s: &Scheduler, now: Instant) -> Vec<JobStatus> {
         .filter(|r| r.is_live())
         .map(|r| {
             let copies = by_job.remove(&r.name).unwrap_or_default();
-            status_of(s, r.clone(), &copies)
+            status_of(s, r.clone(), &copies, now)
         })
         .collect()
 }
@@ -263,10 +266,34 @@ fn system_status_of(
         slots,
         deployment: None,
         nodes,
+        runs: Vec::new(),
     }
 }
 
-fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published)]) -> JobStatus {
+fn status_of(
+    s: &Scheduler,
+    record: Arc<JobRecord>,
+    copies: &[(String, Published)],
+    now: Instant,
+) -> JobStatus {
+    if record
+        .spec
+        .as_ref()
+        .is_some_and(|sp| sp.job_type == crate::job::JobType::Cron)
+    {
+        let runs = s
+            .runs_of(&record.name, now)
+            .into_iter()
+            .filter(|r| r.state != crate::cron::RunState::Stopped)
+            .collect();
+        return JobStatus {
+            record,
+            slots: Vec::new(),
+            deployment: None,
+            nodes: None,
+            runs,
+        };
+    }
     if record
         .spec
         .as_ref()
@@ -327,5 +354,6 @@ fn status_of(s: &Scheduler, record: Arc<JobRecord>, copies: &[(String, Published
         slots,
         deployment,
         nodes: None,
+        runs: Vec::new(),
     }
 }
