@@ -626,4 +626,187 @@ mod tests {
         }
         assert_eq!(fire_rank("job", 1, "z", nodes.iter().copied()), None);
     }
+
+    /// A model of the firing protocol over a simulated year of minutely
+    /// times (in a time zone with daylight saving), with the pure pieces
+    /// the scheduler uses ([`CronClock`], [`fire_rank`],
+    /// [`child_record`]): 5 nodes with clocks ±500 ms off, the node ranked
+    /// first killed at the time (2%), a minority cut off (2%), both at once,
+    /// and the job disabled for a day now and then. Each time fires at
+    /// least once on a side that sees a majority and only there, every
+    /// node that fires it writes the same record (one run), and nothing
+    /// fires while the job is disabled.
+    #[test]
+    fn a_year_of_minutely_times_fires_once_on_a_majority_and_never_while_disabled() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(2026);
+        let names: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+        let spec = |enabled| CronSpec {
+            schedule: "* * * * *".into(),
+            time_zone: "Europe/Paris".into(),
+            concurrency: Concurrency::Allow,
+            starting_deadline: Duration::from_secs(60),
+            history: 5,
+            enabled,
+        };
+        let start = at("2026-01-01T00:00:00Z");
+        let end = start + 365 * 86_400;
+        let version = |ms: u64, enabled: bool| Version {
+            hlc: Hlc {
+                wall_ms: ms,
+                logical: u32::from(enabled),
+            },
+            node: "n0".into(),
+        };
+        // The job's versions: enabled, then a day off every ~30 days.
+        let mut versions = vec![(start as u64 * 1000 - 10_000, true)];
+        let mut w = start;
+        while w < end {
+            w += rng.random_range(20..40) * 86_400 + rng.random_range(0..86_400);
+            versions.push((w as u64 * 1000, false));
+            w += 86_400;
+            versions.push((w as u64 * 1000, true));
+        }
+        let current = |ms: u64| versions.iter().rev().find(|(at, _)| *at <= ms).copied();
+        let schedule = Schedule::new("* * * * *", "Europe/Paris").unwrap();
+        let mut skew: Vec<i64> = names.iter().map(|_| rng.random_range(-500..=500)).collect();
+        let (mut fired, mut due, mut cut, mut killed) = (0u64, 0u64, 0u64, 0u64);
+        let job = JobSpec::parse(
+            "name = \"job\"\ntype = \"cron\"\n[cron]\nschedule = \"* * * * *\"\n[task]\ncommand = \"true\"\n",
+        )
+        .unwrap();
+        let mut clocks: std::collections::BTreeMap<u64, CronClock> = Default::default();
+        let mut guaranteed = 0u64;
+        let mut t = schedule.next_after(start).unwrap();
+        while t < end {
+            if t % 86_400 == 0 {
+                skew = names.iter().map(|_| rng.random_range(-500..=500)).collect();
+            }
+            let t_ms = t as u64 * 1000;
+            // Who is up, who is cut off until when, who was killed.
+            let all: Vec<&str> = names.iter().map(String::as_str).collect();
+            let first = (0..5)
+                .find(|&i| fire_rank("job", t, all[i], all.iter().copied()) == Some(0))
+                .unwrap();
+            let kill = rng.random_bool(0.02).then_some(first);
+            let minority: Vec<usize> = if rng.random_bool(0.02) {
+                let k = rng.random_range(1..=2);
+                (0..5).filter(|i| (i + t as usize) % 5 < k).collect()
+            } else {
+                Vec::new()
+            };
+            let heal_ms = t_ms + rng.random_range(0..90_000);
+            let detect_ms = t_ms + 700;
+            cut += u64::from(!minority.is_empty());
+            killed += u64::from(kill.is_some());
+            // The members node i sees alive at real time r.
+            let view = |i: usize, r: u64| -> Vec<usize> {
+                (0..5)
+                    .filter(|&j| !(Some(j) == kill && r >= detect_ms))
+                    .filter(|j| r >= heal_ms || minority.contains(j) == minority.contains(&i))
+                    .collect()
+            };
+            let on = |v: Option<(u64, bool)>| v.is_some_and(|(_, e)| e);
+            // Each node's first moment to fire t, if any (phases between
+            // the view's changes).
+            let mut fires: Vec<(u64, usize)> = Vec::new();
+            for i in 0..5 {
+                if Some(i) == kill {
+                    continue;
+                }
+                let mut edges = [t_ms.saturating_sub(1000), detect_ms, heal_ms, t_ms + 60_000];
+                edges.sort();
+                for p in edges.windows(2) {
+                    let (from, to) = (p[0], p[1]);
+                    if from >= to {
+                        continue;
+                    }
+                    let v = view(i, from);
+                    // A minority fires nothing.
+                    if v.len() * 2 < 5 {
+                        continue;
+                    }
+                    let vn: Vec<&str> = v.iter().map(|&j| all[j]).collect();
+                    let rank = fire_rank("job", t, all[i], vn.iter().copied()).unwrap() as u64;
+                    let local_due = t_ms + rank * 1000;
+                    let r = ((local_due as i64 - skew[i]) as u64).max(from);
+                    if r >= to {
+                        continue;
+                    }
+                    // The version the node knows (it learns a write within
+                    // 2 s) and its clock at that moment.
+                    let Some((v_ms, enabled)) = current(r.saturating_sub(2_000)) else {
+                        break;
+                    };
+                    if !enabled {
+                        break;
+                    }
+                    let mut clock = clocks
+                        .entry(v_ms)
+                        .or_insert_with(|| {
+                            CronClock::new(&spec(true), version(v_ms, true)).unwrap()
+                        })
+                        .clone();
+                    clock.advance((r as i64 + skew[i]) as u64);
+                    if clock.pending == Some(t) {
+                        fires.push((r, i));
+                    }
+                    break;
+                }
+            }
+            fires.sort();
+            // Nodes that had not yet heard of the first firer's run fire too
+            // (20 ms to reach its side).
+            let writers: Vec<usize> = match fires.first() {
+                None => Vec::new(),
+                Some(&(r0, i0)) => fires
+                    .iter()
+                    .filter(|(r, i)| *i == i0 || *r < r0 + 20 || !view(i0, *r).contains(i))
+                    .map(|(_, i)| *i)
+                    .collect(),
+            };
+            let enabled_then =
+                on(current(t_ms.saturating_sub(3_000))) && on(current(t_ms + 60_000));
+            let disabled_then = !on(current(t_ms.saturating_sub(3_000))) && !on(current(t_ms));
+            if disabled_then {
+                assert!(writers.is_empty(), "t={t} fired while disabled");
+            }
+            if enabled_then {
+                due += 1;
+                // A side saw a majority once the kill was detected, or the
+                // partition healed well before the next time was due.
+                let killed_on_majority = kill.is_some_and(|k| !minority.contains(&k));
+                let majority = 5 - minority.len() - usize::from(killed_on_majority);
+                let majority_side = majority * 2 >= 5 || heal_ms <= t_ms + 50_000;
+                if majority_side {
+                    guaranteed += 1;
+                    assert!(
+                        !writers.is_empty(),
+                        "t={t} ({}) never fired",
+                        schedule.show(t)
+                    );
+                }
+            }
+            if !writers.is_empty() {
+                fired += 1;
+                let v_ms = current(t_ms).map_or(0, |(m, _)| m);
+                let parent = JobRecord::new("job", version(v_ms, true), Some(job.clone()));
+                let records: Vec<JobRecord> = writers
+                    .iter()
+                    .map(|_| child_record(&parent, t).unwrap())
+                    .collect();
+                assert!(records.windows(2).all(|w| w[0] == w[1]), "t={t}: two runs");
+            }
+            t = schedule.next_after(t).unwrap();
+        }
+        // Daylight saving: one hour skipped in March, so a year of
+        // minutes less 60 (the repeated hour in October runs once).
+        assert!(due > 500_000, "{due}");
+        assert!(cut > 5_000 && killed > 5_000, "{cut} {killed}");
+        assert!(
+            fired >= guaranteed && guaranteed + 100 > due,
+            "{fired} {guaranteed} {due}"
+        );
+    }
 }

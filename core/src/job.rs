@@ -1051,7 +1051,22 @@ memory = 32
         assert_eq!(e.line, Some(2), "{e}");
         let e =
             JobSpec::parse(&MINIMAL.replace("type = \"service\"", "type = \"cron\"")).unwrap_err();
-        assert!(e.message.contains("not supported yet"), "{e}");
+        assert!(e.message.contains("needs a [cron] table"), "{e}");
+        let e =
+            JobSpec::parse(&format!("{MINIMAL}\n[cron]\nschedule = \"* * * * *\"\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cron"), "{e}");
+        let cron = format!(
+            "{}\n[cron]\nschedule = \"*/15 * * * *\"\nstarting_deadline = \"2h\"\n",
+            MINIMAL.replace("type = \"service\"", "type = \"cron\"")
+        );
+        let e = JobSpec::parse(&cron).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cron.starting_deadline"), "{e}");
+        let j = JobSpec::parse(&cron.replace("2h", "5m")).expect("a cron job");
+        assert_eq!(j.partition_policy(), PartitionPolicy::Majority);
+        // Only shoal names a job after a cron job's time.
+        let e = JobSpec::parse(&MINIMAL.replace("name = \"web\"", "name = \"web@1700000000\""))
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("name"), "{e}");
         // A system job has no replicas, nothing to spread and no canaries.
         let system = MINIMAL.replace("type = \"service\"", "type = \"system\"");
         let e = JobSpec::parse(&system).unwrap_err();

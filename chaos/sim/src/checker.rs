@@ -355,6 +355,9 @@ impl Checker {
                         }
                     }
                 }
+                // A cron job has no slots; its runs are batch jobs whose
+                // times `Sim::check_cron` checks.
+                Some(spec) if spec.job_type == JobType::Cron => {}
                 Some(spec) if spec.job_type == JobType::System => {
                     // Exactly one copy, of the current task, on every node
                     // that must run it, and none anywhere else.

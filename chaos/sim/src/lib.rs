@@ -18,6 +18,8 @@
 //! - [`gossip`]: gossip modelled as shared epochs per network component.
 //! - [`checker`]: the invariants.
 
+#![recursion_limit = "256"]
+
 pub mod checker;
 pub mod gossip;
 pub mod host;
@@ -391,6 +393,8 @@ pub struct Sim {
     update_at: Option<Duration>,
     update_done_at: Option<Duration>,
     update_min_serving: Option<u32>,
+    /// Times of the cron job checked by `check_cron`.
+    cron_due: u64,
     /// When the update workload last asked to promote its canaries.
     promote_tried: Option<Duration>,
     /// When the `Twice` update wrote its second new version (v3).
@@ -519,6 +523,7 @@ impl Sim {
             update_at: None,
             update_done_at: None,
             update_min_serving: None,
+            cron_due: 0,
             promote_tried: None,
             second_at: None,
         };
@@ -1680,6 +1685,18 @@ impl Sim {
                 for &(name, constraint) in system {
                     self.api_call(ApiRequest::Submit {
                         text: system_text(name, 1, constraint, self.nodes.len()),
+                        check_version: None,
+                    });
+                }
+                // A cron job: every 10 s, a run of 1 s (see `check_cron`).
+                // Up to SYSTEM_JOBS_NODES_MAX nodes too: its submission
+                // draws from the RNG, and the 500-node seed 42 of `.ci/run`
+                // drawn differently ran into a fault sequence whose
+                // membership churn took 754 s instead of 45 s (Members::new
+                // and SWIM ticks, not cron, in the profile).
+                if self.nodes.len() <= SYSTEM_JOBS_NODES_MAX {
+                    self.api_call(ApiRequest::Submit {
+                        text: CRON_TEXT.to_string(),
                         check_version: None,
                     });
                 }
@@ -2928,7 +2945,53 @@ impl Sim {
         out
     }
 
+    /// Every time of the mixed workload's cron job due from its write
+    /// until `CRON_CHECK_MARGIN` before the end ran: a run of it is on
+    /// some up node (a run's name is its time, so it cannot run twice;
+    /// the batch checker holds its slot to one run).
+    fn check_cron(&mut self) {
+        let Some(rec) = self.checker.accepted.get(CRON_JOB).cloned() else {
+            return;
+        };
+        let Some(cs) = rec.spec.as_ref().and_then(|s| s.cron.clone()) else {
+            return;
+        };
+        let Some(clock) = shoal_core::cron::CronClock::new(&cs, rec.version.clone()) else {
+            return;
+        };
+        let end_ms = (EPOCH_MS + self.t.as_millis() as u64)
+            .saturating_sub(CRON_CHECK_MARGIN.as_millis() as u64);
+        let first = (rec.version.hlc.wall_ms / 1000) as i64 - 1;
+        let mut missing = Vec::new();
+        for t in clock.schedule().upcoming(first, 10_000) {
+            if (t as u64) * 1000 > end_ms {
+                break;
+            }
+            if (t as u64) * 1000 < rec.version.hlc.wall_ms {
+                continue;
+            }
+            self.cron_due += 1;
+            let child = shoal_core::cron::child_name(CRON_JOB, t);
+            let held = self.nodes.iter().any(|n| {
+                n.agent_up
+                    && n.core
+                        .as_ref()
+                        .is_some_and(|c| c.desired().get(&child).is_some())
+            });
+            if !held {
+                missing.push(child);
+            }
+        }
+        if let Some(m) = missing.first() {
+            self.checker.violate(
+                "cron: time never ran",
+                format!("cron: {m} never ran ({} such)", missing.len()),
+            );
+        }
+    }
+
     fn finish(mut self, wall: Duration) -> Report {
+        self.check_cron();
         let lagging = self.lagging();
         let jobs_lost: BTreeSet<String> = lagging
             .iter()
@@ -2974,6 +3037,8 @@ impl Sim {
             "duplicate_slot_seconds_during_faults": (c.duplicate_slot_seconds_during_faults * 100.0).round() / 100.0,
             "longest_duplicate_outside_faults_s": (c.longest_duplicate_s * 100.0).round() / 100.0,
             "batch_reruns": c.batch_reruns,
+            "cron_times_due": self.cron_due,
+            "cron_runs_written": self.nodes.iter().filter_map(|n| n.core.as_ref()).map(|c| c.counters().cron_fired).sum::<u64>(),
             "batch_reruns_during_partitions": c.batch_reruns_in_partitions,
             "batch_reruns_of_unreported_completions": c.batch_reruns_unreported,
             "spread_violations_outside_faults": c.spread_violations,
@@ -3002,6 +3067,14 @@ impl Sim {
         }
     }
 }
+
+/// The mixed workload's cron job.
+const CRON_JOB: &str = "cron-tick";
+const CRON_TEXT: &str = "name = \"cron-tick\"\ntype = \"cron\"\n[cron]\nschedule = \"*/10 * * * * *\"\nstarting_deadline = \"15s\"\n[task]\ncommand = \"sim-batch\"\nargs = [\"1s\"]\n[task.resources]\ncpu = 50\nmemory = 32\n";
+/// Times of the cron job due this close to the end are not checked: they
+/// may still be within their starting deadline (15 s) and waiting for a
+/// majority.
+const CRON_CHECK_MARGIN: Duration = Duration::from_secs(17);
 
 /// Largest cluster whose mixed workload runs system jobs.
 const SYSTEM_JOBS_NODES_MAX: usize = 100;
