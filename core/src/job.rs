@@ -90,9 +90,10 @@ pub struct JobSpec {
     /// When a cron job runs (`[cron]`; cron jobs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<crate::cron::CronSpec>,
-    /// What a side of a network partition does with the job's copies it
-    /// cannot see (`replace`, `majority` or `never`; by default `replace`
-    /// for services and system jobs, `majority` for batch and cron jobs).
+    /// What a side of a network partition does (`replace`, `majority` or
+    /// `never`). Today only cron jobs take one: `majority` (the default)
+    /// fires a time only on a side that sees a majority, `replace` on every
+    /// side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<PartitionPolicy>,
     /// The cron job a run (`NAME@<unix-seconds>`) belongs to; set by
@@ -659,6 +660,23 @@ impl JobSpec {
                 }
             },
         }
+        match (self.partition, self.job_type) {
+            (None, _) | (Some(PartitionPolicy::Replace | PartitionPolicy::Majority), JobType::Cron) => {}
+            (Some(_), JobType::Cron) => {
+                return Err(invalid(
+                    text,
+                    "partition",
+                    "a cron job takes `majority` (the default: only a side that sees a majority fires a time) or `replace` (every side fires)",
+                ))
+            }
+            (Some(_), _) => {
+                return Err(invalid(
+                    text,
+                    "partition",
+                    "partition policies are not supported yet for services, batch and system jobs (every side of a partition re-places the copies it lost); only cron jobs take one",
+                ))
+            }
+        }
         if self.cron.is_some() && self.job_type != JobType::Cron {
             return Err(invalid(
                 text,
@@ -1063,6 +1081,14 @@ memory = 32
         assert_eq!(e.field.as_deref(), Some("cron.starting_deadline"), "{e}");
         let j = JobSpec::parse(&cron.replace("2h", "5m")).expect("a cron job");
         assert_eq!(j.partition_policy(), PartitionPolicy::Majority);
+        let e = JobSpec::parse(&format!(
+            "partition = \"never\"\n{}",
+            cron.replace("2h", "5m")
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("partition"), "{e}");
+        let e = JobSpec::parse(&format!("partition = \"majority\"\n{MINIMAL}")).unwrap_err();
+        assert!(e.message.contains("not supported yet"), "{e}");
         // Only shoal names a job after a cron job's time.
         let e = JobSpec::parse(&MINIMAL.replace("name = \"web\"", "name = \"web@1700000000\""))
             .unwrap_err();
