@@ -104,10 +104,26 @@ fn a_cron_job_runs_each_time_once_even_when_the_firing_node_dies() {
     assert!(!ok);
     assert!(err.contains("IANA"), "{err}");
 
+    // A service resubmitted as a cron job stops its copies: a cron job has
+    // no slots (found in review).
+    let service = job_file(
+        root.path(),
+        "tick",
+        "name = \"tick\"\ntype = \"service\"\nreplicas = 2\n[task]\ncommand = \"sleep\"\nargs = [\"100000\"]\n[task.resources]\ncpu = 50\nmemory = 16\n",
+    );
+    let (ok, out, err) = cli(
+        &agents[1],
+        &["run", service.to_str().unwrap(), "--timeout", "30"],
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(processes_of(root.path(), "tick"), 2);
     let file = job_file(root.path(), "tick", &cron_job("tick", &log, ""));
     let (ok, out, err) = cli(&agents[1], &["run", file.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("next run"), "{out}");
+    wait_until("the service's copies stop", || {
+        processes_of(root.path(), "tick") == 0
+    });
     let (ok, out, err) = cli(&agents[2], &["cron", "next", "tick", "-n", "3"]);
     assert!(ok, "{out}{err}");
     let times: Vec<&str> = out.lines().collect();

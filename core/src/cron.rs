@@ -308,15 +308,19 @@ pub fn child_spec(parent: &JobSpec, t: i64) -> JobSpec {
     s.name = child_name(&parent.name, t);
     s.job_type = JobType::Batch;
     s.cron = None;
+    // The policy is the cron job's (read from it when a time fires); a
+    // batch job takes none (found in review: runs of a cron job that set
+    // one failed validation on every peer).
+    s.partition = None;
     s.parent = Some(parent.name.clone());
     s
 }
 
 /// The record of `parent`'s run at `t`, the same whichever node writes it:
-/// at the scheduled time's clock, by the parent's writer with `!cron` and
-/// the parent version's clock (so runs of two versions of the parent are
-/// two versions, one of which wins everywhere; a user's stop of the run,
-/// at a later clock, beats both).
+/// at the scheduled time's clock, by `!cron-` and the parent version's
+/// clock, zero-padded, then its writer (so runs of two versions of the
+/// parent are two versions, and the newer parent's wins everywhere, found
+/// in review; a user's stop of the run, at a later clock, beats both).
 pub fn child_record(parent: &JobRecord, t: i64) -> Option<JobRecord> {
     let spec = parent.spec.as_ref()?;
     let ms = u64::try_from(t).ok()?.checked_mul(1000)?;
@@ -326,8 +330,8 @@ pub fn child_record(parent: &JobRecord, t: i64) -> Option<JobRecord> {
             logical: 0,
         },
         node: format!(
-            "{}!cron-{}.{}",
-            parent.version.node, parent.version.hlc.wall_ms, parent.version.hlc.logical
+            "!cron-{:015}.{:010}-{}",
+            parent.version.hlc.wall_ms, parent.version.hlc.logical, parent.version.node
         ),
     };
     let mut r = JobRecord::new(
@@ -339,16 +343,28 @@ pub fn child_record(parent: &JobRecord, t: i64) -> Option<JobRecord> {
     Some(r)
 }
 
-/// The tombstone that removes `child` (a finished run beyond `history`, or
-/// a running one that `replace` stops), the same whichever node writes it:
-/// the child's version with `~` appended to its writer ('~' sorts after
-/// every character of a name, so it beats the child and nothing later).
-pub fn child_tombstone(child: &JobRecord, why: &str) -> JobRecord {
+/// The tombstone that removes `child` (a finished run beyond `history`, a
+/// running one that `replace` stops, a run whose cron job is gone), the
+/// same whichever node writes it: at `at` (the clock of the time being
+/// fired, or of the cron job's stop; never before the child's own) with
+/// the child's writer and `~why` ('~' sorts after every character of a
+/// name). Not at the child's own clock: a run days old would get a
+/// tombstone collected at once, and a node that missed it could hand the
+/// run back (found in review).
+pub fn child_tombstone(child: &JobRecord, at: Hlc, why: &str) -> JobRecord {
     let version = Version {
-        hlc: child.version.hlc,
+        hlc: at.max(child.version.hlc),
         node: format!("{}~{why}", child.version.node),
     };
     JobRecord::new(child.name.clone(), version, None)
+}
+
+/// The clock of scheduled time `t` (the version of its run).
+pub fn clock_of(t: i64) -> Hlc {
+    Hlc {
+        wall_ms: u64::try_from(t).unwrap_or(0).saturating_mul(1000),
+        logical: 0,
+    }
 }
 
 /// How a run went.
@@ -606,10 +622,33 @@ mod tests {
         assert_eq!(child.parent.as_deref(), Some("nightly"));
         a.validate().unwrap();
         assert_eq!(parse_child(&a.name), Some(("nightly", 86_400)));
-        let gone = child_tombstone(&a, "history");
+        let gone = child_tombstone(&a, clock_of(86_400 * 30), "history");
+        assert_eq!(gone.version.hlc.wall_ms, 86_400 * 30 * 1000);
         assert!(gone.version > a.version);
         gone.validate().unwrap();
         assert_eq!(parse_child("nightly@0123"), None);
+        // A run of a cron job with a partition policy is a valid batch job
+        // (found in review: it carried the policy, which batch jobs refuse).
+        let with_policy = JobSpec::parse(
+            "name = \"nightly\"\ntype = \"cron\"\npartition = \"replace\"\n[cron]\nschedule = \"0 3 * * *\"\n[task]\ncommand = \"true\"\n",
+        )
+        .unwrap();
+        let p = JobRecord::new("nightly", parent.version.clone(), Some(with_policy));
+        child_record(&p, 86_400).unwrap().validate().unwrap();
+        // The run of a newer version of the cron job wins, whoever wrote
+        // either (found in review: the writer's name decided).
+        let newer = JobRecord::new(
+            "nightly",
+            Version {
+                hlc: Hlc {
+                    wall_ms: 50_000,
+                    logical: 0,
+                },
+                node: "a".into(),
+            },
+            parent.spec.clone(),
+        );
+        assert!(child_record(&newer, 86_400).unwrap().version > a.version);
         assert_eq!(parse_child("nightly"), None);
     }
 

@@ -1951,7 +1951,7 @@ impl Scheduler {
         let mut fresh = self.fresh_node();
         let fp = spec.task.fingerprint();
         for &slot in slots {
-            if slot >= spec.replicas {
+            if slot >= spec.replicas || spec.job_type == JobType::Cron {
                 refused.push((slot, "the slot is beyond the replica count".into()));
                 continue;
             }
@@ -2440,6 +2440,12 @@ impl Scheduler {
                 // The job moved on without changing the task (replicas,
                 // placement rules): the copy runs the new version as it is.
                 renumber.push((l.id.job.clone(), l.id.slot, current.clone()));
+            }
+            // A cron job has no slots (found in review: a service
+            // resubmitted as a cron job kept its copies).
+            if job.is_some_and(|(spec, _)| spec.job_type == JobType::Cron) {
+                stops.push((l.id.job.clone(), l.id.slot, StopReason::ScaledDown));
+                continue;
             }
             let mine = l.published();
             let system = job.is_some_and(|(spec, _)| spec.job_type == JobType::System);

@@ -111,8 +111,12 @@ impl Scheduler {
         for name in jobs {
             self.cron_job(&name, now);
         }
-        // Finished runs of a stopped cron job go (their coordinator
-        // removes them: the tombstone is the same whoever writes it).
+        // Runs of a cron job that is gone (stopped, or no longer a cron
+        // job) go, running or not: a node that fired a time just before it
+        // heard of the stop wrote a run the stop did not list (found in
+        // review). Their coordinator removes them, at the clock of the
+        // cron job's last record: the tombstone is the same whoever writes
+        // it.
         let orphans = self.cron_index.orphans.clone();
         for child in orphans {
             if self.writes.len() >= self.config.writes_in_flight_max {
@@ -126,10 +130,14 @@ impl Scheduler {
             let Some(r) = self.desired.get(&child).filter(|r| r.is_live()).cloned() else {
                 continue;
             };
-            if self.run_state(&r, now.mono) != RunState::Running {
-                let gone = Arc::new(cron::child_tombstone(&r, "orphan"));
-                self.persist(vec![gone], Vec::new(), Origin::Coordinator);
-            }
+            let at = r
+                .spec
+                .as_ref()
+                .and_then(|s| s.parent.as_deref())
+                .and_then(|p| self.desired.get(p))
+                .map_or(r.version.hlc, |p| p.version.hlc);
+            let gone = Arc::new(cron::child_tombstone(&r, at, "orphan"));
+            self.persist(vec![gone], Vec::new(), Origin::Coordinator);
         }
     }
 
@@ -236,7 +244,7 @@ impl Scheduler {
                 records.extend(
                     running
                         .iter()
-                        .map(|r| Arc::new(cron::child_tombstone(r, "replaced"))),
+                        .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "replaced"))),
                 );
             }
             _ => {}
@@ -251,7 +259,7 @@ impl Scheduler {
             finished
                 .iter()
                 .take(extra)
-                .map(|r| Arc::new(cron::child_tombstone(r, "history"))),
+                .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "history"))),
         );
         self.counters.cron_fired = self.counters.cron_fired.saturating_add(1);
         self.persist(records, Vec::new(), Origin::Coordinator);
@@ -297,6 +305,25 @@ impl Scheduler {
         };
         let child_spec = cron::child_spec(spec, t);
         self.write(token, child, Some(child_spec), now);
+        // Forced runs keep to `history` too (found in review: while the
+        // job is disabled nothing else would remove them).
+        let history = spec.cron.as_ref().map_or(0, |c| c.history as usize);
+        let finished: Vec<Arc<JobRecord>> = self
+            .desired
+            .children_of(&name)
+            .into_iter()
+            .filter(|(_, r)| r.is_live() && self.run_state(r, now.mono) != RunState::Running)
+            .map(|(_, r)| r.clone())
+            .collect();
+        let extra = finished.len().saturating_sub(history);
+        let gone: Vec<Arc<JobRecord>> = finished
+            .iter()
+            .take(extra)
+            .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "history")))
+            .collect();
+        if !gone.is_empty() && self.writes.len() < self.config.writes_in_flight_max {
+            self.persist(gone, Vec::new(), Origin::Coordinator);
+        }
     }
 
     /// Tombstones of `name`'s running runs, at `version` (a stop of a cron
