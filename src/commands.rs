@@ -692,10 +692,7 @@ pub fn cron(cmd: CronCommand) -> Result<()> {
             }
             let schedule = shoal_core::cron::Schedule::new(&c.schedule, &c.time_zone)
                 .map_err(|(_, why)| anyhow::anyhow!(why))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs() as i64;
-            for t in schedule.upcoming(now, args.count as usize) {
+            for t in crate::api::next_runs(spec, args.count as usize) {
                 if c.time_zone == "UTC" {
                     println!("{}", crate::api::rfc3339(t));
                 } else {

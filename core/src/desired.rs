@@ -28,6 +28,10 @@ pub struct DesiredState {
     by_point: BTreeSet<(u64, String)>,
     /// Task fingerprint of each live job (computed once per record).
     task_fps: BTreeMap<String, u64>,
+    /// Live cron jobs, and live runs of cron jobs (what every timer tick
+    /// looks at, kept here so that it scans no other record).
+    cron_jobs: BTreeSet<String>,
+    cron_runs: BTreeSet<String>,
     /// Fingerprint of every (name, version), kept item by item.
     jobs_fp: u64,
     /// Completions by job, then slot (nested so that lookups borrow the
@@ -42,6 +46,8 @@ impl Default for DesiredState {
             jobs: BTreeMap::new(),
             by_point: BTreeSet::new(),
             task_fps: BTreeMap::new(),
+            cron_jobs: BTreeSet::new(),
+            cron_runs: BTreeSet::new(),
             jobs_fp: fingerprint(std::iter::empty::<()>()),
             completions: BTreeMap::new(),
             completed_fp: fingerprint(std::iter::empty::<()>()),
@@ -81,8 +87,15 @@ impl DesiredState {
         self.jobs_fp = self
             .jobs_fp
             .wrapping_add(fingerprint_item(&(&record.name, &record.version)));
+        self.cron_jobs.remove(&record.name);
+        self.cron_runs.remove(&record.name);
         match &record.spec {
             Some(s) => {
+                if s.job_type == crate::job::JobType::Cron {
+                    self.cron_jobs.insert(record.name.clone());
+                } else if s.parent.is_some() {
+                    self.cron_runs.insert(record.name.clone());
+                }
                 self.task_fps
                     .insert(record.name.clone(), s.task.fingerprint());
                 self.by_point
@@ -197,6 +210,16 @@ impl DesiredState {
             .get(job)
             .into_iter()
             .flat_map(|s| s.keys().copied())
+    }
+
+    /// Live cron jobs, by name.
+    pub fn cron_jobs(&self) -> &BTreeSet<String> {
+        &self.cron_jobs
+    }
+
+    /// Live runs of cron jobs, by name.
+    pub fn cron_runs(&self) -> &BTreeSet<String> {
+        &self.cron_runs
     }
 
     /// The runs of cron job `parent` (records named `parent@<t>`,

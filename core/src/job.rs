@@ -560,6 +560,17 @@ fn to_op(
 }
 
 impl JobSpec {
+    /// How many slots the job itself has: its replicas, but none for a
+    /// cron job (its `replicas` are each run's, and its runs are batch
+    /// jobs of their own).
+    pub fn slots(&self) -> u32 {
+        if self.job_type == JobType::Cron {
+            0
+        } else {
+            self.replicas
+        }
+    }
+
     /// The job's partition policy: its own, else its type's default.
     pub fn partition_policy(&self) -> PartitionPolicy {
         self.partition.unwrap_or(match self.job_type {

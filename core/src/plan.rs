@@ -171,16 +171,6 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     let changes = old.map(|o| spec_diff(o, spec)).unwrap_or_default();
     let unchanged = old == Some(spec);
     let fp = spec.task.fingerprint();
-    if spec.job_type == JobType::Cron {
-        // No slots: each scheduled time starts a run of its own.
-        return Plan {
-            job: spec.name.clone(),
-            current: current.map(|r| r.seq),
-            changes,
-            unchanged,
-            slots: Vec::new(),
-        };
-    }
     if spec.job_type == JobType::System {
         return Plan {
             job: spec.name.clone(),
@@ -202,7 +192,8 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     }
     let mut slots = Vec::new();
     let mut to_place = Vec::new();
-    for slot in 0..spec.replicas {
+    // A cron job has no slots of its own: each time starts a run.
+    for slot in 0..spec.slots() {
         let here = copies.get(&slot).map(Vec::as_slice).unwrap_or(&[]);
         let done = spec.job_type == JobType::Batch && s.desired().is_completed(&spec.name, slot);
         let (action, node) = if done {
@@ -226,7 +217,7 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
             candidates: Vec::new(),
         });
     }
-    for (slot, here) in copies.range(spec.replicas..) {
+    for (slot, here) in copies.range(spec.slots()..) {
         for (n, _) in here {
             slots.push(SlotPlan {
                 slot: *slot,

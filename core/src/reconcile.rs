@@ -103,7 +103,7 @@ pub fn own_copy_stop<'a>(
     let Some((spec, fp)) = job else {
         return Some(StopReason::JobStopped);
     };
-    if mine.slot >= spec.replicas {
+    if mine.slot >= spec.slots() {
         return Some(StopReason::ScaledDown);
     }
     if mine.task != fp {
@@ -142,7 +142,7 @@ pub fn needs_placing<'a>(
     finished: bool,
     copies: impl IntoIterator<Item = &'a Published>,
 ) -> bool {
-    slot < spec.replicas
+    slot < spec.slots()
         && !finished
         && !copies
             .into_iter()

@@ -485,9 +485,6 @@ pub struct Scheduler {
     last_run_id: u64,
     /// Cron jobs' clocks (see [`crate::cron`]), one per live cron job.
     cron_clocks: BTreeMap<String, crate::cron::CronClock>,
-    /// The cron jobs and orphaned runs, found again when the records
-    /// change (`jobs_fp` they were found at).
-    cron_index: CronIndex,
 }
 
 impl Scheduler {
@@ -561,7 +558,6 @@ impl Scheduler {
             wall_ms: now.wall_ms,
             last_run_id: 0,
             cron_clocks: BTreeMap::new(),
-            cron_index: CronIndex::default(),
             config,
         }
     }
@@ -1951,7 +1947,7 @@ impl Scheduler {
         let mut fresh = self.fresh_node();
         let fp = spec.task.fingerprint();
         for &slot in slots {
-            if slot >= spec.replicas || spec.job_type == JobType::Cron {
+            if slot >= spec.slots() {
                 refused.push((slot, "the slot is beyond the replica count".into()));
                 continue;
             }
@@ -2441,12 +2437,6 @@ impl Scheduler {
                 // placement rules): the copy runs the new version as it is.
                 renumber.push((l.id.job.clone(), l.id.slot, current.clone()));
             }
-            // A cron job has no slots (found in review: a service
-            // resubmitted as a cron job kept its copies).
-            if job.is_some_and(|(spec, _)| spec.job_type == JobType::Cron) {
-                stops.push((l.id.job.clone(), l.id.slot, StopReason::ScaledDown));
-                continue;
-            }
             let mine = l.published();
             let system = job.is_some_and(|(spec, _)| spec.job_type == JobType::System);
             if system && job.is_some_and(|(spec, _)| !self.qualifies(spec)) {
@@ -2720,11 +2710,6 @@ impl Scheduler {
         let Some(spec) = record.spec.as_ref() else {
             return;
         };
-        if spec.job_type == JobType::Cron {
-            // No slots: its runs are batch jobs of their own.
-            self.placing.forget_slots_from(name, 0);
-            return;
-        }
         if spec.job_type == JobType::System {
             // Every node places its own copy (`system_jobs`); what this
             // node coordinated when the job was a service goes (its own
@@ -2733,8 +2718,9 @@ impl Scheduler {
             return;
         }
         let fp = spec.task.fingerprint();
-        // Slots scaled away are no longer this coordinator's business.
-        self.placing.forget_slots_from(name, spec.replicas);
+        // Slots scaled away are no longer this coordinator's business (a
+        // cron job has none).
+        self.placing.forget_slots_from(name, spec.slots());
         // Any change to the job's copies, here or anywhere, lets its
         // backing-off slots try again at once (found by the simulator, seed
         // 315: slots of a distinct-hosts job blocked while an update stopped
@@ -2748,7 +2734,7 @@ impl Scheduler {
         self.placing.retry_if_changed(name, stamp, now.mono);
         let mut to_place = Vec::new();
         let mut window = None;
-        for slot in 0..spec.replicas {
+        for slot in 0..spec.slots() {
             if !self.slot_needs_placing(spec, fp, slot, now, &mut window) {
                 // Placed (or finished): a placement in flight landed.
                 self.placing.landed(name, slot);
@@ -3626,7 +3612,6 @@ fn chunks_by_bytes(records: Vec<Arc<JobRecord>>, max: usize) -> Vec<Vec<Arc<JobR
 }
 
 mod cron_jobs;
-use cron_jobs::CronIndex;
 
 #[cfg(test)]
 mod tests;

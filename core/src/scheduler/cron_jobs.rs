@@ -12,15 +12,6 @@ use crate::cron::{self, CronClock, RunState};
 use crate::job::{JobType, PartitionPolicy};
 use crate::records::JobRecord;
 
-/// The cron jobs and the runs whose cron job is gone, as of the records'
-/// fingerprint `at` (found again only when the records change).
-#[derive(Debug, Default)]
-pub(super) struct CronIndex {
-    at: Option<u64>,
-    jobs: Vec<String>,
-    orphans: Vec<String>,
-}
-
 impl Scheduler {
     /// How a run is going, as this node sees it.
     pub fn run_state(&self, child: &JobRecord, now: Instant) -> RunState {
@@ -62,37 +53,6 @@ impl Scheduler {
             .collect()
     }
 
-    fn refresh_cron_index(&mut self) {
-        let fp = self.desired.fingerprints().0;
-        if self.cron_index.at == Some(fp) {
-            return;
-        }
-        let mut jobs = Vec::new();
-        let mut orphans = Vec::new();
-        for r in self.desired.records() {
-            let Some(spec) = r.spec.as_ref() else {
-                continue;
-            };
-            if spec.job_type == JobType::Cron {
-                jobs.push(r.name.clone());
-            } else if let Some(p) = &spec.parent {
-                let parent_live = self
-                    .desired
-                    .spec(p)
-                    .is_some_and(|s| s.job_type == JobType::Cron);
-                if !parent_live {
-                    orphans.push(r.name.clone());
-                }
-            }
-        }
-        self.cron_clocks.retain(|n, _| jobs.contains(n));
-        self.cron_index = CronIndex {
-            at: Some(fp),
-            jobs,
-            orphans,
-        };
-    }
-
     /// Whether a write of this node's holding `name` is on its way to the
     /// disk.
     fn writing(&self, name: &str) -> bool {
@@ -106,10 +66,12 @@ impl Scheduler {
         if !self.sync.caught_up || self.seen.view.members.is_empty() {
             return;
         }
-        self.refresh_cron_index();
-        let jobs = self.cron_index.jobs.clone();
-        for name in jobs {
-            self.cron_job(&name, now);
+        // Clocks of cron jobs no longer live go.
+        let jobs = self.desired.cron_jobs();
+        self.cron_clocks.retain(|n, _| jobs.contains(n));
+        let jobs: Vec<String> = jobs.iter().cloned().collect();
+        for name in &jobs {
+            self.cron_job(name, now);
         }
         // Runs of a cron job that is gone (stopped, or no longer a cron
         // job) go, running or not: a node that fired a time just before it
@@ -117,8 +79,19 @@ impl Scheduler {
         // review). Their coordinator removes them, at the clock of the
         // cron job's last record: the tombstone is the same whoever writes
         // it.
-        let orphans = self.cron_index.orphans.clone();
-        for child in orphans {
+        // A parent not held at all is not known yet (a run may arrive
+        // first): only a stopped one, or one no longer cron, counts.
+        let orphans: Vec<(String, crate::hlc::Hlc)> = self
+            .desired
+            .cron_runs()
+            .iter()
+            .filter_map(|run| {
+                let parent = self.desired.get(cron::parse_child(run)?.0)?;
+                let cron = parent.spec.as_ref().map(|s| s.job_type) == Some(JobType::Cron);
+                (!cron).then(|| (run.clone(), parent.version.hlc))
+            })
+            .collect();
+        for (child, at) in orphans {
             if self.writes.len() >= self.config.writes_in_flight_max {
                 break;
             }
@@ -127,16 +100,10 @@ impl Scheduler {
             {
                 continue;
             }
-            let Some(r) = self.desired.get(&child).filter(|r| r.is_live()).cloned() else {
+            let Some(r) = self.desired.get(&child) else {
                 continue;
             };
-            let at = r
-                .spec
-                .as_ref()
-                .and_then(|s| s.parent.as_deref())
-                .and_then(|p| self.desired.get(p))
-                .map_or(r.version.hlc, |p| p.version.hlc);
-            let gone = Arc::new(cron::child_tombstone(&r, at, "orphan"));
+            let gone = Arc::new(cron::child_tombstone(r, at, "orphan"));
             self.persist(vec![gone], Vec::new(), Origin::Coordinator);
         }
     }
@@ -210,57 +177,31 @@ impl Scheduler {
         {
             return;
         }
-        let concurrency = cs.concurrency;
-        let history = cs.history as usize;
-        let children = self.desired.children_of(name);
-        let mut running = Vec::new();
-        let mut finished = Vec::new();
-        for (_, r) in children {
-            if !r.is_live() {
-                continue;
+        let (running, finished) = self.runs_by_state(name, now);
+        let skip = match cs.concurrency {
+            cron::Concurrency::Forbid => !running.is_empty(),
+            cron::Concurrency::Allow => running.len() >= cron::RUNNING_MAX,
+            cron::Concurrency::Replace => false,
+        };
+        if skip {
+            if let Some(c) = self.cron_clocks.get_mut(name) {
+                c.pending = None;
             }
-            match self.run_state(r, now.mono) {
-                RunState::Running => running.push(r.clone()),
-                _ => finished.push(r.clone()),
-            }
-        }
-        let mut records = Vec::new();
-        match concurrency {
-            cron::Concurrency::Forbid if !running.is_empty() => {
-                if let Some(c) = self.cron_clocks.get_mut(name) {
-                    c.pending = None;
-                }
-                self.counters.cron_skipped = self.counters.cron_skipped.saturating_add(1);
-                return;
-            }
-            cron::Concurrency::Allow if running.len() >= cron::RUNNING_MAX => {
-                if let Some(c) = self.cron_clocks.get_mut(name) {
-                    c.pending = None;
-                }
-                self.counters.cron_skipped = self.counters.cron_skipped.saturating_add(1);
-                return;
-            }
-            cron::Concurrency::Replace => {
-                records.extend(
-                    running
-                        .iter()
-                        .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "replaced"))),
-                );
-            }
-            _ => {}
+            self.counters.cron_skipped = self.counters.cron_skipped.saturating_add(1);
+            return;
         }
         let Some(run) = cron::child_record(&record, t) else {
             return;
         };
-        records.insert(0, Arc::new(run));
-        // Finished runs beyond `history` go (oldest first).
-        let extra = finished.len().saturating_sub(history);
-        records.extend(
-            finished
-                .iter()
-                .take(extra)
-                .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "history"))),
-        );
+        let mut records = vec![Arc::new(run)];
+        if cs.concurrency == cron::Concurrency::Replace {
+            records.extend(
+                running
+                    .iter()
+                    .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "replaced"))),
+            );
+        }
+        records.extend(beyond_history(&finished, cs.history, t));
         self.counters.cron_fired = self.counters.cron_fired.saturating_add(1);
         self.persist(records, Vec::new(), Origin::Coordinator);
     }
@@ -307,23 +248,23 @@ impl Scheduler {
         self.write(token, child, Some(child_spec), now);
         // Forced runs keep to `history` too (found in review: while the
         // job is disabled nothing else would remove them).
-        let history = spec.cron.as_ref().map_or(0, |c| c.history as usize);
-        let finished: Vec<Arc<JobRecord>> = self
-            .desired
-            .children_of(&name)
-            .into_iter()
-            .filter(|(_, r)| r.is_live() && self.run_state(r, now.mono) != RunState::Running)
-            .map(|(_, r)| r.clone())
-            .collect();
-        let extra = finished.len().saturating_sub(history);
-        let gone: Vec<Arc<JobRecord>> = finished
-            .iter()
-            .take(extra)
-            .map(|r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "history")))
-            .collect();
+        let history = spec.cron.as_ref().map_or(0, |c| c.history);
+        let (_, finished) = self.runs_by_state(&name, now);
+        let gone: Vec<Arc<JobRecord>> = beyond_history(&finished, history, t).collect();
         if !gone.is_empty() && self.writes.len() < self.config.writes_in_flight_max {
             self.persist(gone, Vec::new(), Origin::Coordinator);
         }
+    }
+
+    /// The live runs of cron job `name`: (running, finished), oldest
+    /// first.
+    fn runs_by_state(&self, name: &str, now: Now) -> (Vec<Arc<JobRecord>>, Vec<Arc<JobRecord>>) {
+        self.desired
+            .children_of(name)
+            .into_iter()
+            .filter(|(_, r)| r.is_live())
+            .map(|(_, r)| r.clone())
+            .partition(|r| self.run_state(r, now.mono) == RunState::Running)
     }
 
     /// Tombstones of `name`'s running runs, at `version` (a stop of a cron
@@ -340,4 +281,17 @@ impl Scheduler {
             .map(|(_, r)| Arc::new(JobRecord::new(r.name.clone(), version.clone(), None)))
             .collect()
     }
+}
+
+/// Tombstones of the oldest `finished` runs beyond the `history` kept, at
+/// the clock of time `t` (the one being fired).
+fn beyond_history(
+    finished: &[Arc<JobRecord>],
+    history: u32,
+    t: i64,
+) -> impl Iterator<Item = Arc<JobRecord>> + '_ {
+    let extra = finished.len().saturating_sub(history as usize);
+    finished[..extra]
+        .iter()
+        .map(move |r| Arc::new(cron::child_tombstone(r, cron::clock_of(t), "history")))
 }
