@@ -254,3 +254,78 @@ fn a_cron_job_runs_each_time_once_even_when_the_firing_node_dies() {
     }
     kill_instances(root.path());
 }
+
+#[test]
+fn forbid_skips_a_time_while_a_run_runs_and_replace_stops_it() {
+    let root = tempfile::tempdir().unwrap();
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = shared.join("runs.log");
+    let agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
+        })
+    });
+    // Each run takes 15 s, and a time comes every 10 s.
+    let slow = |name: &str, concurrency: &str| {
+        format!(
+            r#"name = "{name}"
+type = "cron"
+
+[cron]
+schedule = "*/10 * * * * *"
+concurrency = "{concurrency}"
+
+[task]
+driver = "exec"
+command = "sh"
+args = ["-c", "echo $SHOAL_JOB start >> {log}; sleep 15"]
+kill_timeout = "1s"
+
+[task.resources]
+cpu = 50
+memory = 16
+"#,
+            log = log.display()
+        )
+    };
+    for (name, c) in [("forbid", "forbid"), ("replace", "replace")] {
+        let file = job_file(root.path(), name, &slow(name, c));
+        let (ok, out, err) = cli(&agents[0], &["run", file.to_str().unwrap()]);
+        assert!(ok, "{out}{err}");
+    }
+    let times = |job: &str| -> Vec<i64> {
+        ran(&log)
+            .into_keys()
+            .filter_map(|r| r.strip_prefix(&format!("{job}@"))?.parse().ok())
+            .collect()
+    };
+    wait_until("three runs of replace", || times("replace").len() >= 3);
+    // forbid: the time 10 s after a run started found it running and was
+    // skipped, so its runs are 20 s apart.
+    let forbid = times("forbid");
+    assert!(forbid.len() >= 2, "{forbid:?}");
+    assert!(forbid.windows(2).all(|w| w[1] - w[0] >= 20), "{forbid:?}");
+    // replace: every time ran, 10 s apart, each stopping the one before:
+    // at most one run of it runs (a sleep of 15 s would otherwise overlap).
+    let replace = times("replace");
+    assert!(replace.windows(2).all(|w| w[1] - w[0] == 10), "{replace:?}");
+    // 3 s into an interval a run without `replace` would still overlap
+    // the one before (15 s each, 10 s apart): with it, one sleeps.
+    while now_s() % 10 != 3 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sleeping: usize = times("replace")
+        .iter()
+        .map(|t| processes_of(root.path(), &format!("replace@{t}")))
+        .sum();
+    assert_eq!(sleeping, 1, "{replace:?}");
+    let mut agents = agents;
+    for a in agents.iter_mut() {
+        a.stop(15);
+    }
+    kill_instances(root.path());
+}
