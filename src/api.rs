@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use shoal_core::health::Health;
 use shoal_core::instance::SlotState;
-use shoal_core::scheduler::{ApiError as CoreError, ApiRequest};
+use shoal_core::scheduler::{ApiError as CoreError, ApiRequest, NodeChange};
 use shoal_core::status;
 
 use crate::node::{ApiCommand, ApiReply};
@@ -247,10 +247,19 @@ pub struct RunView {
 
 /// Unix seconds as RFC 3339 UTC.
 pub fn rfc3339(unix_s: i64) -> String {
+    // Clamped to what RFC 3339 can write (years 1970 to 9999): a time
+    // from a peer's record is not trusted to be sane.
+    const LAST: u64 = 253_402_300_799;
     humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix_s).unwrap_or(0)),
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(unix_s).unwrap_or(0).min(LAST)),
     )
     .to_string()
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC (to the second).
+pub fn rfc3339_ms(ms: u64) -> String {
+    rfc3339(i64::try_from(ms / 1000).unwrap_or(i64::MAX))
 }
 
 /// The next `n` times of a cron job's spec after now (none while it is
@@ -519,6 +528,9 @@ pub struct Snapshot {
     /// Set when this node's clock is off most of its peers' beyond
     /// `max_clock_offset` (it refuses writes then): what and how much.
     pub clock_skew: Option<String>,
+    /// What operators set on nodes: eligibility, and the drain with its
+    /// progress.
+    pub node_settings: std::collections::BTreeMap<String, (bool, Option<DrainView>)>,
 }
 
 impl Snapshot {
@@ -538,6 +550,24 @@ impl Snapshot {
                 .iter()
                 .map(|(p, o)| (p.to_string(), o.ms))
                 .collect(),
+            node_settings: {
+                let wall_ms = crate::node::now().wall_ms;
+                core.node_statuses(now)
+                    .into_iter()
+                    .map(|n| {
+                        let drain = n.drain.as_ref().map(|d| DrainView {
+                            since: rfc3339_ms(d.since_ms),
+                            deadline: rfc3339_ms(d.deadline_ms),
+                            deadline_in_s: d.deadline_ms.saturating_sub(wall_ms) / 1000,
+                            keep_system: d.keep_system,
+                            left: n.left,
+                            system_left: n.system_left,
+                            done: n.drained(),
+                        });
+                        (n.node, (n.eligible, drain))
+                    })
+                    .collect()
+            },
             clock_skew: core.clock_skew(now).map(|s| {
                 format!(
                     "{s}, beyond max_clock_offset ({} ms); writes are refused here until \
@@ -942,7 +972,65 @@ pub struct NodeInfo {
     /// with what to do.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// Whether it takes new work (`shoal node ineligible` and a drain
+    /// make it not).
+    #[serde(default = "yes")]
+    pub eligible: bool,
+    /// Its drain and how far it got, if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainView>,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// A node's drain as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainView {
+    /// When it was asked (RFC 3339, UTC).
+    pub since: String,
+    /// When what is left stops (RFC 3339, UTC).
+    pub deadline: String,
+    /// Seconds until the deadline (0 once passed).
+    pub deadline_in_s: u64,
+    /// Its system copies keep running.
+    pub keep_system: bool,
+    /// Copies the drain still has to move or stop (system copies
+    /// included unless kept).
+    pub left: usize,
+    /// Of those, system copies (they stop last).
+    pub system_left: usize,
+    /// Nothing the drain stops is left on it.
+    pub done: bool,
+}
+
+/// Body of `POST /v1/nodes/NAME/drain` (every field optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// How long batch copies may finish and service copies may wait for
+    /// room elsewhere before what is left stops (`"1h"`, the default).
+    #[serde(default)]
+    pub deadline: Option<String>,
+    /// Stop everything at once (a deadline of now).
+    #[serde(default)]
+    pub force: bool,
+    /// Leave the node's system copies running.
+    #[serde(default)]
+    pub keep_system: bool,
+}
+
+/// Body of `POST /v1/nodes/NAME/eligibility`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EligibilityRequest {
+    /// Whether the node takes new work (`true` also ends a drain).
+    pub eligible: bool,
+}
+
+/// The default drain deadline.
+pub const DRAIN_DEADLINE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Error body of every failed request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -976,14 +1064,116 @@ pub fn nodes_of(view: &MembershipView) -> Vec<NodeInfo> {
                 .get(crate::node::HEALTH_KEY)
                 .map(|v| crate::node::decode_problems(v))
                 .unwrap_or_default(),
+            eligible: true,
+            drain: None,
         })
         .collect()
+}
+
+/// `nodes` with what operators set on them (from a snapshot).
+fn with_settings(nodes: &mut [NodeInfo], snapshot: &Snapshot) {
+    for n in nodes {
+        if let Some((eligible, drain)) = snapshot.node_settings.get(&n.name) {
+            n.eligible = *eligible;
+            n.drain = drain.clone();
+        }
+    }
+}
+
+async fn node_drain(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+    body: String,
+) -> Response {
+    let req: DrainRequest = if body.trim().is_empty() {
+        DrainRequest::default()
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected {{\"deadline\": \"1h\", \"force\": false, \"keep_system\": false}} (each optional): {e}"
+                    ),
+                )
+            }
+        }
+    };
+    let deadline = match (&req.deadline, req.force) {
+        (_, true) => std::time::Duration::ZERO,
+        (None, false) => DRAIN_DEADLINE_DEFAULT,
+        (Some(d), false) => match humantime::parse_duration(d) {
+            Ok(d) => d,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("deadline `{d}`: {e}; write it as `30m`, `1h` or `2h30m`"),
+                )
+            }
+        },
+    };
+    node_change(
+        &state,
+        node,
+        NodeChange::Drain {
+            deadline,
+            keep_system: req.keep_system,
+        },
+    )
+    .await
+}
+
+async fn node_eligibility(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+    body: String,
+) -> Response {
+    let req: EligibilityRequest = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"eligible\": true|false}}: {e}"),
+            )
+        }
+    };
+    let change = if req.eligible {
+        NodeChange::Eligible
+    } else {
+        NodeChange::Ineligible
+    };
+    node_change(&state, node, change).await
+}
+
+async fn node_change(state: &ApiState, node: String, change: NodeChange) -> Response {
+    if !shoal_membership::record::valid_node_name(&node) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`{node}` is not a node name; `shoal nodes` lists them"),
+        );
+    }
+    written(ask(state, ApiRequest::Node { node, change }).await)
+}
+
+async fn get_node(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    let mut nodes = nodes_of(&state.view.borrow());
+    let snapshot = state.snapshot.borrow().clone();
+    with_settings(&mut nodes, &snapshot);
+    match nodes.into_iter().find(|n| n.name == name) {
+        Some(n) => Json(n).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no node named `{name}` is a member; `shoal nodes` lists them"),
+        ),
+    }
 }
 
 async fn nodes(State(state): State<ApiState>) -> Json<Vec<NodeInfo>> {
     let mut nodes = nodes_of(&state.view.borrow());
     let me = state.view.borrow().self_name.clone();
     let snapshot = state.snapshot.borrow().clone();
+    with_settings(&mut nodes, &snapshot);
     for n in &mut nodes {
         n.clock_offset_ms = if n.name == me {
             Some(0)
@@ -1139,6 +1329,9 @@ pub async fn serve(
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/nodes/{name}/drain", post(node_drain))
+        .route("/v1/nodes/{name}/eligibility", post(node_eligibility))
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{name}", get(get_job).delete(stop_job))
         .route("/v1/jobs/{name}/scale", post(scale_job))

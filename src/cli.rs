@@ -65,6 +65,11 @@ pub enum Command {
     /// Cron jobs: `shoal cron next JOB` prints its next times, `shoal cron force JOB` runs it now.
     #[command(subcommand)]
     Cron(crate::commands::CronCommand),
+    /// Maintenance: `shoal node drain NODE` moves its work elsewhere,
+    /// `shoal node ineligible NODE` keeps new work off it, `shoal node
+    /// eligible NODE` lets it take work again.
+    #[command(subcommand)]
+    Node(crate::commands::NodeCommand),
     /// Join tokens: `shoal token create` makes one that admits nodes until it expires.
     #[command(subcommand)]
     Token(crate::commands::TokenCommand),

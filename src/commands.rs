@@ -171,7 +171,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
     }
-    let rows: Vec<[String; 8]> = nodes
+    let rows: Vec<[String; 9]> = nodes
         .iter()
         .map(|n| {
             let labels = n
@@ -196,6 +196,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
                     Some(ms) => format!("{ms:+}ms"),
                     None => "-".into(),
                 },
+                eligibility(n),
             ]
         })
         .collect();
@@ -209,6 +210,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
             "RESERVED",
             "INSTANCES",
             "CLOCK",
+            "ELIGIBILITY",
         ],
         &rows,
     );
@@ -221,6 +223,187 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
         println!("note: {}: {}", n.name, n.notes.join("; "));
     }
     Ok(())
+}
+
+/// A node's eligibility as `shoal nodes` shows it: `eligible`,
+/// `ineligible`, `draining (3 left, 52m to deadline)` or `drained`.
+fn eligibility(n: &NodeInfo) -> String {
+    match &n.drain {
+        Some(d) if d.done => "drained".into(),
+        Some(d) => format!(
+            "draining ({} left, {})",
+            d.left,
+            if d.deadline_in_s == 0 {
+                "deadline passed".to_string()
+            } else {
+                format!(
+                    "{} to deadline",
+                    humantime::format_duration(std::time::Duration::from_secs(d.deadline_in_s))
+                )
+            }
+        ),
+        None if n.eligible => "eligible".into(),
+        None => "ineligible".into(),
+    }
+}
+
+/// `shoal node ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Move a node's work elsewhere and keep new work off it: its service
+    /// copies move start-first (each job's `max_parallel` at a time, the
+    /// new copy ready before the old one stops), its batch copies may
+    /// finish until the deadline, then what is left stops and runs
+    /// elsewhere; its system copies stop last. Follows progress until the
+    /// node is empty (Ctrl-C leaves the drain going). The node stays
+    /// ineligible afterwards: `shoal node eligible NODE` ends the drain.
+    Drain(NodeDrainArgs),
+    /// Let a node take new work again (and end its drain).
+    Eligible(NodeArgs),
+    /// Keep new work off a node; what runs there stays.
+    Ineligible(NodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The node's name (`shoal nodes` lists them).
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeDrainArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The node's name (`shoal nodes` lists them).
+    pub node: String,
+    /// How long batch copies may run on and service copies may wait for
+    /// room elsewhere before what is left on the node stops (at most a
+    /// week).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub deadline: std::time::Duration,
+    /// Stop everything on the node now (no start-first move).
+    #[arg(long)]
+    pub force: bool,
+    /// Leave the node's system jobs running.
+    #[arg(long)]
+    pub keep_system: bool,
+    /// Return once the drain is written, without following it.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// `shoal node ...`.
+pub fn node(cmd: NodeCommand) -> Result<()> {
+    match cmd {
+        NodeCommand::Eligible(args) => set_eligibility(&args, true),
+        NodeCommand::Ineligible(args) => set_eligibility(&args, false),
+        NodeCommand::Drain(args) => drain(args),
+    }
+}
+
+fn node_segment(node: &str) -> Result<&str> {
+    if !shoal_membership::record::valid_node_name(node) {
+        bail!("`{node}` is not a node name; `shoal nodes` lists them");
+    }
+    Ok(node)
+}
+
+fn set_eligibility(args: &NodeArgs, eligible: bool) -> Result<()> {
+    let body = serde_json::json!({ "eligible": eligible }).to_string();
+    let accepted: Accepted = Client::new(&args.client)
+        .call(
+            "POST",
+            &format!("/v1/nodes/{}/eligibility", node_segment(&args.node)?),
+            Some(&body),
+        )?
+        .into_json()?;
+    let what = if eligible {
+        "eligible: it takes new work"
+    } else {
+        "ineligible: it takes no new work; what runs there stays"
+    };
+    if accepted.unchanged {
+        println!("{} was already {what}", args.node);
+    } else {
+        println!("{} is {what}", args.node);
+    }
+    Ok(())
+}
+
+fn drain(args: NodeDrainArgs) -> Result<()> {
+    let client = Client::new(&args.client);
+    let body = serde_json::json!({
+        "deadline": humantime::format_duration(args.deadline).to_string(),
+        "force": args.force,
+        "keep_system": args.keep_system,
+    })
+    .to_string();
+    let node = node_segment(&args.node)?;
+    client
+        .call("POST", &format!("/v1/nodes/{node}/drain"), Some(&body))?
+        .into_json::<Accepted>()?;
+    println!(
+        "draining {node}: it takes no new work{}",
+        if args.force {
+            "; everything on it stops now"
+        } else {
+            ""
+        }
+    );
+    if args.detach {
+        println!("`shoal nodes` shows its progress; `shoal node eligible {node}` ends the drain");
+        return Ok(());
+    }
+    let mut last = None;
+    let asked = std::time::Instant::now();
+    let mut seen = false;
+    loop {
+        let n: NodeInfo = client.get(&format!("/v1/nodes/{node}"))?;
+        let Some(d) = n.drain.as_ref() else {
+            // The agent's view shows a write within a moment.
+            if !seen && asked.elapsed() < std::time::Duration::from_secs(10) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+            bail!("the drain of {node} was ended (`shoal node eligible`, or a newer write)");
+        };
+        seen = true;
+        let now = (d.left, d.system_left);
+        if last != Some(now) {
+            if d.done {
+                println!(
+                    "{node} is drained{}; it stays ineligible until `shoal node eligible {node}`",
+                    if d.keep_system {
+                        " (its system jobs run on)"
+                    } else {
+                        ""
+                    }
+                );
+                return Ok(());
+            }
+            println!(
+                "{node}: {} copies left{}, {}",
+                d.left,
+                if d.system_left > 0 {
+                    format!(" ({} of system jobs, which stop last)", d.system_left)
+                } else {
+                    String::new()
+                },
+                if d.deadline_in_s == 0 {
+                    "deadline passed: what is left is stopping".to_string()
+                } else {
+                    format!(
+                        "{} to the deadline",
+                        humantime::format_duration(std::time::Duration::from_secs(d.deadline_in_s))
+                    )
+                }
+            );
+            last = Some(now);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 fn path_segment(name: &str) -> Result<&str> {

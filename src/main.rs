@@ -55,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Job(cmd) => shoal::commands::job(cmd),
         Command::Deployment(cmd) => shoal::commands::deployment(cmd),
         Command::Cron(cmd) => shoal::commands::cron(cmd),
+        Command::Node(cmd) => shoal::commands::node(cmd),
         Command::Plan(args) => std::process::exit(shoal::commands::plan(args)),
         Command::Ca(cmd) => shoal::commands::ca(cmd),
         Command::Demo(args) => shoal::demo::run(args),

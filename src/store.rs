@@ -384,6 +384,7 @@ mod tests {
             reverted_from: None,
             promoted: false,
             deployment: None,
+            node: None,
         }
     }
 

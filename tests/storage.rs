@@ -379,6 +379,7 @@ fn drop_future_records_clears_a_record_stamped_far_ahead() {
             reverted_from: None,
             promoted: false,
             deployment: None,
+            node: None,
         }
     };
     {

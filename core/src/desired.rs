@@ -32,6 +32,8 @@ pub struct DesiredState {
     /// looks at, kept here so that it scans no other record).
     cron_jobs: BTreeSet<String>,
     cron_runs: BTreeSet<String>,
+    /// Node settings (`shoal node drain|ineligible`) by node name.
+    nodes: BTreeMap<String, crate::records::NodeSetting>,
     /// Fingerprint of every (name, version), kept item by item.
     jobs_fp: u64,
     /// Completions by job, then slot (nested so that lookups borrow the
@@ -48,6 +50,7 @@ impl Default for DesiredState {
             task_fps: BTreeMap::new(),
             cron_jobs: BTreeSet::new(),
             cron_runs: BTreeSet::new(),
+            nodes: BTreeMap::new(),
             jobs_fp: fingerprint(std::iter::empty::<()>()),
             completions: BTreeMap::new(),
             completed_fp: fingerprint(std::iter::empty::<()>()),
@@ -89,6 +92,12 @@ impl DesiredState {
             .wrapping_add(fingerprint_item(&(&record.name, &record.version)));
         self.cron_jobs.remove(&record.name);
         self.cron_runs.remove(&record.name);
+        if let Some(node) = crate::records::node_of_record(&record.name) {
+            match &record.node {
+                Some(setting) => self.nodes.insert(node.to_string(), setting.clone()),
+                None => self.nodes.remove(node),
+            };
+        }
         match &record.spec {
             Some(s) => {
                 if s.job_type == crate::job::JobType::Cron {
@@ -121,7 +130,7 @@ impl DesiredState {
     pub fn tombstones_before(&self, horizon_ms: u64, max: usize) -> Vec<(String, Version)> {
         self.jobs
             .values()
-            .filter(|r| r.spec.is_none() && r.version.hlc.wall_ms < horizon_ms)
+            .filter(|r| r.is_tombstone() && r.version.hlc.wall_ms < horizon_ms)
             .take(max)
             .map(|r| (r.name.clone(), r.version.clone()))
             .collect()
@@ -149,7 +158,7 @@ impl DesiredState {
     /// record went.
     pub fn forget(&mut self, name: &str, version: Option<&Version>) -> bool {
         let gone = match (self.jobs.get(name), version) {
-            (Some(r), Some(v)) if r.spec.is_none() && r.version == *v => {
+            (Some(r), Some(v)) if r.is_tombstone() && r.version == *v => {
                 self.jobs_fp = self
                     .jobs_fp
                     .wrapping_sub(fingerprint_item(&(&r.name, &r.version)));
@@ -238,6 +247,16 @@ impl DesiredState {
             .collect();
         v.sort_by_key(|(t, _)| *t);
         v
+    }
+
+    /// What an operator set on node `node` (`None`: eligible, no drain).
+    pub fn node_setting(&self, node: &str) -> Option<&crate::records::NodeSetting> {
+        self.nodes.get(node)
+    }
+
+    /// Every node setting, by node name.
+    pub fn node_settings(&self) -> &BTreeMap<String, crate::records::NodeSetting> {
+        &self.nodes
     }
 
     /// Every record, by name.
@@ -457,6 +476,7 @@ mod tests {
             reverted_from: None,
             promoted: false,
             deployment: None,
+            node: None,
         })
     }
 

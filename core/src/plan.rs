@@ -133,7 +133,7 @@ fn system_plan(s: &Scheduler, spec: &JobSpec, fp: u64, now: Instant) -> Vec<Slot
             running.insert(row.node, row.copy.task);
         }
     }
-    let qualifying = s.qualifying_nodes(spec);
+    let qualifying = s.qualifying_nodes(spec, now);
     let row = |node: &str, action| SlotPlan {
         slot: crate::system::SLOT,
         action,
@@ -231,12 +231,7 @@ pub fn plan(s: &Scheduler, spec: &JobSpec, now: Instant) -> Plan {
     }
     // The placement as it stands: the slots in order, each seeing those
     // assigned before it (as a coordinator's round does).
-    let mut nodes = s.seen().placement_nodes();
-    let fresh = s.fresh_node();
-    match nodes.iter_mut().find(|n| *n.id == *s.me()) {
-        Some(n) => *n = fresh,
-        None => nodes.push(fresh),
-    }
+    let nodes = s.placement_nodes();
     let placements = s.placements(&spec.name, now);
     let requests: Vec<_> = to_place
         .iter()

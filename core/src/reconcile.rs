@@ -43,8 +43,11 @@ pub enum StopReason {
     /// runs the slot by now: the cluster moved on without this copy.
     Superseded,
     /// A system job's copy on a node that no longer qualifies (its labels
-    /// or the job's constraints changed).
+    /// or the job's constraints changed, or a drain reached it).
     Ineligible,
+    /// Its node drains: a ready copy of the slot runs elsewhere, or the
+    /// drain's deadline passed.
+    Drained,
 }
 
 /// Whether a batch slot is finished: completed (recorded, or a copy says
@@ -90,8 +93,13 @@ pub fn place_beside_old_copy(spec: &JobSpec, in_window: bool) -> bool {
 /// What this node must do about its own live copy `mine` of a slot, given
 /// the job's spec and task fingerprint (`None`: stopped or unknown), whether
 /// the slot is finished, whether an outdated copy may stop now
-/// ([`old_copy_may_stop`]), and the other live copies of the slot on live
-/// nodes: `(node, copy)`.
+/// ([`old_copy_may_stop`]), the other live copies of the slot on live
+/// nodes: `(node, copy)`, and which nodes drain (`leaving`).
+///
+/// A service copy on a draining node gives way once a copy of the same
+/// task elsewhere is ready, and never beats one elsewhere by the conflict
+/// rule (the new copy its coordinator placed would stop instead, and the
+/// slot would go on moving forever).
 pub fn own_copy_stop<'a>(
     me: &str,
     job: Option<(&JobSpec, u64)>,
@@ -99,6 +107,7 @@ pub fn own_copy_stop<'a>(
     old_may_stop: bool,
     mine: &Published,
     others: impl IntoIterator<Item = (&'a str, &'a Published)>,
+    leaving: impl Fn(&str) -> bool,
 ) -> Option<StopReason> {
     let Some((spec, fp)) = job else {
         return Some(StopReason::JobStopped);
@@ -117,9 +126,24 @@ pub fn own_copy_stop<'a>(
         node: me.to_string(),
         started: mine.run,
     };
-    let beaten = others
+    // Only a service moves start-first: a batch copy on a draining node
+    // runs on until the deadline, one copy per slot as anywhere.
+    let leaving = |n: &str| spec.job_type == JobType::Service && leaving(n);
+    let me_leaving = leaving(me);
+    let same: Vec<(&str, &Published)> = others
         .into_iter()
         .filter(|(n, c)| *n != me && c.state.is_live() && c.task == fp)
+        .collect();
+    if me_leaving
+        && same
+            .iter()
+            .any(|(n, c)| !leaving(n) && c.ready_on(Some(fp)))
+    {
+        return Some(StopReason::Drained);
+    }
+    let beaten = same
+        .into_iter()
+        .filter(|(n, _)| leaving(n) == me_leaving)
         .any(|(n, c)| {
             conflict_order(
                 &RunningCopy {
@@ -276,7 +300,7 @@ pub fn reconcile(inp: &Inputs) -> Actions {
                     .is_some_and(|w| w.contains(&o.copy.slot)),
             )
         });
-        if let Some(r) = own_copy_stop(inp.me, job, fin, may_stop, &o.copy, others) {
+        if let Some(r) = own_copy_stop(inp.me, job, fin, may_stop, &o.copy, others, |_| false) {
             actions
                 .stop
                 .push((o.job.to_string(), o.copy.slot, o.copy.run, r));

@@ -38,6 +38,57 @@ pub struct JobRecord {
     /// job's coordinator, see [`JobRecord::mark`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<Outcome>,
+    /// An operator's word on a node (`shoal node drain|ineligible`), in a
+    /// record named [`node_record_name`] with no spec: a node setting is
+    /// replicated like a job write (last writer wins, anti-entropy, the
+    /// disk), so every node agrees on it. `None` there: the node is back
+    /// to eligible, a tombstone collected like a stopped job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeSetting>,
+}
+
+/// What an operator set on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSetting {
+    /// Whether the node may take new work (a draining node may not).
+    pub eligible: bool,
+    /// Its drain, while one is asked for (it stays until the node is
+    /// made eligible again, as Nomad's does: a drained node takes
+    /// nothing new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
+}
+
+/// A drain: the node's service copies move elsewhere start-first, its
+/// batch copies may finish until the deadline, then what is left stops;
+/// its system copies stop last (unless kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// When it was asked (ms since the epoch, the writer's clock).
+    pub since_ms: u64,
+    /// When what is left on the node stops (ms since the epoch; equal to
+    /// `since_ms` for `--force`).
+    pub deadline_ms: u64,
+    /// Its system jobs' copies keep running (`--keep-system`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_system: bool,
+}
+
+/// Longest drain deadline (a week: beyond it, a node is better made
+/// ineligible).
+pub const DRAIN_DEADLINE_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Prefix of the records that hold node settings (':' is in no job name).
+pub const NODE_RECORD_PREFIX: &str = "node:";
+
+/// The record name of node `node`'s setting.
+pub fn node_record_name(node: &str) -> String {
+    format!("{NODE_RECORD_PREFIX}{node}")
+}
+
+/// The node a node-setting record is about, if `name` is one.
+pub fn node_of_record(name: &str) -> Option<&str> {
+    name.strip_prefix(NODE_RECORD_PREFIX)
 }
 
 /// How a deployment (the rollout of one version of a service) ended.
@@ -132,7 +183,28 @@ impl JobRecord {
             reverted_from: None,
             promoted: false,
             deployment: None,
+            node: None,
         }
+    }
+
+    /// The record of node `node`'s setting at `version` (`None`: back to
+    /// the default, eligible).
+    pub fn node_setting(
+        current: Option<&JobRecord>,
+        node: &str,
+        version: Version,
+        setting: Option<NodeSetting>,
+    ) -> JobRecord {
+        let mut r = JobRecord::new(node_record_name(node), version, None);
+        r.seq = current.map_or(1, |c| c.seq.saturating_add(1));
+        r.node = setting;
+        r
+    }
+
+    /// Whether the record is a tombstone that may be collected (a
+    /// stopped job, a node back to its default).
+    pub fn is_tombstone(&self) -> bool {
+        self.spec.is_none() && self.node.is_none()
     }
 
     /// This record with its deployment ended as `outcome`, written by the
@@ -247,6 +319,27 @@ impl JobRecord {
     /// checks a submission: a name the API would accept, a spec that
     /// validates and is named like its record.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(node) = node_of_record(&self.name) {
+            if !shoal_membership::record::valid_node_name(node) {
+                return Err(format!("invalid node name in record `{}`", self.name));
+            }
+            if self.spec.is_some() || !self.history.is_empty() || self.seq > SEQ_MAX {
+                return Err(format!("node record `{}` holds a job", self.name));
+            }
+            if let Some(d) = self.node.as_ref().and_then(|n| n.drain.as_ref()) {
+                let span = d.deadline_ms.checked_sub(d.since_ms);
+                if span.is_none_or(|s| s > DRAIN_DEADLINE_MAX.as_millis() as u64) {
+                    return Err(format!(
+                        "node record `{}` has a drain deadline out of bounds",
+                        self.name
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        if self.node.is_some() {
+            return Err(format!("job record `{}` holds a node setting", self.name));
+        }
         if !crate::job::valid_job_name(&self.name) {
             return Err(format!("invalid job name `{}`", self.name));
         }
@@ -415,5 +508,50 @@ mod tests {
             assert!(v > failed.version, "{node}");
             assert!(v > revert.version, "{node} loses to the revert");
         }
+    }
+
+    #[test]
+    fn node_records_are_checked_and_kept_until_the_node_is_eligible_again() {
+        let drain = |since_ms, deadline_ms| NodeSetting {
+            eligible: false,
+            drain: Some(Drain {
+                since_ms,
+                deadline_ms,
+                keep_system: false,
+            }),
+        };
+        let r = JobRecord::node_setting(None, "n1", version(5), Some(drain(5, 3_600_005)));
+        assert_eq!(r.name, "node:n1");
+        assert_eq!(node_of_record(&r.name), Some("n1"));
+        r.validate().unwrap();
+        // A setting is not a tombstone: it outlives the collection horizon.
+        assert!(!r.is_tombstone());
+        let cleared = JobRecord::node_setting(Some(&r), "n1", version(6), None);
+        assert!(cleared.is_tombstone() && cleared.seq == 2);
+        cleared.validate().unwrap();
+        // From a peer: a bad node name, a job in a node record, a node
+        // setting in a job record, a deadline before the drain or beyond
+        // the bound are refused.
+        let mut bad = r.clone();
+        bad.name = "node:../x".into();
+        assert!(bad.validate().is_err());
+        let mut bad = r.clone();
+        bad.spec = Some(spec(1));
+        assert!(bad.validate().is_err());
+        let mut bad = JobRecord::new("web", version(1), Some(spec(1)));
+        bad.node = r.node.clone();
+        assert!(bad.validate().is_err());
+        for (since, deadline) in [(10, 5), (0, DRAIN_DEADLINE_MAX.as_millis() as u64 + 1)] {
+            let bad = JobRecord::node_setting(None, "n1", version(5), Some(drain(since, deadline)));
+            assert!(bad.validate().is_err(), "{since} {deadline}");
+        }
+        // The desired state indexes the setting and forgets it when cleared.
+        let mut d = crate::desired::DesiredState::default();
+        d.apply(std::sync::Arc::new(r.clone()));
+        assert_eq!(d.node_setting("n1"), r.node.as_ref());
+        assert!(d.tombstones_before(u64::MAX, 10).is_empty());
+        d.apply(std::sync::Arc::new(cleared));
+        assert_eq!(d.node_setting("n1"), None);
+        assert_eq!(d.tombstones_before(u64::MAX, 10).len(), 1);
     }
 }

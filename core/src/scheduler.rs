@@ -61,6 +61,14 @@ pub type ApiToken = u64;
 /// Id of a write the shell persists.
 pub type WriteId = u64;
 
+/// A job's windows, computed at the first slot that needs one and kept
+/// for the pass: the rolling update's and the drain's.
+#[derive(Default)]
+struct Windows {
+    update: Option<Vec<u32>>,
+    drain: Option<Vec<u32>>,
+}
+
 /// A command from the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -101,6 +109,13 @@ pub enum ApiRequest {
     CronForce {
         /// The cron job.
         name: String,
+    },
+    /// Change what a node may take (`shoal node drain|eligible|ineligible`).
+    Node {
+        /// The node.
+        node: String,
+        /// The change.
+        change: NodeChange,
     },
     /// The tail of a slot's output, from whichever node holds it.
     Logs {
@@ -735,7 +750,9 @@ impl Scheduler {
     /// This node as placement sees it, with its own fresh load.
     pub fn fresh_node(&self) -> Node {
         let record = self.seen.view.members.get(&self.me).map(|m| &*m.record);
-        self.local.fresh_node(&self.me, record, &self.drivers)
+        let mut node = self.local.fresh_node(&self.me, record, &self.drivers);
+        node.eligible = self.eligible(&self.me);
+        node
     }
 
     // ---- inputs ----
@@ -1199,6 +1216,7 @@ impl Scheduler {
             }
             ApiRequest::Promote { name } => self.promote(token, name, now),
             ApiRequest::CronForce { name } => self.cron_force(token, name, now),
+            ApiRequest::Node { node, change } => self.set_node(token, node, change, now),
             ApiRequest::Stop { name } => match self.desired.spec(&name) {
                 None => self.answer(
                     token,
@@ -1761,7 +1779,7 @@ impl Scheduler {
     /// a moment apart do not hand it back and forth. (One that is newer than
     /// a live record held here is taken: it stops that job.)
     fn collected_already(&self, r: &JobRecord, wall_ms: u64) -> bool {
-        r.spec.is_none()
+        r.is_tombstone()
             && self.desired.get(&r.name).is_none()
             && self
                 .gc_horizon_ms(wall_ms)
@@ -1880,9 +1898,13 @@ impl Scheduler {
         );
         let name = r.name.clone();
         let live = r.is_live();
+        let node = crate::records::node_of_record(&name).is_some();
         if self.desired.apply(r) {
             self.dirty = true;
-            if live {
+            if node {
+                // Where work may go changed: every slot tries again.
+                self.placing.retry_now(None, now.mono);
+            } else if live {
                 self.placing.retry_now(Some(&name), now.mono);
             } else {
                 self.placing.forget_job(&name);
@@ -1941,6 +1963,13 @@ impl Scheduler {
             return slots
                 .iter()
                 .map(|s| (*s, format!("it has no `{}` driver", spec.task.driver)))
+                .collect();
+        }
+        if spec.job_type != JobType::System && !self.eligible(&self.me) {
+            // A coordinator that has not heard of the drain yet.
+            return slots
+                .iter()
+                .map(|s| (*s, "it is draining or ineligible".to_string()))
                 .collect();
         }
         let mut refused = Vec::new();
@@ -2439,7 +2468,13 @@ impl Scheduler {
             }
             let mine = l.published();
             let system = job.is_some_and(|(spec, _)| spec.job_type == JobType::System);
-            if system && job.is_some_and(|(spec, _)| !self.qualifies(spec)) {
+            if !system && job.is_some() && self.drain_overdue(&self.me, now.wall_ms) {
+                // The drain's deadline: what is left stops (and is placed
+                // elsewhere as after any stop).
+                stops.push((l.id.job.clone(), l.id.slot, StopReason::Drained));
+                continue;
+            }
+            if system && job.is_some_and(|(spec, _)| !self.qualifies(spec, false, now)) {
                 stops.push((l.id.job.clone(), l.id.slot, StopReason::Ineligible));
                 continue;
             }
@@ -2506,9 +2541,15 @@ impl Scheduler {
                     }
                 }
             });
-            if let Some(r) =
-                own_copy_stop(&self.me, job, fin, may_stop, &mine, others.iter().copied())
-            {
+            if let Some(r) = own_copy_stop(
+                &self.me,
+                job,
+                fin,
+                may_stop,
+                &mine,
+                others.iter().copied(),
+                |n| self.leaving(n),
+            ) {
                 stops.push((l.id.job.clone(), l.id.slot, r));
             }
         }
@@ -2549,8 +2590,11 @@ impl Scheduler {
     /// Whether this node qualifies for a system job: it has the driver
     /// and meets the constraints (whether it fits is for the start to
     /// say, and a running copy is not stopped for want of room).
-    fn qualifies(&self, spec: &JobSpec) -> bool {
+    /// A drain stops the copy once nothing else is left here and never
+    /// starts one (`starting`).
+    fn qualifies(&self, spec: &JobSpec, starting: bool, now: Now) -> bool {
         Self::node_qualifies(spec, &self.fresh_node())
+            && !self.drain_stops_system(&self.me, starting, now)
     }
 
     /// Whether a placement node qualifies for a system job, as this node
@@ -2567,15 +2611,23 @@ impl Scheduler {
     /// The alive nodes that qualify for a system job as this node sees
     /// them (labels and drivers from gossip; this node first hand), in
     /// name order.
-    pub fn qualifying_nodes(&self, spec: &JobSpec) -> Vec<String> {
+    pub fn qualifying_nodes(&self, spec: &JobSpec, now: Instant) -> Vec<String> {
+        let now = Now {
+            mono: now,
+            wall_ms: self.wall_ms,
+        };
         let mut names: Vec<String> = self
             .seen
             .placement_nodes()
             .iter()
-            .filter(|n| *n.id != *self.me && Self::node_qualifies(spec, n))
+            .filter(|n| {
+                *n.id != *self.me
+                    && Self::node_qualifies(spec, n)
+                    && !self.drain_stops_system(&n.id, false, now)
+            })
             .map(|n| n.id.clone())
             .collect();
-        if self.qualifies(spec) {
+        if self.qualifies(spec, false, now) {
             names.push(self.me.to_string());
         }
         names.sort_unstable();
@@ -2605,7 +2657,7 @@ impl Scheduler {
             let Some(spec) = record.spec.as_ref() else {
                 continue;
             };
-            if !self.qualifies(spec) {
+            if !self.qualifies(spec, true, now) {
                 self.placing.settled(&record.name, slot);
                 continue;
             }
@@ -2657,7 +2709,7 @@ impl Scheduler {
         // everywhere, max_parallel nodes at a time (found in review). A
         // node that never fits holds the update up, as an unplaceable slot
         // holds up a stop-first service update.
-        let names = self.qualifying_nodes(spec);
+        let names = self.qualifying_nodes(spec, now.mono);
         // Each node's copy, looked up once (ready on `fp`, ready at all).
         let mut copies: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
         for (n, c) in self.seen.copies(&self.me, &spec.name, slot, now.mono) {
@@ -2733,7 +2785,7 @@ impl Scheduler {
         );
         self.placing.retry_if_changed(name, stamp, now.mono);
         let mut to_place = Vec::new();
-        let mut window = None;
+        let mut window = Windows::default();
         for slot in 0..spec.slots() {
             if !self.slot_needs_placing(spec, fp, slot, now, &mut window) {
                 // Placed (or finished): a placement in flight landed.
@@ -2896,19 +2948,32 @@ impl Scheduler {
         fp: u64,
         slot: u32,
         now: Now,
-        window: &mut Option<Vec<u32>>,
+        window: &mut Windows,
     ) -> bool {
         let name = spec.name.as_str();
         let mine = self.local.get(name, slot).map(|l| l.published());
-        let others: Vec<crate::instance::Published> = self
+        let others: Vec<(Arc<str>, crate::instance::Published)> = self
             .seen
             .copies(&self.me, name, slot, now.mono)
-            .map(|(_, c)| c.clone())
+            .map(|(n, c)| (n.clone(), c.clone()))
             .collect();
-        let all = || mine.iter().chain(others.iter());
+        let all = || mine.iter().chain(others.iter().map(|(_, c)| c));
         let fin = finished(spec, self.desired.is_completed(name, slot), all());
         if !needs_placing(spec, fp, slot, fin, all()) {
-            return false;
+            // Its copies of the current task are all on draining nodes:
+            // it moves start-first in the drain window.
+            let staying = mine.iter().filter(|_| !self.leaving(&self.me)).chain(
+                others
+                    .iter()
+                    .filter(|(n, _)| !self.leaving(n))
+                    .map(|(_, c)| c),
+            );
+            return !fin
+                && needs_placing(spec, fp, slot, fin, staying)
+                && window
+                    .drain
+                    .get_or_insert_with(|| self.drain_window(spec, fp, now))
+                    .contains(&slot);
         }
         // A slot whose old copy still runs moves by the rolling update.
         let beside_old = all().any(|c| c.state.is_live() && c.task != fp && !c.stopping);
@@ -2916,6 +2981,7 @@ impl Scheduler {
             || crate::reconcile::place_beside_old_copy(
                 spec,
                 window
+                    .update
                     .get_or_insert_with(|| self.update_window(spec, fp, now))
                     .contains(&slot),
             )
@@ -3077,12 +3143,7 @@ impl Scheduler {
             return;
         };
         self.counters.rounds += 1;
-        let mut nodes = self.seen.placement_nodes();
-        let fresh = self.fresh_node();
-        match nodes.iter_mut().find(|n| *n.id == *self.me) {
-            Some(n) => *n = fresh,
-            None => nodes.push(fresh),
-        }
+        let nodes = self.placement_nodes();
         let index = NodeIndex::new(&nodes);
         let placements = self.placements_of(&record.name, now);
         let mut bidders: BTreeSet<Arc<str>> = BTreeSet::new();
@@ -3167,7 +3228,7 @@ impl Scheduler {
         // completed meanwhile is not placed again (found by the simulator,
         // seed 56: a batch slot that completed during the round ran twice).
         let fp = spec.task.fingerprint();
-        let mut window = None;
+        let mut window = Windows::default();
         let slots: Vec<u32> = r
             .slots
             .iter()
@@ -3612,6 +3673,8 @@ fn chunks_by_bytes(records: Vec<Arc<JobRecord>>, max: usize) -> Vec<Vec<Arc<JobR
 }
 
 mod cron_jobs;
+mod drain;
+pub use drain::{NodeChange, NodeDrainStatus};
 
 #[cfg(test)]
 mod tests;

@@ -192,6 +192,7 @@ fn system_status_of(
     s: &Scheduler,
     record: Arc<JobRecord>,
     copies: &[(String, Published)],
+    now: Instant,
 ) -> JobStatus {
     let slot = crate::system::SLOT;
     let mut by_node: std::collections::BTreeMap<&str, &Published> = Default::default();
@@ -231,7 +232,7 @@ fn system_status_of(
     let qualifying = record
         .spec
         .as_ref()
-        .map(|sp| s.qualifying_nodes(sp))
+        .map(|sp| s.qualifying_nodes(sp, now))
         .unwrap_or_default();
     if let Some(by) = s.seen().view.index.unplaced(&record.name) {
         for (n, us) in by {
@@ -299,7 +300,7 @@ fn status_of(
         .as_ref()
         .is_some_and(|sp| sp.job_type == crate::job::JobType::System)
     {
-        return system_status_of(s, record, copies);
+        return system_status_of(s, record, copies, now);
     }
     let replicas = record.spec.as_ref().map(|sp| sp.replicas).unwrap_or(0);
     let mut slots = Vec::new();

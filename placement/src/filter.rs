@@ -13,6 +13,8 @@ pub const HOLDS_OLD_COPY: &str = "the slot's previous version";
 /// attributed to the first one it fails.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Rejection {
+    /// The node takes no new work (drained or made ineligible).
+    Ineligible,
     /// The node lacks the driver.
     Driver(String),
     /// A label constraint fails (its text).
@@ -47,6 +49,7 @@ pub enum Rejection {
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Rejection::Ineligible => write!(f, "are draining or ineligible"),
             Rejection::Driver(d) => write!(f, "lack the `{d}` driver"),
             Rejection::Constraint(c) => write!(f, "do not satisfy `{c}`"),
             Rejection::Cpu { need } => write!(f, "lack {need} millicores of free CPU"),
@@ -73,6 +76,9 @@ pub fn check_node(
     req: &SlotRequest,
     placements: &JobPlacements,
 ) -> Result<(), Rejection> {
+    if !node.eligible {
+        return Err(Rejection::Ineligible);
+    }
     if !node.drivers.contains(&req.driver) {
         return Err(Rejection::Driver(req.driver.clone()));
     }

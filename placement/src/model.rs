@@ -56,6 +56,14 @@ pub struct Node {
     pub drivers: BTreeSet<String>,
     /// Host ports in use.
     pub ports_used: BTreeSet<u16>,
+    /// Whether it takes new work (`false` while an operator drains it or
+    /// made it ineligible; absent in a bid from an older release).
+    #[serde(default = "yes")]
+    pub eligible: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Node {
@@ -72,6 +80,7 @@ impl Node {
             labels: BTreeMap::new(),
             drivers: BTreeSet::from(["exec".to_string()]),
             ports_used: BTreeSet::new(),
+            eligible: true,
         }
     }
 

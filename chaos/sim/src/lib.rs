@@ -399,6 +399,12 @@ pub struct Sim {
     promote_tried: Option<Duration>,
     /// When the `Twice` update wrote its second new version (v3).
     second_at: Option<Duration>,
+    /// (drain workload) the node drained, and its batch copies then.
+    drained: Option<usize>,
+    drained_batch: usize,
+    /// When its service copies had all left it, and when it was empty.
+    drained_services_at: Option<Duration>,
+    drained_empty_at: Option<Duration>,
 }
 
 /// What a run found.
@@ -523,6 +529,10 @@ impl Sim {
             update_at: None,
             update_done_at: None,
             update_min_serving: None,
+            drained: None,
+            drained_batch: 0,
+            drained_services_at: None,
+            drained_empty_at: None,
             cron_due: 0,
             promote_tried: None,
             second_at: None,
@@ -1142,6 +1152,20 @@ impl Sim {
     }
 
     fn on_instance_started(&mut self, i: usize, spec: &shoal_core::instance::InstanceSpec) {
+        if let (Some(d), Some(at)) = (self.drained, self.update_at) {
+            // Every node has the drain's record within gossip's lag.
+            if d == i && self.t > at + Duration::from_secs(3) {
+                self.checker.violate(
+                    "drain",
+                    format!(
+                        "{} started {} on the draining node {:?} after the drain",
+                        self.nodes[i].name,
+                        spec.id,
+                        self.t - at
+                    ),
+                );
+            }
+        }
         let job = self.job_spec_of(i, spec);
         let running: Vec<Running> = self.nodes[i]
             .driver
@@ -1450,6 +1474,32 @@ impl Sim {
     }
 
     fn sample(&mut self) {
+        if let (
+            Workload::Drain {
+                replicas, deadline, ..
+            },
+            Some(_),
+            Some(at),
+        ) = (self.opts.workload.clone(), self.drained, self.update_at)
+        {
+            // Until the deadline (after it, what is left stops), as the
+            // clocks that set it and read it may be skewed.
+            let skew = Duration::from_millis(2 * self.opts.skew_max_ms.unsigned_abs());
+            if self.update_done_at.is_none() && self.t + skew < at + deadline {
+                let serving = self.roll_copies().0.len() as u32;
+                let min = self.update_min_serving.map_or(serving, |m| m.min(serving));
+                self.update_min_serving = Some(min);
+                if serving < replicas {
+                    self.checker.violate(
+                        "drain capacity",
+                        format!(
+                            "{serving} of {replicas} slots served at {:.2}s during a drain",
+                            self.t.as_secs_f64()
+                        ),
+                    );
+                }
+            }
+        }
         if let Workload::Update {
             replicas,
             max_parallel,
@@ -1710,6 +1760,30 @@ impl Sim {
                 }
             }
             Workload::Bulk { .. } => self.at(BULK_AT, Ev::Submit),
+            Workload::Drain {
+                replicas,
+                max_parallel,
+                ..
+            } => {
+                for text in [
+                    format!(
+                        "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\nargs = [\"v1\"]\nports = {{ http = 0 }}\n[task.resources]\ncpu = 50\nmemory = 32\n\
+                         [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
+                         [update]\nmax_parallel = {max_parallel}\nmin_healthy_time = \"1s\"\n"
+                    ),
+                    // Batch runs far longer than the drain's deadline.
+                    format!(
+                        "name = \"long\"\ntype = \"batch\"\nreplicas = {}\n[task]\ncommand = \"sim-batch\"\nargs = [\"1000s\"]\n[task.resources]\ncpu = 50\nmemory = 32\n",
+                        self.nodes.len()
+                    ),
+                    system_text("sys-all", 1, "", self.nodes.len()),
+                ] {
+                    self.api_call(ApiRequest::Submit {
+                        text,
+                        check_version: None,
+                    });
+                }
+            }
             Workload::Update { .. } => {
                 let text = self.roll_text(1);
                 self.api_call(ApiRequest::Submit {
@@ -1951,6 +2025,142 @@ impl Sim {
                     self.roll_records()
                         .map(|r| (r.seq, r.reverted_from, r.deployment, r.history.first().map(|e| (e.seq, e.outcome))))
                         .collect::<Vec<_>>()
+                ),
+            );
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// Live copies on node `i` by job, as its driver runs them (not
+    /// stopping).
+    fn copies_on(&self, i: usize) -> BTreeMap<String, usize> {
+        let mut by_job = BTreeMap::new();
+        for r in self
+            .running()
+            .into_iter()
+            .filter(|r| r.node == i && !r.stopping)
+        {
+            *by_job.entry(r.spec.id.job.clone()).or_insert(0) += 1;
+        }
+        by_job
+    }
+
+    /// The drain workload's step: once every slot runs (the service's
+    /// ready), drain the node holding the most service copies; then
+    /// watch its batch copies run to the deadline, its system copy
+    /// outlast the rest, and the node empty with every slot elsewhere.
+    fn drain_step(&mut self) {
+        let Workload::Drain {
+            replicas, deadline, ..
+        } = self.opts.workload.clone()
+        else {
+            return;
+        };
+        let n = self.nodes.len();
+        let Some(node) = self.drained else {
+            let (_, copies) = self.roll_copies();
+            let ready = copies.iter().filter(|(_, v, r)| v == "v1" && *r).count() as u32;
+            let per_node: Vec<BTreeMap<String, usize>> =
+                (0..n).map(|i| self.copies_on(i)).collect();
+            let count = |job: &str| {
+                per_node
+                    .iter()
+                    .map(|m| m.get(job).copied().unwrap_or(0))
+                    .sum::<usize>()
+            };
+            if ready == replicas && count("long") == n && count("sys-all") == n {
+                let target = (0..n)
+                    .max_by_key(|i| (per_node[*i].get("roll").copied().unwrap_or(0), n - i))
+                    .unwrap_or(0);
+                self.drained = Some(target);
+                self.drained_batch = per_node[target].get("long").copied().unwrap_or(0);
+                self.update_at = Some(self.t);
+                let name = self.nodes[target].name.clone();
+                self.api_call(ApiRequest::Node {
+                    node: name.to_string(),
+                    change: shoal_core::scheduler::NodeChange::Drain {
+                        deadline,
+                        keep_system: false,
+                    },
+                });
+            } else if self.t > Duration::from_secs(120) {
+                self.checker
+                    .violate("drain", "the jobs never all ran".to_string());
+                self.phase = Phase::Done;
+            }
+            return;
+        };
+        let Some(at) = self.update_at else { return };
+        let took = self.t.saturating_sub(at);
+        let on = self.copies_on(node);
+        let other = on
+            .iter()
+            .filter(|(j, _)| *j != "sys-all")
+            .map(|(_, k)| k)
+            .sum::<usize>();
+        let batch = on.get("long").copied().unwrap_or(0);
+        // A stop takes up to the grace; the system copy goes after.
+        let slack = Duration::from_secs(1);
+        if took + slack < deadline && batch < self.drained_batch {
+            self.checker.violate(
+                "drain",
+                format!("a batch copy on the draining node stopped {took:?} into a {deadline:?} deadline"),
+            );
+            self.phase = Phase::Done;
+            return;
+        }
+        if other > 0 && !on.contains_key("sys-all") {
+            self.checker.violate(
+                "drain",
+                format!("the system copy stopped before the node's other copies: {on:?}"),
+            );
+            self.phase = Phase::Done;
+            return;
+        }
+        if !on.contains_key("roll") && self.drained_services_at.is_none() {
+            self.drained_services_at = Some(self.t);
+        }
+        if on.is_empty() && self.drained_empty_at.is_none() {
+            self.drained_empty_at = Some(self.t);
+        }
+        // What is left stops at the deadline, within the stop grace.
+        let grace = self.opts.scheduler.stop_grace + Duration::from_secs(2);
+        if !on.is_empty() && took > deadline + grace {
+            self.checker.violate(
+                "drain",
+                format!("the node still runs {on:?} {took:?} after a {deadline:?} drain"),
+            );
+            self.phase = Phase::Done;
+            return;
+        }
+        let (_, copies) = self.roll_copies();
+        let ready = copies.iter().filter(|(_, _, r)| *r).count() as u32;
+        let elsewhere = |job: &str| {
+            (0..n)
+                .filter(|i| *i != node)
+                .map(|i| self.copies_on(i).get(job).copied().unwrap_or(0))
+                .sum::<usize>()
+        };
+        let drained_everywhere = self.nodes.iter().filter_map(|x| x.core.as_ref()).all(|c| {
+            c.node_statuses(self.mono())
+                .iter()
+                .any(|s| *s.node == *self.nodes[node].name && s.drained())
+        });
+        if on.is_empty()
+            && ready == replicas
+            && copies.len() as u32 == replicas
+            && elsewhere("long") == n
+            && drained_everywhere
+        {
+            self.update_done_at = Some(self.t);
+            self.phase = Phase::Done;
+        } else if took > deadline + Duration::from_secs(15) {
+            self.checker.violate(
+                "drain",
+                format!(
+                    "the node was not drained {took:?} after a {deadline:?} drain: left {on:?}, {ready} of {replicas} service slots ready in {} copies, {} batch copies elsewhere, drained at every node: {drained_everywhere}",
+                    copies.len(),
+                    elsewhere("long"),
                 ),
             );
             self.phase = Phase::Done;
@@ -2741,6 +2951,11 @@ impl Sim {
                     self.at(poll, Ev::Step);
                     return;
                 }
+                if let Workload::Drain { .. } = self.opts.workload {
+                    self.drain_step();
+                    self.at(poll, Ev::Step);
+                    return;
+                }
                 if let Workload::Bulk { .. } = self.opts.workload {
                     if converged
                         && self.all_running_at.is_none()
@@ -3055,6 +3270,8 @@ impl Sim {
             "submitted_at_s": self.submitted_at.map(|t| t.as_secs_f64()),
             "update_s": self.update_done_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
             "update_min_serving": self.update_min_serving,
+            "drain_services_moved_s": self.drained_services_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
+            "drain_empty_s": self.drained_empty_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
             "update_second_version_s": self.second_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
             "submission_to_all_running_s": self.all_running_at.zip(self.submitted_at).map(|(a, s)| (a - s).as_secs_f64()),
             "killed_at_s": self.killed_at.map(|t| t.as_secs_f64()),

@@ -54,6 +54,23 @@ pub enum Workload {
         /// `[update] canary`.
         canary: u32,
     },
+    /// A checked service of `replicas` slots (its `max_parallel` moving
+    /// at a time), a batch job of long runs and a system job; once every
+    /// slot is ready, the node holding the most service copies is
+    /// drained with a `deadline`; no faults. Checks that the service's
+    /// serving slots never fall below `replicas`, that nothing starts on
+    /// the node once every node knows of the drain, that its batch copies
+    /// run until the deadline and its system copy outlasts every other
+    /// copy there, and that the node is empty by the deadline (plus the
+    /// time a stop takes) with every slot running elsewhere.
+    Drain {
+        /// Service slots.
+        replicas: u32,
+        /// The service's `[update] max_parallel`.
+        max_parallel: u32,
+        /// The drain's deadline.
+        deadline: Duration,
+    },
 }
 
 /// The new version of the update workload.

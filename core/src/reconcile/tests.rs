@@ -33,6 +33,7 @@ fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
         reverted_from: None,
         promoted: false,
         deployment: None,
+        node: None,
     }
 }
 
@@ -290,4 +291,99 @@ fn the_older_copy_survives_a_conflict() {
     );
     assert!(all["n2"].stop.is_empty());
     assert!(all.values().all(|a| a.place.is_empty()));
+}
+
+/// A copy of `fp` for the drain tests: running, `ready` or not, started
+/// at `run`.
+fn running_copy(fp: u64, run: u64, ready: bool) -> Published {
+    Published {
+        health: Default::default(),
+        check: None,
+        stopping: false,
+        ready,
+        failed: false,
+        version: 0,
+        slot: 0,
+        run,
+        state: SlotState::Running,
+        task: fp,
+        restarts: 0,
+        error: None,
+        ports: Default::default(),
+    }
+}
+
+#[test]
+fn a_draining_service_copy_gives_way_only_to_a_ready_copy_elsewhere() {
+    let record = job("web", 1, false);
+    let spec = record.spec.as_ref().unwrap();
+    let fp = spec.task.fingerprint();
+    let leaving = |n: &str| n == "old";
+    // The draining node's copy is the older one: by the conflict rule it
+    // would win, and the new copy would stop.
+    let draining = running_copy(fp, 1, true);
+    let starting = running_copy(fp, 9, false);
+    let stop = |me: &str, mine: &Published, other: (&str, &Published)| {
+        own_copy_stop(me, Some((spec, fp)), false, false, mine, [other], leaving)
+    };
+    // The new copy elsewhere is not ready: both stay.
+    assert_eq!(stop("old", &draining, ("new", &starting)), None);
+    assert_eq!(stop("new", &starting, ("old", &draining)), None);
+    // Once it is ready, the draining copy stops; the new one stays.
+    let ready = running_copy(fp, 9, true);
+    assert_eq!(
+        stop("old", &draining, ("new", &ready)),
+        Some(StopReason::Drained)
+    );
+    assert_eq!(stop("new", &ready, ("old", &draining)), None);
+    // Without a drain, the conflict rule stops the younger copy.
+    let none = |_: &str| false;
+    assert_eq!(
+        own_copy_stop(
+            "new",
+            Some((spec, fp)),
+            false,
+            false,
+            &ready,
+            [("old", &draining)],
+            none
+        ),
+        Some(StopReason::Duplicate)
+    );
+}
+
+#[test]
+fn a_batch_copy_on_a_draining_node_keeps_the_conflict_rule() {
+    let record = job("crunch", 1, true);
+    let spec = record.spec.as_ref().unwrap();
+    let fp = spec.task.fingerprint();
+    let leaving = |n: &str| n == "old";
+    let draining = running_copy(fp, 1, true);
+    let other = running_copy(fp, 9, true);
+    // One copy per batch slot wherever it is: the younger one stops, and
+    // the draining node's runs on until its deadline.
+    assert_eq!(
+        own_copy_stop(
+            "new",
+            Some((spec, fp)),
+            false,
+            false,
+            &other,
+            [("old", &draining)],
+            leaving
+        ),
+        Some(StopReason::Duplicate)
+    );
+    assert_eq!(
+        own_copy_stop(
+            "old",
+            Some((spec, fp)),
+            false,
+            false,
+            &draining,
+            [("new", &other)],
+            leaving
+        ),
+        None
+    );
 }

@@ -82,6 +82,7 @@ fn record(version_ms: u64) -> Arc<JobRecord> {
         reverted_from: None,
         promoted: false,
         deployment: None,
+        node: None,
     })
 }
 
@@ -644,6 +645,7 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
                 reverted_from: None,
                 promoted: false,
                 deployment: None,
+                node: None,
             }
         })
         .collect();

@@ -64,6 +64,11 @@ struct Args {
     /// (no faults).
     #[arg(long)]
     update: Option<String>,
+    /// A node drain instead of the mixed workload: `N:MAX_PARALLEL[:DEADLINE_SECONDS]`
+    /// (a checked service of N slots, a batch job and a system job; the
+    /// node with the most service copies drained; no faults).
+    #[arg(long)]
+    drain: Option<String>,
     /// Scheduler timings: `lan` (the default) or `local-test` (the preset
     /// the integration tests use: short join grace and retries).
     #[arg(long, default_value = "lan", value_parser = ["lan", "local-test"])]
@@ -140,6 +145,24 @@ fn main() {
         };
         opts.faults = false;
     }
+    if let Some(d) = &args.drain {
+        // N:MAX_PARALLEL[:DEADLINE_S]
+        let parts: Vec<&str> = d.split(':').collect();
+        let (Some(n), Some(mp), Some(deadline)) = (
+            parts.first().and_then(|p| p.parse().ok()),
+            parts.get(1).and_then(|p| p.parse().ok()),
+            parts.get(2).map_or(Some(30), |p| p.parse().ok()),
+        ) else {
+            eprintln!("sim: --drain takes N:MAX_PARALLEL[:DEADLINE_SECONDS], not `{d}`");
+            std::process::exit(2);
+        };
+        opts.workload = Workload::Drain {
+            replicas: n,
+            max_parallel: mp,
+            deadline: Duration::from_secs(deadline),
+        };
+        opts.faults = false;
+    }
     if args.preset == "local-test" {
         opts.scheduler = shoal_core::SchedulerConfig::local_test();
     }
@@ -175,6 +198,12 @@ fn main() {
     }
     for w in &args.without {
         repro.push_str(&format!(" --without {w}"));
+    }
+    if let Some(u) = &args.update {
+        repro.push_str(&format!(" --update {u}"));
+    }
+    if let Some(d) = &args.drain {
+        repro.push_str(&format!(" --drain {d}"));
     }
     if args.kill_fraction > 0.0 {
         repro.push_str(&format!(
