@@ -563,6 +563,8 @@ impl Snapshot {
                             left: n.left,
                             system_left: n.system_left,
                             done: n.drained(),
+                            reachable: n.reachable,
+                            hlc: n.version.to_string(),
                         });
                         (n.node, (n.eligible, drain))
                     })
@@ -1003,6 +1005,11 @@ pub struct DrainView {
     pub system_left: usize,
     /// Nothing the drain stops is left on it.
     pub done: bool,
+    /// Whether the answering node sees the drained one (alive, trusted):
+    /// else `left` is not known and `done` is false.
+    pub reachable: bool,
+    /// The version of the write that asked for the drain.
+    pub hlc: String,
 }
 
 /// Body of `POST /v1/nodes/NAME/drain` (every field optional).

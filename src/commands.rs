@@ -230,6 +230,7 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
 fn eligibility(n: &NodeInfo) -> String {
     match &n.drain {
         Some(d) if d.done => "drained".into(),
+        Some(d) if !d.reachable => "draining (not reachable)".into(),
         Some(d) => format!(
             "draining ({} left, {})",
             d.left,
@@ -341,9 +342,9 @@ fn drain(args: NodeDrainArgs) -> Result<()> {
     })
     .to_string();
     let node = node_segment(&args.node)?;
-    client
+    let accepted: Accepted = client
         .call("POST", &format!("/v1/nodes/{node}/drain"), Some(&body))?
-        .into_json::<Accepted>()?;
+        .into_json()?;
     println!(
         "draining {node}: it takes no new work{}",
         if args.force {
@@ -361,15 +362,25 @@ fn drain(args: NodeDrainArgs) -> Result<()> {
     let mut seen = false;
     loop {
         let n: NodeInfo = client.get(&format!("/v1/nodes/{node}"))?;
-        let Some(d) = n.drain.as_ref() else {
-            // The agent's view shows a write within a moment.
+        // The agent's view shows the write within a moment (until then it
+        // may show no drain, or an earlier one).
+        let ours = n.drain.as_ref().filter(|d| d.hlc == accepted.hlc);
+        let Some(d) = ours else {
             if !seen && asked.elapsed() < std::time::Duration::from_secs(10) {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
-            bail!("the drain of {node} was ended (`shoal node eligible`, or a newer write)");
+            bail!("the drain of {node} was ended or changed (`shoal node eligible`, or a newer write)");
         };
         seen = true;
+        if !d.reachable {
+            if last != Some((usize::MAX, 0)) {
+                println!("{node} is not reachable from this agent: its progress is unknown");
+                last = Some((usize::MAX, 0));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            continue;
+        }
         let now = (d.left, d.system_left);
         if last != Some(now) {
             if d.done {

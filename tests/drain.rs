@@ -152,6 +152,11 @@ fn a_drained_node_empties_start_first_and_an_ineligible_one_takes_nothing_new() 
     });
     let (_, out, _) = cli(&agents[0], &["nodes"]);
     assert!(out.contains("ineligible"), "{out}");
+    // The setting is no job, and a node never set is eligible already.
+    let (code, body) = call(agents[0].request("GET", "/v1/jobs/node:n2"), None);
+    assert_ne!(code, 200, "{body}");
+    let (ok, out, err) = cli(&agents[0], &["node", "eligible", "n0"]);
+    assert!(ok && out.contains("already eligible"), "{out}{err}");
     let site = Site::new("drain");
     // Tasks run as nobody under a root agent.
     std::fs::set_permissions(

@@ -78,6 +78,11 @@ pub struct Drain {
 /// ineligible).
 pub const DRAIN_DEADLINE_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// How far a drain's start may be from its record's clock, ms (the
+/// writer's wall clock and its hybrid clock differ by at most the clock
+/// offset the cluster tolerates, far below this).
+pub const DRAIN_CLOCK_SLACK_MS: u64 = 3_600_000;
+
 /// Prefix of the records that hold node settings (':' is in no job name).
 pub const NODE_RECORD_PREFIX: &str = "node:";
 
@@ -326,11 +331,29 @@ impl JobRecord {
             if self.spec.is_some() || !self.history.is_empty() || self.seq > SEQ_MAX {
                 return Err(format!("node record `{}` holds a job", self.name));
             }
-            if let Some(d) = self.node.as_ref().and_then(|n| n.drain.as_ref()) {
+            if let Some((setting, d)) = self
+                .node
+                .as_ref()
+                .and_then(|n| n.drain.as_ref().map(|d| (n, d)))
+            {
+                if setting.eligible {
+                    return Err(format!(
+                        "node record `{}` drains an eligible node",
+                        self.name
+                    ));
+                }
                 let span = d.deadline_ms.checked_sub(d.since_ms);
                 if span.is_none_or(|s| s > DRAIN_DEADLINE_MAX.as_millis() as u64) {
                     return Err(format!(
                         "node record `{}` has a drain deadline out of bounds",
+                        self.name
+                    ));
+                }
+                // The drain was asked when the record was written (a
+                // deadline years ahead would never come).
+                if d.since_ms.abs_diff(self.version.hlc.wall_ms) > DRAIN_CLOCK_SLACK_MS {
+                    return Err(format!(
+                        "node record `{}` has a drain asked at another time than it was written",
                         self.name
                     ));
                 }
@@ -541,7 +564,15 @@ mod tests {
         let mut bad = JobRecord::new("web", version(1), Some(spec(1)));
         bad.node = r.node.clone();
         assert!(bad.validate().is_err());
-        for (since, deadline) in [(10, 5), (0, DRAIN_DEADLINE_MAX.as_millis() as u64 + 1)] {
+        let mut bad = r.clone();
+        bad.node.as_mut().unwrap().eligible = true;
+        assert!(bad.validate().is_err(), "an eligible node draining");
+        let far = 5 + 2 * DRAIN_CLOCK_SLACK_MS;
+        for (since, deadline) in [
+            (10, 5),
+            (0, DRAIN_DEADLINE_MAX.as_millis() as u64 + 1),
+            (far, far + 1),
+        ] {
             let bad = JobRecord::node_setting(None, "n1", version(5), Some(drain(since, deadline)));
             assert!(bad.validate().is_err(), "{since} {deadline}");
         }

@@ -2975,7 +2975,10 @@ impl Scheduler {
                     .get_or_insert_with(|| self.drain_window(spec, fp, now))
                     .contains(&slot);
         }
-        // A slot whose old copy still runs moves by the rolling update.
+        // A slot whose old copy still runs moves by the rolling update, or
+        // by the drain window when that copy is on a draining node (a
+        // failed or paused update would leave it there until the
+        // deadline, found in review).
         let beside_old = all().any(|c| c.state.is_live() && c.task != fp && !c.stopping);
         !beside_old
             || crate::reconcile::place_beside_old_copy(
@@ -2985,6 +2988,10 @@ impl Scheduler {
                     .get_or_insert_with(|| self.update_window(spec, fp, now))
                     .contains(&slot),
             )
+            || window
+                .drain
+                .get_or_insert_with(|| self.drain_window(spec, fp, now))
+                .contains(&slot)
     }
 
     /// The placement request of a slot: its spec's, avoiding the nodes

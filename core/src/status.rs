@@ -139,6 +139,10 @@ pub fn instances(s: &Scheduler, now: Instant) -> Vec<InstanceRow> {
 
 /// One job's status.
 pub fn job_status(s: &Scheduler, name: &str, now: Instant) -> Option<JobStatus> {
+    // A node's setting shares the records' map; it is no job.
+    if crate::records::node_of_record(name).is_some() {
+        return None;
+    }
     let record = s.desired().get(name)?.clone();
     Some(status_of(s, record, &s.copies_of(name, now), now))
 }

@@ -1760,17 +1760,9 @@ impl Sim {
                 }
             }
             Workload::Bulk { .. } => self.at(BULK_AT, Ev::Submit),
-            Workload::Drain {
-                replicas,
-                max_parallel,
-                ..
-            } => {
+            Workload::Drain { .. } => {
                 for text in [
-                    format!(
-                        "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\nargs = [\"v1\"]\nports = {{ http = 0 }}\n[task.resources]\ncpu = 50\nmemory = 32\n\
-                         [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
-                         [update]\nmax_parallel = {max_parallel}\nmin_healthy_time = \"1s\"\n"
-                    ),
+                    self.drain_text(1),
                     // Batch runs far longer than the drain's deadline.
                     format!(
                         "name = \"long\"\ntype = \"batch\"\nreplicas = {}\n[task]\ncommand = \"sim-batch\"\nargs = [\"1000s\"]\n[task.resources]\ncpu = 50\nmemory = 32\n",
@@ -2031,6 +2023,24 @@ impl Sim {
         }
     }
 
+    /// The drain workload's service, version `v` (v2 with a canary).
+    fn drain_text(&self, v: u32) -> String {
+        let Workload::Drain {
+            replicas,
+            max_parallel,
+            ..
+        } = self.opts.workload.clone()
+        else {
+            return String::new();
+        };
+        format!(
+            "name = \"roll\"\ntype = \"service\"\nreplicas = {replicas}\n[task]\ncommand = \"sleep\"\nargs = [\"v{v}\"]\nports = {{ http = 0 }}\n[task.resources]\ncpu = 50\nmemory = 32\n\
+             [[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"500ms\"\ngrace = \"0s\"\nfailures = 2\n\
+             [update]\nmax_parallel = {max_parallel}\nmin_healthy_time = \"1s\"\ncanary = {}\n",
+            u32::from(v > 1)
+        )
+    }
+
     /// Live copies on node `i` by job, as its driver runs them (not
     /// stopping).
     fn copies_on(&self, i: usize) -> BTreeMap<String, usize> {
@@ -2051,7 +2061,10 @@ impl Sim {
     /// outlast the rest, and the node empty with every slot elsewhere.
     fn drain_step(&mut self) {
         let Workload::Drain {
-            replicas, deadline, ..
+            replicas,
+            deadline,
+            paused_update,
+            ..
         } = self.opts.workload.clone()
         else {
             return;
@@ -2059,7 +2072,29 @@ impl Sim {
         let n = self.nodes.len();
         let Some(node) = self.drained else {
             let (_, copies) = self.roll_copies();
-            let ready = copies.iter().filter(|(_, v, r)| v == "v1" && *r).count() as u32;
+            let ready_of =
+                |v: &str| copies.iter().filter(|(_, ver, r)| ver == v && *r).count() as u32;
+            let ready = if paused_update {
+                // v2's canary ready (never promoted), the rest on v1.
+                if self.second_at.is_none() {
+                    if ready_of("v1") == replicas {
+                        let text = self.drain_text(2);
+                        self.api_call(ApiRequest::Submit {
+                            text,
+                            check_version: None,
+                        });
+                        self.second_at = Some(self.t);
+                    }
+                    return;
+                }
+                if ready_of("v2") == 1 {
+                    ready_of("v1") + 1
+                } else {
+                    0
+                }
+            } else {
+                ready_of("v1")
+            };
             let per_node: Vec<BTreeMap<String, usize>> =
                 (0..n).map(|i| self.copies_on(i)).collect();
             let count = |job: &str| {
@@ -2120,6 +2155,21 @@ impl Sim {
         if !on.contains_key("roll") && self.drained_services_at.is_none() {
             self.drained_services_at = Some(self.t);
         }
+        // Given time (a move takes a few seconds), the service copies all
+        // move before the deadline, whatever version they run: none is
+        // left for the deadline to stop.
+        let skew = Duration::from_millis(2 * self.opts.skew_max_ms.unsigned_abs());
+        if deadline >= Duration::from_secs(20)
+            && self.drained_services_at.is_none()
+            && took + skew >= deadline
+        {
+            self.checker.violate(
+                "drain",
+                format!("service copies were still on the draining node at the deadline: {on:?}"),
+            );
+            self.phase = Phase::Done;
+            return;
+        }
         if on.is_empty() && self.drained_empty_at.is_none() {
             self.drained_empty_at = Some(self.t);
         }
@@ -2133,7 +2183,7 @@ impl Sim {
             self.phase = Phase::Done;
             return;
         }
-        let (_, copies) = self.roll_copies();
+        let (serving, copies) = self.roll_copies();
         let ready = copies.iter().filter(|(_, _, r)| *r).count() as u32;
         let elsewhere = |job: &str| {
             (0..n)
@@ -2148,6 +2198,7 @@ impl Sim {
         });
         if on.is_empty()
             && ready == replicas
+            && serving.len() as u32 == replicas
             && copies.len() as u32 == replicas
             && elsewhere("long") == n
             && drained_everywhere
@@ -3272,7 +3323,7 @@ impl Sim {
             "update_min_serving": self.update_min_serving,
             "drain_services_moved_s": self.drained_services_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
             "drain_empty_s": self.drained_empty_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
-            "update_second_version_s": self.second_at.zip(self.update_at).map(|(d, s)| (d - s).as_secs_f64()),
+            "update_second_version_s": self.second_at.zip(self.update_at).map(|(d, s)| d.saturating_sub(s).as_secs_f64()),
             "submission_to_all_running_s": self.all_running_at.zip(self.submitted_at).map(|(a, s)| (a - s).as_secs_f64()),
             "killed_at_s": self.killed_at.map(|t| t.as_secs_f64()),
             "recovered_after_kill_s": self.recovered_at.zip(self.killed_at).map(|(r, k)| (r - k).as_secs_f64()),

@@ -70,6 +70,10 @@ pub enum Workload {
         max_parallel: u32,
         /// The drain's deadline.
         deadline: Duration,
+        /// Before the drain, a new version with a canary that is never
+        /// promoted: the drained node's copies are of the old version,
+        /// which no update moves.
+        paused_update: bool,
     },
 }
 

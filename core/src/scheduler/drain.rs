@@ -39,12 +39,17 @@ pub struct NodeDrainStatus {
     pub left: usize,
     /// Of those, system copies (they stop last).
     pub system_left: usize,
+    /// Whether this node counts the node's copies (alive, not held in
+    /// doubt): else `left` is not known.
+    pub reachable: bool,
+    /// The setting record's version (the write that asked for it).
+    pub version: crate::hlc::Version,
 }
 
 impl NodeDrainStatus {
     /// Whether a drain is asked for and nothing it stops is left.
     pub fn drained(&self) -> bool {
-        self.drain.is_some() && self.left == 0
+        self.drain.is_some() && self.reachable && self.left == 0
     }
 }
 
@@ -52,7 +57,9 @@ impl Scheduler {
     /// Whether `node` takes new work (no operator made it ineligible or
     /// drains it).
     pub fn eligible(&self, node: &str) -> bool {
-        self.desired.node_setting(node).is_none_or(|s| s.eligible)
+        self.desired
+            .node_setting(node)
+            .is_none_or(|s| s.eligible && s.drain.is_none())
     }
 
     /// The drain asked of `node`, if any.
@@ -83,16 +90,23 @@ impl Scheduler {
         if d.keep_system {
             return false;
         }
-        starting || now.wall_ms >= d.deadline_ms || self.copies_on(node, now).0 == 0
+        starting
+            || now.wall_ms >= d.deadline_ms
+            || self
+                .copies_on(node, now)
+                .is_some_and(|(other, _)| other == 0)
     }
 
-    /// The live copies on `node` as this node sees them: (copies of
-    /// services, batch jobs and cron runs; copies of system jobs).
-    fn copies_on(&self, node: &str, now: Now) -> (usize, usize) {
+    /// The copies on `node` as this node sees them, live or still
+    /// stopping (a copy in its stop grace still runs): (copies of
+    /// services, batch jobs and cron runs; copies of system jobs). `None`
+    /// when this node does not count `node`'s copies (it is not alive, or
+    /// held in doubt after coming back).
+    fn copies_on(&self, node: &str, now: Now) -> Option<(usize, usize)> {
         let kind = |job: &str| self.desired.spec(job).map(|s| s.job_type);
         let mut counts = (0, 0);
         let mut add = |job: &str, c: &Published| {
-            if !c.state.is_live() {
+            if !c.state.is_live() && !c.stopping {
                 return;
             }
             match kind(job) {
@@ -102,7 +116,7 @@ impl Scheduler {
             }
         };
         if node == &*self.me {
-            for l in self.local.iter().filter(|l| !l.unconfirmed) {
+            for l in self.local.iter() {
                 add(&l.id.job, &l.published());
             }
         } else if self.seen.counts(&self.me, node, now.mono) {
@@ -113,8 +127,10 @@ impl Scheduler {
                     }
                 }
             }
+        } else {
+            return None;
         }
-        counts
+        Some(counts)
     }
 
     /// Every node an operator set something on, with its drain's progress
@@ -128,7 +144,8 @@ impl Scheduler {
             .node_settings()
             .iter()
             .map(|(node, s)| {
-                let (other, system) = self.copies_on(node, now);
+                let counts = self.copies_on(node, now);
+                let (other, system) = counts.unwrap_or_default();
                 let keep = s.drain.as_ref().is_some_and(|d| d.keep_system);
                 NodeDrainStatus {
                     node: node.clone(),
@@ -136,6 +153,12 @@ impl Scheduler {
                     drain: s.drain.clone(),
                     left: other + if keep { 0 } else { system },
                     system_left: if keep { 0 } else { system },
+                    reachable: counts.is_some(),
+                    version: self
+                        .desired
+                        .get(&crate::records::node_record_name(node))
+                        .map(|r| r.version.clone())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -156,8 +179,8 @@ impl Scheduler {
         nodes
     }
 
-    /// The slots of a service whose current copies are all on draining
-    /// nodes and that have no ready copy of the current task elsewhere:
+    /// The slots of a service with a copy on a draining node and no ready
+    /// copy of the current task elsewhere:
     /// the first `max_parallel` of them in slot order move now (their
     /// coordinator places a copy elsewhere beside the draining one). A
     /// slot leaves the window once its new copy is ready, so at most
@@ -180,8 +203,12 @@ impl Scheduler {
                 break;
             }
             let copies = self.slot_copies(&spec.name, slot, now);
-            let current = |c: &Published| c.state.is_live() && c.task == fp && !c.stopping;
-            let on_leaving = copies.iter().any(|(n, c)| current(c) && self.leaving(n));
+            // A copy of any version: an older one (an update that failed,
+            // or waits for its canaries' promotion) moves too, as the
+            // current version (its slot is then ready, and the old copy
+            // stops by the update's rules).
+            let live = |c: &Published| c.state.is_live() && !c.stopping;
+            let on_leaving = copies.iter().any(|(n, c)| live(c) && self.leaving(n));
             let ready_elsewhere = copies
                 .iter()
                 .any(|(n, c)| c.ready_on(Some(fp)) && !self.leaving(n));
@@ -259,13 +286,20 @@ impl Scheduler {
         if !matches!(change, NodeChange::Drain { .. })
             && self.desired.node_setting(&node) == setting.as_ref()
         {
-            if let Some(r) = self.desired.get(&name).cloned() {
-                self.out.push(super::Effect::Answer {
-                    token,
-                    answer: super::ApiAnswer::Unchanged(r),
-                });
-                return;
-            }
+            // Nothing to write (a node never set is eligible already).
+            let r = self.desired.get(&name).cloned().unwrap_or_else(|| {
+                Arc::new(JobRecord::node_setting(
+                    None,
+                    &node,
+                    crate::hlc::Version::default(),
+                    None,
+                ))
+            });
+            self.out.push(super::Effect::Answer {
+                token,
+                answer: super::ApiAnswer::Unchanged(r),
+            });
+            return;
         }
         self.write_with(token, name, now, |current, version| {
             JobRecord::node_setting(current, &node, version, setting)

@@ -64,9 +64,11 @@ struct Args {
     /// (no faults).
     #[arg(long)]
     update: Option<String>,
-    /// A node drain instead of the mixed workload: `N:MAX_PARALLEL[:DEADLINE_SECONDS]`
-    /// (a checked service of N slots, a batch job and a system job; the
-    /// node with the most service copies drained; no faults).
+    /// A node drain instead of the mixed workload:
+    /// `N:MAX_PARALLEL[:DEADLINE_SECONDS][:paused]` (a checked service of N
+    /// slots, a batch job and a system job; the node with the most service
+    /// copies drained; `paused`: first a new version whose canary is never
+    /// promoted; no faults).
     #[arg(long)]
     drain: Option<String>,
     /// Scheduler timings: `lan` (the default) or `local-test` (the preset
@@ -146,20 +148,22 @@ fn main() {
         opts.faults = false;
     }
     if let Some(d) = &args.drain {
-        // N:MAX_PARALLEL[:DEADLINE_S]
+        // N:MAX_PARALLEL[:DEADLINE_S][:paused]
         let parts: Vec<&str> = d.split(':').collect();
+        let paused_update = parts.get(3) == Some(&"paused");
         let (Some(n), Some(mp), Some(deadline)) = (
             parts.first().and_then(|p| p.parse().ok()),
             parts.get(1).and_then(|p| p.parse().ok()),
             parts.get(2).map_or(Some(30), |p| p.parse().ok()),
         ) else {
-            eprintln!("sim: --drain takes N:MAX_PARALLEL[:DEADLINE_SECONDS], not `{d}`");
+            eprintln!("sim: --drain takes N:MAX_PARALLEL[:DEADLINE_SECONDS][:paused], not `{d}`");
             std::process::exit(2);
         };
         opts.workload = Workload::Drain {
             replicas: n,
             max_parallel: mp,
             deadline: Duration::from_secs(deadline),
+            paused_update,
         };
         opts.faults = false;
     }
