@@ -326,3 +326,53 @@ fn a_forced_drain_stops_everything_at_once_and_keep_system_keeps_system_jobs() {
     assert_eq!(nodes_of(&agents[0], "crunch"), vec!["n0".to_string()]);
     assert_eq!(nodes_of(&agents[0], "logship").len(), 2);
 }
+
+/// `partition = "majority"` (batch jobs' default): a node cut off with a
+/// minority starts nothing new of the job; a service (`replace`) runs.
+#[test]
+fn a_node_cut_off_with_a_minority_starts_no_majority_job() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agents = cluster(root.path(), 3);
+    wait_until("3 alive", || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
+        })
+    });
+    // Freeze n1 and n2: n0 sees 1 of 3 members alive.
+    agents[1].signal(libc::SIGSTOP);
+    agents[2].signal(libc::SIGSTOP);
+    wait_until("n0 sees n1 and n2 dead", || {
+        agents[0].state_of("n1").as_deref() == Some("dead")
+            && agents[0].state_of("n2").as_deref() == Some("dead")
+    });
+    let batch = job_file(
+        root.path(),
+        "cut",
+        "name = \"cut\"\ntype = \"batch\"\n[task]\ncommand = \"sleep\"\nargs = [\"100000\"]\n",
+    );
+    let service = job_file(
+        root.path(),
+        "up",
+        "name = \"up\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nargs = [\"100000\"]\n",
+    );
+    for f in [&batch, &service] {
+        let (ok, out, err) = cli(&agents[0], &["run", f.to_str().unwrap(), "--detach"]);
+        assert!(ok, "{out}{err}");
+    }
+    wait_until("the service runs on n0", || {
+        agents[0].count("up", "running", None) == 1
+    });
+    // An observation window, not a synchronisation: the batch job must
+    // stay unstarted for it (n0 placed the service within it).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(agents[0].count("cut", "running", None), 0);
+    assert_eq!(processes_of(root.path(), "cut"), 0);
+    // The majority back: the batch slot runs.
+    agents[1].signal(libc::SIGCONT);
+    agents[2].signal(libc::SIGCONT);
+    wait_until("the batch slot runs", || {
+        agents[0].count("cut", "running", None) == 1
+    });
+    assert_eq!(processes_of(root.path(), "cut"), 1);
+}

@@ -680,11 +680,12 @@ impl JobSpec {
                     "a cron job takes `majority` (the default: only a side that sees a majority fires a time) or `replace` (every side fires)",
                 ))
             }
-            (Some(_), _) => {
+            (Some(PartitionPolicy::Replace | PartitionPolicy::Majority), _) => {}
+            (Some(PartitionPolicy::Never), _) => {
                 return Err(invalid(
                     text,
                     "partition",
-                    "partition policies are not supported yet for services, batch and system jobs (every side of a partition re-places the copies it lost); only cron jobs take one",
+                    "`never` is not supported yet; use `majority` (a side cut off with a minority starts nothing) or `replace` (every side re-places what it lost)",
                 ))
             }
         }
@@ -1098,7 +1099,9 @@ memory = 32
         ))
         .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("partition"), "{e}");
-        let e = JobSpec::parse(&format!("partition = \"majority\"\n{MINIMAL}")).unwrap_err();
+        let j = JobSpec::parse(&format!("partition = \"majority\"\n{MINIMAL}")).unwrap();
+        assert_eq!(j.partition_policy(), PartitionPolicy::Majority);
+        let e = JobSpec::parse(&format!("partition = \"never\"\n{MINIMAL}")).unwrap_err();
         assert!(e.message.contains("not supported yet"), "{e}");
         // Only shoal names a job after a cron job's time.
         let e = JobSpec::parse(&MINIMAL.replace("name = \"web\"", "name = \"web@1700000000\""))

@@ -1965,6 +1965,18 @@ impl Scheduler {
                 .map(|s| (*s, format!("it has no `{}` driver", spec.task.driver)))
                 .collect();
         }
+        if self.holds_back(&spec) {
+            return slots
+                .iter()
+                .map(|s| {
+                    (
+                        *s,
+                        "it is cut off with a minority and the job's partition policy is `majority`"
+                            .to_string(),
+                    )
+                })
+                .collect();
+        }
         if spec.job_type != JobType::System && !self.eligible(&self.me) {
             // A coordinator that has not heard of the drain yet.
             return slots
@@ -2580,6 +2592,13 @@ impl Scheduler {
         }
     }
 
+    /// Whether this node, cut off with a minority, starts and places
+    /// nothing of the job (`partition = "majority"`, the default of batch
+    /// and cron jobs).
+    fn holds_back(&self, spec: &JobSpec) -> bool {
+        self.seen.minority() && spec.partition_policy() == crate::job::PartitionPolicy::Majority
+    }
+
     /// Whether `job` is a live system job.
     fn is_system(&self, job: &str) -> bool {
         self.desired
@@ -2657,7 +2676,7 @@ impl Scheduler {
             let Some(spec) = record.spec.as_ref() else {
                 continue;
             };
-            if !self.qualifies(spec, true, now) {
+            if !self.qualifies(spec, true, now) || self.holds_back(spec) {
                 self.placing.settled(&record.name, slot);
                 continue;
             }
@@ -2810,7 +2829,10 @@ impl Scheduler {
                 break;
             }
         }
-        if !to_place.is_empty() {
+        // A side cut off with a minority places nothing of a `majority`
+        // job (the majority's side re-places what it lost; what runs here
+        // keeps running).
+        if !to_place.is_empty() && !self.holds_back(spec) {
             self.begin_round(record.clone(), to_place, now);
         }
         self.deployment_step(&record, now);

@@ -1152,6 +1152,30 @@ impl Sim {
     }
 
     fn on_instance_started(&mut self, i: usize, spec: &shoal_core::instance::InstanceSpec) {
+        // partition = "majority" (batch jobs' default): a node that sees
+        // itself cut off with a minority starts nothing new of the job (a
+        // restart in place of a copy it runs is no new start).
+        let core = self.nodes[i].core.as_ref();
+        let restart = core
+            .and_then(|c| c.local().get(&spec.id.job, spec.id.slot))
+            .is_some_and(|l| l.restarts > 0);
+        if !restart {
+            let minority = core.is_some_and(|c| c.seen().minority());
+            let majority = self.job_spec_of(i, spec).is_some_and(|j| {
+                j.partition_policy() == shoal_core::job::PartitionPolicy::Majority
+            });
+            if minority && majority {
+                let name = self.nodes[i].name.clone();
+                self.checker.violate(
+                    &format!("minority start: {}", spec.id.job),
+                    format!(
+                        "{name}, cut off with a minority, started {} of a job whose partition policy is majority at {:.2}s",
+                        spec.id,
+                        self.t.as_secs_f64()
+                    ),
+                );
+            }
+        }
         if let (Some(d), Some(at)) = (self.drained, self.update_at) {
             // Every node has the drain's record within gossip's lag.
             if d == i && self.t > at + Duration::from_secs(3) {
@@ -1678,6 +1702,11 @@ impl Sim {
                 extra.push_str(&format!(
                     "[update]\nmax_parallel = {mp}\norder = \"{order}\"\n"
                 ));
+                replicas
+            }
+            // A side cut off with a minority starts none of it.
+            7 => {
+                extra.push_str("partition = \"majority\"\n");
                 replicas
             }
             _ => replicas,
