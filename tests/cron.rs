@@ -303,7 +303,11 @@ memory = 16
             .filter_map(|r| r.strip_prefix(&format!("{job}@"))?.parse().ok())
             .collect()
     };
-    wait_until("three runs of replace", || times("replace").len() >= 3);
+    // Both jobs' runs are in the log (they fire on one 10 s grid, so
+    // replace's third and forbid's second run come at the same time).
+    wait_until("three runs of replace and two of forbid", || {
+        times("replace").len() >= 3 && times("forbid").len() >= 2
+    });
     // forbid: the time 10 s after a run started found it running and was
     // skipped, so its runs are 20 s apart.
     let forbid = times("forbid");

@@ -1965,18 +1965,6 @@ impl Scheduler {
                 .map(|s| (*s, format!("it has no `{}` driver", spec.task.driver)))
                 .collect();
         }
-        if self.holds_back(&spec) {
-            return slots
-                .iter()
-                .map(|s| {
-                    (
-                        *s,
-                        "it is cut off with a minority and the job's partition policy is `majority`"
-                            .to_string(),
-                    )
-                })
-                .collect();
-        }
         if spec.job_type != JobType::System && !self.eligible(&self.me) {
             // A coordinator that has not heard of the drain yet.
             return slots
@@ -2019,6 +2007,14 @@ impl Scheduler {
             }
             if spec.job_type == JobType::Batch && self.desired.is_completed(&job.name, slot) {
                 refused.push((slot, "the slot already completed".into()));
+                continue;
+            }
+            if self.holds_back(&spec) {
+                refused.push((
+                    slot,
+                    "it is cut off with a minority and the job's partition policy is `majority`"
+                        .into(),
+                ));
                 continue;
             }
             let req = spec.slot_request(slot);
@@ -2596,7 +2592,20 @@ impl Scheduler {
     /// nothing of the job (`partition = "majority"`, the default of batch
     /// and cron jobs).
     fn holds_back(&self, spec: &JobSpec) -> bool {
-        self.seen.minority() && spec.partition_policy() == crate::job::PartitionPolicy::Majority
+        if !self.seen.minority() {
+            return false;
+        }
+        // A cron job's run follows its cron job's policy (a `replace` cron
+        // job fires on every side, and its runs run there; found in
+        // review: the run, a batch job, was held back).
+        let policy = match spec.parent.as_deref() {
+            Some(parent) => self.desired.spec(parent).map_or(
+                crate::job::PartitionPolicy::Majority,
+                JobSpec::partition_policy,
+            ),
+            None => spec.partition_policy(),
+        };
+        policy == crate::job::PartitionPolicy::Majority
     }
 
     /// Whether `job` is a live system job.

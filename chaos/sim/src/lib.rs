@@ -1161,8 +1161,17 @@ impl Sim {
             .is_some_and(|l| l.restarts > 0);
         if !restart {
             let minority = core.is_some_and(|c| c.seen().minority());
+            // A cron job's run follows its cron job's policy.
             let majority = self.job_spec_of(i, spec).is_some_and(|j| {
-                j.partition_policy() == shoal_core::job::PartitionPolicy::Majority
+                let policy = match j.parent.as_deref() {
+                    Some(p) => core
+                        .and_then(|c| c.desired().spec(p))
+                        .map_or(shoal_core::job::PartitionPolicy::Majority, |s| {
+                            s.partition_policy()
+                        }),
+                    None => j.partition_policy(),
+                };
+                policy == shoal_core::job::PartitionPolicy::Majority
             });
             if minority && majority {
                 let name = self.nodes[i].name.clone();
