@@ -126,12 +126,7 @@ fn garbage_and_oversized_frames_do_not_crash_or_stall_an_agent() {
 
     let root = tempfile::tempdir().unwrap();
     let agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
     let target: std::net::SocketAddr = agents[0].quic().parse().unwrap();
 
     // Raw UDP garbage.

@@ -79,12 +79,7 @@ fn a_cron_job_runs_each_time_once_even_when_the_firing_node_dies() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let log = shared.join("runs.log");
     let mut agents = cluster(root.path(), 4);
-    wait_until("4 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 4)
-        })
-    });
+    wait_all_alive(&agents);
 
     // Bad schedules and zones are refused with what to write.
     let bad = job_file(
@@ -263,12 +258,7 @@ fn forbid_skips_a_time_while_a_run_runs_and_replace_stops_it() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let log = shared.join("runs.log");
     let agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
     // Each run takes 15 s, and a time comes every 10 s.
     let slow = |name: &str, concurrency: &str| {
         format!(

@@ -122,12 +122,7 @@ fn ready_slots(agent: &Agent, job: &str) -> Option<usize> {
 fn a_drained_node_empties_start_first_and_an_ineligible_one_takes_nothing_new() {
     let root = tempfile::tempdir().unwrap();
     let agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
 
     // Unknown nodes and bad bodies are refused with what to do.
     let (ok, _, err) = cli(&agents[0], &["node", "drain", "nosuch", "--detach"]);
@@ -295,12 +290,7 @@ fn a_drained_node_empties_start_first_and_an_ineligible_one_takes_nothing_new() 
 fn a_forced_drain_stops_everything_at_once_and_keep_system_keeps_system_jobs() {
     let root = tempfile::tempdir().unwrap();
     let agents = cluster(root.path(), 2);
-    wait_until("2 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 2)
-        })
-    });
+    wait_all_alive(&agents);
     for (name, text) in [("crunch", CRUNCH), ("logship", LOGSHIP)] {
         let f = job_file(root.path(), name, text);
         let (ok, out, err) = cli(&agents[0], &["run", f.to_str().unwrap(), "--detach"]);
@@ -333,12 +323,7 @@ fn a_forced_drain_stops_everything_at_once_and_keep_system_keeps_system_jobs() {
 fn a_node_cut_off_with_a_minority_starts_no_majority_job() {
     let root = tempfile::tempdir().unwrap();
     let mut agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
     // Freeze n1 and n2: n0 sees 1 of 3 members alive.
     agents[1].signal(libc::SIGSTOP);
     agents[2].signal(libc::SIGSTOP);

@@ -29,12 +29,7 @@ fn running_everywhere(agents: &[Agent], job: &str, n: usize, not_on: Option<&str
 fn service_runs_survives_a_node_kill_scales_and_stops() {
     let root = tempfile::tempdir().unwrap();
     let mut agents = cluster(root.path(), 5);
-    wait_until("5 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 5)
-        })
-    });
+    wait_all_alive(&agents);
 
     // Submitted at A, every replica runs (and `shoal run` waits for it).
     let file = job_file(root.path(), "web", WEB);
@@ -121,12 +116,7 @@ fn service_runs_survives_a_node_kill_scales_and_stops() {
 fn batch_runs_each_slot_once_and_state_survives_a_full_restart() {
     let root = tempfile::tempdir().unwrap();
     let mut agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
     let runs = root.path().join("runs.log");
     let batch = format!(
         "name = \"crunch\"\ntype = \"batch\"\nreplicas = 6\n[task]\ncommand = \"sh\"\nargs = [\"-c\", \"echo $SHOAL_SLOT >> {}; sleep 0.2\"]\n# It writes into the test's own directory.\nuser = \"root\"\n",
@@ -215,12 +205,7 @@ fn batch_runs_each_slot_once_and_state_survives_a_full_restart() {
 fn bad_job_files_are_refused_and_concurrent_submissions_converge() {
     let root = tempfile::tempdir().unwrap();
     let agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
 
     let bad = job_file(
         root.path(),
@@ -351,12 +336,7 @@ fn views_everywhere(agents: &[Agent], job: &str) -> Option<Vec<JobStatus>> {
 fn job_rules_hold_and_a_slot_that_cannot_be_placed_says_why_at_every_node() {
     let root = tempfile::tempdir().unwrap();
     let agents = cluster(root.path(), 3);
-    wait_until("3 alive", || {
-        agents.iter().all(|a| {
-            a.nodes()
-                .is_some_and(|ns| ns.iter().filter(|n| n.state == "alive").count() == 3)
-        })
-    });
+    wait_all_alive(&agents);
 
     // A write is answered once a second node has it on its disk: with
     // every peer up that takes a round trip, not the 2 s after which a

@@ -243,6 +243,54 @@ pub fn start_cluster(root: &Path, n: usize, extra: &[&str]) -> Result<Vec<Agent>
     Ok(agents)
 }
 
+/// Starts `n` agents sharing 127.0.0.1, agent `i` with the host ports
+/// `base + i * width` onward (`width` of them, so that copies on two agents
+/// never pick one port), and waits until each sees all alive.
+pub fn start_ranged_cluster(
+    root: &Path,
+    n: usize,
+    base: usize,
+    width: usize,
+) -> Result<Vec<Agent>> {
+    let range = |i: usize| format!("{}-{}", base + i * width, base + (i + 1) * width - 1);
+    let first = Agent::start(root, "n0", None, &["--port-range", &range(0)])?;
+    let seed = first.quic.clone();
+    let mut agents = vec![first];
+    for i in 1..n {
+        agents.push(Agent::start(
+            root,
+            &format!("n{i}"),
+            Some(&seed),
+            &["--port-range", &range(i)],
+        )?);
+    }
+    wait_for(
+        "the agents to see each other",
+        Duration::from_secs(300),
+        || {
+            agents.iter().all(|a| {
+                a.get("/v1/nodes").and_then(|v| {
+                    v.as_array()
+                        .map(|a| a.iter().filter(|m| m["state"] == "alive").count())
+                }) == Some(n)
+            })
+        },
+    )?;
+    Ok(agents)
+}
+
+/// A directory under `root` that busybox httpd serves to tasks (`ok` in
+/// it answers the benchmarks' checks), readable by the tasks' user.
+pub fn served_site(root: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let site = root.join("site");
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("ok"), "ok\n")?;
+    std::fs::set_permissions(&site, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
+    Ok(site.display().to_string())
+}
+
 /// Resident memory of a process, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     shoal::host::rss_kib_of(&pid.to_string())

@@ -306,6 +306,17 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     }
 }
 
+/// Waits until every agent of `agents` sees all of them alive.
+pub fn wait_all_alive(agents: &[Agent]) {
+    let n = agents.len();
+    wait_until(&format!("{n} alive"), || {
+        agents.iter().all(|a| {
+            a.nodes()
+                .is_some_and(|ns| ns.iter().filter(|m| m.state == "alive").count() == n)
+        })
+    });
+}
+
 /// Starts `n` agents: the first bootstraps, the others join it.
 pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
     let first = Agent::start(root, "n0", None, None, &[]);

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use chaos::procs::{wait_for, Agent};
+use chaos::procs::{served_site, start_ranged_cluster, wait_for, Agent};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -139,37 +139,9 @@ fn main() -> Result<()> {
         bail!("needs /bin/busybox (apt-get install busybox-static)");
     }
     let root = tempfile::tempdir()?;
-    let site = root.path().join("site");
-    std::fs::create_dir_all(&site)?;
-    std::fs::write(site.join("ok"), "ok\n")?;
-    std::fs::set_permissions(&site, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    std::fs::set_permissions(
-        root.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let site = site.display().to_string();
+    let site = served_site(root.path())?;
     // The agents share 127.0.0.1: each its own port range.
-    let range = |i: usize| format!("{}-{}", 24_000 + i * 100, 24_099 + i * 100);
-    let first = Agent::start(root.path(), "n0", None, &["--port-range", &range(0)])?;
-    let seed = first.quic.clone();
-    let mut agents = vec![first];
-    for i in 1..args.nodes {
-        agents.push(Agent::start(
-            root.path(),
-            &format!("n{i}"),
-            Some(&seed),
-            &["--port-range", &range(i)],
-        )?);
-    }
-    let n = args.nodes;
-    wait_for("the agents to see each other", WAIT, || {
-        agents.iter().all(|a| {
-            a.get("/v1/nodes").and_then(|v| {
-                v.as_array()
-                    .map(|a| a.iter().filter(|m| m["state"] == "alive").count())
-            }) == Some(n)
-        })
-    })?;
+    let agents = start_ranged_cluster(root.path(), args.nodes, 24_000, 100)?;
     agents[0].post(
         "/v1/jobs",
         &job(args.replicas, &site, 1, 1, "start-first", false),

@@ -262,21 +262,7 @@ fn the_older_copy_survives_a_conflict() {
     let copy = |node: &str, run| Observed {
         node: node.into(),
         job: "web".into(),
-        copy: Published {
-            health: Default::default(),
-            check: None,
-            stopping: false,
-            ready: false,
-            failed: false,
-            version: 0,
-            slot: 0,
-            run,
-            state: SlotState::Running,
-            task: fp,
-            restarts: 0,
-            error: None,
-            ports: Default::default(),
-        },
+        copy: running_copy(fp, run, false),
     };
     let w = World {
         nodes,
