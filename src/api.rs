@@ -530,7 +530,7 @@ pub struct Snapshot {
     pub clock_skew: Option<String>,
     /// What operators set on nodes: eligibility, and the drain with its
     /// progress.
-    pub node_settings: std::collections::BTreeMap<String, (bool, Option<DrainView>)>,
+    pub node_settings: std::collections::BTreeMap<String, (bool, Option<DrainView>, bool)>,
 }
 
 impl Snapshot {
@@ -566,7 +566,7 @@ impl Snapshot {
                             reachable: n.reachable,
                             hlc: n.version.to_string(),
                         });
-                        (n.node, (n.eligible, drain))
+                        (n.node, (n.eligible, drain, n.forgotten))
                     })
                     .collect()
             },
@@ -981,6 +981,10 @@ pub struct NodeInfo {
     /// Its drain and how far it got, if one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainView>,
+    /// An operator forgot it (`shoal node forget`): the slots of
+    /// `partition = "never"` jobs it held run elsewhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forgotten: bool,
 }
 
 fn yes() -> bool {
@@ -1073,6 +1077,7 @@ pub fn nodes_of(view: &MembershipView) -> Vec<NodeInfo> {
                 .unwrap_or_default(),
             eligible: true,
             drain: None,
+            forgotten: false,
         })
         .collect()
 }
@@ -1080,9 +1085,10 @@ pub fn nodes_of(view: &MembershipView) -> Vec<NodeInfo> {
 /// `nodes` with what operators set on them (from a snapshot).
 fn with_settings(nodes: &mut [NodeInfo], snapshot: &Snapshot) {
     for n in nodes {
-        if let Some((eligible, drain)) = snapshot.node_settings.get(&n.name) {
+        if let Some((eligible, drain, forgotten)) = snapshot.node_settings.get(&n.name) {
             n.eligible = *eligible;
             n.drain = drain.clone();
+            n.forgotten = *forgotten;
         }
     }
 }
@@ -1151,6 +1157,11 @@ async fn node_eligibility(
         NodeChange::Ineligible
     };
     node_change(&state, node, change).await
+}
+
+/// `POST /v1/nodes/NAME/forget`: the node is gone for good.
+async fn node_forget(State(state): State<ApiState>, Path(node): Path<String>) -> Response {
+    node_change(&state, node, NodeChange::Forget).await
 }
 
 async fn node_change(state: &ApiState, node: String, change: NodeChange) -> Response {
@@ -1339,6 +1350,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes/{name}", get(get_node))
         .route("/v1/nodes/{name}/drain", post(node_drain))
         .route("/v1/nodes/{name}/eligibility", post(node_eligibility))
+        .route("/v1/nodes/{name}/forget", post(node_forget))
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{name}", get(get_job).delete(stop_job))
         .route("/v1/jobs/{name}/scale", post(scale_job))

@@ -228,6 +228,9 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
 /// A node's eligibility as `shoal nodes` shows it: `eligible`,
 /// `ineligible`, `draining (3 left, 52m to deadline)` or `drained`.
 fn eligibility(n: &NodeInfo) -> String {
+    if n.forgotten && n.state != "alive" {
+        return "forgotten".into();
+    }
     match &n.drain {
         Some(d) if d.done => "drained".into(),
         Some(d) if !d.reachable => "draining (not reachable)".into(),
@@ -263,6 +266,13 @@ pub enum NodeCommand {
     Eligible(NodeArgs),
     /// Keep new work off a node; what runs there stays.
     Ineligible(NodeArgs),
+    /// Declare a dead node gone for good: the slots of `partition =
+    /// "never"` jobs it held are placed elsewhere (they wait for their
+    /// node otherwise), and if it ever comes back it stops its copies of
+    /// them. Refused while the node is alive. Make sure it is really
+    /// down (powered off, cut off for good): a node that is only cut off
+    /// would run those slots a second time.
+    Forget(NodeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +311,7 @@ pub fn node(cmd: NodeCommand) -> Result<()> {
         NodeCommand::Eligible(args) => set_eligibility(&args, true),
         NodeCommand::Ineligible(args) => set_eligibility(&args, false),
         NodeCommand::Drain(args) => drain(args),
+        NodeCommand::Forget(args) => forget(&args),
     }
 }
 
@@ -309,6 +320,21 @@ fn node_segment(node: &str) -> Result<&str> {
         bail!("`{node}` is not a node name; `shoal nodes` lists them");
     }
     Ok(node)
+}
+
+fn forget(args: &NodeArgs) -> Result<()> {
+    Client::new(&args.client)
+        .call(
+            "POST",
+            &format!("/v1/nodes/{}/forget", node_segment(&args.node)?),
+            None,
+        )?
+        .into_json::<Accepted>()?;
+    println!(
+        "{} is forgotten: the slots of `partition = \"never\"` jobs it held are placed elsewhere",
+        args.node
+    );
+    Ok(())
 }
 
 fn set_eligibility(args: &NodeArgs, eligible: bool) -> Result<()> {

@@ -385,6 +385,7 @@ mod tests {
             promoted: false,
             deployment: None,
             node: None,
+            claim: None,
         }
     }
 

@@ -380,6 +380,7 @@ fn drop_future_records_clears_a_record_stamped_far_ahead() {
             promoted: false,
             deployment: None,
             node: None,
+            claim: None,
         }
     };
     {

@@ -52,6 +52,11 @@ pub struct SchedulerConfig {
     /// the slots an older update had down when the new version was
     /// written (they count against the new window).
     pub update_settle: Duration,
+    /// How long the holder of a `partition = "never"` slot knows its
+    /// claim before it starts the slot: beyond the time a claim takes to
+    /// reach every node (about a round trip), so that two claims written
+    /// at once meet before either holder starts, and the older loses.
+    pub claim_settle: Duration,
     /// First wait before a slot that could not be placed (no node fits, or
     /// the winner refused) is tried again; it doubles per attempt.
     pub retry_min: Duration,
@@ -147,6 +152,7 @@ impl SchedulerConfig {
             placement_ttl: Duration::from_secs(5),
             start_max_age: Duration::from_millis(3_500),
             update_settle: Duration::from_secs(2),
+            claim_settle: Duration::from_secs(1),
             retry_min: Duration::from_millis(500),
             // Short enough that a slot blocked by something the coordinator
             // cannot see change (another job's port, a load) is placed soon

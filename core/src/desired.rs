@@ -34,6 +34,9 @@ pub struct DesiredState {
     cron_runs: BTreeSet<String>,
     /// Node settings (`shoal node drain|ineligible`) by node name.
     nodes: BTreeMap<String, crate::records::NodeSetting>,
+    /// Slot claims of `partition = "never"` jobs: job, then slot, to the
+    /// holder and the claim's version.
+    claims: BTreeMap<String, BTreeMap<u32, (String, Version)>>,
     /// Fingerprint of every (name, version), kept item by item.
     jobs_fp: u64,
     /// Completions by job, then slot (nested so that lookups borrow the
@@ -51,6 +54,7 @@ impl Default for DesiredState {
             cron_jobs: BTreeSet::new(),
             cron_runs: BTreeSet::new(),
             nodes: BTreeMap::new(),
+            claims: BTreeMap::new(),
             jobs_fp: fingerprint(std::iter::empty::<()>()),
             completions: BTreeMap::new(),
             completed_fp: fingerprint(std::iter::empty::<()>()),
@@ -97,6 +101,24 @@ impl DesiredState {
                 Some(setting) => self.nodes.insert(node.to_string(), setting.clone()),
                 None => self.nodes.remove(node),
             };
+        }
+        if let Some((job, slot)) = crate::records::claim_of_record(&record.name) {
+            match &record.claim {
+                Some(c) => {
+                    self.claims
+                        .entry(job.to_string())
+                        .or_default()
+                        .insert(slot, (c.node.clone(), record.version.clone()));
+                }
+                None => {
+                    if let Some(slots) = self.claims.get_mut(job) {
+                        slots.remove(&slot);
+                        if slots.is_empty() {
+                            self.claims.remove(job);
+                        }
+                    }
+                }
+            }
         }
         match &record.spec {
             Some(s) => {
@@ -252,6 +274,48 @@ impl DesiredState {
     /// What an operator set on node `node` (`None`: eligible, no drain).
     pub fn node_setting(&self, node: &str) -> Option<&crate::records::NodeSetting> {
         self.nodes.get(node)
+    }
+
+    /// The holder of slot `slot` of `job` (a `partition = "never"` job)
+    /// and its claim's version, if a claim names one, forgotten or not.
+    pub fn claim(&self, job: &str, slot: u32) -> Option<(&str, &Version)> {
+        self.claims
+            .get(job)
+            .and_then(|s| s.get(&slot))
+            .map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// The holder of slot `slot` of `job`, if its claim holds: the
+    /// holder was not forgotten after the claim was written.
+    pub fn holder(&self, job: &str, slot: u32) -> Option<&str> {
+        self.claim(job, slot)
+            .filter(|(n, v)| !self.forgotten_since(n, v))
+            .map(|(n, _)| n)
+    }
+
+    /// Whether `node` was forgotten (`shoal node forget`) after `version`.
+    pub fn forgotten_since(&self, node: &str, version: &Version) -> bool {
+        self.nodes
+            .get(node)
+            .and_then(|s| s.forgotten.as_ref())
+            .is_some_and(|f| f > version)
+    }
+
+    /// Every claim: job, slot, holder, version.
+    pub fn claims(&self) -> impl Iterator<Item = (&str, u32, &str, &Version)> {
+        self.claims.iter().flat_map(|(job, slots)| {
+            slots
+                .iter()
+                .map(move |(slot, (n, v))| (job.as_str(), *slot, n.as_str(), v))
+        })
+    }
+
+    /// The claims of one job: slot, holder, version.
+    pub fn claims_of(&self, job: &str) -> impl Iterator<Item = (u32, &str, &Version)> {
+        self.claims
+            .get(job)
+            .into_iter()
+            .flat_map(|s| s.iter().map(|(slot, (n, v))| (*slot, n.as_str(), v)))
     }
 
     /// Every node setting, by node name.
@@ -477,6 +541,7 @@ mod tests {
             promoted: false,
             deployment: None,
             node: None,
+            claim: None,
         })
     }
 

@@ -591,7 +591,7 @@ impl JobSpec {
                 ),
             });
         }
-        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+        let mut spec: JobSpec = toml::from_str(text).map_err(|e| {
             let field = e.span().and_then(|s| path_at(text, s.start));
             let message = plain_type_error(e.message().trim());
             JobError {
@@ -603,6 +603,26 @@ impl JobSpec {
                 field,
             }
         })?;
+        if spec.partition == Some(PartitionPolicy::Never)
+            && spec.update.order == crate::update::Order::StartFirst
+        {
+            // A `never` job updates stop-first (a start-first update runs
+            // two copies of a slot at once); said outright, start-first is
+            // refused rather than changed.
+            let explicit = toml::from_str::<toml::Value>(text).is_ok_and(|v| {
+                v.get("update")
+                    .and_then(|u| u.get("order"))
+                    .is_some_and(|o| o.as_str() == Some("start-first"))
+            });
+            if explicit {
+                return Err(invalid(
+                    text,
+                    "update.order",
+                    "a job with `partition = \"never\"` never runs two copies of a slot, so it updates `stop-first`: remove `order` or set it to \"stop-first\"",
+                ));
+            }
+            spec.update.order = crate::update::Order::StopFirst;
+        }
         spec.validate(text)?;
         Ok(spec)
     }
@@ -681,12 +701,28 @@ impl JobSpec {
                 ))
             }
             (Some(PartitionPolicy::Replace | PartitionPolicy::Majority), _) => {}
-            (Some(PartitionPolicy::Never), _) => {
+            (Some(PartitionPolicy::Never), JobType::System) => {
                 return Err(invalid(
                     text,
                     "partition",
-                    "`never` is not supported yet; use `majority` (a side cut off with a minority starts nothing) or `replace` (every side re-places what it lost)",
+                    "a system job runs one copy on every node, each node its own: `never` is for services and batch jobs; use `replace` (the default) or `majority`",
                 ))
+            }
+            (Some(PartitionPolicy::Never), _) => {
+                if self.update.order != crate::update::Order::StopFirst {
+                    return Err(invalid(
+                        text,
+                        "update.order",
+                        "a job with `partition = \"never\"` never runs two copies of a slot, so it updates `stop-first`",
+                    ));
+                }
+                if self.update.canary > 0 {
+                    return Err(invalid(
+                        text,
+                        "update.canary",
+                        "a job with `partition = \"never\"` updates stop-first, slot by slot: it takes no canaries",
+                    ));
+                }
             }
         }
         if self.cron.is_some() && self.job_type != JobType::Cron {
@@ -1101,8 +1137,36 @@ memory = 32
         assert_eq!(e.field.as_deref(), Some("partition"), "{e}");
         let j = JobSpec::parse(&format!("partition = \"majority\"\n{MINIMAL}")).unwrap();
         assert_eq!(j.partition_policy(), PartitionPolicy::Majority);
-        let e = JobSpec::parse(&format!("partition = \"never\"\n{MINIMAL}")).unwrap_err();
-        assert!(e.message.contains("not supported yet"), "{e}");
+        // `never` updates stop-first, without canaries, and is no system
+        // job's.
+        let j = JobSpec::parse(&format!("partition = \"never\"\n{MINIMAL}")).unwrap();
+        assert_eq!(j.partition_policy(), PartitionPolicy::Never);
+        assert_eq!(j.update.order, crate::update::Order::StopFirst);
+        j.validate("").expect("its stop-first order stays valid");
+        let e = JobSpec::parse(&format!(
+            "partition = \"never\"\n{MINIMAL}\n[update]\norder = \"start-first\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("update.order"), "{e}");
+        let e = JobSpec::parse(&format!(
+            "partition = \"never\"\n{MINIMAL}\n[update]\ncanary = 1\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("update.canary"), "{e}");
+        let mut start_first = j.clone();
+        start_first.update.order = crate::update::Order::StartFirst;
+        assert!(
+            start_first.validate("").is_err(),
+            "a peer's never job must be stop-first"
+        );
+        let e = JobSpec::parse(&format!(
+            "partition = \"never\"\n{}",
+            MINIMAL
+                .replace("type = \"service\"", "type = \"system\"")
+                .replace("replicas = 5\n", "")
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("partition"), "{e}");
         // Only shoal names a job after a cron job's time.
         let e = JobSpec::parse(&MINIMAL.replace("name = \"web\"", "name = \"web@1700000000\""))
             .unwrap_err();

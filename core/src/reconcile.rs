@@ -48,6 +48,9 @@ pub enum StopReason {
     /// Its node drains: a ready copy of the slot runs elsewhere, or the
     /// drain's deadline passed.
     Drained,
+    /// A `partition = "never"` job's slot that another node holds, or
+    /// whose claim on this node was forgotten (`shoal node forget`).
+    Unclaimed,
 }
 
 /// Whether a batch slot is finished: completed (recorded, or a copy says

@@ -45,6 +45,45 @@ pub struct JobRecord {
     /// to eligible, a tombstone collected like a stopped job's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeSetting>,
+    /// Which node holds a slot of a `partition = "never"` job, in a record
+    /// named [`claim_record_name`] with no spec (see [`Claim`]). `None`
+    /// there: the slot is free, a tombstone collected like a stopped
+    /// job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+}
+
+/// The node that holds a slot of a `partition = "never"` job: only it may
+/// run the slot. Written by the job's coordinator when the slot has no
+/// holder, given up (a tombstone) only by the holder once its copy is
+/// gone, or by `shoal node forget`. A lost holder's slot therefore waits
+/// for the holder to return or be forgotten, however the cluster is cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The holder.
+    pub node: String,
+}
+
+/// Prefix of the records that hold slot claims (':' is in no job name).
+pub const CLAIM_RECORD_PREFIX: &str = "claim:";
+
+/// The record name of the claim on slot `slot` of `job`.
+pub fn claim_record_name(job: &str, slot: u32) -> String {
+    format!("{CLAIM_RECORD_PREFIX}{job}:{slot}")
+}
+
+/// The job and slot a claim record is about, if `name` is one.
+pub fn claim_of_record(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix(CLAIM_RECORD_PREFIX)?;
+    let (job, slot) = rest.rsplit_once(':')?;
+    // One spelling per slot: no sign, no leading zero.
+    if slot.is_empty()
+        || (slot.len() > 1 && slot.starts_with('0'))
+        || !slot.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    Some((job, slot.parse().ok()?))
 }
 
 /// What an operator set on a node.
@@ -57,6 +96,21 @@ pub struct NodeSetting {
     /// nothing new).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<Drain>,
+    /// `shoal node forget`: the version of the forget. The node's claims
+    /// older than it hold nothing (their slots are placed elsewhere, and
+    /// the node stops its copies if it comes back); kept, so that a
+    /// claim written before the forget and heard of after it cannot
+    /// revive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgotten: Option<Version>,
+}
+
+impl NodeSetting {
+    /// Whether the setting says nothing (eligible, no drain, never
+    /// forgotten): its record is a tombstone.
+    pub fn is_default(&self) -> bool {
+        self.eligible && self.drain.is_none() && self.forgotten.is_none()
+    }
 }
 
 /// A drain: the node's service copies move elsewhere start-first, its
@@ -189,7 +243,18 @@ impl JobRecord {
             promoted: false,
             deployment: None,
             node: None,
+            claim: None,
         }
+    }
+
+    /// The record of the claim on slot `slot` of `job` at `version`
+    /// (`None`: the slot is free).
+    pub fn claim_on(job: &str, slot: u32, version: Version, holder: Option<&str>) -> JobRecord {
+        let mut r = JobRecord::new(claim_record_name(job, slot), version, None);
+        r.claim = holder.map(|n| Claim {
+            node: n.to_string(),
+        });
+        r
     }
 
     /// The record of node `node`'s setting at `version` (`None`: back to
@@ -209,7 +274,7 @@ impl JobRecord {
     /// Whether the record is a tombstone that may be collected (a
     /// stopped job, a node back to its default).
     pub fn is_tombstone(&self) -> bool {
-        self.spec.is_none() && self.node.is_none()
+        self.spec.is_none() && self.node.is_none() && self.claim.is_none()
     }
 
     /// This record with its deployment ended as `outcome`, written by the
@@ -324,6 +389,30 @@ impl JobRecord {
     /// checks a submission: a name the API would accept, a spec that
     /// validates and is named like its record.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some((job, slot)) = claim_of_record(&self.name) {
+            if !crate::job::valid_job_name(job) || slot >= crate::job::REPLICAS_MAX {
+                return Err(format!("invalid job or slot in claim `{}`", self.name));
+            }
+            if self.spec.is_some()
+                || self.node.is_some()
+                || !self.history.is_empty()
+                || self.seq > SEQ_MAX
+            {
+                return Err(format!(
+                    "claim `{}` holds a job or a node setting",
+                    self.name
+                ));
+            }
+            if let Some(c) = &self.claim {
+                if !shoal_membership::record::valid_node_name(&c.node) {
+                    return Err(format!("claim `{}` names an invalid node", self.name));
+                }
+            }
+            return Ok(());
+        }
+        if self.claim.is_some() {
+            return Err(format!("record `{}` holds a claim", self.name));
+        }
         if let Some(node) = node_of_record(&self.name) {
             if !shoal_membership::record::valid_node_name(node) {
                 return Err(format!("invalid node name in record `{}`", self.name));
@@ -537,6 +626,7 @@ mod tests {
     fn node_records_are_checked_and_kept_until_the_node_is_eligible_again() {
         let drain = |since_ms, deadline_ms| NodeSetting {
             eligible: false,
+            forgotten: None,
             drain: Some(Drain {
                 since_ms,
                 deadline_ms,
@@ -584,5 +674,85 @@ mod tests {
         d.apply(std::sync::Arc::new(cleared));
         assert_eq!(d.node_setting("n1"), None);
         assert_eq!(d.tombstones_before(u64::MAX, 10).len(), 1);
+    }
+
+    #[test]
+    fn claims_name_one_slot_hold_no_job_and_lose_to_a_later_forget() {
+        use crate::hlc::{Hlc, Version};
+        let v = |wall_ms| Version {
+            hlc: Hlc {
+                wall_ms,
+                logical: 0,
+            },
+            node: "n0".into(),
+        };
+        assert_eq!(claim_of_record("claim:web:3"), Some(("web", 3)));
+        for bad in [
+            "claim:web:03",
+            "claim:web:",
+            "claim:web:-1",
+            "claim:web",
+            "web:3",
+        ] {
+            assert_eq!(claim_of_record(bad), None, "{bad}");
+        }
+        let c = JobRecord::claim_on("web", 3, v(10), Some("n1"));
+        assert_eq!(c.name, claim_record_name("web", 3));
+        c.validate().expect("a claim");
+        assert!(!c.is_tombstone());
+        let released = JobRecord::claim_on("web", 3, v(11), None);
+        released.validate().expect("a release");
+        assert!(released.is_tombstone());
+        let mut bad = c.clone();
+        bad.claim = Some(Claim {
+            node: "not a node!".into(),
+        });
+        assert!(bad.validate().is_err());
+        let mut bad = c.clone();
+        bad.node = Some(NodeSetting {
+            eligible: false,
+            drain: None,
+            forgotten: None,
+        });
+        assert!(bad.validate().is_err());
+        let mut job = JobRecord::new("web", v(1), None);
+        job.claim = c.claim.clone();
+        assert!(job.validate().is_err(), "a job record holds no claim");
+        assert!(
+            JobRecord::claim_on("web", crate::job::REPLICAS_MAX, v(1), Some("n1"))
+                .validate()
+                .is_err()
+        );
+
+        // The claim holds until its holder is forgotten after it; a
+        // release frees the slot.
+        let mut d = crate::desired::DesiredState::default();
+        d.apply(std::sync::Arc::new(c.clone()));
+        assert_eq!(d.holder("web", 3), Some("n1"));
+        let forget = |at| {
+            JobRecord::node_setting(
+                None,
+                "n1",
+                v(at),
+                Some(NodeSetting {
+                    eligible: true,
+                    drain: None,
+                    forgotten: Some(v(at)),
+                }),
+            )
+        };
+        d.apply(std::sync::Arc::new(forget(5)));
+        assert_eq!(d.holder("web", 3), Some("n1"), "forgotten before the claim");
+        d.apply(std::sync::Arc::new(forget(20)));
+        assert_eq!(d.holder("web", 3), None);
+        assert_eq!(d.claim("web", 3).map(|(n, _)| n), Some("n1"));
+        d.apply(std::sync::Arc::new(JobRecord::claim_on(
+            "web",
+            3,
+            v(21),
+            None,
+        )));
+        assert_eq!(d.claim("web", 3), None);
+        assert_eq!(d.claims().count(), 0);
     }
 }

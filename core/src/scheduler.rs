@@ -335,6 +335,13 @@ enum Call {
         winner: Arc<str>,
     },
     Sync,
+    /// Whether a peer holds a claim this node holds (see [`never`]).
+    ClaimCheck {
+        job: String,
+        slot: u32,
+        version: Version,
+        peer: Arc<str>,
+    },
 }
 
 enum Origin {
@@ -433,6 +440,9 @@ pub struct Counters {
     /// Scheduled times skipped: past `starting_deadline` before any node
     /// wrote them, or skipped by `concurrency = "forbid"`.
     pub cron_skipped: u64,
+    /// Writes of slot claims (`partition = "never"`): claims and
+    /// releases.
+    pub claims_written: u64,
 }
 
 /// Most own completions held to announce once the node sees a peer (see
@@ -500,6 +510,9 @@ pub struct Scheduler {
     last_run_id: u64,
     /// Cron jobs' clocks (see [`crate::cron`]), one per live cron job.
     cron_clocks: BTreeMap<String, crate::cron::CronClock>,
+    /// When this node first knew each claim naming it (see
+    /// [`never`]): one entry per slot it holds.
+    claims_seen: BTreeMap<(String, u32), never::HeldClaim>,
 }
 
 impl Scheduler {
@@ -573,6 +586,7 @@ impl Scheduler {
             wall_ms: now.wall_ms,
             last_run_id: 0,
             cron_clocks: BTreeMap::new(),
+            claims_seen: BTreeMap::new(),
             config,
         }
     }
@@ -1012,6 +1026,18 @@ impl Scheduler {
                     },
                 }
             }
+            Request::HoldsClaim { name, version } => {
+                if crate::records::claim_of_record(&name).is_some() {
+                    Response::HoldsClaim {
+                        holds: self
+                            .desired
+                            .get(&name)
+                            .is_some_and(|r| r.version == version),
+                    }
+                } else {
+                    Response::Error(format!("`{name}` is no claim record"))
+                }
+            }
             Request::Logs {
                 job,
                 slot,
@@ -1093,6 +1119,16 @@ impl Scheduler {
                 }
             }
             Call::Sync => self.sync_reply(call, result, now),
+            Call::ClaimCheck {
+                job,
+                slot,
+                version,
+                peer,
+            } => {
+                if let Ok(Response::HoldsClaim { holds: true }) = result {
+                    self.claim_acked(&job, slot, &version, peer);
+                }
+            }
             // A peer that refused the write for its clock (`CLOCK_REFUSAL`)
             // does not count as a copy; the answer waits for another one, or
             // the timeout. The write is durable here and takes effect
@@ -1945,6 +1981,13 @@ impl Scheduler {
         {
             return refuse_all("the job changed since it was placed");
         }
+        if job.spec.as_ref().is_some_and(never::is_never) {
+            // Its slots start where their claims name (a coordinator on an
+            // older release, or one that has not heard the job changed).
+            return refuse_all(
+                "the job's partition policy is `never`: its slots start from their claims",
+            );
+        }
         self.start_slots(&job, slots, now)
     }
 
@@ -2432,6 +2475,7 @@ impl Scheduler {
                 self.confirm_adopted(now);
             }
             self.own_copies(now);
+            self.held_slots(now);
             self.system_jobs(now);
             if coordinating {
                 self.coordinate(now);
@@ -2476,6 +2520,17 @@ impl Scheduler {
             }
             let mine = l.published();
             let system = job.is_some_and(|(spec, _)| spec.job_type == JobType::System);
+            let never = job.is_some_and(|(spec, _)| never::is_never(spec));
+            if never && self.claim_lost(&l.id.job, l.id.slot) {
+                stops.push((l.id.job.clone(), l.id.slot, StopReason::Unclaimed));
+                continue;
+            }
+            if never && self.leaving(&self.me) {
+                // It cannot move start-first (two copies): it stops now,
+                // and its slot goes elsewhere once it is gone.
+                stops.push((l.id.job.clone(), l.id.slot, StopReason::Drained));
+                continue;
+            }
             if !system && job.is_some() && self.drain_overdue(&self.me, now.wall_ms) {
                 // The drain's deadline: what is left stops (and is placed
                 // elsewhere as after any stop).
@@ -2487,8 +2542,9 @@ impl Scheduler {
                 continue;
             }
             // A system job's copies on other nodes are not copies of this
-            // one (each node runs its own).
-            let others: Vec<(&str, &crate::instance::Published)> = if system {
+            // one (each node runs its own); a `never` job's slot is its
+            // holder's, whatever the conflict rule says.
+            let others: Vec<(&str, &crate::instance::Published)> = if system || never {
                 Vec::new()
             } else {
                 self.seen
@@ -2592,7 +2648,7 @@ impl Scheduler {
     /// nothing of the job (`partition = "majority"`, the default of batch
     /// and cron jobs).
     fn holds_back(&self, spec: &JobSpec) -> bool {
-        if !self.seen.minority() {
+        if !self.seen.minority() && (self.seen.strict_majority() || !never::is_never(spec)) {
             return false;
         }
         // A cron job's run follows its cron job's policy (a `replace` cron
@@ -2605,7 +2661,12 @@ impl Scheduler {
             ),
             None => spec.partition_policy(),
         };
-        policy == crate::job::PartitionPolicy::Majority
+        match policy {
+            crate::job::PartitionPolicy::Majority => true,
+            // Of two halves exactly, neither side places or starts it.
+            crate::job::PartitionPolicy::Never => !self.seen.strict_majority(),
+            crate::job::PartitionPolicy::Replace => false,
+        }
     }
 
     /// Whether `job` is a live system job.
@@ -2795,6 +2856,13 @@ impl Scheduler {
             // node coordinated when the job was a service goes (its own
             // slot 0 entry is its system one).
             self.placing.forget_slots_from(name, 1);
+            return;
+        }
+        if never::is_never(spec) {
+            // Claims, not rounds: each slot's holder starts it.
+            self.placing.forget_slots_from(name, spec.slots());
+            self.claim_slots(&record, now);
+            self.deployment_step(&record, now);
             return;
         }
         let fp = spec.task.fingerprint();
@@ -3712,6 +3780,7 @@ fn chunks_by_bytes(records: Vec<Arc<JobRecord>>, max: usize) -> Vec<Vec<Arc<JobR
 
 mod cron_jobs;
 mod drain;
+mod never;
 pub use drain::{NodeChange, NodeDrainStatus};
 
 #[cfg(test)]

@@ -33,6 +33,10 @@ pub struct Seen {
     pub view: ClusterView,
     /// Fewer than half of the members were alive in the last view.
     minority: bool,
+    /// More than half of the members were alive in the last view (what
+    /// a `partition = "never"` job needs to place or start: of two
+    /// halves exactly, neither acts).
+    majority: bool,
     /// Members back from the dead whose published copies are held in
     /// doubt until then: neither counted nor replaced.
     distrust: BTreeMap<Arc<str>, Instant>,
@@ -58,6 +62,7 @@ impl Seen {
         let minority = alive * 2 < counted;
         news.rejoined_majority = self.minority && !minority;
         self.minority = minority;
+        self.majority = alive * 2 > counted;
         // The old members against the new, in one walk over both (sorted
         // by name): no map of its own, since the last view holds the old
         // states (a map per node was N² memory in the simulator).
@@ -105,6 +110,11 @@ impl Seen {
     /// Whether this node sees itself cut off with a minority.
     pub fn minority(&self) -> bool {
         self.minority
+    }
+
+    /// Whether this node sees more than half of the members alive.
+    pub fn strict_majority(&self) -> bool {
+        self.majority
     }
 
     /// Whether `node`'s published copies are held in doubt now.

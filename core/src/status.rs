@@ -337,7 +337,14 @@ fn status_of(
                 let (reason, attempts) = reason_for(s, &record.name, slot)
                     .map(|(r, a)| (Some(r), a))
                     .unwrap_or((None, 0));
-                SlotStatus::without_copy(slot, None, SlotState::Pending, reason, attempts)
+                // A `never` job's slot waits for its holder.
+                let holder = s.desired().holder(&record.name, slot).map(str::to_string);
+                let reason = reason.or_else(|| {
+                    holder
+                        .as_ref()
+                        .map(|h| format!("held by {h}, which starts it"))
+                });
+                SlotStatus::without_copy(slot, holder, SlotState::Pending, reason, attempts)
             }
         });
     }

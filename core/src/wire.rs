@@ -101,6 +101,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         chunked: bool,
     },
+    /// The holder of a `partition = "never"` slot asks whether the peer
+    /// holds its claim (the claim record `name` at `version`, durable):
+    /// it starts the slot only once more than half of the members do.
+    HoldsClaim {
+        /// The claim record's name.
+        name: String,
+        /// Its version.
+        version: Version,
+    },
 }
 
 /// Largest log chunk one answer carries. JSON spends at most four bytes
@@ -174,6 +183,11 @@ pub enum Response {
         /// the cluster instead of handing back jobs the others have
         /// collected since.
         in_touch: bool,
+    },
+    /// The answer to [`Request::HoldsClaim`].
+    HoldsClaim {
+        /// The peer's record of that name is at that version.
+        holds: bool,
     },
     /// The call failed.
     Error(String),

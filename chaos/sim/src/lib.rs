@@ -161,6 +161,9 @@ enum Ev {
     Restart(usize),
     Resume(usize),
     Kill,
+    /// An operator forgets a crashed machine (`shoal node forget`), if it
+    /// is still down (its machine generation).
+    Forget(usize, u64),
     /// A client whose agent died before answering sends its request again.
     ClientRetry(ApiRequest),
 }
@@ -191,6 +194,7 @@ impl Ev {
             Ev::Restart { .. } => "Restart",
             Ev::Resume { .. } => "Resume",
             Ev::Kill => "Kill",
+            Ev::Forget(..) => "Forget",
             Ev::ClientRetry(..) => "ClientRetry",
         }
     }
@@ -367,6 +371,9 @@ pub struct Sim {
     events_processed: u64,
     /// Events handled, by kind (the report's `events_by_kind`).
     by_kind: BTreeMap<&'static str, u64>,
+    /// Starts of `partition = "never"` copies, and forgets issued.
+    never_starts: u64,
+    forgets: u64,
     /// The most events ever waiting (the report's `queue_max`).
     queue_max: usize,
     messages: u64,
@@ -514,6 +521,8 @@ impl Sim {
             next_job: 0,
             events_processed: 0,
             by_kind: BTreeMap::new(),
+            never_starts: 0,
+            forgets: 0,
             queue_max: 0,
             messages: 0,
             handling_start_request: false,
@@ -1199,6 +1208,38 @@ impl Sim {
                 );
             }
         }
+        // partition = "never": no other copy of the slot runs anywhere,
+        // whatever the faults (a stopping copy's process still runs).
+        let never = self
+            .checker
+            .accepted
+            .get(&spec.id.job)
+            .and_then(|r| r.spec.as_ref())
+            .is_some_and(|j| j.partition_policy() == shoal_core::job::PartitionPolicy::Never);
+        if never {
+            self.never_starts += 1;
+            let others: Vec<String> = self
+                .running()
+                .iter()
+                .filter(|r| {
+                    r.node != i && r.spec.id.job == spec.id.job && r.spec.id.slot == spec.id.slot
+                })
+                .map(|r| self.nodes[r.node].name.to_string())
+                .collect();
+            if !others.is_empty() {
+                let name = self.nodes[i].name.clone();
+                self.checker.violate(
+                    &format!("never twice: {}.{}", spec.id.job, spec.id.slot),
+                    format!(
+                        "never twice: {}.{} started on {name} at {:.2}s while it runs on {}",
+                        spec.id.job,
+                        spec.id.slot,
+                        self.t.as_secs_f64(),
+                        others.join(", ")
+                    ),
+                );
+            }
+        }
         let job = self.job_spec_of(i, spec);
         let running: Vec<Running> = self.nodes[i]
             .driver
@@ -1717,6 +1758,11 @@ impl Sim {
             7 => {
                 extra.push_str("partition = \"majority\"\n");
                 replicas
+            }
+            // Never two copies of a slot (see `on_instance_started`).
+            8 => {
+                extra.push_str("partition = \"never\"\n");
+                replicas.min(3)
             }
             _ => replicas,
         };
@@ -2420,6 +2466,15 @@ impl Sim {
     }
 
     fn inject(&mut self, f: &Fault, hold: Duration) {
+        if let (Fault::MachineCrash(i) | Fault::Wipe(i), Workload::Mixed) = (f, &self.opts.workload)
+        {
+            // Its processes died with it: an operator may forget it, just
+            // before it comes back (so that it comes back forgotten).
+            if hold >= Duration::from_millis(2_500) && self.nodes[*i].machine_up {
+                let mgen = self.nodes[*i].mgen + 1;
+                self.at(hold - Duration::from_millis(300), Ev::Forget(*i, mgen));
+            }
+        }
         match f {
             Fault::MachineCrash(i) => self.kill_machine(*i),
             Fault::AgentCrash(i) => self.kill_agent(*i),
@@ -2879,6 +2934,16 @@ impl Sim {
                     }
                 }
             }
+            Ev::Forget(i, mgen) => {
+                if self.nodes[i].mgen == mgen && !self.nodes[i].machine_up {
+                    self.forgets += 1;
+                    let node = self.nodes[i].name.clone();
+                    self.api_call(ApiRequest::Node {
+                        node: node.to_string(),
+                        change: shoal_core::scheduler::NodeChange::Forget,
+                    });
+                }
+            }
             Ev::ClientRetry(req) => {
                 self.digest.add(b"C");
                 self.api_call(req);
@@ -3330,6 +3395,8 @@ impl Sim {
             "wall_per_sim_second": (wall.as_secs_f64() / sim_seconds.max(1e-9) * 1000.0).round() / 1000.0,
             "events": self.events_processed,
             "events_by_kind": self.by_kind,
+            "never_starts": self.never_starts,
+            "forgets": self.forgets,
             "queue_max": self.queue_max,
             "messages": self.messages,
             "faults": self.faults,

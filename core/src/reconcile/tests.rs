@@ -34,6 +34,7 @@ fn job(name: &str, replicas: u32, batch: bool) -> JobRecord {
         promoted: false,
         deployment: None,
         node: None,
+        claim: None,
     }
 }
 

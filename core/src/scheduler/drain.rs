@@ -42,6 +42,8 @@ pub struct NodeDrainStatus {
     /// Whether this node counts the node's copies (alive, not held in
     /// doubt): else `left` is not known.
     pub reachable: bool,
+    /// Whether an operator forgot it (`shoal node forget`).
+    pub forgotten: bool,
     /// The setting record's version (the write that asked for it).
     pub version: crate::hlc::Version,
 }
@@ -154,6 +156,7 @@ impl Scheduler {
                     left: other + if keep { 0 } else { system },
                     system_left: if keep { 0 } else { system },
                     reachable: counts.is_some(),
+                    forgotten: s.forgotten.is_some(),
                     version: self
                         .desired
                         .get(&crate::records::node_record_name(node))
@@ -248,11 +251,45 @@ impl Scheduler {
             );
         }
         let current = self.desired.node_setting(&node).cloned();
+        // A forget stays through later settings (a claim written before
+        // it and heard of after it must not revive).
+        let forgotten = current.as_ref().and_then(|c| c.forgotten.clone());
         let setting = match change {
-            NodeChange::Eligible => None,
+            NodeChange::Forget => {
+                if node == *self.me {
+                    return self.answer(
+                        token,
+                        Err(ApiError::BadRequest(format!(
+                            "`{node}` is the node you asked; ask another node to forget it"
+                        ))),
+                    );
+                }
+                if self.seen.view.members.is_live(&node) {
+                    return self.answer(
+                        token,
+                        Err(ApiError::Conflict(format!(
+                            "node `{node}` is alive as {} sees it: forget is for a node that is gone for good \
+                             (its `never` slots would run twice). To move its work, `shoal node drain {node}`",
+                            self.me
+                        ))),
+                    );
+                }
+                // The version is the write's own (set in `write_with`).
+                Some(NodeSetting {
+                    eligible: current.as_ref().is_none_or(|c| c.eligible),
+                    drain: current.as_ref().and_then(|c| c.drain.clone()),
+                    forgotten: Some(crate::hlc::Version::default()),
+                })
+            }
+            NodeChange::Eligible => forgotten.clone().map(|f| NodeSetting {
+                eligible: true,
+                drain: None,
+                forgotten: Some(f),
+            }),
             NodeChange::Ineligible => Some(NodeSetting {
                 eligible: false,
                 drain: current.and_then(|c| c.drain),
+                forgotten: forgotten.clone(),
             }),
             NodeChange::Drain {
                 deadline,
@@ -277,13 +314,14 @@ impl Scheduler {
                         deadline_ms,
                         keep_system,
                     }),
+                    forgotten,
                 })
             }
         };
         let name = crate::records::node_record_name(&node);
         // A drain asked again restarts its clock; the others are the same
         // write twice.
-        if !matches!(change, NodeChange::Drain { .. })
+        if !matches!(change, NodeChange::Drain { .. } | NodeChange::Forget)
             && self.desired.node_setting(&node) == setting.as_ref()
         {
             // Nothing to write (a node never set is eligible already).
@@ -302,6 +340,12 @@ impl Scheduler {
             return;
         }
         self.write_with(token, name, now, |current, version| {
+            let mut setting = setting;
+            if let Some(f) = setting.as_mut().and_then(|s| s.forgotten.as_mut()) {
+                if matches!(change, NodeChange::Forget) {
+                    *f = version.clone();
+                }
+            }
             JobRecord::node_setting(current, &node, version, setting)
         });
     }
@@ -310,6 +354,10 @@ impl Scheduler {
 /// A change to a node's setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeChange {
+    /// Gone for good (`shoal node forget`): the slots of `partition =
+    /// "never"` jobs it held are placed elsewhere, and it stops its copies
+    /// of them if it comes back. Refused while the node is alive.
+    Forget,
     /// Takes new work again; any drain ends.
     Eligible,
     /// Takes no new work; what runs there stays.

@@ -83,6 +83,7 @@ fn record(version_ms: u64) -> Arc<JobRecord> {
         promoted: false,
         deployment: None,
         node: None,
+        claim: None,
     })
 }
 
@@ -646,6 +647,7 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
                 promoted: false,
                 deployment: None,
                 node: None,
+                claim: None,
             }
         })
         .collect();
