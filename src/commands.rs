@@ -269,9 +269,10 @@ pub enum NodeCommand {
     /// Declare a dead node gone for good: the slots of `partition =
     /// "never"` jobs it held are placed elsewhere (they wait for their
     /// node otherwise), and if it ever comes back it stops its copies of
-    /// them. Refused while the node is alive. Make sure it is really
-    /// down (powered off, cut off for good): a node that is only cut off
-    /// would run those slots a second time.
+    /// them. Refused while the node is alive. Make sure its work is
+    /// really gone (the machine powered off, or its processes killed): a
+    /// node that is only cut off, or whose agent died while its tasks
+    /// run, would run those slots a second time.
     Forget(NodeArgs),
 }
 

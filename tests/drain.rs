@@ -348,6 +348,16 @@ fn a_node_cut_off_with_a_minority_starts_no_majority_job() {
     wait_until("the service runs on n0", || {
         agents[0].count("up", "running", None) == 1
     });
+    // The batch slot says why it waits.
+    wait_until("the batch slot says it is held back", || {
+        agents[0].job("cut").is_some_and(|j| {
+            j.instances.iter().any(|i| {
+                i.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("held back") && r.contains("majority"))
+            })
+        })
+    });
     // An observation window, not a synchronisation: the batch job must
     // stay unstarted for it (n0 placed the service within it).
     std::thread::sleep(std::time::Duration::from_secs(3));

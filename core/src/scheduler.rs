@@ -2909,8 +2909,34 @@ impl Scheduler {
         // A side cut off with a minority places nothing of a `majority`
         // job (the majority's side re-places what it lost; what runs here
         // keeps running).
-        if !to_place.is_empty() && !self.holds_back(spec) {
-            self.begin_round(record.clone(), to_place, now);
+        if !to_place.is_empty() {
+            if self.holds_back(spec) {
+                // Said, without a backoff: the slots are placed as soon
+                // as this side sees a majority again.
+                let (alive, counted) = self.seen.view.members.alive_and_counted();
+                let why = format!(
+                    "held back: {} sees {alive} of {counted} members alive, and the job's \
+                     partition policy is `majority`: only a side that sees a majority starts it",
+                    self.me
+                );
+                for slot in to_place {
+                    if self
+                        .placing
+                        .backoff_of(name, slot)
+                        .is_none_or(|b| b.reason != why)
+                    {
+                        self.placing.failed(
+                            name,
+                            slot,
+                            why.clone(),
+                            now.mono,
+                            (Duration::ZERO, Duration::ZERO),
+                        );
+                    }
+                }
+            } else {
+                self.begin_round(record.clone(), to_place, now);
+            }
         }
         self.deployment_step(&record, now);
     }

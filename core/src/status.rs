@@ -139,8 +139,11 @@ pub fn instances(s: &Scheduler, now: Instant) -> Vec<InstanceRow> {
 
 /// One job's status.
 pub fn job_status(s: &Scheduler, name: &str, now: Instant) -> Option<JobStatus> {
-    // A node's setting shares the records' map; it is no job.
-    if crate::records::node_of_record(name).is_some() {
+    // A node's setting and a slot's claim share the records' map; they
+    // are no job.
+    if crate::records::node_of_record(name).is_some()
+        || crate::records::claim_of_record(name).is_some()
+    {
         return None;
     }
     let record = s.desired().get(name)?.clone();

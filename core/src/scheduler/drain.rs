@@ -239,8 +239,11 @@ impl Scheduler {
     /// `shoal node drain|eligible|ineligible`: writes node `node`'s
     /// setting (`None`: eligible again, the drain over).
     pub(super) fn set_node(&mut self, token: ApiToken, node: String, change: NodeChange, now: Now) {
+        // A dead node the membership dropped (15 minutes on) is still
+        // known by the claims it holds: forgetting it is how they move.
         let known = self.seen.view.members.get(&node).is_some()
             || self.desired.node_setting(&node).is_some()
+            || self.desired.claims().any(|(_, _, n, _)| n == node)
             || node == *self.me;
         if !known {
             return self.answer(

@@ -49,7 +49,18 @@ pub(super) struct HeldClaim {
     acks: BTreeSet<Arc<str>>,
     /// When it last asked.
     asked_at: Option<Instant>,
+    /// Starts refused here in a row (room, a port), and when to try
+    /// again: kept here, as the job's coordinator, if another node,
+    /// drops this node's placing state for the job.
+    refusals: u32,
+    retry_at: Option<Instant>,
 }
+
+/// Starts refused in a row after which the holder gives the slot up for
+/// the coordinator to place elsewhere (room or a port that stays taken:
+/// a claim reserves nothing, so another job may have filled the node
+/// while the claim settled).
+const REFUSALS_MAX: u32 = 5;
 
 /// Whether a job keeps its slots with their holders (`partition =
 /// "never"`).
@@ -120,11 +131,9 @@ impl Scheduler {
                             (self.config.retry_max, self.config.retry_max),
                         );
                     }
-                } else if self
-                    .placing
-                    .backoff_of(name, slot)
-                    .is_some_and(|b| b.reason.starts_with("its holder "))
-                {
+                } else {
+                    // Its holder's business now (a reason from before the
+                    // claim no longer holds).
                     self.placing.settled(name, slot);
                 }
                 continue;
@@ -229,18 +238,29 @@ impl Scheduler {
                     since: now.mono,
                     acks: BTreeSet::new(),
                     asked_at: None,
+                    refusals: 0,
+                    retry_at: None,
                 });
             if held.version != version {
                 held.version = version.clone();
                 held.acks.clear();
                 held.asked_at = None;
+                held.refusals = 0;
+                held.retry_at = None;
             }
+            let retry_at = held.retry_at;
             let seen_at = held.since;
             let local_live = self
                 .local
                 .get(&job, slot)
                 .is_some_and(|l| l.state.is_live() || l.stopping || l.restart_at.is_some());
             let record = self.desired.get(&job).cloned();
+            if record.is_none() {
+                // The claim came before the job's record (its push was
+                // lost): anti-entropy brings it. A collected job's claim
+                // was given up when its stop came.
+                continue;
+            }
             let spec = record.as_ref().and_then(|r| r.spec.as_ref());
             let in_flight = self.claim_in_flight(&claim_record_name(&job, slot));
             if spec.is_some_and(|s| !is_never(s)) {
@@ -272,7 +292,7 @@ impl Scheduler {
                             .get(&job, slot)
                             .is_some_and(|l| l.state == crate::instance::SlotState::Failed)))
                 || self.holds_back(spec)
-                || self.placing.backing_off(&job, slot, now.mono)
+                || retry_at.is_some_and(|t| t > now.mono)
                 || now.mono.saturating_duration_since(seen_at) < self.config.claim_settle
             {
                 continue;
@@ -306,18 +326,34 @@ impl Scheduler {
                 continue;
             }
             let refused = self.start_slots(record, &[slot], now);
-            for (slot, why) in refused {
-                // Room or a port: this node keeps the slot and tries again
-                // (another node could run it, but moving it would risk
-                // two copies for a wait).
-                self.counters.unplaceable += 1;
-                self.placing.failed(
-                    &job,
-                    slot,
-                    format!("{} holds it and cannot start it yet: {why}", self.me),
-                    now.mono,
-                    (self.config.retry_min, self.config.retry_max),
-                );
+            let Some((_, why)) = refused.into_iter().next() else {
+                if let Some(h) = self.claims_seen.get_mut(&(job.clone(), slot)) {
+                    h.refusals = 0;
+                    h.retry_at = None;
+                }
+                continue;
+            };
+            // Room or a port: this node keeps the slot and tries again
+            // with a backoff, then gives it up (no copy runs here, so the
+            // slot may go elsewhere).
+            self.counters.unplaceable += 1;
+            let (min, max) = (self.config.retry_min, self.config.retry_max);
+            let Some(h) = self.claims_seen.get_mut(&(job.clone(), slot)) else {
+                continue;
+            };
+            h.refusals = h.refusals.saturating_add(1);
+            let factor = 1u32.checked_shl(h.refusals.min(16)).unwrap_or(u32::MAX);
+            h.retry_at = now.mono.checked_add(min.saturating_mul(factor).min(max));
+            let give_up = h.refusals >= REFUSALS_MAX;
+            self.placing.failed(
+                &job,
+                slot,
+                format!("{} holds it and cannot start it: {why}", self.me),
+                now.mono,
+                (min, max),
+            );
+            if give_up && !self.claim_in_flight(&claim_record_name(&job, slot)) {
+                release.push((job, slot, None));
             }
         }
         self.write_claims(release, now);
@@ -331,6 +367,11 @@ impl Scheduler {
         let Some(held) = self.claims_seen.get_mut(&(job.to_string(), slot)) else {
             return false;
         };
+        // Only members still counted (one that left since no longer
+        // counts, nor does its answer).
+        let members = &self.seen.view.members;
+        held.acks
+            .retain(|p| members.get(p).is_some_and(|m| m.is_live()));
         if (held.acks.len() + 1) * 2 > counted {
             return true;
         }
