@@ -176,11 +176,21 @@ impl Placing {
                 attempts: 0,
                 reason: String::new(),
             });
-        let factor = 1u32.checked_shl(entry.attempts.min(16)).unwrap_or(u32::MAX);
-        let wait = retry_min.saturating_mul(factor).min(retry_max);
+        let wait = backoff_wait(entry.attempts, retry_min, retry_max);
         entry.attempts = entry.attempts.saturating_add(1);
         entry.next = now.checked_add(wait).unwrap_or(now);
         entry.reason = gossip::bounded(reason);
+    }
+
+    /// Says why a slot waits, with no backoff (it is tried as soon as the
+    /// wait ends), once: the same reason again changes nothing.
+    pub fn explain(&mut self, job: &str, slot: u32, reason: String, now: Instant) {
+        if self
+            .backoff_of(job, slot)
+            .is_none_or(|b| b.reason != reason)
+        {
+            self.failed(job, slot, reason, now, (Duration::ZERO, Duration::ZERO));
+        }
     }
 
     /// Whether a slot waits out a backoff now.
@@ -307,4 +317,11 @@ impl Placing {
         }
         self.published.publish(entries)
     }
+}
+
+/// The wait after `attempts` failed attempts: `retry_min * 2^attempts`,
+/// at most `retry_max`.
+pub fn backoff_wait(attempts: u32, retry_min: Duration, retry_max: Duration) -> Duration {
+    let factor = 1u32.checked_shl(attempts.min(16)).unwrap_or(u32::MAX);
+    retry_min.saturating_mul(factor).min(retry_max)
 }

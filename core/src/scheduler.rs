@@ -2920,19 +2920,7 @@ impl Scheduler {
                     self.me
                 );
                 for slot in to_place {
-                    if self
-                        .placing
-                        .backoff_of(name, slot)
-                        .is_none_or(|b| b.reason != why)
-                    {
-                        self.placing.failed(
-                            name,
-                            slot,
-                            why.clone(),
-                            now.mono,
-                            (Duration::ZERO, Duration::ZERO),
-                        );
-                    }
+                    self.placing.explain(name, slot, why.clone(), now.mono);
                 }
             } else {
                 self.begin_round(record.clone(), to_place, now);

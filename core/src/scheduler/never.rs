@@ -118,19 +118,7 @@ impl Scheduler {
                         "its holder {holder} is down or cut off, and the job's partition policy \
                          is `never`: it waits for {holder} to return or for `shoal node forget {holder}`"
                     );
-                    if self
-                        .placing
-                        .backoff_of(name, slot)
-                        .is_none_or(|b| b.reason != why)
-                    {
-                        self.placing.failed(
-                            name,
-                            slot,
-                            why,
-                            now.mono,
-                            (self.config.retry_max, self.config.retry_max),
-                        );
-                    }
+                    self.placing.explain(name, slot, why, now.mono);
                 } else {
                     // Its holder's business now (a reason from before the
                     // claim no longer holds).
@@ -342,8 +330,9 @@ impl Scheduler {
                 continue;
             };
             h.refusals = h.refusals.saturating_add(1);
-            let factor = 1u32.checked_shl(h.refusals.min(16)).unwrap_or(u32::MAX);
-            h.retry_at = now.mono.checked_add(min.saturating_mul(factor).min(max));
+            h.retry_at = now
+                .mono
+                .checked_add(crate::placing::backoff_wait(h.refusals, min, max));
             let give_up = h.refusals >= REFUSALS_MAX;
             self.placing.failed(
                 &job,
@@ -426,9 +415,6 @@ impl Scheduler {
     /// (a slot never claimed keeps its copies until its coordinator
     /// adopts one).
     pub(super) fn claim_lost(&self, job: &str, slot: u32) -> bool {
-        match self.desired.claim(job, slot) {
-            Some((holder, v)) => holder != &*self.me || self.desired.forgotten_since(holder, v),
-            None => false,
-        }
+        self.desired.claim(job, slot).is_some() && self.desired.holder(job, slot) != Some(&*self.me)
     }
 }
