@@ -217,7 +217,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         );
     }
     out_of_touch_check(&config, &store_path, seed_in_touch);
-    let (store, stored_jobs, stored_completions) = match Store::open_at_start(&store_path) {
+    let opened = match Store::open_at_start(&store_path) {
         Ok(opened) => opened,
         // Only a store that cannot be used is moved aside: the flag left in
         // a unit file must not throw away a healthy one at every restart
@@ -230,6 +230,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         }
         Err(e) => return Err(e),
     };
+    let crate::store::Opened {
+        store,
+        jobs: stored_jobs,
+        completions: stored_completions,
+        members: remembered,
+    } = opened;
     let stored_jobs = if config.drop_future_records {
         drop_future_records(&store, stored_jobs, config.scheduler.max_clock_offset_ms())?
     } else {
@@ -348,6 +354,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         seed,
         stored_jobs,
         stored_completions,
+        remembered,
         !config.join.is_empty(),
         crate::node::now(),
     );

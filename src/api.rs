@@ -531,6 +531,10 @@ pub struct Snapshot {
     /// What operators set on nodes: eligibility, and the drain with its
     /// progress.
     pub node_settings: std::collections::BTreeMap<String, (bool, Option<DrainView>, bool)>,
+    /// Members this node sees alive (itself included) of the members it
+    /// remembers (see `shoal_core::seen`): whether it is on a majority
+    /// side.
+    pub members: (usize, usize),
 }
 
 impl Snapshot {
@@ -570,6 +574,7 @@ impl Snapshot {
                     })
                     .collect()
             },
+            members: core.seen().alive_and_counted(),
             clock_skew: core.clock_skew(now).map(|s| {
                 format!(
                     "{s}, beyond max_clock_offset ({} ms); writes are refused here until \
@@ -1224,9 +1229,26 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
 }
 
 /// `ok` (200), or `degraded` (503) with each problem and what to do.
+/// Which side of a partition `alive` of `remembered` members is:
+/// `majority`, `half` or `minority` (`none` before the first view).
+pub fn side(alive: usize, remembered: usize) -> &'static str {
+    if remembered == 0 {
+        "none"
+    } else if alive * 2 > remembered {
+        "majority"
+    } else if alive * 2 == remembered {
+        "half"
+    } else {
+        "minority"
+    }
+}
+
 async fn health(State(state): State<ApiState>) -> Response {
     let name = state.view.borrow().self_name.clone();
-    let problems = problems(&state.snapshot.borrow(), &state.store_health);
+    let (problems, (alive, remembered)) = {
+        let snapshot = state.snapshot.borrow();
+        (problems(&snapshot, &state.store_health), snapshot.members)
+    };
     let status = if problems.is_empty() {
         StatusCode::OK
     } else {
@@ -1236,6 +1258,11 @@ async fn health(State(state): State<ApiState>) -> Response {
         "status": if problems.is_empty() { "ok" } else { "degraded" },
         "name": name,
         "problems": problems,
+        "members": {
+            "alive": alive,
+            "remembered": remembered,
+            "side": side(alive, remembered),
+        },
     });
     (status, Json(body)).into_response()
 }

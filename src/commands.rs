@@ -222,6 +222,25 @@ pub fn nodes(args: NodesArgs) -> Result<()> {
     for n in nodes.iter().filter(|n| !n.notes.is_empty()) {
         println!("note: {}: {}", n.name, n.notes.join("; "));
     }
+    // The asked node's side: what it may start.
+    if let Ok(h) = Client::new(&args.client).get::<serde_json::Value>("/v1/health") {
+        let m = &h["members"];
+        let (alive, remembered) = (m["alive"].as_u64(), m["remembered"].as_u64());
+        let side = m["side"].as_str().unwrap_or("");
+        if let (Some(alive), Some(remembered), "half" | "minority") = (alive, remembered, side) {
+            println!(
+                "note: {} sees {alive} of the {remembered} members it remembers alive ({side}): \
+                 it starts nothing new of jobs whose partition policy is {}; `shoal node forget \
+                 NODE` stops counting a dead node that will not return",
+                h["name"].as_str().unwrap_or("this node"),
+                if side == "minority" {
+                    "majority or never"
+                } else {
+                    "never"
+                }
+            );
+        }
+    }
     Ok(())
 }
 
@@ -269,7 +288,9 @@ pub enum NodeCommand {
     /// Declare a dead node gone for good: the slots of `partition =
     /// "never"` jobs it held are placed elsewhere (they wait for their
     /// node otherwise), and if it ever comes back it stops its copies of
-    /// them. Refused while the node is alive. Make sure its work is
+    /// them. Nodes also stop counting it when they decide whether they
+    /// see a majority (`partition = "majority"` and `"never"` jobs start
+    /// only there). Refused while the node is alive. Make sure its work is
     /// really gone (the machine powered off, or its processes killed): a
     /// node that is only cut off, or whose agent died while its tasks
     /// run, would run those slots a second time.

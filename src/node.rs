@@ -32,8 +32,9 @@ pub const API_PENDING_MAX: usize = 1024;
 /// Log reads and fetches in flight at once.
 pub const LOG_READS_MAX: usize = 16;
 
-/// Id of the store writes that delete collected jobs: no write of the
-/// core's (whose ids count up from 1) has it.
+/// Id of the store writes the core does not await (deletes of collected
+/// jobs, the remembered membership): no write of the core's (whose ids
+/// count up from 1) has it.
 const FORGET_WRITE: u64 = u64::MAX;
 
 /// Most output one log fetch returns (the API's `max_bytes` bound).
@@ -360,6 +361,7 @@ impl Shell {
                     jobs,
                     completions,
                     forget: Vec::new(),
+                    members: None,
                 };
                 if let Err(e) = self.store.try_send(job) {
                     let why = match e {
@@ -379,9 +381,24 @@ impl Shell {
                     jobs: Vec::new(),
                     completions: Vec::new(),
                     forget: jobs,
+                    members: None,
                 };
                 if self.store.try_send(job).is_err() {
                     debug!("the store's queue is full; collected jobs stay on disk for now");
+                }
+            }
+            Effect::Remember { members } => {
+                // Not reported either (the id matches no write): the core
+                // writes it again at its next change.
+                let job = WriteJob {
+                    id: FORGET_WRITE,
+                    jobs: Vec::new(),
+                    completions: Vec::new(),
+                    forget: Vec::new(),
+                    members: Some(members),
+                };
+                if self.store.try_send(job).is_err() {
+                    warn!("the store's queue is full; the remembered membership was not saved");
                 }
             }
             Effect::Publish { key, value } => {

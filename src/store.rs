@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const COMPLETIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("completions");
+/// The remembered membership (see `shoal_core::seen`): one key per member,
+/// no value.
+const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
 
 /// Longest stored record decoded, bytes (a job file is at most 1 MiB).
 const RECORD_LEN_MAX: usize = 2 * 1024 * 1024;
@@ -38,16 +41,27 @@ impl Store {
     /// Opens the store at `path` at an agent's start: a store that cannot
     /// be opened (corrupt; redb may even panic on some garbage) is an error
     /// that says what to do, never a crash loop.
-    /// Returns the store with every job record and completion it holds.
-    pub fn open_at_start(path: &Path) -> Result<(Store, Vec<JobRecord>, Vec<Completion>)> {
+    /// Returns the store with every job record, completion and remembered
+    /// member it holds.
+    pub fn open_at_start(path: &Path) -> Result<Opened> {
         let opened = std::panic::catch_unwind(|| Store::open(path));
         let why = match opened {
             Ok(Ok(store)) => {
                 // Every record must be readable too: a corrupt one would
                 // silently drop its job here. What is read is what the
                 // agent starts from (one pass over the store).
-                match store.jobs().and_then(|j| Ok((j, store.completions()?))) {
-                    Ok((jobs, completions)) => return Ok((store, jobs, completions)),
+                match store
+                    .jobs()
+                    .and_then(|j| Ok((j, store.completions()?, store.members()?)))
+                {
+                    Ok((jobs, completions, members)) => {
+                        return Ok(Opened {
+                            store,
+                            jobs,
+                            completions,
+                            members,
+                        })
+                    }
                     Err(e) => format!("{e:#}"),
                 }
             }
@@ -89,6 +103,7 @@ impl Store {
         let w = db.begin_write()?;
         w.open_table(JOBS)?;
         w.open_table(COMPLETIONS)?;
+        w.open_table(MEMBERS)?;
         w.commit()?;
         Ok(Store {
             db,
@@ -277,6 +292,45 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The remembered membership.
+    pub fn members(&self) -> Result<Vec<String>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(MEMBERS)?;
+        let mut out = Vec::new();
+        for item in t.iter()?.take(shoal_core::seen::REMEMBERED_MAX) {
+            out.push(item?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Replaces the remembered membership (one transaction).
+    pub fn remember(&self, members: &[String]) -> Result<()> {
+        let w = self.db.begin_write()?;
+        {
+            let mut t = w.open_table(MEMBERS)?;
+            t.retain(|_, _| false)?;
+            for m in members {
+                t.insert(m.as_str(), [].as_slice())?;
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+}
+
+/// What [`Store::open_at_start`] found.
+pub struct Opened {
+    /// The store.
+    pub store: Store,
+    /// Every job record (tombstones included).
+    pub jobs: Vec<JobRecord>,
+    /// Every completion.
+    pub completions: Vec<Completion>,
+    /// The remembered membership.
+    pub members: Vec<String>,
+}
+
 /// Depth of the queue in front of the store's writer.
 pub const WRITES_QUEUED_MAX: usize = 1024;
 
@@ -290,6 +344,8 @@ pub struct WriteJob {
     pub completions: Vec<Completion>,
     /// Collected jobs to delete (see [`Store::forget`]).
     pub forget: Vec<(String, Option<shoal_core::hlc::Version>)>,
+    /// A new remembered membership (see [`Store::remember`]).
+    pub members: Option<Vec<String>>,
 }
 
 /// Starts the store's writer: one blocking thread that commits writes in
@@ -322,6 +378,9 @@ pub fn spawn_writer(
                     store = Store::open(&path).map_err(|e| (format!("{e:#}"), path));
                 }
                 let result = match &store {
+                    Ok(s) if job.members.is_some() => s
+                        .remember(job.members.as_deref().unwrap_or_default())
+                        .map_err(|e| format!("{e:#}")),
                     Ok(s) if !job.forget.is_empty() => {
                         s.forget(&job.forget).map_err(|e| format!("{e:#}"))
                     }
@@ -387,6 +446,18 @@ mod tests {
             node: None,
             claim: None,
         }
+    }
+
+    #[test]
+    fn the_remembered_membership_is_replaced_whole_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let s = Store::open(&path).unwrap();
+        s.remember(&["a".into(), "b".into(), "c".into()]).unwrap();
+        s.remember(&["a".into(), "c".into()]).unwrap();
+        drop(s);
+        let opened = Store::open_at_start(&path).unwrap();
+        assert_eq!(opened.members, ["a", "c"]);
     }
 
     #[test]

@@ -127,6 +127,13 @@ pub struct SchedulerConfig {
     /// inclusive (`--port-range`; as Nomad's default, above the usual
     /// static ports and below Linux's ephemeral range, 32768-60999).
     pub port_range: (u16, u16),
+    /// A remembered member down this long is no longer counted when this
+    /// node decides whether it sees a majority (see [`crate::seen`]), and
+    /// only by a side that sees a majority. As long as the membership keeps
+    /// a dead member in the view: a shorter bound would let a side that
+    /// lost members for a while shrink the count a minority is measured
+    /// against while the lost side still runs.
+    pub remember_dead: Duration,
     /// Act before catching up with a peer (a joining node places and starts
     /// at once). Never set outside tests: the simulator's tests set it to
     /// show the batch reruns the catch-up gate prevents.
@@ -179,6 +186,7 @@ impl SchedulerConfig {
             gc_interval: Duration::from_secs(60),
             gc_batch_max: 1000,
             port_range: crate::ports::DEFAULT_RANGE,
+            remember_dead: Duration::from_secs(15 * 60),
             act_before_catch_up: false,
         }
     }

@@ -252,6 +252,14 @@ pub enum Effect {
         /// Completions.
         completions: Vec<Completion>,
     },
+    /// Make the remembered membership durable (replacing what the store
+    /// held; see [`crate::seen`]); give it to [`Scheduler::new`] at the next
+    /// start. Not reported: a failed write is made again at the next
+    /// change, and a restart that lost it counts against what it saw last.
+    Remember {
+        /// Every remembered member, this node included.
+        members: Vec<String>,
+    },
     /// Delete collected jobs from the store: each job's record if the store
     /// still holds it at that version (`None`: no record), and its
     /// completions. Not reported: a delete that fails leaves a tombstone
@@ -529,6 +537,7 @@ impl Scheduler {
         seed: u64,
         stored_jobs: Vec<JobRecord>,
         stored_completions: Vec<Completion>,
+        remembered: Vec<String>,
         joining: bool,
         now: Now,
     ) -> Scheduler {
@@ -553,6 +562,8 @@ impl Scheduler {
             now.mono
         };
         let started_with_state = !stored_jobs.is_empty() || !stored_completions.is_empty();
+        let mut seen = Seen::default();
+        seen.restore_remembered(remembered);
         Scheduler {
             started_with_state,
             desired: DesiredState::from_stored(stored_jobs, stored_completions),
@@ -560,7 +571,7 @@ impl Scheduler {
             drivers,
             rng: StdRng::seed_from_u64(seed),
             clock,
-            seen: Seen::default(),
+            seen,
             local: LocalInstances::default(),
             placing: Placing::default(),
             sync: AntiEntropy::new(!joining || config.act_before_catch_up),
@@ -860,17 +871,48 @@ impl Scheduler {
     /// A new view of the cluster.
     pub fn handle_view(&mut self, view: ClusterView, now: Now) -> Vec<Effect> {
         self.notice_stall(now);
+        let desired = &self.desired;
+        let forgotten = |n: &str| desired.node_setting(n).and_then(|s| s.forgotten.clone());
+        let remember = crate::seen::Remember {
+            me: &self.me,
+            dead_after: self.config.remember_dead,
+            forgotten: &forgotten,
+        };
         let news = self
             .seen
-            .update(&self.me, view, self.config.join_grace, now.mono);
+            .update(view, self.config.join_grace, &remember, now.mono);
         if news.rejoined_majority {
             self.recheck_local(now);
         }
+        self.remembered_to_disk();
         if news.member_added {
             self.placing.retry_now(None, now.mono);
         }
         self.dirty = true;
         self.take()
+    }
+
+    /// Brings the remembered membership up to date (forgets, the long
+    /// dead: see [`crate::seen`]) between views.
+    fn recount(&mut self, now: Now) {
+        let desired = &self.desired;
+        let forgotten = |n: &str| desired.node_setting(n).and_then(|s| s.forgotten.clone());
+        let remember = crate::seen::Remember {
+            me: &self.me,
+            dead_after: self.config.remember_dead,
+            forgotten: &forgotten,
+        };
+        if self.seen.recount(&remember, now.mono) {
+            self.recheck_local(now);
+        }
+        self.remembered_to_disk();
+    }
+
+    /// Makes the remembered membership durable if it changed.
+    fn remembered_to_disk(&mut self) {
+        if let Some(members) = self.seen.take_remembered() {
+            self.out.push(Effect::Remember { members });
+        }
     }
 
     /// A peer's request (always answered with an [`Effect::Reply`] for
@@ -2416,6 +2458,7 @@ impl Scheduler {
 
     fn pass(&mut self, now: Now) {
         self.counters.passes += 1;
+        self.recount(now);
         // Running copies whose checks are not watched yet (found after an
         // agent restart, or started before the view held this node).
         let unwatched: Vec<InstanceId> = self
@@ -2913,9 +2956,9 @@ impl Scheduler {
             if self.holds_back(spec) {
                 // Said, without a backoff: the slots are placed as soon
                 // as this side sees a majority again.
-                let (alive, counted) = self.seen.view.members.alive_and_counted();
+                let (alive, counted) = self.seen.alive_and_counted();
                 let why = format!(
-                    "held back: {} sees {alive} of {counted} members alive, and the job's \
+                    "held back: {} sees {alive} of the {counted} members it remembers alive, and the job's \
                      partition policy is `majority`: only a side that sees a majority starts it",
                     self.me
                 );

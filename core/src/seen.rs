@@ -1,16 +1,41 @@
 //! [`Seen`]: the cluster as this node sees it — the latest view, the
-//! members held in doubt after coming back from the dead, and whether this
-//! node is cut off with a minority.
+//! members held in doubt after coming back from the dead, the remembered
+//! membership, and whether this node is cut off with a minority of it.
+//!
+//! # The remembered membership
+//!
+//! A side of a partition counts the members it sees alive against the
+//! members it remembers, not against its view: the view forgets a dead
+//! member after a while (the membership drops it after 15 minutes), and a
+//! node restarted without seeds sees only itself. Counting the view, a
+//! minority cut off long enough, or one node restarted alone, would
+//! count itself a majority and start what a majority side may also start.
+//!
+//! The remembered membership is every member seen live, kept on disk
+//! ([`crate::Effect::Remember`]) so that a restart keeps it. It grows when
+//! a member is seen live and shrinks only three ways:
+//! - a member that left on purpose (`Left`: a graceful shutdown) goes at
+//!   once;
+//! - a member forgotten by an operator (`shoal node forget`) while this
+//!   node sees it down goes at once;
+//! - a member down for `remember_dead` goes, but only on a side that sees
+//!   a majority of the remembered members alive: a minority never shrinks
+//!   what it counts against, so it never talks itself into a majority.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_membership::NodeState;
 use shoal_placement::{Node, Resources};
 
+use crate::hlc::Version;
 use crate::instance::Published;
 use crate::view::ClusterView;
+
+/// Most members remembered (a bound on what a disk or the views can make
+/// this node keep; far above any cluster shoal targets).
+pub const REMEMBERED_MAX: usize = 100_000;
 
 /// What a new view changed that the scheduler must act on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -40,29 +65,46 @@ pub struct Seen {
     /// Members back from the dead whose published copies are held in
     /// doubt until then: neither counted nor replaced.
     distrust: BTreeMap<Arc<str>, Instant>,
+    /// The remembered membership (see the module's documentation),
+    /// this node included.
+    remembered: BTreeSet<Arc<str>>,
+    /// Since when each remembered member has been seen down (dead, or
+    /// gone from the view).
+    down_since: BTreeMap<Arc<str>, Instant>,
+    /// The forget (`shoal node forget`) of each node last applied: a
+    /// forget removes a node once, not again each time it is down.
+    forgets_applied: BTreeMap<Arc<str>, Version>,
+    /// Remembered members seen alive (this node included), and all
+    /// remembered members.
+    alive: usize,
+    counted: usize,
+    /// The remembered membership changed since it was last taken with
+    /// [`Seen::take_remembered`].
+    remembered_changed: bool,
+}
+
+/// What the remembered membership needs from the rest of the node.
+pub struct Remember<'a> {
+    /// This node's name.
+    pub me: &'a str,
+    /// A member down this long is no longer counted (by a side that sees
+    /// a majority).
+    pub dead_after: Duration,
+    /// The version of the latest `shoal node forget` of a node, if any.
+    pub forgotten: &'a dyn Fn(&str) -> Option<Version>,
 }
 
 impl Seen {
     /// Takes a new view.
     pub fn update(
         &mut self,
-        me: &str,
         view: ClusterView,
         grace: Duration,
+        remember: &Remember<'_>,
         now: Instant,
     ) -> ViewNews {
+        let me = remember.me;
         let mut news = ViewNews::default();
-        // Cut off with a minority (fewer than half of the members alive),
-        // this node was most likely declared dead by the rest, who replaced
-        // its copies. When the majority is back, its copies are re-checked
-        // against theirs like after a restart, so that the cluster's
-        // replacements stay and this side's go (the conflict rule alone
-        // would keep the older copy, this side's).
-        let (alive, counted) = view.members.alive_and_counted();
-        let minority = alive * 2 < counted;
-        news.rejoined_majority = self.minority && !minority;
-        self.minority = minority;
-        self.majority = alive * 2 > counted;
         // The old members against the new, in one walk over both (sorted
         // by name): no map of its own, since the last view holds the old
         // states (a map per node was N² memory in the simulator).
@@ -104,15 +146,136 @@ impl Seen {
         }
         self.distrust.retain(|_, until| *until > now);
         self.view = view;
+        news.rejoined_majority = self.recount(remember, now);
         news
     }
 
-    /// Whether this node sees itself cut off with a minority.
+    /// Restores the remembered membership a disk held (names that are not
+    /// valid node names are dropped; at most [`REMEMBERED_MAX`]).
+    pub fn restore_remembered(&mut self, names: impl IntoIterator<Item = String>) {
+        for n in names
+            .into_iter()
+            .filter(|n| shoal_membership::record::valid_node_name(n))
+            .take(REMEMBERED_MAX)
+        {
+            self.remembered.insert(Arc::from(n));
+        }
+    }
+
+    /// Brings the remembered membership and the minority and majority
+    /// flags up to date with the view and the forgets (see the module's
+    /// documentation). Returns whether this node was cut off with a
+    /// minority and sees a majority again.
+    ///
+    /// Cut off with a minority (fewer than half of the remembered members
+    /// alive), this node was most likely declared dead by the rest, who
+    /// replaced its copies. When the majority is back, its copies are
+    /// re-checked against theirs like after a restart, so that the
+    /// cluster's replacements stay and this side's go (the conflict rule
+    /// alone would keep the older copy, this side's).
+    pub fn recount(&mut self, remember: &Remember<'_>, now: Instant) -> bool {
+        let me = remember.me;
+        let mut changed = false;
+        if !self.remembered.contains(me) {
+            self.remembered.insert(Arc::from(me));
+            changed = true;
+        }
+        for m in self.view.members.iter() {
+            if &*m.name == me {
+                continue;
+            }
+            if m.is_live() {
+                self.down_since.remove(&m.name);
+                if self.remembered.len() < REMEMBERED_MAX && self.remembered.insert(m.name.clone())
+                {
+                    changed = true;
+                }
+            } else if m.state == NodeState::Left && self.remembered.remove(&m.name) {
+                changed = true;
+            }
+        }
+        let members = &self.view.members;
+        let live = |n: &str| n == me || members.is_live(n);
+        let mut forgotten = Vec::new();
+        for n in &self.remembered {
+            if !live(n) {
+                self.down_since.entry(n.clone()).or_insert(now);
+            }
+            // A forget applies once: to a member seen down when it
+            // arrives. One seen live (this side hears it; the forget was
+            // written where it was down) stays, and so does one that
+            // came back after its forget and is down again.
+            if let Some(v) = (remember.forgotten)(n) {
+                if self.forgets_applied.get(n) != Some(&v) {
+                    if !live(n) {
+                        forgotten.push(n.clone());
+                    }
+                    self.forgets_applied.insert(n.clone(), v);
+                }
+            }
+        }
+        for n in forgotten {
+            changed |= self.remembered.remove(&n);
+        }
+        let mut alive = self.remembered.iter().filter(|n| live(n)).count();
+        if alive * 2 > self.remembered.len() {
+            // Only a side that sees a majority lets the long dead go.
+            let before = self.remembered.len();
+            let down_since = &self.down_since;
+            self.remembered.retain(|n| {
+                live(n)
+                    || down_since.get(n).is_none_or(|since| {
+                        now.saturating_duration_since(*since) < remember.dead_after
+                    })
+            });
+            changed |= self.remembered.len() != before;
+            alive = self.remembered.iter().filter(|n| live(n)).count();
+        }
+        let remembered = &self.remembered;
+        self.down_since.retain(|n, _| remembered.contains(n));
+        if self.forgets_applied.len() > REMEMBERED_MAX {
+            self.forgets_applied.retain(|n, _| remembered.contains(n));
+        }
+        self.remembered_changed |= changed;
+        let counted = self.remembered.len();
+        self.alive = alive;
+        self.counted = counted;
+        let minority = alive * 2 < counted;
+        let rejoined = self.minority && !minority;
+        self.minority = minority;
+        self.majority = alive * 2 > counted;
+        rejoined
+    }
+
+    /// The remembered membership if it changed since last taken (to be
+    /// made durable).
+    pub fn take_remembered(&mut self) -> Option<Vec<String>> {
+        if !std::mem::take(&mut self.remembered_changed) {
+            return None;
+        }
+        Some(self.remembered.iter().map(|n| n.to_string()).collect())
+    }
+
+    /// The remembered membership (this node included).
+    pub fn remembered(&self) -> &BTreeSet<Arc<str>> {
+        &self.remembered
+    }
+
+    /// Remembered members seen alive (suspects count as alive; this node
+    /// included), and all remembered members: what the minority and
+    /// majority flags compare.
+    pub fn alive_and_counted(&self) -> (usize, usize) {
+        (self.alive, self.counted)
+    }
+
+    /// Whether this node sees itself cut off with a minority of the
+    /// remembered members.
     pub fn minority(&self) -> bool {
         self.minority
     }
 
-    /// Whether this node sees more than half of the members alive.
+    /// Whether this node sees more than half of the remembered members
+    /// alive.
     pub fn strict_majority(&self) -> bool {
         self.majority
     }
@@ -177,5 +340,219 @@ impl Seen {
                 n
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::view::{MemberView, Members};
+    use shoal_membership::NodeRecord;
+
+    fn member(name: &str, state: NodeState) -> MemberView {
+        MemberView {
+            name: Arc::from(name),
+            generation: 1,
+            state,
+            record: Arc::new(NodeRecord {
+                name: name.into(),
+                address: "127.0.0.1:7000".parse().unwrap(),
+                labels: Default::default(),
+                capacity: shoal_membership::Capacity {
+                    cpu_millis: 1000,
+                    memory_mib: 1024,
+                },
+                drivers: Vec::new(),
+                version: "t".into(),
+                http: None,
+                notes: Vec::new(),
+            }),
+        }
+    }
+
+    fn view(members: &[(&str, NodeState)]) -> ClusterView {
+        ClusterView {
+            members: Arc::new(Members::new(members.iter().map(|(n, s)| member(n, *s)))),
+            ..ClusterView::default()
+        }
+    }
+
+    /// A base instant for the tests (the core itself never reads the
+    /// clock).
+    #[allow(clippy::disallowed_methods)]
+    fn base() -> Instant {
+        Instant::now()
+    }
+
+    const DEAD_AFTER: Duration = Duration::from_secs(900);
+
+    fn update(seen: &mut Seen, v: ClusterView, forgotten: &[(&str, u64)], now: Instant) -> bool {
+        let f = |n: &str| {
+            forgotten
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map(|(m, ms)| Version {
+                    hlc: Hlc {
+                        wall_ms: *ms,
+                        logical: 0,
+                    },
+                    node: (*m).into(),
+                })
+        };
+        let r = Remember {
+            me: "a",
+            dead_after: DEAD_AFTER,
+            forgotten: &f,
+        };
+        seen.update(v, Duration::from_secs(2), &r, now)
+            .rejoined_majority
+    }
+
+    use NodeState::{Alive, Dead, Left};
+
+    fn names(seen: &Seen) -> Vec<&str> {
+        seen.remembered().iter().map(|n| &**n).collect()
+    }
+
+    #[test]
+    fn a_node_restarted_alone_counts_the_members_it_remembers() {
+        let t = base();
+        let mut seen = Seen::default();
+        seen.restore_remembered(["a", "b", "c", "../x", ""].map(String::from));
+        update(&mut seen, view(&[("a", Alive)]), &[], t);
+        assert_eq!(names(&seen), ["a", "b", "c"], "invalid names dropped");
+        assert!(seen.minority(), "1 of 3 remembered is a minority");
+        assert!(!seen.strict_majority());
+        // Its peers come back: a majority again, and it says so.
+        let rejoined = update(&mut seen, view(&[("a", Alive), ("b", Alive)]), &[], t);
+        assert!(rejoined && seen.strict_majority() && !seen.minority());
+    }
+
+    #[test]
+    fn only_a_majority_side_lets_the_long_dead_go() {
+        let t = base();
+        let five = [
+            ("a", Alive),
+            ("b", Alive),
+            ("c", Alive),
+            ("d", Alive),
+            ("e", Alive),
+        ];
+        // The majority side: a, b, c see d and e dead.
+        let mut major = Seen::default();
+        update(&mut major, view(&five), &[], t);
+        assert_eq!(major.take_remembered().unwrap().len(), 5);
+        assert_eq!(major.take_remembered(), None, "taken once per change");
+        let split = [
+            ("a", Alive),
+            ("b", Alive),
+            ("c", Alive),
+            ("d", Dead),
+            ("e", Dead),
+        ];
+        update(&mut major, view(&split), &[], t);
+        update(
+            &mut major,
+            view(&split),
+            &[],
+            t + DEAD_AFTER - Duration::from_secs(1),
+        );
+        assert_eq!(
+            major.alive_and_counted(),
+            (3, 5),
+            "not before remember_dead"
+        );
+        // The membership dropped them from the view meanwhile: gone from
+        // the view is down too.
+        let dropped = [("a", Alive), ("b", Alive), ("c", Alive)];
+        update(&mut major, view(&dropped), &[], t + DEAD_AFTER);
+        assert_eq!(names(&major), ["a", "b", "c"]);
+        assert_eq!(major.take_remembered().unwrap(), ["a", "b", "c"]);
+        // The minority side (a, with b..e dead) never shrinks: it stays a
+        // minority however long the partition lasts, even once its view
+        // forgot the others.
+        let mut minor = Seen::default();
+        update(&mut minor, view(&five), &[], t);
+        update(&mut minor, view(&[("a", Alive)]), &[], t);
+        update(&mut minor, view(&[("a", Alive)]), &[], t + DEAD_AFTER * 10);
+        assert_eq!(minor.alive_and_counted(), (1, 5));
+        assert!(minor.minority());
+    }
+
+    #[test]
+    fn a_leave_and_a_forget_lower_the_count_at_once() {
+        let t = base();
+        let mut seen = Seen::default();
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Alive), ("c", Alive)]),
+            &[],
+            t,
+        );
+        // c leaves on purpose, b dies: 1 of 2.
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Dead), ("c", Left)]),
+            &[],
+            t,
+        );
+        assert_eq!(seen.alive_and_counted(), (1, 2));
+        assert!(!seen.minority() && !seen.strict_majority(), "half exactly");
+        // The operator forgets b: 1 of 1.
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Dead)]),
+            &[("b", 10)],
+            t,
+        );
+        assert_eq!(names(&seen), ["a"]);
+        assert!(seen.strict_majority());
+        // b returns: counted again, and the old forget, applied once, does
+        // not drop it when it dies again.
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Alive)]),
+            &[("b", 10)],
+            t,
+        );
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Dead)]),
+            &[("b", 10)],
+            t,
+        );
+        assert_eq!(seen.alive_and_counted(), (1, 2));
+        // A later forget does.
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Dead)]),
+            &[("b", 20)],
+            t,
+        );
+        assert_eq!(seen.alive_and_counted(), (1, 1));
+    }
+
+    #[test]
+    fn a_forget_of_a_member_seen_live_does_not_drop_it() {
+        let t = base();
+        let mut seen = Seen::default();
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Alive)]),
+            &[("b", 10)],
+            t,
+        );
+        update(
+            &mut seen,
+            view(&[("a", Alive), ("b", Dead)]),
+            &[("b", 10)],
+            t,
+        );
+        assert_eq!(
+            seen.alive_and_counted(),
+            (1, 2),
+            "the forget was applied while b was live"
+        );
     }
 }

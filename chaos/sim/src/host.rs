@@ -18,6 +18,8 @@ pub struct SimStore {
     pub jobs: BTreeMap<String, Arc<JobRecord>>,
     /// Completions.
     pub completions: BTreeMap<(String, u32), Completion>,
+    /// The remembered membership.
+    pub members: Vec<String>,
 }
 
 impl SimStore {

@@ -64,6 +64,10 @@ const SWIM_TICK: Duration = Duration::from_millis(20);
 const SAMPLE: Duration = Duration::from_millis(100);
 /// The benchmark workload is submitted once the cluster has formed.
 const BULK_AT: Duration = Duration::from_secs(5);
+/// How long after the network or a node's liveness changed the truth's
+/// minority check applies: failure detection (a few seconds with SWIM
+/// under loss) plus a view's spread, with a margin.
+const MINORITY_SETTLE: Duration = Duration::from_secs(5);
 /// Oracle membership: a failure is suspected this long after it happens.
 const ORACLE_SUSPECT: Duration = Duration::from_millis(200);
 /// Oracle membership: and declared dead this long after (fd-bench measured
@@ -386,6 +390,12 @@ pub struct Sim {
     down_since: Vec<Option<Duration>>,
     /// When the network last split or healed.
     split_since: Duration,
+    /// When the network or a node's liveness last changed (the truth the
+    /// minority check measures against settles this long after).
+    net_changed_at: Duration,
+    /// Nodes down that left on purpose or were forgotten: no longer
+    /// members by the truth's count (until their agent starts again).
+    uncounted: Vec<bool>,
     /// Times at which an oracle rebuild is scheduled.
     oracle_pending: BTreeSet<Duration>,
     /// (bench) when the workload was submitted, when every slot first
@@ -529,6 +539,8 @@ impl Sim {
             oracle: BTreeMap::new(),
             down_since: vec![None; n],
             split_since: Duration::ZERO,
+            net_changed_at: Duration::ZERO,
+            uncounted: Vec::new(),
             oracle_pending: BTreeSet::new(),
             submitted_at: None,
             all_running_at: None,
@@ -592,6 +604,7 @@ impl Sim {
     // ---- nodes ----
 
     fn start_agent(&mut self, i: usize, joining: bool) {
+        self.set_uncounted(i, false);
         let node = &mut self.nodes[i];
         node.gen += 1;
         node.agent_up = true;
@@ -611,6 +624,7 @@ impl Sim {
             seed,
             store.jobs.into_values().map(|r| (*r).clone()).collect(),
             store.completions.into_values().collect(),
+            store.members,
             joining,
             now,
         );
@@ -752,6 +766,43 @@ impl Sim {
             }
         }
         self.kill_agent(i);
+        self.set_uncounted(i, true);
+    }
+
+    fn set_uncounted(&mut self, i: usize, v: bool) {
+        if self.uncounted.len() < self.nodes.len() {
+            self.uncounted.resize(self.nodes.len(), false);
+        }
+        self.uncounted[i] = v;
+    }
+
+    /// Whether node `i` is, in truth, cut off with a minority of the
+    /// members, and has been since the network and the nodes' liveness
+    /// last changed at least `settle` ago: it is linked (in either
+    /// direction) with fewer than half of the members that did not leave
+    /// or were not forgotten. Independent of what the node itself
+    /// believes. Either direction, not both: a node whose messages out are
+    /// cut but that hears the others (a one-way partition) sees them alive
+    /// and cannot tell (seed 76 with both: a start on the sending-only
+    /// side; the `never` policy's confirmation round trip covers that case
+    /// for the jobs that must never run twice).
+    fn truly_minority(&self, i: usize, settle: Duration) -> bool {
+        if self.t < self.net_changed_at + settle {
+            return false;
+        }
+        let n = self.nodes.len();
+        let counted = (0..n)
+            .filter(|&j| !self.uncounted.get(j).copied().unwrap_or(false))
+            .count();
+        let reach = (0..n)
+            .filter(|&j| {
+                j == i
+                    || (self.nodes[j].agent_up
+                        && !self.paused(j)
+                        && (self.link_up(i, j) || self.link_up(j, i)))
+            })
+            .count();
+        reach * 2 < counted
     }
 
     fn paused(&self, i: usize) -> bool {
@@ -1101,6 +1152,7 @@ impl Sim {
                     },
                 ),
                 Effect::Forget { jobs } => self.nodes[i].store.forget(&jobs),
+                Effect::Remember { members } => self.nodes[i].store.members = members,
                 Effect::Publish { key, value } => self.gossip.set_key(i, key, value),
                 Effect::PublishLoad(load) => self.gossip.set_load(i, load),
                 Effect::Answer { token, answer } => {
@@ -1182,6 +1234,22 @@ impl Sim {
                 };
                 policy == shoal_core::job::PartitionPolicy::Majority
             });
+            // The same against the truth (the network as it is), so that a
+            // node wrong about its own side is caught too: once failure
+            // detection had its time.
+            if !minority && majority && self.truly_minority(i, MINORITY_SETTLE) {
+                let name = self.nodes[i].name.clone();
+                self.checker.violate(
+                    &format!("minority start (truth): {}", spec.id.job),
+                    format!(
+                        "{name} reaches fewer than half of the members, and has for {:?}, yet \
+                         started {} of a job whose partition policy is majority at {:.2}s",
+                        self.t - self.net_changed_at,
+                        spec.id,
+                        self.t.as_secs_f64()
+                    ),
+                );
+            }
             if minority && majority {
                 let name = self.nodes[i].name.clone();
                 self.checker.violate(
@@ -1481,6 +1549,7 @@ impl Sim {
     /// A node's liveness changed (oracle membership): its new state shows
     /// after SWIM's measured delays.
     fn oracle_changed(&mut self) {
+        self.net_changed_at = self.t;
         if self.opts.membership != MembershipMode::Oracle {
             return;
         }
@@ -2517,6 +2586,7 @@ impl Sim {
                 }
                 let after = self.gossip_of.clone();
                 self.gossip.split(&before, &after);
+                self.net_changed_at = self.t;
             }
             Fault::Loss(p) => self.loss = *p,
             Fault::Delay(d) => self.extra_latency = *d,
@@ -2937,6 +3007,7 @@ impl Sim {
             Ev::Forget(i, mgen) => {
                 if self.nodes[i].mgen == mgen && !self.nodes[i].machine_up {
                     self.forgets += 1;
+                    self.set_uncounted(i, true);
                     let node = self.nodes[i].name.clone();
                     self.api_call(ApiRequest::Node {
                         node: node.to_string(),

@@ -240,8 +240,10 @@ impl Scheduler {
     /// setting (`None`: eligible again, the drain over).
     pub(super) fn set_node(&mut self, token: ApiToken, node: String, change: NodeChange, now: Now) {
         // A dead node the membership dropped (15 minutes on) is still
-        // known by the claims it holds: forgetting it is how they move.
+        // known by the claims it holds and by the remembered membership:
+        // forgetting it is how they move, and how a side stops counting it.
         let known = self.seen.view.members.get(&node).is_some()
+            || self.seen.remembered().contains(node.as_str())
             || self.desired.node_setting(&node).is_some()
             || self.desired.claims().any(|(_, _, n, _)| n == node)
             || node == *self.me;

@@ -352,15 +352,16 @@ impl Scheduler {
     /// the slot (this node and the peers that said so); asks the others
     /// again every [`CLAIM_ASK_INTERVAL`] until they do.
     fn claim_confirmed(&mut self, job: &str, slot: u32, now: Now) -> bool {
-        let (_, counted) = self.seen.view.members.alive_and_counted();
+        let (_, counted) = self.seen.alive_and_counted();
         let Some(held) = self.claims_seen.get_mut(&(job.to_string(), slot)) else {
             return false;
         };
-        // Only members still counted (one that left since no longer
-        // counts, nor does its answer).
+        // Only remembered members still live (one that left or died since
+        // no longer counts, nor does its answer).
         let members = &self.seen.view.members;
+        let remembered = self.seen.remembered();
         held.acks
-            .retain(|p| members.get(p).is_some_and(|m| m.is_live()));
+            .retain(|p| remembered.contains(p) && members.get(p).is_some_and(|m| m.is_live()));
         if (held.acks.len() + 1) * 2 > counted {
             return true;
         }

@@ -61,6 +61,7 @@ fn scheduler(me: &str, joining: bool, base: Instant) -> Scheduler {
         7,
         Vec::new(),
         Vec::new(),
+        Vec::new(),
         joining,
         now(base, 0),
     )
@@ -461,6 +462,7 @@ fn a_write_that_would_lose_to_a_future_version_is_refused() {
         7,
         vec![stored],
         Vec::new(),
+        Vec::new(),
         false,
         now(base, 0),
     );
@@ -567,6 +569,7 @@ fn stopped_jobs_are_collected_after_job_gc_after_and_not_taken_back() {
         7,
         vec![stopped.clone(), live.clone()],
         vec![done.clone()],
+        Vec::new(),
         false,
         now(base, 0),
     );
@@ -660,6 +663,7 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
         1,
         stored,
         Vec::new(),
+        Vec::new(),
         false,
         now(base, 0),
     );
@@ -668,6 +672,7 @@ fn an_empty_node_catches_up_with_100_000_jobs_in_messages_that_fit_a_frame() {
         "n1",
         drivers,
         2,
+        Vec::new(),
         Vec::new(),
         Vec::new(),
         true,
