@@ -535,11 +535,57 @@ pub struct Snapshot {
     /// remembers (see `shoal_core::seen`): whether it is on a majority
     /// side.
     pub members: (usize, usize),
+    /// The service catalog (see `shoal_core::catalog`).
+    pub catalog: std::sync::Arc<shoal_core::catalog::Catalog>,
+    /// Per service, the catalog index at which it last changed (watches
+    /// wait for it to move; see [`CatalogIndex`]).
+    pub catalog_index: std::sync::Arc<CatalogIndex>,
+}
+
+/// Per-service change counters of one agent's catalog: a watch
+/// (`?index=N`) returns once its service's index differs from N. An
+/// index means something only to the agent that gave it (as Consul's
+/// `X-Consul-Index`); one that went backwards (the agent restarted) also
+/// returns at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatalogIndex {
+    /// The last index given (every change of any service takes the next).
+    pub last: u64,
+    /// Each service's index.
+    pub of: std::collections::BTreeMap<String, u64>,
+}
+
+impl CatalogIndex {
+    /// The index after `now` replaced `before`: each changed, new or
+    /// removed service takes the next index (one for the whole step).
+    pub fn step(
+        &self,
+        before: &shoal_core::catalog::Catalog,
+        now: &shoal_core::catalog::Catalog,
+    ) -> CatalogIndex {
+        let next = self.last.saturating_add(1);
+        let mut out = CatalogIndex {
+            last: self.last,
+            of: std::collections::BTreeMap::new(),
+        };
+        for (name, svc) in now {
+            let idx = match (before.get(name), self.of.get(name)) {
+                (Some(old), Some(i)) if old == svc => *i,
+                _ => next,
+            };
+            out.of.insert(name.clone(), idx);
+        }
+        let removed = before.keys().any(|n| !now.contains_key(n));
+        if removed || out.of.values().any(|i| *i == next) {
+            out.last = next;
+        }
+        out
+    }
 }
 
 impl Snapshot {
     /// The snapshot of a scheduler's state.
-    pub fn of(core: &shoal_core::Scheduler, now: std::time::Instant) -> Snapshot {
+    pub fn of(core: &mut shoal_core::Scheduler, now: std::time::Instant) -> Snapshot {
         Snapshot {
             jobs: status::job_statuses(core, now)
                 .iter()
@@ -575,6 +621,8 @@ impl Snapshot {
                     .collect()
             },
             members: core.seen().alive_and_counted(),
+            catalog: core.catalog(),
+            catalog_index: Default::default(),
             clock_skew: core.clock_skew(now).map(|s| {
                 format!(
                     "{s}, beyond max_clock_offset ({} ms); writes are refused here until \
@@ -945,6 +993,209 @@ async fn logs(
         Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
         Err(resp) => resp,
     }
+}
+
+/// What `/v1/services` and `/v1/services/{name}` take.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceQuery {
+    /// Passing instances only (the default), or all with `false`.
+    #[serde(default = "yes")]
+    pub passing: bool,
+    /// Instances on this node first.
+    #[serde(default)]
+    pub near: Option<String>,
+    /// A watch: answer once the index differs from this one (or `wait`
+    /// passed).
+    #[serde(default)]
+    pub index: Option<u64>,
+    /// How long a watch waits at most (default 60s, at most 5m).
+    #[serde(default)]
+    pub wait: Option<String>,
+}
+
+/// Longest a catalog watch waits.
+pub const WATCH_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+/// A catalog watch's wait when none is given.
+pub const WATCH_WAIT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One service as `/v1/services/{name}` and `shoal service show --json`
+/// show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceView {
+    /// Its name.
+    pub name: String,
+    /// The catalog index it was last changed at (watch with `?index=`).
+    pub index: u64,
+    /// Its instances: passing ones only unless `?passing=false`, those on
+    /// `?near=NODE` first, then shuffled.
+    pub instances: Vec<shoal_core::catalog::Instance>,
+}
+
+/// One line of `/v1/services`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceSummary {
+    /// Its name.
+    pub name: String,
+    /// The catalog index it was last changed at.
+    pub index: u64,
+    /// Instances listed (any health).
+    pub instances: usize,
+    /// Those passing.
+    pub passing: usize,
+    /// The jobs serving it.
+    pub jobs: Vec<String>,
+}
+
+/// `/v1/services` as a whole (the list and the catalog's index).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceList {
+    /// The catalog's index (watch with `?index=`).
+    pub index: u64,
+    /// Every service.
+    pub services: Vec<ServiceSummary>,
+}
+
+/// The wait of a watch, or why `wait` is not one (a 400).
+fn watch_wait(q: &ServiceQuery) -> Result<std::time::Duration, String> {
+    match &q.wait {
+        None => Ok(WATCH_WAIT_DEFAULT),
+        Some(w) => match humantime::parse_duration(w) {
+            Ok(d) => Ok(d.min(WATCH_WAIT_MAX)),
+            Err(e) => Err(format!(
+                "wait: `{w}` is not a duration ({e}); e.g. `wait=30s`, at most 5m"
+            )),
+        },
+    }
+}
+
+/// Waits (a watch) until `index_of(snapshot)` differs from `index`, or
+/// `wait` passed; returns the snapshot to answer from.
+async fn watch(
+    state: &ApiState,
+    index: Option<u64>,
+    wait: std::time::Duration,
+    index_of: impl Fn(&Snapshot) -> u64,
+) -> std::sync::Arc<Snapshot> {
+    let mut rx = state.snapshot.clone();
+    let Some(index) = index else {
+        return rx.borrow_and_update().clone();
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        if index_of(&snap) != index {
+            return snap;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return rx.borrow().clone(),
+        }
+    }
+}
+
+async fn list_services(
+    State(state): State<ApiState>,
+    q: Result<Query<ServiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let wait = match watch_wait(&q) {
+        Ok(w) => w,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    let snap = watch(&state, q.index, wait, |s| s.catalog_index.last).await;
+    let services = snap
+        .catalog
+        .iter()
+        .map(|(name, svc)| {
+            let mut jobs: Vec<String> = svc.instances.iter().map(|i| i.job.clone()).collect();
+            jobs.dedup();
+            ServiceSummary {
+                name: name.clone(),
+                index: snap.catalog_index.of.get(name).copied().unwrap_or(0),
+                instances: svc.instances.len(),
+                passing: svc.passing().count(),
+                jobs,
+            }
+        })
+        .collect();
+    let mut resp = Json(ServiceList {
+        index: snap.catalog_index.last,
+        services,
+    })
+    .into_response();
+    index_header(&mut resp, snap.catalog_index.last);
+    resp
+}
+
+fn index_header(resp: &mut Response, index: u64) {
+    if let Ok(v) = header::HeaderValue::from_str(&index.to_string()) {
+        resp.headers_mut().insert("x-shoal-index", v);
+    }
+}
+
+async fn get_service(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    q: Result<Query<ServiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if !shoal_core::catalog::valid_service_name(&name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{}` is not a service name (lower-case letters, digits and '-')",
+                name.escape_debug()
+            ),
+        );
+    }
+    let wait = match watch_wait(&q) {
+        Ok(w) => w,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    let snap = watch(&state, q.index, wait, |s| {
+        s.catalog_index.of.get(&name).copied().unwrap_or(0)
+    })
+    .await;
+    let Some(svc) = snap.catalog.get(&name) else {
+        if q.index.is_some() {
+            // A watch on a service not (or no longer) declared: empty.
+            let mut resp = Json(ServiceView {
+                name,
+                index: 0,
+                instances: Vec::new(),
+            })
+            .into_response();
+            index_header(&mut resp, 0);
+            return resp;
+        }
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no job declares a service `{name}`; `shoal service list` lists them"),
+        );
+    };
+    let instances = shoal_core::catalog::select(svc, !q.passing, q.near.as_deref(), |v| {
+        use rand::seq::SliceRandom;
+        v.shuffle(&mut rand::rng());
+    })
+    .into_iter()
+    .cloned()
+    .collect();
+    let index = snap.catalog_index.of.get(&name).copied().unwrap_or(0);
+    let mut resp = Json(ServiceView {
+        name,
+        index,
+        instances,
+    })
+    .into_response();
+    index_header(&mut resp, index);
+    resp
 }
 
 /// One node as `/v1/nodes` and `shoal nodes --json` show it.
@@ -1390,6 +1641,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{name}/logs", get(logs))
         .route("/v1/instances", get(instances))
         .route("/v1/health", get(health))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{name}", get(get_service))
         .route("/v1/stats", get(stats))
         .route("/v1/join-token", post(join_token))
         .route("/v1/ca/rotate", post(rotate_ca))

@@ -65,6 +65,10 @@ pub enum Command {
     /// Cron jobs: `shoal cron next JOB` prints its next times, `shoal cron force JOB` runs it now.
     #[command(subcommand)]
     Cron(crate::commands::CronCommand),
+    /// Services and where their instances run: `shoal service list`,
+    /// `shoal service show NAME`.
+    #[command(subcommand)]
+    Service(crate::commands::ServiceCommand),
     /// Maintenance: `shoal node drain NODE` moves its work elsewhere,
     /// `shoal node ineligible NODE` keeps new work off it, `shoal node
     /// eligible NODE` lets it take work again.

@@ -1432,3 +1432,123 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
         }
     }
 }
+
+/// `shoal service ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ServiceCommand {
+    /// List the services the jobs declare (`[[service]]`), with their
+    /// instances and how many pass.
+    List(ServiceListArgs),
+    /// Show where a service's instances run now (passing ones; `--all`
+    /// shows every one with its health).
+    Show(ServiceShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print JSON (as `GET /v1/services` answers).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceShowArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The service's name (`shoal service list` lists them).
+    pub name: String,
+    /// Every instance, not only those passing their checks.
+    #[arg(long)]
+    pub all: bool,
+    /// List the instances on this node first.
+    #[arg(long)]
+    pub near: Option<String>,
+    /// Print JSON (as `GET /v1/services/NAME` answers).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `shoal service ...`.
+pub fn service(cmd: ServiceCommand) -> Result<()> {
+    match cmd {
+        ServiceCommand::List(args) => {
+            let list: crate::api::ServiceList = Client::new(&args.client).get("/v1/services")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.services.is_empty() {
+                println!("no job declares a service (add a [[service]] table to a job file)");
+                return Ok(());
+            }
+            let rows: Vec<[String; 4]> = list
+                .services
+                .iter()
+                .map(|s| {
+                    [
+                        s.name.clone(),
+                        format!("{}/{}", s.passing, s.instances),
+                        if s.jobs.is_empty() {
+                            "-".into()
+                        } else {
+                            s.jobs.join(",")
+                        },
+                        shoal_core::catalog::service_dns_name(&s.name),
+                    ]
+                })
+                .collect();
+            print_table(&["SERVICE", "PASSING", "JOBS", "DNS"], &rows);
+        }
+        ServiceCommand::Show(args) => {
+            if !shoal_core::catalog::valid_service_name(&args.name) {
+                bail!(
+                    "`{}` is not a service name; `shoal service list` lists them",
+                    args.name
+                );
+            }
+            let mut path = format!("/v1/services/{}?passing={}", args.name, !args.all);
+            if let Some(n) = &args.near {
+                path.push_str(&format!("&near={}", node_segment(n)?));
+            }
+            let svc: crate::api::ServiceView = Client::new(&args.client).get(&path)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&svc)?);
+                return Ok(());
+            }
+            println!(
+                "{} ({})",
+                svc.name,
+                shoal_core::catalog::service_dns_name(&svc.name)
+            );
+            if svc.instances.is_empty() {
+                println!("no {}instance", if args.all { "" } else { "passing " });
+                return Ok(());
+            }
+            let rows: Vec<[String; 6]> = svc
+                .instances
+                .iter()
+                .map(|i| {
+                    [
+                        std::net::SocketAddr::new(i.address, i.port).to_string(),
+                        i.node.clone(),
+                        format!("{}/{}", i.job, i.slot),
+                        i.health.as_str().to_string(),
+                        format!("v{}", i.version),
+                        if i.tags.is_empty() {
+                            "-".into()
+                        } else {
+                            i.tags.join(",")
+                        },
+                    ]
+                })
+                .collect();
+            print_table(
+                &["ADDRESS", "NODE", "JOB/SLOT", "HEALTH", "VERSION", "TAGS"],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}

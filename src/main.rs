@@ -56,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Deployment(cmd) => shoal::commands::deployment(cmd),
         Command::Cron(cmd) => shoal::commands::cron(cmd),
         Command::Node(cmd) => shoal::commands::node(cmd),
+        Command::Service(cmd) => shoal::commands::service(cmd),
         Command::Plan(args) => std::process::exit(shoal::commands::plan(args)),
         Command::Ca(cmd) => shoal::commands::ca(cmd),
         Command::Demo(args) => shoal::demo::run(args),

@@ -752,7 +752,17 @@ pub async fn run(
             let started = Instant::now();
             last_snapshot = started;
             snapshot_dirty = false;
-            let snap = Arc::new(Snapshot::of(&core, started));
+            let mut snap = Snapshot::of(&mut core, started);
+            {
+                // The catalog's index moves with each change (watches).
+                let prev = snapshot.borrow();
+                snap.catalog_index = if Arc::ptr_eq(&prev.catalog, &snap.catalog) {
+                    prev.catalog_index.clone()
+                } else {
+                    Arc::new(prev.catalog_index.step(&prev.catalog, &snap.catalog))
+                };
+            }
+            let snap = Arc::new(snap);
             // The node's problems go to every node, for `shoal nodes`.
             let problems: Vec<String> = crate::api::problems(&snap, &store_health)
                 .into_iter()

@@ -11,7 +11,8 @@ use serde::Deserialize;
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const COMPLETIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("completions");
 /// The remembered membership (see `shoal_core::seen`): one key per member,
-/// no value.
+/// when it was last seen live as the value (ms since the epoch, 8 bytes
+/// little-endian).
 const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
 
 /// Longest stored record decoded, bytes (a job file is at most 1 MiB).
@@ -293,25 +294,28 @@ impl Store {
 }
 
 impl Store {
-    /// The remembered membership.
-    pub fn members(&self) -> Result<Vec<String>> {
+    /// The remembered membership: each member with when it was last seen
+    /// live (ms since the epoch; 0: never, or not recorded).
+    pub fn members(&self) -> Result<Vec<(String, u64)>> {
         let r = self.db.begin_read()?;
         let t = r.open_table(MEMBERS)?;
         let mut out = Vec::new();
         for item in t.iter()?.take(shoal_core::seen::REMEMBERED_MAX) {
-            out.push(item?.0.value().to_string());
+            let (k, v) = item?;
+            let at = <[u8; 8]>::try_from(v.value()).map_or(0, u64::from_le_bytes);
+            out.push((k.value().to_string(), at));
         }
         Ok(out)
     }
 
     /// Replaces the remembered membership (one transaction).
-    pub fn remember(&self, members: &[String]) -> Result<()> {
+    pub fn remember(&self, members: &[(String, u64)]) -> Result<()> {
         let w = self.db.begin_write()?;
         {
             let mut t = w.open_table(MEMBERS)?;
             t.retain(|_, _| false)?;
-            for m in members {
-                t.insert(m.as_str(), [].as_slice())?;
+            for (m, at) in members {
+                t.insert(m.as_str(), at.to_le_bytes().as_slice())?;
             }
         }
         w.commit()?;
@@ -327,8 +331,8 @@ pub struct Opened {
     pub jobs: Vec<JobRecord>,
     /// Every completion.
     pub completions: Vec<Completion>,
-    /// The remembered membership.
-    pub members: Vec<String>,
+    /// The remembered membership, with when each was last seen live.
+    pub members: Vec<(String, u64)>,
 }
 
 /// Depth of the queue in front of the store's writer.
@@ -345,7 +349,7 @@ pub struct WriteJob {
     /// Collected jobs to delete (see [`Store::forget`]).
     pub forget: Vec<(String, Option<shoal_core::hlc::Version>)>,
     /// A new remembered membership (see [`Store::remember`]).
-    pub members: Option<Vec<String>>,
+    pub members: Option<Vec<(String, u64)>>,
 }
 
 /// Starts the store's writer: one blocking thread that commits writes in
@@ -453,11 +457,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let s = Store::open(&path).unwrap();
-        s.remember(&["a".into(), "b".into(), "c".into()]).unwrap();
-        s.remember(&["a".into(), "c".into()]).unwrap();
+        let m = |n: &str, at| (n.to_string(), at);
+        s.remember(&[m("a", 1), m("b", 2), m("c", 3)]).unwrap();
+        s.remember(&[m("a", 1), m("c", 4)]).unwrap();
         drop(s);
         let opened = Store::open_at_start(&path).unwrap();
-        assert_eq!(opened.members, ["a", "c"]);
+        assert_eq!(opened.members, [m("a", 1), m("c", 4)]);
     }
 
     #[test]

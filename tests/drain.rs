@@ -372,38 +372,46 @@ fn a_node_cut_off_with_a_minority_starts_no_majority_job() {
     assert_eq!(processes_of(root.path(), "cut"), 1);
 }
 
-/// A node restarted alone (the cluster down, no --join) counts the members
-/// it remembers, not its view of one: it is a minority and starts no
-/// majority job until a peer is back (counting its view, it saw 1 of 1
-/// alive and ran the batch job a side with the others may also run).
+/// A node restarted alone (the cluster shut down node by node, no --join)
+/// counts the members it remembers, not its view of one: it is a minority
+/// and starts no majority job until a peer is back. Counting its view it
+/// saw 1 of 1 alive and ran the batch job; and had it forgotten the
+/// members it saw leave, the last node shut down would count itself whole
+/// while the first two, back together, count 2 of 3: two majorities.
 #[test]
 fn a_node_restarted_alone_counts_the_members_it_remembers() {
     let root = tempfile::tempdir().unwrap();
     let mut agents = cluster(root.path(), 3);
     wait_all_alive(&agents);
     let token = agents[0].token_file();
-    wait_until("n0 remembers 3 members", || {
-        let (_, body) = call(agents[0].request("GET", "/v1/health"), None);
+    wait_until("n2 remembers 3 members", || {
+        let (_, body) = call(agents[2].request("GET", "/v1/health"), None);
         serde_json::from_str::<serde_json::Value>(&body)
             .is_ok_and(|h| h["members"]["remembered"] == 3)
     });
     // A write answered after the membership was remembered: the store
-    // commits in order, so the membership is on n0's disk too.
-    let (ok, out, err) = cli(&agents[0], &["node", "ineligible", "n2"]);
+    // commits in order, so the membership is on n2's disk too.
+    let (ok, out, err) = cli(&agents[2], &["node", "ineligible", "n1"]);
     assert!(ok, "{out}{err}");
-    for a in &mut agents {
-        a.stop(libc::SIGKILL);
+    // A graceful shutdown, one by one: n2 sees n0 and n1 leave.
+    for i in 0..2 {
+        agents[i].stop(libc::SIGTERM);
+        let name = format!("n{i}");
+        wait_until("n2 sees it leave", || {
+            agents[2].state_of(&name).as_deref() == Some("left")
+        });
     }
-    let n0 = Agent::start(root.path(), "n0", None, None, &[]);
+    agents[2].stop(libc::SIGTERM);
+    let n2 = Agent::start(root.path(), "n2", None, None, &[]);
     let batch = job_file(
         root.path(),
         "alone",
         "name = \"alone\"\ntype = \"batch\"\n[task]\ncommand = \"sleep\"\nargs = [\"100000\"]\n",
     );
-    let (ok, out, err) = cli(&n0, &["run", batch.to_str().unwrap(), "--detach"]);
+    let (ok, out, err) = cli(&n2, &["run", batch.to_str().unwrap(), "--detach"]);
     assert!(ok, "{out}{err}");
     wait_until("the batch slot says it is held back", || {
-        n0.job("alone").is_some_and(|j| {
+        n2.job("alone").is_some_and(|j| {
             j.instances.iter().any(|i| {
                 i.reason
                     .as_deref()
@@ -411,20 +419,21 @@ fn a_node_restarted_alone_counts_the_members_it_remembers() {
             })
         })
     });
-    let (ok, out, err) = cli(&n0, &["nodes"]);
+    let (ok, out, err) = cli(&n2, &["nodes"]);
     assert!(ok, "{out}{err}");
     assert!(
-        out.contains("n0 sees 1 of the 3 members it remembers alive (minority)"),
+        out.contains("n2 sees 1 of the 3 members it remembers alive (minority)"),
         "{out}"
     );
     // An observation window, not a synchronisation: the job must stay
     // unstarted for it.
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(processes_of(root.path(), "alone"), 0);
-    // n1 back: 2 of 3, a majority; the batch slot runs.
-    let n1 = Agent::start(root.path(), "n1", Some(&n0.quic()), Some(&token), &[]);
+    // n0 back: 2 of 3, a majority; the batch slot runs (on n0 or n2: n1,
+    // not back, was made ineligible above).
+    let n0 = Agent::start(root.path(), "n0", Some(&n2.quic()), Some(&token), &[]);
     wait_until("the batch slot runs", || {
-        n0.count("alone", "running", None) + n1.count("alone", "running", None) >= 1
+        n0.count("alone", "running", None) + n2.count("alone", "running", None) >= 1
     });
     wait_until("one copy runs", || processes_of(root.path(), "alone") == 1);
 }

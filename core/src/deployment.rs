@@ -178,6 +178,8 @@ mod tests {
             ports: Default::default(),
             health: Default::default(),
             check: None,
+            checks_passing: 0,
+            checks_critical: 0,
             stopping: false,
             ready,
             failed: false,

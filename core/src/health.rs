@@ -339,6 +339,22 @@ impl Tracker {
         }
     }
 
+    /// Each check's status as two bit masks (bit i: check i): those
+    /// passing, and those critical. What a service gated by some of the
+    /// checks reads (see [`crate::catalog`]).
+    pub fn masks(&self) -> (u8, u8) {
+        let mut passing = 0u8;
+        let mut critical = 0u8;
+        for (i, c) in self.checks.iter().enumerate().take(CHECKS_MAX) {
+            match c.status {
+                Health::Passing => passing |= 1 << i,
+                Health::Critical => critical |= 1 << i,
+                Health::Unknown => {}
+            }
+        }
+        (passing, critical)
+    }
+
     /// Why a critical check fails: `name: output` of the first critical
     /// check, bounded.
     pub fn reason(&self, specs: &[CheckSpec]) -> Option<String> {

@@ -150,6 +150,10 @@ impl SlotState {
     }
 }
 
+fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
+}
+
 /// An instance as its node publishes it in gossip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
@@ -180,6 +184,13 @@ pub struct Published {
     /// Why a check is critical.
     #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
     pub check: Option<String>,
+    /// The checks passing, as a bit mask (bit i: the task's check i): a
+    /// service gated by some of them reads it (see [`crate::catalog`]).
+    #[serde(rename = "g", default, skip_serializing_if = "is_zero_u8")]
+    pub checks_passing: u8,
+    /// The checks critical, as a bit mask.
+    #[serde(rename = "b", default, skip_serializing_if = "is_zero_u8")]
+    pub checks_critical: u8,
     /// Being stopped (its stop signal may wait for `shutdown_delay`): no
     /// longer serving, whatever its state.
     #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]

@@ -100,6 +100,16 @@ pub struct JobSpec {
     /// shoal, never in a job file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// What the job serves (`[[service]]`): named ports other jobs and
+    /// clients find in the catalog, by DNS and through the routing mesh
+    /// (see [`crate::catalog`]).
+    #[serde(default, rename = "service", skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<crate::catalog::ServiceSpec>,
+    /// Services the job's copies use: each copy gets
+    /// `SHOAL_SERVICE_<NAME>=host:port` of a passing instance when it
+    /// starts (one on its own node first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
 }
 
 fn default_replicas() -> u32 {
@@ -955,6 +965,7 @@ impl JobSpec {
                 ));
             }
         }
+        self.check_services(text)?;
         if let Some((field, message)) = self.update.problem() {
             return Err(invalid(text, &format!("update.{field}"), message));
         }
@@ -977,6 +988,63 @@ impl JobSpec {
                     RESTART_DELAY_MAX.as_secs()
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// `[[service]]` and `uses`.
+    fn check_services(&self, text: &str) -> Result<(), JobError> {
+        use crate::catalog::{valid_service_name, SERVICES_MAX, USES_MAX};
+        if !self.services.is_empty() && !matches!(self.job_type, JobType::Service | JobType::System)
+        {
+            return Err(invalid(
+                text,
+                "service",
+                "only service and system jobs serve: a batch or cron job's copies end",
+            ));
+        }
+        if self.services.len() > SERVICES_MAX {
+            return Err(invalid(
+                text,
+                "service",
+                format!("at most {SERVICES_MAX} services per job"),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            if let Some((field, message)) = svc.problem(&self.task) {
+                return Err(invalid(text, &format!("service.{i}.{field}"), message));
+            }
+            if !names.insert(svc.name.as_str()) {
+                return Err(invalid(
+                    text,
+                    &format!("service.{i}.name"),
+                    format!("the job declares `{}` twice", svc.name),
+                ));
+            }
+        }
+        if self.uses.len() > USES_MAX {
+            return Err(invalid(
+                text,
+                "uses",
+                format!("at most {USES_MAX} services"),
+            ));
+        }
+        let mut used = std::collections::BTreeSet::new();
+        for u in &self.uses {
+            if !valid_service_name(u) {
+                return Err(invalid(
+                    text,
+                    "uses",
+                    format!(
+                        "`{}` is not a service name (lower-case letters, digits and '-')",
+                        u.escape_debug()
+                    ),
+                ));
+            }
+            if !used.insert(u.as_str()) {
+                return Err(invalid(text, "uses", format!("`{u}` is listed twice")));
+            }
         }
         Ok(())
     }

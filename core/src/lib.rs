@@ -34,6 +34,7 @@
 //! - [`wire`]: node-to-node requests and responses.
 #![deny(missing_docs)]
 
+pub mod catalog;
 pub mod config;
 pub mod cron;
 pub mod deployment;

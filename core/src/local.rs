@@ -113,6 +113,8 @@ impl Local {
                 (Some(t), SlotState::Running) => t.reason(&self.checks),
                 _ => None,
             },
+            checks_passing: self.tracker.as_ref().map_or(0, |t| t.masks().0),
+            checks_critical: self.tracker.as_ref().map_or(0, |t| t.masks().1),
         }
     }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use shoal_membership::{Load, NodeState};
 use shoal_placement::{assign, candidates_with, cost, JobPlacements, Node, NodeIndex};
 
@@ -254,11 +254,12 @@ pub enum Effect {
     },
     /// Make the remembered membership durable (replacing what the store
     /// held; see [`crate::seen`]); give it to [`Scheduler::new`] at the next
-    /// start. Not reported: a failed write is made again at the next
-    /// change, and a restart that lost it counts against what it saw last.
+    /// start. Not reported: it is written again at the next change and
+    /// every [`REMEMBER_REWRITE`].
     Remember {
-        /// Every remembered member, this node included.
-        members: Vec<String>,
+        /// Every remembered member, this node included, with when it was
+        /// last seen live (ms since the epoch; 0: never).
+        members: Vec<(String, u64)>,
     },
     /// Delete collected jobs from the store: each job's record if the store
     /// still holds it at that version (`None`: no record), and its
@@ -453,6 +454,14 @@ pub struct Counters {
     pub claims_written: u64,
 }
 
+/// What a catalog was built from: the records' fingerprint, the view's
+/// number, and this node's own copies.
+type CatalogKey = (u64, u64, Vec<(String, crate::instance::Published)>);
+
+/// The remembered membership is written to disk at least this often (see
+/// [`crate::seen`]).
+pub const REMEMBER_REWRITE: Duration = Duration::from_secs(60);
+
 /// Most own completions held to announce once the node sees a peer (see
 /// `Scheduler::unannounced`; a restart recovers at most the node's copies).
 pub const UNANNOUNCED_MAX: usize = 100_000;
@@ -521,6 +530,12 @@ pub struct Scheduler {
     /// When this node first knew each claim naming it (see
     /// [`never`]): one entry per slot it holds.
     claims_seen: BTreeMap<(String, u32), never::HeldClaim>,
+    /// The last catalog built, with what it was built from.
+    catalog_cache: Option<(CatalogKey, Arc<crate::catalog::Catalog>)>,
+    /// Views taken so far.
+    views: u64,
+    /// When the remembered membership was last given to the disk.
+    remembered_at: Option<Instant>,
 }
 
 impl Scheduler {
@@ -537,7 +552,7 @@ impl Scheduler {
         seed: u64,
         stored_jobs: Vec<JobRecord>,
         stored_completions: Vec<Completion>,
-        remembered: Vec<String>,
+        remembered: Vec<(String, u64)>,
         joining: bool,
         now: Now,
     ) -> Scheduler {
@@ -598,6 +613,9 @@ impl Scheduler {
             last_run_id: 0,
             cron_clocks: BTreeMap::new(),
             claims_seen: BTreeMap::new(),
+            catalog_cache: None,
+            views: 0,
+            remembered_at: None,
             config,
         }
     }
@@ -641,6 +659,30 @@ impl Scheduler {
     /// The cluster as this node sees it.
     pub fn seen(&self) -> &Seen {
         &self.seen
+    }
+
+    /// The service catalog as this node sees it (see [`crate::catalog`]),
+    /// built again only when the records or the view changed.
+    pub fn catalog(&mut self) -> Arc<crate::catalog::Catalog> {
+        let own: Vec<(String, crate::instance::Published)> = self
+            .local
+            .iter()
+            .map(|l| (l.id.job.clone(), l.published()))
+            .collect();
+        let key = (self.desired.fingerprints().0, self.views, own);
+        if let Some((k, c)) = &self.catalog_cache {
+            if *k == key {
+                return c.clone();
+            }
+        }
+        let c = Arc::new(crate::catalog::build(
+            &self.desired,
+            &self.seen.view,
+            &self.me,
+            key.2.iter().map(|(j, c)| (j.as_str(), c.clone())),
+        ));
+        self.catalog_cache = Some((key, c.clone()));
+        c
     }
 
     /// This node's copies.
@@ -871,12 +913,14 @@ impl Scheduler {
     /// A new view of the cluster.
     pub fn handle_view(&mut self, view: ClusterView, now: Now) -> Vec<Effect> {
         self.notice_stall(now);
+        self.views = self.views.wrapping_add(1);
         let desired = &self.desired;
         let forgotten = |n: &str| desired.node_setting(n).and_then(|s| s.forgotten.clone());
         let remember = crate::seen::Remember {
             me: &self.me,
             dead_after: self.config.remember_dead,
             forgotten: &forgotten,
+            wall_ms: now.wall_ms,
         };
         let news = self
             .seen
@@ -884,7 +928,7 @@ impl Scheduler {
         if news.rejoined_majority {
             self.recheck_local(now);
         }
-        self.remembered_to_disk();
+        self.remembered_to_disk(now);
         if news.member_added {
             self.placing.retry_now(None, now.mono);
         }
@@ -901,16 +945,23 @@ impl Scheduler {
             me: &self.me,
             dead_after: self.config.remember_dead,
             forgotten: &forgotten,
+            wall_ms: now.wall_ms,
         };
         if self.seen.recount(&remember, now.mono) {
             self.recheck_local(now);
         }
-        self.remembered_to_disk();
+        self.remembered_to_disk(now);
     }
 
-    /// Makes the remembered membership durable if it changed.
-    fn remembered_to_disk(&mut self) {
-        if let Some(members) = self.seen.take_remembered() {
+    /// Makes the remembered membership durable if it changed, and every
+    /// [`REMEMBER_REWRITE`] whatever (when members were last seen live
+    /// moves on; and a write lost to a full queue or disk is made again).
+    fn remembered_to_disk(&mut self, now: Now) {
+        let due = self
+            .remembered_at
+            .is_none_or(|t| now.mono.saturating_duration_since(t) >= REMEMBER_REWRITE);
+        if let Some(members) = self.seen.take_remembered(due) {
+            self.remembered_at = Some(now.mono);
             self.out.push(Effect::Remember { members });
         }
     }
@@ -2191,7 +2242,22 @@ impl Scheduler {
             .members
             .get(&self.me)
             .map(|m| m.record.address.ip());
-        let env = crate::ports::instance_env(&l.id, &self.me, &l.ports, ip);
+        let mut env = crate::ports::instance_env(&l.id, &self.me, &l.ports, ip);
+        if !spec.uses.is_empty() {
+            // The services it uses: an instance passing now (one on this
+            // node first), and the DNS name that follows them later.
+            let catalog = self.catalog();
+            for name in &spec.uses {
+                let var = crate::catalog::service_var(name);
+                let addr = catalog.get(name).and_then(|svc| {
+                    crate::catalog::address_for(svc, &self.me, |n| self.rng.random_range(0..n))
+                });
+                if let Some(addr) = addr {
+                    env.insert(var.clone(), addr);
+                }
+                env.insert(format!("{var}_DNS"), crate::catalog::service_dns_name(name));
+            }
+        }
         self.counters.starts += 1;
         self.out.push(Effect::StartInstance {
             driver: l.driver.clone(),

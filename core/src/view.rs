@@ -646,6 +646,8 @@ mod tests {
                 .map(|s| Published {
                     health: Default::default(),
                     check: None,
+                    checks_passing: 0,
+                    checks_critical: 0,
                     stopping: false,
                     ready: false,
                     failed: false,

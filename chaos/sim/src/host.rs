@@ -19,7 +19,7 @@ pub struct SimStore {
     /// Completions.
     pub completions: BTreeMap<(String, u32), Completion>,
     /// The remembered membership.
-    pub members: Vec<String>,
+    pub members: Vec<(String, u64)>,
 }
 
 impl SimStore {

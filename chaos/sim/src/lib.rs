@@ -791,8 +791,15 @@ impl Sim {
             return false;
         }
         let n = self.nodes.len();
+        // Down for `remember_dead`: a majority side stops counting it (a
+        // minority does not, but the truth errs on the side of fewer
+        // reports).
+        let dead_after = self.opts.scheduler.remember_dead;
         let counted = (0..n)
-            .filter(|&j| !self.uncounted.get(j).copied().unwrap_or(false))
+            .filter(|&j| {
+                !self.uncounted.get(j).copied().unwrap_or(false)
+                    && self.down_since[j].is_none_or(|d| self.t < d + dead_after)
+            })
             .count();
         let reach = (0..n)
             .filter(|&j| {
@@ -1796,6 +1803,12 @@ impl Sim {
                     "[[task.check]]\ntype = \"tcp\"\nport = \"http\"\ninterval = \"1s\"\ngrace = \"0s\"\nfailures = 2\nrestart = {}\n",
                     !failing
                 ));
+                // Served: every such job pools its copies into `web`
+                // (gated by the check) and `admin` (not gated); the
+                // catalog is checked at the end (`catalog_mismatch`).
+                checks.push_str(
+                    "[[service]]\nname = \"web\"\nport = \"http\"\ntags = [\"sim\"]\n[[service]]\nname = \"admin\"\nport = \"admin\"\nchecks = []\n",
+                );
                 replicas
             }
             // Only on zones a and b.
@@ -2588,8 +2601,14 @@ impl Sim {
                 self.gossip.split(&before, &after);
                 self.net_changed_at = self.t;
             }
-            Fault::Loss(p) => self.loss = *p,
-            Fault::Delay(d) => self.extra_latency = *d,
+            Fault::Loss(p) => {
+                self.loss = *p;
+                self.net_changed_at = self.t;
+            }
+            Fault::Delay(d) => {
+                self.extra_latency = *d;
+                self.net_changed_at = self.t;
+            }
             Fault::Skew(i, ms) => self.nodes[*i].skew_ms = *ms,
         }
     }
@@ -3261,7 +3280,10 @@ impl Sim {
             Phase::Final { since } => {
                 let took = self.t.saturating_sub(since);
                 // Let writes settle before judging: the workload is quiet.
-                if took >= Duration::from_secs(2) && (self.converged() && self.stores_agree()) {
+                if took >= Duration::from_secs(2)
+                    && (self.converged() && self.stores_agree())
+                    && self.catalog_mismatch().is_none()
+                {
                     self.check_health();
                     self.max_reconverge = self.max_reconverge.max(took);
                     self.checker.reconverge_s.push(took.as_secs_f64());
@@ -3269,6 +3291,15 @@ impl Sim {
                     return;
                 }
                 if took > self.opts.liveness_bound {
+                    if let Some(m) = self.catalog_mismatch() {
+                        self.checker.violate(
+                            "catalog at the end",
+                            format!(
+                                "catalog at the end: not the live passing copies {:?} after faults stopped: {m}",
+                                self.opts.liveness_bound
+                            ),
+                        );
+                    }
                     let wrong =
                         self.checker
                             .mismatches(&self.running(), 8, &self.system_expected());
@@ -3363,6 +3394,90 @@ impl Sim {
                 format!("health at the end: {w} ({} such)", wrong.len()),
             );
         }
+    }
+
+    /// Where some up node's catalog is not exactly the copies that run,
+    /// are not stopping and pass the checks gating their service, as the
+    /// nodes running them say (the same on every node, derived from
+    /// gossip): a description of the first difference.
+    fn catalog_mismatch(&mut self) -> Option<String> {
+        type Entries = BTreeMap<String, BTreeSet<(String, u32, String, u16)>>;
+        let mut truth: Entries = BTreeMap::new();
+        for n in self.nodes.iter().filter(|n| n.agent_up) {
+            let Some(core) = n.core.as_ref() else {
+                continue;
+            };
+            for l in core.local().iter() {
+                if l.state != shoal_core::instance::SlotState::Running || l.stopping {
+                    continue;
+                }
+                let Some(spec) = core.desired().spec(&l.id.job) else {
+                    continue;
+                };
+                let copy = l.published();
+                for svc in &spec.services {
+                    // Not through the catalog's own gating: the services
+                    // here are gated by every check or by none.
+                    let passing = match &svc.checks {
+                        Some(c) if c.is_empty() => true,
+                        None => copy.health == shoal_core::health::Health::Passing,
+                        Some(_) => {
+                            shoal_core::catalog::gated_health(&copy, svc.gate(&spec.task))
+                                == shoal_core::health::Health::Passing
+                        }
+                    };
+                    if !passing {
+                        continue;
+                    }
+                    if let Some(&port) = copy.ports.get(&svc.port) {
+                        truth.entry(svc.name.clone()).or_default().insert((
+                            l.id.job.clone(),
+                            l.id.slot,
+                            n.name.to_string(),
+                            port,
+                        ));
+                    }
+                }
+            }
+        }
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].agent_up || self.paused(i) {
+                continue;
+            }
+            let name = self.nodes[i].name.clone();
+            let Some(core) = self.nodes[i].core.as_mut() else {
+                continue;
+            };
+            let mut got: Entries = BTreeMap::new();
+            for (svc, entry) in core.catalog().iter() {
+                for inst in entry.passing() {
+                    got.entry(svc.clone()).or_default().insert((
+                        inst.job.clone(),
+                        inst.slot,
+                        inst.node.clone(),
+                        inst.port,
+                    ));
+                }
+            }
+            if got != truth {
+                let diff = truth
+                    .iter()
+                    .flat_map(|(s, e)| e.iter().map(move |x| (s, x)))
+                    .find(|(s, x)| !got.get(*s).is_some_and(|g| g.contains(x)))
+                    .map(|(s, x)| format!("{name} lacks {s} {x:?}"))
+                    .or_else(|| {
+                        got.iter()
+                            .flat_map(|(s, e)| e.iter().map(move |x| (s, x)))
+                            .find(|(s, x)| !truth.get(*s).is_some_and(|t| t.contains(x)))
+                            .map(|(s, x)| {
+                                format!("{name} lists {s} {x:?}, which is not a live passing copy")
+                            })
+                    })
+                    .unwrap_or_default();
+                return Some(diff);
+            }
+        }
+        None
     }
 
     fn stores_agree(&self) -> bool {

@@ -174,6 +174,10 @@ impl Options {
                 // driver fails a start whose port a copy on the machine
                 // still binds, and the checker reports it.
                 port_range: (20_000, 20_019),
+                // Short, so that a majority side drops members down this
+                // long within a run's faults (1 to 8 s each), and comes
+                // to count them again when they return.
+                remember_dead: Duration::from_secs(6),
                 ..shoal_core::SchedulerConfig::lan()
             },
             verbose: true,

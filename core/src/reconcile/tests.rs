@@ -88,6 +88,8 @@ fn arb_world() -> impl Strategy<Value = World> {
                     copy: Published {
                         health: Default::default(),
                         check: None,
+                        checks_passing: 0,
+                        checks_critical: 0,
                         stopping: false,
                         ready: kind >= 6,
                         failed: false,
@@ -286,6 +288,8 @@ fn running_copy(fp: u64, run: u64, ready: bool) -> Published {
     Published {
         health: Default::default(),
         check: None,
+        checks_passing: 0,
+        checks_critical: 0,
         stopping: false,
         ready,
         failed: false,

@@ -243,7 +243,7 @@ impl Scheduler {
         // known by the claims it holds and by the remembered membership:
         // forgetting it is how they move, and how a side stops counting it.
         let known = self.seen.view.members.get(&node).is_some()
-            || self.seen.remembered().contains(node.as_str())
+            || self.seen.remembers(&node)
             || self.desired.node_setting(&node).is_some()
             || self.desired.claims().any(|(_, _, n, _)| n == node)
             || node == *self.me;

@@ -358,10 +358,9 @@ impl Scheduler {
         };
         // Only remembered members still live (one that left or died since
         // no longer counts, nor does its answer).
-        let members = &self.seen.view.members;
-        let remembered = self.seen.remembered();
+        let seen = &self.seen;
         held.acks
-            .retain(|p| remembered.contains(p) && members.get(p).is_some_and(|m| m.is_live()));
+            .retain(|p| seen.remembers(p) && seen.view.members.is_live(p));
         if (held.acks.len() + 1) * 2 > counted {
             return true;
         }
