@@ -17,7 +17,6 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -235,61 +234,48 @@ pub type Catalog = BTreeMap<String, Service>;
 /// `me` is this node and `own` its copies as it publishes them (by job):
 /// the view's index holds the other nodes' copies, and this node's own
 /// state is fresher than its gossip.
-pub fn build<'a>(
+pub fn build(
     desired: &DesiredState,
     view: &ClusterView,
     me: &str,
-    own: impl Iterator<Item = (&'a str, Published)>,
+    own: &[(String, Published)],
 ) -> Catalog {
     let mut catalog = Catalog::new();
-    let own: Vec<(&str, Published)> = own.collect();
     let others = view.index.jobs().flat_map(|(job, copies)| {
         copies
             .iter()
             .filter(|(_, node, _)| &***node != me)
             .map(move |(_, node, copy)| (&**job, &**node, copy))
     });
-    let mine = own.iter().map(|(job, c)| (*job, me, c));
+    let mine = own.iter().map(|(job, c)| (job.as_str(), me, c));
     for (job, node, copy) in others.chain(mine) {
-        let Some(spec) = desired.spec(job) else {
-            continue;
-        };
-        if spec.services.is_empty() {
+        if copy.state != SlotState::Running || copy.stopping {
             continue;
         }
-        let slot = copy.slot;
-        {
-            if copy.state != SlotState::Running || copy.stopping {
-                continue;
-            }
-            let Some(member) = view.members.get(node) else {
+        let Some(spec) = desired.spec(job).filter(|s| !s.services.is_empty()) else {
+            continue;
+        };
+        let Some(member) = view.members.get(node).filter(|m| m.is_live()) else {
+            continue;
+        };
+        for svc in &spec.services {
+            let Some(&port) = copy.ports.get(&svc.port).filter(|p| **p != 0) else {
                 continue;
             };
-            if !member.is_live() {
-                continue;
-            }
-            for svc in &spec.services {
-                let Some(&port) = copy.ports.get(&svc.port) else {
-                    continue;
-                };
-                if port == 0 {
-                    continue;
-                }
-                catalog
-                    .entry(svc.name.clone())
-                    .or_default()
-                    .instances
-                    .push(Instance {
-                        job: job.to_string(),
-                        slot,
-                        node: node.to_string(),
-                        address: member.record.address.ip(),
-                        port,
-                        tags: svc.tags.clone(),
-                        health: gated_health(copy, svc.gate(&spec.task)),
-                        version: copy.version,
-                    });
-            }
+            catalog
+                .entry(svc.name.clone())
+                .or_default()
+                .instances
+                .push(Instance {
+                    job: job.to_string(),
+                    slot: copy.slot,
+                    node: node.to_string(),
+                    address: member.record.address.ip(),
+                    port,
+                    tags: svc.tags.clone(),
+                    health: gated_health(copy, svc.gate(&spec.task)),
+                    version: copy.version,
+                });
         }
     }
     for spec in desired.records().filter_map(|r| r.spec.as_ref()) {
@@ -340,9 +326,6 @@ pub fn address_for(svc: &Service, me: &str, pick: impl FnOnce(usize) -> usize) -
     })?;
     Some(std::net::SocketAddr::new(chosen.address, chosen.port).to_string())
 }
-
-/// Shared form of a catalog, as nodes hand it to their API.
-pub type SharedCatalog = Arc<Catalog>;
 
 #[cfg(test)]
 mod tests {

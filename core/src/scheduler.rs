@@ -679,7 +679,7 @@ impl Scheduler {
             &self.desired,
             &self.seen.view,
             &self.me,
-            key.2.iter().map(|(j, c)| (j.as_str(), c.clone())),
+            &key.2,
         ));
         self.catalog_cache = Some((key, c.clone()));
         c
@@ -914,21 +914,10 @@ impl Scheduler {
     pub fn handle_view(&mut self, view: ClusterView, now: Now) -> Vec<Effect> {
         self.notice_stall(now);
         self.views = self.views.wrapping_add(1);
-        let desired = &self.desired;
-        let forgotten = |n: &str| desired.node_setting(n).and_then(|s| s.forgotten.clone());
-        let remember = crate::seen::Remember {
-            me: &self.me,
-            dead_after: self.config.remember_dead,
-            forgotten: &forgotten,
-            wall_ms: now.wall_ms,
-        };
         let news = self
             .seen
-            .update(view, self.config.join_grace, &remember, now.mono);
-        if news.rejoined_majority {
-            self.recheck_local(now);
-        }
-        self.remembered_to_disk(now);
+            .update(&self.me, view, self.config.join_grace, now.mono);
+        self.recount(now);
         if news.member_added {
             self.placing.retry_now(None, now.mono);
         }
@@ -936,8 +925,9 @@ impl Scheduler {
         self.take()
     }
 
-    /// Brings the remembered membership up to date (forgets, the long
-    /// dead: see [`crate::seen`]) between views.
+    /// Brings the remembered membership and the minority flags up to date
+    /// with the view, the forgets and the long dead (see [`crate::seen`]);
+    /// a node back on a majority side re-checks its copies.
     fn recount(&mut self, now: Now) {
         let desired = &self.desired;
         let forgotten = |n: &str| desired.node_setting(n).and_then(|s| s.forgotten.clone());

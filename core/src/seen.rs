@@ -46,9 +46,6 @@ pub const REMEMBERED_MAX: usize = 100_000;
 /// What a new view changed that the scheduler must act on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ViewNews {
-    /// This node was cut off with a minority and sees a majority again:
-    /// its copies must be re-checked against the cluster's.
-    pub rejoined_majority: bool,
     /// Members that came back from the dead (same generation).
     pub returned: Vec<Arc<str>>,
     /// The set of live members changed (coordination moves).
@@ -101,15 +98,15 @@ pub struct Remember<'a> {
 }
 
 impl Seen {
-    /// Takes a new view.
+    /// Takes a new view (the remembered membership and the minority flags
+    /// follow with [`Seen::recount`]).
     pub fn update(
         &mut self,
+        me: &str,
         view: ClusterView,
         grace: Duration,
-        remember: &Remember<'_>,
         now: Instant,
     ) -> ViewNews {
-        let me = remember.me;
         let mut news = ViewNews::default();
         // The old members against the new, in one walk over both (sorted
         // by name): no map of its own, since the last view holds the old
@@ -152,7 +149,6 @@ impl Seen {
         }
         self.distrust.retain(|_, until| *until > now);
         self.view = view;
-        news.rejoined_majority = self.recount(remember, now);
         news
     }
 
@@ -374,33 +370,13 @@ impl Seen {
 mod tests {
     use super::*;
     use crate::hlc::Hlc;
-    use crate::view::{MemberView, Members};
-    use shoal_membership::NodeRecord;
-
-    fn member(name: &str, state: NodeState) -> MemberView {
-        MemberView {
-            name: Arc::from(name),
-            generation: 1,
-            state,
-            record: Arc::new(NodeRecord {
-                name: name.into(),
-                address: "127.0.0.1:7000".parse().unwrap(),
-                labels: Default::default(),
-                capacity: shoal_membership::Capacity {
-                    cpu_millis: 1000,
-                    memory_mib: 1024,
-                },
-                drivers: Vec::new(),
-                version: "t".into(),
-                http: None,
-                notes: Vec::new(),
-            }),
-        }
-    }
+    use crate::view::Members;
 
     fn view(members: &[(&str, NodeState)]) -> ClusterView {
         ClusterView {
-            members: Arc::new(Members::new(members.iter().map(|(n, s)| member(n, *s)))),
+            members: Arc::new(Members::new(
+                members.iter().map(|(n, s)| crate::view::test_member(n, *s)),
+            )),
             ..ClusterView::default()
         }
     }
@@ -441,8 +417,8 @@ mod tests {
             forgotten: &f,
             wall_ms: wall,
         };
-        seen.update(v, Duration::from_secs(2), &r, t)
-            .rejoined_majority
+        seen.update("a", v, Duration::from_secs(2), t);
+        seen.recount(&r, t)
     }
 
     fn update(seen: &mut Seen, v: ClusterView, forgotten: &[(&str, u64)], t: Instant) -> bool {

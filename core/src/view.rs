@@ -561,27 +561,33 @@ impl ViewBuilder {
     }
 }
 
+/// A member for tests: `name` in `state`, with a minimal record.
+#[cfg(test)]
+pub(crate) fn test_member(name: &str, state: NodeState) -> MemberView {
+    MemberView {
+        name: Arc::from(name),
+        generation: 1,
+        state,
+        record: Arc::new(NodeRecord {
+            name: name.into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            labels: Default::default(),
+            capacity: Default::default(),
+            drivers: vec!["exec".into()],
+            version: "t".into(),
+            http: None,
+            notes: Vec::new(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::instance::SlotState;
 
     fn member(name: &str, state: NodeState) -> MemberView {
-        MemberView {
-            name: Arc::from(name),
-            generation: 1,
-            state,
-            record: Arc::new(NodeRecord {
-                name: name.into(),
-                address: "127.0.0.1:1".parse().unwrap(),
-                labels: Default::default(),
-                capacity: Default::default(),
-                drivers: vec!["exec".into()],
-                version: "t".into(),
-                http: None,
-                notes: Vec::new(),
-            }),
-        }
+        test_member(name, state)
     }
 
     #[test]

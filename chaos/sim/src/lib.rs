@@ -540,7 +540,7 @@ impl Sim {
             down_since: vec![None; n],
             split_since: Duration::ZERO,
             net_changed_at: Duration::ZERO,
-            uncounted: Vec::new(),
+            uncounted: vec![false; n],
             oracle_pending: BTreeSet::new(),
             submitted_at: None,
             all_running_at: None,
@@ -604,7 +604,7 @@ impl Sim {
     // ---- nodes ----
 
     fn start_agent(&mut self, i: usize, joining: bool) {
-        self.set_uncounted(i, false);
+        self.uncounted[i] = false;
         let node = &mut self.nodes[i];
         node.gen += 1;
         node.agent_up = true;
@@ -766,14 +766,7 @@ impl Sim {
             }
         }
         self.kill_agent(i);
-        self.set_uncounted(i, true);
-    }
-
-    fn set_uncounted(&mut self, i: usize, v: bool) {
-        if self.uncounted.len() < self.nodes.len() {
-            self.uncounted.resize(self.nodes.len(), false);
-        }
-        self.uncounted[i] = v;
+        self.uncounted[i] = true;
     }
 
     /// Whether node `i` is, in truth, cut off with a minority of the
@@ -797,8 +790,7 @@ impl Sim {
         let dead_after = self.opts.scheduler.remember_dead;
         let counted = (0..n)
             .filter(|&j| {
-                !self.uncounted.get(j).copied().unwrap_or(false)
-                    && self.down_since[j].is_none_or(|d| self.t < d + dead_after)
+                !self.uncounted[j] && self.down_since[j].is_none_or(|d| self.t < d + dead_after)
             })
             .count();
         let reach = (0..n)
@@ -3026,7 +3018,7 @@ impl Sim {
             Ev::Forget(i, mgen) => {
                 if self.nodes[i].mgen == mgen && !self.nodes[i].machine_up {
                     self.forgets += 1;
-                    self.set_uncounted(i, true);
+                    self.uncounted[i] = true;
                     let node = self.nodes[i].name.clone();
                     self.api_call(ApiRequest::Node {
                         node: node.to_string(),
