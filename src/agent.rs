@@ -46,6 +46,11 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// HTTP API listen address.
     pub http: SocketAddr,
+    /// Where DNS is served.
+    pub dns: Dns,
+    /// The routing mesh, if on: the address its ports listen on (`None`:
+    /// the advertise address's IP).
+    pub ingress: Option<Option<IpAddr>>,
     /// Token the HTTP API requires.
     pub http_token: Option<String>,
     /// Bounds on the API's connections.
@@ -90,6 +95,24 @@ pub struct AgentInfo {
     pub generation: u64,
     /// Process id.
     pub pid: u32,
+    /// Where it answers DNS, if it does.
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
+    /// Where the routing mesh's ports listen, if it is on.
+    #[serde(default)]
+    pub ingress: Option<IpAddr>,
+}
+
+/// Where an agent serves DNS (`--dns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dns {
+    /// The default address: if it cannot be bound the agent runs on
+    /// without DNS and reports it.
+    Default(SocketAddr),
+    /// An address the operator gave: the agent fails to start without it.
+    At(SocketAddr),
+    /// Off.
+    Off,
 }
 
 /// Next generation: the wall clock in ms, but always above the last run's.
@@ -378,10 +401,43 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let (persisted_tx, persisted_rx) = mpsc::channel(crate::store::WRITES_QUEUED_MAX);
     let store_health = crate::store::StoreHealth::default();
     let store_tx = crate::store::spawn_writer(store, store_health.clone(), persisted_tx);
+    let problems = crate::api::Problems::default();
+    let dns = match config.dns {
+        Dns::Off => None,
+        Dns::At(addr) => {
+            Some(crate::dns::serve(addr, snapshot_rx.clone(), membership.view()).await?)
+        }
+        Dns::Default(addr) => {
+            match crate::dns::serve(addr, snapshot_rx.clone(), membership.view()).await {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    let why = format!(
+                        "dns: {e:#}; this node answers no DNS (give --dns another address, or --dns off)"
+                    );
+                    warn!("{why}");
+                    problems
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert("dns".into(), why);
+                    None
+                }
+            }
+        }
+    };
+    let ingress = config.ingress.map(|at| at.unwrap_or(advertise.ip()));
+    if let Some(at) = ingress {
+        tokio::spawn(crate::ingress::run(
+            at,
+            config.name.clone(),
+            snapshot_rx.clone(),
+            problems.clone(),
+        ));
+    }
     let state = ApiState {
         identity: identity.clone(),
         transport: transport.clone(),
         store_health: store_health.clone(),
+        problems: problems.clone(),
         view: membership.view(),
         token: Arc::from(http_token.as_str()),
         snapshot: snapshot_rx.clone(),
@@ -408,6 +464,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         http: format!("http://{http_addr}"),
         generation,
         pid: std::process::id(),
+        dns,
+        ingress,
     };
     credentials::write_private(
         &config.data_dir.join("agent.json"),
@@ -448,6 +506,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         driver_events: driver_rx,
         api: api_rx,
         snapshot: snapshot_tx,
+        problems,
     };
     crate::node::run(core, io, recovered, shutdown).await?;
     let _ = http_stop_tx.send(());

@@ -41,6 +41,8 @@ pub struct ApiState {
     pub transport_stats: Arc<shoal_transport::TransportStats>,
     /// What the store's last write said.
     pub store_health: crate::store::StoreHealth,
+    /// Other parts' problems (DNS, ingress ports).
+    pub problems: Problems,
     /// This node's credentials (join tokens, CA rotation).
     pub identity: Arc<crate::identity::Identity>,
     /// The node-to-node transport (CA rotation talks to every member).
@@ -132,7 +134,11 @@ async fn join_token(State(state): State<ApiState>, body: axum::body::Bytes) -> R
 
 /// This node's problems, each with what to do: what `/v1/health` answers
 /// and the node publishes for `shoal nodes` on every node.
-pub fn problems(snapshot: &Snapshot, store: &crate::store::StoreHealth) -> Vec<String> {
+pub fn problems(
+    snapshot: &Snapshot,
+    store: &crate::store::StoreHealth,
+    others: &Problems,
+) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(e) = store.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         out.push(format!("store: {e}"));
@@ -140,8 +146,20 @@ pub fn problems(snapshot: &Snapshot, store: &crate::store::StoreHealth) -> Vec<S
     if let Some(skew) = &snapshot.clock_skew {
         out.push(format!("clock: {skew}"));
     }
+    out.extend(
+        others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned(),
+    );
     out
 }
+
+/// Problems of the agent's other parts (DNS, the routing mesh), by what
+/// has them: shown in `/v1/health` and `shoal nodes` beside the store's
+/// and the clock's.
+pub type Problems = Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>;
 
 /// Longest job file accepted in a request body.
 const BODY_LEN_MAX: usize = crate::job::JOB_FILE_LEN_MAX;
@@ -1045,6 +1063,9 @@ pub struct ServiceSummary {
     pub passing: usize,
     /// The jobs serving it.
     pub jobs: Vec<String>,
+    /// The routing mesh's port for it on every node, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_port: Option<u16>,
 }
 
 /// `/v1/services` as a whole (the list and the catalog's index).
@@ -1119,6 +1140,7 @@ async fn list_services(
                 instances: svc.instances.len(),
                 passing: svc.passing().count(),
                 jobs,
+                ingress_port: svc.ingress_port,
             }
         })
         .collect();
@@ -1498,7 +1520,10 @@ async fn health(State(state): State<ApiState>) -> Response {
     let name = state.view.borrow().self_name.clone();
     let (problems, (alive, remembered)) = {
         let snapshot = state.snapshot.borrow();
-        (problems(&snapshot, &state.store_health), snapshot.members)
+        (
+            problems(&snapshot, &state.store_health, &state.problems),
+            snapshot.members,
+        )
     };
     let status = if problems.is_empty() {
         StatusCode::OK

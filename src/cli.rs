@@ -13,6 +13,8 @@ use crate::commands::{JobArgs, LogsArgs, NodesArgs, RunArgs, ScaleArgs, StatusAr
 
 /// Default HTTP API address of the local agent.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:4701";
+/// Where an agent answers DNS unless told otherwise (`--dns`).
+pub const DEFAULT_DNS: &str = "127.0.0.1:8600";
 /// Default QUIC listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4700";
 
@@ -142,6 +144,22 @@ pub struct AgentArgs {
     /// Address of the HTTP API. It requires a token wherever it listens.
     #[arg(long, default_value = DEFAULT_HTTP)]
     pub http: SocketAddr,
+    /// Where this node answers DNS for the service catalog, over UDP and
+    /// TCP: NAME.service.shoal (A, AAAA, SRV of passing instances),
+    /// TAG.NAME.service.shoal, NODE.node.shoal; `off` turns it off
+    /// [default: 127.0.0.1:8600, and if another program holds that port
+    /// the agent runs on without DNS and says so in `shoal nodes`].
+    #[arg(long, value_name = "ADDR|off")]
+    pub dns: Option<String>,
+    /// The routing mesh: listen on every service's `ingress_port` and
+    /// forward each connection to a passing instance (`--ingress false`
+    /// turns it off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub ingress: bool,
+    /// Address the routing mesh's ports listen on [default: the advertise
+    /// address's IP].
+    #[arg(long, value_name = "IP")]
+    pub ingress_addr: Option<std::net::IpAddr>,
     /// Token that HTTP API clients must present (Authorization: Bearer), at
     /// least 16 characters [default: a random one, kept across restarts].
     /// Written to <data-dir>/api-token (mode 0600), where `shoal` commands
@@ -332,6 +350,16 @@ impl AgentArgs {
             join,
             token,
             http: self.http,
+            dns: match self.dns.as_deref() {
+                None => {
+                    crate::agent::Dns::Default(DEFAULT_DNS.parse().expect("default DNS address"))
+                }
+                Some("off") => crate::agent::Dns::Off,
+                Some(a) => crate::agent::Dns::At(a.parse().map_err(|e| {
+                    anyhow::anyhow!("--dns {a}: {e} (use IP:PORT, e.g. 127.0.0.1:8600, or off)")
+                })?),
+            },
+            ingress: self.ingress.then_some(self.ingress_addr),
             http_token: self.http_token.filter(|t| !t.is_empty()),
             http_limits: crate::api::HttpLimits {
                 connections_max: self.http_connections_max as usize,

@@ -1483,7 +1483,7 @@ pub fn service(cmd: ServiceCommand) -> Result<()> {
                 println!("no job declares a service (add a [[service]] table to a job file)");
                 return Ok(());
             }
-            let rows: Vec<[String; 4]> = list
+            let rows: Vec<[String; 5]> = list
                 .services
                 .iter()
                 .map(|s| {
@@ -1496,10 +1496,12 @@ pub fn service(cmd: ServiceCommand) -> Result<()> {
                             s.jobs.join(",")
                         },
                         shoal_core::catalog::service_dns_name(&s.name),
+                        s.ingress_port
+                            .map_or_else(|| "-".into(), |p| format!(":{p} on every node")),
                     ]
                 })
                 .collect();
-            print_table(&["SERVICE", "PASSING", "JOBS", "DNS"], &rows);
+            print_table(&["SERVICE", "PASSING", "JOBS", "DNS", "INGRESS"], &rows);
         }
         ServiceCommand::Show(args) => {
             if !shoal_core::catalog::valid_service_name(&args.name) {

@@ -139,6 +139,14 @@ impl Launch {
         .arg("--data-dir")
         .arg(&self.data_dir)
         .args(&self.args)
+        // Agents launched side by side on one machine (tests, the demo)
+        // cannot share the default DNS port: each takes a free one (in
+        // its agent.json) unless told otherwise.
+        .args(if self.args.iter().any(|a| a == "--dns") {
+            &[][..]
+        } else {
+            &["--dns", "127.0.0.1:0"][..]
+        })
         .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(stdout)

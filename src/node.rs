@@ -100,6 +100,8 @@ pub struct Io {
     /// What the store's last write said (published with the node's other
     /// problems).
     pub store_health: crate::store::StoreHealth,
+    /// The agent's other parts' problems (published too).
+    pub problems: crate::api::Problems,
 }
 
 /// The gossip key under which a node publishes its problems (a JSON list
@@ -629,6 +631,7 @@ pub async fn run(
         mut api,
         snapshot,
         store_health,
+        problems,
     } = io;
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(RPC_IN_FLIGHT_MAX + DRIVER_OPS_MAX * 4);
     let (checks, mut check_results) = crate::checks::Watcher::new();
@@ -677,6 +680,9 @@ pub async fn run(
                     anyhow::bail!("membership task stopped unexpectedly");
                 }
                 let v = view.borrow_and_update().clone();
+                // The catalog follows the view even when the scheduler
+                // has nothing to do about a change (DNS, the mesh).
+                snapshot_dirty = true;
                 let cv = builder.build(&shell.me, &v);
                 core.handle_view(cv, now())
             }
@@ -764,7 +770,7 @@ pub async fn run(
             }
             let snap = Arc::new(snap);
             // The node's problems go to every node, for `shoal nodes`.
-            let problems: Vec<String> = crate::api::problems(&snap, &store_health)
+            let problems: Vec<String> = crate::api::problems(&snap, &store_health, &problems)
                 .into_iter()
                 .take(PROBLEMS_MAX)
                 .map(shoal_core::gossip::bounded)

@@ -36,6 +36,11 @@ pub const TAG_LEN_MAX: usize = 64;
 pub const SERVICE_NAME_LEN_MAX: usize = 63;
 /// Most services a job `uses`.
 pub const USES_MAX: usize = 16;
+/// The `shutdown_delay` of a job that declares a service and sets none:
+/// a copy being stopped leaves every node's catalog (and so DNS and the
+/// routing mesh) before its stop signal. Two seconds cover gossip's spread
+/// to every node with room to spare (`shutdown_delay = "0s"` opts out).
+pub const SERVICE_SHUTDOWN_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One `[[service]]` of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +59,11 @@ pub struct ServiceSpec {
     /// all of the task's checks; `[]`: none (running is enough).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checks: Option<Vec<String>>,
+    /// A port every agent with the routing mesh on listens on and
+    /// forwards to a passing instance (see `src/ingress.rs`): the same
+    /// port on every node, so a client reaches the service at any node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_port: Option<u16>,
 }
 
 /// Whether `name` is a valid service name: one DNS label of lower-case
@@ -123,6 +133,12 @@ impl ServiceSpec {
                     "`{}`: a tag is 1 to {TAG_LEN_MAX} bytes without control characters",
                     t.escape_debug()
                 ),
+            ));
+        }
+        if self.ingress_port == Some(0) {
+            return Some((
+                "ingress_port".into(),
+                "must be a port from 1 to 65535 (the same on every node; not 0)".into(),
             ));
         }
         if let Some(checks) = &self.checks {
@@ -212,6 +228,10 @@ pub struct Instance {
 pub struct Service {
     /// Its instances, sorted by (job, slot, node).
     pub instances: Vec<Instance>,
+    /// The routing mesh's port for it, if a job declaring it asks for one
+    /// (the first such job by name; the API refuses a second that differs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_port: Option<u16>,
 }
 
 impl Service {
@@ -291,8 +311,65 @@ pub fn build(
 /// Lists `spec`'s services (empty if none runs).
 fn add_declared(catalog: &mut Catalog, spec: &JobSpec) {
     for svc in &spec.services {
-        catalog.entry(svc.name.clone()).or_default();
+        let entry = catalog.entry(svc.name.clone()).or_default();
+        if entry.ingress_port.is_none() {
+            entry.ingress_port = svc.ingress_port;
+        }
     }
+}
+
+/// The routing mesh's listeners: each ingress port and the service it
+/// reaches. Two services asking for one port (the API refuses it, but two
+/// nodes may accept them at once) resolve the same way on every node: the
+/// first by name keeps it.
+pub fn ingress_ports(catalog: &Catalog) -> BTreeMap<u16, String> {
+    let mut ports = BTreeMap::new();
+    for (name, svc) in catalog {
+        if let Some(p) = svc.ingress_port {
+            ports.entry(p).or_insert_with(|| name.clone());
+        }
+    }
+    ports
+}
+
+/// Why `spec` cannot take the ingress ports it asks for beside the other
+/// live jobs of `desired`: a port another service holds, or a service
+/// another job reaches on a different port.
+pub fn ingress_conflict(desired: &DesiredState, spec: &JobSpec) -> Option<String> {
+    for svc in &spec.services {
+        for other in desired
+            .records()
+            .filter_map(|r| r.spec.as_ref())
+            .filter(|o| o.name != spec.name)
+        {
+            for o in &other.services {
+                if o.name == svc.name
+                    && o.ingress_port.is_some()
+                    && svc.ingress_port.is_some()
+                    && o.ingress_port != svc.ingress_port
+                {
+                    return Some(format!(
+                        "service `{}` already has ingress port {} (job `{}`); use the same port or none",
+                        svc.name,
+                        o.ingress_port.unwrap_or(0),
+                        other.name
+                    ));
+                }
+                if o.name != svc.name
+                    && svc.ingress_port.is_some()
+                    && o.ingress_port == svc.ingress_port
+                {
+                    return Some(format!(
+                        "ingress port {} is taken by service `{}` (job `{}`); choose another port",
+                        svc.ingress_port.unwrap_or(0),
+                        o.name,
+                        other.name
+                    ));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// A service's instances for a client: passing ones only unless
@@ -350,6 +427,7 @@ mod tests {
 
     fn svc(name: &str, port: &str, checks: Option<&[&str]>) -> ServiceSpec {
         ServiceSpec {
+            ingress_port: None,
             name: name.into(),
             port: port.into(),
             tags: Vec::new(),
@@ -377,6 +455,96 @@ mod tests {
         assert_eq!(s.problem(&t).unwrap().0, "tags");
         s.tags = vec!["x".into(); TAGS_MAX + 1];
         assert_eq!(s.problem(&t).unwrap().0, "tags");
+    }
+
+    /// A live job record serving `services` as (name, ingress port).
+    fn serving(job: &str, services: &[(&str, Option<u16>)]) -> JobSpec {
+        let mut text = format!(
+            "name = \"{job}\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nports = {{ http = 0 }}\n"
+        );
+        for (name, port) in services {
+            text.push_str(&format!(
+                "[[service]]\nname = \"{name}\"\nport = \"http\"\n"
+            ));
+            if let Some(p) = port {
+                text.push_str(&format!("ingress_port = {p}\n"));
+            }
+        }
+        JobSpec::parse(&text).unwrap()
+    }
+
+    fn desired_of(specs: &[JobSpec]) -> DesiredState {
+        let mut d = DesiredState::default();
+        for (i, spec) in specs.iter().enumerate() {
+            d.apply(std::sync::Arc::new(crate::records::JobRecord::new(
+                spec.name.clone(),
+                crate::hlc::Version {
+                    hlc: crate::hlc::Hlc {
+                        wall_ms: 1 + i as u64,
+                        logical: 0,
+                    },
+                    node: "n".into(),
+                },
+                Some(spec.clone()),
+            )));
+        }
+        d
+    }
+
+    #[test]
+    fn ingress_ports_are_validated_and_resolved_the_same_everywhere() {
+        let t = task(&["http"], &[]);
+        let mut s = svc("web", "http", None);
+        s.ingress_port = Some(0);
+        assert_eq!(s.problem(&t).unwrap().0, "ingress_port");
+        // One job may not give two services one port.
+        let twice =
+            "name = \"x\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nports = { http = 0 }\n\
+            [[service]]\nname = \"a\"\nport = \"http\"\ningress_port = 9000\n\
+            [[service]]\nname = \"b\"\nport = \"http\"\ningress_port = 9000\n";
+        let e = JobSpec::parse(twice).unwrap_err().to_string();
+        assert!(e.contains("declared twice"), "{e}");
+
+        let d = desired_of(&[
+            serving("site", &[("web", Some(9000)), ("admin", None)]),
+            serving("api", &[("api", Some(9001))]),
+        ]);
+        let catalog = build(&d, &ClusterView::default(), "n1", &[]);
+        let ports = ingress_ports(&catalog);
+        assert_eq!(
+            ports.into_iter().collect::<Vec<_>>(),
+            vec![(9000, "web".to_string()), (9001, "api".to_string())]
+        );
+        // A second service on a taken port, or a service on a second
+        // port, is refused; the same service on the same port, or a job
+        // replacing itself, is not.
+        let why = ingress_conflict(&d, &serving("other", &[("web2", Some(9000))])).unwrap();
+        assert!(why.contains("taken by service `web`"), "{why}");
+        let why = ingress_conflict(&d, &serving("other", &[("web", Some(9002))])).unwrap();
+        assert!(why.contains("already has ingress port 9000"), "{why}");
+        assert_eq!(
+            ingress_conflict(&d, &serving("other", &[("web", Some(9000))])),
+            None
+        );
+        assert_eq!(
+            ingress_conflict(&d, &serving("site", &[("web", Some(9005))])),
+            None
+        );
+        assert_eq!(
+            ingress_conflict(&d, &serving("other", &[("web", None)])),
+            None
+        );
+        // Two nodes accepted two services on one port at once: every node
+        // gives it to the first by name.
+        let raced = desired_of(&[
+            serving("b-job", &[("zeta", Some(9000))]),
+            serving("a-job", &[("alpha", Some(9000))]),
+        ]);
+        let catalog = build(&raced, &ClusterView::default(), "n1", &[]);
+        assert_eq!(
+            ingress_ports(&catalog).get(&9000).map(String::as_str),
+            Some("alpha")
+        );
     }
 
     #[test]
@@ -437,6 +605,7 @@ mod tests {
                 inst("b", 2, Health::Critical),
                 inst("c", 3, Health::Passing),
             ],
+            ingress_port: None,
         };
         let slots = |v: Vec<&Instance>| v.iter().map(|i| i.slot).collect::<Vec<_>>();
         assert_eq!(slots(select(&s, false, None, |_| {})), [0, 1, 3]);

@@ -1015,6 +1015,17 @@ impl JobSpec {
             if let Some((field, message)) = svc.problem(&self.task) {
                 return Err(invalid(text, &format!("service.{i}.{field}"), message));
             }
+            if let Some(p) = svc.ingress_port.filter(|p| {
+                self.services[..i]
+                    .iter()
+                    .any(|o| o.ingress_port == Some(*p))
+            }) {
+                return Err(invalid(
+                    text,
+                    &format!("service.{i}.ingress_port"),
+                    format!("ingress port {p} is declared twice: give each service its own"),
+                ));
+            }
             if !names.insert(svc.name.as_str()) {
                 return Err(invalid(
                     text,

@@ -1286,6 +1286,9 @@ impl Scheduler {
                             );
                         }
                     }
+                    if let Some(why) = crate::catalog::ingress_conflict(&self.desired, &spec) {
+                        return self.answer(token, Err(ApiError::Conflict(why)));
+                    }
                     match live {
                         Some(r) if r.spec.as_ref() == Some(&spec) => {
                             self.out.push(Effect::Answer {
@@ -2426,7 +2429,11 @@ impl Scheduler {
             .record
             .spec
             .as_ref()
-            .and_then(|s| s.task.shutdown_delay)
+            .and_then(|s| {
+                s.task
+                    .shutdown_delay
+                    .or((!s.services.is_empty()).then_some(crate::catalog::SERVICE_SHUTDOWN_DELAY))
+            })
             .filter(|d| !d.is_zero() && serving);
         if let Some(delay) = delay {
             // Shown stopping (published now) for the delay, then the

@@ -18,6 +18,7 @@ pub struct AgentInfo {
     pub quic: String,
     pub http: String,
     pub pid: u32,
+    pub dns: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -87,6 +88,7 @@ impl Agent {
             quic: launched.info.quic.to_string(),
             http: launched.info.http.clone(),
             pid: launched.info.pid,
+            dns: launched.info.dns,
         };
         Agent {
             name: name.to_string(),
@@ -319,17 +321,27 @@ pub fn wait_all_alive(agents: &[Agent]) {
 
 /// Starts `n` agents: the first bootstraps, the others join it.
 pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
-    let first = Agent::start(root, "n0", None, None, &[]);
+    cluster_with(root, n, |_| Vec::new())
+}
+
+/// [`cluster`] with extra arguments for agent `i` from `extra(i)`.
+pub fn cluster_with(root: &Path, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Agent> {
+    let args = |i: usize| extra(i);
+    let a0 = args(0);
+    let a0: Vec<&str> = a0.iter().map(String::as_str).collect();
+    let first = Agent::start(root, "n0", None, None, &a0);
     let seed = first.quic();
     let token = first.token_file();
     let mut agents = vec![first];
     for i in 1..n {
+        let ai = args(i);
+        let ai: Vec<&str> = ai.iter().map(String::as_str).collect();
         agents.push(Agent::start(
             root,
             &format!("n{i}"),
             Some(&seed),
             Some(&token),
-            &[],
+            &ai,
         ));
     }
     agents
