@@ -232,6 +232,27 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
     let http_addr = http_listener.local_addr()?;
+    // DNS's sockets too, before the node joins: an address given with
+    // --dns that cannot be had stops the agent before it is a member.
+    let problems = crate::api::Problems::default();
+    let dns_sockets = match config.dns {
+        Dns::Off => None,
+        Dns::At(addr) => Some(crate::dns::bind(addr).await?),
+        Dns::Default(addr) => match crate::dns::bind(addr).await {
+            Ok(sockets) => Some(sockets),
+            Err(e) => {
+                let why = format!(
+                    "dns: {e:#}; this node answers no DNS (give --dns another address, or --dns off)"
+                );
+                warn!("{why}");
+                problems
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert("dns".into(), why);
+                None
+            }
+        },
+    };
 
     let store_path = config.data_dir.join("state.redb");
     if config.recover_from_peers && config.join.is_empty() {
@@ -401,29 +422,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let (persisted_tx, persisted_rx) = mpsc::channel(crate::store::WRITES_QUEUED_MAX);
     let store_health = crate::store::StoreHealth::default();
     let store_tx = crate::store::spawn_writer(store, store_health.clone(), persisted_tx);
-    let problems = crate::api::Problems::default();
-    let dns = match config.dns {
-        Dns::Off => None,
-        Dns::At(addr) => {
-            Some(crate::dns::serve(addr, snapshot_rx.clone(), membership.view()).await?)
-        }
-        Dns::Default(addr) => {
-            match crate::dns::serve(addr, snapshot_rx.clone(), membership.view()).await {
-                Ok(bound) => Some(bound),
-                Err(e) => {
-                    let why = format!(
-                        "dns: {e:#}; this node answers no DNS (give --dns another address, or --dns off)"
-                    );
-                    warn!("{why}");
-                    problems
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert("dns".into(), why);
-                    None
-                }
-            }
-        }
-    };
+    let dns = dns_sockets.map(|sockets| {
+        let bound = sockets.bound;
+        crate::dns::serve(sockets, snapshot_rx.clone(), membership.view());
+        bound
+    });
     let ingress = config.ingress.map(|at| at.unwrap_or(advertise.ip()));
     if let Some(at) = ingress {
         tokio::spawn(crate::ingress::run(

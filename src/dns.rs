@@ -15,7 +15,9 @@
 //! `.shoal` that names nothing is NXDOMAIN; any other name is REFUSED
 //! (this is no recursive resolver): nothing waits for an answer that will
 //! not come. Queries are rate-limited per source address and in all
-//! ([`RATE_PER_SOURCE`], [`RATE_MAX`]); one over the limit is REFUSED.
+//! ([`RATE_PER_SOURCE`], [`RATE_MAX`]); one over the limit gets no answer
+//! (answering would make the agent a reflector, and costs the same as
+//! answering it properly), so the client retries after its timeout.
 //!
 //! The server is hickory's (the Rust DNS project: wire format, UDP and
 //! TCP listeners, truncation); shoal answers through its
@@ -47,9 +49,9 @@ pub const ZONE: &str = "shoal";
 /// Most records in one answer section.
 pub const ANSWERS_MAX: usize = 16;
 /// Queries per second one source address may make (burst as large).
-pub const RATE_PER_SOURCE: u32 = 500;
+pub const RATE_PER_SOURCE: u32 = 2_000;
 /// Queries per second all sources together may make (burst as large).
-pub const RATE_MAX: u32 = 5_000;
+pub const RATE_MAX: u32 = 20_000;
 /// Source addresses whose rates are tracked; when more ask, the oldest
 /// half is forgotten.
 pub const SOURCES_MAX: usize = 4_096;
@@ -136,6 +138,9 @@ pub enum Asked {
     /// A name under the zone that names nothing shoal knows how to
     /// answer.
     Unknown,
+    /// The zone itself or one of its branches (`service.shoal`): it exists
+    /// (names are below it) but holds no records.
+    Branch,
     /// A name outside the zone.
     Outside,
 }
@@ -150,6 +155,9 @@ pub fn parse(name: &str) -> Asked {
         return Asked::Outside;
     }
     let rest = rest.trim_end_matches('.');
+    if matches!(rest, "" | "node" | "service" | "_tcp.service") {
+        return Asked::Branch;
+    }
     if let Some(node) = rest.strip_suffix(".node") {
         return if node.is_empty() {
             Asked::Unknown
@@ -204,6 +212,11 @@ fn wants_address(kind: RecordType, ip: &IpAddr) -> bool {
     }
 }
 
+/// Whether an instance has `tag` (DNS names are read in lower case).
+fn has_tag(i: &shoal_core::catalog::Instance, tag: &str) -> bool {
+    i.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))
+}
+
 /// The name a node's SRV targets and A records carry.
 fn node_name(node: &str) -> Option<Name> {
     Name::from_ascii(format!("{node}.node.{ZONE}.")).ok()
@@ -222,6 +235,7 @@ pub fn answer(
     match parse(&qname.to_ascii()) {
         Asked::Outside => out.code = ResponseCode::Refused,
         Asked::Unknown => out.code = ResponseCode::NXDomain,
+        Asked::Branch => {}
         Asked::Node(node) => {
             let member = view.members.iter().find(|m| {
                 m.record.name.eq_ignore_ascii_case(&node)
@@ -246,7 +260,7 @@ pub fn answer(
                 .instances
                 .iter()
                 .filter(|i| i.health == Health::Passing)
-                .filter(|i| tag.as_ref().is_none_or(|t| i.tags.contains(t)))
+                .filter(|i| tag.as_ref().is_none_or(|t| has_tag(i, t)))
                 .collect();
             if tag.is_some()
                 && passing.is_empty()
@@ -260,7 +274,7 @@ pub fn answer(
             }
             match kind {
                 RecordType::SRV => {
-                    let mut nodes = Vec::new();
+                    let mut glue = Vec::new();
                     for i in &passing {
                         let Some(target) = node_name(&i.node) else {
                             continue;
@@ -270,11 +284,22 @@ pub fn answer(
                             0,
                             RData::SRV(SRV::new(1, 1, i.port, target.clone())),
                         ));
-                        if !nodes.contains(&i.node) {
-                            nodes.push(i.node.clone());
-                            out.additionals.push(address_record(&target, i.address));
+                        glue.push((target, i.address));
+                    }
+                    shuffle(&mut out.answers);
+                    out.answers.truncate(ANSWERS_MAX);
+                    // The address of each target kept, once.
+                    for r in &out.answers {
+                        if let RData::SRV(srv) = &r.data {
+                            let kept = out.additionals.iter().any(|a| a.name == srv.target);
+                            if let Some((t, ip)) = glue.iter().find(|(t, _)| *t == srv.target) {
+                                if !kept {
+                                    out.additionals.push(address_record(t, *ip));
+                                }
+                            }
                         }
                     }
+                    return out;
                 }
                 _ => {
                     let mut ips: Vec<IpAddr> = passing
@@ -292,7 +317,6 @@ pub fn answer(
             }
             shuffle(&mut out.answers);
             out.answers.truncate(ANSWERS_MAX);
-            out.additionals.truncate(ANSWERS_MAX);
         }
     }
     out
@@ -346,9 +370,16 @@ impl RequestHandler for Handler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .allow(request.src().ip(), Instant::now());
-        let metadata = if !allowed {
-            refuse(ResponseCode::Refused)
-        } else if request.metadata.message_type != MessageType::Query
+        if !allowed {
+            // No answer (see the module's notes); what is logged says so.
+            let mut m = Metadata::response_from_request(&request.metadata);
+            m.response_code = ResponseCode::Refused;
+            return ResponseInfo::from(hickory_server::proto::op::Header {
+                metadata: m,
+                counts: Default::default(),
+            });
+        }
+        let metadata = if request.metadata.message_type != MessageType::Query
             || request.metadata.op_code != OpCode::Query
         {
             refuse(ResponseCode::NotImp)
@@ -359,8 +390,7 @@ impl RequestHandler for Handler {
                     let qname: Name = info.query.name().into();
                     let kind = info.query.query_type();
                     let catalog = self.snapshot.borrow().catalog.clone();
-                    let view = self.view.borrow().clone();
-                    let a = answer(&qname, kind, &catalog, &view, &mut |v| {
+                    let a = answer(&qname, kind, &catalog, &self.view.borrow(), &mut |v| {
                         v.shuffle(&mut rand::rng())
                     });
                     let mut m = Metadata::response_from_request(&request.metadata);
@@ -402,42 +432,54 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// Binds UDP and TCP at `addr` and serves until the process ends;
-/// returns the bound address (its port chosen when `addr`'s is 0).
-pub async fn serve(
-    addr: SocketAddr,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    view: watch::Receiver<MembershipView>,
-) -> anyhow::Result<SocketAddr> {
+/// The sockets DNS is served on (bound at start, before the node joins,
+/// so that an address that cannot be had stops the agent before it is a
+/// member).
+pub struct Sockets {
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    /// Where they are bound.
+    pub bound: SocketAddr,
+}
+
+/// Binds UDP and TCP at `addr` (with port 0: one port free for both).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<Sockets> {
     use anyhow::Context;
     // With port 0, UDP picks a port that TCP may not have free: pick again
     // (a bounded number of times).
     let tries = if addr.port() == 0 { 20 } else { 1 };
     let mut attempt = 0;
-    let (udp, tcp, bound) = loop {
+    loop {
         attempt += 1;
         let udp = tokio::net::UdpSocket::bind(addr)
             .await
             .with_context(|| format!("--dns {addr}: cannot bind UDP"))?;
         let bound = udp.local_addr()?;
         match tokio::net::TcpListener::bind(bound).await {
-            Ok(tcp) => break (udp, tcp, bound),
+            Ok(tcp) => return Ok(Sockets { udp, tcp, bound }),
             Err(e) if attempt >= tries => {
                 return Err(e).with_context(|| format!("--dns {bound}: cannot bind TCP"));
             }
             Err(_) => continue,
         }
-    };
+    }
+}
+
+/// Serves DNS on `sockets` until the process ends.
+pub fn serve(
+    sockets: Sockets,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    view: watch::Receiver<MembershipView>,
+) {
     let mut server = hickory_server::Server::new(Handler::new(snapshot, view));
-    server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE, 4);
-    info!(%bound, "serving DNS for the catalog (NAME.service.shoal, NODE.node.shoal)");
+    server.register_socket(sockets.udp);
+    server.register_listener(sockets.tcp, TCP_IDLE, 4);
+    info!(bound = %sockets.bound, "serving DNS for the catalog (NAME.service.shoal, NODE.node.shoal)");
     tokio::spawn(async move {
         if let Err(e) = server.block_until_done().await {
             warn!(error = %e, "the DNS server stopped");
         }
     });
-    Ok(bound)
 }
 
 #[cfg(test)]
@@ -456,7 +498,9 @@ mod tests {
         assert_eq!(parse("v2.web.service.shoal"), svc("web", Some("v2")));
         assert_eq!(parse("n1.node.shoal."), Asked::Node("n1".into()));
         assert_eq!(parse("a.b.node.shoal"), Asked::Node("a.b".into()));
-        assert_eq!(parse("shoal."), Asked::Unknown);
+        assert_eq!(parse("shoal."), Asked::Branch);
+        assert_eq!(parse("service.shoal."), Asked::Branch);
+        assert_eq!(parse("node.shoal"), Asked::Branch);
         assert_eq!(parse("x.y.z.service.shoal"), Asked::Unknown);
         assert_eq!(parse("-bad.service.shoal"), Asked::Unknown);
         assert_eq!(parse(".node.shoal"), Asked::Unknown);

@@ -16,8 +16,10 @@
 //!   connection goes to another instance, at most [`ATTEMPTS_MAX`] in all,
 //!   each bounded by [`CONNECT_TIMEOUT`]. Bytes already forwarded cannot
 //!   be replayed: a connection cut mid-way stays cut.
-//! - **Bounded**: at most [`CONNECTIONS_MAX`] forwarded connections at once
-//!   (one more is closed at once) and [`LISTENERS_MAX`] ports.
+//! - **Bounded**: at most [`CONNECTIONS_MAX`] forwarded connections at once,
+//!   [`CONNECTIONS_PER_SOURCE_MAX`] from one client address (one more is
+//!   closed at once), and [`LISTENERS_MAX`] ports; TCP keepalive on both
+//!   sides frees the slot of a connection whose peer vanished.
 //!
 //! The listeners follow the catalog: a port opens when a job declaring it
 //! is written and closes when no live job declares it (connections open
@@ -42,6 +44,12 @@ use crate::api::{Problems, Snapshot};
 
 /// Most connections forwarded at once by one agent.
 pub const CONNECTIONS_MAX: usize = 4_096;
+/// Most of them from one client address (one client cannot take them all).
+pub const CONNECTIONS_PER_SOURCE_MAX: usize = 512;
+/// TCP keepalive on both sides of a forwarded connection: idle time before
+/// the first probe, and between probes (the kernel gives up after 9): a
+/// peer that vanished (its machine died) frees its slot within ~2 min.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
 /// Most ingress ports one agent listens on.
 pub const LISTENERS_MAX: usize = 256;
 /// Instances tried for one connection.
@@ -113,6 +121,33 @@ struct Shared {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     open: Open,
     slots: Arc<Semaphore>,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Releases a client address's count when its connection ends.
+struct FromSource {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for FromSource {
+    fn drop(&mut self) {
+        let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = s.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Turns TCP keepalive on (best effort).
+fn keepalive(s: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
 }
 
 /// Forwards one accepted connection of `service`.
@@ -150,6 +185,7 @@ async fn forward(shared: Shared, service: String, mut client: TcpStream) {
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to)).await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
+                keepalive(&upstream);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                 drop(counted);
                 return;
@@ -163,7 +199,7 @@ async fn forward(shared: Shared, service: String, mut client: TcpStream) {
 /// Accepts connections on one port for `service`.
 async fn accept(listener: TcpListener, service: String, shared: Shared) {
     loop {
-        let (conn, _) = match listener.accept().await {
+        let (conn, from) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors and the like: wait rather than spin.
@@ -176,10 +212,25 @@ async fn accept(listener: TcpListener, service: String, shared: Shared) {
             debug!(%service, "ingress connection cap reached; closing a new connection");
             continue;
         };
+        let source = {
+            let mut s = shared.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let n = s.entry(from.ip()).or_insert(0);
+            if *n >= CONNECTIONS_PER_SOURCE_MAX {
+                debug!(%service, client = %from.ip(), "a client's ingress connection cap reached");
+                continue;
+            }
+            *n += 1;
+            FromSource {
+                sources: shared.sources.clone(),
+                ip: from.ip(),
+            }
+        };
         let _ = conn.set_nodelay(true);
+        keepalive(&conn);
         let (shared, service) = (shared.clone(), service.clone());
         tokio::spawn(async move {
             forward(shared, service, conn).await;
+            drop(source);
             drop(permit);
         });
     }
@@ -203,17 +254,30 @@ pub async fn run(
         snapshot: snapshot.clone(),
         open: Arc::default(),
         slots: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+        sources: Arc::default(),
     };
     let mut listening: BTreeMap<u16, (String, JoinHandle<()>)> = BTreeMap::new();
+    let mut last_wanted: BTreeMap<u16, String> = BTreeMap::new();
+    let mut retry_due = false;
     let mut retry = tokio::time::interval(REBIND_INTERVAL);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wanted: BTreeMap<u16, String> = {
             let snap = snapshot.borrow_and_update();
-            ingress_ports(&snap.catalog)
-                .into_iter()
-                .take(LISTENERS_MAX)
-                .collect()
+            let all = ingress_ports(&snap.catalog);
+            let mut p = problems.lock().unwrap_or_else(|p| p.into_inner());
+            if all.len() > LISTENERS_MAX {
+                p.insert(
+                    "ingress".into(),
+                    format!(
+                        "{} ingress ports are declared; this node listens on the first {LISTENERS_MAX} only",
+                        all.len()
+                    ),
+                );
+            } else {
+                p.remove("ingress");
+            }
+            all.into_iter().take(LISTENERS_MAX).collect()
         };
         // Close what is no longer wanted (or now reaches another service).
         listening.retain(|port, (service, task)| {
@@ -233,8 +297,16 @@ pub async fn run(
                         .any(|port| *k == problem_key(*port) && !listening.contains_key(port))
             });
         }
+        let changed = wanted != last_wanted;
+        last_wanted = wanted.clone();
         for (port, service) in &wanted {
-            if listening.contains_key(port) {
+            // A port that failed is tried again on the retry tick, not at
+            // every snapshot.
+            let failed = problems
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&problem_key(*port));
+            if listening.contains_key(port) || (failed && !changed && !retry_due) {
                 continue;
             }
             match bind(SocketAddr::new(addr, *port)) {
@@ -261,9 +333,10 @@ pub async fn run(
                 }
             }
         }
+        retry_due = false;
         tokio::select! {
             changed = snapshot.changed() => if changed.is_err() { break },
-            _ = retry.tick() => {}
+            _ = retry.tick() => retry_due = true,
         }
     }
     for (_, (_, task)) in listening {

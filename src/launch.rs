@@ -142,11 +142,17 @@ impl Launch {
         // Agents launched side by side on one machine (tests, the demo)
         // cannot share the default DNS port: each takes a free one (in
         // its agent.json) unless told otherwise.
-        .args(if self.args.iter().any(|a| a == "--dns") {
-            &[][..]
-        } else {
-            &["--dns", "127.0.0.1:0"][..]
-        })
+        .args(
+            if self
+                .args
+                .iter()
+                .any(|a| a == "--dns" || a.to_str().is_some_and(|a| a.starts_with("--dns=")))
+            {
+                &[][..]
+            } else {
+                &["--dns", "127.0.0.1:0"][..]
+            },
+        )
         .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(stdout)

@@ -332,20 +332,69 @@ pub fn ingress_ports(catalog: &Catalog) -> BTreeMap<u16, String> {
     ports
 }
 
+/// Most ingress ports in the cluster (each is a listener on every node).
+pub const INGRESS_PORTS_MAX: usize = 256;
+
 /// Why `spec` cannot take the ingress ports it asks for beside the other
-/// live jobs of `desired`: a port another service holds, or a service
-/// another job reaches on a different port.
-pub fn ingress_conflict(desired: &DesiredState, spec: &JobSpec) -> Option<String> {
+/// live jobs of `desired`: a port another service holds, a service another
+/// job reaches on a different port, a port some job's task binds itself
+/// (the mesh listens on every node's address), or one inside the range
+/// this node gives dynamic ports from (`dynamic`).
+pub fn ingress_conflict(
+    desired: &DesiredState,
+    dynamic: (u16, u16),
+    spec: &JobSpec,
+) -> Option<String> {
+    let others: Vec<&JobSpec> = desired
+        .records()
+        .filter_map(|r| r.spec.as_ref())
+        .filter(|o| o.name != spec.name)
+        .collect();
+    let static_ports =
+        |s: &JobSpec| -> Vec<u16> { s.task.ports.values().copied().filter(|p| *p != 0).collect() };
+    // The ingress ports the others hold: a static port of this job must
+    // not be one of them either.
+    let held: Vec<(u16, &str, &str)> = others
+        .iter()
+        .flat_map(|o| {
+            o.services.iter().filter_map(move |s| {
+                s.ingress_port
+                    .map(|p| (p, s.name.as_str(), o.name.as_str()))
+            })
+        })
+        .collect();
+    for p in static_ports(spec) {
+        if let Some((_, svc, job)) = held.iter().find(|(h, _, _)| *h == p) {
+            return Some(format!(
+                "host port {p} is the ingress port of service `{svc}` (job `{job}`) on every node; choose another port"
+            ));
+        }
+    }
+    let mut ports: std::collections::BTreeSet<u16> = held.iter().map(|h| h.0).collect();
     for svc in &spec.services {
-        for other in desired
-            .records()
-            .filter_map(|r| r.spec.as_ref())
-            .filter(|o| o.name != spec.name)
+        let Some(port) = svc.ingress_port else {
+            continue;
+        };
+        ports.insert(port);
+        if (dynamic.0..=dynamic.1).contains(&port) {
+            return Some(format!(
+                "ingress port {port} is in the range nodes give dynamic ports from ({}-{}); choose one outside it",
+                dynamic.0, dynamic.1
+            ));
+        }
+        if let Some(o) = std::iter::once(spec)
+            .chain(others.iter().copied())
+            .find(|o| static_ports(o).contains(&port))
         {
+            return Some(format!(
+                "ingress port {port} is a host port of job `{}`'s task; choose another port",
+                o.name
+            ));
+        }
+        for other in &others {
             for o in &other.services {
                 if o.name == svc.name
                     && o.ingress_port.is_some()
-                    && svc.ingress_port.is_some()
                     && o.ingress_port != svc.ingress_port
                 {
                     return Some(format!(
@@ -355,19 +404,19 @@ pub fn ingress_conflict(desired: &DesiredState, spec: &JobSpec) -> Option<String
                         other.name
                     ));
                 }
-                if o.name != svc.name
-                    && svc.ingress_port.is_some()
-                    && o.ingress_port == svc.ingress_port
-                {
+                if o.name != svc.name && o.ingress_port == Some(port) {
                     return Some(format!(
-                        "ingress port {} is taken by service `{}` (job `{}`); choose another port",
-                        svc.ingress_port.unwrap_or(0),
-                        o.name,
-                        other.name
+                        "ingress port {port} is taken by service `{}` (job `{}`); choose another port",
+                        o.name, other.name
                     ));
                 }
             }
         }
+    }
+    if ports.len() > INGRESS_PORTS_MAX {
+        return Some(format!(
+            "the cluster has {INGRESS_PORTS_MAX} ingress ports already (each listens on every node); free one first"
+        ));
     }
     None
 }
@@ -491,6 +540,8 @@ mod tests {
         d
     }
 
+    const DYN: (u16, u16) = (20_000, 32_000);
+
     #[test]
     fn ingress_ports_are_validated_and_resolved_the_same_everywhere() {
         let t = task(&["http"], &[]);
@@ -518,20 +569,20 @@ mod tests {
         // A second service on a taken port, or a service on a second
         // port, is refused; the same service on the same port, or a job
         // replacing itself, is not.
-        let why = ingress_conflict(&d, &serving("other", &[("web2", Some(9000))])).unwrap();
+        let why = ingress_conflict(&d, DYN, &serving("other", &[("web2", Some(9000))])).unwrap();
         assert!(why.contains("taken by service `web`"), "{why}");
-        let why = ingress_conflict(&d, &serving("other", &[("web", Some(9002))])).unwrap();
+        let why = ingress_conflict(&d, DYN, &serving("other", &[("web", Some(9002))])).unwrap();
         assert!(why.contains("already has ingress port 9000"), "{why}");
         assert_eq!(
-            ingress_conflict(&d, &serving("other", &[("web", Some(9000))])),
+            ingress_conflict(&d, DYN, &serving("other", &[("web", Some(9000))])),
             None
         );
         assert_eq!(
-            ingress_conflict(&d, &serving("site", &[("web", Some(9005))])),
+            ingress_conflict(&d, DYN, &serving("site", &[("web", Some(9005))])),
             None
         );
         assert_eq!(
-            ingress_conflict(&d, &serving("other", &[("web", None)])),
+            ingress_conflict(&d, DYN, &serving("other", &[("web", None)])),
             None
         );
         // Two nodes accepted two services on one port at once: every node

@@ -1286,7 +1286,11 @@ impl Scheduler {
                             );
                         }
                     }
-                    if let Some(why) = crate::catalog::ingress_conflict(&self.desired, &spec) {
+                    if let Some(why) = crate::catalog::ingress_conflict(
+                        &self.desired,
+                        self.config.port_range,
+                        &spec,
+                    ) {
                         return self.answer(token, Err(ApiError::Conflict(why)));
                     }
                     match live {
@@ -1332,6 +1336,10 @@ impl Scheduler {
                         token,
                         answer: ApiAnswer::Unchanged(current),
                     });
+                } else if let Some(why) =
+                    crate::catalog::ingress_conflict(&self.desired, self.config.port_range, &spec)
+                {
+                    self.answer(token, Err(ApiError::Conflict(why)));
                 } else {
                     self.write(token, name, Some(spec), now);
                 }
