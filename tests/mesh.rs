@@ -79,9 +79,15 @@ fn web_instances(agent: &Agent) -> Vec<(String, u64, u64)> {
     out
 }
 
-/// One GET through `addr` on a fresh connection: the body, or why not.
+/// One GET of `/version` through `addr` on a fresh connection: the body,
+/// or why not.
 fn get(addr: SocketAddr) -> Result<String, String> {
-    ureq::get(&format!("http://{addr}/version"))
+    get_path(addr, "/version")
+}
+
+/// One GET of `path` through `addr` on a fresh connection.
+fn get_path(addr: SocketAddr, path: &str) -> Result<String, String> {
+    ureq::get(&format!("http://{addr}{path}"))
         .timeout(Duration::from_secs(3))
         .call()
         .map_err(|e| e.to_string())?
@@ -96,35 +102,58 @@ type Log = Vec<(Instant, Result<String, String>)>;
 struct Client {
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Log>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Client {
-    fn start(addr: SocketAddr) -> Client {
+    /// `threads` loops of GETs of `path` through `addr`.
+    fn start(addr: SocketAddr, path: &'static str, threads: usize) -> Client {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (s, l) = (stop.clone(), log.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let r = get(addr);
-                l.lock().unwrap().push((at, r));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Client {
-            stop,
-            log,
-            thread: Some(thread),
-        }
+        let threads = (0..threads)
+            .map(|_| {
+                let (s, l) = (stop.clone(), log.clone());
+                std::thread::spawn(move || {
+                    while !s.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        let r = get_path(addr, path);
+                        l.lock().unwrap().push((at, r));
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+            .collect();
+        Client { stop, log, threads }
     }
 
     fn finish(mut self) -> Log {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             t.join().unwrap();
         }
-        std::mem::take(&mut *self.log.lock().unwrap())
+        let mut log = std::mem::take(&mut *self.log.lock().unwrap());
+        log.sort_by_key(|(at, _)| *at);
+        log
+    }
+}
+
+/// Freezes every instance started under `dir` (SIGSTOP to each
+/// supervisor's process group): a machine that hangs rather than refuses,
+/// so connections to its instances are accepted by the kernel and then
+/// never answered.
+fn freeze_instances(dir: &std::path::Path) {
+    let needle = dir.join("instances").to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" supervise ") && cmd.contains(&needle) {
+            unsafe { libc::kill(-pid, libc::SIGSTOP) };
+        }
     }
 }
 
@@ -185,6 +214,27 @@ impl Mesh {
             let d = site.path().join(v);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("version"), format!("{v}\n")).unwrap();
+            // A slow answer (0.3 s): a request in flight when its
+            // instance gets the stop signal fails.
+            let cgi = d.join("cgi-bin");
+            std::fs::create_dir_all(&cgi).unwrap();
+            std::fs::write(
+                cgi.join("slow"),
+                format!(
+                    "#!/bin/busybox sh\n/bin/busybox sleep 0.3\necho 'Content-Type: text/plain'\necho\necho {v}\n"
+                ),
+            )
+            .unwrap();
+            // Which node answered (the mesh prefers the node's own).
+            std::fs::write(
+                cgi.join("node"),
+                "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\necho $SHOAL_NODE\n",
+            )
+            .unwrap();
+            for p in [&cgi, &cgi.join("slow"), &cgi.join("node")] {
+                std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap();
+            }
             std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .unwrap();
         }
@@ -307,6 +357,31 @@ fn the_mesh_and_dns_follow_the_instances_while_a_node_dies() {
             get(to).as_deref() == Ok("v1\n")
         });
     }
+    // An agent holding an instance sends its connections to it; n0,
+    // holding none, spreads them over the three.
+    let holders: Vec<String> = web_instances(&mesh.agents[0])
+        .into_iter()
+        .map(|i| i.0)
+        .collect();
+    for h in &holders {
+        let i: usize = h[1..].parse().unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                get_path(mesh.ingress(i), "/cgi-bin/node").as_deref(),
+                Ok(format!("{h}\n").as_str()),
+                "through {h}'s own ingress"
+            );
+        }
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        answered.insert(get_path(mesh.ingress(0), "/cgi-bin/node").unwrap());
+    }
+    assert_eq!(
+        answered.len(),
+        3,
+        "n0 spreads over every instance: {answered:?}"
+    );
     // A second service may not take the port.
     let other = mesh
         .job("v1")
@@ -354,15 +429,18 @@ fn the_mesh_and_dns_follow_the_instances_while_a_node_dies() {
         assert_eq!(dig(mesh.dns(1), name, RecordType::A).0, want, "{name}");
     }
 
-    // Kill a node holding an instance, as a machine dies: its agent and
-    // its processes. A client loops through n0's ingress meanwhile.
+    // A node holding an instance dies as a hung machine does: its agent
+    // is gone and its instance, frozen, accepts connections (the kernel
+    // does) and never answers, so the mesh cannot notice it by itself:
+    // only the catalog keeps connections away from it. Clients loop
+    // through n0's ingress meanwhile.
     let (victim, _, _) = listed[0].clone();
     let vi: usize = victim[1..].parse().unwrap();
-    let client = Client::start(mesh.ingress(0));
+    let client = Client::start(mesh.ingress(0), "/version", 3);
     std::thread::sleep(Duration::from_millis(500));
     let killed_at = Instant::now();
     mesh.agents[vi].stop(libc::SIGKILL);
-    kill_instances(&mesh.agents[vi].dir);
+    freeze_instances(&mesh.agents[vi].dir);
     let dead = {
         wait_until(&format!("n0 declares {victim} dead"), || {
             mesh.agents[0].state_of(&victim).as_deref() == Some("dead")
@@ -392,16 +470,26 @@ fn the_mesh_and_dns_follow_the_instances_while_a_node_dies() {
     });
     std::thread::sleep(Duration::from_secs(1));
     let log = client.finish();
-    let after: Vec<_> = log.iter().filter(|(at, _)| *at >= dead).collect();
+    // The catalog follows the view at the agent's next snapshot (100 ms
+    // apart when idle); a second is the allowance for a loaded machine.
+    let settled = dead + Duration::from_secs(1);
+    let after: Vec<_> = log.iter().filter(|(at, _)| *at >= settled).collect();
     let failed_after: Vec<_> = after.iter().filter(|(_, r)| r.is_err()).collect();
     let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    let last_failure = failed
+        .last()
+        .map(|(at, _)| at.saturating_duration_since(killed_at));
     eprintln!(
-        "{} requests, {} failed ({} after {victim} was declared dead); declared dead {:?} after the kill, DNS dropped it {:?} after",
+        "{} requests, {} failed (the last started {last_failure:?} after the kill; {} after {victim} was declared dead + 1 s); declared dead {:?} after the kill, DNS dropped it {:?} after",
         log.len(),
         failed.len(),
         failed_after.len(),
         dead - killed_at,
         dns_dropped - killed_at
+    );
+    assert!(
+        !failed.is_empty(),
+        "a request to the hung instance before its node was declared dead fails (else the test proves nothing)"
     );
     assert!(after.len() > 10, "the client kept going: {}", after.len());
     assert!(
@@ -423,7 +511,9 @@ fn a_rolling_update_through_the_mesh_fails_no_request() {
     });
     let to = mesh.ingress(0);
     wait_until("the ingress answers", || get(to).as_deref() == Ok("v1\n"));
-    let client = Client::start(to);
+    // Slow requests (0.3 s) from 3 clients: without the shutdown delay a
+    // stopping instance would be signalled with requests in flight.
+    let client = Client::start(to, "/cgi-bin/slow", 3);
     std::thread::sleep(Duration::from_millis(300));
     mesh.run("v2");
     wait_until("3 passing instances of the new version everywhere", || {
