@@ -274,10 +274,10 @@ name = "up"
 type = "http"
 port = "http"
 path = "/version"
-interval = "200ms"
-timeout = "150ms"
+interval = "500ms"
+timeout = "500ms"
 grace = "0s"
-failures = 1
+failures = 3
 
 [[service]]
 name = "web"

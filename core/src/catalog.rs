@@ -272,13 +272,23 @@ pub fn build(
         if copy.state != SlotState::Running || copy.stopping {
             continue;
         }
-        let Some(spec) = desired.spec(job).filter(|s| !s.services.is_empty()) else {
+        let Some(record) = desired.get(job) else {
+            continue;
+        };
+        let Some(spec) = record.spec.as_ref().filter(|s| !s.services.is_empty()) else {
             continue;
         };
         let Some(member) = view.members.get(node).filter(|m| m.is_live()) else {
             continue;
         };
-        for svc in &spec.services {
+        // A copy of an earlier version (a rolling update under way) is
+        // read through the spec it runs: its port names and checks are
+        // that version's (unknown version: the current spec's).
+        let ran = record.spec_of(copy.version).unwrap_or(spec);
+        for current in &spec.services {
+            let Some(svc) = ran.services.iter().find(|s| s.name == current.name) else {
+                continue;
+            };
             let Some(&port) = copy.ports.get(&svc.port).filter(|p| **p != 0) else {
                 continue;
             };
@@ -293,7 +303,7 @@ pub fn build(
                     address: member.record.address.ip(),
                     port,
                     tags: svc.tags.clone(),
-                    health: gated_health(copy, svc.gate(&spec.task)),
+                    health: gated_health(copy, svc.gate(&ran.task)),
                     version: copy.version,
                 });
         }
@@ -595,6 +605,75 @@ mod tests {
         assert_eq!(
             ingress_ports(&catalog).get(&9000).map(String::as_str),
             Some("alpha")
+        );
+    }
+
+    #[test]
+    fn a_copy_of_an_earlier_version_is_read_through_its_spec() {
+        use crate::hlc::{Hlc, Version};
+        use crate::records::{Earlier, JobRecord};
+        // v1 serves `web` on port `http`; v2 renamed the port `main`.
+        let text = |port: &str| {
+            format!(
+                "name = \"site\"\ntype = \"service\"\n[task]\ncommand = \"sleep\"\nports = {{ {port} = 0 }}\n\
+                 [[service]]\nname = \"web\"\nport = \"{port}\"\n"
+            )
+        };
+        let (v1, v2) = (
+            JobSpec::parse(&text("http")).unwrap(),
+            JobSpec::parse(&text("main")).unwrap(),
+        );
+        let version = |ms| Version {
+            hlc: Hlc {
+                wall_ms: ms,
+                logical: 0,
+            },
+            node: "n".into(),
+        };
+        let mut record = JobRecord::new("site", version(2), Some(v2));
+        record.seq = 2;
+        record.history.push(Earlier {
+            seq: 1,
+            version: version(1),
+            spec: v1,
+            outcome: None,
+        });
+        let mut d = DesiredState::default();
+        d.apply(std::sync::Arc::new(record));
+        let view = ClusterView {
+            members: std::sync::Arc::new(crate::view::Members::new([crate::view::test_member(
+                "n1",
+                shoal_membership::NodeState::Alive,
+            )])),
+            ..ClusterView::default()
+        };
+        let copy = |slot: u32, version: u64, port: &str, host: u16| Published {
+            slot,
+            run: u64::from(slot) + 1,
+            state: SlotState::Running,
+            task: 1,
+            restarts: 0,
+            error: None,
+            ports: [(port.to_string(), host)].into_iter().collect(),
+            health: Health::Passing,
+            check: None,
+            checks_passing: 0,
+            checks_critical: 0,
+            stopping: false,
+            ready: true,
+            failed: false,
+            version,
+        };
+        let own = [
+            ("site".to_string(), copy(0, 1, "http", 20_001)),
+            ("site".to_string(), copy(1, 2, "main", 20_002)),
+        ];
+        let catalog = build(&d, &view, "n1", &own);
+        let ports: Vec<u16> = catalog["web"].instances.iter().map(|i| i.port).collect();
+        assert_eq!(
+            ports,
+            vec![20_001, 20_002],
+            "the old copy stays listed mid-update"
         );
     }
 

@@ -294,16 +294,19 @@ pub fn job_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// Polls `cond` until it holds or the deadline passes.
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) -> Duration {
+    wait_until_within(DEADLINE, what, cond)
+}
+
+/// [`wait_until`] with its own deadline, for waits whose length is set by
+/// a schedule rather than by the system's speed.
+pub fn wait_until_within(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     loop {
         if cond() {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "timed out waiting until {what}"
-        );
+        assert!(started.elapsed() < limit, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(25));
     }
 }
