@@ -436,11 +436,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             problems.clone(),
         ));
     }
+    let metrics = crate::metrics::Metrics::new(crate::metrics::Local {
+        me: config.name.clone(),
+        snapshot: snapshot_rx.clone(),
+        view: membership.view(),
+        transport: transport.stats(),
+        store: store_path.clone(),
+    });
     let state = ApiState {
         identity: identity.clone(),
         transport: transport.clone(),
         store_health: store_health.clone(),
         problems: problems.clone(),
+        metrics: metrics.clone(),
         view: membership.view(),
         token: Arc::from(http_token.as_str()),
         snapshot: snapshot_rx.clone(),
@@ -510,6 +518,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         api: api_rx,
         snapshot: snapshot_tx,
         problems,
+        metrics,
     };
     crate::node::run(core, io, recovered, shutdown).await?;
     let _ = http_stop_tx.send(());

@@ -43,6 +43,8 @@ pub struct ApiState {
     pub store_health: crate::store::StoreHealth,
     /// Other parts' problems (DNS, ingress ports).
     pub problems: Problems,
+    /// `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// This node's credentials (join tokens, CA rotation).
     pub identity: Arc<crate::identity::Identity>,
     /// The node-to-node transport (CA rotation talks to every member).
@@ -1669,11 +1671,39 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics_text))
         .route("/v1/join-token", post(join_token))
         .route("/v1/ca/rotate", post(rotate_ca))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .with_state(state)
+}
+
+/// `GET /metrics`: the Prometheus exposition (see `crate::metrics`).
+async fn metrics_text(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Counts each request by method, route (as declared) and status.
+async fn count_request(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .request(&method, &route, resp.status().as_u16());
+    resp
 }
 
 #[cfg(test)]

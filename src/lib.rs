@@ -29,6 +29,7 @@ pub mod host;
 pub mod identity;
 pub mod ingress;
 pub mod launch;
+pub mod metrics;
 pub mod node;
 pub mod store;
 

@@ -102,6 +102,8 @@ pub struct Io {
     pub store_health: crate::store::StoreHealth,
     /// The agent's other parts' problems (published too).
     pub problems: crate::api::Problems,
+    /// Where reconcile passes are timed.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The gossip key under which a node publishes its problems (a JSON list
@@ -632,6 +634,7 @@ pub async fn run(
         snapshot,
         store_health,
         problems,
+        metrics,
     } = io;
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(RPC_IN_FLIGHT_MAX + DRIVER_OPS_MAX * 4);
     let (checks, mut check_results) = crate::checks::Watcher::new();
@@ -731,6 +734,7 @@ pub async fn run(
                 let effects = core.handle_timer(now());
                 if core.counters().passes != passes {
                     core.set_pass_cost(started.elapsed());
+                    metrics.pass(started.elapsed());
                 }
                 effects
             }

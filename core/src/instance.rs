@@ -144,6 +144,17 @@ pub enum SlotState {
 }
 
 impl SlotState {
+    /// Its name as shown to users (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Pending => "pending",
+            SlotState::Starting => "starting",
+            SlotState::Running => "running",
+            SlotState::Completed => "completed",
+            SlotState::Failed => "failed",
+        }
+    }
+
     /// Counts as a live copy of its slot.
     pub fn is_live(self) -> bool {
         matches!(self, SlotState::Starting | SlotState::Running)

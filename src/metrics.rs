@@ -1,0 +1,366 @@
+//! `GET /metrics`: this agent's state in the Prometheus text format
+//! (OpenMetrics 1.0, which Prometheus reads), through the Prometheus
+//! project's Rust client.
+//!
+//! Everything is read from this node's own state at scrape time (the API
+//! snapshot, the membership view, the transport's counters), so a scrape
+//! costs a walk over what the node already holds and never asks a peer.
+//! Two things are recorded as they happen: API requests by route and
+//! status (a middleware), and the duration of each reconcile pass (a
+//! histogram fed by the event loop).
+//!
+//! Names follow Prometheus conventions: the `shoal_` prefix, `_total` on
+//! counters, base units in the name (`_seconds`, `_bytes`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use shoal_membership::MembershipView;
+use tokio::sync::watch;
+
+use crate::api::Snapshot;
+
+/// Labels of an API request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The route as declared (`/v1/jobs/{name}`), not the path asked for:
+    /// the label's values stay few whatever clients send.
+    pub route: String,
+    /// The answer's status code.
+    pub status: u16,
+}
+
+/// Most distinct (method, route, status) label sets kept: routes are
+/// fixed, but a bound costs nothing.
+pub const REQUEST_LABELS_MAX: usize = 512;
+
+/// The agent's metrics: what is recorded as it happens, and the registry
+/// that reads the rest at scrape time.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    request_labels: Mutex<usize>,
+    passes: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Metrics reading `local` at each scrape.
+    pub fn new(local: Local) -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("shoal");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "API requests answered, by method, route and status",
+            requests.clone(),
+        );
+        // 100 µs to ~6.5 s.
+        let passes = Histogram::new(exponential_buckets(0.0001, 4.0, 9));
+        registry.register_with_unit(
+            "reconcile_pass_duration",
+            "Time the scheduler's periodic reconcile passes took (the timer's; passes run by events are counted in shoal_reconcile_passes_total only)",
+            Unit::Seconds,
+            passes.clone(),
+        );
+        registry.register_collector(Box::new(local));
+        Arc::new(Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            request_labels: Mutex::new(0),
+            passes,
+        })
+    }
+
+    /// Counts an API request.
+    pub fn request(&self, method: &str, route: &str, status: u16) {
+        let labels = RequestLabels {
+            method: method.to_string(),
+            route: route.to_string(),
+            status,
+        };
+        // A new label set only while under the bound.
+        {
+            let mut n = self
+                .request_labels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if self.requests.get(&labels).is_none() {
+                if *n >= REQUEST_LABELS_MAX {
+                    return;
+                }
+                *n += 1;
+            }
+        }
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Records a reconcile pass's duration.
+    pub fn pass(&self, took: Duration) {
+        self.passes.observe(took.as_secs_f64());
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// What a scrape reads of the node's state.
+pub struct Local {
+    /// This node's name.
+    pub me: String,
+    /// The API snapshot.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The membership view.
+    pub view: watch::Receiver<MembershipView>,
+    /// The transport's counters.
+    pub transport: Arc<shoal_transport::TransportStats>,
+    /// The store's file.
+    pub store: PathBuf,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Local")
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: i64,
+) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, unit, g.metric_type())?)
+}
+
+/// The scheduler's counters as `/v1/stats` names them: (key, metric,
+/// help).
+const SCHEDULER_COUNTERS: [(&str, &str, &str); 11] = [
+    (
+        "passes",
+        "reconcile_passes",
+        "Reconcile passes of the scheduler",
+    ),
+    (
+        "rounds",
+        "placement_rounds",
+        "Placement rounds this node coordinated",
+    ),
+    ("slots_placed", "placements", "Slots this node placed"),
+    (
+        "placements_failed",
+        "unplaceable",
+        "Placements that found no node with room",
+    ),
+    (
+        "instance_starts",
+        "instance_starts",
+        "Instances this node started",
+    ),
+    (
+        "instance_stops",
+        "instance_stops",
+        "Instances this node stopped",
+    ),
+    (
+        "anti_entropy_exchanges",
+        "anti_entropy_rounds",
+        "Anti-entropy exchanges begun with a peer",
+    ),
+    (
+        "anti_entropy_exchanges_done",
+        "anti_entropy_rounds_completed",
+        "Anti-entropy exchanges completed",
+    ),
+    (
+        "anti_entropy_items",
+        "anti_entropy_records",
+        "Job records received by anti-entropy",
+    ),
+    (
+        "jobs_collected",
+        "jobs_collected",
+        "Stopped jobs forgotten after their retention",
+    ),
+    (
+        "writes_refused_for_clock_skew",
+        "writes_refused_clock_skew",
+        "Writes refused because of clock skew",
+    ),
+];
+
+impl Collector for Local {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Members by state.
+        {
+            let view = self.view.borrow();
+            let mut by_state: std::collections::BTreeMap<&str, i64> =
+                ["alive", "suspect", "dead", "left"]
+                    .into_iter()
+                    .map(|s| (s, 0))
+                    .collect();
+            for m in &view.members {
+                *by_state.entry(m.state.as_str()).or_insert(0) += 1;
+            }
+            let mut fam = e.encode_descriptor(
+                "members",
+                "Members of the cluster this node knows, by state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (state, n) in by_state {
+                ConstGauge::new(n).encode(fam.encode_family(&[("state", state)])?)?;
+            }
+        }
+        let snap = self.snapshot.borrow().clone();
+        // This node's instances, by job and state.
+        let mut by: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+        let mut restarts: std::collections::BTreeMap<&str, i64> = Default::default();
+        for i in snap.instances.iter().filter(|i| i.node == self.me) {
+            *by.entry((i.job.as_str(), i.state.as_str())).or_insert(0) += 1;
+            *restarts.entry(i.job.as_str()).or_insert(0) += i64::from(i.restarts);
+        }
+        {
+            let mut fam = e.encode_descriptor(
+                "instances",
+                "Instances on this node, by job and state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((job, state), n) in &by {
+                ConstGauge::new(*n)
+                    .encode(fam.encode_family(&[("job", *job), ("state", *state)])?)?;
+            }
+        }
+        {
+            let mut fam = e.encode_descriptor(
+                "instance_restarts",
+                "Restarts of the current copies on this node, by job",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (job, n) in &restarts {
+                ConstGauge::new(*n).encode(fam.encode_family(&[("job", *job)])?)?;
+            }
+        }
+        // Deployments by state, as this node sees the jobs.
+        {
+            let mut states: std::collections::BTreeMap<&str, i64> =
+                ["running", "successful", "failed", "cancelled"]
+                    .into_iter()
+                    .map(|s| (s, 0))
+                    .collect();
+            for d in snap.jobs.iter().filter_map(|j| j.deployment.as_ref()) {
+                *states.entry(d.state.as_str()).or_insert(0) += 1;
+            }
+            let mut fam = e.encode_descriptor(
+                "deployments",
+                "Current deployments of the live jobs, by state",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (state, n) in states {
+                ConstGauge::new(n).encode(fam.encode_family(&[("state", state)])?)?;
+            }
+        }
+        gauge(
+            &mut e,
+            "jobs",
+            "Job records this node holds (stopped ones included until collected)",
+            None,
+            snap.scheduler["jobs"].as_i64().unwrap_or(0),
+        )?;
+        for (key, name, help) in SCHEDULER_COUNTERS {
+            counter(
+                &mut e,
+                name,
+                help,
+                snap.scheduler[key].as_u64().unwrap_or(0),
+            )?;
+        }
+        use shoal_transport::TransportStats as S;
+        let t = &self.transport;
+        for (name, help, v) in [
+            (
+                "transport_frames_sent",
+                "Frames sent to peers",
+                S::get(&t.frames_sent),
+            ),
+            (
+                "transport_frames_received",
+                "Frames received from peers",
+                S::get(&t.frames_received),
+            ),
+            (
+                "transport_sent_bytes",
+                "Frame bytes sent to peers",
+                S::get(&t.bytes_sent),
+            ),
+            (
+                "transport_received_bytes",
+                "Frame bytes received from peers",
+                S::get(&t.bytes_received),
+            ),
+            (
+                "transport_frames_refused",
+                "Frames refused (undecodable, oversized, unauthorised, queue full)",
+                S::get(&t.frames_undecodable)
+                    .saturating_add(S::get(&t.frames_oversized))
+                    .saturating_add(S::get(&t.frames_refused))
+                    .saturating_add(S::get(&t.frames_dropped_queue_full)),
+            ),
+            (
+                "transport_sends_failed",
+                "Sends to peers that failed",
+                S::get(&t.sends_failed),
+            ),
+        ] {
+            counter(&mut e, name, help, v)?;
+        }
+        let store = std::fs::metadata(&self.store).map_or(0, |m| m.len());
+        gauge(
+            &mut e,
+            "store",
+            "Size of this node's store file",
+            Some(&Unit::Bytes),
+            i64::try_from(store).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut e,
+            "process_resident_memory",
+            "Resident memory of the agent",
+            Some(&Unit::Bytes),
+            i64::try_from(crate::host::rss_kib().saturating_mul(1024)).unwrap_or(i64::MAX),
+        )?;
+        Ok(())
+    }
+}
