@@ -441,6 +441,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         snapshot: snapshot_rx.clone(),
         view: membership.view(),
         transport: transport.stats(),
+        swim: membership.stats(),
         store: store_path.clone(),
     });
     let state = ApiState {

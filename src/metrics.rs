@@ -136,6 +136,8 @@ pub struct Local {
     pub view: watch::Receiver<MembershipView>,
     /// The transport's counters.
     pub transport: Arc<shoal_transport::TransportStats>,
+    /// Failure detection's counters.
+    pub swim: Arc<shoal_membership::SwimStats>,
     /// The store's file.
     pub store: PathBuf,
 }
@@ -342,6 +344,37 @@ impl Collector for Local {
                 "transport_sends_failed",
                 "Sends to peers that failed",
                 S::get(&t.sends_failed),
+            ),
+        ] {
+            counter(&mut e, name, help, v)?;
+        }
+        let w = &self.swim;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        for (name, help, v) in [
+            (
+                "swim_probes",
+                "SWIM probes sent (direct pings)",
+                get(&w.probes),
+            ),
+            (
+                "swim_indirect_probes",
+                "SWIM indirect probes asked of relays",
+                get(&w.indirect_probes),
+            ),
+            (
+                "swim_probe_failures",
+                "SWIM probes that got no ack in time",
+                get(&w.probe_failures),
+            ),
+            (
+                "swim_suspicions",
+                "Members this node saw become suspect",
+                get(&w.suspicions),
+            ),
+            (
+                "swim_refutations",
+                "Suspicions of this node it refuted",
+                get(&w.refutations),
             ),
         ] {
             counter(&mut e, name, help, v)?;

@@ -92,6 +92,11 @@ fn metrics_describe_the_node_in_the_prometheus_format() {
     assert!(value(&s, "shoal_reconcile_pass_duration_seconds_count", &[]) > Some(0.0));
     assert!(value(&s, "shoal_store_bytes", &[]) > Some(0.0));
     assert!(value(&s, "shoal_transport_sent_bytes_total", &[]) > Some(0.0));
+    assert!(
+        value(&s, "shoal_swim_probes_total", &[]) > Some(0.0),
+        "the nodes probe each other"
+    );
+    assert_eq!(value(&s, "shoal_swim_refutations_total", &[]), Some(0.0));
     assert!(value(&s, "shoal_process_resident_memory_bytes", &[]) > Some(1e6));
     assert_eq!(value(&s, "shoal_jobs", &[]), Some(1.0));
     // Conventions: the prefix on every name, `_total` on every counter.

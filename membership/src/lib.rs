@@ -24,6 +24,6 @@ pub mod signed;
 pub mod swim;
 
 #[cfg(feature = "runtime")]
-pub use node::{AppValues, Membership, MembershipConfig, MembershipError};
+pub use node::{AppValues, Membership, MembershipConfig, MembershipError, SwimStats};
 pub use record::{Capacity, Load, Member, MembershipView, NodeRecord, NodeState};
 pub use swim::SwimConfig;

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,21 @@ enum Command {
 /// The application keys a node publishes (without the `app/` prefix).
 pub type AppValues = Arc<std::collections::BTreeMap<String, String>>;
 
+/// Failure detection's counters since the agent started (for metrics).
+#[derive(Debug, Default)]
+pub struct SwimStats {
+    /// Direct probes sent (pings).
+    pub probes: AtomicU64,
+    /// Indirect probes asked of relays (ping-reqs).
+    pub indirect_probes: AtomicU64,
+    /// Probes that got no ack in time.
+    pub probe_failures: AtomicU64,
+    /// Members this node saw become suspect.
+    pub suspicions: AtomicU64,
+    /// Times this node refuted a suspicion of itself.
+    pub refutations: AtomicU64,
+}
+
 /// Handle to a running membership task.
 pub struct Membership {
     cmd: mpsc::Sender<Command>,
@@ -130,6 +146,7 @@ pub struct Membership {
     /// newest value whenever it gets to it).
     load: watch::Sender<Load>,
     app: watch::Sender<AppValues>,
+    stats: Arc<SwimStats>,
 }
 
 impl Membership {
@@ -210,7 +227,9 @@ impl Membership {
         let (load_tx, load_rx) = watch::channel(Load::default());
         let (app_tx, app_rx) = watch::channel(AppValues::default());
         let (results_tx, results_rx) = mpsc::channel(QUEUE_LEN);
+        let stats = Arc::new(SwimStats::default());
         let actor = Actor {
+            stats: stats.clone(),
             transport,
             swim,
             chitchat,
@@ -242,7 +261,13 @@ impl Membership {
             view,
             load: load_tx,
             app: app_tx,
+            stats,
         })
+    }
+
+    /// Failure detection's counters.
+    pub fn stats(&self) -> Arc<SwimStats> {
+        self.stats.clone()
     }
 
     /// The live view; `changed()` fires when it changes.
@@ -400,6 +425,7 @@ struct Actor<T: Transport> {
     logged: HashMap<String, (u64, NodeState)>,
     view_tx: watch::Sender<MembershipView>,
     results_tx: mpsc::Sender<(u64, ProbeOutcome)>,
+    stats: Arc<SwimStats>,
     config: MembershipConfig,
 }
 
@@ -716,6 +742,7 @@ impl<T: Transport> Actor<T> {
             self.published_incarnation = inc;
             self.set_signed(vec![(KEY_INCARNATION.to_string(), Some(inc.to_string()))])
                 .await;
+            self.stats.refutations.fetch_add(1, Ordering::Relaxed);
             warn!(incarnation = inc, "refuted a suspicion of this node");
         }
     }
@@ -723,6 +750,13 @@ impl<T: Transport> Actor<T> {
     fn execute(&self, actions: Vec<Action>) {
         for action in actions {
             let relayed = matches!(action, Action::PingReq { .. });
+            match &action {
+                Action::Ping { .. } => self.stats.probes.fetch_add(1, Ordering::Relaxed),
+                Action::PingReq { .. } => {
+                    self.stats.indirect_probes.fetch_add(1, Ordering::Relaxed)
+                }
+                Action::Broadcast { .. } => 0,
+            };
             match action {
                 Action::Ping {
                     probe,
@@ -738,6 +772,7 @@ impl<T: Transport> Actor<T> {
                 } => {
                     let t = self.transport.clone();
                     let results = self.results_tx.clone();
+                    let stats = self.stats.clone();
                     let body = postcard::to_stdvec(&msg).expect("encodes");
                     tokio::spawn(async move {
                         let outcome = match t.request(addr, Service::Probe, body, timeout).await {
@@ -763,6 +798,9 @@ impl<T: Transport> Actor<T> {
                             },
                             Err(_) => ProbeOutcome::Failed,
                         };
+                        if matches!(outcome, ProbeOutcome::Failed) {
+                            stats.probe_failures.fetch_add(1, Ordering::Relaxed);
+                        }
                         // A lost outcome expires in the detector as a failure.
                         let _ = results.try_send((probe, outcome));
                     });
@@ -1022,6 +1060,9 @@ impl<T: Transport> Actor<T> {
     fn share_liveness(&mut self) {
         // SWIM counts every change of a member, removals included.
         let at = self.swim.changes();
+        self.stats
+            .suspicions
+            .store(self.swim.suspicions(), Ordering::Relaxed);
         if self.runs_at == Some(at) {
             return;
         }

@@ -286,6 +286,8 @@ pub struct Swim {
     /// Bumped on every change of a member's state, incarnation or
     /// generation: a host rebuilds its view only when it moved.
     changes: u64,
+    /// Members seen becoming suspect (see [`Swim::suspicions`]).
+    suspicions: u64,
     /// Members that were suspected (some may have moved on since): the
     /// timer looks at these, not at every member.
     suspects: BTreeSet<String>,
@@ -341,6 +343,7 @@ impl Swim {
             health: 0,
             health_decay_at: None,
             changes: 0,
+            suspicions: 0,
             suspects: BTreeSet::new(),
             next_retention_at: None,
             refused: 0,
@@ -356,6 +359,12 @@ impl Swim {
     /// generation changes.
     pub fn changes(&self) -> u64 {
         self.changes
+    }
+
+    /// Members this node has seen become suspect (its own suspicions and
+    /// those it heard of), since it started.
+    pub fn suspicions(&self) -> u64 {
+        self.suspicions
     }
 
     fn scaled(&self, d: Duration) -> Duration {
@@ -730,6 +739,7 @@ impl Swim {
                 e.state = NodeState::Suspect;
                 e.changed_at = now;
                 self.changes += 1;
+                self.suspicions = self.suspicions.saturating_add(1);
                 self.suspects.insert(name.to_string());
                 e.suspicion = Some(Suspicion {
                     since: now,

@@ -471,6 +471,9 @@ fn slow_node_is_suspected_but_refutes() {
         sim.nodes[2].incarnation() > 0,
         "it must have refuted with a higher incarnation"
     );
+    // The counter metrics export saw it: a node that saw n2 suspect
+    // counted it.
+    assert!((0..6).any(|i| sim.nodes[i].suspicions() >= 1));
 }
 
 #[test]
