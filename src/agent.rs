@@ -48,9 +48,11 @@ pub struct AgentConfig {
     pub http: SocketAddr,
     /// Where DNS is served.
     pub dns: Dns,
-    /// The routing mesh, if on: the address its ports listen on (`None`:
-    /// the advertise address's IP).
-    pub ingress: Option<Option<IpAddr>>,
+    /// The routing mesh on.
+    pub ingress: bool,
+    /// The address its ports listen on [default: the advertise address's
+    /// IP].
+    pub ingress_addr: Option<IpAddr>,
     /// Token the HTTP API requires.
     pub http_token: Option<String>,
     /// Bounds on the API's connections.
@@ -427,7 +429,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         crate::dns::serve(sockets, snapshot_rx.clone(), membership.view());
         bound
     });
-    let ingress = config.ingress.map(|at| at.unwrap_or(advertise.ip()));
+    let ingress = config
+        .ingress
+        .then(|| config.ingress_addr.unwrap_or(advertise.ip()));
     if let Some(at) = ingress {
         tokio::spawn(crate::ingress::run(
             at,

@@ -359,7 +359,8 @@ impl AgentArgs {
                     anyhow::anyhow!("--dns {a}: {e} (use IP:PORT, e.g. 127.0.0.1:8600, or off)")
                 })?),
             },
-            ingress: self.ingress.then_some(self.ingress_addr),
+            ingress: self.ingress,
+            ingress_addr: self.ingress_addr,
             http_token: self.http_token.filter(|t| !t.is_empty()),
             http_limits: crate::api::HttpLimits {
                 connections_max: self.http_connections_max as usize,

@@ -262,12 +262,10 @@ pub fn answer(
                 .filter(|i| i.health == Health::Passing)
                 .filter(|i| tag.as_ref().is_none_or(|t| has_tag(i, t)))
                 .collect();
-            if tag.is_some()
-                && passing.is_empty()
-                && !svc
-                    .instances
-                    .iter()
-                    .any(|i| tag.as_ref().is_some_and(|t| i.tags.contains(t)))
+            // A tag no instance has names nothing.
+            if tag
+                .as_ref()
+                .is_some_and(|t| !svc.instances.iter().any(|i| has_tag(i, t)))
             {
                 out.code = ResponseCode::NXDomain;
                 return out;
@@ -350,6 +348,15 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response: R,
     ) -> ResponseInfo {
+        let allowed = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(request.src().ip(), Instant::now());
+        if !allowed {
+            // No answer (see the module's notes); what is logged says so.
+            return unsent(request, ResponseCode::Refused);
+        }
         let mut edns = None;
         if let Some(asked) = &request.edns {
             let mut e = Edns::new();
@@ -360,50 +367,43 @@ impl RequestHandler for Handler {
         if let Some(e) = &edns {
             builder.edns(e);
         }
-        let refuse = |code: ResponseCode| {
-            let mut m = Metadata::response_from_request(&request.metadata);
-            m.response_code = code;
-            m
-        };
-        let allowed = self
-            .limiter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .allow(request.src().ip(), Instant::now());
-        if !allowed {
-            // No answer (see the module's notes); what is logged says so.
-            let mut m = Metadata::response_from_request(&request.metadata);
-            m.response_code = ResponseCode::Refused;
-            return ResponseInfo::from(hickory_server::proto::op::Header {
-                metadata: m,
-                counts: Default::default(),
-            });
-        }
-        let metadata = if request.metadata.message_type != MessageType::Query
-            || request.metadata.op_code != OpCode::Query
-        {
-            refuse(ResponseCode::NotImp)
-        } else {
-            match request.request_info() {
-                Err(_) => refuse(ResponseCode::FormErr),
-                Ok(info) => {
-                    let qname: Name = info.query.name().into();
-                    let kind = info.query.query_type();
-                    let catalog = self.snapshot.borrow().catalog.clone();
-                    let a = answer(&qname, kind, &catalog, &self.view.borrow(), &mut |v| {
-                        v.shuffle(&mut rand::rng())
-                    });
-                    let mut m = Metadata::response_from_request(&request.metadata);
-                    m.response_code = a.code;
-                    m.authoritative = a.code != ResponseCode::Refused;
-                    let resp = builder.build(m, a.answers.iter(), [], [], a.additionals.iter());
-                    return send(&mut response, resp, request).await;
-                }
+        let info = (request.metadata.message_type == MessageType::Query
+            && request.metadata.op_code == OpCode::Query)
+            .then(|| request.request_info());
+        let code = match info {
+            None => ResponseCode::NotImp,
+            Some(Err(_)) => ResponseCode::FormErr,
+            Some(Ok(info)) => {
+                let qname: Name = info.query.name().into();
+                let kind = info.query.query_type();
+                let catalog = self.snapshot.borrow().catalog.clone();
+                let a = answer(&qname, kind, &catalog, &self.view.borrow(), &mut |v| {
+                    v.shuffle(&mut rand::rng())
+                });
+                let mut m = reply(request, a.code);
+                m.authoritative = a.code != ResponseCode::Refused;
+                let resp = builder.build(m, a.answers.iter(), [], [], a.additionals.iter());
+                return send(&mut response, resp, request).await;
             }
         };
-        let resp = builder.build_no_records(metadata);
+        let resp = builder.build_no_records(reply(request, code));
         send(&mut response, resp, request).await
     }
+}
+
+/// The header of an answer to `request` with `code`.
+fn reply(request: &Request, code: ResponseCode) -> Metadata {
+    let mut m = Metadata::response_from_request(&request.metadata);
+    m.response_code = code;
+    m
+}
+
+/// What the server logs of an answer that was not sent.
+fn unsent(request: &Request, code: ResponseCode) -> ResponseInfo {
+    ResponseInfo::from(hickory_server::proto::op::Header {
+        metadata: reply(request, code),
+        counts: Default::default(),
+    })
 }
 
 async fn send<'a, R: ResponseHandler>(
@@ -422,12 +422,7 @@ async fn send<'a, R: ResponseHandler>(
         Ok(info) => info,
         Err(e) => {
             warn!(error = %e, "could not send a DNS answer");
-            let mut m = Metadata::response_from_request(&request.metadata);
-            m.response_code = ResponseCode::ServFail;
-            ResponseInfo::from(hickory_server::proto::op::Header {
-                metadata: m,
-                counts: Default::default(),
-            })
+            unsent(request, ResponseCode::ServFail)
         }
     }
 }

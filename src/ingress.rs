@@ -59,9 +59,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a port that could not be bound is tried again.
 pub const REBIND_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Connections open to each instance through this agent.
-type Open = Arc<Mutex<HashMap<SocketAddr, usize>>>;
-
 /// Picks the instance for a connection among `passing` (not yet tried):
 /// those on `me` if any, else all; two at random (`rng`), the one with
 /// fewer `open` connections.
@@ -96,19 +93,39 @@ pub fn choose<'a>(
     }
 }
 
-/// Decrements an instance's count when its connection ends.
-struct Counted {
-    open: Open,
-    to: SocketAddr,
+/// Connections open per key (an instance's address, a client's), and a
+/// guard that holds one until dropped.
+type Tally<K> = Arc<Mutex<HashMap<K, usize>>>;
+
+/// One connection counted in a [`Tally`] until dropped.
+struct Held<K: std::hash::Hash + Eq + Copy> {
+    tally: Tally<K>,
+    key: K,
 }
 
-impl Drop for Counted {
+impl<K: std::hash::Hash + Eq + Copy> Held<K> {
+    /// Counts one more for `key`, unless it already has `max`.
+    fn take(tally: &Tally<K>, key: K, max: usize) -> Option<Held<K>> {
+        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            tally: tally.clone(),
+            key,
+        })
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Drop for Held<K> {
     fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.to) {
+        let mut t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&self.to);
+                t.remove(&self.key);
             }
         }
     }
@@ -119,27 +136,11 @@ impl Drop for Counted {
 struct Shared {
     me: Arc<str>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    open: Open,
+    /// Connections open to each instance through this agent.
+    open: Tally<SocketAddr>,
     slots: Arc<Semaphore>,
-    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-/// Releases a client address's count when its connection ends.
-struct FromSource {
-    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl Drop for FromSource {
-    fn drop(&mut self) {
-        let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = s.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                s.remove(&self.ip);
-            }
-        }
-    }
+    /// Connections open from each client address.
+    sources: Tally<IpAddr>,
 }
 
 /// Turns TCP keepalive on (best effort).
@@ -174,14 +175,9 @@ async fn forward(shared: Shared, service: String, mut client: TcpStream) {
             return;
         };
         tried.push(to);
-        let counted = {
-            let mut open = shared.open.lock().unwrap_or_else(|p| p.into_inner());
-            *open.entry(to).or_insert(0) += 1;
-            Counted {
-                open: shared.open.clone(),
-                to,
-            }
-        };
+        // Counted as open from the attempt on (no cap: the choice
+        // spreads them).
+        let counted = Held::take(&shared.open, to, usize::MAX);
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to)).await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
@@ -212,18 +208,10 @@ async fn accept(listener: TcpListener, service: String, shared: Shared) {
             debug!(%service, "ingress connection cap reached; closing a new connection");
             continue;
         };
-        let source = {
-            let mut s = shared.sources.lock().unwrap_or_else(|p| p.into_inner());
-            let n = s.entry(from.ip()).or_insert(0);
-            if *n >= CONNECTIONS_PER_SOURCE_MAX {
-                debug!(%service, client = %from.ip(), "a client's ingress connection cap reached");
-                continue;
-            }
-            *n += 1;
-            FromSource {
-                sources: shared.sources.clone(),
-                ip: from.ip(),
-            }
+        let Some(source) = Held::take(&shared.sources, from.ip(), CONNECTIONS_PER_SOURCE_MAX)
+        else {
+            debug!(%service, client = %from.ip(), "a client's ingress connection cap reached");
+            continue;
         };
         let _ = conn.set_nodelay(true);
         keepalive(&conn);
@@ -290,11 +278,10 @@ pub async fn run(
         });
         {
             let mut p = problems.lock().unwrap_or_else(|p| p.into_inner());
+            // A port no longer wanted has no problem (a bound one's was
+            // cleared when it bound).
             p.retain(|k, _| {
-                !k.starts_with("ingress:")
-                    || wanted
-                        .keys()
-                        .any(|port| *k == problem_key(*port) && !listening.contains_key(port))
+                !k.starts_with("ingress:") || wanted.keys().any(|port| *k == problem_key(*port))
             });
         }
         let changed = wanted != last_wanted;

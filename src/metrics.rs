@@ -12,6 +12,7 @@
 //! Names follow Prometheus conventions: the `shoal_` prefix, `_total` on
 //! counters, base units in the name (`_seconds`, `_bytes`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -164,6 +165,25 @@ fn gauge(
     g.encode(e.encode_descriptor(name, help, unit, g.metric_type())?)
 }
 
+/// A zero count for each of `keys`.
+fn counts<'a>(keys: impl IntoIterator<Item = &'a str>) -> BTreeMap<&'a str, i64> {
+    keys.into_iter().map(|k| (k, 0)).collect()
+}
+
+/// A gauge family: one value per label set.
+fn gauge_family<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, i64)>,
+) -> std::fmt::Result {
+    let mut fam = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, n) in rows {
+        ConstGauge::new(n).encode(fam.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// The scheduler's counters as `/v1/stats` names them: (key, metric,
 /// help).
 const SCHEDULER_COUNTERS: [(&str, &str, &str); 11] = [
@@ -222,78 +242,51 @@ const SCHEDULER_COUNTERS: [(&str, &str, &str); 11] = [
 
 impl Collector for Local {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // Members by state.
-        {
-            let view = self.view.borrow();
-            let mut by_state: std::collections::BTreeMap<&str, i64> =
-                ["alive", "suspect", "dead", "left"]
-                    .into_iter()
-                    .map(|s| (s, 0))
-                    .collect();
-            for m in &view.members {
-                *by_state.entry(m.state.as_str()).or_insert(0) += 1;
-            }
-            let mut fam = e.encode_descriptor(
-                "members",
-                "Members of the cluster this node knows, by state",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (state, n) in by_state {
-                ConstGauge::new(n).encode(fam.encode_family(&[("state", state)])?)?;
-            }
+        // Members by state (every state listed, 0 included).
+        let mut members = counts(["alive", "suspect", "dead", "left"]);
+        for m in &self.view.borrow().members {
+            *members.entry(m.state.as_str()).or_insert(0) += 1;
         }
+        gauge_family(
+            &mut e,
+            "members",
+            "Members of the cluster this node knows, by state",
+            members.into_iter().map(|(s, n)| (vec![("state", s)], n)),
+        )?;
         let snap = self.snapshot.borrow().clone();
         // This node's instances, by job and state.
-        let mut by: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
-        let mut restarts: std::collections::BTreeMap<&str, i64> = Default::default();
+        let mut by: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        let mut restarts: BTreeMap<&str, i64> = BTreeMap::new();
         for i in snap.instances.iter().filter(|i| i.node == self.me) {
             *by.entry((i.job.as_str(), i.state.as_str())).or_insert(0) += 1;
             *restarts.entry(i.job.as_str()).or_insert(0) += i64::from(i.restarts);
         }
-        {
-            let mut fam = e.encode_descriptor(
-                "instances",
-                "Instances on this node, by job and state",
-                None,
-                MetricType::Gauge,
-            )?;
-            for ((job, state), n) in &by {
-                ConstGauge::new(*n)
-                    .encode(fam.encode_family(&[("job", *job), ("state", *state)])?)?;
-            }
-        }
-        {
-            let mut fam = e.encode_descriptor(
-                "instance_restarts",
-                "Restarts of the current copies on this node, by job",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (job, n) in &restarts {
-                ConstGauge::new(*n).encode(fam.encode_family(&[("job", *job)])?)?;
-            }
-        }
+        gauge_family(
+            &mut e,
+            "instances",
+            "Instances on this node, by job and state",
+            by.into_iter()
+                .map(|((job, state), n)| (vec![("job", job), ("state", state)], n)),
+        )?;
+        gauge_family(
+            &mut e,
+            "instance_restarts",
+            "Restarts of the current copies on this node, by job",
+            restarts.into_iter().map(|(job, n)| (vec![("job", job)], n)),
+        )?;
         // Deployments by state, as this node sees the jobs.
-        {
-            let mut states: std::collections::BTreeMap<&str, i64> =
-                ["running", "successful", "failed", "cancelled"]
-                    .into_iter()
-                    .map(|s| (s, 0))
-                    .collect();
-            for d in snap.jobs.iter().filter_map(|j| j.deployment.as_ref()) {
-                *states.entry(d.state.as_str()).or_insert(0) += 1;
-            }
-            let mut fam = e.encode_descriptor(
-                "deployments",
-                "Current deployments of the live jobs, by state",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (state, n) in states {
-                ConstGauge::new(n).encode(fam.encode_family(&[("state", state)])?)?;
-            }
+        let mut deployments = counts(["running", "successful", "failed", "cancelled"]);
+        for d in snap.jobs.iter().filter_map(|j| j.deployment.as_ref()) {
+            *deployments.entry(d.state.as_str()).or_insert(0) += 1;
         }
+        gauge_family(
+            &mut e,
+            "deployments",
+            "Current deployments of the live jobs, by state",
+            deployments
+                .into_iter()
+                .map(|(s, n)| (vec![("state", s)], n)),
+        )?;
         gauge(
             &mut e,
             "jobs",

@@ -142,19 +142,7 @@ impl Client {
 /// so connections to its instances are accepted by the kernel and then
 /// never answered.
 fn freeze_instances(dir: &std::path::Path) {
-    let needle = dir.join("instances").to_string_lossy().to_string();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" supervise ") && cmd.contains(&needle) {
-            unsafe { libc::kill(-pid, libc::SIGSTOP) };
-        }
-    }
+    shoal::driver::exec::signal_instances_under(&dir.join("instances"), libc::SIGSTOP);
 }
 
 /// A port free on the test's loopback addresses (the mesh's port).

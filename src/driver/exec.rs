@@ -525,6 +525,19 @@ async fn destroy_cgroup(dir: PathBuf) {
 /// demo, tests and fault injection: exec instances outlive their agent by
 /// design.
 pub fn kill_instances_under(dir: &Path) {
+    signal_instances_under(dir, libc::SIGKILL);
+    // And what left their sessions.
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Some(cg) = super::contain::Cgroup::for_instance(&e.path()) {
+            cg.destroy();
+        }
+    }
+}
+
+/// Sends `sig` to the process group of every instance supervisor started
+/// under `dir` (tests and benchmarks: kill a node's processes, freeze
+/// them as a hung machine).
+pub fn signal_instances_under(dir: &Path, sig: i32) {
     let needle = dir.to_string_lossy().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
@@ -538,13 +551,7 @@ pub fn kill_instances_under(dir: &Path) {
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" supervise ") && cmd.contains(&needle) {
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-        }
-    }
-    // And what left their sessions.
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if let Some(cg) = super::contain::Cgroup::for_instance(&e.path()) {
-            cg.destroy();
+            unsafe { libc::kill(-pid, sig) };
         }
     }
 }
