@@ -448,7 +448,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         swim: membership.stats(),
         store: store_path.clone(),
     });
+    let events = crate::events::Events::new();
+    tokio::spawn(crate::events::run(
+        events.clone(),
+        snapshot_rx.clone(),
+        membership.view(),
+    ));
     let state = ApiState {
+        events: events.clone(),
         identity: identity.clone(),
         transport: transport.clone(),
         store_health: store_health.clone(),
@@ -526,6 +533,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         metrics,
     };
     crate::node::run(core, io, recovered, shutdown).await?;
+    events.close();
     let _ = http_stop_tx.send(());
     let _ = http_task.await;
     transport.close();

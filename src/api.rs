@@ -45,6 +45,8 @@ pub struct ApiState {
     pub problems: Problems,
     /// `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// `/v1/events`.
+    pub events: Arc<crate::events::Events>,
     /// This node's credentials (join tokens, CA rotation).
     pub identity: Arc<crate::identity::Identity>,
     /// The node-to-node transport (CA rotation talks to every member).
@@ -539,6 +541,9 @@ async fn force_cron(State(state): State<ApiState>, Path(name): Path<String>) -> 
 pub struct Snapshot {
     /// Every live job.
     pub jobs: Vec<JobStatus>,
+    /// Every live job's record (shared with the core's, not copied): what
+    /// the event stream compares to say how a job was written.
+    pub records: std::collections::BTreeMap<String, Arc<shoal_core::records::JobRecord>>,
     /// Every instance on a live node.
     pub instances: Vec<InstanceView>,
     /// The scheduler's own state, for `/v1/stats`.
@@ -606,10 +611,12 @@ impl CatalogIndex {
 impl Snapshot {
     /// The snapshot of a scheduler's state.
     pub fn of(core: &mut shoal_core::Scheduler, now: std::time::Instant) -> Snapshot {
+        let statuses = status::job_statuses(core, now);
         Snapshot {
-            jobs: status::job_statuses(core, now)
+            jobs: statuses.iter().map(JobStatus::from).collect(),
+            records: statuses
                 .iter()
-                .map(JobStatus::from)
+                .map(|s| (s.record.name.clone(), s.record.clone()))
                 .collect(),
             instances: status::instances(core, now)
                 .iter()
@@ -1672,12 +1679,112 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}", get(get_service))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics_text))
+        .route("/v1/events", get(events))
         .route("/v1/join-token", post(join_token))
         .route("/v1/ca/rotate", post(rotate_ca))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .with_state(state)
+}
+
+/// `GET /v1/events`: the event stream (see `crate::events`). Query:
+/// `since` (a cursor, or `now`; a `Last-Event-ID` header is read as one),
+/// `topic` (repeated or comma-separated), `format=sse` (or an
+/// `Accept: text/event-stream` header), `follow=false` to end at the
+/// last event kept.
+async fn events(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    use crate::events::{Format, Topics};
+    let query = query.unwrap_or_default();
+    if query.len() > 4096 {
+        return error(StatusCode::BAD_REQUEST, "the query is over 4096 bytes");
+    }
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let one = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    for (k, _) in &pairs {
+        if !["since", "topic", "format", "follow"].contains(&k.as_str()) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown parameter `{}`; /v1/events takes since, topic, format and follow",
+                    shoal_core::gossip::bounded(k.clone())
+                ),
+            );
+        }
+    }
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let since = match state.events.since(one("since").or(last_id)) {
+        Ok(s) => s,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let topics = match Topics::parse(
+        pairs
+            .iter()
+            .filter(|(k, _)| k == "topic")
+            .map(|(_, v)| v.as_str()),
+    ) {
+        Ok(t) => t,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let format = match one("format") {
+        Some("sse") => Format::Sse,
+        Some("ndjson") => Format::Ndjson,
+        None if wants_sse => Format::Sse,
+        None => Format::Ndjson,
+        Some(f) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "format `{}` is not ndjson or sse",
+                    shoal_core::gossip::bounded(f.to_string())
+                ),
+            )
+        }
+    };
+    let follow = match one("follow") {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => return error(StatusCode::BAD_REQUEST, "follow is true or false"),
+    };
+    let Some(permit) = state.events.admit() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this agent serves {} event streams at once; close one or ask another agent",
+                crate::events::STREAMS_MAX
+            ),
+        );
+    };
+    let body = axum::body::Body::from_stream(crate::events::stream(
+        state.events.clone(),
+        since,
+        topics,
+        format,
+        follow,
+        permit,
+    ));
+    let content_type = match format {
+        Format::Sse => "text/event-stream",
+        Format::Ndjson => "application/x-ndjson",
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: the Prometheus exposition (see `crate::metrics`).

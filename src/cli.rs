@@ -58,6 +58,11 @@ pub enum Command {
     Scale(ScaleArgs),
     /// Print a slot's output, fetched from whichever node runs it.
     Logs(LogsArgs),
+    /// What happens in the cluster, as the agent sees it: jobs written,
+    /// instances placed, started, failing or stopped (and why), nodes
+    /// joining, dying or draining, deployments' progress. Prints the
+    /// events the agent keeps, then (with --follow) new ones as they come.
+    Events(crate::commands::EventsArgs),
     /// A job's versions: `shoal job history JOB`, `shoal job revert JOB v6`.
     #[command(subcommand)]
     Job(crate::commands::JobCommand),

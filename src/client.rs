@@ -86,7 +86,28 @@ impl Client {
 
     /// Sends a request with an optional body; the error says what failed.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<ureq::Response> {
-        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        self.send(&self.agent, method, path, body)
+    }
+
+    /// GETs a stream (`/v1/events`): no time limit on the whole answer,
+    /// only on each read (the agent sends a heartbeat every 10 s).
+    pub fn stream(&self, path: &str) -> Result<impl std::io::BufRead + Send> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(crate::events::HEARTBEAT * 3)
+            .build();
+        let resp = self.send(&agent, "GET", path, None)?;
+        Ok(std::io::BufReader::new(resp.into_reader()))
+    }
+
+    fn send(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<ureq::Response> {
+        let mut req = agent.request(method, &format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }

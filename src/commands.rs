@@ -390,6 +390,12 @@ fn drain(args: NodeDrainArgs) -> Result<()> {
     })
     .to_string();
     let node = node_segment(&args.node)?;
+    // Progress: the node's events (its copies stopping, the drain done),
+    // watched from before the write; the node's state is re-read on each.
+    let events = (!args.detach)
+        .then(|| watch_events(&client, &format!("node:{node}")))
+        .flatten();
+    let bar = indicatif::ProgressBar::hidden();
     let accepted: Accepted = client
         .call("POST", &format!("/v1/nodes/{node}/drain"), Some(&body))?
         .into_json()?;
@@ -426,7 +432,7 @@ fn drain(args: NodeDrainArgs) -> Result<()> {
                 println!("{node} is not reachable from this agent: its progress is unknown");
                 last = Some((usize::MAX, 0));
             }
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            next_event(events.as_ref(), &bar, Duration::from_secs(1));
             continue;
         }
         let now = (d.left, d.system_left);
@@ -461,7 +467,7 @@ fn drain(args: NodeDrainArgs) -> Result<()> {
             );
             last = Some(now);
         }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        next_event(events.as_ref(), &bar, Duration::from_secs(1));
     }
 }
 
@@ -542,6 +548,13 @@ fn passes(s: &JobStatus, i: &crate::api::SlotView) -> bool {
 pub fn run(args: RunArgs) -> Result<()> {
     let text = read_job_file(&args.file)?;
     let client = Client::new(&args.client);
+    // Progress comes from the job's events, watched from before the write
+    // so that none is missed; the status is re-read on each (and once a
+    // second besides, in case one was not seen).
+    let events = match (&args.detach, shoal_core::job::JobSpec::parse(&text)) {
+        (false, Ok(spec)) => watch_events(&client, &format!("job:{}", spec.name)),
+        _ => None,
+    };
     let path = match &args.check_version {
         None => "/v1/jobs".to_string(),
         Some(v) => {
@@ -729,7 +742,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 status.name
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        next_event(events.as_ref(), &bar, Duration::from_secs(1));
     }
 }
 
@@ -1273,6 +1286,140 @@ pub fn logs(args: LogsArgs) -> Result<()> {
         std::io::stdout().write_all(new)?;
         std::io::stdout().flush()?;
         shown = now;
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen (Ctrl-C stops).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only events about a job or a node: `job:web`, `node:n3`, `job:*`,
+    /// `node:*`. Repeat it for several.
+    #[arg(long)]
+    pub topic: Vec<String>,
+    /// Start after this event (its `cursor`, from --json), or `now` for
+    /// new events only [default: every event the agent keeps].
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Print each event as a JSON object on its own line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// The query of `/v1/events` for these topics, from `since`.
+fn events_path(topics: &[String], since: Option<&str>, follow: bool) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for t in topics {
+        q.append_pair("topic", t);
+    }
+    if let Some(s) = since {
+        q.append_pair("since", s);
+    }
+    if !follow {
+        q.append_pair("follow", "false");
+    }
+    format!("/v1/events?{}", q.finish())
+}
+
+/// One event as `shoal events` prints it.
+fn event_line(e: &crate::events::Event) -> String {
+    let time = e.time.get(11..23).unwrap_or(&e.time);
+    format!("{time}  {:<22} {}", e.kind, e.message)
+}
+
+/// `shoal events`.
+pub fn events(args: EventsArgs) -> Result<()> {
+    let client = Client::new(&args.client);
+    let mut since = args.since.clone();
+    let mut retries = 0;
+    loop {
+        let reader = client.stream(&events_path(&args.topic, since.as_deref(), args.follow))?;
+        let mut broke = None;
+        for line in std::io::BufRead::lines(reader) {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    broke = Some(e);
+                    break;
+                }
+            };
+            // Heartbeats (`{}`) are not events.
+            let Ok(e) = serde_json::from_str::<crate::events::Event>(&line) else {
+                continue;
+            };
+            retries = 0;
+            if args.json {
+                println!("{line}");
+            } else {
+                println!("{}", event_line(&e));
+            }
+            std::io::stdout().flush()?;
+            since = Some(e.cursor);
+        }
+        let Some(e) = broke.filter(|_| args.follow) else {
+            return Ok(());
+        };
+        // The agent went away mid-stream: resume after the last event
+        // shown, a few times (a restarted agent says what was lost).
+        retries += 1;
+        if retries > 5 {
+            bail!("the event stream broke ({e}) and could not be resumed");
+        }
+        eprintln!("the event stream broke ({e}); resuming");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Events about `topic` from now on, read by a thread and handed over as
+/// they come; `None` when the agent streams no events.
+fn watch_events(
+    client: &Client,
+    topic: &str,
+) -> Option<std::sync::mpsc::Receiver<crate::events::Event>> {
+    let reader = client
+        .stream(&events_path(&[topic.to_string()], Some("now"), true))
+        .ok()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(reader) {
+            let Ok(line) = line else { return };
+            if let Ok(e) = serde_json::from_str::<crate::events::Event>(&line) {
+                if tx.send(e).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Some(rx)
+}
+
+/// Waits for the next event (printed above the progress bar) or, at
+/// most, `poll`: what the caller re-reads the state on.
+fn next_event(
+    events: Option<&std::sync::mpsc::Receiver<crate::events::Event>>,
+    bar: &indicatif::ProgressBar,
+    poll: Duration,
+) {
+    let Some(rx) = events else {
+        std::thread::sleep(poll.min(Duration::from_millis(100)));
+        return;
+    };
+    let show = |e: crate::events::Event| {
+        if !bar.is_hidden() {
+            bar.println(event_line(&e));
+        } else {
+            eprintln!("{}", event_line(&e));
+        }
+    };
+    if let Ok(e) = rx.recv_timeout(poll) {
+        show(e);
+        // What came with it, without waiting.
+        while let Ok(e) = rx.try_recv() {
+            show(e);
+        }
     }
 }
 

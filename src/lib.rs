@@ -10,6 +10,7 @@
 //! - `commands`: the client commands: nodes, run, status, stop, scale, logs.
 //! - `credentials`: join tokens and the cluster CA on disk.
 //! - `demo`: `shoal demo`, a local cluster on loopback.
+//! - `events`: the event stream, derived from successive states.
 //! - `driver`: the `Driver` trait, the exec and hollow drivers, `shoal supervise`.
 //! - `host`: machine facts (capacity, host name).
 //! - `launch`: starting agent processes (demo, tests, benchmarks, chaos).
@@ -25,6 +26,7 @@ pub mod credentials;
 pub mod demo;
 pub mod dns;
 pub mod driver;
+pub mod events;
 pub mod host;
 pub mod identity;
 pub mod ingress;

@@ -52,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Stop(args) => shoal::commands::stop(args),
         Command::Scale(args) => shoal::commands::scale(args),
         Command::Logs(args) => shoal::commands::logs(args),
+        Command::Events(args) => shoal::commands::events(args),
         Command::Token(cmd) => shoal::commands::token(cmd),
         Command::Job(cmd) => shoal::commands::job(cmd),
         Command::Deployment(cmd) => shoal::commands::deployment(cmd),
