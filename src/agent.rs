@@ -495,6 +495,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         &serde_json::to_string_pretty(&info)?,
     )?;
     info!(name = %config.name, quic = %advertise, http = %info.http, generation, "agent started");
+    // As Jupyter does: the URL that opens the page logged in (whoever
+    // reads this log may read the token file too).
+    info!("web page: {}", api::ui_url(&info.http, &http_token));
     if origin == Origin::Bootstrapped {
         let token_path = config.data_dir.join(credentials::TOKEN_FILE);
         let token_path = token_path.canonicalize().unwrap_or(token_path);

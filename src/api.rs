@@ -1558,7 +1558,46 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if !token_matches(given, &state.token) {
+    // The page's reads carry the token as a cookie: only reads (GET), so
+    // that another page in the browser cannot make it write anything (a
+    // cross-site form can POST with the cookie; it cannot set a header).
+    let reads = req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
+    let by_cookie =
+        reads && cookie_tokens(req.headers()).any(|t| token_matches(Some(t), &state.token));
+    if matches!(req.uri().path(), "/" | "/ui") && reads {
+        // `/?token=TOKEN` (the URL the agent, `shoal ui` and `shoal demo`
+        // print) logs the browser in, and drops the token from the URL.
+        let query_token = req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        if let Some(t) = query_token {
+            if token_matches(Some(&t), &state.token) {
+                let cookie = format!(
+                    "{}={t}; Path=/; HttpOnly; SameSite=Strict",
+                    cookie_name(req.headers())
+                );
+                return (
+                    StatusCode::SEE_OTHER,
+                    [
+                        (header::LOCATION, "/".to_string()),
+                        (header::SET_COOKIE, cookie),
+                    ],
+                )
+                    .into_response();
+            }
+        }
+        if !by_cookie && !token_matches(given, &state.token) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                UI_LOGIN,
+            )
+                .into_response();
+        }
+    }
+    if !by_cookie && !token_matches(given, &state.token) {
         let mut resp = error(
             StatusCode::UNAUTHORIZED,
             "this agent's API requires its token: set SHOAL_HTTP_TOKEN or pass --http-token, \
@@ -1575,6 +1614,71 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         return resp;
     }
     next.run(req).await
+}
+
+/// Cookies looked at per request, at most.
+const COOKIES_MAX: usize = 32;
+
+/// The page's cookie: one per port, as browsers share cookies between the
+/// ports of one host (two agents on one machine keep their own).
+fn cookie_name(headers: &axum::http::HeaderMap) -> String {
+    let port = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse::<u16>().ok());
+    match port {
+        Some(p) => format!("shoal_token_{p}"),
+        None => "shoal_token".to_string(),
+    }
+}
+
+/// The values of the request's `shoal_token*` cookies.
+fn cookie_tokens(headers: &axum::http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .take(COOKIES_MAX)
+        .filter_map(|c| c.trim().split_once('='))
+        .filter(|(k, _)| k.starts_with("shoal_token"))
+        .map(|(_, v)| v)
+}
+
+/// The URL that opens the page at the API `http` (`http://ADDR`) and
+/// logs the browser in.
+pub fn ui_url(http: &str, token: &str) -> String {
+    let token: String = form_urlencoded::byte_serialize(token.as_bytes()).collect();
+    format!("{}/?token={token}", http.trim_end_matches('/'))
+}
+
+/// The page (`GET /`): one file, its script and style inline, embedded in
+/// the binary (nothing is fetched from elsewhere).
+const UI_PAGE: &str = include_str!("ui/index.html");
+
+/// What `/` answers a browser without the token.
+const UI_LOGIN: &str = "<!doctype html><meta charset=utf-8><title>shoal</title>\
+<body style=\"font:15px system-ui;margin:3em\"><h1>shoal</h1>\
+<p>This agent's page needs its API token. Open the URL that <code>shoal ui</code> \
+prints on a machine of the cluster (it ends in <code>/?token=...</code>), or the one \
+the agent logged when it started.</p>";
+
+async fn ui_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        UI_PAGE,
+    )
+        .into_response()
 }
 
 /// Whether the bearer token `given` is `token`, in time that does not depend
@@ -1680,6 +1784,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics_text))
         .route("/v1/events", get(events))
+        .route("/", get(ui_page))
+        .route("/ui", get(|| async { axum::response::Redirect::to("/") }))
         .route("/v1/join-token", post(join_token))
         .route("/v1/ca/rotate", post(rotate_ca))
         .fallback(not_found)

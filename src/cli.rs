@@ -63,6 +63,9 @@ pub enum Command {
     /// joining, dying or draining, deployments' progress. Prints the
     /// events the agent keeps, then (with --follow) new ones as they come.
     Events(crate::commands::EventsArgs),
+    /// Print the URL of the agent's web page (the cluster, its jobs and
+    /// its events, live), with the token that logs a browser in.
+    Ui(crate::client::ClientArgs),
     /// A job's versions: `shoal job history JOB`, `shoal job revert JOB v6`.
     #[command(subcommand)]
     Job(crate::commands::JobCommand),

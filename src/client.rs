@@ -77,6 +77,11 @@ impl Client {
         }
     }
 
+    /// The agent's URL (`http://ADDR`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// GET a JSON resource.
     pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self.call("GET", path, None)?;

@@ -1330,6 +1330,24 @@ fn event_line(e: &crate::events::Event) -> String {
     format!("{time}  {:<22} {}", e.kind, e.message)
 }
 
+/// `shoal ui`.
+pub fn ui(args: ClientArgs) -> Result<()> {
+    let client = Client::new(&args);
+    // Asked first, so that a wrong address or token is said here rather
+    // than by the browser.
+    let health: serde_json::Value = client.get("/v1/health")?;
+    let base = client.base();
+    match args.token() {
+        Some(token) => println!("{}", crate::api::ui_url(base, &token)),
+        None => println!("{base}/"),
+    }
+    eprintln!(
+        "the web page of {} (any node of the cluster serves the same page)",
+        health["name"].as_str().unwrap_or("the agent")
+    );
+    Ok(())
+}
+
 /// `shoal events`.
 pub fn events(args: EventsArgs) -> Result<()> {
     let client = Client::new(&args.client);

@@ -64,12 +64,16 @@ fn start(root: &Path, name: &str, seed: Option<&str>) -> Result<DemoAgent> {
     Ok(DemoAgent(launch.spawn()?))
 }
 
-fn client(a: &DemoAgent) -> Client {
-    Client::new(&ClientArgs {
+fn client_args(a: &DemoAgent) -> ClientArgs {
+    ClientArgs {
         addr: a.info.http.clone(),
         http_token: None,
         data_dir: a.dir.clone(),
-    })
+    }
+}
+
+fn client(a: &DemoAgent) -> Client {
+    Client::new(&client_args(a))
 }
 
 fn wait_view(
@@ -180,6 +184,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         took.as_secs_f64()
     );
     show(&agents[0])?;
+    if let Some(token) = client_args(&agents[0]).token() {
+        println!(
+            "\nThe cluster's web page (any node serves it): {}",
+            crate::api::ui_url(&agents[0].info.http, &token)
+        );
+    }
 
     // A service and a batch job, submitted at the first node.
     let api = client(&agents[0]);

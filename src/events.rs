@@ -716,7 +716,7 @@ impl Events {
 pub enum Format {
     /// One JSON object per line.
     Ndjson,
-    /// Server-Sent Events (`id:` is the cursor, `event:` the kind).
+    /// Server-Sent Events (`id:` is the cursor, `data:` the event).
     Sse,
 }
 
@@ -792,8 +792,8 @@ fn encode(e: &Event, format: Format, out: &mut String) {
         Format::Sse => {
             out.push_str("id: ");
             out.push_str(&e.cursor);
-            out.push_str("\nevent: ");
-            out.push_str(&e.kind);
+            // No `event:` field: a browser's EventSource hands every
+            // event to one `onmessage` (the kind is in the data).
             out.push_str("\ndata: ");
             out.push_str(&json);
             out.push_str("\n\n");

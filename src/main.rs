@@ -53,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Scale(args) => shoal::commands::scale(args),
         Command::Logs(args) => shoal::commands::logs(args),
         Command::Events(args) => shoal::commands::events(args),
+        Command::Ui(args) => shoal::commands::ui(args),
         Command::Token(cmd) => shoal::commands::token(cmd),
         Command::Job(cmd) => shoal::commands::job(cmd),
         Command::Deployment(cmd) => shoal::commands::deployment(cmd),
