@@ -31,6 +31,8 @@ use crate::identity;
 /// Everything the agent is started with.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// Failure notifications (`--notify-webhook`, `--notify-restarts`).
+    pub notify: crate::notify::Config,
     /// Unique node name.
     pub name: String,
     /// Where the node keeps its state.
@@ -453,6 +455,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         events.clone(),
         snapshot_rx.clone(),
         membership.view(),
+    ));
+    tokio::spawn(crate::notify::run(
+        config.notify.clone(),
+        events.clone(),
+        snapshot_rx.clone(),
+        membership.view(),
+        metrics.clone(),
     ));
     let state = ApiState {
         events: events.clone(),

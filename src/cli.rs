@@ -213,6 +213,16 @@ pub struct AgentArgs {
     /// root, else the agent's user].
     #[arg(long)]
     pub task_user: Option<String>,
+    /// Webhook told (a JSON POST, with a Slack-compatible `text`) when a
+    /// slot fails for good, a copy restarts --notify-restarts times, a
+    /// deployment fails or is reverted, or a node dies. One node of the
+    /// cluster sends each: give every agent the same URL. A job's
+    /// `notify = ["URL"]` adds its own for what is about it.
+    #[arg(long, env = "SHOAL_NOTIFY_WEBHOOK")]
+    pub notify_webhook: Option<String>,
+    /// Restarts of one copy at which it is notified (once; 0: never).
+    #[arg(long, default_value_t = crate::notify::RESTARTS_DEFAULT)]
+    pub notify_restarts: u32,
     /// Largest clock offset tolerated between nodes: a peer's write stamped
     /// further ahead of this node's clock is refused, and a node whose clock
     /// is this far off most peers' refuses writes until its time sync is
@@ -350,7 +360,19 @@ impl AgentArgs {
                 max.memory_mib
             );
         }
+        if let Some(p) = self
+            .notify_webhook
+            .as_deref()
+            .and_then(shoal_core::job::webhook_problem)
+        {
+            bail!("--notify-webhook: {p}");
+        }
         Ok(AgentConfig {
+            notify: crate::notify::Config {
+                me: name.clone(),
+                webhook: self.notify_webhook.filter(|u| !u.is_empty()),
+                restarts: self.notify_restarts,
+            },
             name,
             data_dir: self.data_dir,
             listen: self.listen,

@@ -67,6 +67,9 @@ pub struct Event {
     /// The job version it is about (`v7`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// A copy's restarts so far (`instance.restarted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u32>,
     /// What happened, for people.
     pub message: String,
 }
@@ -84,6 +87,8 @@ pub struct Change {
     pub slot: Option<u32>,
     /// See [`Event::version`].
     pub version: Option<String>,
+    /// See [`Event::restarts`].
+    pub restarts: Option<u32>,
     /// See [`Event::message`].
     pub message: String,
 }
@@ -96,6 +101,7 @@ impl Change {
             node: None,
             slot: None,
             version,
+            restarts: None,
             message,
         }
     }
@@ -107,6 +113,7 @@ impl Change {
             node: Some(node.to_string()),
             slot: None,
             version: None,
+            restarts: None,
             message,
         }
     }
@@ -118,6 +125,7 @@ impl Change {
             node: Some(i.node.clone()),
             slot: Some(i.slot),
             version: i.version.clone(),
+            restarts: None,
             message,
         }
     }
@@ -209,7 +217,7 @@ fn written(
     }
     if let Some(from) = record.reverted_from {
         return Some(Change::job(
-            "job.reverted",
+            "deployment.reverted",
             name,
             version,
             format!(
@@ -301,8 +309,13 @@ fn instances(before: &Snapshot, after: &Snapshot, view: &MembershipView, out: &m
     let old: HashMap<InstanceKey, &InstanceView> =
         before.instances.iter().map(|i| (key(i), i)).collect();
     for i in &after.instances {
-        let what = format!("{}[{}] on {}", i.job, i.slot, i.node);
         let prev = old.get(&key(i)).copied();
+        // Most copies did not change: compare before formatting anything.
+        if prev.is_some_and(|p| (p.state, p.health, p.restarts) == (i.state, i.health, i.restarts))
+        {
+            continue;
+        }
+        let what = format!("{}[{}] on {}", i.job, i.slot, i.node);
         let (state, health, restarts) = match prev {
             Some(p) => (p.state, p.health, p.restarts),
             None => {
@@ -315,7 +328,7 @@ fn instances(before: &Snapshot, after: &Snapshot, view: &MembershipView, out: &m
             }
         };
         if i.restarts > restarts {
-            out.push(Change::instance(
+            let mut c = Change::instance(
                 "instance.restarted",
                 i,
                 format!(
@@ -323,7 +336,9 @@ fn instances(before: &Snapshot, after: &Snapshot, view: &MembershipView, out: &m
                     i.restarts,
                     because(i.error.as_deref())
                 ),
-            ));
+            );
+            c.restarts = Some(i.restarts);
+            out.push(c);
         }
         if i.state != state {
             let change = match i.state {
@@ -610,6 +625,7 @@ impl Events {
                     node: c.node,
                     slot: c.slot,
                     version: c.version,
+                    restarts: c.restarts,
                     message: c.message,
                 }));
                 if kept.events.len() > EVENTS_KEPT {
@@ -692,6 +708,7 @@ impl Events {
             node: None,
             slot: None,
             version: None,
+            restarts: None,
             message: if count == 0 {
                 "the agent restarted since this cursor: the events in between are lost; \
                  read the state again (GET /v1/jobs, /v1/nodes)"
@@ -703,6 +720,11 @@ impl Events {
                 )
             },
         }
+    }
+
+    /// Tells when events are added (or the log closes).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.last.subscribe()
     }
 
     /// A place among the streams served at once, if one is free.
@@ -1135,6 +1157,7 @@ mod tests {
             node: Some("n3".into()),
             slot: Some(0),
             version: None,
+            restarts: None,
             message: String::new(),
         };
         assert!(t.pass(&e));
@@ -1151,5 +1174,21 @@ mod tests {
         }
         let many: Vec<String> = (0..=TOPICS_MAX).map(|i| format!("job:j{i}")).collect();
         assert!(Topics::parse(many.iter().map(String::as_str)).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends as `since` or `topic`, the parsers
+        /// answer (no panic), and what they accept is bounded.
+        #[test]
+        fn any_query_is_answered(since in ".{0,64}", topics in proptest::collection::vec(".{0,40}", 0..24)) {
+            let log = Events::new();
+            if let Ok(s) = log.since(Some(&since)) {
+                let (at, _) = log.start(s);
+                let _ = log.read(at, 10);
+            }
+            if let Ok(t) = Topics::parse(topics.iter().map(String::as_str)) {
+                proptest::prop_assert!(t.0.len() <= TOPICS_MAX);
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@
 //! - `driver`: the `Driver` trait, the exec and hollow drivers, `shoal supervise`.
 //! - `host`: machine facts (capacity, host name).
 //! - `launch`: starting agent processes (demo, tests, benchmarks, chaos).
+//! - `notify`: failure notifications to webhooks, each sent by one node.
 //! - `store`: the node's durable copy of jobs and completions (redb).
 
 pub mod agent;
@@ -33,6 +34,7 @@ pub mod ingress;
 pub mod launch;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod store;
 
 pub use shoal_core::{gossip, hlc, instance, job, records, wire};

@@ -53,6 +53,29 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_labels: Mutex<usize>,
     passes: Histogram,
+    notifications: Family<NotificationLabels, Counter>,
+    driver_errors: Family<DriverErrorLabels, Counter>,
+}
+
+/// Labels of a driver's failed operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriverErrorLabels {
+    /// `exec`, `docker`, `hollow`, or `none` (no such driver here).
+    pub driver: String,
+    /// `start` or `stop`.
+    pub op: &'static str,
+}
+
+/// Drivers whose errors are counted by name (others count as `other`).
+const DRIVERS_NAMED: [&str; 4] = ["exec", "docker", "hollow", "none"];
+
+/// Labels of a notification's delivery (see `crate::notify`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotificationLabels {
+    /// `sent`, `failed` (every attempt failed), `dropped` (too many
+    /// deliveries pending) or `retried` (an attempt failed, another
+    /// follows).
+    pub outcome: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -79,12 +102,29 @@ impl Metrics {
             Unit::Seconds,
             passes.clone(),
         );
+        let notifications = Family::<NotificationLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Webhook deliveries of failure notifications this node was the one to send, by outcome",
+            notifications.clone(),
+        );
+        for outcome in ["sent", "failed", "dropped", "retried"] {
+            let _ = notifications.get_or_create(&NotificationLabels { outcome });
+        }
+        let driver_errors = Family::<DriverErrorLabels, Counter>::default();
+        registry.register(
+            "driver_errors",
+            "Driver operations that failed on this node (an instance that would not start or stop), by driver and operation",
+            driver_errors.clone(),
+        );
         registry.register_collector(Box::new(local));
         Arc::new(Metrics {
+            driver_errors,
             registry: Mutex::new(registry),
             requests,
             request_labels: Mutex::new(0),
             passes,
+            notifications,
         })
     }
 
@@ -109,6 +149,28 @@ impl Metrics {
             }
         }
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts a driver operation that failed.
+    pub fn driver_error(&self, driver: &str, op: &'static str) {
+        let driver = if DRIVERS_NAMED.contains(&driver) {
+            driver
+        } else {
+            "other"
+        };
+        self.driver_errors
+            .get_or_create(&DriverErrorLabels {
+                driver: driver.to_string(),
+                op,
+            })
+            .inc();
+    }
+
+    /// Counts a notification delivery's outcome.
+    pub fn notification(&self, outcome: &'static str) {
+        self.notifications
+            .get_or_create(&NotificationLabels { outcome })
+            .inc();
     }
 
     /// Records a reconcile pass's duration.
@@ -180,6 +242,20 @@ fn gauge_family<'a>(
     let mut fam = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, n) in rows {
         ConstGauge::new(n).encode(fam.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A counter family: one value per label set.
+fn counter_family<'a>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) -> std::fmt::Result {
+    let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, n) in rows {
+        ConstCounter::new(n).encode(fam.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -341,6 +417,40 @@ impl Collector for Local {
         ] {
             counter(&mut e, name, help, v)?;
         }
+        let services = || {
+            shoal_transport::SERVICES
+                .iter()
+                .zip(&t.by_service)
+                .filter(|(s, _)| **s != shoal_transport::Service::Test)
+        };
+        counter_family(
+            &mut e,
+            "transport_service_frames",
+            "Frames sent to and received from peers, by service (gossip, probe, rpc, join)",
+            services().flat_map(|(s, c)| {
+                [
+                    (
+                        vec![("service", s.as_str()), ("direction", "sent")],
+                        S::get(&c.frames_sent),
+                    ),
+                    (
+                        vec![("service", s.as_str()), ("direction", "received")],
+                        S::get(&c.frames_received),
+                    ),
+                ]
+            }),
+        )?;
+        counter_family(
+            &mut e,
+            "transport_service_bytes",
+            "Frame body bytes sent to and received from peers, by service (request answers in the totals only)",
+            services().flat_map(|(s, c)| {
+                [
+                    (vec![("service", s.as_str()), ("direction", "sent")], S::get(&c.bytes_sent)),
+                    (vec![("service", s.as_str()), ("direction", "received")], S::get(&c.bytes_received)),
+                ]
+            }),
+        )?;
         let w = &self.swim;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         for (name, help, v) in [

@@ -187,6 +187,8 @@ struct Shell {
     immediate: Vec<Immediate>,
     /// The health checks of the copies that have them.
     checks: crate::checks::Watcher,
+    /// Where driver errors are counted.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Hands a peer's request to the core, or answers it at once when it does
@@ -251,6 +253,7 @@ impl Shell {
         match e {
             Effect::StartInstance { driver, spec } => {
                 let Some(d) = self.drivers.get(&driver).cloned() else {
+                    self.metrics.driver_error("none", "start");
                     self.immediate.push(Immediate::Started(
                         spec.id.clone(),
                         Err(format!("no `{driver}` driver on this node")),
@@ -259,11 +262,13 @@ impl Shell {
                 };
                 let permits = self.driver_ops.clone();
                 let tx = self.done_tx.clone();
+                let metrics = self.metrics.clone();
                 tokio::spawn(async move {
                     let _permit = permits.acquire_owned().await;
                     let r = d.start(&spec).await.map_err(|e| format!("{e:#}"));
                     if let Err(e) = &r {
                         warn!(instance = %spec.id, error = %e, "start failed");
+                        metrics.driver_error(&driver, "start");
                     }
                     let _ = tx.send(Done::Started(spec.id.clone(), r)).await;
                 });
@@ -272,10 +277,12 @@ impl Shell {
                 if let Some(d) = self.drivers.get(&driver).cloned() {
                     info!(instance = %id, "stopping");
                     let permits = self.driver_ops.clone();
+                    let metrics = self.metrics.clone();
                     tokio::spawn(async move {
                         let _permit = permits.acquire_owned().await;
                         if let Err(e) = d.stop(&id, grace).await {
                             warn!(instance = %id, error = %e, "stop failed");
+                            metrics.driver_error(&driver, "stop");
                         }
                     });
                 }
@@ -284,10 +291,12 @@ impl Shell {
                 self.checks.unwatch(&id);
                 if let Some(d) = self.drivers.get(&driver).cloned() {
                     let permits = self.driver_ops.clone();
+                    let metrics = self.metrics.clone();
                     tokio::spawn(async move {
                         let _permit = permits.acquire_owned().await;
                         if let Err(e) = d.stop(&id, grace).await {
                             warn!(instance = %id, error = %e, "stop failed");
+                            metrics.driver_error(&driver, "stop");
                         }
                         let _ = d.remove(&id).await;
                     });
@@ -655,6 +664,7 @@ pub async fn run(
         app_dirty: false,
         immediate: Vec::new(),
         checks,
+        metrics: metrics.clone(),
     };
     // Found by the chaos suite (seed 42): a batch success recovered at
     // start-up was persisted by an effect the start-up code dropped, so the

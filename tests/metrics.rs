@@ -92,6 +92,23 @@ fn metrics_describe_the_node_in_the_prometheus_format() {
     assert!(value(&s, "shoal_reconcile_pass_duration_seconds_count", &[]) > Some(0.0));
     assert!(value(&s, "shoal_store_bytes", &[]) > Some(0.0));
     assert!(value(&s, "shoal_transport_sent_bytes_total", &[]) > Some(0.0));
+    // By service: the failure detector's probes and the gossip both talk.
+    for service in ["probe", "gossip"] {
+        for direction in ["sent", "received"] {
+            assert!(
+                value(
+                    &s,
+                    "shoal_transport_service_bytes_total",
+                    &[("service", service), ("direction", direction)]
+                ) > Some(0.0),
+                "{service} {direction}"
+            );
+        }
+    }
+    assert_eq!(
+        value(&s, "shoal_notifications_total", &[("outcome", "sent")]),
+        Some(0.0)
+    );
     assert!(
         value(&s, "shoal_swim_probes_total", &[]) > Some(0.0),
         "the nodes probe each other"
@@ -109,4 +126,22 @@ fn metrics_describe_the_node_in_the_prometheus_format() {
         kinds.insert(&x.metric, "");
     }
     assert!(kinds.len() >= 15, "{kinds:?}");
+
+    // A copy whose user does not exist cannot be started: a driver error.
+    let bad = "name = \"nouser\"\ntype = \"service\"\nreplicas = 1\n\n[task]\ncommand = \"sleep\"\nargs = [\"600\"]\nuser = \"shoal-no-such-user\"\n\n[task.resources]\ncpu = 10\nmemory = 8\n";
+    let (code, body) = call(agents[0].request("POST", "/v1/jobs"), Some(bad));
+    assert_eq!(code, 200, "{body}");
+    wait_until("a driver error counted", || {
+        agents
+            .iter()
+            .filter_map(|a| {
+                value(
+                    &scrape(a).1,
+                    "shoal_driver_errors_total",
+                    &[("driver", "exec"), ("op", "start")],
+                )
+            })
+            .sum::<f64>()
+            >= 1.0
+    });
 }

@@ -110,6 +110,46 @@ pub struct JobSpec {
     /// starts (one on its own node first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<String>,
+    /// Webhooks told (a JSON POST) when a slot of the job fails for good,
+    /// restarts past the agents' threshold, or its deployment fails or is
+    /// reverted; beside the agents' `--notify-webhook`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
+}
+
+/// Webhooks one job may name.
+pub const NOTIFY_MAX: usize = 4;
+/// Longest webhook URL.
+pub const NOTIFY_URL_LEN_MAX: usize = 512;
+
+/// Why `url` cannot be a webhook: it must be an `http://` or `https://`
+/// URL with a host, at most [`NOTIFY_URL_LEN_MAX`] bytes of printable
+/// ASCII.
+pub fn webhook_problem(url: &str) -> Option<String> {
+    if url.len() > NOTIFY_URL_LEN_MAX {
+        return Some(format!(
+            "a webhook URL is at most {NOTIFY_URL_LEN_MAX} bytes"
+        ));
+    }
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some(
+            "a webhook URL is printable ASCII with no spaces (percent-encode the rest)".into(),
+        );
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        None => Some(format!("`{url}` is not an http:// or https:// URL")),
+        Some(r)
+            if r.split(['/', '?', '#'])
+                .next()
+                .is_none_or(|h| h.is_empty() || h.starts_with(':')) =>
+        {
+            Some(format!("`{url}` names no host"))
+        }
+        Some(_) => None,
+    }
 }
 
 fn default_replicas() -> u32 {
@@ -966,6 +1006,16 @@ impl JobSpec {
             }
         }
         self.check_services(text)?;
+        if self.notify.len() > NOTIFY_MAX {
+            return Err(invalid(
+                text,
+                "notify",
+                format!("at most {NOTIFY_MAX} webhooks"),
+            ));
+        }
+        if let Some(p) = self.notify.iter().find_map(|u| webhook_problem(u)) {
+            return Err(invalid(text, "notify", p));
+        }
         if let Some((field, message)) = self.update.problem() {
             return Err(invalid(text, &format!("update.{field}"), message));
         }
@@ -1123,6 +1173,35 @@ impl JobSpec {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn webhooks_are_http_urls_with_a_host_and_bounded() {
+        for ok in [
+            "http://127.0.0.1:9/x",
+            "https://hooks.example.com/services/T0/B0?x=1",
+        ] {
+            assert_eq!(webhook_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "ftp://x",
+            "http://",
+            "https:///path",
+            "http://a b",
+            "http://:80/",
+            "x",
+        ] {
+            assert!(webhook_problem(bad).is_some(), "{bad}");
+        }
+        assert!(webhook_problem(&format!("http://a/{}", "x".repeat(NOTIFY_URL_LEN_MAX))).is_some());
+        let job = |notify: &str| {
+            JobSpec::parse(&format!(
+                "name = \"a\"\ntype = \"batch\"\nnotify = [{notify}]\n[task]\ncommand = \"true\"\n"
+            ))
+        };
+        assert!(job("\"http://h/1\"").is_ok());
+        assert!(job("\"mailto:x@y\"").is_err());
+        assert!(job(&["\"http://h/\""; NOTIFY_MAX + 1].join(",")).is_err());
+    }
+
     use super::*;
     use crate::health::CheckKind;
 

@@ -188,9 +188,60 @@ pub struct TransportStats {
     /// Frames dropped because their connection may not reach their service
     /// (anything but a join on a join connection).
     pub frames_refused: AtomicU64,
+    /// The frames and bytes above, by service (in [`SERVICES`] order;
+    /// request answers are counted in the totals only).
+    pub by_service: [ServiceStats; SERVICES.len()],
+}
+
+/// One service's traffic.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Frames sent.
+    pub frames_sent: AtomicU64,
+    /// Frames received.
+    pub frames_received: AtomicU64,
+    /// Bytes of frame bodies sent.
+    pub bytes_sent: AtomicU64,
+    /// Bytes of frame bodies received.
+    pub bytes_received: AtomicU64,
+}
+
+impl Service {
+    /// Its name in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Gossip => "gossip",
+            Service::Probe => "probe",
+            Service::Rpc => "rpc",
+            Service::Test => "test",
+            Service::Join => "join",
+        }
+    }
+
+    fn index(self) -> usize {
+        SERVICES.iter().position(|s| *s == self).unwrap_or(0)
+    }
 }
 
 impl TransportStats {
+    /// Counts a frame of `len` body bytes sent to `service`.
+    pub(crate) fn sent(&self, service: Service, len: u64) {
+        Self::add(&self.frames_sent, 1);
+        Self::add(&self.bytes_sent, len);
+        let s = &self.by_service[service.index()];
+        Self::add(&s.frames_sent, 1);
+        Self::add(&s.bytes_sent, len);
+    }
+
+    /// Counts a frame of `len` body bytes received for `service`.
+    pub(crate) fn received(&self, service: Service, len: u64) {
+        Self::add(&self.frames_received, 1);
+        Self::add(&self.bytes_received, len);
+        let s = &self.by_service[service.index()];
+        Self::add(&s.frames_received, 1);
+        Self::add(&s.bytes_received, len);
+    }
+
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
@@ -319,6 +370,7 @@ impl Dispatch {
             return false;
         };
         let len = frame.body.len() as u64;
+        let service = frame.service;
         match tx.try_send(Incoming {
             from,
             peer,
@@ -326,8 +378,7 @@ impl Dispatch {
             reply,
         }) {
             Ok(()) => {
-                TransportStats::add(&self.stats.frames_received, 1);
-                TransportStats::add(&self.stats.bytes_received, len);
+                self.stats.received(service, len);
                 true
             }
             Err(_) => {

@@ -117,8 +117,7 @@ impl Transport for MemTransport {
     ) -> Result<(), TransportError> {
         let len = body.len() as u64;
         let frame = encode_frame(service, body)?;
-        TransportStats::add(&self.stats.frames_sent, 1);
-        TransportStats::add(&self.stats.bytes_sent, len);
+        self.stats.sent(service, len);
         // Like UDP: a frame to nowhere vanishes silently.
         if let Some(dispatch) = self.network.route(self.addr, to) {
             dispatch.deliver_raw(self.addr, self.name.as_ref(), false, &frame, None);
@@ -152,8 +151,7 @@ impl Transport for MemTransport {
                 reason: "peer queue full".into(),
             });
         }
-        TransportStats::add(&self.stats.frames_sent, 1);
-        TransportStats::add(&self.stats.bytes_sent, len);
+        self.stats.sent(service, len);
         let resp = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(_)) => {

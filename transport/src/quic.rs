@@ -578,10 +578,7 @@ impl Transport for QuicTransport {
         tokio::spawn(async move {
             let timeout = this.inner.config.connect_timeout * 2;
             match tokio::time::timeout(timeout, this.send_inner(to, frame)).await {
-                Ok(Ok(())) => {
-                    TransportStats::add(&this.inner.stats.frames_sent, 1);
-                    TransportStats::add(&this.inner.stats.bytes_sent, len);
-                }
+                Ok(Ok(())) => this.inner.stats.sent(service, len),
                 Ok(Err(e)) => {
                     TransportStats::add(&this.inner.stats.sends_failed, 1);
                     debug!(peer = %to, error = %e, "send failed");
@@ -606,8 +603,7 @@ impl Transport for QuicTransport {
             .await
             .map_err(|_| TransportError::Timeout(to))?;
         if result.is_ok() {
-            TransportStats::add(&self.inner.stats.frames_sent, 1);
-            TransportStats::add(&self.inner.stats.bytes_sent, len);
+            self.inner.stats.sent(service, len);
         }
         result
     }
