@@ -3,7 +3,7 @@
 //! agent's CPU and RSS over equal windows of three kinds, alternating in
 //! the same run: nothing (the baseline), scraped every `--every` (1 s), and
 //! `--streams` (10) clients following `/v1/events`. In every window a small
-//! job is scaled between 0 and `--churn` copies every 2 s, so there are
+//! job is scaled between 1 and `--churn` copies every 2 s, so there are
 //! events to stream (their derivation is in the baseline too).
 //!
 //! Usage: cargo build --release -p chaos --bin metrics-bench &&
@@ -36,7 +36,7 @@ struct Args {
     /// Event streams open in the stream windows.
     #[arg(long, default_value_t = 10)]
     streams: usize,
-    /// Copies the churn job is scaled to and from every 2 s.
+    /// Copies the churn job is scaled to (and back to 1) every 2 s.
     #[arg(long, default_value_t = 50)]
     churn: u32,
 }
@@ -142,7 +142,31 @@ fn main() -> Result<()> {
             })
         })
     })?;
-    let churn = "name = \"churn\"\ntype = \"service\"\nreplicas = 0\n[task]\ndriver = \"hollow\"\ncommand = \"sleep\"\n[task.resources]\ncpu = 1\nmemory = 1\n";
+    // What deriving events costs per snapshot: the diff of two states of
+    // every instance, one copy changed.
+    let instances: Vec<shoal::api::InstanceView> =
+        serde_json::from_value(agent.get("/v1/instances").context("instances")?)?;
+    let jobs: Vec<shoal::api::JobStatus> =
+        serde_json::from_value(agent.get("/v1/jobs").context("jobs")?)?;
+    let before = shoal::api::Snapshot {
+        instances,
+        jobs,
+        ..Default::default()
+    };
+    let mut after = before.clone();
+    after.instances[0].restarts += 1;
+    let view = shoal_membership::MembershipView {
+        self_name: "n0".into(),
+        members: Vec::new(),
+    };
+    let t = Instant::now();
+    let runs = 50;
+    for _ in 0..runs {
+        let changes = shoal::events::diff(&before, &view, &after, &view);
+        assert_eq!(changes.len(), 1);
+    }
+    let diff_ms = t.elapsed().as_secs_f64() * 1e3 / runs as f64;
+    let churn = "name = \"churn\"\ntype = \"service\"\nreplicas = 1\n[task]\ndriver = \"hollow\"\ncommand = \"sleep\"\n[task.resources]\ncpu = 1\nmemory = 1\n";
     agent.post("/v1/jobs", churn).context("submitting churn")?;
     std::thread::sleep(Duration::from_secs(3));
     let stop = Arc::new(AtomicBool::new(false));
@@ -158,7 +182,7 @@ fn main() -> Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let _ = ureq::post(&format!("{http}/v1/jobs/churn/scale"))
                     .set("Authorization", &format!("Bearer {token}"))
-                    .send_string(&format!("{{\"replicas\":{}}}", if up { n } else { 0 }));
+                    .send_string(&format!("{{\"replicas\":{}}}", if up { n } else { 1 }));
                 up = !up;
                 std::thread::sleep(Duration::from_secs(2));
             }
@@ -197,8 +221,12 @@ fn main() -> Result<()> {
     took.sort_unstable();
     let p = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3;
     println!(
-        "an agent holding {} hollow slots, a job scaled 0 <-> {} every 2 s; {} windows of each kind, {} s each, alternating",
+        "an agent holding {} hollow slots, a job scaled 1 <-> {} every 2 s; {} windows of each kind, {} s each, alternating",
         args.slots, args.churn, args.rounds, args.seconds
+    );
+    println!(
+        "deriving events: the diff of two snapshots of {} instances takes {diff_ms:.2} ms",
+        before.instances.len()
     );
     println!(
         "baseline (no scrapes, no streams): {:.2}% of a core, RSS {} MiB",
