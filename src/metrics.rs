@@ -53,8 +53,9 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_labels: Mutex<usize>,
     passes: Histogram,
-    notifications: Family<NotificationLabels, Counter>,
+    notifications: Family<OutcomeLabels, Counter>,
     driver_errors: Family<DriverErrorLabels, Counter>,
+    exits: Family<OutcomeLabels, Counter>,
 }
 
 /// Labels of a driver's failed operation.
@@ -69,12 +70,12 @@ pub struct DriverErrorLabels {
 /// Drivers whose errors are counted by name (others count as `other`).
 const DRIVERS_NAMED: [&str; 4] = ["exec", "docker", "hollow", "none"];
 
-/// Labels of a notification's delivery (see `crate::notify`).
+/// An `outcome` label: of a notification's delivery (see
+/// `crate::notify`: `sent`, `failed` after every attempt, `dropped` with
+/// too many pending, `retried`), or of an instance's end.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NotificationLabels {
-    /// `sent`, `failed` (every attempt failed), `dropped` (too many
-    /// deliveries pending) or `retried` (an attempt failed, another
-    /// follows).
+pub struct OutcomeLabels {
+    /// See above.
     pub outcome: &'static str,
 }
 
@@ -102,14 +103,14 @@ impl Metrics {
             Unit::Seconds,
             passes.clone(),
         );
-        let notifications = Family::<NotificationLabels, Counter>::default();
+        let notifications = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "notifications",
             "Webhook deliveries of failure notifications this node was the one to send, by outcome",
             notifications.clone(),
         );
         for outcome in ["sent", "failed", "dropped", "retried"] {
-            let _ = notifications.get_or_create(&NotificationLabels { outcome });
+            let _ = notifications.get_or_create(&OutcomeLabels { outcome });
         }
         let driver_errors = Family::<DriverErrorLabels, Counter>::default();
         registry.register(
@@ -117,8 +118,18 @@ impl Metrics {
             "Driver operations that failed on this node (an instance that would not start or stop), by driver and operation",
             driver_errors.clone(),
         );
+        let exits = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "instance_exits",
+            "Instances of this node that ended, by how: success (exit 0), failure (another code, or could not run), signal (killed, stops included) or lost (its supervisor vanished)",
+            exits.clone(),
+        );
+        for outcome in ["success", "failure", "signal", "lost"] {
+            let _ = exits.get_or_create(&OutcomeLabels { outcome });
+        }
         registry.register_collector(Box::new(local));
         Arc::new(Metrics {
+            exits,
             driver_errors,
             registry: Mutex::new(registry),
             requests,
@@ -151,6 +162,19 @@ impl Metrics {
         self.requests.get_or_create(&labels).inc();
     }
 
+    /// Counts an instance's end.
+    pub fn exit(&self, state: &shoal_core::instance::InstanceState) {
+        use shoal_core::instance::InstanceState;
+        let outcome = match state {
+            InstanceState::Exited(s) if s.success() => "success",
+            InstanceState::Exited(s) if s.signal.is_some() => "signal",
+            InstanceState::Exited(_) => "failure",
+            InstanceState::Lost => "lost",
+            InstanceState::Running => return,
+        };
+        self.exits.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
     /// Counts a driver operation that failed.
     pub fn driver_error(&self, driver: &str, op: &'static str) {
         let driver = if DRIVERS_NAMED.contains(&driver) {
@@ -169,7 +193,7 @@ impl Metrics {
     /// Counts a notification delivery's outcome.
     pub fn notification(&self, outcome: &'static str) {
         self.notifications
-            .get_or_create(&NotificationLabels { outcome })
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 

@@ -699,7 +699,11 @@ pub async fn run(
                 let cv = builder.build(&shell.me, &v);
                 core.handle_view(cv, now())
             }
-            Some(ev) = driver_events.recv() => core.handle_driver(ev, now()),
+            Some(ev) = driver_events.recv() => {
+                let shoal_core::instance::DriverEvent::Ended { state, .. } = &ev;
+                metrics.exit(state);
+                core.handle_driver(ev, now())
+            }
             Some(c) = check_results.recv() => core.handle_check(c.id, c.index, c.result, now()),
             Some(msg) = rpc.recv() => peer_request(&mut shell, &mut core, msg),
             Some(msg) = claims.recv() => peer_request(&mut shell, &mut core, msg),

@@ -109,6 +109,23 @@ fn metrics_describe_the_node_in_the_prometheus_format() {
         value(&s, "shoal_notifications_total", &[("outcome", "sent")]),
         Some(0.0)
     );
+    // A batch copy that ends well is an exit with success.
+    let once = "name = \"once\"\ntype = \"batch\"\nreplicas = 1\n\n[task]\ncommand = \"true\"\n\n[task.resources]\ncpu = 10\nmemory = 8\n";
+    let (code, body) = call(agents[0].request("POST", "/v1/jobs"), Some(once));
+    assert_eq!(code, 200, "{body}");
+    wait_until("a successful exit counted", || {
+        agents
+            .iter()
+            .filter_map(|a| {
+                value(
+                    &scrape(a).1,
+                    "shoal_instance_exits_total",
+                    &[("outcome", "success")],
+                )
+            })
+            .sum::<f64>()
+            == 1.0
+    });
     assert!(
         value(&s, "shoal_swim_probes_total", &[]) > Some(0.0),
         "the nodes probe each other"
