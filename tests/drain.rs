@@ -273,7 +273,9 @@ fn a_drained_node_empties_start_first_and_an_ineligible_one_takes_nothing_new() 
     // n2 learns what n0 (which the CLI asked) said, by gossip: a moment
     // later under load (found in CI: n2 still counted 2 copies on n1 when
     // the CLI, now woken by events rather than a 500 ms poll, returned).
-    wait_until("n2 sees n1 drained", || node(&agents[2], "n1")["drain"]["done"] == true);
+    wait_until("n2 sees n1 drained", || {
+        node(&agents[2], "n1")["drain"]["done"] == true
+    });
     let n1 = node(&agents[2], "n1");
     assert_eq!(n1["eligible"], false, "{n1}");
     let (_, out, _) = cli(&agents[1], &["nodes"]);
