@@ -1507,6 +1507,7 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
         },
         "rss_kib": crate::host::rss_kib(),
         "scheduler": state.snapshot.borrow().scheduler.clone(),
+        "events": state.events.stats(),
     }))
 }
 
@@ -1563,7 +1564,7 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     // cross-site form can POST with the cookie; it cannot set a header).
     let reads = req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
     let by_cookie =
-        reads && cookie_tokens(req.headers()).any(|t| token_matches(Some(t), &state.token));
+        reads && cookie_tokens(req.headers()).any(|t| token_matches(Some(&t), &state.token));
     if matches!(req.uri().path(), "/" | "/ui") && reads {
         // `/?token=TOKEN` (the URL the agent, `shoal ui` and `shoal demo`
         // print) logs the browser in, and drops the token from the URL.
@@ -1574,8 +1575,11 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         });
         if let Some(t) = query_token {
             if token_matches(Some(&t), &state.token) {
+                // Percent-encoded: a token given by --http-token may hold
+                // characters a cookie value may not.
+                let value: String = form_urlencoded::byte_serialize(t.as_bytes()).collect();
                 let cookie = format!(
-                    "{}={t}; Path=/; HttpOnly; SameSite=Strict",
+                    "{}={value}; Path=/; HttpOnly; SameSite=Strict",
                     cookie_name(req.headers())
                 );
                 return (
@@ -1616,7 +1620,7 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     next.run(req).await
 }
 
-/// Cookies looked at per request, at most.
+/// `shoal_token*` cookies looked at per request, at most.
 const COOKIES_MAX: usize = 32;
 
 /// The page's cookie: one per port, as browsers share cookies between the
@@ -1633,17 +1637,23 @@ fn cookie_name(headers: &axum::http::HeaderMap) -> String {
     }
 }
 
-/// The values of the request's `shoal_token*` cookies.
-fn cookie_tokens(headers: &axum::http::HeaderMap) -> impl Iterator<Item = &str> {
+/// The values of the request's `shoal_token*` cookies (at most
+/// [`COOKIES_MAX`] of them, whatever else the browser sends), decoded.
+fn cookie_tokens(headers: &axum::http::HeaderMap) -> impl Iterator<Item = String> + '_ {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .take(COOKIES_MAX)
         .filter_map(|c| c.trim().split_once('='))
         .filter(|(k, _)| k.starts_with("shoal_token"))
-        .map(|(_, v)| v)
+        .take(COOKIES_MAX)
+        .map(|(_, v)| {
+            form_urlencoded::parse(format!("v={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
 }
 
 /// The URL that opens the page at the API `http` (`http://ADDR`) and
@@ -1825,7 +1835,10 @@ async fn events(
         }
     }
     let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let since = match state.events.since(one("since").or(last_id)) {
+    // A browser's EventSource resumes by sending the last event's id: it
+    // wins over the `since` of the URL it reconnects to (found in review:
+    // the page's `since=now` skipped what happened while it reconnected).
+    let since = match state.events.since(last_id.or(one("since"))) {
         Ok(s) => s,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };

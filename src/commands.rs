@@ -673,6 +673,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             unfit_since = None;
         }
         if done {
+            last_events(events.as_ref(), &bar, Duration::from_millis(300));
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             if status.job_type == "batch" {
@@ -1377,9 +1378,12 @@ pub fn events(args: EventsArgs) -> Result<()> {
             std::io::stdout().flush()?;
             since = Some(e.cursor);
         }
-        let Some(e) = broke.filter(|_| args.follow) else {
+        let Some(e) = broke else {
             return Ok(());
         };
+        if !args.follow {
+            bail!("the event stream broke ({e}); run it again to read the rest");
+        }
         // The agent went away mid-stream: resume after the last event
         // shown, a few times (a restarted agent says what was lost).
         retries += 1;
@@ -1432,11 +1436,38 @@ fn next_event(
             eprintln!("{}", event_line(&e));
         }
     };
-    if let Ok(e) = rx.recv_timeout(poll) {
-        show(e);
-        // What came with it, without waiting.
-        while let Ok(e) = rx.try_recv() {
+    match rx.recv_timeout(poll) {
+        Ok(e) => {
             show(e);
+            // What came with it, without waiting.
+            while let Ok(e) = rx.try_recv() {
+                show(e);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        // The stream ended (the agent closed it, or a read timed out):
+        // poll as without one (found in review: an ended stream made the
+        // caller ask the agent in a tight loop).
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::thread::sleep(poll.min(Duration::from_millis(100)))
+        }
+    }
+}
+
+/// Prints the events that still come within `quiet` of each other (those
+/// of the last change the caller saw in the state), for 2 s at most.
+fn last_events(
+    events: Option<&std::sync::mpsc::Receiver<crate::events::Event>>,
+    bar: &indicatif::ProgressBar,
+    quiet: Duration,
+) {
+    let Some(rx) = events else { return };
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Ok(e) = rx.recv_timeout(quiet.min(until.saturating_duration_since(Instant::now()))) {
+        if !bar.is_hidden() {
+            bar.println(event_line(&e));
+        } else {
+            eprintln!("{}", event_line(&e));
         }
     }
 }

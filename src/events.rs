@@ -204,7 +204,7 @@ fn written(
     let (Some(spec), Some(old)) = (record.spec.as_ref(), prev_record) else {
         return None;
     };
-    if prev.version == job.version {
+    if prev.version == job.version && old.spec == record.spec {
         // The same version, marked: promoted, or its deployment's end.
         return (record.promoted && !old.promoted).then(|| {
             Change::job(
@@ -402,6 +402,11 @@ fn node_settings(before: &Snapshot, after: &Snapshot, out: &mut Vec<Change>) {
             None => (true, None),
         };
         match (was_drain, drain) {
+            (None, Some(d)) if d.done => out.push(Change::node(
+                "node.drained",
+                node,
+                format!("node {node} drained"),
+            )),
             (None, Some(d)) => out.push(Change::node(
                 "node.draining",
                 node,
@@ -563,6 +568,8 @@ pub enum Since {
 /// The events this agent keeps, and who waits for more.
 pub struct Events {
     run: u32,
+    /// Set once the node has caught up and events are derived.
+    streaming: std::sync::atomic::AtomicBool,
     kept: Mutex<Kept>,
     last: watch::Sender<u64>,
     streams: Arc<Semaphore>,
@@ -592,6 +599,7 @@ impl Events {
     pub fn new() -> Arc<Events> {
         Arc::new(Events {
             run: rand::random::<u32>() | 1,
+            streaming: Default::default(),
             kept: Mutex::new(Kept {
                 events: VecDeque::new(),
                 next: 1,
@@ -722,6 +730,17 @@ impl Events {
         }
     }
 
+    /// Whether events are derived yet (the node caught up), and how many
+    /// are kept: for `/v1/stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "streaming": self.streaming.load(std::sync::atomic::Ordering::Relaxed),
+            "kept": kept.events.len(),
+            "last": kept.next - 1,
+        })
+    }
+
     /// Tells when events are added (or the log closes).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.last.subscribe()
@@ -755,53 +774,69 @@ pub fn stream(
     let (at, lost_run) = events.start(since);
     let first = lost_run.then(|| Arc::new(events.lost(at, 0)));
     let rx = events.last.subscribe();
-    let state = (events, at, rx, first, false, permit);
-    futures_util::stream::unfold(
-        state,
-        move |(events, mut at, mut rx, mut first, done, permit)| {
-            let topics = topics.clone();
-            async move {
-                if done {
+    let state = Reader {
+        events,
+        at,
+        rx,
+        first,
+        wrote: tokio::time::Instant::now(),
+        _permit: permit,
+    };
+    futures_util::stream::unfold(state, move |mut r| {
+        let topics = topics.clone();
+        async move {
+            loop {
+                r.rx.borrow_and_update();
+                let read = r.events.read(r.at, BATCH_MAX);
+                r.at = read.next;
+                let mut out = String::new();
+                for e in r.first.take().iter().chain(&read.events) {
+                    if topics.pass(e) {
+                        encode(e, format, &mut out);
+                    }
+                }
+                if !out.is_empty() {
+                    r.wrote = tokio::time::Instant::now();
+                    return Some((Ok(bytes::Bytes::from(out)), r));
+                }
+                if !read.events.is_empty() {
+                    continue;
+                }
+                if read.closed || !follow {
                     return None;
                 }
-                loop {
-                    rx.borrow_and_update();
-                    let read = events.read(at, BATCH_MAX);
-                    at = read.next;
-                    let mut out = String::new();
-                    for e in first.take().iter().chain(&read.events) {
-                        if topics.pass(e) {
-                            encode(e, format, &mut out);
-                        }
-                    }
-                    if !out.is_empty() {
-                        let chunk = bytes::Bytes::from(out);
-                        return Some((Ok(chunk), (events, at, rx, first, false, permit)));
-                    }
-                    if !read.events.is_empty() {
-                        continue;
-                    }
-                    if read.closed || !follow {
-                        return None;
-                    }
-                    match tokio::time::timeout(HEARTBEAT, rx.changed()).await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(_)) => return None,
-                        Err(_) => {
-                            let beat = match format {
-                                Format::Ndjson => "{}\n",
-                                Format::Sse => ": heartbeat\n\n",
-                            };
-                            return Some((
-                                Ok(bytes::Bytes::from_static(beat.as_bytes())),
-                                (events, at, rx, first, false, permit),
-                            ));
-                        }
+                // A heartbeat when nothing was written for HEARTBEAT, events
+                // filtered out or not (found in review: a filtered stream
+                // of a busy cluster sent none, and its client timed out).
+                match tokio::time::timeout_at(r.wrote + HEARTBEAT, r.rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        let beat = match format {
+                            Format::Ndjson => "{}\n",
+                            Format::Sse => ": heartbeat\n\n",
+                        };
+                        r.wrote = tokio::time::Instant::now();
+                        return Some((Ok(bytes::Bytes::from_static(beat.as_bytes())), r));
                     }
                 }
             }
-        },
-    )
+        }
+    })
+}
+
+/// One stream's place in the log.
+struct Reader {
+    events: Arc<Events>,
+    /// The last sequence number read.
+    at: u64,
+    rx: watch::Receiver<u64>,
+    /// A `lost` event to send first.
+    first: Option<Arc<Event>>,
+    /// When it last wrote anything.
+    wrote: tokio::time::Instant,
+    /// Its place among the streams served at once.
+    _permit: OwnedSemaphorePermit,
 }
 
 fn encode(e: &Event, format: Format, out: &mut String) {
@@ -850,6 +885,9 @@ pub async fn run(
             None => {
                 if snap.scheduler.get("caught_up") == Some(&serde_json::Value::Bool(true)) {
                     base = Some((snap, view));
+                    events
+                        .streaming
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Some((old, old_view)) => {

@@ -78,7 +78,11 @@ fn worth(e: &Event, threshold: u32, restarts: &mut HashMap<String, u32>) -> bool
                 e.node.as_deref().unwrap_or("")
             );
             if restarts.len() >= RESTARTS_TRACKED_MAX && !restarts.contains_key(&key) {
-                restarts.clear();
+                // Forget one (not all: a copy past the threshold that is
+                // forgotten tells again at its next restart).
+                if let Some(k) = restarts.keys().next().cloned() {
+                    restarts.remove(&k);
+                }
             }
             let before = restarts.insert(key, n).unwrap_or(0);
             before < threshold && n >= threshold
@@ -187,8 +191,13 @@ async fn deliver(url: &str, body: String, metrics: &crate::metrics::Metrics) {
                 .post(&u)
                 .set("Content-Type", "application/json")
                 .send_string(&b)
-                .map(|_| ())
                 .map_err(|e| e.to_string())
+                .and_then(|r| match r.status() {
+                    200..=299 => Ok(()),
+                    // With no redirects followed, ureq hands a 3xx back
+                    // as an answer: it delivered nothing (found in review).
+                    s => Err(format!("answered {s} (redirects are not followed)")),
+                })
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));

@@ -119,6 +119,7 @@ fn failures_are_posted_once_by_one_node_and_retried() {
         vec!["--notify-webhook".into(), webhook.clone()]
     });
     wait_all_alive(&agents);
+    wait_streaming(&agents.iter().collect::<Vec<_>>());
 
     // A batch slot that fails for good, in a job with its own webhook.
     let job = format!(

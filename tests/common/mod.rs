@@ -322,6 +322,20 @@ pub fn wait_all_alive(agents: &[Agent]) {
     });
 }
 
+/// Waits until every agent of `agents` derives events (it caught up with
+/// the cluster: what it learns before is history, not news).
+pub fn wait_streaming(agents: &[&Agent]) {
+    wait_until("every agent streams events", || {
+        agents.iter().all(|a| {
+            a.request("GET", "/v1/stats")
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<serde_json::Value>().ok())
+                .is_some_and(|v| v["events"]["streaming"] == true)
+        })
+    });
+}
+
 /// Starts `n` agents: the first bootstraps, the others join it.
 pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
     cluster_with(root, n, |_| Vec::new())
