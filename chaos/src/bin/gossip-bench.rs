@@ -104,6 +104,32 @@ fn payload_sent(agent: &Agent) -> u64 {
         .unwrap_or(0)
 }
 
+/// Frame payload bytes `agent` sent, by service (gossip, probe, rpc), from
+/// its `/metrics`.
+fn sent_by_service(agent: &Agent) -> [u64; 3] {
+    let text = ureq::get(&format!("{}/metrics", agent.http))
+        .set("Authorization", &format!("Bearer {}", agent.http_token))
+        .timeout(Duration::from_secs(10))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    let of = |service: &str| {
+        let head = format!(
+            "shoal_transport_service_bytes_total{{service=\"{service}\",direction=\"sent\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(head.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    [of("gossip"), of("probe"), of("rpc")]
+}
+
+fn sum3(a: [u64; 3], b: [u64; 3]) -> [u64; 3] {
+    [a[0] + b[0], a[1] + b[1], a[2] + b[2]]
+}
+
 /// Opens `agent`'s event stream from now, filtered to `job`; the arrival
 /// time of its first event comes on the channel.
 fn watch(agent: &Agent, job: &str, tx: mpsc::Sender<Instant>) -> Result<()> {
@@ -127,8 +153,8 @@ fn watch(agent: &Agent, job: &str, tx: mpsc::Sender<Instant>) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    println!("| nodes | wire KB/s per node | frame payload KB/s per node | CPU per agent | a change reaches every node p50 / p99 / max |");
-    println!("|---|---|---|---|---|");
+    println!("| nodes | wire KB/s per node | frame payload KB/s per node | of which gossip / probe / rpc | CPU per agent | a change reaches every node p50 / p99 / max |");
+    println!("|---|---|---|---|---|---|");
     for &n in &args.sizes {
         let root = tempfile::tempdir()?;
         let agents = start_cluster(root.path(), n, &["--dns", "off", "--ingress", "false"])
@@ -153,6 +179,7 @@ fn main() -> Result<()> {
         let wire = WireCounter::new(&ports);
         let w0 = wire.as_ref().map(WireCounter::bytes);
         let p0: u64 = agents.iter().map(payload_sent).sum();
+        let s0 = agents.iter().map(sent_by_service).fold([0; 3], sum3);
         let c0: Vec<f64> = agents.iter().map(|a| cpu_s(a.pid)).collect();
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(args.measure));
@@ -163,6 +190,15 @@ fn main() -> Result<()> {
             .map(|(w, w0)| (w.bytes() - w0) as f64 / 1024.0 / secs / n as f64);
         let payload_kbs =
             (agents.iter().map(payload_sent).sum::<u64>() - p0) as f64 / 1024.0 / secs / n as f64;
+        let s1 = agents.iter().map(sent_by_service).fold([0; 3], sum3);
+        let split: Vec<String> = (0..3)
+            .map(|i| {
+                format!(
+                    "{:.1}",
+                    s1[i].saturating_sub(s0[i]) as f64 / 1024.0 / secs / n as f64
+                )
+            })
+            .collect();
         let cpu: f64 = agents
             .iter()
             .zip(&c0)
@@ -200,8 +236,9 @@ fn main() -> Result<()> {
             format!("{} of {n} nodes within 30 s", took.len())
         };
         println!(
-            "| {n} | {} | {payload_kbs:.1} | {cpu:.1}% | {spread} |",
-            wire_kbs.map_or("n/a".to_string(), |w| format!("{w:.1}"))
+            "| {n} | {} | {payload_kbs:.1} | {} | {cpu:.1}% | {spread} |",
+            wire_kbs.map_or("n/a".to_string(), |w| format!("{w:.1}")),
+            split.join(" / ")
         );
         drop(agents);
     }
