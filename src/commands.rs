@@ -1429,13 +1429,7 @@ fn next_event(
         std::thread::sleep(poll.min(Duration::from_millis(100)));
         return;
     };
-    let show = |e: crate::events::Event| {
-        if !bar.is_hidden() {
-            bar.println(event_line(&e));
-        } else {
-            eprintln!("{}", event_line(&e));
-        }
-    };
+    let show = |e: crate::events::Event| show_event(bar, &e);
     match rx.recv_timeout(poll) {
         Ok(e) => {
             show(e);
@@ -1464,11 +1458,17 @@ fn last_events(
     let Some(rx) = events else { return };
     let until = Instant::now() + Duration::from_secs(2);
     while let Ok(e) = rx.recv_timeout(quiet.min(until.saturating_duration_since(Instant::now()))) {
-        if !bar.is_hidden() {
-            bar.println(event_line(&e));
-        } else {
-            eprintln!("{}", event_line(&e));
-        }
+        show_event(bar, &e);
+    }
+}
+
+/// Prints a progress event on stderr, above the progress bar when one is
+/// drawn.
+fn show_event(bar: &indicatif::ProgressBar, e: &crate::events::Event) {
+    if bar.is_hidden() {
+        eprintln!("{}", event_line(e));
+    } else {
+        bar.println(event_line(e));
     }
 }
 

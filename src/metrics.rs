@@ -441,40 +441,42 @@ impl Collector for Local {
         ] {
             counter(&mut e, name, help, v)?;
         }
-        let services = || {
-            shoal_transport::SERVICES
-                .iter()
-                .zip(&t.by_service)
-                .filter(|(s, _)| **s != shoal_transport::Service::Test)
-        };
-        counter_family(
-            &mut e,
-            "transport_service_frames",
-            "Frames sent to and received from peers, by service (gossip, probe, rpc, join)",
-            services().flat_map(|(s, c)| {
-                [
-                    (
-                        vec![("service", s.as_str()), ("direction", "sent")],
-                        S::get(&c.frames_sent),
-                    ),
-                    (
-                        vec![("service", s.as_str()), ("direction", "received")],
-                        S::get(&c.frames_received),
-                    ),
-                ]
-            }),
-        )?;
-        counter_family(
-            &mut e,
-            "transport_service_bytes",
-            "Frame body bytes sent to and received from peers, by service (request answers in the totals only)",
-            services().flat_map(|(s, c)| {
-                [
-                    (vec![("service", s.as_str()), ("direction", "sent")], S::get(&c.bytes_sent)),
-                    (vec![("service", s.as_str()), ("direction", "received")], S::get(&c.bytes_received)),
-                ]
-            }),
-        )?;
+        // One family per measure, each with a sent and a received value
+        // per service (the test service is not a real one).
+        type Pair = fn(&shoal_transport::ServiceStats) -> (u64, u64);
+        let families: [(&str, &str, Pair); 2] = [
+            (
+                "transport_service_frames",
+                "Frames sent to and received from peers, by service (gossip, probe, rpc, join)",
+                |c| (S::get(&c.frames_sent), S::get(&c.frames_received)),
+            ),
+            (
+                "transport_service_bytes",
+                "Frame body bytes sent to and received from peers, by service (request answers in the totals only)",
+                |c| (S::get(&c.bytes_sent), S::get(&c.bytes_received)),
+            ),
+        ];
+        for (name, help, pair) in families {
+            counter_family(
+                &mut e,
+                name,
+                help,
+                shoal_transport::SERVICES
+                    .iter()
+                    .zip(&t.by_service)
+                    .filter(|(s, _)| **s != shoal_transport::Service::Test)
+                    .flat_map(|(s, c)| {
+                        let (sent, received) = pair(c);
+                        [
+                            (vec![("service", s.as_str()), ("direction", "sent")], sent),
+                            (
+                                vec![("service", s.as_str()), ("direction", "received")],
+                                received,
+                            ),
+                        ]
+                    }),
+            )?;
+        }
         let w = &self.swim;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         for (name, help, v) in [

@@ -25,6 +25,14 @@ fn scrape(agent: &Agent) -> (String, Scrape) {
     (kind, scrape)
 }
 
+/// The sum over `agents` of `metric` with exactly `labels`.
+fn total(agents: &[Agent], metric: &str, labels: &[(&str, &str)]) -> f64 {
+    agents
+        .iter()
+        .filter_map(|a| value(&scrape(a).1, metric, labels))
+        .sum()
+}
+
 /// The value of `metric` with exactly `labels`, if present.
 fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     s.samples
@@ -114,17 +122,11 @@ fn metrics_describe_the_node_in_the_prometheus_format() {
     let (code, body) = call(agents[0].request("POST", "/v1/jobs"), Some(once));
     assert_eq!(code, 200, "{body}");
     wait_until("a successful exit counted", || {
-        agents
-            .iter()
-            .filter_map(|a| {
-                value(
-                    &scrape(a).1,
-                    "shoal_instance_exits_total",
-                    &[("outcome", "success")],
-                )
-            })
-            .sum::<f64>()
-            == 1.0
+        total(
+            &agents,
+            "shoal_instance_exits_total",
+            &[("outcome", "success")],
+        ) == 1.0
     });
     assert!(
         value(&s, "shoal_swim_probes_total", &[]) > Some(0.0),
@@ -149,16 +151,10 @@ fn metrics_describe_the_node_in_the_prometheus_format() {
     let (code, body) = call(agents[0].request("POST", "/v1/jobs"), Some(bad));
     assert_eq!(code, 200, "{body}");
     wait_until("a driver error counted", || {
-        agents
-            .iter()
-            .filter_map(|a| {
-                value(
-                    &scrape(a).1,
-                    "shoal_driver_errors_total",
-                    &[("driver", "exec"), ("op", "start")],
-                )
-            })
-            .sum::<f64>()
-            >= 1.0
+        total(
+            &agents,
+            "shoal_driver_errors_total",
+            &[("driver", "exec"), ("op", "start")],
+        ) >= 1.0
     });
 }

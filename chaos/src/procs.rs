@@ -264,19 +264,39 @@ pub fn start_ranged_cluster(
             &["--port-range", &range(i)],
         )?);
     }
-    wait_for(
-        "the agents to see each other",
-        Duration::from_secs(300),
-        || {
-            agents.iter().all(|a| {
-                a.get("/v1/nodes").and_then(|v| {
-                    v.as_array()
-                        .map(|a| a.iter().filter(|m| m["state"] == "alive").count())
-                }) == Some(n)
-            })
-        },
-    )?;
+    wait_all_alive(&agents, Duration::from_secs(300))?;
     Ok(agents)
+}
+
+/// Waits until every agent of `agents` sees all of them alive.
+pub fn wait_all_alive(agents: &[Agent], limit: Duration) -> Result<Duration> {
+    let n = agents.len();
+    wait_for("the agents to see each other alive", limit, || {
+        agents.iter().all(|a| {
+            a.get("/v1/nodes").and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().filter(|m| m["state"] == "alive").count())
+            }) == Some(n)
+        })
+    })
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the command: state is field 0, utime 11, stime 12 (clock ticks).
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (tick(11) + tick(12)) / hz.max(1.0)
 }
 
 /// A directory under `root` that busybox httpd serves to tasks (`ok` in

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chaos::procs::{start_cluster, wait_for, Agent};
+use chaos::procs::{cpu_s, start_cluster, wait_all_alive, Agent};
 use chaos::stats::percentile;
 use clap::Parser;
 
@@ -32,23 +32,6 @@ struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 20)]
     measure: u64,
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (tick(11) + tick(12)) / hz.max(1.0)
 }
 
 const TABLE: &str = "shoal_gossip_bench";
@@ -159,18 +142,7 @@ fn main() -> Result<()> {
         let root = tempfile::tempdir()?;
         let agents = start_cluster(root.path(), n, &["--dns", "off", "--ingress", "false"])
             .with_context(|| format!("starting {n} agents"))?;
-        wait_for(
-            "every node sees every other alive",
-            Duration::from_secs(600),
-            || {
-                agents.iter().all(|a| {
-                    a.get("/v1/nodes").and_then(|v| {
-                        v.as_array()
-                            .map(|a| a.iter().filter(|m| m["state"] == "alive").count())
-                    }) == Some(n)
-                })
-            },
-        )?;
+        wait_all_alive(&agents, Duration::from_secs(600))?;
         std::thread::sleep(Duration::from_secs(args.settle));
         let ports: Vec<u16> = agents
             .iter()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chaos::procs::{rss_kib, wait_for, Agent};
+use chaos::procs::{cpu_s, rss_kib, wait_for, Agent};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -91,24 +91,6 @@ impl Streams {
         }
         self.lines.load(Ordering::Relaxed)
     }
-}
-
-/// CPU seconds (user + system) the process has used.
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // After the command: state is field 0, utime 11, stime 12 (clock ticks).
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (tick(11) + tick(12)) / hz.max(1.0)
 }
 
 fn scrape(agent: &Agent) -> Result<(Duration, usize)> {
