@@ -1124,6 +1124,33 @@ mod tests {
         assert!(diff(&s, &two, &s, &two).is_empty());
     }
 
+    #[test]
+    fn a_drain_seen_done_at_once_is_drained() {
+        let v = view(&[("n1", NodeState::Alive)]);
+        let drain = |done: bool, left: u32| -> crate::api::DrainView {
+            serde_json::from_value(serde_json::json!({
+                "since": "", "deadline": "", "deadline_in_s": 0, "keep_system": false,
+                "left": left, "system_left": 0, "done": done, "reachable": true, "hlc": "",
+            }))
+            .unwrap()
+        };
+        let with = |d: Option<crate::api::DrainView>| {
+            let mut s = snap(&[], &[]);
+            s.node_settings.insert("n2".into(), (false, d, false));
+            s
+        };
+        let none = snap(&[], &[]);
+        // Done by the first snapshot that shows it (an empty node).
+        assert_eq!(kinds(&diff(&none, &v, &with(Some(drain(true, 0))), &v)), ["node.drained"]);
+        // Started, then done.
+        let started = with(Some(drain(false, 2)));
+        assert_eq!(kinds(&diff(&none, &v, &started, &v)), ["node.draining"]);
+        assert_eq!(
+            kinds(&diff(&started, &v, &with(Some(drain(true, 0))), &v)),
+            ["node.drained"]
+        );
+    }
+
     fn change(i: u32) -> Change {
         Change::job("job.updated", "web", None, format!("change {i}"))
     }

@@ -142,6 +142,20 @@ fn events_of_the_whole_cluster_reach_every_node_and_resume_without_gaps() {
         cursors(&kept(&agents[1], Some(&all[mid].cursor)))[..all.len() - mid - 1],
         cursors(&all[mid + 1..])[..]
     );
+    // A browser resuming sends the last id it saw: that wins over the
+    // `since=now` of the URL it reconnects to.
+    let text = agents[1]
+        .request("GET", "/v1/events?since=now&follow=false")
+        .set("Last-Event-ID", &all[mid].cursor)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let resumed: Vec<Event> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        cursors(&resumed)[..all.len() - mid - 1],
+        cursors(&all[mid + 1..])[..]
+    );
     // A cursor of another run of the agent starts with `lost`; a bad one
     // is refused with what to give.
     let foreign = format!("{:08x}-1", 0x5eed_u32);

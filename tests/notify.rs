@@ -14,14 +14,15 @@ use common::*;
 use serde_json::Value;
 
 /// A webhook receiver on loopback: every POST's path and JSON body. It
-/// answers 503 to the first `fail_first` requests, then 200.
+/// answers the first requests with `fail_first` (status lines, in order),
+/// then 200.
 struct Hook {
     url: String,
     got: Arc<Mutex<Vec<(String, Value)>>>,
 }
 
 impl Hook {
-    fn start(fail_first: usize) -> Hook {
+    fn start(fail_first: &'static [&'static str]) -> Hook {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -53,9 +54,9 @@ impl Hook {
                 if reader.read_exact(&mut body).is_err() {
                     continue;
                 }
-                let status = if failed < fail_first {
+                let status = if failed < fail_first.len() {
                     failed += 1;
-                    "503 Service Unavailable"
+                    fail_first[failed - 1]
                 } else {
                     seen.lock()
                         .unwrap()
@@ -64,7 +65,7 @@ impl Hook {
                 };
                 let _ = write!(
                     stream,
-                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    "HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
             }
         });
@@ -111,8 +112,9 @@ fn counter(agent: &Agent, line_start: &str) -> f64 {
 
 #[test]
 fn failures_are_posted_once_by_one_node_and_retried() {
-    // The first delivery fails: it is retried.
-    let hook = Hook::start(1);
+    // The first delivery is refused, the next redirected (a redirect is
+    // not followed, so it delivered nothing): both are retried.
+    let hook = Hook::start(&["503 Service Unavailable", "301 Moved Permanently"]);
     let root = tempfile::tempdir().unwrap();
     let webhook = format!("{}/cluster", hook.url);
     let mut agents = cluster_with(root.path(), 3, |_| {
@@ -155,8 +157,8 @@ fn failures_are_posted_once_by_one_node_and_retried() {
         counter(
             sender_agent,
             "shoal_notifications_total{outcome=\"retried\"}"
-        ) >= 1.0,
-        "the first attempt was refused and retried"
+        ) >= 2.0,
+        "the refused and the redirected attempts were retried"
     );
     assert_eq!(
         counter(sender_agent, "shoal_notifications_total{outcome=\"sent\"}"),
