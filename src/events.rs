@@ -1141,7 +1141,10 @@ mod tests {
         };
         let none = snap(&[], &[]);
         // Done by the first snapshot that shows it (an empty node).
-        assert_eq!(kinds(&diff(&none, &v, &with(Some(drain(true, 0))), &v)), ["node.drained"]);
+        assert_eq!(
+            kinds(&diff(&none, &v, &with(Some(drain(true, 0))), &v)),
+            ["node.drained"]
+        );
         // Started, then done.
         let started = with(Some(drain(false, 2)));
         assert_eq!(kinds(&diff(&none, &v, &started, &v)), ["node.draining"]);

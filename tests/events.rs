@@ -151,7 +151,10 @@ fn events_of_the_whole_cluster_reach_every_node_and_resume_without_gaps() {
         .unwrap()
         .into_string()
         .unwrap();
-    let resumed: Vec<Event> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let resumed: Vec<Event> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(
         cursors(&resumed)[..all.len() - mid - 1],
         cursors(&all[mid + 1..])[..]
