@@ -21,6 +21,7 @@
 pub mod node;
 pub mod record;
 pub mod signed;
+pub mod spread;
 pub mod swim;
 
 #[cfg(feature = "runtime")]
