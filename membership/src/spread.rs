@@ -24,15 +24,17 @@
 //!   the version it holds, and gets the deltas.
 //! - **Sync** (anti-entropy). Each node sends one random peer its digest
 //!   (one version per run, in pages of [`SpreadConfig::digest_max`]) every
-//!   [`SpreadConfig::sync_per_node`] × N (at least `sync_min`): the digest
-//!   grows with N and the interval with it, so its cost per node per second
-//!   is flat. The peer answers with what the asker lacks and the list of
+//!   [`SpreadConfig::sync_per_node`] × the runs in a page (at least
+//!   `sync_min`): a page grows with N and the interval with it, so its cost
+//!   per node per second is flat. The peer answers with what the asker lacks and the list of
 //!   runs it is itself behind on, which the asker pushes. This repairs what
 //!   notes missed (a partition, a lost pull) and brings a joining node the
 //!   whole state; while a sync brings anything new it runs every `sync_min`.
 //!
-//! Nothing here checks signatures: the membership task reads only values
-//! the run signed (see [`crate::signed`]), as it did from chitchat.
+//! Nothing here checks signatures: a reader must believe only values the
+//! run signed (see [`crate::signed`]), as the membership task does of what
+//! chitchat carries. Not yet used by the agent (see ARCHITECTURE.md, "State
+//! gossip whose cost per node is flat").
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -731,21 +733,7 @@ impl Spread {
         }
         match msg {
             Msg::Notes(notes) => (None, self.on_notes(from, notes, now)),
-            Msg::Pull(wants) => {
-                let mut budget = self.config.message_bytes_max;
-                let mut deltas = Vec::new();
-                for (run, have) in wants {
-                    if let Some(state) = self.runs.get(&run) {
-                        if let Some(d) = state.delta(&run, have, &mut budget) {
-                            deltas.push(d);
-                        }
-                    }
-                    if budget == 0 {
-                        break;
-                    }
-                }
-                (Some(Reply::Deltas(deltas)), Vec::new())
-            }
+            Msg::Pull(wants) => (Some(Reply::Deltas(self.deltas_for(wants))), Vec::new()),
             Msg::Sync {
                 after,
                 last,
@@ -758,6 +746,26 @@ impl Spread {
                 (None, Vec::new())
             }
         }
+    }
+
+    /// What a peer holding each run at the given version lacks, within one
+    /// message.
+    fn deltas_for(&self, wants: Vec<(RunId, u64)>) -> Vec<Delta> {
+        let mut budget = self.config.message_bytes_max;
+        let mut deltas = Vec::new();
+        for (run, have) in wants {
+            if budget == 0 {
+                break;
+            }
+            if let Some(d) = self
+                .runs
+                .get(&run)
+                .and_then(|state| state.delta(&run, have, &mut budget))
+            {
+                deltas.push(d);
+            }
+        }
+        deltas
     }
 
     fn on_notes(&mut self, from: SocketAddr, notes: Vec<Note>, now: Instant) -> Vec<Action> {
@@ -869,18 +877,7 @@ impl Spread {
                 } else if self.cursor.is_none() {
                     self.catching_up = false;
                 }
-                let mut budget = self.config.message_bytes_max;
-                let mut push = Vec::new();
-                for (run, have) in behind {
-                    if let Some(state) = self.runs.get(&run) {
-                        if let Some(d) = state.delta(&run, have, &mut budget) {
-                            push.push(d);
-                        }
-                    }
-                    if budget == 0 {
-                        break;
-                    }
-                }
+                let push = self.deltas_for(behind);
                 if push.is_empty() {
                     Vec::new()
                 } else {
