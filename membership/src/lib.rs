@@ -11,6 +11,9 @@
 //! - [`record`]: node records, load, states, the view.
 //! - [`signed`]: the signed form of every value a node publishes, so that
 //!   a relay can pass a node's values on but not forge them.
+//! - [`spread`]: state gossip whose cost per node is flat in N, a pure state
+//!   machine with its simulator; not yet used by the agent (see
+//!   ARCHITECTURE.md).
 //! - [`swim`]: the failure detector, a pure state machine.
 //! - [`node`]: [`Membership`], the task that wires chitchat, SWIM and the
 //!   transport together and publishes the view (feature `runtime`, on by
