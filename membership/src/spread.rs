@@ -598,12 +598,8 @@ impl Spread {
     fn queue_note(&mut self, run: &RunId) {
         let version = self.version_of(run);
         let left = self.retransmits();
-        let q = self
-            .queue
-            .entry(run.clone())
-            .or_insert(Queued { version, left });
-        if q.version <= version {
-            *q = Queued { version, left };
+        if self.queue.get(run).is_none_or(|q| q.version <= version) {
+            self.queue.insert(run.clone(), Queued { version, left });
         }
     }
 
