@@ -1,11 +1,11 @@
-//! [`Membership`]: the task that runs chitchat gossip and the SWIM detector
-//! over a node's transport and publishes a [`MembershipView`].
+//! [`Membership`]: the task that runs state gossip ([`crate::spread`]) and
+//! the SWIM detector over a node's transport and publishes a
+//! [`MembershipView`].
 //!
-//! chitchat carries each node's record, load and incarnation (eventually
-//! consistent, anti-entropy); SWIM decides liveness. chitchat's own phi
-//! detector only steers whom chitchat gossips with. The chitchat handle
-//! (an `Arc<Mutex<..>>`) never leaves this task: callers talk to it by
-//! [`Command`]s and read the view from a `watch` channel.
+//! Gossip carries each node's signed record, load, incarnation and
+//! application keys; SWIM decides liveness and whom gossip talks to. The
+//! state never leaves this task: callers talk to it by [`Command`]s and
+//! read the view from a `watch` channel.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
-use shoal_transport::gossip::{GossipTransport, Liveness, Run, Verdict};
+use shoal_transport::gossip::{Run, Verdict};
 use shoal_transport::sign::{PublicKey, Signer, CERT_LEN_MAX};
 use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::record::{AppState, Load, Member, MembershipView, NodeRecord, NodeState};
 use crate::signed::{self, Origin, CERT_KEY};
+use crate::spread::{self, RunId, Spread, SpreadConfig};
 use crate::swim::{Action, ProbeMsg, ProbeOutcome, ProbeReply, Swim, SwimConfig};
 
 const KEY_RECORD: &str = "record";
@@ -31,7 +31,7 @@ const KEY_STATUS: &str = "status";
 /// Prefix of application keys in gossip.
 const APP_PREFIX: &str = "app/";
 
-/// Longest application value, bytes: chitchat sends a key-value pair whole,
+/// Longest application value, bytes: gossip sends a key-value pair whole,
 /// so it must fit in one gossip message (64 KiB) with room to spare.
 pub const APP_VALUE_LEN_MAX: usize = 48 * 1024;
 
@@ -42,7 +42,7 @@ const GOSSIP_VALUE_LEN_MAX: usize = 16 * 1024;
 /// bounded number (see `shoal_core::gossip`), far below this.
 const PEER_KEYS_MAX: usize = 16 * 1024;
 
-/// Most node states remembered as failing verification (at their chitchat
+/// Most node states remembered as failing verification (at their gossip
 /// version, so as not to check them again every sync until they change).
 const REJECTED_MAX: usize = 1024;
 
@@ -59,7 +59,7 @@ const CERTS_TTL: Duration = Duration::from_secs(60);
 /// the finished runs are forgotten first.
 const RUNS_MAX: usize = 64 * 1024;
 
-/// How long a finished run is remembered (longer than chitchat keeps a
+/// How long a finished run is remembered (longer than gossip keeps a
 /// dead node's state, SWIM's dead retention by default).
 const RUNS_KEPT: Duration = Duration::from_secs(3600);
 
@@ -72,12 +72,9 @@ const REFUSED_KEYS_MAX: usize = 1024;
 pub struct MembershipConfig {
     /// Failure detector settings.
     pub swim: SwimConfig,
-    /// chitchat gossip period. Records and load change rarely and liveness
-    /// does not depend on it, so it can be slower than chitchat's own
-    /// failure detector would want; every digest lists every node, so this
-    /// interval sets gossip bandwidth.
-    pub gossip_interval: Duration,
-    /// Cluster id; chitchat drops gossip from other ids.
+    /// State gossip settings (see [`crate::spread`]).
+    pub spread: SpreadConfig,
+    /// Cluster id (the cluster's CA is what keeps clusters apart).
     pub cluster_id: String,
     /// Seed addresses to join through.
     pub seeds: Vec<SocketAddr>,
@@ -93,7 +90,7 @@ impl Default for MembershipConfig {
     fn default() -> Self {
         MembershipConfig {
             swim: SwimConfig::lan(),
-            gossip_interval: Duration::from_millis(500),
+            spread: SpreadConfig::default(),
             cluster_id: "shoal".into(),
             seeds: Vec::new(),
             sync_interval: Duration::from_millis(100),
@@ -165,23 +162,6 @@ impl Membership {
         let probe_rx = take_inbox(inbox, Service::Probe)
             .ok_or_else(|| MembershipError::Gossip("probe queue already taken".into()))?;
         let addr = record.address;
-        let chitchat_config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(record.name.clone(), generation, addr),
-            cluster_id: config.cluster_id.clone(),
-            gossip_interval: config.gossip_interval,
-            listen_addr: transport.local_addr(),
-            seed_nodes: config.seeds.iter().map(|s| s.to_string()).collect(),
-            failure_detector_config: FailureDetectorConfig {
-                // Only steers gossip targets; prior equal to the gossip
-                // interval so that a new peer is not presumed dead for seconds.
-                initial_interval: config.gossip_interval,
-                dead_node_grace_period: config.swim.dead_retention,
-                ..FailureDetectorConfig::default()
-            },
-            marked_for_deletion_grace_period: Duration::from_secs(3600),
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-        };
         let record_json = serde_json::to_string(&record).expect("record encodes");
         let origin = Origin {
             name: &record.name,
@@ -210,18 +190,22 @@ impl Membership {
                 sign_value(&signer, origin, key, seq, Some(&value)),
             ));
         }
-        let liveness = Liveness::default();
-        let gossip_transport =
-            GossipTransport::with_liveness(transport.clone(), gossip_rx, liveness.clone());
-        let chitchat = spawn_chitchat(chitchat_config, initial, &gossip_transport)
-            .await
-            .map_err(|e| MembershipError::Gossip(e.to_string()))?;
         let seed = generation
             ^ record
                 .name
                 .bytes()
                 .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         let swim = Swim::new(config.swim.clone(), &record.name, generation, addr, seed);
+        let me = RunId {
+            name: Arc::from(record.name.as_str()),
+            generation,
+            addr,
+        };
+        let mut spread = Spread::new(config.spread.clone(), me, seed, Instant::now());
+        for (key, text) in &initial {
+            spread.set(key, text);
+        }
+        let (replies_tx, replies_rx) = mpsc::channel(QUEUE_LEN);
         let (view_tx, view) = watch::channel(MembershipView::default());
         let (cmd, cmd_rx) = mpsc::channel(64);
         let (load_tx, load_rx) = watch::channel(Load::default());
@@ -232,7 +216,8 @@ impl Membership {
             stats: stats.clone(),
             transport,
             swim,
-            chitchat,
+            spread,
+            replies_tx,
             record,
             generation,
             signer,
@@ -241,7 +226,6 @@ impl Membership {
             rejected: HashMap::new(),
             certs: HashMap::new(),
             certs_since: Instant::now(),
-            liveness,
             runs: HashMap::new(),
             runs_at: None,
             load: Load::default(),
@@ -255,7 +239,15 @@ impl Membership {
             results_tx,
             config,
         };
-        tokio::spawn(actor.run(probe_rx, results_rx, cmd_rx, load_rx, app_rx));
+        tokio::spawn(actor.run(Inboxes {
+            probe: probe_rx,
+            gossip: gossip_rx,
+            results: results_rx,
+            replies: replies_rx,
+            cmd: cmd_rx,
+            load: load_rx,
+            app: app_rx,
+        }));
         Ok(Membership {
             cmd,
             view,
@@ -311,12 +303,12 @@ impl Membership {
 struct Peer {
     generation: u64,
     addr: SocketAddr,
-    /// chitchat's max version of the node when last read: unchanged means
+    /// the gossiped max version of the node when last read: unchanged means
     /// nothing to read again.
     seen_version: u64,
     /// The key of the peer's certificate, once one was checked.
     key: Option<PublicKey>,
-    /// Per key read: the chitchat version last read (so a value is checked
+    /// Per key read: the gossip version last read (so a value is checked
     /// once) and the highest write counter accepted (so no relay rolls it
     /// back).
     versions: std::collections::BTreeMap<String, (u64, u64)>,
@@ -327,7 +319,7 @@ struct Peer {
     left: bool,
     load: Load,
     app: AppState,
-    /// Keys whose value failed verification, at the chitchat version
+    /// Keys whose value failed verification, at the gossip version
     /// checked (not checked again until it changes). Kept apart from
     /// `versions` so that they do not count toward [`PEER_KEYS_MAX`]; at
     /// most [`REFUSED_KEYS_MAX`].
@@ -380,10 +372,24 @@ fn read_key(key: &str) -> bool {
     ) || key.starts_with(APP_PREFIX)
 }
 
+/// What the membership task reads from.
+struct Inboxes {
+    probe: mpsc::Receiver<Incoming>,
+    gossip: mpsc::Receiver<Incoming>,
+    results: mpsc::Receiver<(u64, ProbeOutcome)>,
+    replies: mpsc::Receiver<(SocketAddr, spread::Reply)>,
+    cmd: mpsc::Receiver<Command>,
+    load: watch::Receiver<Load>,
+    app: watch::Receiver<AppValues>,
+}
+
 struct Actor<T: Transport> {
     transport: T,
     swim: Swim,
-    chitchat: ChitchatHandle,
+    /// Every node's signed values, as gossiped (unverified: see `peers`).
+    spread: Spread,
+    /// Answers to the state gossip's requests.
+    replies_tx: mpsc::Sender<(SocketAddr, spread::Reply)>,
     record: NodeRecord,
     generation: u64,
     /// Signs every value this node publishes.
@@ -392,7 +398,7 @@ struct Actor<T: Transport> {
     signer_epoch: u64,
     /// This node's writes so far (the counter in each signed value).
     seq: u64,
-    /// Node states that failed verification, at the chitchat version
+    /// Node states that failed verification, at the gossip version
     /// checked: (name, generation, address) -> max version.
     rejected: HashMap<(String, u64, SocketAddr), u64>,
     /// Certificates checked, by (name, published text): the key, or why
@@ -404,9 +410,6 @@ struct Actor<T: Transport> {
     /// When `certs` was last emptied: at least every [`CERTS_TTL`], so that
     /// a certificate that expired stops verifying.
     certs_since: Instant,
-    /// Shared with the gossip adapter, which makes chitchat's heartbeats
-    /// follow these verdicts (see `shoal_transport::gossip`).
-    liveness: Liveness,
     /// Per node name (this node's included): the newest run known, and
     /// since when it is not live. Names SWIM forgot stay, not live, for
     /// [`RUNS_KEPT`], so that a replay of a finished run is not believed
@@ -416,7 +419,7 @@ struct Actor<T: Transport> {
     runs_at: Option<u64>,
     load: Load,
     app: AppState,
-    /// The application keys as set in chitchat.
+    /// The application keys as published in gossip.
     app_published: std::collections::BTreeMap<String, String>,
     left: bool,
     published_incarnation: u64,
@@ -566,19 +569,21 @@ fn read_values(
 }
 
 impl<T: Transport> Actor<T> {
-    async fn run(
-        mut self,
-        mut probe_rx: mpsc::Receiver<Incoming>,
-        mut results_rx: mpsc::Receiver<(u64, ProbeOutcome)>,
-        mut cmd_rx: mpsc::Receiver<Command>,
-        mut load_rx: watch::Receiver<Load>,
-        mut app_rx: watch::Receiver<AppValues>,
-    ) {
+    async fn run(mut self, inboxes: Inboxes) {
+        let Inboxes {
+            probe: mut probe_rx,
+            gossip: mut gossip_rx,
+            results: mut results_rx,
+            replies: mut replies_rx,
+            cmd: mut cmd_rx,
+            load: mut load_rx,
+            app: mut app_rx,
+        } = inboxes;
         let mut tick = tokio::time::interval(self.config.tick_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sync = tokio::time::interval(self.config.sync_interval);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        self.sync_from_gossip().await;
+        self.sync_from_gossip();
         loop {
             tokio::select! {
                 t = tick.tick() => {
@@ -587,13 +592,21 @@ impl<T: Transport> Actor<T> {
                     self.swim.note_lag(now.saturating_duration_since(t.into_std()), now);
                     let actions = self.swim.tick(now);
                     self.execute(actions);
-                    self.publish_incarnation().await;
-                    self.publish_certificate().await;
+                    self.publish_incarnation();
+                    self.publish_certificate();
+                    self.spread_tick(now);
                     self.publish_view();
                 }
                 _ = sync.tick() => {
-                    self.sync_from_gossip().await;
+                    self.sync_from_gossip();
                     self.publish_view();
+                }
+                Some(msg) = gossip_rx.recv() => {
+                    self.on_gossip_message(msg);
+                }
+                Some((from, reply)) = replies_rx.recv() => {
+                    let actions = self.spread.on_reply(from, reply, Instant::now());
+                    self.execute_spread(actions);
                 }
                 Some(msg) = probe_rx.recv() => {
                     self.on_probe_message(msg);
@@ -608,12 +621,12 @@ impl<T: Transport> Actor<T> {
                     let load = *load_rx.borrow_and_update();
                     self.load = load;
                     let json = serde_json::to_string(&load).unwrap_or_default();
-                    self.set_signed(vec![(KEY_LOAD.to_string(), Some(json))]).await;
+                    self.set_signed(vec![(KEY_LOAD.to_string(), Some(json))]);
                     self.publish_view();
                 }
                 Ok(()) = app_rx.changed() => {
                     let wanted = app_rx.borrow_and_update().clone();
-                    self.set_app(&wanted).await;
+                    self.set_app(&wanted);
                     self.publish_view();
                 }
                 cmd = cmd_rx.recv() => match cmd {
@@ -626,12 +639,72 @@ impl<T: Transport> Actor<T> {
                 },
             }
         }
-        let _ = self.chitchat.shutdown().await;
     }
 
-    /// Makes chitchat's application keys equal `wanted`: deletes the keys
+    /// The state gossip's timers: its peers are the members SWIM holds
+    /// alive or suspect (the seeds while there are none).
+    fn spread_tick(&mut self, now: Instant) {
+        let mut live: Vec<SocketAddr> = self
+            .swim
+            .members()
+            .filter(|m| matches!(m.state, NodeState::Alive | NodeState::Suspect))
+            .map(|m| m.addr)
+            .collect();
+        if live.is_empty() {
+            live = self.config.seeds.clone();
+        }
+        let actions = self.spread.tick(now, &live);
+        self.execute_spread(actions);
+    }
+
+    fn execute_spread(&self, actions: Vec<spread::Action>) {
+        for action in actions {
+            match action {
+                spread::Action::Send { to, msg } => {
+                    let Ok(body) = postcard::to_stdvec(&msg) else {
+                        continue;
+                    };
+                    let t = self.transport.clone();
+                    tokio::spawn(async move { t.send(to, Service::Gossip, body).await });
+                }
+                spread::Action::Request { to, msg } => {
+                    let Ok(body) = postcard::to_stdvec(&msg) else {
+                        continue;
+                    };
+                    let t = self.transport.clone();
+                    let replies = self.replies_tx.clone();
+                    let timeout = self.spread.config().pull_timeout;
+                    tokio::spawn(async move {
+                        if let Ok(bytes) = t.request(to, Service::Gossip, body, timeout).await {
+                            if let Ok(reply) = postcard::from_bytes::<spread::Reply>(&bytes) {
+                                // Full queue: the answer is dropped; notes
+                                // and anti-entropy ask again.
+                                let _ = replies.try_send((to, reply));
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_gossip_message(&mut self, msg: Incoming) {
+        let Ok(m) = postcard::from_bytes::<spread::Msg>(&msg.body) else {
+            debug!(from = %msg.from, "dropped undecodable gossip message");
+            return;
+        };
+        let (reply, actions) = self.spread.on_message(msg.from, m, Instant::now());
+        if let (Some(r), Some(reply)) = (msg.reply, reply) {
+            if let Ok(body) = postcard::to_stdvec(&reply) {
+                r.respond(body);
+            }
+        }
+        self.execute_spread(actions);
+    }
+
+    /// Makes the published application keys equal `wanted`: deletes the keys
     /// it lacks, sets those that differ.
-    async fn set_app(&mut self, wanted: &std::collections::BTreeMap<String, String>) {
+    fn set_app(&mut self, wanted: &std::collections::BTreeMap<String, String>) {
         let stale: Vec<String> = self
             .app_published
             .keys()
@@ -646,8 +719,8 @@ impl<T: Transport> Actor<T> {
         if stale.is_empty() && changed.is_empty() {
             return;
         }
-        // A key is never deleted in chitchat, whose deletions carry no
-        // signature: it is written as signed-absent (see `crate::signed`).
+        // A key is never deleted: it is written as signed-absent (see
+        // `crate::signed`), so that a relay cannot bring it back.
         let writes = stale
             .iter()
             .map(|k| (format!("{APP_PREFIX}{k}"), None))
@@ -657,7 +730,7 @@ impl<T: Transport> Actor<T> {
                     .map(|(k, v)| (format!("{APP_PREFIX}{k}"), Some(v.clone()))),
             )
             .collect();
-        self.set_signed(writes).await;
+        self.set_signed(writes);
         let app = Arc::make_mut(&mut self.app);
         for k in stale {
             app.remove(&k);
@@ -671,7 +744,7 @@ impl<T: Transport> Actor<T> {
 
     /// Publishes `writes` (key, value or `None` for absent), each signed
     /// as this node's next write.
-    async fn set_signed(&mut self, writes: Vec<(String, Option<String>)>) {
+    fn set_signed(&mut self, writes: Vec<(String, Option<String>)>) {
         let origin = Origin {
             name: &self.record.name,
             generation: self.generation,
@@ -684,19 +757,14 @@ impl<T: Transport> Actor<T> {
             let text = sign_value(&self.signer, origin, &key, self.seq, value.as_deref());
             texts.push((key, text));
         }
-        self.chitchat
-            .with_chitchat(|c| {
-                let state = c.self_node_state();
-                for (k, v) in &texts {
-                    state.set(k, v);
-                }
-            })
-            .await;
+        for (k, v) in &texts {
+            self.spread.set(k, v);
+        }
     }
 
     /// Publishes this node's certificate again when it was renewed or
     /// re-issued by a CA rotation (same key: what it signed stays valid).
-    async fn publish_certificate(&mut self) {
+    fn publish_certificate(&mut self) {
         let epoch = self.signer.epoch();
         if epoch == self.signer_epoch {
             return;
@@ -707,9 +775,7 @@ impl<T: Transport> Actor<T> {
         self.rejected.clear();
         self.certs.clear();
         let cert = signed::encode_cert(&self.signer.certificate());
-        self.chitchat
-            .with_chitchat(|c| c.self_node_state().set(CERT_KEY, &cert))
-            .await;
+        self.spread.set(CERT_KEY, &cert);
     }
 
     async fn leave(&mut self) {
@@ -717,8 +783,7 @@ impl<T: Transport> Actor<T> {
             return;
         }
         self.left = true;
-        self.set_signed(vec![(KEY_STATUS.to_string(), Some("left".to_string()))])
-            .await;
+        self.set_signed(vec![(KEY_STATUS.to_string(), Some("left".to_string()))]);
         let (to, update) = self.swim.leave();
         let body = postcard::to_stdvec(&ProbeMsg::Updates(vec![update])).expect("encodes");
         let mut tasks = Vec::new();
@@ -736,12 +801,11 @@ impl<T: Transport> Actor<T> {
         info!("left the cluster");
     }
 
-    async fn publish_incarnation(&mut self) {
+    fn publish_incarnation(&mut self) {
         let inc = self.swim.incarnation();
         if inc != self.published_incarnation {
             self.published_incarnation = inc;
-            self.set_signed(vec![(KEY_INCARNATION.to_string(), Some(inc.to_string()))])
-                .await;
+            self.set_signed(vec![(KEY_INCARNATION.to_string(), Some(inc.to_string()))]);
             self.stats.refutations.fetch_add(1, Ordering::Relaxed);
             warn!(incarnation = inc, "refuted a suspicion of this node");
         }
@@ -904,14 +968,14 @@ impl<T: Transport> Actor<T> {
         }
     }
 
-    async fn sync_from_gossip(&mut self) {
-        /// What changed in one chitchat node state since the last read.
+    fn sync_from_gossip(&mut self) {
+        /// What changed in one gossiped run since the last read.
         struct Seen {
             name: String,
             generation: u64,
             addr: SocketAddr,
             max_version: u64,
-            /// Keys whose chitchat version differs from the one last read:
+            /// Keys whose gossip version differs from the one last read:
             /// (key, version, text).
             values: Vec<(String, u64, String)>,
             /// The state is the one held and did not change.
@@ -926,28 +990,28 @@ impl<T: Transport> Actor<T> {
         let rejected = &self.rejected;
         let runs = &self.runs;
         let mut all: Vec<Seen> = Vec::new();
-        self.chitchat
-            .with_chitchat(|c| {
-                for (id, state) in c.node_states() {
-                    let name = &*id.node_id;
+        {
+            {
+                for (id, state) in self.spread.runs() {
+                    let name = &*id.name;
                     if *name == *me {
                         continue;
                     }
-                    let addr = id.gossip_advertise_addr;
+                    let addr = id.addr;
                     let held = peers.get(name);
                     // An older run than the one believed is history, and
                     // the believed run at another address is not what the
                     // node signed: neither is read (nor copied) again.
                     if held.is_some_and(|p| {
-                        id.generation_id < p.generation
-                            || (id.generation_id == p.generation && addr != p.addr)
+                        id.generation < p.generation
+                            || (id.generation == p.generation && addr != p.addr)
                     }) {
                         continue;
                     }
-                    let held = held.filter(|p| p.generation == id.generation_id && p.addr == addr);
+                    let held = held.filter(|p| p.generation == id.generation && p.addr == addr);
                     if held.is_none()
-                        && rejected.get(&(name.to_string(), id.generation_id, addr))
-                            == Some(&state.max_version())
+                        && rejected.get(&(name.to_string(), id.generation, addr))
+                            == Some(&state.max_version)
                     {
                         continue;
                     }
@@ -955,40 +1019,40 @@ impl<T: Transport> Actor<T> {
                     // or forgotten) is not brought back by a relay
                     // replaying its state.
                     if held.is_none()
-                        && runs.get(name).is_some_and(|(r, _)| {
-                            r.verdict(id.generation_id, addr) == Verdict::Over
-                        })
+                        && runs
+                            .get(name)
+                            .is_some_and(|(r, _)| r.verdict(id.generation, addr) == Verdict::Over)
                     {
                         continue;
                     }
-                    let unchanged = held.is_some_and(|p| p.seen_version == state.max_version());
+                    let unchanged = held.is_some_and(|p| p.seen_version == state.max_version);
                     let values = if unchanged {
                         Vec::new()
                     } else {
                         state
-                            .iter_prefix("")
-                            .filter(|(k, v)| {
+                            .iter()
+                            .filter(|(k, version, _)| {
                                 read_key(k)
                                     && held.is_none_or(|p| {
-                                        p.versions.get(*k).map(|(ver, _)| *ver) != Some(v.version)
-                                            && p.refused.get(*k) != Some(&v.version)
+                                        p.versions.get(*k).map(|(ver, _)| *ver) != Some(*version)
+                                            && p.refused.get(*k) != Some(version)
                                     })
                             })
                             .take(PEER_KEYS_MAX)
-                            .map(|(k, v)| (k.to_string(), v.version, v.value.clone()))
+                            .map(|(k, version, text)| (k.to_string(), version, text.to_string()))
                             .collect()
                     };
                     all.push(Seen {
                         name: name.to_string(),
-                        generation: id.generation_id,
+                        generation: id.generation,
                         addr,
-                        max_version: state.max_version(),
+                        max_version: state.max_version,
                         values,
                         unchanged,
                     });
                 }
-            })
-            .await;
+            }
+        }
         // Older runs first, so that a node's newest verified run wins.
         all.sort_by_key(|s| s.generation);
         let mut present = std::collections::HashSet::new();
@@ -1039,9 +1103,10 @@ impl<T: Transport> Actor<T> {
                     .insert((seen.name, seen.generation, seen.addr), seen.max_version);
             }
         }
-        // A node chitchat no longer lists is forgotten (SWIM keeps its
+        // A node gossip no longer holds is forgotten (SWIM keeps its
         // verdict for its retention period).
         self.peers.retain(|name, _| present.contains(name));
+        self.forget_runs();
         let now = Instant::now();
         for (name, peer) in &self.peers {
             self.swim.observe(
@@ -1055,8 +1120,7 @@ impl<T: Transport> Actor<T> {
         }
     }
 
-    /// Shares SWIM's verdicts on each node's runs with the gossip adapter
-    /// (see `runs`), when they changed.
+    /// Keeps `runs` (SWIM's verdict on each node's runs) up to date.
     fn share_liveness(&mut self) {
         // SWIM counts every change of a member, removals included.
         let at = self.swim.changes();
@@ -1118,12 +1182,31 @@ impl<T: Transport> Actor<T> {
         if self.runs.len() > RUNS_MAX {
             self.runs.retain(|_, (run, _)| run.live);
         }
-        self.liveness.set(Arc::new(
-            self.runs
-                .iter()
-                .map(|(n, (r, _))| (n.clone(), *r))
-                .collect(),
-        ));
+    }
+
+    /// Forgets the gossiped state of runs that are over: superseded at
+    /// once, dead or left after SWIM's retention (the same time SWIM keeps
+    /// their verdict).
+    fn forget_runs(&mut self) {
+        let now = Instant::now();
+        let retention = self.config.swim.dead_retention;
+        let over: Vec<RunId> = self
+            .spread
+            .runs()
+            .map(|(r, _)| r)
+            .filter(|r| {
+                self.runs.get(&*r.name).is_some_and(|(run, since)| {
+                    run.verdict(r.generation, r.addr) == Verdict::Over
+                        && (run.generation != r.generation
+                            || run.addr != r.addr
+                            || since.is_some_and(|t| now.saturating_duration_since(t) >= retention))
+                })
+            })
+            .cloned()
+            .collect();
+        for r in over {
+            self.spread.forget(&r);
+        }
     }
 
     fn publish_view(&mut self) {
