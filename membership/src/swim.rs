@@ -898,9 +898,20 @@ impl Swim {
             }
             Phase::Revive => {
                 // An answer from a dead member: the ping told it how we see
-                // it, so it refutes with a higher incarnation and everyone
-                // takes it back. Nothing to do here.
+                // it, so it refuted, and its ack carries the higher
+                // incarnation. Take it back here at once: its refutation's
+                // broadcast goes only to the members it holds alive, so
+                // after a partition in which each side held the other dead
+                // nothing else would carry it across (found by chaos seed
+                // 42 once state gossip stopped running with dead members;
+                // `a_partition_both_sides_hold_dead_heals_by_swim_alone`,
+                // seed 0). The rest of this side hears it from the member's
+                // signed state, which gossip now carries again.
                 self.probes.remove(&probe);
+                if matches!(outcome, ProbeOutcome::Ack { generation, .. } if generation == p.generation)
+                {
+                    self.acked(&p.target, outcome, now);
+                }
             }
         }
         actions

@@ -19,6 +19,8 @@ enum Ev {
         msg: ProbeMsg,
         deadline: Instant,
         back_hops: u32,
+        /// Who sent it: the owner, or the relay of a ping-req.
+        via: usize,
     },
     /// A ping-req reaches the relay.
     PingReq {
@@ -34,6 +36,7 @@ enum Ev {
         outcome: ProbeOutcome,
     },
     Updates {
+        from: usize,
         to: usize,
         updates: Vec<Update>,
     },
@@ -55,6 +58,8 @@ struct Sim {
     slow: Vec<Duration>,
     /// Messages sent: pings, ping-reqs and broadcast deliveries.
     sent: u64,
+    /// Each node's side of a partition: messages between sides are lost.
+    side: Vec<u8>,
 }
 
 impl Sim {
@@ -88,6 +93,7 @@ impl Sim {
             loss,
             slow: vec![Duration::ZERO; n],
             sent: 0,
+            side: vec![0; n],
         };
         for i in 0..n {
             sim.join_all(i);
@@ -157,6 +163,7 @@ impl Sim {
                             msg,
                             deadline,
                             back_hops: 1,
+                            via: node,
                         },
                     );
                 }
@@ -191,6 +198,7 @@ impl Sim {
                         self.at(
                             d,
                             Ev::Updates {
+                                from: node,
                                 to,
                                 updates: updates.clone(),
                             },
@@ -235,8 +243,9 @@ impl Sim {
                 msg,
                 deadline,
                 back_hops,
+                via,
             } => {
-                if !self.up[to] {
+                if !self.up[to] || self.side[to] != self.side[via] {
                     self.fail_at(owner, probe, deadline);
                     return true;
                 }
@@ -281,7 +290,7 @@ impl Sim {
                 target,
                 deadline,
             } => {
-                if !self.up[relay] {
+                if !self.up[relay] || self.side[relay] != self.side[owner] {
                     self.fail_at(owner, probe, deadline);
                     return true;
                 }
@@ -300,6 +309,7 @@ impl Sim {
                         msg,
                         deadline,
                         back_hops: 2,
+                        via: relay,
                     },
                 );
             }
@@ -313,8 +323,8 @@ impl Sim {
                     self.run_actions(node, actions);
                 }
             }
-            Ev::Updates { to, updates } => {
-                if self.up[to] {
+            Ev::Updates { from, to, updates } => {
+                if self.up[to] && self.side[to] == self.side[from] {
                     let actions = self.nodes[to].on_updates(updates, now);
                     self.run_actions(to, actions);
                 }
@@ -349,6 +359,14 @@ impl Sim {
         let name = format!("n{victim}");
         (0..self.nodes.len())
             .filter(|&i| i != victim && self.up[i])
+            .all(|i| self.nodes[i].state_of(&name) == Some(state))
+    }
+
+    /// Every node on the other side of the partition holds `victim` in `state`.
+    fn everyone_sees_across(&self, victim: usize, state: NodeState) -> bool {
+        let name = format!("n{victim}");
+        (0..self.nodes.len())
+            .filter(|&i| self.side[i] != self.side[victim])
             .all(|i| self.nodes[i].state_of(&name) == Some(state))
     }
 
@@ -542,6 +560,33 @@ fn partition_heals_back_to_alive() {
         (0..3).all(|v| s.everyone_sees(v, NodeState::Alive))
     });
     assert!(back.is_some(), "partitioned nodes never came back");
+}
+
+#[test]
+fn a_partition_both_sides_hold_dead_heals_by_swim_alone() {
+    // Each side declares the other dead (not only one, as above), and no
+    // state gossip carries a refutation across: SWIM's own messages must
+    // bring both sides back. Found by chaos seed 42 once state gossip no
+    // longer ran with dead members: the sides never met again.
+    for seed in 0..20 {
+        let mut sim = Sim::new(6, seed, 0.0);
+        sim.run_for(Duration::from_secs(1));
+        for i in 0..3 {
+            sim.side[i] = 1;
+        }
+        let apart = sim.run_until(Duration::from_secs(20), |s| {
+            (0..6).all(|v| s.everyone_sees_across(v, NodeState::Dead))
+        });
+        assert!(
+            apart.is_some(),
+            "seed {seed}: the sides never held each other dead"
+        );
+        sim.side = vec![0; 6];
+        let back = sim.run_until(Duration::from_secs(20), |s| {
+            (0..6).all(|v| s.everyone_sees(v, NodeState::Alive))
+        });
+        assert!(back.is_some(), "seed {seed}: the sides never came back");
+    }
 }
 
 #[test]
