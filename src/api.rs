@@ -1503,6 +1503,7 @@ async fn stats(State(state): State<ApiState>) -> Json<serde_json::Value> {
             "frames_dropped_queue_full": S::get(&t.frames_dropped_queue_full),
             "sends_failed": S::get(&t.sends_failed),
             "handshakes_refused": S::get(&t.handshakes_refused),
+            "connections_dropped_unresponsive": S::get(&t.connections_dropped_unresponsive),
             "frames_refused": S::get(&t.frames_refused),
         },
         "rss_kib": crate::host::rss_kib(),

@@ -23,7 +23,7 @@ use crate::job::fnv1a;
 /// Buckets of keys per node and family.
 pub const BUCKETS: u64 = 64;
 
-/// Largest encoded part, bytes (one chitchat value must fit one gossip
+/// Largest encoded part, bytes (one gossiped value must fit one gossip
 /// message; membership refuses values over 48 KiB).
 pub const PART_BYTES: usize = 32 * 1024;
 

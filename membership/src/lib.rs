@@ -10,6 +10,8 @@
 //!
 //! # Layout
 //! - [`record`]: node records, load, states, the view.
+//! - [`run`]: a node's run as SWIM holds it, and the verdict on a run
+//!   gossip names.
 //! - [`signed`]: the signed form of every value a node publishes, so that
 //!   a relay can pass a node's values on but not forge them.
 //! - [`spread`]: the state gossip, a pure state machine.
@@ -22,6 +24,7 @@
 #[cfg(feature = "runtime")]
 pub mod node;
 pub mod record;
+pub mod run;
 pub mod signed;
 pub mod spread;
 pub mod swim;

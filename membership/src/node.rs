@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_transport::gossip::{Run, Verdict};
+use crate::run::{Run, Verdict};
 use shoal_transport::sign::{PublicKey, Signer, CERT_LEN_MAX};
 use shoal_transport::{take_inbox, Inbox, Incoming, Service, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -168,13 +168,17 @@ impl Membership {
             generation,
             addr,
         };
-        let mut seq = 0u64;
+        // Every write is signed with its counter, the certificate too, and
+        // takes the next spread version: counter and version are equal, so
+        // a reader can check how far the node wrote (see `believable`).
+        let mut seq = 1u64;
         // The epoch first: a renewal between the two is then published
         // again at the first tick.
         let signer_epoch = signer.epoch();
+        let cert = signed::encode_cert(&signer.certificate());
         let mut initial = vec![(
             CERT_KEY.to_string(),
-            signed::encode_cert(&signer.certificate()),
+            sign_value(&signer, origin, CERT_KEY, seq, Some(&cert)),
         )];
         for (key, value) in [
             (KEY_RECORD, record_json),
@@ -205,6 +209,7 @@ impl Membership {
         for (key, text) in &initial {
             spread.set(key, text);
         }
+        debug_assert_eq!(spread.run(spread.me()).map(|s| s.max_version), Some(seq));
         let (replies_tx, replies_rx) = mpsc::channel(QUEUE_LEN);
         let (view_tx, view) = watch::channel(MembershipView::default());
         let (cmd, cmd_rx) = mpsc::channel(64);
@@ -442,6 +447,46 @@ fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
 /// Certificate checks remembered: (name, published text) -> key or why not.
 type CertCache = HashMap<(String, String), Result<PublicKey, String>>;
 
+/// The key of the certificate `text` (published under [`CERT_KEY`] at
+/// `version` by the run `origin`): it must chain to a trusted CA, name the
+/// node, and sign itself at that version. Chain checks are remembered in
+/// `certs`.
+fn certificate_key(
+    signer: &Signer,
+    certs: &mut CertCache,
+    origin: Origin<'_>,
+    version: u64,
+    text: &str,
+) -> Result<PublicKey, String> {
+    let s = signed::parse(text).ok_or("unsigned certificate")?;
+    if s.seq != version {
+        return Err("certificate signed for another version".into());
+    }
+    let b64 = s.payload.ok_or("no certificate")?;
+    let cache_key = (origin.name.to_string(), b64.to_string());
+    let checked = match certs.get(&cache_key) {
+        Some(known) => known.clone(),
+        None => {
+            let checked = signed::parse_cert(b64, CERT_LEN_MAX)
+                .ok_or_else(|| "undecodable certificate".to_string())
+                .and_then(|der| signer.check_certificate(origin.name, &der));
+            if certs.len() >= CERTS_MAX {
+                certs.clear();
+            }
+            certs.insert(cache_key, checked.clone());
+            checked
+        }
+    };
+    let key = checked?;
+    if !key.verify(
+        &signed::message(origin, CERT_KEY, s.seq, Some(b64)),
+        &s.signature,
+    ) {
+        return Err("certificate entry not signed by its own key".into());
+    }
+    Ok(key)
+}
+
 /// Reads the changed `values` of `peer` (named `name`): its certificate
 /// first, then each value its key signed with a write counter above the
 /// one held. Anything else is ignored and counted in the log.
@@ -453,24 +498,16 @@ fn read_values(
     mut values: Vec<(String, u64, String)>,
     max_version: u64,
 ) {
+    let origin = Origin {
+        name,
+        generation: peer.generation,
+        addr: peer.addr,
+    };
     if let Some(at) = values.iter().position(|(k, _, _)| k == CERT_KEY) {
         let (_, version, text) = values.swap_remove(at);
-        peer.versions.insert(CERT_KEY.to_string(), (version, 0));
-        let cache_key = (name.to_string(), text);
-        let checked = match certs.get(&cache_key) {
-            Some(known) => known.clone(),
-            None => {
-                let checked = signed::parse_cert(&cache_key.1, CERT_LEN_MAX)
-                    .ok_or_else(|| "undecodable certificate".to_string())
-                    .and_then(|der| signer.check_certificate(name, &der));
-                if certs.len() >= CERTS_MAX {
-                    certs.clear();
-                }
-                certs.insert(cache_key, checked.clone());
-                checked
-            }
-        };
-        match checked {
+        let seq = signed::parse(&text).map_or(0, |s| s.seq);
+        peer.versions.insert(CERT_KEY.to_string(), (version, seq));
+        match certificate_key(signer, certs, origin, version, &text) {
             // A renewed or re-issued certificate has the same key; a node
             // gets a new key only with a new run (generation). Another key
             // within a run is a relay replaying a certificate of an earlier
@@ -489,16 +526,13 @@ fn read_values(
         return;
     };
     peer.seen_version = max_version;
-    let origin = Origin {
-        name,
-        generation: peer.generation,
-        addr: peer.addr,
-    };
     let mut refused = 0u32;
     for (k, version, text) in values {
         let held = peer.versions.get(&k).copied();
         let held_seq = held.map_or(0, |(_, seq)| seq);
-        let Some(s) = signed::parse(&text) else {
+        // A value's signed counter is its version: one moved to another
+        // version is a relay's doing.
+        let Some(s) = signed::parse(&text).filter(|s| s.seq == version) else {
             peer.refuse(k, version);
             refused += 1;
             continue;
@@ -604,7 +638,14 @@ impl<T: Transport> Actor<T> {
                 Some(msg) = gossip_rx.recv() => {
                     self.on_gossip_message(msg);
                 }
-                Some((from, reply)) = replies_rx.recv() => {
+                Some((from, mut reply)) = replies_rx.recv() => {
+                    if reply.check(self.spread.config()).is_ok() {
+                        match &mut reply {
+                            spread::Reply::Deltas(deltas) | spread::Reply::Sync { deltas, .. } => {
+                                deltas.retain(|d| self.believable(d));
+                            }
+                        }
+                    }
                     let actions = self.spread.on_reply(from, reply, Instant::now());
                     self.execute_spread(actions);
                 }
@@ -689,10 +730,15 @@ impl<T: Transport> Actor<T> {
     }
 
     fn on_gossip_message(&mut self, msg: Incoming) {
-        let Ok(m) = postcard::from_bytes::<spread::Msg>(&msg.body) else {
+        let Ok(mut m) = postcard::from_bytes::<spread::Msg>(&msg.body) else {
             debug!(from = %msg.from, "dropped undecodable gossip message");
             return;
         };
+        if m.check(self.spread.config()).is_ok() {
+            if let spread::Msg::Push(deltas) = &mut m {
+                deltas.retain(|d| self.believable(d));
+            }
+        }
         let (reply, actions) = self.spread.on_message(msg.from, m, Instant::now());
         if let (Some(r), Some(reply)) = (msg.reply, reply) {
             if let Ok(body) = postcard::to_stdvec(&reply) {
@@ -700,6 +746,68 @@ impl<T: Transport> Actor<T> {
             }
         }
         self.execute_spread(actions);
+    }
+
+    /// Whether the run's owner wrote as far as delta `d` goes: the write at
+    /// its last version (every honest delta carries it: see spread's
+    /// checks) must be signed by the run's key with that version as its
+    /// counter. Without this a member could announce versions of another
+    /// node's state that the node never wrote, and every node it reached
+    /// would then never take the node's real later writes (#11). Costs one
+    /// signature check per delta that brings something new.
+    fn believable(&mut self, d: &spread::Delta) -> bool {
+        let held = self.spread.run(&d.run).map_or(0, |s| s.max_version);
+        if d.to <= d.from || d.to <= held {
+            // Brings nothing: the store ignores it.
+            return true;
+        }
+        let Some(top) = d.entries.iter().find(|e| e.version == d.to) else {
+            return false;
+        };
+        let origin = Origin {
+            name: &d.run.name,
+            generation: d.run.generation,
+            addr: d.run.addr,
+        };
+        if &*top.key == CERT_KEY {
+            return certificate_key(&self.signer, &mut self.certs, origin, d.to, &top.text).is_ok();
+        }
+        let believed = self
+            .peers
+            .get(&*d.run.name)
+            .filter(|p| p.generation == d.run.generation && p.addr == d.run.addr)
+            .and_then(|p| p.key.clone());
+        let key = match believed {
+            Some(key) => key,
+            None => {
+                // The certificate from this delta, else from the run held.
+                let cert = d
+                    .entries
+                    .iter()
+                    .find(|e| &*e.key == CERT_KEY)
+                    .map(|e| (e.version, e.text.to_string()))
+                    .or_else(|| {
+                        self.spread
+                            .run(&d.run)
+                            .and_then(|s| s.get(CERT_KEY))
+                            .map(|(v, t)| (v, t.to_string()))
+                    });
+                let Some((version, text)) = cert else {
+                    return false;
+                };
+                match certificate_key(&self.signer, &mut self.certs, origin, version, &text) {
+                    Ok(key) => key,
+                    Err(_) => return false,
+                }
+            }
+        };
+        signed::parse(&top.text).is_some_and(|s| {
+            s.seq == d.to
+                && key.verify(
+                    &signed::message(origin, &top.key, s.seq, s.payload),
+                    &s.signature,
+                )
+        })
     }
 
     /// Makes the published application keys equal `wanted`: deletes the keys
@@ -750,15 +858,12 @@ impl<T: Transport> Actor<T> {
             generation: self.generation,
             addr: self.record.address,
         };
-        let mut texts = Vec::with_capacity(writes.len());
         for (key, value) in writes {
             // One write per value change: a u64 does not run out.
             self.seq = self.seq.saturating_add(1);
             let text = sign_value(&self.signer, origin, &key, self.seq, value.as_deref());
-            texts.push((key, text));
-        }
-        for (k, v) in &texts {
-            self.spread.set(k, v);
+            let version = self.spread.set(&key, &text);
+            debug_assert_eq!(version, self.seq, "signed counter and spread version apart");
         }
     }
 
@@ -775,7 +880,7 @@ impl<T: Transport> Actor<T> {
         self.rejected.clear();
         self.certs.clear();
         let cert = signed::encode_cert(&self.signer.certificate());
-        self.spread.set(CERT_KEY, &cert);
+        self.set_signed(vec![(CERT_KEY.to_string(), Some(cert))]);
     }
 
     async fn leave(&mut self) {
@@ -1283,17 +1388,19 @@ mod tests {
         Signer::new(&ca.issue_node(name).unwrap()).unwrap()
     }
 
-    /// `signer`'s certificate as published under `cert`, at `version`.
-    fn cert_value(signer: &Signer, version: u64) -> (String, u64, String) {
+    /// `signer`'s certificate as `origin` publishes it under `cert`, at
+    /// `version` (signed, with `version` as its counter).
+    fn cert_value(signer: &Signer, origin: Origin<'_>, version: u64) -> (String, u64, String) {
+        let cert = signed::encode_cert(&signer.certificate());
         (
             CERT_KEY.to_string(),
             version,
-            signed::encode_cert(&signer.certificate()),
+            sign_value(signer, origin, CERT_KEY, version, Some(&cert)),
         )
     }
 
     /// The published texts of `writes` by `signer` for `origin`, numbered
-    /// from `seq`, with chitchat versions from `version`.
+    /// from `seq`, with spread versions from `version`.
     fn published(
         signer: &Signer,
         origin: Origin<'_>,
@@ -1328,7 +1435,7 @@ mod tests {
             addr,
         };
         let rec = serde_json::to_string(&record("a", addr)).unwrap();
-        let cert = cert_value(&a, 1);
+        let cert = cert_value(&a, origin, 1);
 
         // The node's own values, with its certificate: all read.
         let mut peer = Peer::new(1, addr);
@@ -1336,7 +1443,7 @@ mod tests {
         values.extend(published(
             &a,
             origin,
-            1,
+            2,
             2,
             &[
                 (KEY_RECORD, Some(&rec)),
@@ -1352,7 +1459,7 @@ mod tests {
         assert_eq!(peer.seen_version, 5);
 
         // A newer write replaces; a signed absence removes; a replay of
-        // an older write (at a higher chitchat version) changes nothing.
+        // an older write (at a higher spread version) changes nothing.
         let newer = published(
             &a,
             origin,
@@ -1368,16 +1475,17 @@ mod tests {
         assert_eq!(peer.app.get("x").map(|v| &**v), Some("uno"));
 
         // Forgeries: another member's key; a's key for another run, another
-        // address or another key; an unsigned value.
+        // address or another key; an unsigned value; a's own later write
+        // moved to another version.
         let forged = [
-            published(&m, origin, 100, 60, &[(KEY_STATUS, Some("left"))]),
+            published(&m, origin, 60, 60, &[(KEY_STATUS, Some("left"))]),
             published(
                 &a,
                 Origin {
                     generation: 2,
                     ..origin
                 },
-                100,
+                60,
                 60,
                 &[(KEY_STATUS, Some("left"))],
             ),
@@ -1387,16 +1495,17 @@ mod tests {
                     addr: "127.0.0.9:7001".parse().unwrap(),
                     ..origin
                 },
-                100,
+                60,
                 60,
                 &[(KEY_STATUS, Some("left"))],
             ),
-            published(&a, origin, 100, 60, &[(KEY_LOAD, Some("left"))])
+            published(&a, origin, 60, 60, &[(KEY_LOAD, Some("left"))])
                 .into_iter()
                 .map(|(_, v, t)| (KEY_STATUS.to_string(), v, t))
                 .collect(),
             vec![(KEY_STATUS.to_string(), 60, "left".to_string())],
             vec![(KEY_INCARNATION.to_string(), 61, "1.AAAA.=99".to_string())],
+            published(&a, origin, 60, 61, &[(KEY_STATUS, Some("left"))]),
         ];
         for values in forged {
             read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 61);
@@ -1407,7 +1516,7 @@ mod tests {
         // (not read again at that version) and does not count towards the
         // node's keys.
         let keys = peer.versions.len();
-        let junk = published(&m, origin, 1, 62, &[("app/junk", Some("x"))]);
+        let junk = published(&m, origin, 62, 62, &[("app/junk", Some("x"))]);
         read_values(&reader, &mut CertCache::new(), "a", &mut peer, junk, 62);
         assert_eq!(peer.versions.len(), keys);
         assert_eq!(peer.refused.get("app/junk"), Some(&62));
@@ -1423,7 +1532,7 @@ mod tests {
             &mut CertCache::new(),
             "a",
             &mut peer,
-            published(&a, origin, 200, 70, &[(KEY_STATUS, Some("left"))]),
+            published(&a, origin, 70, 70, &[(KEY_STATUS, Some("left"))]),
             70,
         );
         assert!(peer.left);
@@ -1443,20 +1552,20 @@ mod tests {
         };
         let rec = serde_json::to_string(&record("a", addr)).unwrap();
         let mut peer = Peer::new(2, addr);
-        let mut values = vec![cert_value(&a, 1)];
-        values.extend(published(&a, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
+        let mut values = vec![cert_value(&a, origin, 1)];
+        values.extend(published(&a, origin, 2, 2, &[(KEY_RECORD, Some(&rec))]));
         read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 2);
         assert!(peer.record.is_some());
         // A relay puts the (still valid) certificate of a's earlier run,
         // another key, at a higher version: a's own later writes still count.
-        let replay = vec![cert_value(&earlier, 10)];
+        let replay = vec![cert_value(&earlier, origin, 10)];
         read_values(&reader, &mut CertCache::new(), "a", &mut peer, replay, 10);
         read_values(
             &reader,
             &mut CertCache::new(),
             "a",
             &mut peer,
-            published(&a, origin, 5, 11, &[(KEY_INCARNATION, Some("4"))]),
+            published(&a, origin, 11, 11, &[(KEY_INCARNATION, Some("4"))]),
             11,
         );
         assert_eq!(peer.incarnation, 4);
@@ -1478,8 +1587,8 @@ mod tests {
         let rec = serde_json::to_string(&record("a", addr)).unwrap();
         for signer in [&m, &other] {
             let mut peer = Peer::new(1, addr);
-            let mut values = vec![cert_value(signer, 1)];
-            values.extend(published(signer, origin, 1, 2, &[(KEY_RECORD, Some(&rec))]));
+            let mut values = vec![cert_value(signer, origin, 1)];
+            values.extend(published(signer, origin, 2, 2, &[(KEY_RECORD, Some(&rec))]));
             read_values(&reader, &mut CertCache::new(), "a", &mut peer, values, 2);
             assert!(peer.key.is_none());
             assert!(peer.record.is_none());

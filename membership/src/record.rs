@@ -222,7 +222,7 @@ pub struct Member {
 /// The application keys of one node, shared between views.
 pub type AppState = Arc<BTreeMap<String, Arc<str>>>;
 
-/// A snapshot of the cluster as one node sees it: plain data, no chitchat
+/// A snapshot of the cluster as one node sees it: plain data, no gossip
 /// types, so placement and the API can use it and tests can build one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembershipView {

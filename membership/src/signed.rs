@@ -6,8 +6,8 @@
 //!   key, the value of the highest `seq` it verified, so a relay cannot
 //!   roll a key back to an older value of X's;
 //! - `kind` is `=` for a value and `-` for "no such key": X never deletes a
-//!   key in chitchat (a deletion carries no signature), it writes a signed
-//!   absence instead, so a relay cannot delete X's keys either;
+//!   key from gossip (a deletion would carry no signature), it writes a
+//!   signed absence instead, so a relay cannot delete X's keys either;
 //! - the signature, by X's certificate key, covers X's name, generation and
 //!   gossip address, the key, `seq`, `kind` and the payload: a value cannot
 //!   be moved to another node, another run of X, another address or

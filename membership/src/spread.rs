@@ -32,9 +32,8 @@
 //!   whole state; while a sync brings anything new it runs every `sync_min`.
 //!
 //! Nothing here checks signatures: a reader must believe only values the
-//! run signed (see [`crate::signed`]), as the membership task does of what
-//! chitchat carries. Not yet used by the agent (see ARCHITECTURE.md, "State
-//! gossip whose cost per node is flat").
+//! run signed (see [`crate::signed`]), as the membership task does (see
+//! ARCHITECTURE.md, "State gossip whose cost per node is flat").
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -238,6 +237,13 @@ fn check_deltas(deltas: &[Delta], config: &SpreadConfig) -> Result<(), &'static 
         bounded(d.entries.len(), config.keys_max)?;
         if d.to < d.from {
             return Err("delta ends before it starts");
+        }
+        // The write at a delta's last version is the newest of its key, so
+        // an honest delta always carries it: a reader that checks it (the
+        // membership task checks its signature and that its signed counter
+        // is that version) knows the run's owner wrote that far.
+        if d.to > d.from && !d.entries.iter().any(|e| e.version == d.to) {
+            return Err("delta without the write at its last version");
         }
         for e in &d.entries {
             if e.key.len() > KEY_LEN_MAX || e.text.len() > TEXT_LEN_MAX {

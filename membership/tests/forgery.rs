@@ -144,7 +144,14 @@ async fn a_member_cannot_speak_for_another_in_gossip_or_swim() {
         generation: 1,
         addr: a_addr,
     };
-    let mut values = vec![(CERT_KEY.to_string(), signed::encode_cert(&a_creds.cert_der))];
+    // a's certificate as it publishes it: signed by a, at version 1.
+    let a_signer = Signer::new(&a_creds).unwrap();
+    let a_cert = |origin: Origin<'_>, seq: u64| {
+        let cert = signed::encode_cert(&a_creds.cert_der);
+        let sig = a_signer.sign(&signed::message(origin, CERT_KEY, seq, Some(&cert)));
+        (CERT_KEY.to_string(), signed::encode(seq, &sig, Some(&cert)))
+    };
+    let mut values = vec![a_cert(a_run, 1)];
     values.push(forge(a_run, "status", 1000, "left"));
     values.push(forge(a_run, "inc", 1001, "77"));
     values.push(forge(a_run, "app/i/0/0", 1002, "forged"));
@@ -175,7 +182,7 @@ async fn a_member_cannot_speak_for_another_in_gossip_or_swim() {
     };
     let rec = serde_json::to_string(&record("a", m_addr)).unwrap();
     let values = vec![
-        (CERT_KEY.to_string(), signed::encode_cert(&a_creds.cert_der)),
+        a_cert(a_run, 1),
         forge(new_run, "record", 1, &rec),
         forge(new_run, "inc", 2, "0"),
     ];
@@ -252,6 +259,53 @@ async fn a_member_cannot_speak_for_another_in_gossip_or_swim() {
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), view_b.changed()).await;
     }
+    // 4. Versions of a's run that a never wrote: far above a's, with no
+    //    write at the last one, or with one the forger signed. Before #11's
+    //    fix b took them and then never took a's real later writes.
+    for (to, top) in [
+        (u64::MAX / 2, None),
+        (5000, Some(forge(a_run, "app/late", 5000, "forged"))),
+    ] {
+        let entries = top
+            .into_iter()
+            .map(|(key, text)| Entry {
+                key: Arc::from(key.as_str()),
+                version: to,
+                text: Arc::from(text.as_str()),
+            })
+            .collect();
+        let a1 = RunId {
+            name: Arc::from("a"),
+            generation: 1,
+            addr: a_addr,
+        };
+        let msg = Msg::Push(vec![Delta {
+            run: a1,
+            from: 0,
+            to,
+            entries,
+        }]);
+        tm.send(b_addr, Service::Gossip, postcard::to_stdvec(&msg).unwrap())
+            .await
+            .expect("sent");
+    }
+    // a writes again: b takes it.
+    ma.publish_app(Arc::new(
+        [("late".to_string(), "real".to_string())]
+            .into_iter()
+            .collect(),
+    ));
+    wait_for(
+        &mut view_b,
+        "b to take a's write after the forged versions",
+        |v| {
+            v.get("a")
+                .and_then(|m| m.app.get("late"))
+                .is_some_and(|v| &**v == "real")
+        },
+    )
+    .await;
+
     // a itself is still heard: its own leave reaches b.
     ma.leave().await.unwrap();
     wait_for(&mut view_b, "b to see a leave", |v| {

@@ -11,12 +11,10 @@
 //! - [`quic`]: [`QuicTransport`], the real transport over quinn.
 //! - [`mem`]: [`MemTransport`], an in-memory transport with link cuts, for
 //!   tests and simulation; it passes the same test suite as QUIC.
-//! - [`gossip`]: chitchat's `Transport`/`Socket` over any [`Transport`].
 //! - this file: the [`Transport`] trait, [`Service`], [`Incoming`], errors,
 //!   counters.
 #![deny(missing_docs)]
 
-pub mod gossip;
 pub mod join;
 pub mod mem;
 pub mod quic;
@@ -37,7 +35,7 @@ pub use quic::{QuicConfig, QuicTransport};
 /// Which subsystem a frame is for. Each has its own bounded inbound queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Service {
-    /// chitchat scuttlebutt gossip (one-way messages).
+    /// State gossip (`shoal_membership::spread`): notes, pulls, syncs.
     Gossip,
     /// Failure detector: probes, indirect probes, membership updates.
     Probe,
@@ -69,8 +67,8 @@ pub struct Frame {
     pub body: Vec<u8>,
 }
 
-/// Largest frame accepted or sent, in bytes. chitchat deltas are at most
-/// 65,507 bytes; node-to-node calls (log chunks, job snapshots) stay below
+/// Largest frame accepted or sent, in bytes. Gossip messages are at most
+/// 1 MiB (`spread`'s bound); node-to-node calls (log chunks, job snapshots) stay below
 /// this too, and it bounds what a peer can make us buffer per stream.
 pub const FRAME_LEN_MAX: usize = 4 * 1024 * 1024;
 
@@ -185,6 +183,9 @@ pub struct TransportStats {
     pub sends_failed: AtomicU64,
     /// Handshakes refused (peer without valid cluster credentials).
     pub handshakes_refused: AtomicU64,
+    /// Cached connections dropped because a request on them timed out with
+    /// nothing heard from the peer (gone, or restarted on its address).
+    pub connections_dropped_unresponsive: AtomicU64,
     /// Frames dropped because their connection may not reach their service
     /// (anything but a join on a join connection).
     pub frames_refused: AtomicU64,

@@ -2,7 +2,6 @@
 //! bytes and mutations of valid encodings (a property-based fuzz that runs
 //! in every `cargo test`).
 
-use chitchat::{ChitchatMessage, Deserializable};
 use proptest::prelude::*;
 use shoal_transport::tls::{Admission, ClusterCa};
 use shoal_transport::{decode_frame, encode_frame, Service};
@@ -31,12 +30,6 @@ proptest! {
     fn frame_decoder_on_mutated_frames(body in prop::collection::vec(any::<u8>(), 0..256), edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4), cut in any::<usize>()) {
         let frame = encode_frame(Service::Probe, body).unwrap();
         let _ = decode_frame(&mutate(frame, &edits, cut));
-    }
-
-    #[test]
-    fn chitchat_message_decoder(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
-        let mut buf = bytes.as_slice();
-        let _ = ChitchatMessage::deserialize(&mut buf);
     }
 
     #[test]

@@ -1511,7 +1511,7 @@ impl Sim {
     }
 
     /// SWIM takes in what gossip says of each node (generation,
-    /// incarnation, leave), as the agent does from chitchat.
+    /// incarnation, leave), as the agent does from spread.
     fn swim_observe(&mut self, i: usize, peers: &[gossip::Peer]) {
         let mono = self.mono();
         for (j, p) in peers.iter().enumerate() {

@@ -247,6 +247,21 @@ fn messages_out_of_bounds_are_refused() {
         entries: vec![],
     };
     assert!(Reply::Deltas(vec![backwards]).check(&config).is_err());
+    // Versions announced without the write at the last one: an honest
+    // delta always carries it (it is its key's newest write).
+    let hollow = Delta {
+        run: r.clone(),
+        from: 1,
+        to: u64::MAX,
+        entries: vec![entry("k", 5, "x")],
+    };
+    assert!(Msg::Push(vec![hollow.clone()]).check(&config).is_err());
+    assert!(Reply::Sync {
+        deltas: vec![hollow],
+        behind: vec![]
+    }
+    .check(&config)
+    .is_err());
     let huge = Delta {
         run: r,
         from: 0,
