@@ -55,6 +55,10 @@ const CERTS_MAX: usize = 1024;
 /// Longest a certificate check is remembered.
 const CERTS_TTL: Duration = Duration::from_secs(60);
 
+/// Gossip is read, and the view published, at least this often even when
+/// no change counter moved (time alone forgets runs past their retention).
+const REREAD_AT_LEAST: Duration = Duration::from_secs(1);
+
 /// Most node names whose runs are remembered (see `Actor::runs`); past it,
 /// the finished runs are forgotten first.
 const RUNS_MAX: usize = 64 * 1024;
@@ -233,6 +237,9 @@ impl Membership {
             certs_since: Instant::now(),
             runs: HashMap::new(),
             runs_at: None,
+            gossip_read_at: None,
+            view_dirty: true,
+            view_at: None,
             load: Load::default(),
             app: Default::default(),
             app_published: Default::default(),
@@ -422,6 +429,18 @@ struct Actor<T: Transport> {
     runs: HashMap<String, (Run, Option<Instant>)>,
     /// SWIM's change counter when `runs` was last set.
     runs_at: Option<u64>,
+    /// What gossip was last read at (spread's and SWIM's change counters,
+    /// the signer's epoch) and when: reading it again with none of them
+    /// moved finds nothing new, so it is skipped for up to
+    /// [`REREAD_AT_LEAST`] (profiled at 50 idle agents: reading and
+    /// publishing the view ten or more times a second for nothing was most
+    /// of an idle agent's CPU, and grew with N).
+    gossip_read_at: Option<((u64, u64, u64), Instant)>,
+    /// The view must be published again: something it shows changed.
+    view_dirty: bool,
+    /// SWIM's change counter and this node's incarnation at the last
+    /// published view, and when.
+    view_at: Option<((u64, u64), Instant)>,
     load: Load,
     app: AppState,
     /// The application keys as published in gossip.
@@ -668,6 +687,7 @@ impl<T: Transport> Actor<T> {
                 Ok(()) = app_rx.changed() => {
                     let wanted = app_rx.borrow_and_update().clone();
                     self.set_app(&wanted);
+                    self.view_dirty = true;
                     self.publish_view();
                 }
                 cmd = cmd_rx.recv() => match cmd {
@@ -853,6 +873,7 @@ impl<T: Transport> Actor<T> {
     /// Publishes `writes` (key, value or `None` for absent), each signed
     /// as this node's next write.
     fn set_signed(&mut self, writes: Vec<(String, Option<String>)>) {
+        self.view_dirty = true;
         let origin = Origin {
             name: &self.record.name,
             generation: self.generation,
@@ -1090,6 +1111,18 @@ impl<T: Transport> Actor<T> {
             self.certs.clear();
             self.certs_since = Instant::now();
         }
+        let read_at = (
+            self.spread.changes(),
+            self.swim.changes(),
+            self.signer.epoch(),
+        );
+        if self
+            .gossip_read_at
+            .is_some_and(|(key, at)| key == read_at && at.elapsed() < REREAD_AT_LEAST)
+        {
+            return;
+        }
+        self.view_dirty = true;
         let me = self.record.name.clone();
         let peers = &self.peers;
         let rejected = &self.rejected;
@@ -1223,6 +1256,12 @@ impl<T: Transport> Actor<T> {
                 now,
             );
         }
+        let read_at = (
+            self.spread.changes(),
+            self.swim.changes(),
+            self.signer.epoch(),
+        );
+        self.gossip_read_at = Some((read_at, now));
     }
 
     /// Keeps `runs` (SWIM's verdict on each node's runs) up to date.
@@ -1315,6 +1354,16 @@ impl<T: Transport> Actor<T> {
     }
 
     fn publish_view(&mut self) {
+        let at = (self.swim.changes(), self.swim.incarnation());
+        if !self.view_dirty
+            && self
+                .view_at
+                .is_some_and(|(seen, when)| seen == at && when.elapsed() < REREAD_AT_LEAST)
+        {
+            return;
+        }
+        self.view_dirty = false;
+        self.view_at = Some((at, Instant::now()));
         self.share_liveness();
         let mut members = vec![Member {
             record: self.record.clone(),

@@ -402,6 +402,8 @@ pub struct Spread {
     /// Syncs run at `sync_min` while they bring anything new.
     catching_up: bool,
     stats: SpreadStats,
+    /// Counts every change of what is held (see [`Spread::changes`]).
+    changes: u64,
 }
 
 impl Spread {
@@ -421,6 +423,7 @@ impl Spread {
             cursor: None,
             catching_up: true,
             stats: SpreadStats::default(),
+            changes: 0,
         }
     }
 
@@ -434,6 +437,14 @@ impl Spread {
         self.queue.clear();
         self.pulling.clear();
         self.catching_up = false;
+        self.changes = self.changes.wrapping_add(1);
+    }
+
+    /// A counter that moves whenever what is held changes (a write, a run
+    /// advanced, taken or forgotten): a reader that saw the same count
+    /// has nothing new to read.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// This node's run.
@@ -506,6 +517,7 @@ impl Spread {
             .insert(Arc::from(key), (version, Arc::from(text)));
         let left = self.retransmits();
         self.queue.insert(self.me.clone(), Queued { version, left });
+        self.changes = self.changes.wrapping_add(1);
         version
     }
 
@@ -515,7 +527,9 @@ impl Spread {
         if *run == self.me {
             return;
         }
-        self.runs.remove(run);
+        if self.runs.remove(run).is_some() {
+            self.changes = self.changes.wrapping_add(1);
+        }
         self.queue.remove(run);
         self.pulling.remove(run);
     }
@@ -579,6 +593,7 @@ impl Spread {
             self.new_run(&delta.run);
         }
         self.stats.applied += 1;
+        self.changes = self.changes.wrapping_add(1);
         Applied::Advanced
     }
 
