@@ -4,7 +4,9 @@
 //! ports), the frame payload bytes the transport counts, and the CPU each
 //! agent uses, over `--measure` seconds after the cluster converged and
 //! settled; then how long one change (a job written at n0) takes to reach
-//! every node's event stream.
+//! every node's event stream; then the same figures while busy (a job of
+//! one instance written every `1 / --busy-jobs-per-s` seconds at a random
+//! agent, each placed, started and gossiped).
 //!
 //! Usage: cargo build --release --bin shoal && cargo build --release -p chaos
 //! --bin gossip-bench && target/release/gossip-bench [--sizes 10,20,40]
@@ -32,6 +34,56 @@ struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 20)]
     measure: u64,
+    /// Busy phase, after the idle one: jobs written per second (each one
+    /// instance, at a random agent) while measuring again; 0 skips it.
+    #[arg(long, default_value_t = 2)]
+    busy_jobs_per_s: u64,
+}
+
+/// Wire KB/s, payload KB/s and its split by service, and CPU % per agent,
+/// over `secs` seconds while `during` runs (it returns when they are over).
+fn measure(
+    agents: &[Agent],
+    ports: &[u16],
+    secs: u64,
+    during: impl FnOnce(Instant),
+) -> (Option<f64>, f64, String, f64) {
+    let n = agents.len();
+    let wire = WireCounter::new(ports);
+    let w0 = wire.as_ref().map(WireCounter::bytes);
+    let p0: u64 = agents.iter().map(payload_sent).sum();
+    let s0 = agents.iter().map(sent_by_service).fold([0; 3], sum3);
+    let c0: Vec<f64> = agents.iter().map(|a| cpu_s(a.pid)).collect();
+    let t0 = Instant::now();
+    during(t0 + Duration::from_secs(secs));
+    if let Some(left) = (t0 + Duration::from_secs(secs)).checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let wire_kbs = wire
+        .as_ref()
+        .zip(w0)
+        .map(|(w, w0)| (w.bytes() - w0) as f64 / 1024.0 / secs / n as f64);
+    let payload_kbs =
+        (agents.iter().map(payload_sent).sum::<u64>() - p0) as f64 / 1024.0 / secs / n as f64;
+    let s1 = agents.iter().map(sent_by_service).fold([0; 3], sum3);
+    let split: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "{:.1}",
+                s1[i].saturating_sub(s0[i]) as f64 / 1024.0 / secs / n as f64
+            )
+        })
+        .collect();
+    let cpu: f64 = agents
+        .iter()
+        .zip(&c0)
+        .map(|(a, c)| cpu_s(a.pid) - c)
+        .sum::<f64>()
+        / secs
+        / n as f64
+        * 100.0;
+    (wire_kbs, payload_kbs, split.join(" / "), cpu)
 }
 
 const TABLE: &str = "shoal_gossip_bench";
@@ -148,39 +200,7 @@ fn main() -> Result<()> {
             .iter()
             .filter_map(|a| a.quic.rsplit(':').next()?.parse().ok())
             .collect();
-        let wire = WireCounter::new(&ports);
-        let w0 = wire.as_ref().map(WireCounter::bytes);
-        let p0: u64 = agents.iter().map(payload_sent).sum();
-        let s0 = agents.iter().map(sent_by_service).fold([0; 3], sum3);
-        let c0: Vec<f64> = agents.iter().map(|a| cpu_s(a.pid)).collect();
-        let t0 = Instant::now();
-        std::thread::sleep(Duration::from_secs(args.measure));
-        let secs = t0.elapsed().as_secs_f64();
-        let wire_kbs = wire
-            .as_ref()
-            .zip(w0)
-            .map(|(w, w0)| (w.bytes() - w0) as f64 / 1024.0 / secs / n as f64);
-        let payload_kbs =
-            (agents.iter().map(payload_sent).sum::<u64>() - p0) as f64 / 1024.0 / secs / n as f64;
-        let s1 = agents.iter().map(sent_by_service).fold([0; 3], sum3);
-        let split: Vec<String> = (0..3)
-            .map(|i| {
-                format!(
-                    "{:.1}",
-                    s1[i].saturating_sub(s0[i]) as f64 / 1024.0 / secs / n as f64
-                )
-            })
-            .collect();
-        let cpu: f64 = agents
-            .iter()
-            .zip(&c0)
-            .map(|(a, c)| cpu_s(a.pid) - c)
-            .sum::<f64>()
-            / secs
-            / n as f64
-            * 100.0;
-        drop(wire);
-
+        let (wire_kbs, payload_kbs, split, cpu) = measure(&agents, &ports, args.measure, |_| {});
         // One change: a job written at n0, seen in every node's stream.
         let (tx, rx) = mpsc::channel();
         for a in &agents {
@@ -208,10 +228,42 @@ fn main() -> Result<()> {
             format!("{} of {n} nodes within 30 s", took.len())
         };
         println!(
-            "| {n} | {} | {payload_kbs:.1} | {} | {cpu:.1}% | {spread} |",
+            "| {n} | {} | {payload_kbs:.1} | {split} | {cpu:.1}% | {spread} |",
             wire_kbs.map_or("n/a".to_string(), |w| format!("{w:.1}")),
-            split.join(" / ")
         );
+        if args.busy_jobs_per_s > 0 {
+            // Busy: jobs written at random agents, each placed and started
+            // somewhere, every instance change gossiped.
+            let rate = args.busy_jobs_per_s;
+            let mut written = 0u64;
+            let mut failed = 0u64;
+            let (wire_kbs, payload_kbs, split, cpu) = measure(
+                &agents,
+                &ports,
+                args.measure,
+                |until| {
+                    let mut next = Instant::now();
+                    while next < until {
+                        let at = &agents[written as usize * 7919 % n];
+                        let job = format!("name = \"busy{written}\"\ntype = \"service\"\nreplicas = 1\n[task]\ncommand = \"sleep\"\nargs = [\"600\"]\n[task.resources]\ncpu = 1\nmemory = 1\n");
+                        if at.post("/v1/jobs", &job).is_err() {
+                            failed += 1;
+                        }
+                        written += 1;
+                        next += Duration::from_millis(1000 / rate.max(1));
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                },
+            );
+            println!(
+                "| {n}, busy ({written} jobs in {} s{}) | {} | {payload_kbs:.1} | {split} | {cpu:.1}% | |",
+                args.measure,
+                if failed > 0 { format!(", {failed} refused") } else { String::new() },
+                wire_kbs.map_or("n/a".to_string(), |w| format!("{w:.1}")),
+            );
+        }
         drop(agents);
     }
     Ok(())

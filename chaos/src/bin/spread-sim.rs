@@ -5,7 +5,8 @@
 //! bytes each node sends per simulated second (state gossip, plus the
 //! failure detector's ping and ack, encoded the same way, at its fixed
 //! rate), and how long one change (a node's load) takes to reach every
-//! node. The cluster starts converged (the state shared in memory between
+//! node, and what one node holding 10,000 instances costs each node when
+//! it changes one (the bucket holding it). The cluster starts converged (the state shared in memory between
 //! nodes, so 10,000 fit), then idles `--warm` seconds before measuring.
 //!
 //! Usage: cargo build --release -p chaos --bin spread-sim &&
@@ -58,6 +59,12 @@ fn probe_bytes_per_s(n: usize) -> f64 {
     bytes as f64 / swim.probe_interval.as_secs_f64()
 }
 
+/// The large node's instances, the agent's buckets, and bytes per
+/// instance in a bucket (a published instance's JSON, about).
+const INSTANCES: usize = 10_000;
+const BUCKETS: usize = 64;
+const INSTANCE_BYTES: usize = 70;
+
 fn main() {
     let args = Args::parse();
     println!(
@@ -89,6 +96,18 @@ fn main() {
                 ),
             );
             node.set("inc", &format!("0{}", "s".repeat(120)));
+        }
+        // One node holds 10,000 instances, in the agent's 64 buckets of
+        // about 70 bytes per instance.
+        let big = n / 3;
+        let bucket = |b: usize, round: usize| {
+            format!(
+                "{round}:{b}:{}",
+                "i".repeat(INSTANCES / BUCKETS * INSTANCE_BYTES)
+            )
+        };
+        for b in 0..BUCKETS {
+            net.nodes[big].set(&format!("app/i/{b}"), &bucket(b, 0));
         }
         net.converge_instantly();
         net.run_for(Duration::from_secs(args.warm));
@@ -122,6 +141,25 @@ fn main() {
             let spent = (net.bytes_by_kind[..3].iter().sum::<u64>() - before) as f64;
             per_change.push(spent / n as f64);
         }
+        // The node with 10,000 instances changes one: one bucket's new
+        // value, to every node.
+        let before: u64 = net.bytes_by_kind[..3].iter().sum();
+        let text = bucket(7, 1);
+        let v = net.nodes[big].set("app/i/7", &text);
+        net.watch(big, v);
+        net.run_for(Duration::from_secs(5));
+        let missing = net.reached.iter().filter(|r| r.is_none()).count();
+        let spent = (net.bytes_by_kind[..3].iter().sum::<u64>() - before) as f64 / n as f64;
+        let large = format!(
+            "{spent:.0} B per node for a {} B bucket ({:.2}x){}",
+            text.len(),
+            spent / text.len() as f64,
+            if missing > 0 {
+                format!(", {missing} nodes not reached within 5 s")
+            } else {
+                String::new()
+            }
+        );
         times.sort_by(f64::total_cmp);
         let per_change = per_change.iter().sum::<f64>() / per_change.len().max(1) as f64;
         println!(
@@ -131,6 +169,7 @@ fn main() {
             percentile(&times, 99.0),
             times.last().copied().unwrap_or(f64::NAN),
         );
+        println!("  a node holding {INSTANCES} instances changes one: {large}");
         let kinds = net.bytes_by_kind;
         println!(
             "  bytes by kind (notes, pulls, their answers, syncs, their answers, pushes): {kinds:?}; runs held by node 0: {}",
