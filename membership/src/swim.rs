@@ -921,6 +921,12 @@ impl Swim {
         let ProbeOutcome::Ack { incarnation, .. } = outcome else {
             return;
         };
+        // No honest node reaches the cap (see `on_update`); whoever
+        // answers on a member's address with it is not to be believed.
+        if incarnation >= INCARNATION_MAX {
+            self.refused += 1;
+            return;
+        }
         if let Some(e) = self.members.get_mut(name) {
             if incarnation > e.incarnation && e.state != NodeState::Left {
                 e.set(NodeState::Alive, incarnation, now);

@@ -285,9 +285,13 @@ impl QuicTransport {
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let cached = self.cached(to);
         let conn = tokio::time::timeout_at(deadline, self.connection(to))
             .await
             .map_err(|_| TransportError::Timeout(to))??;
+        // Only a connection that was there before this request is judged
+        // by it: a fresh one may not have had the time for an ack.
+        let judged = cached.is_some_and(|id| id == conn.stable_id());
         // Frames, not datagrams: a process that took over the peer's
         // address answers the old connection's packets with stateless
         // resets, which arrive but carry no frame we can decrypt.
@@ -305,7 +309,7 @@ impl QuicTransport {
                 // drops our packets, and with no keep-alives the idle
                 // timeout is long). Drop it, so the next message dials
                 // afresh; a live but slow peer costs one handshake.
-                if heard(&conn) == before {
+                if judged && heard(&conn) == before {
                     self.drop_connection(to, &conn);
                 }
                 Err(TransportError::Timeout(to))
@@ -313,7 +317,27 @@ impl QuicTransport {
         }
     }
 
-    /// Forgets the cached connection to `to` if it is `conn`, and closes it.
+    /// The id of the open connection cached for `to`, if any (`None` too
+    /// when a dial holds its slot).
+    fn cached(&self, to: SocketAddr) -> Option<usize> {
+        let slot = self
+            .inner
+            .conns
+            .lock()
+            .expect("lock poisoned")
+            .get(&to)
+            .cloned()?;
+        let guard = slot.try_lock().ok()?;
+        guard
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(quinn::Connection::stable_id)
+    }
+
+    /// Forgets the cached connection to `to` if it is `conn`, so that the
+    /// next message dials afresh. Not closed: other requests on it may be
+    /// waiting for answers that are still coming (a slow RPC); if the peer
+    /// is gone it idles out.
     fn drop_connection(&self, to: SocketAddr, conn: &quinn::Connection) {
         let inner = &self.inner;
         let slot = inner.conns.lock().expect("lock poisoned").get(&to).cloned();
@@ -327,11 +351,10 @@ impl QuicTransport {
                     *guard = None;
                     drop(guard);
                     forget_slot(inner, to, &slot);
+                    TransportStats::add(&inner.stats.connections_dropped_unresponsive, 1);
                 }
             }
         }
-        TransportStats::add(&inner.stats.connections_dropped_unresponsive, 1);
-        conn.close(0u32.into(), b"unresponsive");
     }
 
     async fn send_inner(&self, to: SocketAddr, frame: Vec<u8>) -> Result<(), TransportError> {
