@@ -526,6 +526,15 @@ fn a_mebibyte_of_another_nodes_logs_arrives_whole() {
         } else {
             (&agents[1], &agents[0])
         };
+        // The other node learns where the slot runs by gossip, a few
+        // hundred ms later at most: it needs that to fetch from the holder.
+        wait_until("the other node knows where the slot runs", || {
+            remote.job("chatty").is_some_and(|j| {
+                j.instances.iter().any(|i| {
+                    i.slot == slot && i.state == "running" && i.node.as_deref() == Some(&holder)
+                })
+            })
+        });
         wait_until("the instance printed everything", || {
             fetch(local, slot).1.ends_with("gdddddz")
         });
