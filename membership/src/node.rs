@@ -687,7 +687,6 @@ impl<T: Transport> Actor<T> {
                 Ok(()) = app_rx.changed() => {
                     let wanted = app_rx.borrow_and_update().clone();
                     self.set_app(&wanted);
-                    self.view_dirty = true;
                     self.publish_view();
                 }
                 cmd = cmd_rx.recv() => match cmd {

@@ -4,6 +4,9 @@
 //! at its own address) and sends SWIM updates in its name; the honest nodes
 //! keep believing only what the node itself signed and said.
 
+mod common;
+use common::wait_for;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use shoal_membership::signed::{self, Origin, CERT_KEY};
 use shoal_membership::spread::{Delta, Entry, Msg, RunId};
 use shoal_membership::swim::{ProbeMsg, Update};
-use shoal_membership::{Membership, MembershipConfig, MembershipView, NodeRecord, NodeState};
+use shoal_membership::{Membership, MembershipConfig, NodeRecord, NodeState};
 use shoal_transport::sign::Signer;
 use shoal_transport::tls::{ClusterCa, NodeCredentials};
 use shoal_transport::{QuicConfig, QuicTransport, Service, Transport};
@@ -93,26 +96,6 @@ async fn forged_gossip(
     t.send(to, Service::Gossip, postcard::to_stdvec(&msg).unwrap())
         .await
         .expect("sent");
-}
-
-async fn wait_for(
-    view: &mut tokio::sync::watch::Receiver<MembershipView>,
-    what: &str,
-    ok: impl Fn(&MembershipView) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if ok(&view.borrow_and_update()) {
-            return;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "timed out waiting for {what}: {:?}",
-            view.borrow().members
-        );
-        let _ = tokio::time::timeout(left, view.changed()).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,9 +4,12 @@
 //! the run can check them only against a certificate they carry: so the
 //! certificate must stay the run's oldest write across renewals.
 
+mod common;
+use common::wait_for;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shoal_membership::spread::SpreadConfig;
 use shoal_membership::{Membership, MembershipConfig, MembershipView, NodeRecord, NodeState};
@@ -42,22 +45,6 @@ async fn member(
         .await
         .unwrap();
     (t, m)
-}
-
-async fn wait_for(
-    view: &mut tokio::sync::watch::Receiver<MembershipView>,
-    what: &str,
-    ok: impl Fn(&MembershipView) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if ok(&view.borrow_and_update()) {
-            return;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "timed out waiting for {what}");
-        let _ = tokio::time::timeout(left, view.changed()).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
