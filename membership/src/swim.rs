@@ -130,9 +130,9 @@ pub enum ProbeMsg {
         from: (String, u64, SocketAddr),
         /// Target name, so a different node on the address says Nack.
         target: String,
-        /// How the prober sees the target (state, incarnation): lets a node
-        /// that others think suspect or dead refute at once.
-        view_of_you: Option<(NodeState, u64)>,
+        /// How the prober sees the target: lets a node that others think
+        /// suspect or dead refute at once.
+        view_of_you: Option<View>,
     },
     /// Probe `target` for me and say whether it answered.
     PingReq {
@@ -144,6 +144,19 @@ pub enum ProbeMsg {
     /// Membership changes. Sent as a request when the sender wants to know
     /// they arrived (graceful leave).
     Updates(Vec<Update>),
+}
+
+/// How a prober sees its target, sent in a ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// The state the prober holds.
+    pub state: NodeState,
+    /// The run it holds that state of: a restarted target is asked about
+    /// its previous run, which it does not refute (the ack's newer
+    /// generation tells the prober).
+    pub generation: u64,
+    /// The incarnation it holds.
+    pub incarnation: u64,
 }
 
 /// Answers to [`ProbeMsg`].
@@ -299,9 +312,12 @@ pub struct Swim {
 }
 
 /// Incarnations at or above this are refused. A node raises its own by
-/// one per refutation, so no honest history gets near it; refusing claims
-/// from here on keeps every refutation below it, so none can overflow.
-pub const INCARNATION_MAX: u64 = u32::MAX as u64;
+/// one per refutation, and only of a suspicion at the incarnation it
+/// holds, so no honest history gets near it, and a member forging
+/// suspicions moves it by one per message: 2^48 of them is nine years at a
+/// million a second. Refusing claims from here on keeps every refutation
+/// below it, so none can overflow.
+pub const INCARNATION_MAX: u64 = 1 << 48;
 
 /// Largest local-health score: timeouts stretch at most 9-fold.
 pub const HEALTH_MAX: u32 = 8;
@@ -583,7 +599,11 @@ impl Swim {
             msg: ProbeMsg::Ping {
                 from: (self.me.clone(), self.generation, self.addr),
                 target: name.to_string(),
-                view_of_you: Some((e.state, e.incarnation)),
+                view_of_you: Some(View {
+                    state: e.state,
+                    generation: e.generation,
+                    incarnation: e.incarnation,
+                }),
             },
             timeout,
         })
@@ -776,10 +796,12 @@ impl Swim {
     fn refute(&mut self, incarnation: u64) -> Vec<Action> {
         // Being suspected is a sign of our own slowness too.
         self.health = (self.health + 1).min(HEALTH_MAX);
-        // Suspicions are believed only below INCARNATION_MAX - 1 (see
-        // `on_update` and `on_ping`), so a refutation stays below the cap
-        // and peers always take it.
-        self.incarnation = self.incarnation.max(incarnation).saturating_add(1);
+        // Only a suspicion at our own incarnation is refuted (see
+        // `on_update` and `on_ping`), and those are believed only below
+        // INCARNATION_MAX - 1, so a refutation stays below the cap and
+        // peers always take it.
+        debug_assert_eq!(incarnation, self.incarnation);
+        self.incarnation = self.incarnation.saturating_add(1);
         vec![Action::Broadcast {
             to: self.live_addrs(None),
             updates: vec![self.my_update(NodeState::Alive)],
@@ -868,7 +890,11 @@ impl Swim {
                     msg: ProbeMsg::Ping {
                         from: (self.me.clone(), self.generation, self.addr),
                         target: p.target.clone(),
-                        view_of_you: Some((state, inc)),
+                        view_of_you: Some(View {
+                            state,
+                            generation: p.generation,
+                            incarnation: inc,
+                        }),
                     },
                     timeout,
                 });
@@ -940,7 +966,7 @@ impl Swim {
         &mut self,
         from: (String, u64, SocketAddr),
         target: &str,
-        view_of_you: Option<(NodeState, u64)>,
+        view_of_you: Option<View>,
         now: Instant,
     ) -> (ProbeReply, Vec<Action>) {
         if target != self.me || self.left {
@@ -949,18 +975,22 @@ impl Swim {
         let (name, generation, addr) = from;
         self.observe(&name, generation, addr, 0, false, now);
         let mut actions = Vec::new();
-        if let Some((state, inc)) = view_of_you {
-            // Unlike an update, a ping's view of us names no generation: it
-            // may be of our previous run, at a higher incarnation than this
-            // run's, and must be refuted (refusing it left restarted nodes
-            // dead to their probers: the simulator at seed 42, 500 nodes,
-            // went from 103 s to over 400). Only the cap bounds it, so that
-            // a refutation stays within INCARNATION_MAX.
-            if matches!(state, NodeState::Suspect | NodeState::Dead)
-                && inc >= self.incarnation
-                && inc < INCARNATION_MAX - 1
+        if let Some(view) = view_of_you {
+            // Refuted only when it is of this run, at the incarnation we
+            // hold: an honest prober never holds more (only our own word
+            // raises it anywhere, see `on_update`), a view at less is
+            // answered by the ack's incarnation, and a view of a previous
+            // run by the ack's generation (the prober takes the new run
+            // in `probe_outcome`). Refuting above our own let one member
+            // push our incarnation to the cap in one message (the last
+            // #11 probe; `a_member_pushes_another_nodes_incarnation_by_one_
+            // per_message_at_most`, seed 1000).
+            if matches!(view.state, NodeState::Suspect | NodeState::Dead)
+                && view.generation == self.generation
+                && view.incarnation == self.incarnation
+                && view.incarnation < INCARNATION_MAX - 1
             {
-                actions = self.refute(inc);
+                actions = self.refute(view.incarnation);
             }
         }
         // A member we hold dead is probing us: probe it back, telling it
@@ -1056,20 +1086,22 @@ impl Swim {
                 }
                 Vec::new()
             }
+            // A verdict is a third party's word: it may say the member is
+            // suspect or dead at the incarnation held here, not raise it
+            // (only the member's own word does: its updates, direct acks
+            // and signed gossip). One at a higher incarnation is taken at
+            // the one held: honestly, the sayer heard of a refutation this
+            // node missed, and the member's next word raises the held one
+            // past it; a forged one moves nothing (it used to become this
+            // node's view, which its probes then put to the member as a
+            // suspicion to refute above).
             NodeState::Suspect => {
-                if e.state == NodeState::Left || u.incarnation < e.incarnation {
+                if matches!(e.state, NodeState::Left | NodeState::Dead)
+                    || u.incarnation < e.incarnation
+                {
                     return Vec::new();
                 }
-                if matches!(e.state, NodeState::Dead) && u.incarnation <= e.incarnation {
-                    return Vec::new();
-                }
-                let fresh = e.state == NodeState::Alive || u.incarnation > e.incarnation;
-                if u.incarnation > e.incarnation {
-                    e.incarnation = u.incarnation;
-                    e.state = NodeState::Alive;
-                    e.suspicion = None;
-                    self.changes += 1;
-                }
+                let fresh = e.state == NodeState::Alive;
                 let mut actions = self.suspect(&u.name, &u.by, now);
                 if fresh && self.is_confirmer(&u.name, &u.by) {
                     // Check for ourselves right away; a failure is our
@@ -1082,11 +1114,11 @@ impl Swim {
                 actions
             }
             NodeState::Dead => {
-                if e.state != NodeState::Left
+                if !matches!(e.state, NodeState::Left | NodeState::Dead)
                     && u.incarnation >= e.incarnation
-                    && e.state != NodeState::Dead
                 {
-                    e.set(NodeState::Dead, u.incarnation, now);
+                    let inc = e.incarnation;
+                    e.set(NodeState::Dead, inc, now);
                     self.changes += 1;
                 }
                 Vec::new()

@@ -18,7 +18,7 @@ use chaos::stats::percentile;
 use clap::Parser;
 use shoal_membership::spread::sim::{self, SimNet};
 use shoal_membership::spread::SpreadConfig;
-use shoal_membership::swim::{ProbeMsg, ProbeReply, SwimConfig};
+use shoal_membership::swim::{ProbeMsg, ProbeReply, SwimConfig, View};
 use shoal_membership::NodeState;
 
 #[derive(Parser, Debug)]
@@ -48,7 +48,11 @@ fn probe_bytes_per_s(n: usize) -> f64 {
     let ping = ProbeMsg::Ping {
         from: (sim::name(n - 1), 1_795_000_000_000, sim::addr(n - 1)),
         target: sim::name(n / 2),
-        view_of_you: Some((NodeState::Alive, 0)),
+        view_of_you: Some(View {
+            state: NodeState::Alive,
+            generation: 1_795_000_000_000,
+            incarnation: 0,
+        }),
     };
     let ack = ProbeReply::Ack {
         generation: 1_795_000_000_000,

@@ -710,10 +710,12 @@ fn a_suspicion_at_the_cap_is_refused_so_every_refutation_is_taken() {
         .on_updates(vec![at(NodeState::Suspect, INCARNATION_MAX - 1)], now)
         .is_empty());
     assert_eq!(sim.nodes[0].refused(), 1);
-    // n1 refutes a ping's view at INCARNATION_MAX - 2 with MAX - 1, which a
-    // bystander takes; a ping's view at MAX - 1 it leaves alone.
+    // n1, at INCARNATION_MAX - 2 (a history no honest node has, set by
+    // hand), refutes a ping's view at it with MAX - 1, which a bystander
+    // takes; a ping's view at MAX - 1 it leaves alone.
+    sim.nodes[1].incarnation = INCARNATION_MAX - 2;
     let from = ("n2".to_string(), sim.gen[2], sim.addrs[2]);
-    let view = Some((NodeState::Suspect, INCARNATION_MAX - 2));
+    let view = forged_view(NodeState::Suspect, generation, INCARNATION_MAX - 2);
     let (_, actions) = sim.nodes[1].on_ping(from.clone(), "n1", view, now);
     assert!(!actions.is_empty());
     assert_eq!(sim.nodes[1].incarnation(), INCARNATION_MAX - 1);
@@ -721,7 +723,7 @@ fn a_suspicion_at_the_cap_is_refused_so_every_refutation_is_taken() {
         .on_updates(vec![at(NodeState::Alive, INCARNATION_MAX - 1)], now)
         .is_empty());
     assert_eq!(sim.nodes[0].refused(), 1, "the refutation was taken");
-    let view = Some((NodeState::Suspect, INCARNATION_MAX - 1));
+    let view = forged_view(NodeState::Suspect, generation, INCARNATION_MAX - 1);
     let (_, actions) = sim.nodes[1].on_ping(from, "n1", view, now);
     assert!(actions.is_empty());
     assert_eq!(sim.nodes[1].incarnation(), INCARNATION_MAX - 1);
@@ -763,4 +765,102 @@ fn a_suspicion_or_death_of_an_unknown_run_brings_nothing_into_view() {
     let members: Vec<MemberStatus> = sim.nodes[0].members().collect();
     let n1 = members.iter().find(|m| m.name == "n1").unwrap();
     assert_eq!((n1.generation, n1.addr), (sim.gen[1] + 1, made_up));
+}
+
+/// The last #11 probe: a member could push another node's incarnation to
+/// the cap in one message. A suspicion at a made-up incarnation reached a
+/// bystander, which took the incarnation as its own view of the node; its
+/// confirmation ping carried that view, and the node refuted above it.
+/// Now only a node's own word raises its incarnation anywhere, and a node
+/// refutes only a view of its own run at its own incarnation: a forged
+/// message costs its victim one refutation at most.
+#[test]
+fn a_member_pushes_another_nodes_incarnation_by_one_per_message_at_most() {
+    let n = 8;
+    let hostile = n - 1;
+    for seed in 0..200 {
+        let mut sim = Sim::new(n, 1000 + seed, 0.0);
+        sim.run_for(Duration::from_millis(500));
+        let mut forged = vec![0u64; n];
+        for _ in 0..100 {
+            sim.run_for(Duration::from_millis(50));
+            let victim = sim.rng.random_range(0..hostile);
+            let to = sim.rng.random_range(0..hostile);
+            let held = sim.nodes[hostile]
+                .members()
+                .find(|m| m.name == format!("n{victim}"))
+                .map_or(0, |m| m.incarnation);
+            let incarnation = match sim.rng.random_range(0..4) {
+                0 => held,
+                1 => held + sim.rng.random_range(1..1_000),
+                2 => INCARNATION_MAX - 2,
+                _ => sim.rng.random_range(0..INCARNATION_MAX),
+            };
+            let state = if sim.rng.random_bool(0.5) {
+                NodeState::Suspect
+            } else {
+                NodeState::Dead
+            };
+            let now = sim.now;
+            forged[victim] += 1;
+            let actions = if sim.rng.random_bool(0.5) {
+                let u = Update {
+                    name: format!("n{victim}"),
+                    generation: sim.gen[victim],
+                    addr: sim.addrs[victim],
+                    incarnation,
+                    state,
+                    by: format!("n{hostile}"),
+                };
+                sim.nodes[to].on_updates(vec![u], now)
+            } else {
+                let from = (format!("n{hostile}"), sim.gen[hostile], sim.addrs[hostile]);
+                let generation = sim.gen[victim] - sim.rng.random_range(0..2);
+                let view = forged_view(state, generation, incarnation);
+                let (_, actions) =
+                    sim.nodes[victim].on_ping(from, &format!("n{victim}"), view, now);
+                actions
+            };
+            let at = if actions
+                .iter()
+                .any(|a| matches!(a, Action::Broadcast { .. }))
+            {
+                victim
+            } else {
+                to
+            };
+            sim.run_actions(at, actions);
+        }
+        sim.run_for(Duration::from_secs(5));
+        for (v, &about) in forged.iter().enumerate().take(hostile) {
+            let inc = sim.nodes[v].incarnation();
+            assert!(
+                inc <= about + 3,
+                "seed {}: n{v} at incarnation {inc} after {about} forged messages about it",
+                1000 + seed,
+            );
+            for i in 0..hostile {
+                let held = sim.nodes[i]
+                    .members()
+                    .find(|m| m.name == format!("n{v}"))
+                    .map(|m| (m.state, m.incarnation));
+                if i != v {
+                    assert_eq!(
+                        held,
+                        Some((NodeState::Alive, inc)),
+                        "seed {}: n{i}'s view of n{v}",
+                        1000 + seed
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn forged_view(state: NodeState, generation: u64, incarnation: u64) -> Option<View> {
+    Some(View {
+        state,
+        generation,
+        incarnation,
+    })
 }
