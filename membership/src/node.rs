@@ -994,10 +994,24 @@ impl<T: Transport> Actor<T> {
                     let t = self.transport.clone();
                     let results = self.results_tx.clone();
                     let stats = self.stats.clone();
+                    // A direct ack is the target's own word (its incarnation
+                    // is believed) only from the node its certificate names.
+                    let target = match &msg {
+                        ProbeMsg::Ping { target, .. } => Some(target.clone()),
+                        _ => None,
+                    };
                     let body = postcard::to_stdvec(&msg).expect("encodes");
                     tokio::spawn(async move {
-                        let outcome = match t.request(addr, Service::Probe, body, timeout).await {
-                            Ok(bytes) => match postcard::from_bytes::<ProbeReply>(&bytes) {
+                        let answer = t
+                            .request_answered(addr, Service::Probe, body, timeout)
+                            .await;
+                        let outcome = match answer {
+                            Ok((_, answerer))
+                                if !relayed && answerer.as_deref() != target.as_deref() =>
+                            {
+                                ProbeOutcome::Failed
+                            }
+                            Ok((bytes, _)) => match postcard::from_bytes::<ProbeReply>(&bytes) {
                                 // Through a relay, an ack says only that the
                                 // target answered: the generation and
                                 // incarnation in it are the relay's word, not

@@ -832,6 +832,10 @@ impl Swim {
             if generation > p.generation {
                 // A restarted node answers on the old one's address.
                 self.probes.remove(&probe);
+                if incarnation >= INCARNATION_MAX {
+                    self.refused += 1;
+                    return actions;
+                }
                 let addr = self.members[&p.target].addr;
                 self.insert(
                     &p.target,
@@ -1019,13 +1023,24 @@ impl Swim {
     /// Membership changes arrived.
     pub fn on_updates(&mut self, updates: Vec<Update>, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        let mut suspected = false;
         for u in updates {
-            actions.extend(self.on_update(u, now));
+            actions.extend(self.on_update(u, &mut suspected, now));
+        }
+        // One refutation per message, of a suspicion at the incarnation
+        // held when it arrived (found in review: a batch of suspicions at
+        // k, k + 1, ... made the node refute once per entry, each
+        // refutation a broadcast to every member).
+        if suspected {
+            let held = self.incarnation;
+            actions.extend(self.refute(held));
         }
         actions
     }
 
-    fn on_update(&mut self, u: Update, now: Instant) -> Vec<Action> {
+    /// Takes one update; a suspicion of this node sets `suspected`
+    /// instead of refuting (see `on_updates`).
+    fn on_update(&mut self, u: Update, suspected: &mut bool, now: Instant) -> Vec<Action> {
         // No node refutes four billion suspicions: a peer that says so is
         // broken or hostile, and believing it would pin a member at an
         // incarnation its owner could never refute. A suspicion must leave
@@ -1048,7 +1063,7 @@ impl Swim {
                 && u.incarnation == self.incarnation
                 && !self.left
             {
-                return self.refute(u.incarnation);
+                *suspected = true;
             }
             return Vec::new();
         }

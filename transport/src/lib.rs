@@ -276,7 +276,24 @@ pub trait Transport: Clone + Send + Sync + 'static {
         service: Service,
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, TransportError>;
+    ) -> Result<Vec<u8>, TransportError> {
+        self.request_answered(to, service, body, timeout)
+            .await
+            .map(|(response, _)| response)
+    }
+
+    /// [`Transport::request`], saying who answered: the node name in the
+    /// answering peer's certificate (`None` from a peer that presented
+    /// none). An answer speaks for that node only, whatever the address
+    /// it came from (SWIM takes a direct ack as the target's own word
+    /// only when it is).
+    async fn request_answered(
+        &self,
+        to: SocketAddr,
+        service: Service,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Option<Arc<str>>), TransportError>;
 
     /// Counters.
     fn stats(&self) -> Arc<TransportStats>;

@@ -13,7 +13,8 @@ use crate::{
 
 #[derive(Default)]
 struct Net {
-    nodes: HashMap<SocketAddr, Dispatch>,
+    /// Each attached node and the name its frames carry.
+    nodes: HashMap<SocketAddr, (Dispatch, Option<Arc<str>>)>,
     cut: HashSet<(SocketAddr, SocketAddr)>,
 }
 
@@ -59,7 +60,7 @@ impl MemNetwork {
                 reason: "address in use".into(),
             });
         }
-        net.nodes.insert(addr, dispatch);
+        net.nodes.insert(addr, (dispatch, name.clone()));
         Ok((
             MemTransport {
                 network: self.clone(),
@@ -85,7 +86,7 @@ impl MemNetwork {
         self.net.lock().expect("lock poisoned").cut.clear();
     }
 
-    fn route(&self, from: SocketAddr, to: SocketAddr) -> Option<Dispatch> {
+    fn route(&self, from: SocketAddr, to: SocketAddr) -> Option<(Dispatch, Option<Arc<str>>)> {
         let net = self.net.lock().expect("lock poisoned");
         if net.cut.contains(&(from, to)) {
             return None;
@@ -119,22 +120,22 @@ impl Transport for MemTransport {
         let frame = encode_frame(service, body)?;
         self.stats.sent(service, len);
         // Like UDP: a frame to nowhere vanishes silently.
-        if let Some(dispatch) = self.network.route(self.addr, to) {
+        if let Some((dispatch, _)) = self.network.route(self.addr, to) {
             dispatch.deliver_raw(self.addr, self.name.as_ref(), false, &frame, None);
         }
         Ok(())
     }
 
-    async fn request(
+    async fn request_answered(
         &self,
         to: SocketAddr,
         service: Service,
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, TransportError> {
+    ) -> Result<(Vec<u8>, Option<Arc<str>>), TransportError> {
         let len = body.len() as u64;
         let frame = encode_frame(service, body)?;
-        let Some(dispatch) = self.network.route(self.addr, to) else {
+        let Some((dispatch, answerer)) = self.network.route(self.addr, to) else {
             tokio::time::sleep(timeout).await;
             return Err(TransportError::Timeout(to));
         };
@@ -166,7 +167,7 @@ impl Transport for MemTransport {
         if self.network.route(to, self.addr).is_none() {
             return Err(TransportError::Timeout(to));
         }
-        Ok(resp)
+        Ok((resp, answerer))
     }
 
     fn stats(&self) -> Arc<TransportStats> {

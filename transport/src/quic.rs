@@ -283,7 +283,7 @@ impl QuicTransport {
         to: SocketAddr,
         frame: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, TransportError> {
+    ) -> Result<(Vec<u8>, Option<Arc<str>>), TransportError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let cached = self.cached(to);
         let conn = tokio::time::timeout_at(deadline, self.connection(to))
@@ -301,7 +301,7 @@ impl QuicTransport {
         };
         let before = heard(&conn);
         match tokio::time::timeout_at(deadline, exchange(&conn, to, &frame)).await {
-            Ok(result) => result,
+            Ok(result) => result.map(|response| (response, cert_name(&conn))),
             Err(_) => {
                 // Not one frame from the peer, not even an ack, for the
                 // whole request: the connection is likely to a process
@@ -667,13 +667,13 @@ impl Transport for QuicTransport {
         Ok(())
     }
 
-    async fn request(
+    async fn request_answered(
         &self,
         to: SocketAddr,
         service: Service,
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, TransportError> {
+    ) -> Result<(Vec<u8>, Option<Arc<str>>), TransportError> {
         let len = body.len() as u64;
         let frame = encode_frame(service, body)?;
         let result = self.request_inner(to, frame, timeout).await;

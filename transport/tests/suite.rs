@@ -96,6 +96,15 @@ async fn request_gets_response<F: Factory>(f: &F) {
     for (i, h) in handles.into_iter().enumerate() {
         assert_eq!(h.await.unwrap().unwrap(), vec![0, i as u8]);
     }
+    // The answer names who gave it: the node its certificate names (SWIM
+    // believes a direct ack's incarnation only from the target itself).
+    let (resp, answerer) = nodes[0]
+        .0
+        .request_answered(b, Service::Test, vec![4, 5], DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(resp, vec![5, 4]);
+    assert_eq!(answerer.as_deref(), Some("n1"));
 }
 
 async fn one_way_arrives_with_sender_address<F: Factory>(f: &F) {
