@@ -111,7 +111,7 @@ fn a_cron_job_runs_each_time_once_even_when_the_firing_node_dies() {
         &["run", service.to_str().unwrap(), "--timeout", "30"],
     );
     assert!(ok, "{out}{err}");
-    assert_eq!(processes_of(root.path(), "tick"), 2);
+    assert_eq!(processes_once_started(root.path(), "tick", 2), 2);
     let file = job_file(root.path(), "tick", &cron_job("tick", &log, ""));
     let (ok, out, err) = cli(&agents[1], &["run", file.to_str().unwrap()]);
     assert!(ok, "{out}{err}");

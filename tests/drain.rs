@@ -374,7 +374,7 @@ fn a_node_cut_off_with_a_minority_starts_no_majority_job() {
     wait_until("the batch slot runs", || {
         agents[0].count("cut", "running", None) == 1
     });
-    assert_eq!(processes_of(root.path(), "cut"), 1);
+    assert_eq!(processes_once_started(root.path(), "cut", 1), 1);
 }
 
 /// A node restarted alone (the cluster shut down node by node, no --join)

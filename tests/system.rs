@@ -114,8 +114,8 @@ fn a_system_job_runs_once_on_every_node_that_qualifies_and_follows_the_cluster()
         runs_on(&agents, "logship", &["n0", "n1", "n2"])
             && runs_on(&agents, "monitor", &["n0", "n1"])
     });
-    assert_eq!(processes_of(root.path(), "logship"), 3);
-    assert_eq!(processes_of(root.path(), "monitor"), 2);
+    assert_eq!(processes_once_started(root.path(), "logship", 3), 3);
+    assert_eq!(processes_once_started(root.path(), "monitor", 2), 2);
     // A system job has no replicas to scale.
     let (code, body) = call(
         agents[0].request("POST", "/v1/jobs/logship/scale"),

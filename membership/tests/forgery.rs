@@ -2,7 +2,8 @@
 //! membership tasks, a member holding a valid certificate of its own gossips
 //! values in another node's name (in that node's own run, and as a new run
 //! at its own address) and sends SWIM updates in its name; the honest nodes
-//! keep believing only what the node itself signed and said.
+//! keep believing only what the node itself signed and said, and its
+//! incarnation moves by one refutation per forged message at most.
 
 mod common;
 use common::wait_for;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use shoal_membership::signed::{self, Origin, CERT_KEY};
 use shoal_membership::spread::{Delta, Entry, Msg, RunId};
-use shoal_membership::swim::{ProbeMsg, Update};
+use shoal_membership::swim::{ProbeMsg, Update, View};
 use shoal_membership::{Membership, MembershipConfig, NodeRecord, NodeState};
 use shoal_transport::sign::Signer;
 use shoal_transport::tls::{ClusterCa, NodeCredentials};
@@ -289,6 +290,58 @@ async fn a_member_cannot_speak_for_another_in_gossip_or_swim() {
     )
     .await;
 
+    // 5. a's incarnation pushed towards the cap (#11's last probe): a
+    //    suspicion near it to b, whose confirmation ping used to put it to
+    //    a (which refuted above it); a ladder of suspicions at 0, 1, ...
+    //    to a itself; a ping telling a it is suspect near the cap.
+    let near_cap = (1u64 << 32) - 2;
+    let suspect = |incarnation| Update {
+        name: "a".into(),
+        generation: 1,
+        addr: a_addr,
+        incarnation,
+        state: NodeState::Suspect,
+        by: "m".into(),
+    };
+    let ping = ProbeMsg::Ping {
+        from: ("m".into(), 1, m_addr),
+        target: "a".into(),
+        view_of_you: Some(View {
+            state: NodeState::Suspect,
+            generation: 1,
+            incarnation: near_cap,
+        }),
+    };
+    for (to, msg) in [
+        (b_addr, ProbeMsg::Updates(vec![suspect(near_cap)])),
+        (a_addr, ProbeMsg::Updates((0..8).map(suspect).collect())),
+        (a_addr, ping),
+    ] {
+        let body = postcard::to_stdvec(&msg).unwrap();
+        tm.request(to, Service::Probe, body, Duration::from_secs(5))
+            .await
+            .expect("answered");
+    }
+    // a refutes the one suspicion at its own incarnation, once: b sees
+    // it alive at 1, and nothing moves it further.
+    wait_for(&mut view_b, "b to see a refute, alive", |v| {
+        v.get("a")
+            .is_some_and(|m| m.state == NodeState::Alive && m.incarnation >= 1)
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        {
+            let v = view_b.borrow_and_update();
+            let a = v.get("a").expect("b still knows a");
+            assert!(
+                a.incarnation <= 2,
+                "a pushed to incarnation {} by three forged messages",
+                a.incarnation
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), view_b.changed()).await;
+    }
     // a itself is still heard: its own leave reaches b.
     ma.leave().await.unwrap();
     wait_for(&mut view_b, "b to see a leave", |v| {

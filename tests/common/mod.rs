@@ -425,6 +425,18 @@ pub fn processes_of(root: &Path, job: &str) -> usize {
         .count()
 }
 
+/// The processes of `job` once at least `n` have started. A slot shows
+/// running as soon as its supervisor is spawned, and the task, the
+/// supervisor's child, starts a moment later: a count taken right after a
+/// slot shows running can miss it (CI, under load, did once). Callers
+/// assert the count is exactly `n`.
+pub fn processes_once_started(root: &Path, job: &str, n: usize) -> usize {
+    wait_until(&format!("{n} processes of {job} to start"), || {
+        processes_of(root, job) >= n
+    });
+    processes_of(root, job)
+}
+
 /// A directory every task user can read (what test servers serve),
 /// removed however the test ends.
 pub struct Site(PathBuf);
