@@ -793,15 +793,17 @@ impl Swim {
         actions
     }
 
-    fn refute(&mut self, incarnation: u64) -> Vec<Action> {
+    /// Refutes a suspicion at our own incarnation (the only kind refuted:
+    /// see `on_update` and `on_ping`) by raising it by one and telling
+    /// every member. Not from INCARNATION_MAX - 1 on: peers refuse the cap,
+    /// so such a refutation would not be taken anyway.
+    fn refute(&mut self) -> Vec<Action> {
+        if self.incarnation >= INCARNATION_MAX - 1 {
+            return Vec::new();
+        }
         // Being suspected is a sign of our own slowness too.
         self.health = (self.health + 1).min(HEALTH_MAX);
-        // Only a suspicion at our own incarnation is refuted (see
-        // `on_update` and `on_ping`), and those are believed only below
-        // INCARNATION_MAX - 1, so a refutation stays below the cap and
-        // peers always take it.
-        debug_assert_eq!(incarnation, self.incarnation);
-        self.incarnation = self.incarnation.saturating_add(1);
+        self.incarnation += 1;
         vec![Action::Broadcast {
             to: self.live_addrs(None),
             updates: vec![self.my_update(NodeState::Alive)],
@@ -824,6 +826,16 @@ impl Swim {
             self.probes.remove(&probe);
             return actions;
         }
+        // No honest node reaches the cap (see `on_update`): whoever answers
+        // on a member's address with it is not to be believed, so its ack
+        // counts as no answer.
+        let outcome = match outcome {
+            ProbeOutcome::Ack { incarnation, .. } if incarnation >= INCARNATION_MAX => {
+                self.refused += 1;
+                ProbeOutcome::Failed
+            }
+            outcome => outcome,
+        };
         if let ProbeOutcome::Ack {
             generation,
             incarnation,
@@ -832,10 +844,6 @@ impl Swim {
             if generation > p.generation {
                 // A restarted node answers on the old one's address.
                 self.probes.remove(&probe);
-                if incarnation >= INCARNATION_MAX {
-                    self.refused += 1;
-                    return actions;
-                }
                 let addr = self.members[&p.target].addr;
                 self.insert(
                     &p.target,
@@ -951,12 +959,6 @@ impl Swim {
         let ProbeOutcome::Ack { incarnation, .. } = outcome else {
             return;
         };
-        // No honest node reaches the cap (see `on_update`); whoever
-        // answers on a member's address with it is not to be believed.
-        if incarnation >= INCARNATION_MAX {
-            self.refused += 1;
-            return;
-        }
         if let Some(e) = self.members.get_mut(name) {
             if incarnation > e.incarnation && e.state != NodeState::Left {
                 e.set(NodeState::Alive, incarnation, now);
@@ -992,9 +994,8 @@ impl Swim {
             if matches!(view.state, NodeState::Suspect | NodeState::Dead)
                 && view.generation == self.generation
                 && view.incarnation == self.incarnation
-                && view.incarnation < INCARNATION_MAX - 1
             {
-                actions = self.refute(view.incarnation);
+                actions = self.refute();
             }
         }
         // A member we hold dead is probing us: probe it back, telling it
@@ -1032,8 +1033,7 @@ impl Swim {
         // k, k + 1, ... made the node refute once per entry, each
         // refutation a broadcast to every member).
         if suspected {
-            let held = self.incarnation;
-            actions.extend(self.refute(held));
+            actions.extend(self.refute());
         }
         actions
     }
@@ -1132,8 +1132,7 @@ impl Swim {
                 if !matches!(e.state, NodeState::Left | NodeState::Dead)
                     && u.incarnation >= e.incarnation
                 {
-                    let inc = e.incarnation;
-                    e.set(NodeState::Dead, inc, now);
+                    e.set(NodeState::Dead, e.incarnation, now);
                     self.changes += 1;
                 }
                 Vec::new()

@@ -6,7 +6,7 @@
 //! incarnation moves by one refutation per forged message at most.
 
 mod common;
-use common::wait_for;
+use common::{member_with, record, wait_for};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -16,20 +16,12 @@ use std::sync::Arc;
 use shoal_membership::signed::{self, Origin, CERT_KEY};
 use shoal_membership::spread::{Delta, Entry, Msg, RunId};
 use shoal_membership::swim::{ProbeMsg, Update, View};
-use shoal_membership::{Membership, MembershipConfig, NodeRecord, NodeState};
+use shoal_membership::{Membership, MembershipConfig, NodeState};
 use shoal_transport::sign::Signer;
 use shoal_transport::tls::{ClusterCa, NodeCredentials};
 use shoal_transport::{QuicConfig, QuicTransport, Service, Transport};
 
 const CLUSTER: &str = "forgery";
-
-/// A record a view tells from the bare one it shows before reading any.
-fn record(name: &str, addr: SocketAddr) -> NodeRecord {
-    NodeRecord {
-        version: "test".into(),
-        ..NodeRecord::bare(name, addr)
-    }
-}
 
 fn config(seeds: Vec<SocketAddr>) -> MembershipConfig {
     MembershipConfig {
@@ -45,28 +37,6 @@ async fn member(
     seeds: Vec<SocketAddr>,
 ) -> (QuicTransport, Membership) {
     member_with(creds, name, config(seeds)).await
-}
-
-async fn member_with(
-    creds: &NodeCredentials,
-    name: &str,
-    config: MembershipConfig,
-) -> (QuicTransport, Membership) {
-    let (t, mut inbox) =
-        QuicTransport::bind("127.0.0.1:0".parse().unwrap(), creds, QuicConfig::default())
-            .await
-            .unwrap();
-    let m = Membership::start(
-        t.clone(),
-        &mut inbox,
-        record(name, t.local_addr()),
-        1,
-        t.signer(),
-        config,
-    )
-    .await
-    .unwrap();
-    (t, m)
 }
 
 /// The forger pushes `values` as the whole state of run `run` (versions

@@ -5,16 +5,16 @@
 //! certificate must stay the run's oldest write across renewals.
 
 mod common;
-use common::wait_for;
+use common::{member_with, wait_for};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_membership::spread::SpreadConfig;
-use shoal_membership::{Membership, MembershipConfig, MembershipView, NodeRecord, NodeState};
+use shoal_membership::{Membership, MembershipConfig, MembershipView, NodeState};
 use shoal_transport::tls::{ClusterCa, NodeCredentials};
-use shoal_transport::{QuicConfig, QuicTransport, Transport};
+use shoal_transport::{QuicTransport, Transport};
 
 const CLUSTER: &str = "renewal";
 
@@ -23,10 +23,6 @@ async fn member(
     name: &str,
     seeds: Vec<SocketAddr>,
 ) -> (QuicTransport, Membership) {
-    let (t, mut inbox) =
-        QuicTransport::bind("127.0.0.1:0".parse().unwrap(), creds, QuicConfig::default())
-            .await
-            .unwrap();
     let config = MembershipConfig {
         cluster_id: CLUSTER.into(),
         seeds,
@@ -37,14 +33,7 @@ async fn member(
         },
         ..MembershipConfig::default()
     };
-    let record = NodeRecord {
-        version: "test".into(),
-        ..NodeRecord::bare(name, t.local_addr())
-    };
-    let m = Membership::start(t.clone(), &mut inbox, record, 1, t.signer(), config)
-        .await
-        .unwrap();
-    (t, m)
+    member_with(creds, name, config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

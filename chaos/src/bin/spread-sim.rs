@@ -6,8 +6,9 @@
 //! failure detector's ping and ack, encoded the same way, at its fixed
 //! rate), and how long one change (a node's load) takes to reach every
 //! node, and what one node holding 10,000 instances costs each node when
-//! it changes one (the bucket holding it). The cluster starts converged (the state shared in memory between
-//! nodes, so 10,000 fit), then idles `--warm` seconds before measuring.
+//! it changes one (the bucket holding it). The cluster starts converged
+//! (the state shared in memory between nodes, so 10,000 fit), then idles
+//! `--warm` seconds before measuring.
 //!
 //! Usage: cargo build --release -p chaos --bin spread-sim &&
 //! target/release/spread-sim [--sizes 100,1000,10000]

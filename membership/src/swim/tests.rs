@@ -864,3 +864,43 @@ fn forged_view(state: NodeState, generation: u64, incarnation: u64) -> Option<Vi
         incarnation,
     })
 }
+
+/// An ack claiming an incarnation at the cap, of the probed run or of a
+/// newer one, is no answer: the member's run and incarnation stay, the
+/// claim is counted, and the probe goes on to ask others.
+#[test]
+fn an_ack_at_the_cap_is_no_answer() {
+    for generation in [1, 2] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let mut s = Swim::new(SwimConfig::lan(), "me", 1, addr, 1);
+        let now = Instant::now();
+        for i in 0..4 {
+            let peer = SocketAddr::from(([127, 0, 0, 1], 10 + i));
+            s.observe(&format!("p{i}"), 1, peer, 0, false, now);
+        }
+        let (probe, target) = s
+            .tick(now)
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Ping {
+                    probe,
+                    msg: ProbeMsg::Ping { target, .. },
+                    ..
+                } => Some((probe, target)),
+                _ => None,
+            })
+            .expect("a probe");
+        let ack = ProbeOutcome::Ack {
+            generation,
+            incarnation: INCARNATION_MAX,
+        };
+        let actions = s.probe_outcome(probe, ack, now);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::PingReq { .. })),
+            "generation {generation}: the probe did not go on: {actions:?}"
+        );
+        let m = s.members().find(|m| m.name == target).unwrap();
+        assert_eq!((m.generation, m.incarnation), (1, 0));
+        assert_eq!(s.refused(), 1);
+    }
+}

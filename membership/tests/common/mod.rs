@@ -1,8 +1,45 @@
-//! Helpers shared by the membership integration tests.
+//! Helpers shared by the membership integration tests (each test crate
+//! uses some of them).
+#![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shoal_membership::MembershipView;
+use shoal_membership::{Membership, MembershipConfig, MembershipView, NodeRecord};
+use shoal_transport::tls::NodeCredentials;
+use shoal_transport::{QuicConfig, QuicTransport, Transport};
+
+/// A record a view tells from the bare one it shows before reading any.
+pub fn record(name: &str, addr: SocketAddr) -> NodeRecord {
+    NodeRecord {
+        version: "test".into(),
+        ..NodeRecord::bare(name, addr)
+    }
+}
+
+/// A member `name` over QUIC on a loopback port, generation 1, publishing
+/// [`record`].
+pub async fn member_with(
+    creds: &NodeCredentials,
+    name: &str,
+    config: MembershipConfig,
+) -> (QuicTransport, Membership) {
+    let (t, mut inbox) =
+        QuicTransport::bind("127.0.0.1:0".parse().unwrap(), creds, QuicConfig::default())
+            .await
+            .unwrap();
+    let m = Membership::start(
+        t.clone(),
+        &mut inbox,
+        record(name, t.local_addr()),
+        1,
+        t.signer(),
+        config,
+    )
+    .await
+    .unwrap();
+    (t, m)
+}
 
 /// Waits, at most 30 s, until `ok` holds of the view; fails naming `what`
 /// and the members last seen.
